@@ -1,0 +1,33 @@
+"""The baseline: a pynetdicom C-STORE SCP that only writes the received bytes to files.
+
+Usage: python bench/bare_scp.py PORT FOLDER MAX_PDU
+"""
+
+import sys
+from pathlib import Path
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    """Serve until killed."""
+    port, folder, max_pdu = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def on_store(event: evt.Event) -> int:
+        (folder / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(
+            event.encoded_dataset())
+        return 0x0000
+
+    ae = AE("BARE")
+    ae.maximum_pdu_size = max_pdu
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes)
+    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Passerelle's protocols and service: DIMSE, DICOMweb, KOS publication, command line."""

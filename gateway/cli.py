@@ -1,0 +1,105 @@
+"""The ``passerelle`` command: serve, import, studies."""
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from gateway.config import Settings, load_settings
+from gateway.importer import import_paths
+from storage.index import StudySummary
+from storage.recovery import DataDirBusyError
+from storage.store import Store
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.service import serve
+
+    try:
+        serve(settings)
+    except (DataDirBusyError, OSError) as exc:
+        logging.getLogger("passerelle").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    store = Store(settings.data_dir, settings.duplicate_policy)
+    try:
+        summary = import_paths(store, args.paths, jobs=args.jobs,
+                               progress=not args.quiet and sys.stderr.isatty())
+    finally:
+        store.close()
+    print(summary.report())
+    return 1 if summary.rejected else 0
+
+
+def _table(studies: list[StudySummary]) -> str:
+    headers = ("PATIENT ID", "PATIENT NAME", "DATE", "ACCESSION", "MODALITIES", "SERIES",
+               "INSTANCES", "STUDY UID")
+    rows = [(s.patient_id, s.patient_name, s.study_date, s.accession_number,
+             ",".join(s.modalities), str(s.series_count), str(s.instance_count), s.study_uid)
+            for s in studies]
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                     .rstrip() for row in (headers, *rows))
+
+
+def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
+    store = Store(settings.data_dir, settings.duplicate_policy)
+    try:
+        studies = store.index.list_studies()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([asdict(s) for s in studies], ensure_ascii=False, indent=2))
+    elif studies:
+        print(_table(studies))
+    else:
+        print("no study stored")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="passerelle", description=__doc__)
+    parser.add_argument("--config", type=Path,
+                        help="TOML settings file (default: $PASSERELLE_CONFIG, else none)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the DICOM SCP and the HTTP server"
+                        ).set_defaults(handler=_cmd_serve)
+    importer = commands.add_parser("import", help="import Part 10 files or folders")
+    importer.add_argument("paths", nargs="+", type=Path)
+    importer.add_argument("--jobs", type=int, default=4, help="parallel writers (default 4)")
+    importer.add_argument("--quiet", action="store_true", help="no progress bar")
+    importer.set_defaults(handler=_cmd_import)
+    studies = commands.add_parser("studies", help="list stored studies")
+    studies.add_argument("--json", action="store_true", help="JSON output for scripts")
+    studies.set_defaults(handler=_cmd_studies)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``passerelle`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"passerelle: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    return args.handler(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

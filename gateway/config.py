@@ -1,0 +1,110 @@
+"""Settings: code defaults < config file (TOML) < ``PASSERELLE_*`` environment variables.
+
+``config/passerelle.toml`` documents every key with its default. The file is optional: it is
+read from ``--config`` or ``PASSERELLE_CONFIG`` when given.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from storage.store import DuplicatePolicy
+
+# PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash.
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.fullmatch(value):
+        raise ValueError(f"invalid AE title {value!r}: 1 to 16 printable ASCII characters")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; environment variables are ``PASSERELLE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PASSERELLE_", extra="forbid")
+
+    data_dir: Path = Path("data")
+    ae_title: str = "PASSERELLE"
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    public_url: str = ""
+    registry_url: str = ""
+    stable_seconds: float = Field(60, gt=0)
+    allowed_calling_aets: Annotated[list[str], NoDecode] = []
+    max_pdu: int = Field(262144, ge=0)
+    max_associations: int = Field(16, ge=1)
+    acse_timeout: float = Field(30, gt=0)
+    dimse_timeout: float = Field(60, gt=0)
+    network_timeout: float = Field(120, gt=0)
+    shutdown_grace_seconds: float = Field(10, ge=0)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _split_aets(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in re.split(r"[,\s]+", value) if part]
+        if isinstance(value, list):
+            return [_ae_title(str(part)) for part in value]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
+        return value
+
+    @model_validator(mode="after")
+    def _default_public_url(self) -> "Settings":
+        if not self.public_url:
+            self.public_url = f"http://{self.http_host}:{self.http_port}"
+        self.public_url = self.public_url.rstrip("/")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order of precedence: explicit arguments, environment, config file, defaults."""
+        config_file = os.environ.get("PASSERELLE_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Settings from the environment and ``config_file`` (or ``PASSERELLE_CONFIG``)."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        os.environ["PASSERELLE_CONFIG"] = str(config_file)
+    return Settings()

@@ -1,0 +1,159 @@
+"""DICOM upper-layer service: C-ECHO and C-STORE SCP (PS3.4 Annex A and B, PS3.7 9.1.1).
+
+Received data sets are stored exactly as encoded by the peer (no transcoding), through
+``storage.Store``; the C-STORE response is sent only once the file and its index row are on
+stable storage.
+"""
+
+import logging
+import threading
+import time
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateway import metrics
+from gateway.config import Settings
+from storage.store import IngestResult, Outcome, Rejection, Store
+
+log = logging.getLogger(__name__)
+
+# PS3.4 Table B.2-1 (C-STORE status): A7xx out of resources, A9xx data set does not match
+# SOP class, Cxxx cannot understand.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+_STATUS_BY_REJECTION = {
+    Rejection.NOT_PART10: STATUS_CANNOT_UNDERSTAND,
+    Rejection.UNREADABLE: STATUS_CANNOT_UNDERSTAND,
+    Rejection.MISSING_UID: STATUS_DATASET_MISMATCH,
+    Rejection.INVALID_UID: STATUS_DATASET_MISMATCH,
+    Rejection.UID_MISMATCH: STATUS_DATASET_MISMATCH,
+    Rejection.DISK_FULL: STATUS_OUT_OF_RESOURCES,
+    Rejection.IO_ERROR: STATUS_OUT_OF_RESOURCES,
+}
+
+
+def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
+    """Count one ingest outcome in the metrics (shared by every protocol)."""
+    if result.outcome is Outcome.STORED:
+        metrics.INSTANCES_RECEIVED.labels(protocol).inc()
+        metrics.BYTES_RECEIVED.labels(protocol).inc(size)
+    elif result.outcome in (Outcome.DUPLICATE, Outcome.CONFLICT):
+        metrics.DUPLICATES.labels(result.outcome.value).inc()
+    else:
+        reason = result.reason.value if result.reason else "unknown"
+        metrics.INGEST_FAILURES.labels(protocol, reason).inc()
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        # ErrorComment is LO: 64 characters at most (PS3.7 C.4).
+        status.ErrorComment = comment[:64]
+    return status
+
+
+class DicomService:
+    """The C-ECHO / C-STORE SCP, run in background threads."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.maximum_pdu_size = settings.max_pdu
+        self.ae.maximum_associations = settings.max_associations
+        self.ae.acse_timeout = settings.acse_timeout
+        self.ae.dimse_timeout = settings.dimse_timeout
+        self.ae.network_timeout = settings.network_timeout
+        self.ae.require_calling_aet = list(settings.allowed_calling_aets)
+        self.ae.add_supported_context(Verification, AllTransferSyntaxes)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes)
+        self._server: ThreadedAssociationServer | None = None
+        self._acceptor: threading.Thread | None = None
+        self._handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended, ["released"]),
+            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+        ]
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful when configured as 0)."""
+        if self._server is None:
+            raise RuntimeError("DICOM service not started")
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        """Bind and start accepting associations in a background thread."""
+        address = (self.settings.dicom_host, self.settings.dicom_port)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=self._handlers)
+        # pynetdicom keeps no handle on the thread running serve_forever; it is the only
+        # acceptor of this process, so find it by its name.
+        self._acceptor = next(t for t in threading.enumerate()
+                              if t.name.startswith("AcceptorServer"))
+        log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, address[0], self.port)
+
+    def is_serving(self) -> bool:
+        """True while the listening socket is open and its accept thread alive."""
+        return bool(self._server and self._acceptor and self._acceptor.is_alive()
+                    and self._server.socket.fileno() != -1)
+
+    def stop(self) -> None:
+        """Stop accepting, let running associations finish within the grace period, abort
+        the rest. Every acknowledged instance is already durable; an aborted one was never
+        acknowledged and left no file (writes are atomic)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        self._server = None
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        calling = event.assoc.requestor.ae_title
+        request = event.request
+        data = event.encoded_dataset(include_meta=True)
+        result = self.store.ingest(
+            data, source=calling,
+            expected_sop_uid=str(request.AffectedSOPInstanceUID),
+            expected_sop_class_uid=str(request.AffectedSOPClassUID))
+        record_ingest(result, "dimse", len(data))
+        if result.accepted:
+            if result.outcome is Outcome.CONFLICT:
+                log.warning("conflict from %s on %s: %s", calling,
+                            request.AffectedSOPInstanceUID, result.message)
+            return _status(STATUS_SUCCESS)
+        code = _STATUS_BY_REJECTION[result.reason] if result.reason else STATUS_CANNOT_UNDERSTAND
+        log.warning("C-STORE from %s refused (0x%04X %s): %s", calling, code,
+                    result.reason, result.message)
+        return _status(code, result.message)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        metrics.ASSOCIATIONS_OPEN.inc()
+        requestor = event.assoc.requestor
+        log.info("association accepted from %s (%s:%s)", requestor.ae_title,
+                 requestor.address, requestor.port)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        metrics.ASSOCIATIONS.labels("rejected").inc()
+        requestor = event.assoc.requestor
+        log.warning("association rejected from %s (%s:%s)", requestor.ae_title,
+                    requestor.address, requestor.port)
+
+    def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        metrics.ASSOCIATIONS_OPEN.dec()
+        metrics.ASSOCIATIONS.labels(outcome).inc()
+        log.info("association with %s %s", event.assoc.requestor.ae_title, outcome)

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the service (exposed at ``GET /metrics``)."""
+
+from prometheus_client import Counter, Gauge
+
+INSTANCES_RECEIVED = Counter(
+    "passerelle_instances_received_total",
+    "Instances stored, by protocol", ["protocol"])
+BYTES_RECEIVED = Counter(
+    "passerelle_received_bytes_total",
+    "Bytes of Part 10 files stored, by protocol", ["protocol"])
+INGEST_FAILURES = Counter(
+    "passerelle_ingest_failures_total",
+    "Instances refused, by protocol and reason", ["protocol", "reason"])
+DUPLICATES = Counter(
+    "passerelle_duplicate_instances_total",
+    "Instances received again under a stored SOP Instance UID, by kind (duplicate: same data"
+    " set; conflict: different data set)", ["kind"])
+ASSOCIATIONS_OPEN = Gauge(
+    "passerelle_dicom_associations_open", "DICOM associations currently established")
+ASSOCIATIONS = Counter(
+    "passerelle_dicom_associations_total",
+    "DICOM associations by how they ended (released, aborted, rejected)", ["outcome"])

@@ -1,0 +1,54 @@
+"""``passerelle serve``: the DICOM SCP and the HTTP server in one process."""
+
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from gateway.config import Settings
+from gateway.dimse import DicomService
+from gateway.web import create_app
+from storage.recovery import ServiceLock, recover
+from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class ShutdownRequestedError(Exception):
+    """SIGTERM or SIGINT was received."""
+
+
+def _request_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise ShutdownRequestedError(signal.Signals(signum).name)
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM, then stop HTTP, then DICOM, cleanly."""
+    # uvicorn handles the signal while it runs and raises it again once HTTP has drained;
+    # these handlers turn that into an exception so the DICOM side is stopped below instead
+    # of the process dying on the default SIGTERM action.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _request_shutdown)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = ServiceLock(settings.data_dir)
+    lock.acquire()
+    store = Store(settings.data_dir, settings.duplicate_policy)
+    if not lock.previous_stop_was_clean:
+        log.warning("previous run did not stop cleanly: checking the index against the files")
+        recover(store.blobs, store.index)
+    dicom = DicomService(settings, store)
+    try:
+        dicom.start()
+        config = uvicorn.Config(
+            create_app(dicom.is_serving), host=settings.http_host, port=settings.http_port,
+            log_config=None, access_log=False, server_header=False, lifespan="off")
+        uvicorn.Server(config).run()
+    except ShutdownRequestedError as exc:
+        log.info("%s received", exc)
+    finally:
+        log.info("shutting down the DICOM SCP")
+        dicom.stop()
+        store.close()
+        lock.release()
+        log.info("stopped")

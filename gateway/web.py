@@ -1,0 +1,26 @@
+"""HTTP application (starlette): health and metrics; DICOMweb mounts here as it grows."""
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+def create_app(dicom_serving: Callable[[], bool]) -> Starlette:
+    """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up."""
+
+    async def health(request: Request) -> JSONResponse:
+        dicom_up = dicom_serving()
+        body = {"status": "ok" if dicom_up else "unavailable", "dicom": dicom_up, "http": True}
+        return JSONResponse(body, status_code=200 if dicom_up else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ])

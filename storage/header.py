@@ -1,0 +1,155 @@
+"""What the index keeps of an instance, read from its header without decoding pixels."""
+
+import json
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+
+
+class UnreadableDatasetError(ValueError):
+    """The bytes are not a DICOM data set pydicom can parse."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """Patient, study, series and instance attributes of one received instance."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    other_patient_ids: str  # JSON list of {"id", "issuer", "type"}: the INS lives here
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    accession_issuer: str  # JSON {"local", "universal", "universal_type"} or ""
+    study_id: str
+    study_description: str
+    referring_physician: str
+    requested_procedure_ids: str  # JSON list
+    placer_order_numbers: str  # JSON list
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part: str
+    series_date: str
+    series_time: str
+    sop_class_uid: str
+    sop_uid: str
+    instance_number: int | None
+    transfer_syntax: str
+    rows: int | None
+    columns: int | None
+    frames: int | None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if value else ""
+
+
+def _issuer(item: Dataset, local_keyword: str, universal_seq: str) -> dict[str, str]:
+    issuer = {"local": _text(item, local_keyword)}
+    for qualifier in item.get(universal_seq) or []:
+        issuer["universal"] = _text(qualifier, "UniversalEntityID")
+        issuer["universal_type"] = _text(qualifier, "UniversalEntityIDType")
+    return {k: v for k, v in issuer.items() if v}
+
+
+def _accession_issuer(ds: Dataset) -> str:
+    for item in ds.get("IssuerOfAccessionNumberSequence") or []:
+        issuer = {
+            "local": _text(item, "LocalNamespaceEntityID"),
+            "universal": _text(item, "UniversalEntityID"),
+            "universal_type": _text(item, "UniversalEntityIDType"),
+        }
+        return _json({k: v for k, v in issuer.items() if v})
+    return ""
+
+
+def _other_patient_ids(ds: Dataset) -> str:
+    ids = []
+    for item in ds.get("OtherPatientIDsSequence") or []:
+        entry = {"id": _text(item, "PatientID"), "type": _text(item, "TypeOfPatientID")}
+        entry.update(_issuer(item, "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence"))
+        ids.append({k: v for k, v in entry.items() if v})
+    return _json(ids)
+
+
+def _request_identifiers(ds: Dataset) -> tuple[str, str]:
+    """Requested Procedure IDs and Placer Order Numbers, top level and Request Attributes."""
+    procedures: list[str] = []
+    orders: list[str] = []
+    for item in [ds, *(ds.get("RequestAttributesSequence") or [])]:
+        for keyword, bucket in (("RequestedProcedureID", procedures),
+                                ("PlacerOrderNumberImagingServiceRequest", orders)):
+            value = _text(item, keyword)
+            if value and value not in bucket:
+                bucket.append(value)
+    return _json(procedures), _json(orders)
+
+
+def read_header(data: bytes) -> InstanceRecord:
+    """Parse a Part 10 file's header (never its pixel data) into an InstanceRecord."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        procedures, orders = _request_identifiers(ds)
+        rows = _int(ds, "Rows")
+        frames = _int(ds, "NumberOfFrames") or (1 if rows else None)
+        return InstanceRecord(
+            patient_id=_text(ds, "PatientID"),
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+            other_patient_ids=_other_patient_ids(ds),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            study_uid=_text(ds, "StudyInstanceUID"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            accession_number=_text(ds, "AccessionNumber"),
+            accession_issuer=_accession_issuer(ds),
+            study_id=_text(ds, "StudyID"),
+            study_description=_text(ds, "StudyDescription"),
+            referring_physician=_text(ds, "ReferringPhysicianName"),
+            requested_procedure_ids=procedures,
+            placer_order_numbers=orders,
+            series_uid=_text(ds, "SeriesInstanceUID"),
+            modality=_text(ds, "Modality"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part=_text(ds, "BodyPartExamined"),
+            series_date=_text(ds, "SeriesDate"),
+            series_time=_text(ds, "SeriesTime"),
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            sop_uid=_text(ds, "SOPInstanceUID"),
+            instance_number=_int(ds, "InstanceNumber"),
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            rows=rows,
+            columns=_int(ds, "Columns"),
+            frames=frames,
+        )
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise UnreadableDatasetError(f"cannot parse data set: {exc}") from exc

@@ -1,0 +1,243 @@
+"""SQLite index of patients, studies, series and instances (WAL, created and migrated here).
+
+One connection shared by the threads of the process, serialised by a lock: SQLite allows a
+single writer anyway, and a commit is far shorter than receiving an instance.
+"""
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from storage.header import InstanceRecord
+
+# Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE patients (
+        pk INTEGER PRIMARY KEY,
+        patient_id TEXT NOT NULL,
+        issuer_of_patient_id TEXT NOT NULL,
+        other_patient_ids TEXT NOT NULL,
+        patient_name TEXT NOT NULL,
+        patient_birth_date TEXT NOT NULL,
+        patient_sex TEXT NOT NULL,
+        UNIQUE (patient_id, issuer_of_patient_id)
+    );
+    CREATE TABLE studies (
+        pk INTEGER PRIMARY KEY,
+        study_uid TEXT NOT NULL UNIQUE,
+        patient_pk INTEGER NOT NULL REFERENCES patients(pk),
+        study_date TEXT NOT NULL,
+        study_time TEXT NOT NULL,
+        accession_number TEXT NOT NULL,
+        accession_issuer TEXT NOT NULL,
+        study_id TEXT NOT NULL,
+        study_description TEXT NOT NULL,
+        referring_physician TEXT NOT NULL,
+        requested_procedure_ids TEXT NOT NULL,
+        placer_order_numbers TEXT NOT NULL,
+        first_received_at REAL NOT NULL,
+        last_received_at REAL NOT NULL
+    );
+    CREATE INDEX studies_patient ON studies(patient_pk);
+    CREATE INDEX studies_date ON studies(study_date);
+    CREATE INDEX studies_accession ON studies(accession_number);
+    CREATE TABLE series (
+        pk INTEGER PRIMARY KEY,
+        series_uid TEXT NOT NULL UNIQUE,
+        study_pk INTEGER NOT NULL REFERENCES studies(pk),
+        modality TEXT NOT NULL,
+        series_number INTEGER,
+        series_description TEXT NOT NULL,
+        body_part TEXT NOT NULL,
+        series_date TEXT NOT NULL,
+        series_time TEXT NOT NULL
+    );
+    CREATE INDEX series_study ON series(study_pk);
+    CREATE TABLE instances (
+        pk INTEGER PRIMARY KEY,
+        sop_uid TEXT NOT NULL UNIQUE,
+        series_pk INTEGER NOT NULL REFERENCES series(pk),
+        sop_class_uid TEXT NOT NULL,
+        instance_number INTEGER,
+        transfer_syntax TEXT NOT NULL,
+        rows INTEGER,
+        columns INTEGER,
+        frames INTEGER,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX instances_series ON instances(series_pk);
+    """,
+)
+
+_PATIENT_UPSERT = """
+    INSERT INTO patients (patient_id, issuer_of_patient_id, other_patient_ids, patient_name,
+                          patient_birth_date, patient_sex)
+    VALUES (:patient_id, :issuer_of_patient_id, :other_patient_ids, :patient_name,
+            :patient_birth_date, :patient_sex)
+    ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET patient_id = patient_id
+    RETURNING pk
+"""
+_STUDY_UPSERT = """
+    INSERT INTO studies (study_uid, patient_pk, study_date, study_time, accession_number,
+                         accession_issuer, study_id, study_description, referring_physician,
+                         requested_procedure_ids, placer_order_numbers, first_received_at,
+                         last_received_at)
+    VALUES (:study_uid, :patient_pk, :study_date, :study_time, :accession_number,
+            :accession_issuer, :study_id, :study_description, :referring_physician,
+            :requested_procedure_ids, :placer_order_numbers, :now, :now)
+    ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
+    RETURNING pk
+"""
+_SERIES_UPSERT = """
+    INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
+                        body_part, series_date, series_time)
+    VALUES (:series_uid, :study_pk, :modality, :series_number, :series_description,
+            :body_part, :series_date, :series_time)
+    ON CONFLICT (series_uid) DO UPDATE SET series_uid = series_uid
+    RETURNING pk
+"""
+_INSTANCE_UPSERT = """
+    INSERT INTO instances (sop_uid, series_pk, sop_class_uid, instance_number, transfer_syntax,
+                           rows, columns, frames, path, size, source, received_at)
+    VALUES (:sop_uid, :series_pk, :sop_class_uid, :instance_number, :transfer_syntax,
+            :rows, :columns, :frames, :path, :size, :source, :now)
+    ON CONFLICT (sop_uid) DO UPDATE SET
+        sop_class_uid = excluded.sop_class_uid, instance_number = excluded.instance_number,
+        transfer_syntax = excluded.transfer_syntax, rows = excluded.rows,
+        columns = excluded.columns, frames = excluded.frames, path = excluded.path,
+        size = excluded.size, source = excluded.source, received_at = excluded.received_at
+"""
+_STUDY_SUMMARY = """
+    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name,
+           st.study_date, st.study_time, st.accession_number, st.study_description,
+           (SELECT group_concat(DISTINCT se.modality) FROM series se
+             WHERE se.study_pk = st.pk AND se.modality != '') AS modalities,
+           (SELECT count(*) FROM series se WHERE se.study_pk = st.pk) AS series_count,
+           (SELECT count(*) FROM instances i JOIN series se ON i.series_pk = se.pk
+             WHERE se.study_pk = st.pk) AS instance_count
+    FROM studies st JOIN patients p ON st.patient_pk = p.pk
+    ORDER BY st.study_date DESC, st.study_time DESC, st.pk DESC
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    """Where an indexed instance lives."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StudySummary:
+    """One line of the study list."""
+
+    study_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_description: str
+    modalities: list[str]
+    series_count: int
+    instance_count: int
+
+
+class Index:
+    """The SQL index. Safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL: a commit survives a process crash but not a power cut; the files, always
+        # fsynced, are the truth, and Store.recover re-indexes them after an unclean stop.
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        """Schema version currently applied."""
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(f"index schema v{version} is newer than this program")
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def find_instance(self, sop_uid: str) -> StoredInstance | None:
+        """The stored instance with this SOP Instance UID, if any."""
+        with self._lock:
+            row = self._db.execute(
+                """SELECT i.sop_uid, st.study_uid, se.series_uid, i.path, i.size
+                   FROM instances i JOIN series se ON i.series_pk = se.pk
+                   JOIN studies st ON se.study_pk = st.pk WHERE i.sop_uid = ?""",
+                (sop_uid,),
+            ).fetchone()
+        return StoredInstance(*row) if row else None
+
+    def add_instance(self, record: InstanceRecord, path: str, size: int, source: str) -> None:
+        """Insert (or replace) an instance with its series, study and patient, in one commit."""
+        params = asdict(record)
+        params.update(path=path, size=size, source=source, now=time.time())
+        with self._transaction() as db:
+            params["patient_pk"] = db.execute(_PATIENT_UPSERT, params).fetchone()[0]
+            params["study_pk"] = db.execute(_STUDY_UPSERT, params).fetchone()[0]
+            params["series_pk"] = db.execute(_SERIES_UPSERT, params).fetchone()[0]
+            db.execute(_INSTANCE_UPSERT, params)
+
+    def study_paths(self, study_uid: str) -> set[str]:
+        """Relative paths of every indexed instance of a study."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT i.path FROM instances i JOIN series se ON i.series_pk = se.pk
+                   JOIN studies st ON se.study_pk = st.pk WHERE st.study_uid = ?""",
+                (study_uid,)).fetchall()
+        return {row[0] for row in rows}
+
+    def list_studies(self) -> list[StudySummary]:
+        """Every stored study with its counts, most recent study date first."""
+        with self._lock:
+            rows = self._db.execute(_STUDY_SUMMARY).fetchall()
+        return [
+            StudySummary(*row[:8], modalities=sorted((row[8] or "").split(",")) if row[8] else [],
+                         series_count=row[9], instance_count=row[10])
+            for row in rows
+        ]

@@ -1,0 +1,108 @@
+"""Recovery after an unclean stop: bring the index back in line with the files.
+
+Files are written atomically and fsynced before acknowledgement, the index commit is not
+fsynced (see ``storage.index``); after a power cut the index may therefore miss the last
+instances. Every file that is not indexed is re-indexed from its header; a file that cannot
+be parsed (it cannot have been acknowledged) is moved to ``quarantine/``. Indexed instances
+whose file is gone are reported.
+"""
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.blobs import BlobStore
+from storage.header import UnreadableDatasetError, read_header
+from storage.index import Index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReport:
+    """What a recovery pass found."""
+
+    reindexed: int = 0
+    quarantined: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def recover(blobs: BlobStore, index: Index) -> RecoveryReport:
+    """Re-index unindexed files, quarantine unreadable ones, report missing files."""
+    report = RecoveryReport()
+    for study_dir in sorted(p for p in blobs.studies_dir.iterdir() if p.is_dir()):
+        indexed = index.study_paths(study_dir.name)
+        on_disk = {str(f.relative_to(blobs.root)) for f in study_dir.glob("*/*.dcm")}
+        for relative in sorted(on_disk - indexed):
+            _reindex(blobs, index, relative, report)
+        report.missing += sorted(p for p in indexed if not (blobs.root / p).exists())
+    for relative in report.missing:
+        log.error("indexed instance has no file: %s", relative)
+    if report.reindexed or report.quarantined:
+        log.warning("recovery: %d file(s) re-indexed, %d quarantined", report.reindexed,
+                    len(report.quarantined))
+    return report
+
+
+def _reindex(blobs: BlobStore, index: Index, relative: str, report: RecoveryReport) -> None:
+    path = blobs.absolute(relative)
+    data = path.read_bytes()
+    try:
+        record = read_header(data)
+        expected = blobs.relative_path(record.study_uid, record.series_uid, record.sop_uid)
+        if expected != relative:
+            raise UnreadableDatasetError(f"file content belongs at {expected}")
+    except (UnreadableDatasetError, ValueError) as exc:
+        target = blobs.root / "quarantine" / Path(relative).name
+        target.parent.mkdir(exist_ok=True)
+        path.replace(target)
+        log.error("quarantined %s: %s", relative, exc)
+        report.quarantined.append(relative)
+        return
+    index.add_instance(record, relative, len(data), source="recovery")
+    report.reindexed += 1
+
+
+class DataDirBusyError(RuntimeError):
+    """Another ``passerelle serve`` holds the data directory."""
+
+
+class ServiceLock:
+    """Exclusive claim of a data directory by one service process.
+
+    The lock file says ``running`` while a service holds it and ``stopped`` after a clean
+    stop, so the next claim knows whether the previous run ended uncleanly.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "serve.lock"
+        self._fd: int | None = None
+        self.previous_stop_was_clean = True
+
+    def acquire(self) -> None:
+        """Take the lock or raise DataDirBusyError; read how the previous run ended."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusyError(f"{self.path.parent} is used by another passerelle serve"
+                                   ) from None
+        self.previous_stop_was_clean = os.pread(fd, 16, 0) in (b"", b"stopped")
+        self._fd = fd
+        self._write(b"running")
+
+    def release(self) -> None:
+        """Record a clean stop and release the lock."""
+        if self._fd is not None:
+            self._write(b"stopped")
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self, state: bytes) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, state, 0)
+        os.fsync(self._fd)

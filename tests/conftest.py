@@ -1,0 +1,58 @@
+"""Fixtures: a real ``passerelle serve`` process, DICOM test files, SCU helpers."""
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_files
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from tests.processes import PasserelleProcess
+from tests.synthetic import write_ct_study
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fail early and clearly when the dcmtk tools are missing."""
+    for tool in ("storescu", "echoscu"):
+        if shutil.which(tool) is None:
+            pytest.exit(f"{tool} not found: apt-get install dcmtk (done by .ci/run)", 2)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PasserelleProcess]:
+    """A running service on a fresh data dir, stopped (SIGTERM) after the test."""
+    process = PasserelleProcess(tmp_path / "data").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def ct_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A synthetic CT study: 3 series of 5 slices, 64x64, 16-bit."""
+    return write_ct_study(tmp_path_factory.mktemp("ct"), series=3, per_series=5)
+
+
+def _one_file_per_transfer_syntax() -> dict[UID, Path]:
+    files: dict[UID, Path] = {}
+    seen_instances: set[str] = set()
+    for name in sorted(get_testdata_files("*.dcm")):
+        try:
+            ds = dcmread(name, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        required = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        if syntax and syntax not in files and all(k in ds for k in required) \
+                and ds.SOPInstanceUID not in seen_instances and "PixelData" in dcmread(name):
+            files[syntax] = Path(name)
+            seen_instances.add(ds.SOPInstanceUID)
+    return files
+
+
+@pytest.fixture(scope="session")
+def files_by_syntax() -> dict[UID, Path]:
+    """One pydicom test image per transfer syntax available locally."""
+    return _one_file_per_transfer_syntax()

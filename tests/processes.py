@@ -1,0 +1,88 @@
+"""Start and stop real service processes on loopback ports (tests and benchmarks)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    """Poll ``predicate()`` until true or raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class PasserelleProcess:
+    """``passerelle serve`` in a subprocess with its own data dir and ports."""
+
+    def __init__(self, data_dir: Path, **settings: str) -> None:
+        self.data_dir = data_dir
+        self.dicom_port = int(settings.pop("dicom_port", free_port()))
+        self.http_port = int(settings.pop("http_port", free_port()))
+        self.ae_title = settings.get("ae_title", "PASSERELLE")
+        self.env = {**os.environ, "PASSERELLE_DATA_DIR": str(data_dir),
+                    "PASSERELLE_DICOM_PORT": str(self.dicom_port),
+                    "PASSERELLE_HTTP_PORT": str(self.http_port),
+                    **{f"PASSERELLE_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        """Base URL of the HTTP server."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 30) -> "PasserelleProcess":
+        """Start and wait until ``/health`` answers 200."""
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env=self.env,
+                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(self.healthy, timeout, f"passerelle on {self.base_url}")
+        return self
+
+    def healthy(self) -> bool:
+        """True when the process answers 200 on /health; raises if it died."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"passerelle exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        """Everything the process wrote so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send ``sig`` and wait for the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run another ``passerelle`` command on the same data dir."""
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=self.env,
+                              cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
