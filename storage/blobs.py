@@ -10,6 +10,7 @@ import contextlib
 import os
 import threading
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from storage.uids import is_valid_uid
@@ -52,7 +53,7 @@ class BlobStore:
         """Absolute path of a stored file from its relative path."""
         return self.root / relative
 
-    def put(self, relative: str, chunks: list[bytes] | list[memoryview]) -> None:
+    def put(self, relative: str, chunks: Iterable[bytes]) -> None:
         """Write ``chunks`` as the file ``relative``, atomically replacing any previous one.
 
         Returns only once the data and the directory entry are on stable storage. On any

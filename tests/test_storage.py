@@ -1,0 +1,112 @@
+"""The storage package on real files and a real SQLite database."""
+
+import io
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from storage.blobs import BlobStore, InvalidUIDError
+from storage.index import MIGRATIONS, Index
+from storage.part10 import dataset_offset
+from storage.store import Outcome, Store
+from storage.uids import is_valid_uid
+from tests.synthetic import ct_slice
+
+
+@pytest.mark.parametrize("uid, valid", [
+    ("1.2.840.10008.5.1.4.1.1.2", True),
+    ("1.2.840.0.1", True),
+    ("2.25.329800735698586629295641978511506172918", True),
+    ("1." + "2" * 62, True),  # 64 characters
+    ("1." + "2" * 63, False),  # 65 characters
+    ("", False),
+    ("1..2", False),
+    (".1.2", False),
+    ("1.2.", False),
+    ("1.2.a", False),
+    ("../../etc/passwd", False),
+    ("/etc/passwd", False),
+    ("1.2\x003", False),
+    ("1.2 ", False),
+])
+def test_uid_validation(uid: str, valid: bool) -> None:
+    assert is_valid_uid(uid) is valid
+
+
+def test_blob_paths_refuse_unsafe_uids(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    assert blobs.relative_path("1.2", "1.3", "1.4") == "studies/1.2/1.3/1.4.dcm"
+    with pytest.raises(InvalidUIDError, match="Series"):
+        blobs.relative_path("1.2", "..", "1.4")
+
+
+def test_interrupted_write_leaves_neither_file_nor_temp(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    relative = blobs.relative_path("1.2", "1.3", "1.4")
+    blobs.put(relative, [b"first version"])
+
+    def failing_chunks():
+        yield b"second version, partly"
+        raise OSError("connection lost")
+
+    with pytest.raises(OSError, match="connection lost"):
+        blobs.put(relative, failing_chunks())
+    assert blobs.read(relative) == b"first version"
+    assert list(blobs.tmp_dir.iterdir()) == []
+
+
+def test_leftover_temp_files_are_purged_on_open(tmp_path: Path) -> None:
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / "abc.part").write_bytes(b"half")
+    Store(tmp_path).close()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_dataset_offset_with_and_without_group_length(tmp_path: Path) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw = buffer.getvalue()
+    with_length = dataset_offset(raw)
+    assert raw[with_length:with_length + 4] == b"\x08\x00\x16\x00"
+    # Same file without (0002,0000): the walk over group 2 finds the same boundary.
+    without = raw[:132] + raw[144:]
+    assert dataset_offset(without) == with_length - 12
+
+
+def test_index_schema_is_created_then_reopened(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    assert index.schema_version == len(MIGRATIONS)
+    index.close()
+    reopened = Index(tmp_path / "index.sqlite")
+    assert reopened.schema_version == len(MIGRATIONS)
+    reopened.close()
+
+
+def test_store_indexes_every_level(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    for number in (1, 2):
+        ds = ct_slice(study, series, 1, number, size=4)
+        ins = Dataset()
+        ins.PatientID = "1234567890123"
+        ins.IssuerOfPatientID = "1.2.250.1.213.1.4.8"
+        ins.TypeOfPatientID = "TEXT"
+        ds.OtherPatientIDsSequence = [ins]
+        ds.PlacerOrderNumberImagingServiceRequest = "ORDER42"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        result = store.ingest(buffer.getvalue(), source="TEST")
+        assert result.outcome is Outcome.STORED
+    [summary] = store.index.list_studies()
+    assert (summary.series_count, summary.instance_count) == (1, 2)
+    assert result.record is not None
+    assert result.record.placer_order_numbers == '["ORDER42"]'
+    assert '"id":"1234567890123"' in result.record.other_patient_ids
+    stored = store.index.find_instance(result.record.sop_uid)
+    assert stored is not None
+    assert dcmread(tmp_path / stored.path).InstanceNumber == 2
+    store.close()
