@@ -17,6 +17,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
 from gateway.config import Settings
+from storage.part10 import file_preamble_and_meta
 from storage.store import IngestResult, Outcome, Rejection, Store
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,9 @@ class DicomService:
     def _on_store(self, event: evt.Event) -> Dataset:
         calling = event.assoc.requestor.ae_title
         request = event.request
-        data = event.encoded_dataset(include_meta=True)
+        data = file_preamble_and_meta(
+            request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+            event.context.transfer_syntax, calling) + event.encoded_dataset(include_meta=False)
         result = self.store.ingest(
             data, source=calling,
             expected_sop_uid=str(request.AffectedSOPInstanceUID),

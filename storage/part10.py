@@ -38,3 +38,39 @@ def dataset_offset(data: bytes) -> int:
 def dataset_bytes(data: bytes) -> memoryview:
     """The encoded data set of a Part 10 file, without preamble and meta group."""
     return memoryview(data)[dataset_offset(data):]
+
+
+# Identifies files written by Passerelle (PS3.7 D.3.3.2); a 2.25 UUID-derived UID (PS3.5 B.2).
+IMPLEMENTATION_CLASS_UID = "2.25.226839675515972750423468003450261757781"
+IMPLEMENTATION_VERSION_NAME = "PASSERELLE_0_1"
+
+
+def _element(element: int, vr: bytes, value: str | bytes) -> bytes:
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "  # PS3.5 6.2: UI pads with NUL, text with space
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_preamble_and_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                           source_ae_title: str = "") -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) for a received data set.
+
+    Written by hand rather than through pydicom: this runs once per received instance.
+    """
+    elements = [
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", sop_class_uid),
+        _element(0x0003, b"UI", sop_instance_uid),
+        _element(0x0010, b"UI", transfer_syntax),
+        _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID),
+        _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME),
+    ]
+    if source_ae_title:
+        elements.append(_element(0x0016, b"AE", source_ae_title))
+    body = b"".join(elements)
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * PREAMBLE_LENGTH + PREFIX + group_length + body

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_files
+from pydicom.data.data_manager import DATA_ROOT
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
@@ -35,10 +35,22 @@ def ct_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write_ct_study(tmp_path_factory.mktemp("ct"), series=3, per_series=5)
 
 
+def _local_test_files() -> list[Path]:
+    """pydicom's bundled files and pydicom-data's, read from disk.
+
+    Not ``get_testdata_files``: it tries to download missing files and, without network,
+    retries for minutes.
+    """
+    import data_store  # the pydicom-data package
+
+    folders = [Path(DATA_ROOT) / "test_files", Path(data_store.__file__).parent / "data"]
+    return sorted(path for folder in folders for path in folder.rglob("*.dcm"))
+
+
 def _one_file_per_transfer_syntax() -> dict[UID, Path]:
     files: dict[UID, Path] = {}
     seen_instances: set[str] = set()
-    for name in sorted(get_testdata_files("*.dcm")):
+    for name in _local_test_files():
         try:
             ds = dcmread(name, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError):

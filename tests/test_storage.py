@@ -110,3 +110,20 @@ def test_store_indexes_every_level(tmp_path: Path) -> None:
     assert stored is not None
     assert dcmread(tmp_path / stored.path).InstanceNumber == 2
     store.close()
+
+
+def test_file_meta_written_for_received_data_sets_is_valid(tmp_path: Path) -> None:
+    from pydicom.filereader import read_file_meta_info
+
+    from storage.part10 import IMPLEMENTATION_CLASS_UID, file_preamble_and_meta
+
+    raw = file_preamble_and_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.4.50",
+                                 "CT1")
+    assert dataset_offset(raw) == len(raw)
+    (tmp_path / "meta.dcm").write_bytes(raw)
+    meta = read_file_meta_info(tmp_path / "meta.dcm")
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3"
+    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.SourceApplicationEntityTitle == "CT1"
+    assert meta.FileMetaInformationGroupLength == len(raw) - 144
