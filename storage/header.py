@@ -18,7 +18,7 @@ class InstanceRecord:
 
     patient_id: str
     issuer_of_patient_id: str
-    other_patient_ids: str  # JSON list of {"id", "issuer", "type"}: the INS lives here
+    other_patient_ids: str  # JSON list of {"id", "type", "issuer"}: the INS lives here
     patient_name: str
     patient_birth_date: str
     patient_sex: str
@@ -71,30 +71,31 @@ def _json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if value else ""
 
 
-def _issuer(item: Dataset, local_keyword: str, universal_seq: str) -> dict[str, str]:
-    issuer = {"local": _text(item, local_keyword)}
-    for qualifier in item.get(universal_seq) or []:
-        issuer["universal"] = _text(qualifier, "UniversalEntityID")
-        issuer["universal_type"] = _text(qualifier, "UniversalEntityIDType")
+def _designator(local: str, universal: Dataset | None) -> dict[str, str]:
+    """An HL7 v2 HD-like issuer (PS3.3 10.14): local namespace, universal id and its type."""
+    issuer = {"local": local}
+    if universal is not None:
+        issuer["universal"] = _text(universal, "UniversalEntityID")
+        issuer["universal_type"] = _text(universal, "UniversalEntityIDType")
     return {k: v for k, v in issuer.items() if v}
 
 
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    items = ds.get(keyword) or []
+    return items[0] if items else None
+
+
 def _accession_issuer(ds: Dataset) -> str:
-    for item in ds.get("IssuerOfAccessionNumberSequence") or []:
-        issuer = {
-            "local": _text(item, "LocalNamespaceEntityID"),
-            "universal": _text(item, "UniversalEntityID"),
-            "universal_type": _text(item, "UniversalEntityIDType"),
-        }
-        return _json({k: v for k, v in issuer.items() if v})
-    return ""
+    item = _first_item(ds, "IssuerOfAccessionNumberSequence")
+    return _json(_designator(_text(item, "LocalNamespaceEntityID"), item)) if item else ""
 
 
 def _other_patient_ids(ds: Dataset) -> str:
     ids = []
     for item in ds.get("OtherPatientIDsSequence") or []:
-        entry = {"id": _text(item, "PatientID"), "type": _text(item, "TypeOfPatientID")}
-        entry.update(_issuer(item, "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence"))
+        entry = {"id": _text(item, "PatientID"), "type": _text(item, "TypeOfPatientID"),
+                 "issuer": _designator(_text(item, "IssuerOfPatientID"),
+                                       _first_item(item, "IssuerOfPatientIDQualifiersSequence"))}
         ids.append({k: v for k, v in entry.items() if v})
     return _json(ids)
 

@@ -1,6 +1,7 @@
 """The storage package on real files and a real SQLite database."""
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,16 @@ def test_store_indexes_every_level(tmp_path: Path) -> None:
         ins.PatientID = "1234567890123"
         ins.IssuerOfPatientID = "1.2.250.1.213.1.4.8"
         ins.TypeOfPatientID = "TEXT"
+        qualifier = Dataset()
+        qualifier.UniversalEntityID = "1.2.250.1.213.1.4.8"
+        qualifier.UniversalEntityIDType = "ISO"
+        ins.IssuerOfPatientIDQualifiersSequence = [qualifier]
         ds.OtherPatientIDsSequence = [ins]
+        ris = Dataset()
+        ris.LocalNamespaceEntityID = "RIS"
+        ris.UniversalEntityID = "1.2.250.1.71.4.2.1"
+        ris.UniversalEntityIDType = "ISO"
+        ds.IssuerOfAccessionNumberSequence = [ris]
         ds.PlacerOrderNumberImagingServiceRequest = "ORDER42"
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
@@ -105,7 +115,12 @@ def test_store_indexes_every_level(tmp_path: Path) -> None:
     assert (summary.series_count, summary.instance_count) == (1, 2)
     assert result.record is not None
     assert result.record.placer_order_numbers == '["ORDER42"]'
-    assert '"id":"1234567890123"' in result.record.other_patient_ids
+    assert json.loads(result.record.other_patient_ids) == [{
+        "id": "1234567890123", "type": "TEXT", "issuer": {
+            "local": "1.2.250.1.213.1.4.8", "universal": "1.2.250.1.213.1.4.8",
+            "universal_type": "ISO"}}]
+    assert json.loads(result.record.accession_issuer) == {
+        "local": "RIS", "universal": "1.2.250.1.71.4.2.1", "universal_type": "ISO"}
     stored = store.index.find_instance(result.record.sop_uid)
     assert stored is not None
     assert dcmread(tmp_path / stored.path).InstanceNumber == 2
