@@ -1,6 +1,7 @@
-"""The baseline: a pynetdicom C-STORE SCP that only writes the received bytes to files.
+"""Baselines: pynetdicom C-STORE SCPs that write the received bytes (no fsync, no parsing,
+no index), or with ``--no-io`` do nothing at all but answer success.
 
-Usage: python bench/bare_scp.py PORT FOLDER MAX_PDU
+Usage: python bench/bare_scp.py PORT FOLDER MAX_PDU [--no-io]
 """
 
 import sys
@@ -14,11 +15,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 def main() -> None:
     """Serve until killed."""
     port, folder, max_pdu = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    write = "--no-io" not in sys.argv[4:]
     folder.mkdir(parents=True, exist_ok=True)
 
     def on_store(event: evt.Event) -> int:
-        (folder / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(
-            event.encoded_dataset())
+        if write:
+            (folder / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(
+                event.encoded_dataset())
         return 0x0000
 
     ae = AE("BARE")

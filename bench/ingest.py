@@ -1,7 +1,8 @@
 """Ingest benchmark: one storescu association of a 300-instance 512x512 16-bit CT study.
 
 Sent, in the same run, to passerelle (fsync durability on), to Orthanc + DICOMweb plugin
-(Debian packages) and to a bare pynetdicom SCP that only writes the received bytes.
+(Debian packages), to a bare pynetdicom SCP that only writes the received bytes, and to a
+pynetdicom SCP that does nothing (the ceiling of any pynetdicom-based receiver).
 Each peer starts on a fresh storage folder for every repetition; only the storescu call is
 timed; the median is kept.
 
@@ -30,14 +31,16 @@ class BareScp:
 
     ae_title = "BARE"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, no_io: bool = False) -> None:
         self.folder = folder
+        self.options = ["--no-io"] if no_io else []
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "BareScp":
         self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "bare_scp.py"),
-                                      str(self.dicom_port), str(self.folder), str(MAX_PDU)])
+                                      str(self.dicom_port), str(self.folder), str(MAX_PDU),
+                                      *self.options])
         wait_for(self._listening, 30, "bare SCP")
         return self
 
@@ -82,6 +85,7 @@ def main() -> None:
             "passerelle": lambda d: PasserelleProcess(d / "data"),
             "orthanc": OrthancProcess,
             "bare pynetdicom SCP": BareScp,
+            "pynetdicom SCP, no I/O": lambda d: BareScp(d, no_io=True),
         }
         seconds: dict[str, float] = {}
         for name, make_peer in peers.items():

@@ -80,6 +80,8 @@ class DicomService:
         self._acceptor: threading.Thread | None = None
         self._handlers = [
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_connection, [1]),
+            (evt.EVT_CONN_CLOSE, self._on_connection, [-1]),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
@@ -144,8 +146,12 @@ class DicomService:
                     result.reason, result.message)
         return _status(code, result.message)
 
+    def _on_connection(self, event: evt.Event, change: int) -> None:
+        # Counted on the TCP connection, which opens and closes exactly once whatever the
+        # association does (rejected, aborted during negotiation, released).
+        metrics.ASSOCIATIONS_OPEN.inc(change)
+
     def _on_accepted(self, event: evt.Event) -> None:
-        metrics.ASSOCIATIONS_OPEN.inc()
         requestor = event.assoc.requestor
         log.info("association accepted from %s (%s:%s)", requestor.ae_title,
                  requestor.address, requestor.port)
@@ -157,6 +163,5 @@ class DicomService:
                     requestor.address, requestor.port)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
-        metrics.ASSOCIATIONS_OPEN.dec()
         metrics.ASSOCIATIONS.labels(outcome).inc()
         log.info("association with %s %s", event.assoc.requestor.ae_title, outcome)

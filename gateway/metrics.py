@@ -16,7 +16,7 @@ DUPLICATES = Counter(
     "Instances received again under a stored SOP Instance UID, by kind (duplicate: same data"
     " set; conflict: different data set)", ["kind"])
 ASSOCIATIONS_OPEN = Gauge(
-    "passerelle_dicom_associations_open", "DICOM associations currently established")
+    "passerelle_dicom_associations_open", "DICOM connections (associations) currently open")
 ASSOCIATIONS = Counter(
     "passerelle_dicom_associations_total",
     "DICOM associations by how they ended (released, aborted, rejected)", ["outcome"])

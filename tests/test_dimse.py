@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import UID, generate_uid
 
-from tests.processes import PasserelleProcess, free_port
+from tests.processes import PasserelleProcess, free_port, wait_for
 from tests.scu import associate, send
 from tests.synthetic import ct_slice
 
@@ -248,8 +248,13 @@ def test_health_and_metrics(server: PasserelleProcess) -> None:
     health = httpx.get(f"{server.base_url}/health")
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "dicom": True, "http": True}
-    text = httpx.get(f"{server.base_url}/metrics").text
-    assert "passerelle_dicom_associations_open" in text
+    assoc = associate(server.dicom_port)
+    assert assoc.is_established
+    assert metric(server, "passerelle_dicom_associations_open") == 1
+    assoc.release()
+    wait_for(lambda: metric(server, "passerelle_dicom_associations_open") == 0, 10,
+             "the association to be counted as closed")
+    assert metric(server, "passerelle_dicom_associations_total", outcome="released") == 1
 
 
 def test_busy_dicom_port_fails_clearly(tmp_path: Path) -> None:
