@@ -34,6 +34,11 @@ def serve(settings: Settings) -> None:
     lock = ServiceLock(settings.data_dir)
     lock.acquire()
     store = Store(settings.data_dir, settings.duplicate_policy)
+    # Only the lock holder may purge: an import running beside the service has its own
+    # temporary files in flight.
+    removed = store.blobs.purge_temporary()
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted write", removed)
     if not lock.previous_stop_was_clean:
         log.warning("previous run did not stop cleanly: checking the index against the files")
         recover(store.blobs, store.index)

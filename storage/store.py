@@ -83,9 +83,6 @@ class Store:
         # Held from the duplicate re-check to the index commit, so two associations sending
         # the same SOP Instance UID at once cannot both write it.
         self._commit_lock = threading.Lock()
-        removed = self.blobs.purge_temporary()
-        if removed:
-            log.warning("removed %d temporary file(s) left by an interrupted write", removed)
 
     def close(self) -> None:
         """Release the index."""

@@ -218,11 +218,14 @@ def test_index_lost_after_unclean_stop_is_rebuilt_from_files(tmp_path: Path,
     for leftover in (tmp_path / "data").glob("index.sqlite*"):
         leftover.unlink()
     (tmp_path / "data" / "studies" / "junk.dcm").write_bytes(b"not in a series folder")
+    (tmp_path / "data" / "tmp" / "interrupted.part").write_bytes(b"half an instance")
     server.start()
     try:
         [study] = studies(server)
         assert study["instance_count"] == 6
         assert "did not stop cleanly" in server.log()
+        assert "removed 1 temporary file(s)" in server.log()
+        assert stored_files(server)  # also checks that tmp/ is empty
     finally:
         server.stop()
 

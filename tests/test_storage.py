@@ -59,10 +59,10 @@ def test_interrupted_write_leaves_neither_file_nor_temp(tmp_path: Path) -> None:
     assert list(blobs.tmp_dir.iterdir()) == []
 
 
-def test_leftover_temp_files_are_purged_on_open(tmp_path: Path) -> None:
-    (tmp_path / "tmp").mkdir()
+def test_leftover_temp_files_are_purged(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
     (tmp_path / "tmp" / "abc.part").write_bytes(b"half")
-    Store(tmp_path).close()
+    assert blobs.purge_temporary() == 1
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
