@@ -69,3 +69,18 @@ def test_studies_on_an_empty_store(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stdout.strip() == "no study stored"
     assert json.loads(passerelle(tmp_path / "data", "studies", "--json").stdout) == []
+
+
+def test_import_beside_a_running_service(server, ct_study: list[Path], tmp_path: Path) -> None:
+    from tests.synthetic import write_ct_study
+
+    other = write_ct_study(tmp_path / "other", series=1, per_series=20, patient_id="PAT002")
+    sending = subprocess.Popen(["storescu", "-aec", "PASSERELLE", "127.0.0.1",
+                                str(server.dicom_port), *map(str, ct_study)],
+                               stderr=subprocess.PIPE)
+    imported = server.cli("import", str(tmp_path / "other"))
+    assert sending.wait(60) == 0, sending.stderr.read() if sending.stderr else ""
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    listed = {s["patient_id"]: s["instance_count"]
+              for s in json.loads(server.cli("studies", "--json").stdout)}
+    assert listed == {"PAT001": 15, "PAT002": len(other)}
