@@ -46,7 +46,7 @@ def serve(settings: Settings) -> None:
     try:
         dicom.start()
         config = uvicorn.Config(
-            create_app(dicom.is_serving), host=settings.http_host, port=settings.http_port,
+            create_app(store, dicom.is_serving), host=settings.http_host, port=settings.http_port,
             log_config=None, access_log=False, server_header=False, lifespan="off")
         uvicorn.Server(config).run()
     except ShutdownRequestedError as exc:

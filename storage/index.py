@@ -115,6 +115,11 @@ _INSTANCE_UPSERT = """
         columns = excluded.columns, frames = excluded.frames, path = excluded.path,
         size = excluded.size, source = excluded.source, received_at = excluded.received_at
 """
+_INSTANCE_SELECT = """
+    SELECT i.sop_uid, st.study_uid, se.series_uid, i.path, i.size, i.sop_class_uid,
+           i.transfer_syntax, i.frames
+    FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
+"""
 _STUDY_SUMMARY = """
     SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name,
            st.study_date, st.study_time, st.accession_number, st.study_description,
@@ -130,13 +135,16 @@ _STUDY_SUMMARY = """
 
 @dataclass(frozen=True, slots=True)
 class StoredInstance:
-    """Where an indexed instance lives."""
+    """Where an indexed instance lives, and how it is encoded."""
 
     sop_uid: str
     study_uid: str
     series_uid: str
     path: str
     size: int
+    sop_class_uid: str
+    transfer_syntax: str
+    frames: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +213,26 @@ class Index:
     def find_instance(self, sop_uid: str) -> StoredInstance | None:
         """The stored instance with this SOP Instance UID, if any."""
         with self._lock:
-            row = self._db.execute(
-                """SELECT i.sop_uid, st.study_uid, se.series_uid, i.path, i.size
-                   FROM instances i JOIN series se ON i.series_pk = se.pk
-                   JOIN studies st ON se.study_pk = st.pk WHERE i.sop_uid = ?""",
-                (sop_uid,),
-            ).fetchone()
+            row = self._db.execute(_INSTANCE_SELECT + " WHERE i.sop_uid = ?",
+                                   (sop_uid,)).fetchone()
         return StoredInstance(*row) if row else None
+
+    def instances(self, study_uid: str, series_uid: str | None = None,
+                  sop_uid: str | None = None) -> list[StoredInstance]:
+        """Instances of a study, optionally of one series or one instance, in series then
+        instance number order."""
+        sql = _INSTANCE_SELECT + " WHERE st.study_uid = ?"
+        params = [study_uid]
+        if series_uid is not None:
+            sql += " AND se.series_uid = ?"
+            params.append(series_uid)
+        if sop_uid is not None:
+            sql += " AND i.sop_uid = ?"
+            params.append(sop_uid)
+        sql += " ORDER BY se.series_number, se.pk, i.instance_number, i.pk"
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [StoredInstance(*row) for row in rows]
 
     def add_instance(self, record: InstanceRecord, path: str, size: int, source: str) -> None:
         """Insert (or replace) an instance with its series, study and patient, in one commit."""

@@ -1,4 +1,4 @@
-"""HTTP application (starlette): health and metrics; DICOMweb mounts here as it grows."""
+"""HTTP application (starlette): DICOMweb under /dicom-web, health and metrics."""
 
 from collections.abc import Callable
 
@@ -6,10 +6,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+
+from gateway.web.wado import retrieve
+from storage.store import Store
 
 
-def create_app(dicom_serving: Callable[[], bool]) -> Starlette:
+def create_app(store: Store, dicom_serving: Callable[[], bool]) -> Starlette:
     """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up."""
 
     async def health(request: Request) -> JSONResponse:
@@ -20,7 +23,16 @@ def create_app(dicom_serving: Callable[[], bool]) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[
+    dicomweb = [
+        Route("/studies/{study}", retrieve, methods=["GET"]),
+        Route("/studies/{study}/series/{series}", retrieve, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}", retrieve,
+              methods=["GET"]),
+    ]
+    app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Mount("/dicom-web", routes=dicomweb),
     ])
+    app.state.store = store
+    return app

@@ -1,0 +1,71 @@
+"""Transfer syntax conversion of stored instances on retrieval (PS3.18 8.7.3.5).
+
+Decoding uses pydicom's pixel backends (pylibjpeg plugins); encoding is offered for the
+lossless syntaxes pydicom can encode here (RLE, JPEG 2000 lossless, JPEG-LS lossless when
+pyjpegls is installed).
+"""
+
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.pixels import get_decoder, get_encoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+ANY = "*"
+NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+          DeflatedExplicitVRLittleEndian}
+_ENCODABLE = (RLELossless, JPEG2000Lossless, JPEGLSLossless)
+
+
+def _can_decode(stored: str) -> bool:
+    if stored == ExplicitVRBigEndian:
+        return False  # retired (PS3.5 A.3); pydicom cannot rewrite it as little endian
+    if stored in NATIVE:
+        return True
+    try:
+        return get_decoder(UID(stored)).is_available
+    except NotImplementedError:
+        return False
+
+
+def _can_encode(target: str) -> bool:
+    return target in _ENCODABLE and get_encoder(UID(target)).is_available
+
+
+def choose_syntax(stored: str, has_pixels: bool, acceptable: list[str]) -> str | None:
+    """The first acceptable syntax this instance can be sent in, or None.
+
+    ``acceptable`` is in the client's order of preference; ``*`` means as stored.
+    """
+    for target in acceptable:
+        if target in (ANY, stored):
+            return stored
+        if target in NATIVE - {DeflatedExplicitVRLittleEndian} and _can_decode(stored):
+            return target
+        if has_pixels and _can_encode(target) and _can_decode(stored):
+            return target
+    return None
+
+
+def transcode(data: bytes, target: str) -> bytes:
+    """Re-encode a Part 10 file in ``target`` (one of those ``choose_syntax`` offers)."""
+    ds = dcmread(BytesIO(data))
+    stored = ds.file_meta.TransferSyntaxUID
+    if "PixelData" in ds and stored.is_compressed:
+        ds.decompress()  # also converts YBR JPEG colour to RGB (pydicom's default)
+    if UID(target).is_compressed:
+        ds.compress(UID(target))
+    else:
+        ds.file_meta.TransferSyntaxUID = UID(target)
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -1,0 +1,99 @@
+"""WADO-RS retrieve of studies, series and instances (PS3.18 10.4), streamed part by part."""
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiofiles
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+
+from gateway.transcode import choose_syntax, transcode
+from gateway.web.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
+from gateway.web.multipart import closing, new_boundary, part_head
+from storage.index import StoredInstance
+from storage.store import Store
+from storage.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+SUPPORTED = 'multipart/related; type="application/dicom"'
+
+
+def error(status: int, message: str) -> Response:
+    """A plain-text error the client can read."""
+    return PlainTextResponse(message + "\n", status_code=status)
+
+
+def check_uids(request: Request) -> Response | None:
+    """400 for a path UID that is not a UID (PS3.5 9.1)."""
+    for name, value in request.path_params.items():
+        if name in ("study", "series", "instance") and not is_valid_uid(value):
+            return error(400, f"invalid {name} UID {value[:80]!r}")
+    return None
+
+
+async def _stream(store: Store, plan: list[tuple[StoredInstance, str]],
+                  boundary: str) -> AsyncIterator[bytes]:
+    first = True
+    for instance, syntax in plan:
+        path = store.blobs.absolute(instance.path)
+        content_type = f"application/dicom; transfer-syntax={syntax}"
+        if syntax == instance.transfer_syntax:
+            yield part_head(boundary, content_type, instance.size, first)
+            async with aiofiles.open(path, "rb") as stored:
+                while chunk := await stored.read(READ_CHUNK):
+                    yield chunk
+        else:
+            try:
+                data = await run_in_threadpool(_transcoded, path, syntax)
+            except Exception as exc:  # a decoder failing on one instance ends nothing else
+                log.error("cannot convert %s to %s: %s", instance.sop_uid, syntax, exc)
+                continue
+            yield part_head(boundary, content_type, len(data), first)
+            yield data
+        first = False
+    yield closing(boundary)
+
+
+def _transcoded(path: Path, syntax: str) -> bytes:
+    return transcode(path.read_bytes(), syntax)
+
+
+async def retrieve(request: Request) -> Response:
+    """GET /studies/{study}[/series/{series}[/instances/{instance}]]: the instances as
+    multipart/related application/dicom parts, in a negotiated transfer syntax."""
+    store: Store = request.app.state.store
+    if problem := check_uids(request):
+        return problem
+    try:
+        acceptable = dicom_transfer_syntaxes(parse_accept(request.headers.get("accept")))
+    except BadAcceptError as exc:
+        return error(400, str(exc))
+    if not acceptable:
+        return error(406, f"instances are returned as {SUPPORTED}")
+    params = request.path_params
+    instances = await run_in_threadpool(store.index.instances, params["study"],
+                                        params.get("series"), params.get("instance"))
+    if not instances:
+        return error(404, "no such " + ("instance" if "instance" in params else
+                                        "series" if "series" in params else "study"))
+    plan = [(i, choose_syntax(i.transfer_syntax, i.frames is not None, acceptable))
+            for i in instances]
+    sendable = [(i, syntax) for i, syntax in plan if syntax is not None]
+    if not sendable:
+        stored = sorted({i.transfer_syntax for i in instances})
+        return error(406, "cannot convert the stored transfer syntax "
+                     f"({', '.join(stored)}) to any acceptable one ({', '.join(acceptable)})")
+    boundary = new_boundary()
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    syntaxes = {syntax for _, syntax in sendable}
+    if len(syntaxes) == 1:
+        content_type += f"; transfer-syntax={syntaxes.pop()}"
+    headers = {"Content-Type": content_type}
+    if len(sendable) < len(plan):
+        headers["Warning"] = (f'299 passerelle "{len(plan) - len(sendable)} instance(s) '
+                              'not available in an acceptable transfer syntax"')
+    return StreamingResponse(_stream(store, sendable, boundary), headers=headers)
