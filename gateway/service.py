@@ -45,9 +45,10 @@ def serve(settings: Settings) -> None:
     dicom = DicomService(settings, store)
     try:
         dicom.start()
+        app = create_app(store, settings.public_url, dicom.is_serving)
         config = uvicorn.Config(
-            create_app(store, dicom.is_serving), host=settings.http_host, port=settings.http_port,
-            log_config=None, access_log=False, server_header=False, lifespan="off")
+            app, host=settings.http_host, port=settings.http_port, log_config=None,
+            access_log=False, server_header=False, lifespan="off")
         uvicorn.Server(config).run()
     except ShutdownRequestedError as exc:
         log.info("%s received", exc)

@@ -5,12 +5,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from tests.processes import PasserelleProcess
+from tests.scu import send
 from tests.synthetic import write_ct_study
 
 
@@ -68,3 +70,20 @@ def _one_file_per_transfer_syntax() -> dict[UID, Path]:
 def files_by_syntax() -> dict[UID, Path]:
     """One pydicom test image per transfer syntax available locally."""
     return _one_file_per_transfer_syntax()
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory, ct_study: list[Path],
+           files_by_syntax: dict[UID, Path]) -> Iterator[PasserelleProcess]:
+    """One service holding the synthetic CT study and one file per transfer syntax."""
+    server = PasserelleProcess(tmp_path_factory.mktemp("wado") / "data").start()
+    for path in [*ct_study, *files_by_syntax.values()]:
+        assert send(server.dicom_port, path)[0] == 0x0000
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(loaded: PasserelleProcess) -> DICOMwebClient:
+    """A dicomweb-client session on the loaded service."""
+    return DICOMwebClient(url=f"{loaded.base_url}/dicom-web")

@@ -1,7 +1,6 @@
 """WADO-RS retrieve (PS3.18 10.4) against a running service: dicomweb-client and raw HTTP."""
 
 import re
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -12,26 +11,10 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from tests.multipart import parts_of
 from tests.processes import PasserelleProcess
-from tests.scu import send
 
 REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "drimm"
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory, ct_study: list[Path],
-           files_by_syntax: dict[UID, Path]) -> Iterator[PasserelleProcess]:
-    """One service holding the synthetic CT study and one file per transfer syntax."""
-    server = PasserelleProcess(tmp_path_factory.mktemp("wado") / "data").start()
-    for path in [*ct_study, *files_by_syntax.values()]:
-        assert send(server.dicom_port, path)[0] == 0x0000
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(loaded: PasserelleProcess) -> DICOMwebClient:
-    return DICOMwebClient(url=f"{loaded.base_url}/dicom-web")
 
 
 def test_study_series_instance_as_stored(client: DICOMwebClient, ct_study: list[Path]) -> None:
@@ -72,18 +55,6 @@ def test_every_stored_syntax_converted_losslessly(client: DICOMwebClient, syntax
     assert converted >= 9
 
 
-def _parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
-    boundary = re.search(r"boundary=([^;\s]+)", response.headers["content-type"]).group(1)
-    body = response.content
-    assert body.endswith(f"\r\n--{boundary}--\r\n".encode())
-    parts = []
-    for chunk in body.split(f"--{boundary}".encode())[1:-1]:
-        head, _, content = chunk.partition(b"\r\n\r\n")
-        headers = dict(line.split(": ", 1) for line in head.decode().strip().split("\r\n"))
-        parts.append((headers, content.removesuffix(b"\r\n")))
-    return parts
-
-
 def test_multipart_framing_byte_for_byte(loaded: PasserelleProcess,
                                          ct_study: list[Path]) -> None:
     first = dcmread(ct_study[0])
@@ -95,7 +66,7 @@ def test_multipart_framing_byte_for_byte(loaded: PasserelleProcess,
     content_type = response.headers["content-type"]
     assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
     assert "transfer-syntax=1.2.840.10008.1.2.1" in content_type
-    parts = _parts(response)
+    parts = parts_of(response)
     assert len(parts) == 5
     stored = {dcmread(p).SOPInstanceUID: p for p in
               (loaded.data_dir / "studies").rglob("*.dcm")}
@@ -121,7 +92,7 @@ def test_national_consumer_request_replayed(loaded: PasserelleProcess,
     # Stored explicit VR LE: no encoder for 4.70, 4.80 or the lossy syntaxes here, so the
     # highest q it can produce is the stored one.
     assert chosen == "1.2.840.10008.1.2.1"
-    assert len(_parts(response)) == 5
+    assert len(parts_of(response)) == 5
 
 
 @pytest.mark.parametrize("path, accept, status, message", [

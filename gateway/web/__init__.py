@@ -8,12 +8,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from gateway.web.frames import bulkdata, frames
+from gateway.web.metadata import metadata
 from gateway.web.wado import retrieve
 from storage.store import Store
 
 
-def create_app(store: Store, dicom_serving: Callable[[], bool]) -> Starlette:
-    """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up."""
+def create_app(store: Store, public_url: str, dicom_serving: Callable[[], bool]) -> Starlette:
+    """The HTTP application.
+
+    ``public_url`` is the base URL clients reach us at (for the URIs we hand out);
+    ``dicom_serving`` tells whether the DICOM listener is up.
+    """
 
     async def health(request: Request) -> JSONResponse:
         dicom_up = dicom_serving()
@@ -28,6 +34,14 @@ def create_app(store: Store, dicom_serving: Callable[[], bool]) -> Starlette:
         Route("/studies/{study}/series/{series}", retrieve, methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}", retrieve,
               methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", frames,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+              bulkdata, methods=["GET"]),
+        Route("/studies/{study}/metadata", metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/metadata", metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/metadata", metadata,
+              methods=["GET"]),
     ]
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
@@ -35,4 +49,5 @@ def create_app(store: Store, dicom_serving: Callable[[], bool]) -> Starlette:
         Mount("/dicom-web", routes=dicomweb),
     ])
     app.state.store = store
+    app.state.public_url = public_url
     return app

@@ -27,6 +27,11 @@ def error(status: int, message: str) -> Response:
     return PlainTextResponse(message + "\n", status_code=status)
 
 
+def level_name(params: dict[str, str]) -> str:
+    """The level a WADO-RS path addresses: study, series or instance."""
+    return "instance" if "instance" in params else "series" if "series" in params else "study"
+
+
 def check_uids(request: Request) -> Response | None:
     """400 for a path UID that is not a UID (PS3.5 9.1)."""
     for name, value in request.path_params.items():
@@ -78,8 +83,7 @@ async def retrieve(request: Request) -> Response:
     instances = await run_in_threadpool(store.index.instances, params["study"],
                                         params.get("series"), params.get("instance"))
     if not instances:
-        return error(404, "no such " + ("instance" if "instance" in params else
-                                        "series" if "series" in params else "study"))
+        return error(404, f"no such {level_name(params)}")
     plan = [(i, choose_syntax(i.transfer_syntax, i.frames is not None, acceptable))
             for i in instances]
     sendable = [(i, syntax) for i, syntax in plan if syntax is not None]
