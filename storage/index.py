@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.header import InstanceRecord
+from storage.search import Level, Match, fold_name, search
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -75,13 +76,21 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX instances_series ON instances(series_pk);
     """,
+    # v2: accent- and case-folded person names for QIDO fuzzy matching; patient id lookups.
+    """
+    ALTER TABLE patients ADD COLUMN patient_name_folded TEXT NOT NULL DEFAULT '';
+    UPDATE patients SET patient_name_folded = fold_name(patient_name);
+    ALTER TABLE studies ADD COLUMN referring_physician_folded TEXT NOT NULL DEFAULT '';
+    UPDATE studies SET referring_physician_folded = fold_name(referring_physician);
+    CREATE INDEX patients_id ON patients(patient_id);
+    """,
 )
 
 _PATIENT_UPSERT = """
     INSERT INTO patients (patient_id, issuer_of_patient_id, other_patient_ids, patient_name,
-                          patient_birth_date, patient_sex)
+                          patient_birth_date, patient_sex, patient_name_folded)
     VALUES (:patient_id, :issuer_of_patient_id, :other_patient_ids, :patient_name,
-            :patient_birth_date, :patient_sex)
+            :patient_birth_date, :patient_sex, fold_name(:patient_name))
     ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET patient_id = patient_id
     RETURNING pk
 """
@@ -89,10 +98,11 @@ _STUDY_UPSERT = """
     INSERT INTO studies (study_uid, patient_pk, study_date, study_time, accession_number,
                          accession_issuer, study_id, study_description, referring_physician,
                          requested_procedure_ids, placer_order_numbers, first_received_at,
-                         last_received_at)
+                         last_received_at, referring_physician_folded)
     VALUES (:study_uid, :patient_pk, :study_date, :study_time, :accession_number,
             :accession_issuer, :study_id, :study_description, :referring_physician,
-            :requested_procedure_ids, :placer_order_numbers, :now, :now)
+            :requested_procedure_ids, :placer_order_numbers, :now, :now,
+            fold_name(:referring_physician))
     ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
     RETURNING pk
 """
@@ -176,6 +186,7 @@ class Index:
         # fsynced, are the truth, and Store.recover re-indexes them after an unclean stop.
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.create_function("fold_name", 1, fold_name, deterministic=True)
         self._migrate()
 
     def close(self) -> None:
@@ -252,6 +263,12 @@ class Index:
                    JOIN studies st ON se.study_pk = st.pk WHERE st.study_uid = ?""",
                 (study_uid,)).fetchall()
         return {row[0] for row in rows}
+
+    def search(self, level: Level, matches: list[Match], returned: list[str], fuzzy: bool,
+               limit: int, offset: int) -> list[dict[str, object]]:
+        """QIDO matching, see ``storage.search.search``."""
+        with self._lock:
+            return search(self._db, level, matches, returned, fuzzy, limit, offset)
 
     def list_studies(self) -> list[StudySummary]:
         """Every stored study with its counts, most recent study date first."""

@@ -14,8 +14,9 @@ from pydicom.uid import (
 
 def ct_slice(study_uid: str, series_uid: str, series_number: int, instance_number: int,
              size: int = 64, patient_id: str = "PAT001", accession: str = "ACC001",
-             sop_uid: str | None = None) -> Dataset:
-    """One 16-bit CT slice of ``size`` x ``size`` with deterministic pixels."""
+             sop_uid: str | None = None, **attributes: object) -> Dataset:
+    """One 16-bit CT slice of ``size`` x ``size`` with deterministic pixels; ``attributes``
+    (DICOM keywords) override the defaults."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -59,6 +60,8 @@ def ct_slice(study_uid: str, series_uid: str, series_number: int, instance_numbe
     ds.WindowWidth = 400
     rng = np.random.default_rng(instance_number + 1000 * series_number)
     ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
     return ds
 
 

@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 from storage.blobs import BlobStore, InvalidUIDError
 from storage.index import MIGRATIONS, Index
 from storage.part10 import dataset_offset
+from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Store
 from storage.uids import is_valid_uid
 from tests.synthetic import ct_slice
@@ -142,3 +143,29 @@ def test_file_meta_written_for_received_data_sets_is_valid(tmp_path: Path) -> No
     assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert meta.SourceApplicationEntityTitle == "CT1"
     assert meta.FileMetaInformationGroupLength == len(raw) - 144
+
+
+def test_migration_from_v1_folds_existing_names(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    for statement in MIGRATIONS[0].split(";"):
+        db.execute(statement)
+    db.execute("INSERT INTO patients VALUES (1, 'P1', '', '', 'MÜLLER^Hélène', '', 'F')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    index = Index(tmp_path / "index.sqlite")
+    assert index.schema_version == len(MIGRATIONS) >= 2
+    rows = index.search(Level.STUDY, [Match("PatientName", "helene")], ["PatientID"],
+                        fuzzy=True, limit=10, offset=0)
+    assert rows == []  # the patient has no study: nothing at study level, but no error
+    folded = index._db.execute("SELECT patient_name_folded FROM patients").fetchone()[0]
+    assert folded == "^muller^helene"
+    index.close()
+
+
+def test_fold_name() -> None:
+    assert fold_name("MÜLLER^Hélène") == "^muller^helene"
+    assert fold_name("Dupont-Durand^Jean Pierre=デュポン") == "^dupont^durand^jean^pierre^デュポン"
+    assert fold_name("") == "^"

@@ -10,6 +10,7 @@ from starlette.routing import Mount, Route
 
 from gateway.web.frames import bulkdata, frames
 from gateway.web.metadata import metadata
+from gateway.web.qido import search_instances, search_series, search_studies
 from gateway.web.wado import retrieve
 from storage.store import Store
 
@@ -30,6 +31,12 @@ def create_app(store: Store, public_url: str, dicom_serving: Callable[[], bool])
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     dicomweb = [
+        Route("/studies", search_studies, methods=["GET"]),
+        Route("/series", search_series, methods=["GET"]),
+        Route("/instances", search_instances, methods=["GET"]),
+        Route("/studies/{study}/series", search_series, methods=["GET"]),
+        Route("/studies/{study}/instances", search_instances, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances", search_instances, methods=["GET"]),
         Route("/studies/{study}", retrieve, methods=["GET"]),
         Route("/studies/{study}/series/{series}", retrieve, methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}", retrieve,

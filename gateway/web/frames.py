@@ -15,7 +15,8 @@ from starlette.responses import Response
 
 from gateway.web.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.multipart import closing, new_boundary, part_head
-from gateway.web.wado import check_uids, error
+from gateway.web.responses import error
+from gateway.web.wado import check_uids
 from storage.index import StoredInstance
 from storage.store import Store
 

@@ -1,7 +1,5 @@
 """WADO-RS metadata (PS3.18 10.4.1.1.2): DICOM JSON (PS3.18 Annex F) of stored instances."""
 
-import gzip
-import json
 from pathlib import Path
 
 from pydicom import dcmread
@@ -10,13 +8,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.web.wado import check_uids, error, level_name
+from gateway.web.responses import error, json_response
+from gateway.web.wado import check_uids, level_name
 from storage.index import StoredInstance
 from storage.store import Store
 
 # Binary values (OB, OW, UN, ...) longer than this are sent as BulkDataURI (Annex F.2.6).
 BULK_DATA_THRESHOLD = 1024
-JSON_MEDIA_TYPE = "application/dicom+json"
 
 
 def instance_url(base: str, instance: StoredInstance) -> str:
@@ -38,16 +36,6 @@ def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
         vr = "OB" if ds.file_meta.TransferSyntaxUID.is_encapsulated else "OW"
         body["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
     return body
-
-
-def json_response(request: Request, payload: object) -> Response:
-    """DICOM JSON, gzip-compressed when the client accepts it."""
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    headers = {"Vary": "Accept-Encoding"}
-    if "gzip" in request.headers.get("accept-encoding", "") and len(body) > 1024:
-        body = gzip.compress(body, compresslevel=5)
-        headers["Content-Encoding"] = "gzip"
-    return Response(body, media_type=JSON_MEDIA_TYPE, headers=headers)
 
 
 async def metadata(request: Request) -> Response:

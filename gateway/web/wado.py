@@ -7,11 +7,12 @@ from pathlib import Path
 import aiofiles
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from gateway.transcode import choose_syntax, transcode
 from gateway.web.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
 from gateway.web.multipart import closing, new_boundary, part_head
+from gateway.web.responses import error
 from storage.index import StoredInstance
 from storage.store import Store
 from storage.uids import is_valid_uid
@@ -20,11 +21,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 SUPPORTED = 'multipart/related; type="application/dicom"'
-
-
-def error(status: int, message: str) -> Response:
-    """A plain-text error the client can read."""
-    return PlainTextResponse(message + "\n", status_code=status)
 
 
 def level_name(params: dict[str, str]) -> str:

@@ -1,0 +1,157 @@
+"""QIDO-RS search (PS3.18 10.6), answered from the index, never by opening files."""
+
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.web.responses import error, json_response
+from gateway.web.wado import check_uids
+from storage.search import ATTRIBUTES, Level, Match, QueryError
+from storage.store import Store
+
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10000
+# Attributes returned by default (PS3.18 Tables 10.6.3-3 to -5, those the index holds).
+_STUDY_RETURN = ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+                 "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
+                 "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
+                 "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+_SERIES_RETURN = ["Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
+                  "BodyPartExamined", "NumberOfSeriesRelatedInstances"]
+_INSTANCE_RETURN = ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
+                    "NumberOfFrames"]
+_CONTROL_KEYS = {"limit", "offset", "fuzzymatching", "includefield"}
+_MAX_INCLUDEFIELDS = 200
+
+
+class BadQueryError(ValueError):
+    """A query string that cannot be understood (HTTP 400)."""
+
+
+def _keyword(key: str) -> str:
+    """A DICOM keyword from a keyword or an 8-digit hexadecimal tag."""
+    if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
+        keyword = keyword_for_tag(int(key, 16))
+    else:
+        keyword = key if tag_for_keyword(key) is not None else ""
+    if not keyword:
+        raise BadQueryError(f"unknown attribute {key[:64]!r}")
+    return keyword
+
+
+def _default_return(level: Level, scoped_to_study: bool) -> list[str]:
+    if level is Level.STUDY:
+        return list(_STUDY_RETURN)
+    study = ["StudyInstanceUID"] if scoped_to_study else list(_STUDY_RETURN)
+    if level is Level.SERIES:
+        return [*study, *_SERIES_RETURN]
+    return [*study, "SeriesInstanceUID", *_INSTANCE_RETURN]
+
+
+def _int_param(name: str, text: str, maximum: int) -> int:
+    if not text.isdigit() or int(text) > maximum:
+        raise BadQueryError(f"{name} must be a whole number from 0 to {maximum}")
+    return int(text)
+
+
+def parse_query(items: list[tuple[str, str]], level: Level, scope: dict[str, str]
+                ) -> tuple[list[Match], list[str], bool, int, int]:
+    """Matches, returned keywords, fuzzy flag, limit and offset of a QIDO query string."""
+    matches = [Match(keyword, uid) for keyword, uid in scope.items()]
+    returned = _default_return(level, "StudyInstanceUID" in scope)
+    fuzzy, limit, offset = False, DEFAULT_LIMIT, 0
+    includes = 0
+    for key, value in items:
+        if key == "limit":
+            limit = _int_param("limit", value, MAX_LIMIT)
+        elif key == "offset":
+            offset = _int_param("offset", value, 1 << 31)
+        elif key == "fuzzymatching":
+            if value not in ("true", "false"):
+                raise BadQueryError("fuzzymatching must be true or false")
+            fuzzy = value == "true"
+        elif key == "includefield":
+            for field in filter(None, value.split(",")):
+                includes += 1
+                if includes > _MAX_INCLUDEFIELDS:
+                    raise BadQueryError(f"more than {_MAX_INCLUDEFIELDS} includefield values")
+                wanted = ([k for k, a in ATTRIBUTES.items() if a.level <= level]
+                          if field == "all" else [_keyword(field)])
+                returned += [k for k in wanted if k not in returned]
+        else:
+            keyword = _keyword(key)
+            if any(m.keyword == keyword for m in matches):
+                raise BadQueryError(f"{keyword} is given more than once")
+            matches.append(Match(keyword, value))
+            if keyword not in returned:
+                returned.append(keyword)
+    return matches, returned, fuzzy, limit, offset
+
+
+def _json_value(vr: str, value: object) -> dict[str, object]:
+    element: dict[str, object] = {"vr": vr}
+    if value is None or value == "":
+        return element
+    if vr == "PN":
+        groups = str(value).split("=")
+        names = {k: g for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups,
+                                      strict=False) if g}
+        element["Value"] = [names]
+    elif vr in ("IS", "US"):
+        element["Value"] = [int(value)]  # type: ignore[call-overload]
+    elif vr == "CS":
+        element["Value"] = sorted(str(value).replace(",", "\\").split("\\"))
+    else:
+        element["Value"] = str(value).split("\\")
+    return element
+
+
+def dicom_json(row: dict[str, object], level: Level, dicomweb_root: str) -> dict[str, object]:
+    """One result as a DICOM JSON object, with its RetrieveURL (0008,1190)."""
+    result = {f"{tag_for_keyword(k):08X}": _json_value(ATTRIBUTES[k].vr, v)
+              for k, v in row.items()}
+    url = f"{dicomweb_root}/studies/{row['StudyInstanceUID']}"
+    if level >= Level.SERIES:
+        url += f"/series/{row['SeriesInstanceUID']}"
+    if level is Level.INSTANCE:
+        url += f"/instances/{row['SOPInstanceUID']}"
+    result["00081190"] = {"vr": "UR", "Value": [url]}
+    return dict(sorted(result.items()))
+
+
+async def _search(request: Request, level: Level) -> Response:
+    if problem := check_uids(request):
+        return problem
+    scope = {keyword: request.path_params[name] for name, keyword in
+             (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"))
+             if name in request.path_params}
+    try:
+        matches, returned, fuzzy, limit, offset = parse_query(
+            request.query_params.multi_items(), level, scope)
+        for needed in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if ATTRIBUTES[needed].level <= level and needed not in returned:
+                returned.append(needed)
+        store: Store = request.app.state.store
+        rows = await run_in_threadpool(store.index.search, level, matches, returned, fuzzy,
+                                       limit, offset)
+    except (BadQueryError, QueryError) as exc:
+        return error(400, str(exc))
+    root = request.app.state.public_url + "/dicom-web"
+    # 200 with an empty array when nothing matches (CP-2473, RFC 9110 15.3.5).
+    return json_response(request, [dicom_json(row, level, root) for row in rows])
+
+
+async def search_studies(request: Request) -> Response:
+    """GET /studies?..."""
+    return await _search(request, Level.STUDY)
+
+
+async def search_series(request: Request) -> Response:
+    """GET /series?... and /studies/{study}/series?..."""
+    return await _search(request, Level.SERIES)
+
+
+async def search_instances(request: Request) -> Response:
+    """GET /instances?..., /studies/{study}/instances?... and .../series/{series}/instances?..."""
+    return await _search(request, Level.INSTANCE)

@@ -1,0 +1,184 @@
+"""Attribute matching over the index (PS3.4 C.2.2.2), the engine behind QIDO-RS.
+
+A query names a level (study, series, instance) and a list of ``Match`` objects on DICOM
+keywords the index holds; the result rows are dicts keyword -> value. Every value reaches
+SQLite as a bound parameter, never as SQL text.
+"""
+
+import enum
+import sqlite3
+import unicodedata
+from dataclasses import dataclass
+
+
+class Level(enum.IntEnum):
+    """Query levels, ordered: a level can match on its own and its parents' attributes."""
+
+    PATIENT = 0
+    STUDY = 1
+    SERIES = 2
+    INSTANCE = 3
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """An attribute the index can match on and return."""
+
+    level: Level
+    sql: str
+    vr: str
+    folded_sql: str | None = None  # accent- and case-folded column, for fuzzy PN matching
+
+
+ATTRIBUTES: dict[str, Attribute] = {
+    "PatientID": Attribute(Level.PATIENT, "p.patient_id", "LO"),
+    "IssuerOfPatientID": Attribute(Level.PATIENT, "p.issuer_of_patient_id", "LO"),
+    "PatientName": Attribute(Level.PATIENT, "p.patient_name", "PN", "p.patient_name_folded"),
+    "PatientBirthDate": Attribute(Level.PATIENT, "p.patient_birth_date", "DA"),
+    "PatientSex": Attribute(Level.PATIENT, "p.patient_sex", "CS"),
+    "StudyInstanceUID": Attribute(Level.STUDY, "st.study_uid", "UI"),
+    "StudyDate": Attribute(Level.STUDY, "st.study_date", "DA"),
+    "StudyTime": Attribute(Level.STUDY, "st.study_time", "TM"),
+    "AccessionNumber": Attribute(Level.STUDY, "st.accession_number", "SH"),
+    "StudyID": Attribute(Level.STUDY, "st.study_id", "SH"),
+    "StudyDescription": Attribute(Level.STUDY, "st.study_description", "LO"),
+    "ReferringPhysicianName": Attribute(Level.STUDY, "st.referring_physician", "PN",
+                                        "st.referring_physician_folded"),
+    "ModalitiesInStudy": Attribute(
+        Level.STUDY, "(SELECT group_concat(DISTINCT m.modality) FROM series m"
+                     " WHERE m.study_pk = st.pk AND m.modality != '')", "CS"),
+    "NumberOfStudyRelatedSeries": Attribute(
+        Level.STUDY, "(SELECT count(*) FROM series m WHERE m.study_pk = st.pk)", "IS"),
+    "NumberOfStudyRelatedInstances": Attribute(
+        Level.STUDY, "(SELECT count(*) FROM instances mi JOIN series m ON mi.series_pk = m.pk"
+                     " WHERE m.study_pk = st.pk)", "IS"),
+    "SeriesInstanceUID": Attribute(Level.SERIES, "se.series_uid", "UI"),
+    "Modality": Attribute(Level.SERIES, "se.modality", "CS"),
+    "SeriesNumber": Attribute(Level.SERIES, "se.series_number", "IS"),
+    "SeriesDescription": Attribute(Level.SERIES, "se.series_description", "LO"),
+    "BodyPartExamined": Attribute(Level.SERIES, "se.body_part", "CS"),
+    "SeriesDate": Attribute(Level.SERIES, "se.series_date", "DA"),
+    "SeriesTime": Attribute(Level.SERIES, "se.series_time", "TM"),
+    "NumberOfSeriesRelatedInstances": Attribute(
+        Level.SERIES, "(SELECT count(*) FROM instances mi WHERE mi.series_pk = se.pk)", "IS"),
+    "SOPInstanceUID": Attribute(Level.INSTANCE, "i.sop_uid", "UI"),
+    "SOPClassUID": Attribute(Level.INSTANCE, "i.sop_class_uid", "UI"),
+    "InstanceNumber": Attribute(Level.INSTANCE, "i.instance_number", "IS"),
+    "Rows": Attribute(Level.INSTANCE, "i.rows", "US"),
+    "Columns": Attribute(Level.INSTANCE, "i.columns", "US"),
+    "NumberOfFrames": Attribute(Level.INSTANCE, "i.frames", "IS"),
+}
+
+_FROM = {
+    Level.STUDY: "studies st JOIN patients p ON st.patient_pk = p.pk",
+    Level.SERIES: "series se JOIN studies st ON se.study_pk = st.pk"
+                  " JOIN patients p ON st.patient_pk = p.pk",
+    Level.INSTANCE: "instances i JOIN series se ON i.series_pk = se.pk"
+                    " JOIN studies st ON se.study_pk = st.pk"
+                    " JOIN patients p ON st.patient_pk = p.pk",
+}
+_ORDER = {
+    Level.STUDY: "st.study_date DESC, st.study_time DESC, st.pk",
+    Level.SERIES: "se.series_number, se.pk",
+    Level.INSTANCE: "i.instance_number, i.pk",
+}
+_COMPUTED_COUNTS = {"ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+                    "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances"}
+
+
+class QueryError(ValueError):
+    """A query the index cannot answer as asked (HTTP 400)."""
+
+
+def fold_name(name: str) -> str:
+    """Person name folded for fuzzy matching: no accents, lower case, every component
+    (family, given, ... of each group) prefixed by ``^`` so a component prefix matches."""
+    kept: list[str] = []
+    latin_base = False
+    for char in unicodedata.normalize("NFKD", name):
+        if unicodedata.combining(char):
+            if latin_base:  # an accent on a Latin letter: dropped (é -> e)
+                continue
+        else:
+            latin_base = char.isascii()
+        kept.append(char)  # other marks (e.g. Japanese dakuten) change the letter: kept
+    plain = unicodedata.normalize("NFC", "".join(kept)).casefold()
+    for separator in ("=", " ", ",", "-"):
+        plain = plain.replace(separator, "^")
+    return "^" + "^".join(part for part in plain.split("^") if part)
+
+
+def _glob(value: str) -> str:
+    """DICOM wildcards (* and ?) as a GLOB pattern; GLOB's own ``[`` escaped."""
+    return value.replace("[", "[[]")
+
+
+@dataclass(frozen=True)
+class Match:
+    """One matching key: a keyword and the value from the query (PS3.18 8.3.4)."""
+
+    keyword: str
+    value: str
+
+    def condition(self, fuzzy: bool) -> tuple[str, list[object]]:
+        """SQL condition and parameters; empty value = universal match."""
+        attribute = ATTRIBUTES[self.keyword]
+        value = self.value
+        if value == "":
+            return "1", []
+        if self.keyword == "ModalitiesInStudy":
+            modalities = [v for v in value.replace("\\", ",").split(",") if v]
+            marks = ",".join("?" * len(modalities))
+            return (f"EXISTS (SELECT 1 FROM series m WHERE m.study_pk = st.pk"
+                    f" AND m.modality IN ({marks}))", list(modalities))
+        if attribute.vr == "UI":
+            uids = [v for v in value.replace("\\", ",").split(",") if v]
+            return f"{attribute.sql} IN ({','.join('?' * len(uids))})", list(uids)
+        if attribute.vr in ("IS", "US"):
+            try:
+                return f"{attribute.sql} = ?", [int(value)]
+            except ValueError:
+                raise QueryError(f"{self.keyword} must be a number, not {value[:40]!r}") from None
+        if attribute.vr in ("DA", "TM") and "-" in value:
+            low, _, high = value.partition("-")
+            conditions, params = [], []
+            if low:
+                conditions.append(f"{attribute.sql} >= ?")
+                params.append(low)
+            if high:
+                conditions.append(f"{attribute.sql} <= ?")
+                # A time bound "1015" includes 101559.999: compare up to any suffix.
+                params.append(high + ("\uffff" if attribute.vr == "TM" else ""))
+            if not conditions:
+                raise QueryError(f"{self.keyword} range {value!r} has no bound")
+            conditions.append(f"{attribute.sql} != ''")
+            return " AND ".join(conditions), params
+        if attribute.vr == "PN" and fuzzy and attribute.folded_sql:
+            # A component that starts with the folded value (PS3.18 8.3.4.6: implementation
+            # defined); wildcards still work inside it.
+            return f"{attribute.folded_sql} GLOB ?", ["*^" + _glob(fold_name(value)[1:]) + "*"]
+        if "*" in value or "?" in value:
+            return f"{attribute.sql} GLOB ?", [_glob(value)]
+        return f"{attribute.sql} = ?", [value]
+
+
+def search(db: sqlite3.Connection, level: Level, matches: list[Match], returned: list[str],
+           fuzzy: bool, limit: int, offset: int) -> list[dict[str, object]]:
+    """Rows of ``level`` matching every ``Match``, with the ``returned`` keywords."""
+    for match in matches:
+        attribute = ATTRIBUTES.get(match.keyword)
+        if attribute is None or attribute.level > level:
+            raise QueryError(f"{match.keyword} cannot be matched at the {level.name.lower()}"
+                             " level")
+        if match.keyword in _COMPUTED_COUNTS - {"ModalitiesInStudy"} and match.value:
+            raise QueryError(f"{match.keyword} is returned, not matched")
+    columns = [k for k in returned if k in ATTRIBUTES and ATTRIBUTES[k].level <= level]
+    conditions, params = ["1"], []
+    for match in matches:
+        sql, values = match.condition(fuzzy)
+        conditions.append(sql)
+        params += values
+    sql = (f"SELECT {', '.join(ATTRIBUTES[k].sql for k in columns)} FROM {_FROM[level]}"
+           f" WHERE {' AND '.join(conditions)} ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
+    rows = db.execute(sql, [*params, limit, offset]).fetchall()
+    return [dict(zip(columns, row, strict=True)) for row in rows]

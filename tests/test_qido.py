@@ -1,0 +1,184 @@
+"""QIDO-RS (PS3.18 10.6) against a running service: dicomweb-client and raw HTTP."""
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
+
+from tests.processes import PasserelleProcess
+from tests.scu import send
+from tests.synthetic import ct_slice
+
+STUDIES = [
+    # patient id, name, date, time, accession, modality per series
+    ("P1", "DUPONT^JEAN", "20260110", "101500", "ACC1", ["CT", "CT"]),
+    ("P2", "MÜLLER^HÉLÈNE", "20260112", "083000", "ACC2", ["MR"]),
+    ("P3", "Martin^Paul", "20251231", "235959", "ACC3", ["CT", "SR"]),
+    ("P1", "DUPONT^JEAN", "20260201", "120000", "ACC4", ["MR", "PT"]),
+]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
+    """A service holding the studies of STUDIES, two instances per series."""
+    server = PasserelleProcess(tmp_path_factory.mktemp("qido") / "data").start()
+    for patient, name, date, time, accession, modalities in STUDIES:
+        study = generate_uid()
+        for number, modality in enumerate(modalities, start=1):
+            series = generate_uid()
+            for instance in (1, 2):
+                ds = ct_slice(study, series, number, instance, size=4, patient_id=patient,
+                              accession=accession, PatientName=name, StudyDate=date,
+                              StudyTime=time, Modality=modality,
+                              SpecificCharacterSet="ISO_IR 192")
+                assert send(server.dicom_port, ds)[0] == 0x0000
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def qido(indexed: PasserelleProcess) -> DICOMwebClient:
+    """A dicomweb-client session on the indexed service."""
+    return DICOMwebClient(url=f"{indexed.base_url}/dicom-web")
+
+
+def values(results: list[dict], tag: str) -> list:
+    return [r[tag]["Value"][0] if "Value" in r[tag] else None for r in results]
+
+
+def test_all_studies_with_computed_attributes(qido: DICOMwebClient) -> None:
+    results = qido.search_for_studies()
+    assert len(results) == 4
+    by_accession = {r["00080050"]["Value"][0]: r for r in results}
+    first = by_accession["ACC1"]
+    assert first["00201206"]["Value"] == [2]  # NumberOfStudyRelatedSeries
+    assert first["00201208"]["Value"] == [4]  # NumberOfStudyRelatedInstances
+    assert first["00080061"]["Value"] == ["CT"]  # ModalitiesInStudy
+    assert by_accession["ACC4"]["00080061"]["Value"] == ["MR", "PT"]
+    assert first["00100010"]["Value"] == [{"Alphabetic": "DUPONT^JEAN"}]
+    study_uid = first["0020000D"]["Value"][0]
+    assert first["00081190"]["Value"][0].endswith(f"/dicom-web/studies/{study_uid}")
+    # Most recent first.
+    assert values(results, "00080020") == ["20260201", "20260112", "20260110", "20251231"]
+
+
+@pytest.mark.parametrize("filters, accessions", [
+    ({"PatientID": "P1"}, {"ACC1", "ACC4"}),
+    ({"00100020": "P1"}, {"ACC1", "ACC4"}),
+    ({"PatientID": "P*"}, {"ACC1", "ACC2", "ACC3", "ACC4"}),
+    ({"PatientID": "P?"}, {"ACC1", "ACC2", "ACC3", "ACC4"}),
+    ({"PatientID": "p1"}, set()),
+    ({"AccessionNumber": "ACC3"}, {"ACC3"}),
+    ({"StudyDate": "20260101-20260131"}, {"ACC1", "ACC2"}),
+    ({"StudyDate": "20260112-"}, {"ACC2", "ACC4"}),
+    ({"StudyDate": "-20251231"}, {"ACC3"}),
+    ({"StudyDate": "20260110", "StudyTime": "1000-1100"}, {"ACC1"}),
+    ({"ModalitiesInStudy": "MR"}, {"ACC2", "ACC4"}),
+    ({"ModalitiesInStudy": "SR,PT"}, {"ACC3", "ACC4"}),
+    ({"PatientName": "DUPONT^JEAN"}, {"ACC1", "ACC4"}),
+    ({"PatientName": "dupont*"}, set()),
+    ({"PatientName": "DUP*"}, {"ACC1", "ACC4"}),
+    ({"PatientName": "Martin^Paul"}, {"ACC3"}),
+])
+def test_study_matching(qido: DICOMwebClient, filters: dict, accessions: set) -> None:
+    results = qido.search_for_studies(search_filters=filters)
+    assert set(values(results, "00080050")) == accessions
+
+
+@pytest.mark.parametrize("name, accessions", [
+    ("dupont", {"ACC1", "ACC4"}),
+    ("jean", {"ACC1", "ACC4"}),
+    ("muller", {"ACC2"}),
+    ("helene", {"ACC2"}),
+    ("MÜLLER", {"ACC2"}),
+    ("mart", {"ACC3"}),
+    ("m*ler", {"ACC2"}),
+    ("xavier", set()),
+])
+def test_fuzzy_person_names(qido: DICOMwebClient, name: str, accessions: set) -> None:
+    results = qido.search_for_studies(search_filters={"PatientName": name}, fuzzymatching=True)
+    assert set(values(results, "00080050")) == accessions
+
+
+def test_study_uid_list(qido: DICOMwebClient) -> None:
+    all_studies = qido.search_for_studies()
+    uids = values(all_studies, "0020000D")[:2]
+    results = qido.search_for_studies(search_filters={"StudyInstanceUID": ",".join(uids)})
+    assert set(values(results, "0020000D")) == set(uids)
+
+
+def test_series_and_instances(qido: DICOMwebClient) -> None:
+    [study] = qido.search_for_studies(search_filters={"AccessionNumber": "ACC4"})
+    study_uid = study["0020000D"]["Value"][0]
+    series = qido.search_for_series(study_uid)
+    assert values(series, "00080060") == ["MR", "PT"]
+    assert values(series, "00201209") == [2, 2]  # NumberOfSeriesRelatedInstances
+    assert all(r["0020000D"]["Value"] == [study_uid] for r in series)
+    mr = qido.search_for_series(study_uid, search_filters={"Modality": "MR"})
+    assert len(mr) == 1
+    series_uid = mr[0]["0020000E"]["Value"][0]
+    instances = qido.search_for_instances(study_uid, series_uid)
+    assert values(instances, "00200013") == [1, 2]
+    assert values(instances, "00280010") == [4, 4]
+    url = instances[0]["00081190"]["Value"][0]
+    assert url.endswith(f"/studies/{study_uid}/series/{series_uid}/instances/"
+                        f"{instances[0]['00080018']['Value'][0]}")
+    # All series of all studies, with study attributes for context.
+    every_series = qido.search_for_series(search_filters={"Modality": "CT"})
+    assert len(every_series) == 3
+    assert "00100020" in every_series[0]
+    assert len(qido.search_for_instances(search_filters={"PatientID": "P2"})) == 2
+
+
+def test_limit_offset_and_includefield(qido: DICOMwebClient) -> None:
+    page1 = qido.search_for_studies(limit=2)
+    page2 = qido.search_for_studies(limit=2, offset=2)
+    assert len(page1) == len(page2) == 2
+    assert not set(values(page1, "0020000D")) & set(values(page2, "0020000D"))
+    [series] = qido.search_for_series(search_filters={"AccessionNumber": "ACC2"},
+                                      fields=["SeriesDate", "00180015"])
+    assert "00080021" in series and "00180015" in series
+    everything = qido.search_for_instances(search_filters={"PatientID": "P3"}, fields=["all"])
+    assert "00280011" in everything[0] and "00100030" in everything[0]
+
+
+def test_no_match_is_an_empty_array(indexed: PasserelleProcess) -> None:
+    response = httpx.get(f"{indexed.base_url}/dicom-web/studies?PatientID=NOBODY")
+    assert response.status_code == 200
+    assert response.json() == []
+    assert response.headers["content-type"] == "application/dicom+json"
+
+
+@pytest.mark.parametrize("query, message", [
+    ("NotAKeyword=1", "unknown attribute"),
+    ("limit=-1", "limit must be"),
+    ("limit=abc", "limit must be"),
+    ("offset=x", "offset must be"),
+    ("fuzzymatching=maybe", "fuzzymatching must be"),
+    ("NumberOfStudyRelatedSeries=3", "is returned, not matched"),
+    ("SOPInstanceUID=1.2", "cannot be matched at the study level"),
+    ("StudyDate=-", "has no bound"),
+    ("PatientID=a&PatientID=b", "more than once"),
+    ("includefield=Bogus", "unknown attribute"),
+    ("PatientID=' OR 1=1 --", None),
+    ("PatientName=%00%27%22;DROP TABLE patients", None),
+])
+def test_bad_and_hostile_queries(indexed: PasserelleProcess, query: str,
+                                 message: str | None) -> None:
+    response = httpx.get(f"{indexed.base_url}/dicom-web/studies?{query}")
+    if message is None:  # SQL metacharacters are values like any other
+        assert response.status_code == 200
+        assert response.json() == []
+    else:
+        assert response.status_code == 400
+        assert message in response.text
+    assert len(httpx.get(f"{indexed.base_url}/dicom-web/studies").json()) == 4
+
+
+def test_numeric_keys_are_numbers(indexed: PasserelleProcess) -> None:
+    response = httpx.get(f"{indexed.base_url}/dicom-web/series?SeriesNumber=abc")
+    assert response.status_code == 400
+    assert "SeriesNumber must be a number" in response.text
+    assert len(httpx.get(f"{indexed.base_url}/dicom-web/series?SeriesNumber=2").json()) == 3
