@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     public_url: str = ""
+    max_instance_bytes: int = Field(1 << 30, gt=0)
     registry_url: str = ""
     stable_seconds: float = Field(60, gt=0)
     allowed_calling_aets: Annotated[list[str], NoDecode] = []

@@ -17,39 +17,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
 from gateway.config import Settings
+from gateway.statuses import SUCCESS, failure_status
 from storage.part10 import file_preamble_and_meta
-from storage.store import IngestResult, Outcome, Rejection, Store
+from storage.store import Outcome, Store
 
 log = logging.getLogger(__name__)
-
-# PS3.4 Table B.2-1 (C-STORE status): A7xx out of resources, A9xx data set does not match
-# SOP class, Cxxx cannot understand.
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-_STATUS_BY_REJECTION = {
-    Rejection.NOT_PART10: STATUS_CANNOT_UNDERSTAND,
-    Rejection.UNREADABLE: STATUS_CANNOT_UNDERSTAND,
-    Rejection.MISSING_UID: STATUS_DATASET_MISMATCH,
-    Rejection.INVALID_UID: STATUS_DATASET_MISMATCH,
-    Rejection.UID_MISMATCH: STATUS_DATASET_MISMATCH,
-    Rejection.DISK_FULL: STATUS_OUT_OF_RESOURCES,
-    Rejection.IO_ERROR: STATUS_OUT_OF_RESOURCES,
-}
-
-
-def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
-    """Count one ingest outcome in the metrics (shared by every protocol)."""
-    if result.outcome is Outcome.STORED:
-        metrics.INSTANCES_RECEIVED.labels(protocol).inc()
-        metrics.BYTES_RECEIVED.labels(protocol).inc(size)
-    elif result.outcome in (Outcome.DUPLICATE, Outcome.CONFLICT):
-        metrics.DUPLICATES.labels(result.outcome.value).inc()
-    else:
-        reason = result.reason.value if result.reason else "unknown"
-        metrics.INGEST_FAILURES.labels(protocol, reason).inc()
-
 
 def _status(code: int, comment: str = "") -> Dataset:
     status = Dataset()
@@ -131,17 +103,16 @@ class DicomService:
         data = file_preamble_and_meta(
             request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
             event.context.transfer_syntax, calling) + event.encoded_dataset(include_meta=False)
-        result = self.store.ingest(
-            data, source=calling,
-            expected_sop_uid=str(request.AffectedSOPInstanceUID),
-            expected_sop_class_uid=str(request.AffectedSOPClassUID))
-        record_ingest(result, "dimse", len(data))
+        result = self.store.ingest(data, source=calling, expected={
+            "SOPInstanceUID": str(request.AffectedSOPInstanceUID),
+            "SOPClassUID": str(request.AffectedSOPClassUID)})
+        metrics.record_ingest(result, "dimse", len(data))
         if result.accepted:
             if result.outcome is Outcome.CONFLICT:
                 log.warning("conflict from %s on %s: %s", calling,
                             request.AffectedSOPInstanceUID, result.message)
-            return _status(STATUS_SUCCESS)
-        code = _STATUS_BY_REJECTION[result.reason] if result.reason else STATUS_CANNOT_UNDERSTAND
+            return _status(SUCCESS)
+        code = failure_status(result.reason)
         log.warning("C-STORE from %s refused (0x%04X %s): %s", calling, code,
                     result.reason, result.message)
         return _status(code, result.message)

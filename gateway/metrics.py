@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge
 
+from storage.store import IngestResult, Outcome
+
 INSTANCES_RECEIVED = Counter(
     "passerelle_instances_received_total",
     "Instances stored, by protocol", ["protocol"])
@@ -20,3 +22,14 @@ ASSOCIATIONS_OPEN = Gauge(
 ASSOCIATIONS = Counter(
     "passerelle_dicom_associations_total",
     "DICOM associations by how they ended (released, aborted, rejected)", ["outcome"])
+
+
+def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
+    """Count one ingest outcome (shared by C-STORE and STOW-RS)."""
+    if result.outcome is Outcome.STORED:
+        INSTANCES_RECEIVED.labels(protocol).inc()
+        BYTES_RECEIVED.labels(protocol).inc(size)
+    elif result.outcome in (Outcome.DUPLICATE, Outcome.CONFLICT):
+        DUPLICATES.labels(result.outcome.value).inc()
+    else:
+        INGEST_FAILURES.labels(protocol, result.reason.value if result.reason else "unknown").inc()

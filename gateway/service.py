@@ -45,7 +45,7 @@ def serve(settings: Settings) -> None:
     dicom = DicomService(settings, store)
     try:
         dicom.start()
-        app = create_app(store, settings.public_url, dicom.is_serving)
+        app = create_app(store, settings, dicom.is_serving)
         config = uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None,
             access_log=False, server_header=False, lifespan="off")

@@ -14,6 +14,20 @@ def is_part10(data: bytes) -> bool:
     return data[PREAMBLE_LENGTH:PREAMBLE_LENGTH + 4] == PREFIX
 
 
+def with_preamble(data: bytes) -> bytes | None:
+    """``data`` as a Part 10 file, or None if it is not one.
+
+    A file meta group without the preamble and prefix (what pydicom writes for a Dataset
+    that has no preamble, e.g. dicomweb-client's STOW-RS bodies) gets them added: the data
+    set bytes are untouched.
+    """
+    if is_part10(data):
+        return data
+    if data[:2] == b"\x02\x00" and data[4:6] in (b"UL", b"OB", b"UI"):
+        return bytes(PREAMBLE_LENGTH) + PREFIX + data
+    return None
+
+
 def dataset_offset(data: bytes) -> int:
     """Offset of the first byte after the File Meta group (always explicit VR little endian).
 

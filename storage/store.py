@@ -9,13 +9,14 @@ import enum
 import errno
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.blobs import BlobStore, InvalidUIDError
 from storage.header import InstanceRecord, UnreadableDatasetError, read_header
 from storage.index import Index
-from storage.part10 import dataset_bytes, is_part10
+from storage.part10 import dataset_bytes, with_preamble
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,11 @@ class IngestResult:
         return self.outcome in (Outcome.STORED, Outcome.DUPLICATE, Outcome.CONFLICT)
 
 
-def _rejected(reason: Rejection, message: str) -> IngestResult:
+def _rejected(reason: Rejection, message: str,
+              record: InstanceRecord | None = None) -> IngestResult:
     outcome = (Outcome.OUT_OF_RESOURCES if reason in (Rejection.DISK_FULL, Rejection.IO_ERROR)
                else Outcome.REJECTED)
-    return IngestResult(outcome, message, reason)
+    return IngestResult(outcome, message, reason, record)
 
 
 class Store:
@@ -88,28 +90,31 @@ class Store:
         """Release the index."""
         self.index.close()
 
-    def ingest(self, data: bytes, source: str, *, expected_sop_uid: str | None = None,
-               expected_sop_class_uid: str | None = None) -> IngestResult:
+    def ingest(self, data: bytes, source: str,
+               expected: Mapping[str, str] | None = None) -> IngestResult:
         """Store one Part 10 file given as bytes; ``source`` names the sender for the index.
 
-        ``expected_*`` are the UIDs a protocol announced for the object (C-STORE's Affected
-        SOP Instance / Class UID); a data set that disagrees is rejected.
+        ``expected`` maps UID keywords (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID,
+        SOPClassUID) to the value a protocol announced for the object (C-STORE's Affected
+        SOP Instance UID, the study of a STOW-RS URL); a data set that disagrees is rejected.
         """
-        if not is_part10(data):
+        normalised = with_preamble(data)
+        if normalised is None:
             return _rejected(Rejection.NOT_PART10,
                              "not a DICOM Part 10 file (no 'DICM' prefix after the preamble)")
+        data = normalised
         try:
             record = read_header(data)
         except UnreadableDatasetError as exc:
             return _rejected(Rejection.UNREADABLE, str(exc))
-        problem = _check_identity(record, expected_sop_uid, expected_sop_class_uid)
+        problem = _check_identity(record, expected or {})
         if problem:
             return problem
         try:
             relative = self.blobs.relative_path(record.study_uid, record.series_uid,
                                                 record.sop_uid)
         except InvalidUIDError as exc:
-            return _rejected(Rejection.INVALID_UID, str(exc))
+            return _rejected(Rejection.INVALID_UID, str(exc), record)
 
         existing = self.index.find_instance(record.sop_uid)
         if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
@@ -118,9 +123,9 @@ class Store:
             return self._write(record, relative, data, source)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                return _rejected(Rejection.DISK_FULL, "out of disk space")
+                return _rejected(Rejection.DISK_FULL, "out of disk space", record)
             log.exception("I/O error while storing %s", record.sop_uid)
-            return _rejected(Rejection.IO_ERROR, f"I/O error: {exc.strerror or exc}")
+            return _rejected(Rejection.IO_ERROR, f"I/O error: {exc.strerror or exc}", record)
 
     def _compare_with_stored(self, record: InstanceRecord, data: bytes,
                              stored_path: str) -> IngestResult:
@@ -156,20 +161,14 @@ class Store:
         return IngestResult(Outcome.STORED, record=record)
 
 
-def _check_identity(record: InstanceRecord, expected_sop_uid: str | None,
-                    expected_sop_class_uid: str | None) -> IngestResult | None:
-    for keyword, value in (("StudyInstanceUID", record.study_uid),
-                           ("SeriesInstanceUID", record.series_uid),
-                           ("SOPInstanceUID", record.sop_uid),
-                           ("SOPClassUID", record.sop_class_uid)):
+def _check_identity(record: InstanceRecord, expected: Mapping[str, str]) -> IngestResult | None:
+    found = {"StudyInstanceUID": record.study_uid, "SeriesInstanceUID": record.series_uid,
+             "SOPInstanceUID": record.sop_uid, "SOPClassUID": record.sop_class_uid}
+    for keyword, value in found.items():
         if not value:
-            return _rejected(Rejection.MISSING_UID, f"{keyword} is missing")
-    if expected_sop_uid is not None and record.sop_uid != expected_sop_uid:
-        return _rejected(Rejection.UID_MISMATCH,
-                         f"SOPInstanceUID {record.sop_uid} differs from the announced "
-                         f"{expected_sop_uid}")
-    if expected_sop_class_uid is not None and record.sop_class_uid != expected_sop_class_uid:
-        return _rejected(Rejection.UID_MISMATCH,
-                         f"SOPClassUID {record.sop_class_uid} differs from the announced "
-                         f"{expected_sop_class_uid}")
+            return _rejected(Rejection.MISSING_UID, f"{keyword} is missing", record)
+    for keyword, announced in expected.items():
+        if found[keyword] != announced:
+            return _rejected(Rejection.UID_MISMATCH, f"{keyword} {found[keyword]} differs "
+                                                     f"from the announced {announced}", record)
     return None

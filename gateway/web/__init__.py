@@ -8,19 +8,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from gateway.config import Settings
 from gateway.web.frames import bulkdata, frames
 from gateway.web.metadata import metadata
 from gateway.web.qido import search_instances, search_series, search_studies
+from gateway.web.stow import store_instances
 from gateway.web.wado import retrieve
 from storage.store import Store
 
 
-def create_app(store: Store, public_url: str, dicom_serving: Callable[[], bool]) -> Starlette:
-    """The HTTP application.
-
-    ``public_url`` is the base URL clients reach us at (for the URIs we hand out);
-    ``dicom_serving`` tells whether the DICOM listener is up.
-    """
+def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], bool]) -> Starlette:
+    """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up."""
 
     async def health(request: Request) -> JSONResponse:
         dicom_up = dicom_serving()
@@ -32,12 +30,14 @@ def create_app(store: Store, public_url: str, dicom_serving: Callable[[], bool])
 
     dicomweb = [
         Route("/studies", search_studies, methods=["GET"]),
+        Route("/studies", store_instances, methods=["POST"]),
         Route("/series", search_series, methods=["GET"]),
         Route("/instances", search_instances, methods=["GET"]),
         Route("/studies/{study}/series", search_series, methods=["GET"]),
         Route("/studies/{study}/instances", search_instances, methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances", search_instances, methods=["GET"]),
         Route("/studies/{study}", retrieve, methods=["GET"]),
+        Route("/studies/{study}", store_instances, methods=["POST"]),
         Route("/studies/{study}/series/{series}", retrieve, methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}", retrieve,
               methods=["GET"]),
@@ -56,5 +56,6 @@ def create_app(store: Store, public_url: str, dicom_serving: Callable[[], bool])
         Mount("/dicom-web", routes=dicomweb),
     ])
     app.state.store = store
-    app.state.public_url = public_url
+    app.state.public_url = settings.public_url
+    app.state.max_instance_bytes = settings.max_instance_bytes
     return app

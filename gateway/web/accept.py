@@ -39,6 +39,27 @@ def _split(text: str, separator: str) -> list[str]:
     return parts
 
 
+def parse_media_type(text: str) -> MediaRange:
+    """One media type or range with its parameters (a Content-Type or an Accept item)."""
+    pieces = _split(text, ";")
+    media_type = pieces[0].strip().lower()
+    if media_type.count("/") != 1:
+        raise BadAcceptError(f"invalid media range {media_type[:80]!r}")
+    params: dict[str, str] = {}
+    q = 1.0
+    for piece in pieces[1:]:
+        name, _, value = piece.partition("=")
+        name, value = name.strip().lower(), value.strip().strip('"')
+        if name == "q":
+            try:
+                q = min(max(float(value), 0.0), 1.0)
+            except ValueError:
+                raise BadAcceptError(f"invalid q value {value[:20]!r}") from None
+        elif name:
+            params[name] = value
+    return MediaRange(media_type, params, q)
+
+
 def parse_accept(header: str | None) -> list[MediaRange]:
     """Media ranges by decreasing q, ties in header order; q=0 ranges dropped.
 
@@ -49,27 +70,7 @@ def parse_accept(header: str | None) -> list[MediaRange]:
         return [MediaRange("*/*")]
     if len(header) > MAX_ACCEPT_LENGTH:
         raise BadAcceptError(f"Accept header longer than {MAX_ACCEPT_LENGTH} characters")
-    ranges = []
-    for item in _split(header, ","):
-        pieces = _split(item, ";")
-        media_type = pieces[0].strip().lower()
-        if not media_type:
-            continue
-        if media_type.count("/") != 1:
-            raise BadAcceptError(f"invalid media range {media_type[:80]!r}")
-        params: dict[str, str] = {}
-        q = 1.0
-        for piece in pieces[1:]:
-            name, _, value = piece.partition("=")
-            name, value = name.strip().lower(), value.strip().strip('"')
-            if name == "q":
-                try:
-                    q = min(max(float(value), 0.0), 1.0)
-                except ValueError:
-                    raise BadAcceptError(f"invalid q value {value[:20]!r}") from None
-            elif name:
-                params[name] = value
-        ranges.append(MediaRange(media_type, params, q))
+    ranges = [parse_media_type(item) for item in _split(header, ",") if item.strip()]
     return sorted((r for r in ranges if r.q > 0), key=lambda r: -r.q)
 
 

@@ -1,6 +1,7 @@
 """multipart/related framing (RFC 2046 5.1, RFC 2387) for DICOMweb responses."""
 
 import uuid
+from collections.abc import AsyncIterator
 
 
 def new_boundary() -> str:
@@ -23,3 +24,73 @@ def part_head(boundary: str, content_type: str, length: int | None, first: bool,
 def closing(boundary: str) -> bytes:
     """The close delimiter that ends the multipart body."""
     return f"\r\n--{boundary}--\r\n".encode("ascii")
+
+
+class MultipartError(ValueError):
+    """A multipart body that cannot be read (HTTP 400), or a part over the size limit."""
+
+
+_MAX_HEADERS = 16384
+
+
+def _part_headers(block: bytes) -> dict[str, str]:
+    headers = {}
+    for line in block.decode("latin-1").split("\r\n"):
+        name, separator, value = line.partition(":")
+        if not separator:
+            raise MultipartError(f"malformed part header {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+async def iter_parts(chunks: AsyncIterator[bytes], boundary: str,
+                     max_part_size: int) -> AsyncIterator[tuple[dict[str, str], bytes]]:
+    """Parts of a multipart body read from ``chunks``: (lower-cased headers, content).
+
+    Holds one part at a time; a part larger than ``max_part_size`` is an error.
+    """
+    buffer = bytearray()
+    source = chunks.__aiter__()
+    ended = False
+
+    async def more() -> None:
+        nonlocal ended
+        try:
+            buffer.extend(await source.__anext__())
+        except StopAsyncIteration:
+            ended = True
+
+    async def find(token: bytes, limit: int, what: str) -> int:
+        start = 0
+        while (index := buffer.find(token, start)) < 0:
+            if ended:
+                raise MultipartError(f"body ended before {what}")
+            if len(buffer) > limit:
+                raise MultipartError(f"{what} not found within {limit} bytes")
+            start = max(0, len(buffer) - len(token) + 1)
+            await more()
+        return index
+
+    delimiter = b"--" + boundary.encode("latin-1")
+    first = await find(delimiter, max_part_size, "the first boundary")
+    del buffer[:first + len(delimiter)]
+    separator = b"\r\n" + delimiter
+    while True:
+        while len(buffer) < 2 and not ended:
+            await more()
+        if buffer.startswith(b"--"):
+            return  # close delimiter
+        line_end = await find(b"\r\n", 1024, "the end of the boundary line")
+        del buffer[:line_end + 2]
+        while len(buffer) < 2 and not ended:
+            await more()
+        if buffer.startswith(b"\r\n"):  # a part without headers
+            headers: dict[str, str] = {}
+            del buffer[:2]
+        else:
+            end = await find(b"\r\n\r\n", _MAX_HEADERS, "the end of the part headers")
+            headers = _part_headers(bytes(buffer[:end]))
+            del buffer[:end + 4]
+        end = await find(separator, max_part_size, "the next boundary")
+        yield headers, bytes(buffer[:end])
+        del buffer[:end + len(separator)]

@@ -1,0 +1,100 @@
+"""STOW-RS (PS3.18 10.5): store instances POSTed as multipart/related application/dicom.
+
+Parts go through the same ingest path and rejection rules as C-STORE, one part in memory at
+a time. Response: 200 all stored, 202 some stored and some failed, 409 none stored, with the
+Store Instances Response Module (PS3.18 Table 10.5.3-3) in DICOM JSON.
+"""
+
+import logging
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import metrics
+from gateway.statuses import failure_status
+from gateway.web.accept import parse_media_type
+from gateway.web.multipart import MultipartError, iter_parts
+from gateway.web.responses import error, json_response
+from gateway.web.wado import check_uids
+from storage.store import IngestResult, Store
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+
+
+def _uid(value: str) -> dict[str, object]:
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+def _boundary(content_type: str) -> str | None:
+    """The boundary of a multipart/related; type=application/dicom body, else None."""
+    media = parse_media_type(content_type)
+    if media.media_type != "multipart/related":
+        return None
+    if media.params.get("type", DICOM).lower() != DICOM:
+        return None
+    return media.params.get("boundary") or None
+
+
+async def store_instances(request: Request) -> Response:
+    """POST /studies[/{study}]."""
+    if problem := check_uids(request):
+        return problem
+    content_type = request.headers.get("content-type", "")
+    try:
+        boundary = _boundary(content_type)
+    except ValueError:
+        boundary = None
+    if boundary is None:
+        return error(415, 'send multipart/related; type="application/dicom"; boundary=...')
+    store: Store = request.app.state.store
+    expected = {"StudyInstanceUID": request.path_params["study"]} \
+        if "study" in request.path_params else None
+    source = f"STOW-RS {request.client.host if request.client else '?'}"
+    stored: list[dict[str, object]] = []
+    failed: list[dict[str, object]] = []
+    study_uids: set[str] = set()
+    try:
+        async for headers, content in iter_parts(request.stream(), boundary,
+                                                 request.app.state.max_instance_bytes):
+            part_type = headers.get("content-type", DICOM).split(";")[0].strip().lower()
+            if part_type != DICOM:
+                failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
+                continue
+            result: IngestResult = await run_in_threadpool(store.ingest, content, source,
+                                                           expected)
+            metrics.record_ingest(result, "stow", len(content))
+            record = result.record
+            item = {"00081150": _uid(record.sop_class_uid if record else ""),
+                    "00081155": _uid(record.sop_uid if record else "")}
+            if result.accepted and record:
+                study_uids.add(record.study_uid)
+                item["00081190"] = {"vr": "UR", "Value": [
+                    f"{request.app.state.public_url}/dicom-web/studies/{record.study_uid}"
+                    f"/series/{record.series_uid}/instances/{record.sop_uid}"]}
+                stored.append(item)
+            else:
+                log.warning("STOW-RS part from %s refused (%s): %s", source, result.reason,
+                            result.message)
+                item["00081197"] = {"vr": "US", "Value": [failure_status(result.reason)]}
+                failed.append(item)
+    except MultipartError as exc:
+        if not stored:
+            return error(400, f"malformed multipart body: {exc}")
+        log.warning("STOW-RS from %s cut short: %s", source, exc)
+        failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
+    if not stored and not failed:
+        return error(400, "the body holds no instance")
+    body: dict[str, object] = {}
+    if len(study_uids) == 1:
+        body["00081190"] = {"vr": "UR", "Value": [
+            f"{request.app.state.public_url}/dicom-web/studies/{study_uids.pop()}"]}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": stored}
+    response = json_response(request, body)
+    response.status_code = 200 if not failed else 202 if stored else 409
+    return response

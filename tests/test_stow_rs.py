@@ -1,0 +1,109 @@
+"""STOW-RS (PS3.18 10.5) against a running service: dicomweb-client and raw HTTP."""
+
+from io import BytesIO
+
+import httpx
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+
+from tests.processes import PasserelleProcess
+from tests.synthetic import ct_slice
+
+
+def part10(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def multipart(parts: list[bytes], boundary: str = "b0undary") -> bytes:
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                    + part + b"\r\n" for part in parts)
+    return body + b"--" + boundary.encode() + b"--\r\n"
+
+
+def post(server: PasserelleProcess, path: str, body: bytes,
+         content_type: str = 'multipart/related; type="application/dicom"; boundary=b0undary'
+         ) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/dicom-web{path}", content=body,
+                      headers={"Content-Type": content_type})
+
+
+def test_store_then_retrieve_with_dicomweb_client(server: PasserelleProcess) -> None:
+    client = DICOMwebClient(url=f"{server.base_url}/dicom-web")
+    study, series = generate_uid(), generate_uid()
+    datasets = [ct_slice(study, series, 1, n, size=8) for n in (1, 2, 3)]
+    response = client.store_instances(datasets)
+    referenced = response.ReferencedSOPSequence
+    assert sorted(item.ReferencedSOPInstanceUID for item in referenced) == sorted(
+        ds.SOPInstanceUID for ds in datasets)
+    assert response.RetrieveURL == f"{server.base_url}/dicom-web/studies/{study}"
+    assert "FailedSOPSequence" not in response
+    retrieved = client.retrieve_series(study, series)
+    assert sorted(ds.SOPInstanceUID for ds in retrieved) == sorted(
+        ds.SOPInstanceUID for ds in datasets)
+    text = httpx.get(f"{server.base_url}/metrics").text
+    assert 'passerelle_instances_received_total{protocol="stow"} 3.0' in text
+    # Storing again: duplicates are a success.
+    assert len(client.store_instances(datasets).ReferencedSOPSequence) == 3
+
+
+def test_study_in_url_must_match(server: PasserelleProcess) -> None:
+    study = generate_uid()
+    good = ct_slice(study, generate_uid(), 1, 1, size=8)
+    other = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    response = post(server, f"/studies/{study}", multipart([part10(good), part10(other)]))
+    assert response.status_code == 202
+    body = response.json()
+    [failed] = body["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [other.SOPInstanceUID]
+    assert failed["00081197"]["Value"] == [0xA900]
+    [stored] = body["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [good.SOPInstanceUID]
+    assert not list((server.data_dir / "studies").glob(f"{other.StudyInstanceUID}*"))
+
+
+def test_nothing_stored_is_a_conflict(server: PasserelleProcess) -> None:
+    bad = ct_slice(generate_uid(), "1.2.3/../../x", 1, 1, size=8)
+    response = post(server, "/studies", multipart([part10(bad), b"not dicom at all"]))
+    assert response.status_code == 409
+    reasons = [item["00081197"]["Value"][0] for item in response.json()["00081198"]["Value"]]
+    assert reasons == [0xA900, 0xC000]
+    assert list((server.data_dir / "studies").rglob("*.dcm")) == []
+
+
+@pytest.mark.parametrize("content_type, body, status, message", [
+    ("application/dicom", b"x", 415, "multipart/related"),
+    ('multipart/related; type="application/dicom+json"; boundary=b0undary', b"", 415,
+     "multipart/related"),
+    ('multipart/related; type="application/dicom"', b"", 415, "boundary"),
+    ("not a media type", b"", 415, "multipart/related"),
+    ('multipart/related; type="application/dicom"; boundary=b0undary', b"no boundary here",
+     400, "malformed multipart body"),
+    ('multipart/related; type="application/dicom"; boundary=b0undary',
+     b"--b0undary\r\nContent-Type: application/dicom\r\n\r\ncut", 400, "malformed"),
+    ('multipart/related; type="application/dicom"; boundary=b0undary', b"--b0undary--\r\n",
+     400, "no instance"),
+])
+def test_bad_requests(server: PasserelleProcess, content_type: str, body: bytes, status: int,
+                      message: str) -> None:
+    response = post(server, "/studies", body, content_type)
+    assert response.status_code == status
+    assert message in response.text
+    assert server.healthy()
+
+
+def test_large_part_over_the_limit_is_refused(tmp_path) -> None:
+    server = PasserelleProcess(tmp_path / "data", max_instance_bytes="100000").start()
+    try:
+        big = ct_slice(generate_uid(), generate_uid(), 1, 1, size=512)  # 512 KB
+        response = post(server, "/studies", multipart([part10(big)]))
+        assert response.status_code == 400
+        assert "100000 bytes" in response.text
+        small = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+        assert post(server, "/studies", multipart([part10(small)])).status_code == 200
+        assert dcmread(next((server.data_dir / "studies").rglob("*.dcm"))).Rows == 8
+    finally:
+        server.stop()
