@@ -84,6 +84,13 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE studies SET referring_physician_folded = fold_name(referring_physician);
     CREATE INDEX patients_id ON patients(patient_id);
     """,
+    # v3: DICOM JSON of each instance, computed on the first metadata request.
+    """
+    CREATE TABLE instance_metadata (
+        instance_pk INTEGER PRIMARY KEY REFERENCES instances(pk) ON DELETE CASCADE,
+        json TEXT NOT NULL
+    );
+    """,
 )
 
 _PATIENT_UPSERT = """
@@ -125,11 +132,10 @@ _INSTANCE_UPSERT = """
         columns = excluded.columns, frames = excluded.frames, path = excluded.path,
         size = excluded.size, source = excluded.source, received_at = excluded.received_at
 """
-_INSTANCE_SELECT = """
-    SELECT i.sop_uid, st.study_uid, se.series_uid, i.path, i.size, i.sop_class_uid,
-           i.transfer_syntax, i.frames
-    FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
-"""
+_INSTANCE_COLUMNS = """i.sop_uid, st.study_uid, se.series_uid, i.path, i.size, i.sop_class_uid,
+    i.transfer_syntax, i.frames"""
+_INSTANCE_FROM = """FROM instances i JOIN series se ON i.series_pk = se.pk
+    JOIN studies st ON se.study_pk = st.pk"""
 _STUDY_SUMMARY = """
     SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name,
            st.study_date, st.study_time, st.accession_number, st.study_description,
@@ -224,15 +230,29 @@ class Index:
     def find_instance(self, sop_uid: str) -> StoredInstance | None:
         """The stored instance with this SOP Instance UID, if any."""
         with self._lock:
-            row = self._db.execute(_INSTANCE_SELECT + " WHERE i.sop_uid = ?",
-                                   (sop_uid,)).fetchone()
+            row = self._db.execute(f"SELECT {_INSTANCE_COLUMNS} {_INSTANCE_FROM}"
+                                   " WHERE i.sop_uid = ?", (sop_uid,)).fetchone()
         return StoredInstance(*row) if row else None
 
     def instances(self, study_uid: str, series_uid: str | None = None,
                   sop_uid: str | None = None) -> list[StoredInstance]:
         """Instances of a study, optionally of one series or one instance, in series then
         instance number order."""
-        sql = _INSTANCE_SELECT + " WHERE st.study_uid = ?"
+        return [instance for instance, _ in self._instances(study_uid, series_uid, sop_uid,
+                                                             with_metadata=False)]
+
+    def instances_with_metadata(self, study_uid: str, series_uid: str | None = None,
+                                sop_uid: str | None = None
+                                ) -> list[tuple[StoredInstance, str | None]]:
+        """Like ``instances``, each with its cached DICOM JSON text (None if not cached)."""
+        return self._instances(study_uid, series_uid, sop_uid, with_metadata=True)
+
+    def _instances(self, study_uid: str, series_uid: str | None, sop_uid: str | None,
+                   with_metadata: bool) -> list[tuple[StoredInstance, str | None]]:
+        sql = (f"SELECT {_INSTANCE_COLUMNS}, m.json {_INSTANCE_FROM}"
+               " LEFT JOIN instance_metadata m ON m.instance_pk = i.pk" if with_metadata else
+               f"SELECT {_INSTANCE_COLUMNS}, NULL {_INSTANCE_FROM}")
+        sql += " WHERE st.study_uid = ?"
         params = [study_uid]
         if series_uid is not None:
             sql += " AND se.series_uid = ?"
@@ -243,10 +263,20 @@ class Index:
         sql += " ORDER BY se.series_number, se.pk, i.instance_number, i.pk"
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
-        return [StoredInstance(*row) for row in rows]
+        return [(StoredInstance(*row[:-1]), row[-1]) for row in rows]
 
-    def add_instance(self, record: InstanceRecord, path: str, size: int, source: str) -> None:
-        """Insert (or replace) an instance with its series, study and patient, in one commit."""
+    def cache_metadata(self, items: list[tuple[str, str]]) -> None:
+        """Remember the DICOM JSON text of instances, given as (SOP Instance UID, JSON)."""
+        with self._transaction() as db:
+            db.executemany(
+                """INSERT OR REPLACE INTO instance_metadata (instance_pk, json)
+                   SELECT pk, ? FROM instances WHERE sop_uid = ?""",
+                [(text, sop_uid) for sop_uid, text in items])
+
+    def add_instance(self, record: InstanceRecord, path: str, size: int, source: str,
+                     replacing: bool = False) -> None:
+        """Insert (or, ``replacing``, update) an instance with its series, study and patient,
+        in one commit."""
         params = asdict(record)
         params.update(path=path, size=size, source=source, now=time.time())
         with self._transaction() as db:
@@ -254,6 +284,9 @@ class Index:
             params["study_pk"] = db.execute(_STUDY_UPSERT, params).fetchone()[0]
             params["series_pk"] = db.execute(_SERIES_UPSERT, params).fetchone()[0]
             db.execute(_INSTANCE_UPSERT, params)
+            if replacing:  # the cached metadata described the previous object
+                db.execute("DELETE FROM instance_metadata WHERE instance_pk ="
+                           " (SELECT pk FROM instances WHERE sop_uid = ?)", (record.sop_uid,))
 
     def study_paths(self, study_uid: str) -> set[str]:
         """Relative paths of every indexed instance of a study."""

@@ -147,7 +147,8 @@ class Store:
                 dataset_bytes(self.blobs.read(existing.path)) != dataset_bytes(data))
             self.blobs.put(relative, [data])
             try:
-                self.index.add_instance(record, relative, len(data), source)
+                self.index.add_instance(record, relative, len(data), source,
+                                        replacing=bool(existing))
             except BaseException:
                 if not existing:
                     self.blobs.delete(relative)

@@ -10,10 +10,12 @@ from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID, JPEGBaseline8Bit, RLELossless
+from pydicom.uid import UID, JPEGBaseline8Bit, RLELossless, generate_uid
 
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess
+from tests.scu import send
+from tests.synthetic import ct_slice
 
 
 def _by_syntax(files_by_syntax: dict[UID, Path], syntax: str) -> Dataset:
@@ -104,3 +106,25 @@ def test_frame_and_bulkdata_errors(loaded: PasserelleProcess, ct_study: list[Pat
     response = httpx.get(url)
     assert response.status_code == status
     assert message in response.text
+
+
+def test_cached_metadata_follows_replacement_and_public_url(tmp_path: Path) -> None:
+    server = PasserelleProcess(tmp_path / "data", duplicate_policy="overwrite").start()
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    url = f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/metadata"
+    try:
+        assert send(server.dicom_port, ds)[0] == 0
+        assert httpx.get(url).json()[0]["00100010"]["Value"] == [{"Alphabetic": "DUPONT^JEAN"}]
+        ds.PatientName = "DURAND^ANNE"
+        assert send(server.dicom_port, ds)[0] == 0
+        assert httpx.get(url).json()[0]["00100010"]["Value"] == [{"Alphabetic": "DURAND^ANNE"}]
+    finally:
+        server.stop()
+    server.env["PASSERELLE_PUBLIC_URL"] = "https://imaging.example.org/pacs"
+    server.start()
+    try:
+        [item] = httpx.get(url).json()
+        assert item["7FE00010"]["BulkDataURI"].startswith(
+            "https://imaging.example.org/pacs/dicom-web/studies/")
+    finally:
+        server.stop()

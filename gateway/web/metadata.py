@@ -1,5 +1,6 @@
 """WADO-RS metadata (PS3.18 10.4.1.1.2): DICOM JSON (PS3.18 Annex F) of stored instances."""
 
+import json
 from pathlib import Path
 
 from pydicom import dcmread
@@ -8,13 +9,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.web.responses import error, json_response
+from gateway.web.responses import error, json_bytes_response
 from gateway.web.wado import check_uids, level_name
 from storage.index import StoredInstance
 from storage.store import Store
 
 # Binary values (OB, OW, UN, ...) longer than this are sent as BulkDataURI (Annex F.2.6).
 BULK_DATA_THRESHOLD = 1024
+# Stands for the /dicom-web root URL in cached JSON.
+_BASE_TOKEN = "urn:passerelle:dicomweb-root"
 
 
 def instance_url(base: str, instance: StoredInstance) -> str:
@@ -38,20 +41,32 @@ def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
     return body
 
 
+def _missing_json(store: Store, missing: list[StoredInstance]) -> dict[str, str]:
+    """Compute and cache the JSON text of instances not cached yet."""
+    texts = {i.sop_uid: json.dumps(
+        instance_json(store.blobs.absolute(i.path), instance_url(_BASE_TOKEN, i),
+                      i.frames is not None), ensure_ascii=False, separators=(",", ":"))
+        for i in missing}
+    store.index.cache_metadata(list(texts.items()))
+    return texts
+
+
 async def metadata(request: Request) -> Response:
-    """GET .../metadata at study, series or instance level."""
+    """GET .../metadata at study, series or instance level.
+
+    Each instance's JSON is computed once, from its header, and cached in the index with a
+    placeholder for the base URL (which comes from the settings at response time).
+    """
     store: Store = request.app.state.store
     if problem := check_uids(request):
         return problem
     params = request.path_params
-    instances = await run_in_threadpool(store.index.instances, params["study"],
-                                        params.get("series"), params.get("instance"))
-    if not instances:
+    rows = await run_in_threadpool(store.index.instances_with_metadata, params["study"],
+                                   params.get("series"), params.get("instance"))
+    if not rows:
         return error(404, f"no such {level_name(params)}")
+    missing = [instance for instance, text in rows if text is None]
+    computed = await run_in_threadpool(_missing_json, store, missing) if missing else {}
+    body = "[" + ",".join(text or computed[instance.sop_uid] for instance, text in rows) + "]"
     base = request.app.state.public_url + "/dicom-web"
-
-    def build() -> list[dict[str, object]]:
-        return [instance_json(store.blobs.absolute(i.path), instance_url(base, i),
-                              i.frames is not None) for i in instances]
-
-    return json_response(request, await run_in_threadpool(build))
+    return json_bytes_response(request, body.replace(f'"{_BASE_TOKEN}/', f'"{base}/').encode())

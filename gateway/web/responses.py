@@ -16,11 +16,14 @@ def error(status: int, message: str) -> Response:
 
 
 def json_response(request: Request, payload: object) -> Response:
-    """DICOM JSON, gzip-compressed when the client accepts it and it is worth it.
+    """DICOM JSON of ``payload``, see ``json_bytes_response``."""
+    return json_bytes_response(
+        request, json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
 
-    (Not starlette's GZipMiddleware: it would also compress multi-GB DICOM streams.)
-    """
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+def json_bytes_response(request: Request, body: bytes) -> Response:
+    """DICOM JSON already encoded, gzip-compressed when the client accepts it and it is
+    worth it. (Not starlette's GZipMiddleware: it would also compress DICOM streams.)"""
     headers = {"Vary": "Accept-Encoding"}
     if "gzip" in request.headers.get("accept-encoding", "") and len(body) > _GZIP_MIN_SIZE:
         body = gzip.compress(body, compresslevel=5)
