@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535)
     public_url: str = ""
     max_instance_bytes: int = Field(1 << 30, gt=0)
+    cors_allow_origins: Annotated[list[str], NoDecode] = []
     registry_url: str = ""
     stable_seconds: float = Field(60, gt=0)
     allowed_calling_aets: Annotated[list[str], NoDecode] = []
@@ -68,6 +69,13 @@ class Settings(BaseSettings):
             value = [part for part in re.split(r"[,\s]+", value) if part]
         if isinstance(value, list):
             return [_ae_title(str(part)) for part in value]
+        return value
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in re.split(r"[,\s]+", value) if part]
         return value
 
     @field_validator("log_level")

@@ -133,7 +133,7 @@ _INSTANCE_UPSERT = """
         size = excluded.size, source = excluded.source, received_at = excluded.received_at
 """
 _INSTANCE_COLUMNS = """i.sop_uid, st.study_uid, se.series_uid, i.path, i.size, i.sop_class_uid,
-    i.transfer_syntax, i.frames"""
+    i.transfer_syntax, i.frames, i.received_at"""
 _INSTANCE_FROM = """FROM instances i JOIN series se ON i.series_pk = se.pk
     JOIN studies st ON se.study_pk = st.pk"""
 _STUDY_SUMMARY = """
@@ -161,6 +161,7 @@ class StoredInstance:
     sop_class_uid: str
     transfer_syntax: str
     frames: int | None
+    received_at: float  # seconds since the epoch; changes when the object is replaced
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,14 @@ def test_national_consumer_request_replayed(loaded: PasserelleProcess,
     # highest q it can produce is the stored one.
     assert chosen == "1.2.840.10008.1.2.1"
     assert len(parts_of(response)) == 5
+    # The headers of the national sample response: type, boundary and transfer-syntax
+    # parameters, an ETag, a chunked body.
+    expected = (REFERENCE / "wado-rs-response-headers.txt").read_text().lower()
+    assert "etag:" in expected and "transfer-encoding: chunked" in expected
+    assert 'type="application/dicom"' in response.headers["content-type"]
+    assert "boundary=" in response.headers["content-type"]
+    assert response.headers["etag"]
+    assert response.headers["transfer-encoding"] == "chunked"
 
 
 @pytest.mark.parametrize("path, accept, status, message", [

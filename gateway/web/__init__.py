@@ -4,6 +4,8 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -50,11 +52,20 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
         Route("/studies/{study}/series/{series}/instances/{instance}/metadata", metadata,
               methods=["GET"]),
     ]
+    middleware = []
+    if settings.cors_allow_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Accept", "Authorization", "Content-Type", "If-None-Match",
+                           "KOS-SOPInstanceUID"],
+            expose_headers=["Content-Type", "Content-Length", "ETag", "Warning"],
+            max_age=3600))
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Mount("/dicom-web", routes=dicomweb),
-    ])
+    ], middleware=middleware)
     app.state.store = store
     app.state.public_url = settings.public_url
     app.state.max_instance_bytes = settings.max_instance_bytes

@@ -1,6 +1,7 @@
 """Response helpers shared by the DICOMweb endpoints."""
 
 import gzip
+import hashlib
 import json
 
 from starlette.requests import Request
@@ -21,10 +22,31 @@ def json_response(request: Request, payload: object) -> Response:
         request, json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
 
 
+def entity_tag(*parts: object) -> str:
+    """A strong ETag (RFC 9110 8.8.3) for a representation identified by ``parts``."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+        digest.update(b"\0")
+    return f'"{digest.hexdigest()}"'
+
+
+def not_modified(request: Request, etag: str) -> Response | None:
+    """304 when the client's If-None-Match already names ``etag`` (RFC 9110 13.1.2)."""
+    wanted = request.headers.get("if-none-match", "")
+    if wanted.strip() == "*" or etag in (tag.strip() for tag in wanted.split(",")):
+        return Response(status_code=304, headers={"ETag": etag})
+    return None
+
+
 def json_bytes_response(request: Request, body: bytes) -> Response:
-    """DICOM JSON already encoded, gzip-compressed when the client accepts it and it is
-    worth it. (Not starlette's GZipMiddleware: it would also compress DICOM streams.)"""
-    headers = {"Vary": "Accept-Encoding"}
+    """DICOM JSON already encoded, with an ETag (304 on a matching If-None-Match),
+    gzip-compressed when the client accepts it and it is worth it. (Not starlette's
+    GZipMiddleware: it would also compress DICOM streams.)"""
+    etag = entity_tag(body)
+    if unchanged := not_modified(request, etag):
+        return unchanged
+    headers = {"Vary": "Accept-Encoding", "ETag": etag}
     if "gzip" in request.headers.get("accept-encoding", "") and len(body) > _GZIP_MIN_SIZE:
         body = gzip.compress(body, compresslevel=5)
         headers["Content-Encoding"] = "gzip"

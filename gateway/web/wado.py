@@ -12,7 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway.transcode import choose_syntax, transcode
 from gateway.web.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
 from gateway.web.multipart import closing, new_boundary, part_head
-from gateway.web.responses import error
+from gateway.web.responses import entity_tag, error, not_modified
 from storage.index import StoredInstance
 from storage.store import Store
 from storage.uids import is_valid_uid
@@ -87,12 +87,15 @@ async def retrieve(request: Request) -> Response:
         stored = sorted({i.transfer_syntax for i in instances})
         return error(406, "cannot convert the stored transfer syntax "
                      f"({', '.join(stored)}) to any acceptable one ({', '.join(acceptable)})")
+    etag = entity_tag(*((i.sop_uid, i.received_at, syntax) for i, syntax in sendable))
+    if unchanged := not_modified(request, etag):
+        return unchanged
     boundary = new_boundary()
     content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
     syntaxes = {syntax for _, syntax in sendable}
     if len(syntaxes) == 1:
         content_type += f"; transfer-syntax={syntaxes.pop()}"
-    headers = {"Content-Type": content_type}
+    headers = {"Content-Type": content_type, "ETag": etag}
     if len(sendable) < len(plan):
         headers["Warning"] = (f'299 passerelle "{len(plan) - len(sendable)} instance(s) '
                               'not available in an acceptable transfer syntax"')
