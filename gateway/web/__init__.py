@@ -14,6 +14,7 @@ from gateway.config import Settings
 from gateway.web.frames import bulkdata, frames
 from gateway.web.metadata import metadata
 from gateway.web.qido import search_instances, search_series, search_studies
+from gateway.web.rendered import rendered, wado_uri
 from gateway.web.stow import store_instances
 from gateway.web.wado import retrieve
 from storage.store import Store
@@ -45,6 +46,10 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
               methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", frames,
               methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/rendered", rendered,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+              rendered, methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
               bulkdata, methods=["GET"]),
         Route("/studies/{study}/metadata", metadata, methods=["GET"]),
@@ -64,6 +69,7 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/wado", wado_uri, methods=["GET"]),
         Mount("/dicom-web", routes=dicomweb),
     ], middleware=middleware)
     app.state.store = store

@@ -1,0 +1,167 @@
+"""Pixels to displayable images (JPEG, PNG, GIF): the grayscale pipeline of PS3.4 N.2
+(Modality LUT, VOI LUT, polarity) and the colour conversions, vectorised with numpy."""
+
+import math
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
+
+
+class RenderError(ValueError):
+    """The instance or frame cannot be rendered (no pixels, undecodable, bad parameter)."""
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    """What to render and how."""
+
+    frame: int = 1  # 1-based
+    window: tuple[float, float, str] | None = None  # (center, width, VOI LUT function)
+    viewport: tuple[int, int] | None = None  # fit within (width, height), aspect kept
+    region: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in 0..1
+    media_type: str = "image/jpeg"
+    quality: int = 90
+    sixteen_bit: bool = False  # 16-bit grayscale PNG
+
+
+def _windowed(values: np.ndarray, center: float, width: float, function: str,
+              top: float) -> np.ndarray:
+    """VOI windowing to [0, top] (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3 LINEAR_EXACT, SIGMOID)."""
+    values = values.astype(np.float64)
+    if function == "SIGMOID":
+        return top / (1 + np.exp(-4 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip(((values - center) / width + 0.5) * top, 0, top)
+    if width < 1:
+        raise RenderError("window width must be at least 1 for a LINEAR VOI function")
+    low = center - 0.5 - (width - 1) / 2
+    scaled = ((values - (center - 0.5)) / (width - 1) + 0.5) * top if width > 1 else \
+        np.where(values > low, top, 0.0)
+    return np.clip(scaled, 0, top)
+
+
+def _first(value: object) -> float:
+    """First value of a possibly multi-valued DS (PS3.3 C.11.2.1.2: the first pair applies)."""
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0]
+    return float(value)  # type: ignore[arg-type]
+
+
+def _stored_values(ds: Dataset, frame: np.ndarray) -> np.ndarray:
+    """Stored values with bits above BitsStored cleared (or sign-extended) (PS3.5 8.1.1)."""
+    bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
+    if frame.dtype.kind not in "iu" or bits_stored >= frame.dtype.itemsize * 8:
+        return frame
+    mask = (1 << bits_stored) - 1
+    unsigned = frame.astype(np.int64) & mask
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        sign = 1 << (bits_stored - 1)
+        unsigned = np.where(unsigned & sign, unsigned - (1 << bits_stored), unsigned)
+    return unsigned
+
+
+def grayscale(ds: Dataset, frame: np.ndarray, window: tuple[float, float, str] | None,
+              top: int) -> np.ndarray:
+    """A grayscale frame as display values in [0, top], polarity applied."""
+    values = apply_modality_lut(_stored_values(ds, frame), ds)
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
+    if window is not None:
+        out = _windowed(values, window[0], window[1], window[2], top)
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        out = _windowed(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function, top)
+    elif "VOILUTSequence" in ds:
+        lut_out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = lut_out * top / (2 ** bits - 1)
+    else:
+        low, high = float(values.min()), float(values.max())
+        out = (values - low) * (top / (high - low)) if high > low else np.zeros(values.shape)
+    inverse = ds.get("PhotometricInterpretation") == "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
+        inverse = not inverse
+    if inverse:
+        out = top - out
+    return np.rint(out)
+
+
+def colour(ds: Dataset, frame: np.ndarray) -> np.ndarray:
+    """A colour frame as 8-bit RGB."""
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        rgb = apply_color_lut(frame, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    else:  # RGB, or YBR converted to RGB by pydicom's decoders
+        rgb = frame
+        bits = int(ds.get("BitsStored", ds.BitsAllocated))
+    if bits > 8:
+        rgb = np.right_shift(rgb.astype(np.uint32), bits - 8)
+    return rgb.astype(np.uint8)
+
+
+def frame_image(path: Path, params: RenderParams) -> Image.Image:
+    """The requested frame of a stored file as a Pillow image, cropped and resized.
+
+    Reads the header and only the requested frame, so a huge multi-frame object is never
+    loaded whole.
+    """
+    ds = dcmread(path, stop_before_pixels=True)
+    if "Rows" not in ds:
+        raise RenderError("this instance has no pixel data to render")
+    count = int(ds.get("NumberOfFrames") or 1)
+    if not 1 <= params.frame <= count:
+        raise RenderError(f"frame {params.frame} does not exist (the instance has {count})")
+    try:
+        frame = pixel_array(path, index=params.frame - 1)
+    except Exception as exc:  # every pydicom decoder raises its own types
+        raise RenderError(f"cannot decode frame {params.frame}: {exc}") from exc
+    if int(ds.get("SamplesPerPixel", 1)) == 1 and \
+            ds.get("PhotometricInterpretation") != "PALETTE COLOR":
+        if params.sixteen_bit:
+            image = Image.fromarray(grayscale(ds, frame, params.window, 65535).astype(np.uint16))
+        else:
+            image = Image.fromarray(grayscale(ds, frame, params.window, 255).astype(np.uint8))
+    else:
+        image = Image.fromarray(colour(ds, frame), mode="RGB")
+    if params.region is not None:
+        x1, y1, x2, y2 = params.region
+        width, height = image.size
+        image = image.crop((math.floor(x1 * width), math.floor(y1 * height),
+                            math.ceil(x2 * width), math.ceil(y2 * height)))
+    if params.viewport is not None:
+        scale = min(params.viewport[0] / image.width, params.viewport[1] / image.height)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def encode(image: Image.Image, params: RenderParams) -> bytes:
+    """The image in the requested media type."""
+    out = BytesIO()
+    fmt = MEDIA_TYPES[params.media_type]
+    if fmt == "JPEG":
+        image.save(out, fmt, quality=params.quality)
+    elif fmt == "GIF":
+        image.convert("P" if image.mode == "RGB" else "L").save(out, fmt)
+    else:
+        image.save(out, fmt)
+    return out.getvalue()
+
+
+def render(path: Path, params: RenderParams) -> bytes:
+    """Render one frame of a stored file; RenderError says why it cannot be."""
+    try:
+        return encode(frame_image(path, params), params)
+    except RenderError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as exc:
+        # Malformed pixel attributes (e.g. a non-numeric NumberOfFrames).
+        raise RenderError(f"cannot render this instance: {exc}") from exc
