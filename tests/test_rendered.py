@@ -173,6 +173,25 @@ def test_wado_uri(imaging: PasserelleProcess) -> None:
     assert dcmread(BytesIO(dicom.content)).SOPInstanceUID == ds.SOPInstanceUID
 
 
+def test_wado_uri_anonymize(imaging: PasserelleProcess) -> None:
+    ds = _ct()
+    query = {"requestType": "WADO", "studyUID": ds.StudyInstanceUID,
+             "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID,
+             "contentType": "application/dicom", "anonymize": "yes"}
+    first = dcmread(BytesIO(httpx.get(f"{imaging.base_url}/wado", params=query).content))
+    assert first.PatientIdentityRemoved == "YES"
+    for keyword in ("PatientName", "PatientID", "AccessionNumber", "ReferringPhysicianName"):
+        assert not first.get(keyword), keyword
+    assert first.PatientBirthDate != ds.PatientBirthDate
+    assert first.StudyInstanceUID != ds.StudyInstanceUID
+    assert first.SOPInstanceUID != ds.SOPInstanceUID
+    assert np.array_equal(first.pixel_array, ds.pixel_array)
+    again = dcmread(BytesIO(httpx.get(f"{imaging.base_url}/wado", params=query).content))
+    assert again.StudyInstanceUID == first.StudyInstanceUID  # stable across requests
+    key = imaging.data_dir / "deidentify.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
 @pytest.mark.parametrize("path, params, headers, status, message", [
     ("sr", {}, {}, 422, "no pixel data"),
     ("ct", {"window": "40"}, {}, 400, "window takes 2"),
@@ -199,7 +218,8 @@ def test_rendered_errors(imaging: PasserelleProcess, path: str, params: dict, he
      "no such object"),
     ({"contentType": "text/html"}, 400, "contentType"),
     ({"region": "0.5,0,0.2,1"}, 400, "region is"),
-    ({"anonymize": "yes", "contentType": "application/dicom"}, 400, "anonymize"),
+    ({"anonymize": "yes"}, 400, "anonymize=yes applies to contentType=application/dicom"),
+    ({"anonymize": "maybe", "contentType": "application/dicom"}, 400, "anonymize must be"),
 ])
 def test_wado_uri_errors(imaging: PasserelleProcess, params: dict, status: int,
                          message: str) -> None:

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway.config import Settings
+from gateway.deidentify import load_or_create_key
 from gateway.web.frames import bulkdata, frames
 from gateway.web.metadata import metadata
 from gateway.web.qido import search_instances, search_series, search_studies
@@ -75,4 +76,5 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
     app.state.store = store
     app.state.public_url = settings.public_url
     app.state.max_instance_bytes = settings.max_instance_bytes
+    app.state.deidentify_key = load_or_create_key(settings.data_dir)
     return app

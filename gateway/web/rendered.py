@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.deidentify import deidentify
 from gateway.render import MEDIA_TYPES, RenderError, RenderParams, render
 from gateway.transcode import choose_syntax, transcode
 from gateway.web.accept import BadAcceptError, parse_accept
@@ -171,10 +172,13 @@ def _uri_params(request: Request) -> tuple[dict[str, str], RenderParams | None]:
 
 async def wado_uri(request: Request) -> Response:
     """GET /wado?requestType=WADO&studyUID=&seriesUID=&objectUID=&contentType=..."""
-    if request.query_params.get("anonymize") == "yes":
-        return error(400, "anonymize=yes is not supported yet: no de-identified copy is served")
+    anonymize = request.query_params.get("anonymize", "no")
     try:
         uids, params = _uri_params(request)
+        if anonymize not in ("yes", "no"):
+            raise BadRenderRequestError("anonymize must be yes or no")
+        if anonymize == "yes" and params is not None:
+            raise BadRenderRequestError("anonymize=yes applies to contentType=application/dicom")
     except ValueError as exc:
         return error(400, str(exc))
     store: Store = request.app.state.store
@@ -192,9 +196,11 @@ async def wado_uri(request: Request) -> Response:
     if syntax is None:
         return error(406, f"cannot provide transfer syntax {wanted[:64]}")
     data = await run_in_threadpool(store.blobs.read, instance.path)
-    if syntax != instance.transfer_syntax:
-        try:
+    try:
+        if syntax != instance.transfer_syntax:
             data = await run_in_threadpool(transcode, data, syntax)
-        except Exception as exc:  # decoder failures on one object
-            return error(422, f"cannot convert to {syntax}: {exc}")
+        if anonymize == "yes":
+            data = await run_in_threadpool(deidentify, data, request.app.state.deidentify_key)
+    except Exception as exc:  # decoder or de-identification failure on one object
+        return error(422, f"cannot prepare this object: {exc}")
     return Response(data, media_type="application/dicom")
