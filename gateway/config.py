@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     public_url: str = ""
     max_instance_bytes: int = Field(1 << 30, gt=0)
     cors_allow_origins: Annotated[list[str], NoDecode] = []
+    render_cache_bytes: int = Field(512 << 20, ge=0)
     registry_url: str = ""
     stable_seconds: float = Field(60, gt=0)
     allowed_calling_aets: Annotated[list[str], NoDecode] = []

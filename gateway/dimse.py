@@ -10,8 +10,9 @@ import threading
 import time
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.uid import AllTransferSyntaxes, UID_dictionary
+from pynetdicom import AE, AllStoragePresentationContexts, evt, sop_class
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -32,6 +33,19 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class: pynetdicom's, and the retired or newer ones that pydicom's
+    PS3.6 dictionary knows (archives still hold retired Ultrasound and NM objects)."""
+    known = [context.abstract_syntax for context in AllStoragePresentationContexts]
+    others = [(uid, keyword) for uid, (name, kind, _, _, keyword) in UID_dictionary.items()
+              if kind == "SOP Class" and "Storage" in name and uid not in known and keyword
+              and not any(word in name for word in ("Commitment", "Directory", "Print"))]
+    for uid, keyword in others:
+        if not hasattr(sop_class, keyword):
+            sop_class.register_uid(uid, keyword, StorageServiceClass)
+    return known + [uid for uid, _ in others]
+
 class DicomService:
     """The C-ECHO / C-STORE SCP, run in background threads."""
 
@@ -46,8 +60,8 @@ class DicomService:
         self.ae.network_timeout = settings.network_timeout
         self.ae.require_calling_aet = list(settings.allowed_calling_aets)
         self.ae.add_supported_context(Verification, AllTransferSyntaxes)
-        for context in AllStoragePresentationContexts:
-            self.ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes)
+        for uid in storage_sop_classes():
+            self.ae.add_supported_context(uid, AllTransferSyntaxes)
         self._server: ThreadedAssociationServer | None = None
         self._acceptor: threading.Thread | None = None
         self._handlers = [

@@ -22,6 +22,10 @@ ASSOCIATIONS_OPEN = Gauge(
 ASSOCIATIONS = Counter(
     "passerelle_dicom_associations_total",
     "DICOM associations by how they ended (released, aborted, rejected)", ["outcome"])
+RENDER_CACHE = Counter(
+    "passerelle_render_cache_total",
+    "Rendered image requests by cache result (hit; miss: rendered; shared: waited for the"
+    " same rendering already under way)", ["result"])
 
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:

@@ -12,6 +12,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from gateway.transcode import decoding_plugin
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 
@@ -28,6 +31,7 @@ class RenderParams:
     window: tuple[float, float, str] | None = None  # (center, width, VOI LUT function)
     viewport: tuple[int, int] | None = None  # fit within (width, height), aspect kept
     region: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in 0..1
+    source: tuple[int, int, int, int] | None = None  # sx, sy, sw, sh in pixels; < 0 flips
     media_type: str = "image/jpeg"
     quality: int = 90
     sixteen_bit: bool = False  # 16-bit grayscale PNG
@@ -69,10 +73,12 @@ def _stored_values(ds: Dataset, frame: np.ndarray) -> np.ndarray:
     return unsigned
 
 
-def grayscale(ds: Dataset, frame: np.ndarray, window: tuple[float, float, str] | None,
-              top: int) -> np.ndarray:
-    """A grayscale frame as display values in [0, top], polarity applied."""
-    values = apply_modality_lut(_stored_values(ds, frame), ds)
+def _display(ds: Dataset, values: np.ndarray, value_range: tuple[float, float],
+             window: tuple[float, float, str] | None, top: int) -> np.ndarray:
+    """Modality values to display values in [0, top] (VOI then polarity, PS3.4 N.2.1).
+
+    ``value_range`` is the min and max of the frame's values, for the min/max fallback.
+    """
     function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
     if window is not None:
         out = _windowed(values, window[0], window[1], window[2], top)
@@ -83,7 +89,7 @@ def grayscale(ds: Dataset, frame: np.ndarray, window: tuple[float, float, str] |
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         out = lut_out * top / (2 ** bits - 1)
     else:
-        low, high = float(values.min()), float(values.max())
+        low, high = value_range
         out = (values - low) * (top / (high - low)) if high > low else np.zeros(values.shape)
     inverse = ds.get("PhotometricInterpretation") == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
@@ -91,6 +97,25 @@ def grayscale(ds: Dataset, frame: np.ndarray, window: tuple[float, float, str] |
     if inverse:
         out = top - out
     return np.rint(out)
+
+
+def grayscale(ds: Dataset, frame: np.ndarray, window: tuple[float, float, str] | None,
+              top: int) -> np.ndarray:
+    """A grayscale frame as display values in [0, top], polarity applied.
+
+    Integer frames go through a lookup table built over the stored values they use: the
+    pipeline then runs on at most 2^BitsStored values instead of every pixel.
+    """
+    stored = _stored_values(ds, frame)
+    low, high = (int(stored.min()), int(stored.max())) if stored.dtype.kind in "iu" else (0, -1)
+    if high < low or high - low >= stored.size:  # floats, or a table larger than the frame
+        values = apply_modality_lut(stored, ds)
+        return _display(ds, values, (float(values.min()), float(values.max())), window, top)
+    offsets = (stored.astype(np.intp) - low) if low else stored
+    domain = apply_modality_lut(np.arange(low, high + 1, dtype=np.int64), ds)
+    used = domain[np.bincount(offsets.ravel(), minlength=domain.size) > 0]
+    table = _display(ds, domain, (float(used.min()), float(used.max())), window, top)
+    return table.astype(np.uint16 if top > 255 else np.uint8)[offsets]
 
 
 def colour(ds: Dataset, frame: np.ndarray) -> np.ndarray:
@@ -119,7 +144,11 @@ def frame_image(path: Path, params: RenderParams) -> Image.Image:
     if not 1 <= params.frame <= count:
         raise RenderError(f"frame {params.frame} does not exist (the instance has {count})")
     try:
-        frame = pixel_array(path, index=params.frame - 1)
+        # pydicom cannot read single frames from a deflated file: inflate it whole.
+        source = dcmread(path) if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian \
+            else path
+        frame = pixel_array(source, index=params.frame - 1,
+                            decoding_plugin=decoding_plugin(ds.file_meta.TransferSyntaxUID))
     except Exception as exc:  # every pydicom decoder raises its own types
         raise RenderError(f"cannot decode frame {params.frame}: {exc}") from exc
     if int(ds.get("SamplesPerPixel", 1)) == 1 and \
@@ -135,11 +164,28 @@ def frame_image(path: Path, params: RenderParams) -> Image.Image:
         width, height = image.size
         image = image.crop((math.floor(x1 * width), math.floor(y1 * height),
                             math.ceil(x2 * width), math.ceil(y2 * height)))
+    if params.source is not None:
+        image = _source_rectangle(image, *params.source)
     if params.viewport is not None:
         scale = min(params.viewport[0] / image.width, params.viewport[1] / image.height)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         if size != image.size:
             image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _source_rectangle(image: Image.Image, x: int, y: int, width: int,
+                      height: int) -> Image.Image:
+    """The viewport's source rectangle (PS3.18 8.3.5.1.3); a negative size flips."""
+    box = (x, y, min(image.width, x + abs(width)), min(image.height, y + abs(height)))
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise RenderError(f"viewport source rectangle is outside the {image.width}x"
+                          f"{image.height} image")
+    image = image.crop(box)
+    if width < 0:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if height < 0:
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     return image
 
 

@@ -17,6 +17,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 
@@ -24,6 +25,12 @@ ANY = "*"
 NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
           DeflatedExplicitVRLittleEndian}
 _ENCODABLE = (RLELossless, JPEG2000Lossless, JPEGLSLossless)
+
+
+def decoding_plugin(stored: str) -> str:
+    """The pydicom decoding plugin to use for ``stored`` ('' = pydicom's own choice):
+    CharLS (pyjpegls) decodes JPEG-LS about 4x faster than pylibjpeg-libjpeg."""
+    return "pyjpegls" if stored in (JPEGLSLossless, JPEGLSNearLossless) else ""
 
 
 def _can_decode(stored: str) -> bool:
@@ -61,7 +68,8 @@ def transcode(data: bytes, target: str) -> bytes:
     ds = dcmread(BytesIO(data))
     stored = ds.file_meta.TransferSyntaxUID
     if "PixelData" in ds and stored.is_compressed:
-        ds.decompress()  # also converts YBR JPEG colour to RGB (pydicom's default)
+        # Also converts YBR JPEG colour to RGB (pydicom's default).
+        ds.decompress(decoding_plugin=decoding_plugin(stored))
     if UID(target).is_compressed:
         ds.compress(UID(target))
     else:

@@ -76,11 +76,10 @@ def files_by_syntax() -> dict[UID, Path]:
 def loaded(tmp_path_factory: pytest.TempPathFactory, ct_study: list[Path],
            files_by_syntax: dict[UID, Path]) -> Iterator[PasserelleProcess]:
     """One service holding the synthetic CT study and one file per transfer syntax."""
-    server = PasserelleProcess(tmp_path_factory.mktemp("wado") / "data").start()
-    for path in [*ct_study, *files_by_syntax.values()]:
-        assert send(server.dicom_port, path)[0] == 0x0000
-    yield server
-    server.stop()
+    with PasserelleProcess(tmp_path_factory.mktemp("wado") / "data") as server:
+        for path in [*ct_study, *files_by_syntax.values()]:
+            assert send(server.dicom_port, path)[0] == 0x0000
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Start and stop real service processes on loopback ports (tests and benchmarks)."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,6 +60,12 @@ class PasserelleProcess:
         wait_for(self.healthy, timeout, f"passerelle on {self.base_url}")
         return self
 
+    def __enter__(self) -> "PasserelleProcess":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def healthy(self) -> bool:
         """True when the process answers 200 on /health; raises if it died."""
         if self.proc is not None and self.proc.poll() is not None:
@@ -81,6 +88,14 @@ class PasserelleProcess:
         code = self.proc.wait(timeout)
         self.proc = None
         return code
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of a Prometheus sample of ``/metrics`` (0 when absent)."""
+        text = httpx.get(f"{self.base_url}/metrics").text
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        pattern = rf"^{name}(?:{{{re.escape(wanted)}}})? (\S+)$" if labels else rf"^{name} (\S+)$"
+        match = re.search(pattern, text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run another ``passerelle`` command on the same data dir."""

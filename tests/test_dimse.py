@@ -1,7 +1,6 @@
 """C-ECHO and C-STORE against a running ``passerelle serve`` (pynetdicom and dcmtk SCUs)."""
 
 import json
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -9,8 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, generate_uid
 
+from tests.conftest import _local_test_files
 from tests.processes import PasserelleProcess, free_port, wait_for
 from tests.scu import associate, send
 from tests.synthetic import ct_slice
@@ -26,14 +27,6 @@ def studies(server: PasserelleProcess) -> list[dict]:
     result = server.cli("studies", "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def metric(server: PasserelleProcess, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.base_url}/metrics").text
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = rf"^{name}(?:{{{re.escape(wanted)}}})? (\S+)$" if labels else rf"^{name} (\S+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_echo_with_pynetdicom_and_echoscu(server: PasserelleProcess) -> None:
@@ -61,6 +54,13 @@ def test_every_transfer_syntax_is_stored_as_received(
         assert _dataset_part(copy.read_bytes()) == _dataset_part(source.read_bytes()), syntax.name
 
 
+def test_retired_storage_classes_are_accepted(server: PasserelleProcess) -> None:
+    # Archives still hold objects of retired classes, e.g. Ultrasound Image Storage (Retired).
+    retired = next(p for p in _local_test_files() if p.name == "color-px.dcm")
+    assert read_file_meta_info(retired).MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.6"
+    assert send(server.dicom_port, retired) == (0x0000, "")
+
+
 def _dataset_part(raw: bytes) -> bytes:
     """Bytes after the file meta group, located by its (0002,0000) group length."""
     assert raw[128:132] == b"DICM" and raw[132:136] == b"\x02\x00\x00\x00"
@@ -81,8 +81,8 @@ def test_storescu_study_is_indexed(server: PasserelleProcess, ct_study: list[Pat
     assert study["modalities"] == ["CT"]
     assert (study["series_count"], study["instance_count"]) == (3, 15)
     assert len(stored_files(server)) == 15
-    assert metric(server, "passerelle_instances_received_total", protocol="dimse") == 15
-    assert metric(server, "passerelle_received_bytes_total", protocol="dimse") == sum(
+    assert server.metric("passerelle_instances_received_total", protocol="dimse") == 15
+    assert server.metric("passerelle_received_bytes_total", protocol="dimse") == sum(
         f.stat().st_size for f in stored_files(server))
     table = server.cli("studies").stdout
     assert "DUPONT^JEAN" in table and "ACC001" in table
@@ -144,7 +144,7 @@ def test_bad_input_is_refused_and_leaves_nothing(server: PasserelleProcess, tmp_
     assert comment in error_comment
     assert stored_files(server) == []
     assert studies(server) == []
-    assert metric(server, "passerelle_ingest_failures_total", protocol="dimse",
+    assert server.metric("passerelle_ingest_failures_total", protocol="dimse",
                   reason=reason) == 1
     assert "refused" in server.log()
     # The server keeps serving.
@@ -156,10 +156,10 @@ def test_duplicates_keep_first_and_are_counted(server: PasserelleProcess) -> Non
     ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
     assert send(server.dicom_port, ds)[0] == 0x0000
     assert send(server.dicom_port, ds)[0] == 0x0000
-    assert metric(server, "passerelle_duplicate_instances_total", kind="duplicate") == 1
+    assert server.metric("passerelle_duplicate_instances_total", kind="duplicate") == 1
     ds.PatientName = "OTHER^NAME"
     assert send(server.dicom_port, ds)[0] == 0x0000
-    assert metric(server, "passerelle_duplicate_instances_total", kind="conflict") == 1
+    assert server.metric("passerelle_duplicate_instances_total", kind="conflict") == 1
     assert "conflict" in server.log()
     [path] = stored_files(server)
     assert dcmread(path).PatientName == "DUPONT^JEAN"
@@ -187,7 +187,7 @@ def test_calling_ae_allowlist(tmp_path: Path) -> None:
         accepted = associate(server.dicom_port, calling="PACS")
         assert accepted.is_established
         accepted.release()
-        assert metric(server, "passerelle_dicom_associations_total", outcome="rejected") == 1
+        assert server.metric("passerelle_dicom_associations_total", outcome="rejected") == 1
     finally:
         server.stop()
 
@@ -253,11 +253,11 @@ def test_health_and_metrics(server: PasserelleProcess) -> None:
     assert health.json() == {"status": "ok", "dicom": True, "http": True}
     assoc = associate(server.dicom_port)
     assert assoc.is_established
-    assert metric(server, "passerelle_dicom_associations_open") == 1
+    assert server.metric("passerelle_dicom_associations_open") == 1
     assoc.release()
-    wait_for(lambda: metric(server, "passerelle_dicom_associations_open") == 0, 10,
+    wait_for(lambda: server.metric("passerelle_dicom_associations_open") == 0, 10,
              "the association to be counted as closed")
-    assert metric(server, "passerelle_dicom_associations_total", outcome="released") == 1
+    assert server.metric("passerelle_dicom_associations_total", outcome="released") == 1
 
 
 def test_busy_dicom_port_fails_clearly(tmp_path: Path) -> None:
@@ -298,7 +298,7 @@ def test_full_disk_answers_out_of_resources(tiny_disk: Path) -> None:
         assert status == 0xA700
         assert "disk" in comment
         assert stored_files(server) == []
-        assert metric(server, "passerelle_ingest_failures_total", protocol="dimse",
+        assert server.metric("passerelle_ingest_failures_total", protocol="dimse",
                       reason="disk-full") == 1
         small = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
         assert send(server.dicom_port, small) == (0x0000, "")

@@ -23,19 +23,18 @@ STUDIES = [
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
     """A service holding the studies of STUDIES, two instances per series."""
-    server = PasserelleProcess(tmp_path_factory.mktemp("qido") / "data").start()
-    for patient, name, date, time, accession, modalities in STUDIES:
-        study = generate_uid()
-        for number, modality in enumerate(modalities, start=1):
-            series = generate_uid()
-            for instance in (1, 2):
-                ds = ct_slice(study, series, number, instance, size=4, patient_id=patient,
-                              accession=accession, PatientName=name, StudyDate=date,
-                              StudyTime=time, Modality=modality,
-                              SpecificCharacterSet="ISO_IR 192")
-                assert send(server.dicom_port, ds)[0] == 0x0000
-    yield server
-    server.stop()
+    with PasserelleProcess(tmp_path_factory.mktemp("qido") / "data") as server:
+        for patient, name, date, time, accession, modalities in STUDIES:
+            study = generate_uid()
+            for number, modality in enumerate(modalities, start=1):
+                series = generate_uid()
+                for instance in (1, 2):
+                    ds = ct_slice(study, series, number, instance, size=4, patient_id=patient,
+                                  accession=accession, PatientName=name, StudyDate=date,
+                                  StudyTime=time, Modality=modality,
+                                  SpecificCharacterSet="ISO_IR 192")
+                    assert send(server.dicom_port, ds)[0] == 0x0000
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from dicomweb_client import DICOMwebClient
 from PIL import Image
 from pydicom import Dataset, dcmread
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 from pydicom.uid import generate_uid
 
 from tests.conftest import _local_test_files
@@ -20,28 +21,40 @@ from tests.scu import send
 from tests.synthetic import ct_slice
 
 SAMPLES = ["RG1_UNCI.dcm", "OBXXXX1A.dcm", "SC_rgb.dcm", "emri_small_RLE.dcm",
-           "SC_rgb_rle_16bit_2frame.dcm", "MR_small_jpeg_ls_lossless.dcm", "693_J2KR.dcm"]
+           "SC_rgb_rle_16bit_2frame.dcm"]
 
 
 def sample(name: str) -> Path:
     return next(p for p in _local_test_files() if p.name == name)
 
 
+def stored(name: str) -> Dataset:
+    """A sample under a SOP Instance UID of its own: several samples are one object in
+    different encodings, under one UID."""
+    ds = dcmread(sample(name))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[name])
+    return ds
+
+
 @pytest.fixture(scope="module")
 def imaging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
     """A service holding a synthetic CT slice, pydicom samples, and an SR (no pixels)."""
-    server = PasserelleProcess(tmp_path_factory.mktemp("render") / "data").start()
-    for name in SAMPLES:
-        assert send(server.dicom_port, sample(name))[0] == 0x0000
-    assert send(server.dicom_port, _ct())[0] == 0x0000
-    report = _ct(SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", Modality="SR")
-    report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
-    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
-                    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
-        delattr(report, keyword)
-    assert send(server.dicom_port, report)[0] == 0x0000
-    yield server
-    server.stop()
+    with PasserelleProcess(tmp_path_factory.mktemp("render") / "data") as server:
+        for name in SAMPLES:
+            assert send(server.dicom_port, sample(name))[0] == 0x0000, name
+        for name in sorted({*GRAY, *(name for pair in COLOUR for name in pair[:2])}):
+            assert send(server.dicom_port, stored(name))[0] == 0x0000, name
+        for ds in SYNTHETIC:
+            assert send(server.dicom_port, ds)[0] == 0x0000
+        assert send(server.dicom_port, _ct())[0] == 0x0000
+        report = _ct(SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", Modality="SR")
+        report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
+        for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                        "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+            delattr(report, keyword)
+        assert send(server.dicom_port, report)[0] == 0x0000
+        yield server
 
 
 _CT_STUDY, _CT_SERIES = generate_uid(), generate_uid()
@@ -65,21 +78,31 @@ def png(response: httpx.Response) -> np.ndarray:
 
 
 def oracle_gray(ds: Dataset, frame: np.ndarray, center: float | None = None,
-                width: float | None = None) -> np.ndarray:
-    """pydicom's windowing, rescaled from its output range to 0..255."""
+                width: float | None = None, top: int = 255) -> np.ndarray:
+    """pydicom's Modality LUT then windowing, VOI LUT or min/max (in that order of
+    preference), rescaled from its output range to 0..top, inverted for MONOCHROME1."""
     values = apply_modality_lut(frame, ds)
     if center is not None:
         ds = ds.copy()
         ds.WindowCenter, ds.WindowWidth = center, width
         ds.VOILUTFunction = "LINEAR"
-    out = apply_windowing(values, ds)
-    bits = ds.BitsStored
-    low = 0 if ds.PixelRepresentation == 0 else -(1 << (bits - 1))
-    high = low + (1 << bits) - 1
-    slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
-    y_min, y_max = low * slope + intercept, high * slope + intercept
-    result = np.rint((out - y_min) / (y_max - y_min) * 255)
-    return 255 - result if ds.PhotometricInterpretation == "MONOCHROME1" else result
+    if "WindowCenter" in ds:
+        out = apply_windowing(values, ds)
+        bits = ds.BitsStored
+        low = 0 if ds.PixelRepresentation == 0 else -(1 << (bits - 1))
+        high = low + (1 << bits) - 1
+        if "ModalityLUTSequence" not in ds:
+            slope = float(ds.get("RescaleSlope", 1))
+            intercept = float(ds.get("RescaleIntercept", 0))
+            low, high = low * slope + intercept, high * slope + intercept
+        result = np.rint((out - low) / (high - low) * top)
+    elif "VOILUTSequence" in ds:
+        out = apply_voi_lut(values, ds, prefer_lut=True).astype(float)
+        result = np.rint(out * top / (2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1))
+    else:
+        values = values.astype(float)
+        result = np.rint((values - values.min()) / (values.max() - values.min()) * top)
+    return top - result if ds.PhotometricInterpretation == "MONOCHROME1" else result
 
 
 def test_ct_window_from_the_instance_and_from_the_request(imaging: PasserelleProcess) -> None:
@@ -120,16 +143,94 @@ def test_rgb_exact_in_png_and_close_in_jpeg(imaging: PasserelleProcess) -> None:
     assert np.abs(decoded - ds.pixel_array).mean() < 3
 
 
-@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "693_J2KR.dcm"])
-def test_compressed_grayscale(imaging: PasserelleProcess, name: str) -> None:
-    ds = dcmread(sample(name))
-    got = png(httpx.get(url(imaging, ds), headers={"Accept": "image/png"}))
-    if "WindowCenter" in ds:
-        expected = oracle_gray(ds, ds.pixel_array)
-    else:  # no window: min/max of the frame
-        values = apply_modality_lut(ds.pixel_array, ds).astype(float)
-        expected = np.rint((values - values.min()) / (values.max() - values.min()) * 255)
+# Grayscale cases: codec, signedness, LUTs, byte order (PNG output, compared with the oracle).
+GRAY = ["MR_small_jpeg_ls_lossless.dcm", "693_J2KR.dcm", "vlut_04.dcm", "mlut_18.dcm",
+        "MR_small.dcm", "CT_small.dcm", "JPEG-LL.dcm", "JPGExtended.dcm",
+        "emri_small_jpeg_ls_lossless.dcm", "image_dfl.dcm", "MR_small_bigendian.dcm",
+        "RG1_J2KR.dcm", "emri_small_jpeg_2k_lossless.dcm"]
+# Colour cases: (file, the same picture stored uncompressed as RGB, largest difference to it).
+COLOUR = [
+    ("SC_ybr_full_uncompressed.dcm", "SC_rgb.dcm", 6),          # YBR_FULL
+    ("SC_ybr_full_422_uncompressed.dcm", "SC_rgb.dcm", 6),      # YBR_FULL_422, native
+    ("SC_rgb_dcmtk_+eb+cy+s2.dcm", "SC_rgb.dcm", 6),            # YBR_FULL_422, JPEG baseline
+    ("US1_J2KR.dcm", "US1_UNCR.dcm", 0),                        # YBR_RCT, JPEG 2000 lossless
+    ("US1_J2KI.dcm", "US1_UNCI.dcm", 0),                        # YBR_ICT, JPEG 2000
+    ("color-pl.dcm", "color-px.dcm", 0),                        # planar configuration 1
+    ("SC_rgb_rle_16bit.dcm", "SC_rgb_16bit.dcm", 0),            # 16-bit RGB, RLE
+]
+
+
+@pytest.mark.parametrize("name", GRAY)
+def test_grayscale_against_the_oracle(imaging: PasserelleProcess, name: str) -> None:
+    ds = stored(name)
+    frame = ds.pixel_array[0] if int(ds.get("NumberOfFrames") or 1) > 1 else ds.pixel_array
+    got = png(httpx.get(url(imaging, ds, "/frames/1/rendered"),
+                        headers={"Accept": "image/png"}))
+    assert np.abs(got.astype(int) - oracle_gray(ds, frame)).max() <= 1
+
+
+@pytest.mark.parametrize("name, reference, tolerance", COLOUR)
+def test_colour_against_the_oracle(imaging: PasserelleProcess, name: str, reference: str,
+                                   tolerance: int) -> None:
+    ds = stored(name)
+    got = png(httpx.get(url(imaging, ds), headers={"Accept": "image/png"})).astype(int)
+    shift = ds.BitsStored - 8
+    # Exactly pydicom's decoding and colour conversion ...
+    assert np.array_equal(got, ds.pixel_array.astype(int) >> shift)
+    # ... which is the picture stored uncompressed in RGB.
+    expected = stored(reference).pixel_array.astype(int) >> shift
+    assert np.abs(got - expected).max() <= tolerance
+
+
+def _synthetic(**attributes: object) -> Dataset:
+    return ct_slice(_CT_STUDY, _CT_SERIES, 1, 2, size=64, **attributes)
+
+
+_GARBAGE = _synthetic(sop_uid="1.2.3.4.300")  # BitsStored 12, the 4 high bits set at random
+_CLEAN = _GARBAGE.pixel_array.copy()
+_GARBAGE.PixelData = (_CLEAN | (np.random.default_rng(7).integers(0, 16, _CLEAN.shape,
+                                                                     dtype=np.uint16) << 12)
+                      ).tobytes()
+_SIGMOID = _synthetic(sop_uid="1.2.3.4.301", VOILUTFunction="SIGMOID")
+_INVERSE = _synthetic(sop_uid="1.2.3.4.302", PresentationLUTShape="INVERSE")
+SYNTHETIC = [_GARBAGE, _SIGMOID, _INVERSE]
+
+
+def test_high_bits_above_bits_stored_are_masked(imaging: PasserelleProcess) -> None:
+    got = png(httpx.get(url(imaging, _GARBAGE), headers={"Accept": "image/png"}))
+    assert np.abs(got.astype(int) - oracle_gray(_GARBAGE, _CLEAN)).max() <= 1
+
+
+def test_sigmoid_voi_function(imaging: PasserelleProcess) -> None:
+    got = png(httpx.get(url(imaging, _SIGMOID), headers={"Accept": "image/png"}))
+    assert np.abs(got.astype(int) - oracle_gray(_SIGMOID, _SIGMOID.pixel_array)).max() <= 1
+
+
+def test_presentation_lut_inverse(imaging: PasserelleProcess) -> None:
+    got = png(httpx.get(url(imaging, _INVERSE), headers={"Accept": "image/png"}))
+    expected = 255 - oracle_gray(_INVERSE, _INVERSE.pixel_array)
     assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_sixteen_bit_png(imaging: PasserelleProcess) -> None:
+    ds = _ct()
+    got = png(httpx.get(url(imaging, ds), params={"bitdepth": "16"},
+                        headers={"Accept": "image/png"}))
+    assert got.dtype.itemsize == 2 or got.max() > 255
+    assert np.abs(got.astype(int) - oracle_gray(ds, ds.pixel_array, top=65535)).max() <= 1
+
+
+def test_dicomweb_client_rendered(imaging: PasserelleProcess) -> None:
+    client = DICOMwebClient(f"{imaging.base_url}/dicom-web")
+    ds = _ct()
+    jpeg = client.retrieve_instance_rendered(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                             ds.SOPInstanceUID, media_types=("image/jpeg",))
+    assert Image.open(BytesIO(jpeg)).size == (64, 64)
+    frame = client.retrieve_instance_frames_rendered(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [1],
+        media_types=("image/png",), params={"window": "300,1500"})
+    got = np.asarray(Image.open(BytesIO(frame))).astype(int)
+    assert np.abs(got - oracle_gray(ds, ds.pixel_array, 300, 1500)).max() <= 1
 
 
 def test_multiframe_rendered_is_multipart(imaging: PasserelleProcess) -> None:

@@ -12,13 +12,19 @@ from starlette.routing import Mount, Route
 
 from gateway.config import Settings
 from gateway.deidentify import load_or_create_key
+from gateway.render_cache import RenderCache
 from gateway.web.frames import bulkdata, frames
 from gateway.web.metadata import metadata
 from gateway.web.qido import search_instances, search_series, search_studies
-from gateway.web.rendered import rendered, wado_uri
+from gateway.web.rendered import rendered, thumbnail
 from gateway.web.stow import store_instances
 from gateway.web.wado import retrieve
+from gateway.web.wado_uri import wado_uri
 from storage.store import Store
+
+_RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
+               "/studies/{study}/series/{series}/instances/{instance}",
+               "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}")
 
 
 def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], bool]) -> Starlette:
@@ -47,10 +53,9 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
               methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", frames,
               methods=["GET"]),
-        Route("/studies/{study}/series/{series}/instances/{instance}/rendered", rendered,
-              methods=["GET"]),
-        Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
-              rendered, methods=["GET"]),
+        *(Route(f"{level}/{resource}", handler, methods=["GET"])
+          for level in _RENDERABLE for resource, handler in (("rendered", rendered),
+                                                             ("thumbnail", thumbnail))),
         Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
               bulkdata, methods=["GET"]),
         Route("/studies/{study}/metadata", metadata, methods=["GET"]),
@@ -76,5 +81,7 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
     app.state.store = store
     app.state.public_url = settings.public_url
     app.state.max_instance_bytes = settings.max_instance_bytes
+    app.state.render_cache = RenderCache(settings.data_dir / "cache" / "rendered",
+                                         settings.render_cache_bytes)
     app.state.deidentify_key = load_or_create_key(settings.data_dir)
     return app

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.transcode import decoding_plugin
 from gateway.web.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.multipart import closing, new_boundary, part_head
 from gateway.web.responses import error
@@ -95,7 +96,8 @@ def read_frames(path: Path, numbers: list[int] | None, decode: bool) -> list[byt
     if max(wanted) > count:
         raise FrameRangeError(f"the instance has {count} frame(s)")
     if decode:
-        return [pixel_array(ds, index=n - 1).tobytes() for n in wanted]
+        plugin = decoding_plugin(ds.file_meta.TransferSyntaxUID)
+        return [pixel_array(ds, index=n - 1, decoding_plugin=plugin).tobytes() for n in wanted]
     if ds.file_meta.TransferSyntaxUID.is_encapsulated:
         frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return [frames[n - 1] for n in wanted]
