@@ -64,14 +64,18 @@ def choose_syntax(stored: str, has_pixels: bool, acceptable: list[str]) -> str |
 
 
 def transcode(data: bytes, target: str) -> bytes:
-    """Re-encode a Part 10 file in ``target`` (one of those ``choose_syntax`` offers)."""
+    """Re-encode a Part 10 file in ``target`` (one of those ``choose_syntax`` offers).
+
+    The SOP Instance UID is kept: the object is the same one, in another encoding (pydicom
+    would otherwise give every decompressed or compressed copy a new UID).
+    """
     ds = dcmread(BytesIO(data))
     stored = ds.file_meta.TransferSyntaxUID
     if "PixelData" in ds and stored.is_compressed:
         # Also converts YBR JPEG colour to RGB (pydicom's default).
-        ds.decompress(decoding_plugin=decoding_plugin(stored))
+        ds.decompress(decoding_plugin=decoding_plugin(stored), generate_instance_uid=False)
     if UID(target).is_compressed:
-        ds.compress(UID(target))
+        ds.compress(UID(target), generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = UID(target)
     out = BytesIO()

@@ -50,6 +50,9 @@ def test_every_stored_syntax_converted_losslessly(client: DICOMwebClient, syntax
                                        original.SOPInstanceUID,
                                        media_types=(("application/dicom", syntax),))
         assert got.file_meta.TransferSyntaxUID == syntax, stored.name
+        # Same object in another encoding: same UID (pydicom would mint a new one).
+        assert got.SOPInstanceUID == original.SOPInstanceUID, stored.name
+        assert got.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
         assert np.array_equal(got.pixel_array, expected_pixels), stored.name
         converted += 1
     assert converted >= 9
@@ -89,10 +92,16 @@ def test_national_consumer_request_replayed(loaded: PasserelleProcess,
     assert response.status_code == 200
     chosen = re.search(r"transfer-syntax=([\d.]+)", response.headers["content-type"]).group(1)
     assert chosen in dict(offered)
-    # Stored explicit VR LE: no encoder for 4.70, 4.80 or the lossy syntaxes here, so the
-    # highest q it can produce is the stored one.
-    assert chosen == "1.2.840.10008.1.2.1"
-    assert len(parts_of(response)) == 5
+    # Stored explicit VR LE: no encoder for 4.70 (q=0.9) here; JPEG-LS lossless (q=0.8) is
+    # the highest q that can be produced, and it is lossless.
+    assert chosen == "1.2.840.10008.1.2.4.80"
+    parts = parts_of(response)
+    assert len(parts) == 5
+    originals = {dcmread(path).SOPInstanceUID: dcmread(path).pixel_array for path in ct_study}
+    for _, body in parts:
+        ds = dcmread(BytesIO(body))
+        assert ds.file_meta.TransferSyntaxUID == chosen
+        assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID])
     # The headers of the national sample response: type, boundary and transfer-syntax
     # parameters, an ETag, a chunked body.
     expected = (REFERENCE / "wado-rs-response-headers.txt").read_text().lower()
