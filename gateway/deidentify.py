@@ -10,12 +10,13 @@ import hashlib
 import hmac
 import os
 import threading
-import uuid
 from io import BytesIO
 from pathlib import Path
 
 from dicomanonymizer import anonymize_dataset, simpledicomanonymizer
 from pydicom import dcmread
+
+from storage.uids import uid_from_digest
 
 _KEY_FILE = "deidentify.key"
 # dicom-anonymizer keeps its original -> new UID map in a module-level dict: one caller at a
@@ -40,8 +41,7 @@ def load_or_create_key(data_dir: Path) -> bytes:
 
 def derived_uid(key: bytes, uid: str) -> str:
     """A UUID-derived UID (PS3.5 B.2) that depends only on ``key`` and ``uid``."""
-    digest = hmac.new(key, uid.encode("ascii", "replace"), hashlib.sha256).digest()
-    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
+    return uid_from_digest(hmac.new(key, uid.encode("ascii", "replace"), hashlib.sha256).digest())
 
 
 def deidentify(data: bytes, key: bytes) -> bytes:

@@ -91,6 +91,28 @@ MIGRATIONS: tuple[str, ...] = (
         json TEXT NOT NULL
     );
     """,
+    # v4: publication of KOS manifests. A study is queued once it has been quiet for the
+    # stable delay; the outbox row carries the manifest through to the registry's answer.
+    """
+    ALTER TABLE studies ADD COLUMN queued_at REAL;
+    CREATE TABLE publications (
+        pk INTEGER PRIMARY KEY,
+        study_uid TEXT NOT NULL,
+        action TEXT NOT NULL,
+        kos_uid TEXT NOT NULL,
+        replaces_kos_uid TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        response TEXT NOT NULL DEFAULT '',
+        document_id TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX publications_state ON publications(state, next_attempt_at);
+    CREATE INDEX publications_study ON publications(study_uid);
+    """,
 )
 
 _PATIENT_UPSERT = """
@@ -207,7 +229,7 @@ class Index:
         return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def _migrate(self) -> None:
-        with self._transaction() as db:
+        with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
                 raise RuntimeError(f"index schema v{version} is newer than this program")
@@ -218,7 +240,8 @@ class Index:
                 db.execute(f"PRAGMA user_version = {number}")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -227,6 +250,11 @@ class Index:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def fetch(self, sql: str, params: object = ()) -> list[tuple]:
+        """Rows of one read-only statement (for the storage modules built on the index)."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def find_instance(self, sop_uid: str) -> StoredInstance | None:
         """The stored instance with this SOP Instance UID, if any."""
@@ -268,7 +296,7 @@ class Index:
 
     def cache_metadata(self, items: list[tuple[str, str]]) -> None:
         """Remember the DICOM JSON text of instances, given as (SOP Instance UID, JSON)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.executemany(
                 """INSERT OR REPLACE INTO instance_metadata (instance_pk, json)
                    SELECT pk, ? FROM instances WHERE sop_uid = ?""",
@@ -280,7 +308,7 @@ class Index:
         in one commit."""
         params = asdict(record)
         params.update(path=path, size=size, source=source, now=time.time())
-        with self._transaction() as db:
+        with self.transaction() as db:
             params["patient_pk"] = db.execute(_PATIENT_UPSERT, params).fetchone()[0]
             params["study_pk"] = db.execute(_STUDY_UPSERT, params).fetchone()[0]
             params["series_pk"] = db.execute(_SERIES_UPSERT, params).fetchone()[0]

@@ -1,0 +1,80 @@
+"""Everything the index knows of one study, in the shape a manifest needs: patient, study,
+request identifiers, and every series with its instances."""
+
+import json
+from dataclasses import dataclass, field
+
+from storage.index import Index
+
+
+@dataclass(frozen=True)
+class SeriesContents:
+    """One series and the instances it holds."""
+
+    series_uid: str
+    modality: str
+    body_part: str
+    series_number: int | None
+    instances: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
+
+
+@dataclass(frozen=True)
+class StudyContents:
+    """A study as indexed (text values as received; JSON columns decoded)."""
+
+    study_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    other_patient_ids: list[dict]  # {"id", "type", "issuer": {"local", "universal", ...}}
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    accession_issuer: dict  # {"local", "universal", "universal_type"} or {}
+    study_id: str
+    study_description: str
+    referring_physician: str
+    requested_procedure_ids: list[str]
+    placer_order_numbers: list[str]
+    first_received_at: float
+    last_received_at: float
+    series: list[SeriesContents]
+
+    @property
+    def sop_uids(self) -> list[str]:
+        """Every SOP Instance UID of the study."""
+        return [sop for series in self.series for _, sop in series.instances]
+
+
+_STUDY = """
+    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, p.other_patient_ids,
+           p.patient_name, p.patient_birth_date, p.patient_sex, st.study_date, st.study_time,
+           st.accession_number, st.accession_issuer, st.study_id, st.study_description,
+           st.referring_physician, st.requested_procedure_ids, st.placer_order_numbers,
+           st.first_received_at, st.last_received_at
+    FROM studies st JOIN patients p ON st.patient_pk = p.pk WHERE st.study_uid = ?
+"""
+_INSTANCES = """
+    SELECT se.series_uid, se.modality, se.body_part, se.series_number, i.sop_class_uid, i.sop_uid
+    FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
+    WHERE st.study_uid = ? ORDER BY se.series_number, se.pk, i.instance_number, i.pk
+"""
+_JSON_COLUMNS = (3, 10, 14, 15)
+
+
+def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
+    """The study with every series and instance, or None when it is not indexed."""
+    rows = index.fetch(_STUDY, (study_uid,))
+    if not rows:
+        return None
+    values = [json.loads(v or ("{}" if i == 10 else "[]")) if i in _JSON_COLUMNS else v
+              for i, v in enumerate(rows[0])]
+    series: dict[str, SeriesContents] = {}
+    for series_uid, modality, body_part, number, sop_class, sop_uid in index.fetch(
+            _INSTANCES, (study_uid,)):
+        if series_uid not in series:
+            series[series_uid] = SeriesContents(series_uid, modality, body_part, number)
+        series[series_uid].instances.append((sop_class, sop_uid))
+    return StudyContents(*values, series=list(series.values()))

@@ -1,0 +1,160 @@
+"""KOS manifests of studies received over DICOM: dciodvfy-clean, complete, and pointing at
+series that this service really serves."""
+
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from io import BytesIO
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from gateway.kos import KOS_SOP_CLASS, RetrieveOrigin, build_manifest
+from storage.index import Index
+from storage.study_contents import load_study_contents
+from tests.multipart import parts_of
+from tests.processes import PasserelleProcess
+from tests.scu import send
+from tests.synthetic import ct_slice
+
+# SOP classes mixed into the studies: images, a structured report, a waveform.
+MIXED = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7",
+         "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.9.1.1"]
+_NO_PIXELS = ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+              "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation",
+              "RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth")
+
+
+def _instance(study: str, series: str, number: int, index: int, sop_class: str) -> Dataset:
+    ds = ct_slice(study, series, number, index, size=8, SOPClassUID=sop_class,
+                  PlacerOrderNumberImagingServiceRequest="CMD-2026-88812",
+                  RequestedProcedureID="RP457")
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    issuer = Dataset()
+    issuer.UniversalEntityID, issuer.UniversalEntityIDType = "1.2.250.1.999.1.1.2", "ISO"
+    ds.IssuerOfAccessionNumberSequence = Sequence([issuer])
+    ins, qualifier = Dataset(), Dataset()
+    ins.PatientID, ins.TypeOfPatientID = "279035121518989", "TEXT"
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = "1.2.250.1.213.1.4.10", "ISO"
+    ins.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
+    ds.OtherPatientIDsSequence = Sequence([ins])
+    if "Image" not in ds.SOPClassUID.name:
+        for keyword in _NO_PIXELS:
+            delattr(ds, keyword)
+    return ds
+
+
+def _study(series_count: int) -> list[Dataset]:
+    study = generate_uid()
+    datasets = []
+    for number in range(1, series_count + 1):
+        series = generate_uid()
+        sop_class = MIXED[(number - 1) % len(MIXED)]
+        datasets += [_instance(study, series, number, i, sop_class) for i in (1, 2)]
+    return datasets
+
+
+STUDIES = {count: _study(count) for count in (1, 3, 20)}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
+    with PasserelleProcess(tmp_path_factory.mktemp("kos") / "data") as server:
+        for datasets in STUDIES.values():
+            for ds in datasets:
+                assert send(server.dicom_port, ds)[0] == 0x0000
+        yield server
+
+
+def _manifest(server: PasserelleProcess, study_uid: str) -> bytes:
+    index = Index(server.data_dir / "index.sqlite")
+    try:
+        contents = load_study_contents(index, study_uid)
+    finally:
+        index.close()
+    assert contents is not None
+    origin = RetrieveOrigin(server.base_url, server.ae_title, "1.2.250.1.999.1.1.4")
+    return build_manifest(contents, origin).data
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dicom3tools")
+@pytest.mark.parametrize("count", sorted(STUDIES))
+def test_manifest_passes_dciodvfy(service: PasserelleProcess, count: int, tmp_path) -> None:
+    path = tmp_path / "kos.dcm"
+    path.write_bytes(_manifest(service, STUDIES[count][0].StudyInstanceUID))
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
+                            check=False)
+    errors = [line for line in (result.stdout + result.stderr).splitlines()
+              if line.startswith("Error")]
+    assert errors == [], result.stderr
+
+
+@pytest.mark.parametrize("count", sorted(STUDIES))
+def test_manifest_references_every_instance_once(service: PasserelleProcess,
+                                                 count: int) -> None:
+    datasets = STUDIES[count]
+    kos = dcmread(BytesIO(_manifest(service, datasets[0].StudyInstanceUID)))
+    assert kos.SOPClassUID == KOS_SOP_CLASS and kos.Modality == "KO"
+    title = kos.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "113030", "DCM", "Manifest")
+    assert kos.ContentTemplateSequence[0].TemplateIdentifier == "2010"
+    evidence = kos.CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = Counter(ref.ReferencedSOPInstanceUID
+                         for series in evidence.ReferencedSeriesSequence
+                         for ref in series.ReferencedSOPSequence)
+    assert referenced == Counter(ds.SOPInstanceUID for ds in datasets)
+    content = Counter(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                      for item in kos.ContentSequence)
+    assert content == referenced
+    value_types = {item.ReferencedSOPSequence[0].ReferencedSOPClassUID: item.ValueType
+                   for item in kos.ContentSequence}
+    assert value_types.get("1.2.840.10008.5.1.4.1.1.88.11", "COMPOSITE") == "COMPOSITE"
+    assert value_types.get("1.2.840.10008.5.1.4.1.1.9.1.1", "WAVEFORM") == "WAVEFORM"
+    assert value_types["1.2.840.10008.5.1.4.1.1.2"] == "IMAGE"
+
+
+def test_patient_and_request_identifiers(service: PasserelleProcess) -> None:
+    original = STUDIES[3][0]
+    kos = dcmread(BytesIO(_manifest(service, original.StudyInstanceUID)))
+    assert (kos.PatientID, kos.IssuerOfPatientID) == (original.PatientID, "HOSP")
+    ins = kos.OtherPatientIDsSequence[0]
+    assert ins.PatientID == "279035121518989"
+    assert ins.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == "1.2.250.1.213.1.4.10"
+    request = kos.ReferencedRequestSequence[0]
+    assert request.AccessionNumber == original.AccessionNumber
+    assert request.IssuerOfAccessionNumberSequence[0].UniversalEntityID == "1.2.250.1.999.1.1.2"
+    assert request.PlacerOrderNumberImagingServiceRequest == "CMD-2026-88812"
+    assert request.RequestedProcedureID == "RP457"
+
+
+def test_manifest_is_stable_and_changes_with_the_study(service: PasserelleProcess) -> None:
+    datasets = STUDIES[1]
+    first = _manifest(service, datasets[0].StudyInstanceUID)
+    assert _manifest(service, datasets[0].StudyInstanceUID) == first
+    late = _instance(datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID, 1, 3,
+                     datasets[0].SOPClassUID)
+    assert send(service.dicom_port, late)[0] == 0x0000
+    STUDIES[1] = [*datasets, late]
+    changed = dcmread(BytesIO(_manifest(service, datasets[0].StudyInstanceUID)))
+    before = dcmread(BytesIO(first))
+    assert changed.SOPInstanceUID != before.SOPInstanceUID
+    assert changed.SeriesInstanceUID == before.SeriesInstanceUID
+
+
+def test_retrieve_urls_serve_their_series(service: PasserelleProcess) -> None:
+    kos = dcmread(BytesIO(_manifest(service, STUDIES[3][0].StudyInstanceUID)))
+    for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence:
+        assert series.RetrieveAETitle == service.ae_title
+        assert series.RetrieveLocationUID == "1.2.250.1.999.1.1.4"
+        response = httpx.get(series.RetrieveURL, headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert response.status_code == 200
+        expected = {ref.ReferencedSOPInstanceUID for ref in series.ReferencedSOPSequence}
+        got = {dcmread(BytesIO(body)).SOPInstanceUID for _, body in parts_of(response)}
+        assert got == expected
