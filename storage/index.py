@@ -92,9 +92,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # v4: publication of KOS manifests. A study is queued once it has been quiet for the
-    # stable delay; the outbox row carries the manifest through to the registry's answer.
+    # stable delay (queued_through = its last_received_at when queued); the outbox row
+    # carries the manifest through to the registry's answer.
     """
-    ALTER TABLE studies ADD COLUMN queued_at REAL;
+    ALTER TABLE studies ADD COLUMN queued_through REAL;
     CREATE TABLE publications (
         pk INTEGER PRIMARY KEY,
         study_uid TEXT NOT NULL,

@@ -1,0 +1,148 @@
+"""The publication outbox, in the index: one row per thing to tell the registry, from
+``pending`` to ``acknowledged`` (or ``failed`` when the registry refused it for good).
+
+A row is created in the same transaction that marks its study as queued, so a crash can
+neither lose a publication nor queue one twice; the sender works from these rows only.
+"""
+
+import enum
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from storage.index import Index
+
+
+class State(enum.StrEnum):
+    """Where a publication stands."""
+
+    PENDING = "pending"  # to send (again) at next_attempt_at
+    SENT = "sent"  # on the wire: after a crash, ask the registry before sending again
+    ACKNOWLEDGED = "acknowledged"  # the registry answered success
+    FAILED = "failed"  # the registry refused it (4xx): needs a person, then `outbox retry`
+
+
+class Action(enum.StrEnum):
+    """What a publication asks of the registry."""
+
+    PUBLISH = "publish"  # ITI-65: first manifest of a study, or one replacing the previous
+    UNPUBLISH = "unpublish"  # status of the current manifest to superseded
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One outbox row."""
+
+    id: int
+    study_uid: str
+    action: Action
+    kos_uid: str
+    replaces_kos_uid: str
+    state: State
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    response: str
+    document_id: str
+    created_at: float
+    updated_at: float
+
+
+_COLUMNS = """pk, study_uid, action, kos_uid, replaces_kos_uid, state, attempts, next_attempt_at,
+    last_error, response, document_id, created_at, updated_at"""
+
+
+def _publication(row: tuple) -> Publication:
+    values = list(row)
+    values[2], values[5] = Action(values[2]), State(values[5])
+    return Publication(*values)
+
+
+class Outbox:
+    """Publication rows of an index."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def queue_stable_studies(self, stable_seconds: float, now: float | None = None) -> list[str]:
+        """Queue a publication for each study quiet for ``stable_seconds`` and changed since it
+        was last queued; the study UIDs queued."""
+        now = time.time() if now is None else now
+        with self.index.transaction() as db:
+            studies = [row[0] for row in db.execute(
+                """SELECT study_uid FROM studies WHERE last_received_at <= ?
+                   AND (queued_through IS NULL OR queued_through < last_received_at)""",
+                (now - stable_seconds,))]
+            for study_uid in studies:
+                self._queue(db, study_uid, Action.PUBLISH, now)
+        return studies
+
+    def queue(self, study_uid: str, action: Action) -> Publication:
+        """Queue ``action`` for a study now (manual publish or unpublish)."""
+        now = time.time()
+        with self.index.transaction() as db:
+            if db.execute("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)).fetchone() \
+                    is None:
+                raise LookupError(f"no such study {study_uid}")
+            pk = self._queue(db, study_uid, action, now)
+        return self.get(pk)  # type: ignore[return-value]
+
+    @staticmethod
+    def _queue(db: sqlite3.Connection, study_uid: str, action: Action, now: float) -> int:
+        db.execute("UPDATE studies SET queued_through = last_received_at WHERE study_uid = ?",
+                   (study_uid,))
+        return db.execute(
+            """INSERT INTO publications (study_uid, action, kos_uid, state, next_attempt_at,
+                                         created_at, updated_at)
+               VALUES (?, ?, '', ?, ?, ?, ?) RETURNING pk""",
+            (study_uid, action.value, State.PENDING.value, now, now, now)).fetchone()[0]
+
+    def get(self, pk: int) -> Publication | None:
+        """One row by id."""
+        rows = self.index.fetch(f"SELECT {_COLUMNS} FROM publications WHERE pk = ?", (pk,))
+        return _publication(rows[0]) if rows else None
+
+    def due(self, now: float | None = None) -> list[Publication]:
+        """Rows to work on now, oldest first (rows left ``sent`` by a crash included)."""
+        now = time.time() if now is None else now
+        return [_publication(row) for row in self.index.fetch(
+            f"""SELECT {_COLUMNS} FROM publications WHERE state IN ('pending', 'sent')
+                AND next_attempt_at <= ? ORDER BY pk""", (now,))]
+
+    def listing(self, states: tuple[State, ...] = tuple(State)) -> list[Publication]:
+        """Rows in the given states, oldest first."""
+        marks = ",".join("?" * len(states))
+        return [_publication(row) for row in self.index.fetch(
+            f"SELECT {_COLUMNS} FROM publications WHERE state IN ({marks}) ORDER BY pk",
+            [s.value for s in states])]
+
+    def current_document(self, study_uid: str) -> Publication | None:
+        """The study's last acknowledged publication of a manifest, if any."""
+        rows = self.index.fetch(
+            f"""SELECT {_COLUMNS} FROM publications WHERE study_uid = ? AND action = 'publish'
+                AND state = 'acknowledged' ORDER BY pk DESC LIMIT 1""", (study_uid,))
+        return _publication(rows[0]) if rows else None
+
+    def update(self, pk: int, **fields: object) -> None:
+        """Set columns of a row (``state`` as a State), stamping ``updated_at``."""
+        fields = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()}
+        fields["updated_at"] = time.time()
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self.index.transaction() as db:
+            db.execute(f"UPDATE publications SET {assignments} WHERE pk = ?",
+                       [*fields.values(), pk])
+
+    def retry(self, pk: int) -> bool:
+        """Put a failed row back to pending, to send now; False if it is not failed."""
+        row = self.get(pk)
+        if row is None or row.state is not State.FAILED:
+            return False
+        self.update(pk, state=State.PENDING, next_attempt_at=time.time(), attempts=0)
+        return True
+
+    def counts(self) -> dict[str, int]:
+        """Number of rows per state."""
+        counts = {state.value: 0 for state in State}
+        counts.update(dict(self.index.fetch(
+            "SELECT state, count(*) FROM publications GROUP BY state")))
+        return counts

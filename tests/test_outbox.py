@@ -1,0 +1,74 @@
+"""The publication outbox on a real SQLite index: stable-study queueing, states, restarts."""
+
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from storage.outbox import Action, Outbox, State
+from storage.store import Outcome, Store
+from tests.synthetic import ct_slice
+
+
+def _receive(store: Store, study: str, number: int) -> None:
+    out = BytesIO()
+    ct_slice(study, generate_uid(), 1, number, size=4).save_as(out, enforce_file_format=True)
+    assert store.ingest(out.getvalue(), "test").outcome is Outcome.STORED
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "data")
+
+
+def test_a_quiet_study_is_queued_once(store: Store) -> None:
+    study = generate_uid()
+    _receive(store, study, 1)
+    outbox = Outbox(store.index)
+    assert outbox.queue_stable_studies(60) == []  # still arriving
+    later = time.time() + 61
+    assert outbox.queue_stable_studies(60, now=later) == [study]
+    assert outbox.queue_stable_studies(60, now=later + 100) == []  # nothing new since
+    [row] = outbox.due(now=later)
+    assert (row.study_uid, row.action, row.state) == (study, Action.PUBLISH, State.PENDING)
+
+
+def test_a_late_instance_queues_the_study_again(store: Store) -> None:
+    study = generate_uid()
+    _receive(store, study, 1)
+    outbox = Outbox(store.index)
+    assert outbox.queue_stable_studies(0, now=time.time() + 1) == [study]
+    time.sleep(0.01)
+    _receive(store, study, 2)
+    assert outbox.queue_stable_studies(0, now=time.time() + 1) == [study]
+    assert len(outbox.listing()) == 2
+
+
+def test_queue_state_survives_reopening(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    study = generate_uid()
+    _receive(store, study, 1)
+    Outbox(store.index).queue_stable_studies(0, now=time.time() + 1)
+    store.close()
+    reopened = Outbox(Store(tmp_path / "data").index)
+    assert reopened.queue_stable_studies(0, now=time.time() + 1) == []
+    assert [row.study_uid for row in reopened.due(now=time.time() + 1)] == [study]
+
+
+def test_states_retry_and_counts(store: Store) -> None:
+    study = generate_uid()
+    _receive(store, study, 1)
+    outbox = Outbox(store.index)
+    row = outbox.queue(study, Action.PUBLISH)
+    outbox.update(row.id, state=State.FAILED, last_error="400: missing patient")
+    assert outbox.due() == []
+    assert outbox.counts()["failed"] == 1
+    assert outbox.listing((State.FAILED,))[0].last_error == "400: missing patient"
+    assert outbox.retry(row.id)
+    assert not outbox.retry(row.id)  # pending now, nothing to retry
+    outbox.update(row.id, state=State.ACKNOWLEDGED, document_id="DocumentReference/7")
+    assert outbox.current_document(study).document_id == "DocumentReference/7"
+    with pytest.raises(LookupError):
+        outbox.queue("1.2.3.999", Action.UNPUBLISH)
