@@ -1,4 +1,4 @@
-"""The ``passerelle`` command: serve, import, studies."""
+"""The ``passerelle`` command: serve, import, studies, outbox."""
 
 import argparse
 import json
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from gateway.config import Settings, load_settings
 from gateway.importer import import_paths
-from storage.index import StudySummary
+from storage.outbox import Outbox, State
 from storage.recovery import DataDirBusyError
 from storage.store import Store
 
@@ -45,12 +45,7 @@ def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if summary.rejected else 0
 
 
-def _table(studies: list[StudySummary]) -> str:
-    headers = ("PATIENT ID", "PATIENT NAME", "DATE", "ACCESSION", "MODALITIES", "SERIES",
-               "INSTANCES", "STUDY UID")
-    rows = [(s.patient_id, s.patient_name, s.study_date, s.accession_number,
-             ",".join(s.modalities), str(s.series_count), str(s.instance_count), s.study_uid)
-            for s in studies]
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
                      .rstrip() for row in (headers, *rows))
@@ -65,9 +60,38 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(s) for s in studies], ensure_ascii=False, indent=2))
     elif studies:
-        print(_table(studies))
+        print(_table(("PATIENT ID", "PATIENT NAME", "DATE", "ACCESSION", "MODALITIES", "SERIES",
+                      "INSTANCES", "STUDY UID"),
+                     [(s.patient_id, s.patient_name, s.study_date, s.accession_number,
+                       ",".join(s.modalities), str(s.series_count), str(s.instance_count),
+                       s.study_uid) for s in studies]))
     else:
         print("no study stored")
+    return 0
+
+
+def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
+    store = Store(settings.data_dir, settings.duplicate_policy)
+    try:
+        outbox = Outbox(store.index)
+        if args.outbox_command == "retry":
+            if not outbox.retry(args.id):
+                print(f"publication {args.id} is not failed: nothing to retry", file=sys.stderr)
+                return 1
+            print(f"publication {args.id} will be sent again")
+            return 0
+        rows = outbox.listing() if args.all else outbox.listing(
+            (State.PENDING, State.SENT, State.FAILED))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([asdict(row) for row in rows], ensure_ascii=False, indent=2))
+    elif rows:
+        print(_table(("ID", "STATE", "ACTION", "ATTEMPTS", "STUDY UID", "LAST ERROR"),
+                     [(str(r.id), r.state, r.action, str(r.attempts), r.study_uid,
+                       r.last_error) for r in rows]))
+    else:
+        print("outbox empty")
     return 0
 
 
@@ -86,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     studies = commands.add_parser("studies", help="list stored studies")
     studies.add_argument("--json", action="store_true", help="JSON output for scripts")
     studies.set_defaults(handler=_cmd_studies)
+    outbox = commands.add_parser("outbox", help="publications pending or failed")
+    outbox.add_argument("--all", action="store_true", help="acknowledged ones too")
+    outbox.add_argument("--json", action="store_true", help="JSON output for scripts")
+    outbox.set_defaults(handler=_cmd_outbox, outbox_command=None)
+    retry = outbox.add_subparsers(dest="outbox_command").add_parser(
+        "retry", help="send a failed publication again")
+    retry.add_argument("id", type=int)
     return parser
 
 

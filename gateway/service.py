@@ -8,7 +8,9 @@ import uvicorn
 
 from gateway.config import Settings
 from gateway.dimse import DicomService
+from gateway.stable import StableStudyWatcher
 from gateway.web import create_app
+from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
 from storage.store import Store
 
@@ -43,8 +45,10 @@ def serve(settings: Settings) -> None:
         log.warning("previous run did not stop cleanly: checking the index against the files")
         recover(store.blobs, store.index)
     dicom = DicomService(settings, store)
+    watcher = StableStudyWatcher(Outbox(store.index), settings.stable_seconds)
     try:
         dicom.start()
+        watcher.start()
         app = create_app(store, settings, dicom.is_serving)
         config = uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None,
@@ -55,6 +59,7 @@ def serve(settings: Settings) -> None:
     finally:
         log.info("shutting down the DICOM SCP")
         dicom.stop()
+        watcher.stop()
         store.close()
         lock.release()
         log.info("stopped")

@@ -1,5 +1,6 @@
 """The publication outbox on a real SQLite index: stable-study queueing, states, restarts."""
 
+import json
 import time
 from io import BytesIO
 from pathlib import Path
@@ -9,6 +10,8 @@ from pydicom.uid import generate_uid
 
 from storage.outbox import Action, Outbox, State
 from storage.store import Outcome, Store
+from tests.processes import PasserelleProcess, wait_for
+from tests.scu import send
 from tests.synthetic import ct_slice
 
 
@@ -72,3 +75,15 @@ def test_states_retry_and_counts(store: Store) -> None:
     assert outbox.current_document(study).document_id == "DocumentReference/7"
     with pytest.raises(LookupError):
         outbox.queue("1.2.3.999", Action.UNPUBLISH)
+
+
+def test_service_queues_a_stable_study(tmp_path: Path) -> None:
+    study = generate_uid()
+    with PasserelleProcess(tmp_path / "data", stable_seconds="1") as server:
+        assert send(server.dicom_port, ct_slice(study, generate_uid(), 1, 1, size=4))[0] == 0
+        wait_for(lambda: "pending" in server.cli("outbox").stdout, 15, "a queued publication")
+        listed = json.loads(server.cli("outbox", "--json").stdout)
+        assert [(row["study_uid"], row["action"], row["state"]) for row in listed] == [
+            (study, "publish", "pending")]
+        failed = server.cli("outbox", "retry", str(listed[0]["id"]))
+        assert failed.returncode == 1 and "not failed" in failed.stderr
