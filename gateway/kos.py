@@ -115,6 +115,12 @@ def _value_type(sop_class: str) -> str:
     return "WAVEFORM" if "Waveform" in name else "COMPOSITE"
 
 
+def _reference(sop_class: str, sop_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_uid
+    return item
+
+
 def _evidence(study: StudyContents, origin: RetrieveOrigin) -> Sequence:
     """Current Requested Procedure Evidence Sequence, series-level retrieve information."""
     series_items = []
@@ -125,13 +131,8 @@ def _evidence(study: StudyContents, origin: RetrieveOrigin) -> Sequence:
                             f"{study.study_uid}/series/{series.series_uid}")
         item.RetrieveLocationUID = origin.location_uid
         item.RetrieveAETitle = origin.ae_title
-        references = []
-        for sop_class, sop_uid in series.instances:
-            reference = Dataset()
-            reference.ReferencedSOPClassUID = sop_class
-            reference.ReferencedSOPInstanceUID = sop_uid
-            references.append(reference)
-        item.ReferencedSOPSequence = Sequence(references)
+        item.ReferencedSOPSequence = Sequence(
+            [_reference(sop_class, sop_uid) for sop_class, sop_uid in series.instances])
         series_items.append(item)
     study_item = Dataset()
     study_item.StudyInstanceUID = study.study_uid
@@ -146,10 +147,7 @@ def _content(study: StudyContents) -> Sequence:
             item = Dataset()
             item.RelationshipType = "CONTAINS"
             item.ValueType = _value_type(sop_class)
-            reference = Dataset()
-            reference.ReferencedSOPClassUID = sop_class
-            reference.ReferencedSOPInstanceUID = sop_uid
-            item.ReferencedSOPSequence = Sequence([reference])
+            item.ReferencedSOPSequence = Sequence([_reference(sop_class, sop_uid)])
             items.append(item)
     return Sequence(items)
 

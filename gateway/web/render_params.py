@@ -60,14 +60,13 @@ def _viewport(text: str) -> tuple[tuple[int, int], tuple[int, int, int, int] | N
     return (width, height), (tuple(source) if source else None)  # type: ignore[return-value]
 
 
-def rendered_params(request_query: QueryParams, accept: str | None,
+def rendered_params(query: QueryParams, accept: str | None,
                     thumbnail: bool = False) -> RenderParams:
     """RenderParams of a WADO-RS rendered or thumbnail request (PS3.18 8.3.5.1).
 
     ``bitdepth=16`` (with image/png) is an extension of ours: 16-bit grayscale PNG for
     clients that window themselves.
     """
-    query = request_query
     window = None
     if "window" in query and not thumbnail:
         parts = query["window"].split(",")
@@ -81,9 +80,10 @@ def rendered_params(request_query: QueryParams, accept: str | None,
         viewport, source = _viewport(query["viewport"])
     quality = _integer(query, "quality", 90, 1, 100)
     media = media_type(accept)
-    sixteen_bit = query.get("bitdepth", "8") == "16"
-    if query.get("bitdepth", "8") not in ("8", "16"):
+    bitdepth = query.get("bitdepth", "8")
+    if bitdepth not in ("8", "16"):
         raise BadRenderRequestError("bitdepth must be 8 or 16")
+    sixteen_bit = bitdepth == "16"
     if sixteen_bit and media != "image/png":
         raise BadRenderRequestError("bitdepth=16 needs image/png")
     return RenderParams(window=window, viewport=viewport, source=source, media_type=media,

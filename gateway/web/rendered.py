@@ -104,6 +104,20 @@ def _params(request: Request, thumbnail: bool) -> RenderParams | Response:
         return error(400, str(exc))
 
 
+def _frame_numbers(request: Request, instance: StoredInstance) -> list[int] | Response | None:
+    """The frames the path names (None when it names none), or a 400/404 response."""
+    if "frames" not in request.path_params:
+        return None
+    try:
+        numbers = parse_frame_list(request.path_params["frames"])
+    except ValueError as exc:
+        return error(400, f"bad frame list: {exc}")
+    count = instance.frames or 1
+    if max(numbers) > count:
+        return error(404, f"the instance has {count} frame(s)")
+    return numbers
+
+
 async def rendered(request: Request) -> Response:
     """GET {study}[/series/{series}[/instances/{instance}[/frames/{frames}]]]/rendered:
     every frame of what the path addresses."""
@@ -113,16 +127,11 @@ async def rendered(request: Request) -> Response:
     base = _params(request, thumbnail=False)
     if isinstance(base, Response):
         return base
-    if "frames" in request.path_params:
-        try:
-            numbers = parse_frame_list(request.path_params["frames"])
-        except ValueError as exc:
-            return error(400, f"bad frame list: {exc}")
-        if max(numbers) > images[0].frames:  # type: ignore[operator]
-            return error(404, f"the instance has {images[0].frames} frame(s)")
+    numbers = _frame_numbers(request, images[0])
+    if isinstance(numbers, Response):
+        return numbers
     plan = [(instance, replace(base, frame=n)) for instance in images
-            for n in (numbers if "frames" in request.path_params
-                      else range(1, instance.frames + 1))]  # type: ignore[operator]
+            for n in (numbers or range(1, (instance.frames or 1) + 1))]
     return await respond(request, plan)
 
 
@@ -137,14 +146,8 @@ async def thumbnail(request: Request) -> Response:
         return params
     first_series = [i for i in images if i.series_uid == images[0].series_uid]
     instance = first_series[len(first_series) // 2]
-    frames = instance.frames or 1
-    if "frames" in request.path_params:
-        try:
-            frame = parse_frame_list(request.path_params["frames"])[0]
-        except ValueError as exc:
-            return error(400, f"bad frame list: {exc}")
-        if frame > frames:
-            return error(404, f"the instance has {frames} frame(s)")
-    else:
-        frame = (frames + 1) // 2
+    numbers = _frame_numbers(request, instance)
+    if isinstance(numbers, Response):
+        return numbers
+    frame = numbers[0] if numbers else ((instance.frames or 1) + 1) // 2
     return await respond(request, [(instance, replace(params, frame=frame))])
