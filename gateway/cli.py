@@ -1,4 +1,5 @@
-"""The ``passerelle`` command: serve, import, studies, outbox."""
+"""The ``passerelle`` command: serve, import, studies, outbox, publish, unpublish,
+confidentiality, registry."""
 
 import argparse
 import json
@@ -11,7 +12,8 @@ from pydantic import ValidationError
 
 from gateway.config import Settings, load_settings
 from gateway.importer import import_paths
-from storage.outbox import Outbox, State
+from gateway.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
+from storage.outbox import Action, Outbox, State
 from storage.recovery import DataDirBusyError
 from storage.store import Store
 
@@ -28,7 +30,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         serve(settings)
-    except (DataDirBusyError, OSError) as exc:
+    except (DataDirBusyError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
         return 1
     return 0
@@ -95,6 +97,40 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
+    """publish / unpublish / confidentiality: a row in the outbox, sent by the service."""
+    action = Action(args.command)
+    payload = ""
+    if action is Action.CONFIDENTIALITY:
+        try:
+            payload = Confidentiality(args.level, tuple(args.mask)).payload()
+        except ValueError as exc:
+            print(f"passerelle: {exc}", file=sys.stderr)
+            return 2
+    store = Store(settings.data_dir, settings.duplicate_policy)
+    try:
+        row = Outbox(store.index).queue(args.study_uid, action, payload)
+    except LookupError as exc:
+        print(f"passerelle: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    where = "sent by the running service" if settings.registry_url else \
+        "queued: registry_url is not set, nothing is sent until it is"
+    print(f"{action} of study {args.study_uid} queued as publication {row.id} ({where})")
+    return 0
+
+
+def _cmd_registry(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.registry.app import create_registry_app
+
+    uvicorn.run(create_registry_app(args.data), host=args.host, port=args.port,
+                log_config=None, access_log=False, server_header=False)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="passerelle", description=__doc__)
     parser.add_argument("--config", type=Path,
@@ -117,6 +153,22 @@ def _parser() -> argparse.ArgumentParser:
     retry = outbox.add_subparsers(dest="outbox_command").add_parser(
         "retry", help="send a failed publication again")
     retry.add_argument("id", type=int)
+    for name, text in (("publish", "publish (or republish) a study's manifest now"),
+                       ("unpublish", "withdraw a study's published manifest (status superseded)"),
+                       ("confidentiality", "change the confidentiality of a study's manifest")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("study_uid")
+        command.set_defaults(handler=_cmd_queue)
+    command.add_argument("--level", choices=CONFIDENTIALITY_CODES, default="N",
+                         help="N normal, R restricted, V very restricted (default N)")
+    command.add_argument("--mask", action="append", default=[], choices=MASKING_CODES,
+                         help="visibility code (TRE_A07), repeatable")
+    registry = commands.add_parser("registry", help="run the local MHD document registry")
+    registry.add_argument("--host", default="127.0.0.1")
+    registry.add_argument("--port", type=int, default=8090)
+    registry.add_argument("--data", type=Path, default=Path("registry-data"),
+                          help="folder of its SQLite store (default ./registry-data)")
+    registry.set_defaults(handler=_cmd_registry)
     return parser
 
 

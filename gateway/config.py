@@ -4,6 +4,7 @@
 read from ``--config`` or ``PASSERELLE_CONFIG`` when given.
 """
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.mhd import Confidentiality
 from storage.store import DuplicatePolicy
+from storage.uids import uid_from_digest
+
+# An ISO OID (ITU-T X.660): digits and dots, no leading zero in a component.
+_OID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 # PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash.
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
@@ -48,6 +54,23 @@ class Settings(BaseSettings):
     render_cache_bytes: int = Field(512 << 20, ge=0)
     registry_url: str = ""
     stable_seconds: float = Field(60, gt=0)
+    registry_timeout: float = Field(30, gt=0)
+    publish_retry_seconds: float = Field(10, gt=0)
+    publish_retry_max_seconds: float = Field(3600, gt=0)
+    gateway_oid: str = ""
+    organization_name: str = "Service d'imagerie"
+    organization_finess: str = ""
+    patient_id_issuer_oid: str = ""
+    accession_issuer_oid: str = ""
+    order_issuer_oid: str = ""
+    facility_type: str = "SA01"
+    practice_setting: str = "ETABLISSEMENT"
+    designation_type: str = "07"
+    confidentiality: str = "N"
+    masking_codes: Annotated[list[str], NoDecode] = []
+    authenticator_idnps: str = ""
+    authenticator_name: str = ""
+    event_codes_file: str = ""
     allowed_calling_aets: Annotated[list[str], NoDecode] = []
     max_pdu: int = Field(262144, ge=0)
     max_associations: int = Field(16, ge=1)
@@ -72,9 +95,26 @@ class Settings(BaseSettings):
             return [_ae_title(str(part)) for part in value]
         return value
 
-    @field_validator("cors_allow_origins", mode="before")
+    @field_validator("gateway_oid", "patient_id_issuer_oid", "accession_issuer_oid",
+                     "order_issuer_oid")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _check_oid(cls, value: str) -> str:
+        value = value.strip().removeprefix("urn:oid:")
+        if value and (len(value) > 64 or not _OID.fullmatch(value)):
+            raise ValueError(f"{value!r} is not an OID (digits and dots, e.g. 1.2.250.1.999)")
+        return value
+
+    @field_validator("organization_finess")
+    @classmethod
+    def _check_finess(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"[0-9]{2}[0-9AB][0-9]{6}", value):
+            raise ValueError(f"{value!r} is not a FINESS number (9 characters, e.g. 750712184)")
+        return value
+
+    @field_validator("cors_allow_origins", "masking_codes", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part for part in re.split(r"[,\s]+", value) if part]
         return value
@@ -92,6 +132,11 @@ class Settings(BaseSettings):
         if not self.public_url:
             self.public_url = f"http://{self.http_host}:{self.http_port}"
         self.public_url = self.public_url.rstrip("/")
+        Confidentiality(self.confidentiality, tuple(self.masking_codes))  # ValueError if bad
+        if not self.gateway_oid:
+            # Stable for a given public URL; a real deployment sets its registered OID.
+            digest = hashlib.sha256(f"passerelle-gateway\n{self.public_url}".encode()).digest()
+            self.gateway_oid = uid_from_digest(digest)
         return self
 
     @classmethod

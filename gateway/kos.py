@@ -39,10 +39,14 @@ class Manifest:
     data: bytes
 
 
-def manifest_uid(study: StudyContents) -> str:
-    """The KOS SOP Instance UID: the same for the same study content, new when it changes."""
-    content = "\n".join([study.study_uid, *sorted(study.sop_uids)]).encode()
-    return uid_from_digest(hashlib.sha256(b"kos\n" + content).digest())
+def manifest_uid(study: StudyContents, revision: int = 0) -> str:
+    """The KOS SOP Instance UID: the same for the same study content, new when it changes.
+
+    ``revision`` counts withdrawals: a study published again after being withdrawn gets a
+    new uniqueId: a registry refuses one it already holds (XDSDuplicateUniqueIdInRegistry)."""
+    lines = [study.study_uid, *sorted(study.sop_uids), *([f"revision {revision}"] if revision
+                                                          else [])]
+    return uid_from_digest(hashlib.sha256(b"kos\n" + "\n".join(lines).encode()).digest())
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -152,12 +156,12 @@ def _content(study: StudyContents) -> Sequence:
     return Sequence(items)
 
 
-def build_manifest(study: StudyContents, origin: RetrieveOrigin) -> Manifest:
+def build_manifest(study: StudyContents, origin: RetrieveOrigin, revision: int = 0) -> Manifest:
     """The KOS manifest of ``study``; same content, same bytes (UIDs and content date
     derive from the study, so a rebuild is identical)."""
     if not study.series:
         raise ValueError(f"study {study.study_uid} has no instance to reference")
-    sop_uid = manifest_uid(study)
+    sop_uid = manifest_uid(study, revision)
     series_uid = uid_from_digest(hashlib.sha256(f"kos-series\n{study.study_uid}".encode())
                                  .digest())
     created = time.localtime(study.last_received_at)

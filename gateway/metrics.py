@@ -1,7 +1,12 @@
 """Prometheus metrics of the service (exposed at ``GET /metrics``)."""
 
-from prometheus_client import Counter, Gauge
+from collections.abc import Iterator
 
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from storage.outbox import Outbox
 from storage.store import IngestResult, Outcome
 
 INSTANCES_RECEIVED = Counter(
@@ -37,3 +42,31 @@ def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
         DUPLICATES.labels(result.outcome.value).inc()
     else:
         INGEST_FAILURES.labels(protocol, result.reason.value if result.reason else "unknown").inc()
+PUBLICATION_ATTEMPTS = Counter(
+    "passerelle_publication_attempts_total",
+    "Outbox rows worked on, by action and result (acknowledged; rejected: refused for good,"
+    " needs a person; retry: transient failure, tried again later)", ["action", "result"])
+UNMAPPED_EVENT_CODES = Counter(
+    "passerelle_unmapped_event_codes_total",
+    "Modality or BodyPartExamined values of published studies with no event code in the"
+    " mapping table (config/event_codes.toml)", ["attribute"])
+
+
+class OutboxCollector(Collector):
+    """``passerelle_publications{state}``: outbox rows per state, read at each scrape."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per state (pending, sent, acknowledged, failed)."""
+        family = GaugeMetricFamily("passerelle_publications",
+                                   "Publication outbox rows by state", labels=["state"])
+        for state, count in self.outbox.counts().items():
+            family.add_metric([state], count)
+        yield family
+
+
+def watch_outbox(outbox: Outbox) -> None:
+    """Expose the outbox states in ``/metrics``."""
+    REGISTRY.register(OutboxCollector(outbox))

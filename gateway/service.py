@@ -2,12 +2,17 @@
 
 import logging
 import signal
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from gateway.config import Settings
 from gateway.dimse import DicomService
+from gateway.event_codes import load_event_codes
+from gateway.metrics import watch_outbox
+from gateway.mhd_client import RegistryClient
+from gateway.publish import Publisher
 from gateway.stable import StableStudyWatcher
 from gateway.web import create_app
 from storage.outbox import Outbox
@@ -32,6 +37,8 @@ def serve(settings: Settings) -> None:
     # of the process dying on the default SIGTERM action.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _request_shutdown)
+    event_codes = load_event_codes(
+        Path(settings.event_codes_file) if settings.event_codes_file else None)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = ServiceLock(settings.data_dir)
     lock.acquire()
@@ -45,11 +52,23 @@ def serve(settings: Settings) -> None:
         log.warning("previous run did not stop cleanly: checking the index against the files")
         recover(store.blobs, store.index)
     dicom = DicomService(settings, store)
-    watcher = StableStudyWatcher(Outbox(store.index), settings.stable_seconds)
+    outbox = Outbox(store.index)
+    watch_outbox(outbox)
+    watcher = StableStudyWatcher(outbox, settings.stable_seconds)
+    publisher = None
+    if settings.registry_url:
+        publisher = Publisher(store, settings,
+                              RegistryClient(settings.registry_url, settings.registry_timeout),
+                              event_codes)
+    else:
+        log.warning("registry_url is not set: manifests are queued, not sent")
     try:
         dicom.start()
         watcher.start()
-        app = create_app(store, settings, dicom.is_serving)
+        if publisher is not None:
+            publisher.start()
+        app = create_app(store, settings, dicom.is_serving,
+                         publisher.wake if publisher is not None else lambda: None)
         config = uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None,
             access_log=False, server_header=False, lifespan="off")
@@ -60,6 +79,8 @@ def serve(settings: Settings) -> None:
         log.info("shutting down the DICOM SCP")
         dicom.stop()
         watcher.stop()
+        if publisher is not None:
+            publisher.stop()
         store.close()
         lock.release()
         log.info("stopped")

@@ -114,6 +114,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX publications_state ON publications(state, next_attempt_at);
     CREATE INDEX publications_study ON publications(study_uid);
     """,
+    # v5: parameters of an outbox row (the labels of a confidentiality update, as JSON).
+    """
+    ALTER TABLE publications ADD COLUMN payload TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 _PATIENT_UPSERT = """

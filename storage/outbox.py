@@ -27,6 +27,7 @@ class Action(enum.StrEnum):
 
     PUBLISH = "publish"  # ITI-65: first manifest of a study, or one replacing the previous
     UNPUBLISH = "unpublish"  # status of the current manifest to superseded
+    CONFIDENTIALITY = "confidentiality"  # new security labels (payload), now and from now on
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +47,11 @@ class Publication:
     document_id: str
     created_at: float
     updated_at: float
+    payload: str
 
 
 _COLUMNS = """pk, study_uid, action, kos_uid, replaces_kos_uid, state, attempts, next_attempt_at,
-    last_error, response, document_id, created_at, updated_at"""
+    last_error, response, document_id, created_at, updated_at, payload"""
 
 
 def _publication(row: tuple) -> Publication:
@@ -77,25 +79,28 @@ class Outbox:
                 self._queue(db, study_uid, Action.PUBLISH, now)
         return studies
 
-    def queue(self, study_uid: str, action: Action) -> Publication:
-        """Queue ``action`` for a study now (manual publish or unpublish)."""
+    def queue(self, study_uid: str, action: Action, payload: str = "") -> Publication:
+        """Queue ``action`` for a study now (manual publish, unpublish, confidentiality)."""
         now = time.time()
         with self.index.transaction() as db:
             if db.execute("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)).fetchone() \
                     is None:
                 raise LookupError(f"no such study {study_uid}")
-            pk = self._queue(db, study_uid, action, now)
+            pk = self._queue(db, study_uid, action, now, payload)
         return self.get(pk)  # type: ignore[return-value]
 
     @staticmethod
-    def _queue(db: sqlite3.Connection, study_uid: str, action: Action, now: float) -> int:
-        db.execute("UPDATE studies SET queued_through = last_received_at WHERE study_uid = ?",
-                   (study_uid,))
+    def _queue(db: sqlite3.Connection, study_uid: str, action: Action, now: float,
+               payload: str = "") -> int:
+        if action is Action.PUBLISH:
+            db.execute("UPDATE studies SET queued_through = last_received_at "
+                       "WHERE study_uid = ?", (study_uid,))
         return db.execute(
             """INSERT INTO publications (study_uid, action, kos_uid, state, next_attempt_at,
-                                         created_at, updated_at)
-               VALUES (?, ?, '', ?, ?, ?, ?) RETURNING pk""",
-            (study_uid, action.value, State.PENDING.value, now, now, now)).fetchone()[0]
+                                         created_at, updated_at, payload)
+               VALUES (?, ?, '', ?, ?, ?, ?, ?) RETURNING pk""",
+            (study_uid, action.value, State.PENDING.value, now, now, now, payload)
+        ).fetchone()[0]
 
     def get(self, pk: int) -> Publication | None:
         """One row by id."""
@@ -103,11 +108,16 @@ class Outbox:
         return _publication(rows[0]) if rows else None
 
     def due(self, now: float | None = None) -> list[Publication]:
-        """Rows to work on now, oldest first (rows left ``sent`` by a crash included)."""
+        """Rows to work on now, oldest first (rows left ``sent`` by a crash included); a row
+        waits while an older row of its study is unfinished, so a study's changes reach the
+        registry in the order they were asked for."""
         now = time.time() if now is None else now
         return [_publication(row) for row in self.index.fetch(
-            f"""SELECT {_COLUMNS} FROM publications WHERE state IN ('pending', 'sent')
-                AND next_attempt_at <= ? ORDER BY pk""", (now,))]
+            f"""SELECT {_COLUMNS} FROM publications p WHERE state IN ('pending', 'sent')
+                AND next_attempt_at <= ? AND NOT EXISTS (
+                    SELECT 1 FROM publications older WHERE older.study_uid = p.study_uid
+                    AND older.pk < p.pk AND older.state IN ('pending', 'sent'))
+                ORDER BY pk""", (now,))]
 
     def listing(self, states: tuple[State, ...] = tuple(State)) -> list[Publication]:
         """Rows in the given states, oldest first."""
@@ -116,12 +126,28 @@ class Outbox:
             f"SELECT {_COLUMNS} FROM publications WHERE state IN ({marks}) ORDER BY pk",
             [s.value for s in states])]
 
-    def current_document(self, study_uid: str) -> Publication | None:
-        """The study's last acknowledged publication of a manifest, if any."""
+    def published_document(self, study_uid: str) -> Publication | None:
+        """The acknowledged publication whose manifest is the study's current document in
+        the registry; None when nothing is published or the last one was withdrawn."""
         rows = self.index.fetch(
-            f"""SELECT {_COLUMNS} FROM publications WHERE study_uid = ? AND action = 'publish'
-                AND state = 'acknowledged' ORDER BY pk DESC LIMIT 1""", (study_uid,))
-        return _publication(rows[0]) if rows else None
+            f"""SELECT {_COLUMNS} FROM publications WHERE study_uid = ? AND state = 'acknowledged'
+                AND action IN ('publish', 'unpublish') ORDER BY pk DESC LIMIT 1""", (study_uid,))
+        latest = _publication(rows[0]) if rows else None
+        return latest if latest is not None and latest.action is Action.PUBLISH else None
+
+    def withdrawals(self, study_uid: str) -> int:
+        """How many times the study's manifest was withdrawn (acknowledged unpublish rows)."""
+        return self.index.fetch(
+            """SELECT count(*) FROM publications WHERE study_uid = ? AND action = 'unpublish'
+               AND state = 'acknowledged'""", (study_uid,))[0][0]
+
+    def confidentiality(self, study_uid: str) -> str:
+        """Payload of the study's latest confidentiality update not refused; "" if none."""
+        rows = self.index.fetch(
+            """SELECT payload FROM publications WHERE study_uid = ? AND action = ?
+               AND state != 'failed' ORDER BY pk DESC LIMIT 1""",
+            (study_uid, Action.CONFIDENTIALITY.value))
+        return rows[0][0] if rows else ""
 
     def update(self, pk: int, **fields: object) -> None:
         """Set columns of a row (``state`` as a State), stamping ``updated_at``."""

@@ -15,6 +15,8 @@ class SeriesContents:
     modality: str
     body_part: str
     series_number: int | None
+    series_date: str
+    series_time: str
     instances: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
 
 
@@ -57,7 +59,8 @@ _STUDY = """
     FROM studies st JOIN patients p ON st.patient_pk = p.pk WHERE st.study_uid = ?
 """
 _INSTANCES = """
-    SELECT se.series_uid, se.modality, se.body_part, se.series_number, i.sop_class_uid, i.sop_uid
+    SELECT se.series_uid, se.modality, se.body_part, se.series_number, se.series_date,
+           se.series_time, i.sop_class_uid, i.sop_uid
     FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
     WHERE st.study_uid = ? ORDER BY se.series_number, se.pk, i.instance_number, i.pk
 """
@@ -72,9 +75,8 @@ def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
     values = [json.loads(v or ("{}" if i == 10 else "[]")) if i in _JSON_COLUMNS else v
               for i, v in enumerate(rows[0])]
     series: dict[str, SeriesContents] = {}
-    for series_uid, modality, body_part, number, sop_class, sop_uid in index.fetch(
-            _INSTANCES, (study_uid,)):
-        if series_uid not in series:
-            series[series_uid] = SeriesContents(series_uid, modality, body_part, number)
-        series[series_uid].instances.append((sop_class, sop_uid))
+    for *columns, sop_class, sop_uid in index.fetch(_INSTANCES, (study_uid,)):
+        if columns[0] not in series:
+            series[columns[0]] = SeriesContents(*columns)
+        series[columns[0]].instances.append((sop_class, sop_uid))
     return StudyContents(*values, series=list(series.values()))

@@ -31,19 +31,17 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-class PasserelleProcess:
-    """``passerelle serve`` in a subprocess with its own data dir and ports."""
+class _Process:
+    """A ``passerelle`` command in a subprocess, ready once ``health_path`` answers 200."""
 
-    def __init__(self, data_dir: Path, **settings: str) -> None:
-        self.data_dir = data_dir
-        self.dicom_port = int(settings.pop("dicom_port", free_port()))
-        self.http_port = int(settings.pop("http_port", free_port()))
-        self.ae_title = settings.get("ae_title", "PASSERELLE")
-        self.env = {**os.environ, "PASSERELLE_DATA_DIR": str(data_dir),
-                    "PASSERELLE_DICOM_PORT": str(self.dicom_port),
-                    "PASSERELLE_HTTP_PORT": str(self.http_port),
-                    **{f"PASSERELLE_{k.upper()}": str(v) for k, v in settings.items()}}
-        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+    health_path = "/health"
+
+    def __init__(self, command: list[str], env: dict[str, str], http_port: int,
+                 log_path: Path) -> None:
+        self.command = command
+        self.env = env
+        self.http_port = http_port
+        self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,27 +49,28 @@ class PasserelleProcess:
         """Base URL of the HTTP server."""
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 30) -> "PasserelleProcess":
-        """Start and wait until ``/health`` answers 200."""
+    def start(self, timeout: float = 30) -> "_Process":
+        """Start and wait until the health path answers 200."""
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env=self.env,
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", *self.command],
+                                     env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_for(self.healthy, timeout, f"passerelle on {self.base_url}")
+        wait_for(self.healthy, timeout, f"{self.command[0]} on {self.base_url}")
         return self
 
-    def __enter__(self) -> "PasserelleProcess":
+    def __enter__(self) -> "_Process":
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def healthy(self) -> bool:
-        """True when the process answers 200 on /health; raises if it died."""
+        """True when the process answers 200 on its health path; raises if it died."""
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"passerelle exited with {self.proc.returncode}:\n{self.log()}")
+            raise RuntimeError(f"{self.command[0]} exited with {self.proc.returncode}:\n"
+                               f"{self.log()}")
         try:
-            return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
+            return httpx.get(f"{self.base_url}{self.health_path}", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -89,6 +88,21 @@ class PasserelleProcess:
         self.proc = None
         return code
 
+
+class PasserelleProcess(_Process):
+    """``passerelle serve`` in a subprocess with its own data dir and ports."""
+
+    def __init__(self, data_dir: Path, **settings: str) -> None:
+        self.data_dir = data_dir
+        self.dicom_port = int(settings.pop("dicom_port", free_port()))
+        http_port = int(settings.pop("http_port", free_port()))
+        self.ae_title = settings.get("ae_title", "PASSERELLE")
+        env = {**os.environ, "PASSERELLE_DATA_DIR": str(data_dir),
+               "PASSERELLE_DICOM_PORT": str(self.dicom_port),
+               "PASSERELLE_HTTP_PORT": str(http_port),
+               **{f"PASSERELLE_{k.upper()}": str(v) for k, v in settings.items()}}
+        super().__init__(["serve"], env, http_port, data_dir.parent / f"{data_dir.name}-serve.log")
+
     def metric(self, name: str, **labels: str) -> float:
         """Current value of a Prometheus sample of ``/metrics`` (0 when absent)."""
         text = httpx.get(f"{self.base_url}/metrics").text
@@ -101,3 +115,20 @@ class PasserelleProcess:
         """Run another ``passerelle`` command on the same data dir."""
         return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=self.env,
                               cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+
+
+class RegistryProcess(_Process):
+    """``passerelle registry`` (the local MHD document registry) in a subprocess."""
+
+    health_path = "/fhir/metadata"
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        port = port or free_port()
+        super().__init__(["registry", "--port", str(port), "--data", str(data_dir)],
+                         dict(os.environ), port, data_dir.parent / f"{data_dir.name}-registry.log")
+
+    @property
+    def fhir_url(self) -> str:
+        """The FHIR base, as PASSERELLE_REGISTRY_URL."""
+        return f"{self.base_url}/fhir"

@@ -72,7 +72,7 @@ def test_states_retry_and_counts(store: Store) -> None:
     assert outbox.retry(row.id)
     assert not outbox.retry(row.id)  # pending now, nothing to retry
     outbox.update(row.id, state=State.ACKNOWLEDGED, document_id="DocumentReference/7")
-    assert outbox.current_document(study).document_id == "DocumentReference/7"
+    assert outbox.published_document(study).document_id == "DocumentReference/7"
     with pytest.raises(LookupError):
         outbox.queue("1.2.3.999", Action.UNPUBLISH)
 

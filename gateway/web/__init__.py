@@ -1,4 +1,5 @@
-"""HTTP application (starlette): DICOMweb under /dicom-web, health and metrics."""
+"""HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, health and
+metrics."""
 
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ from starlette.routing import Mount, Route
 from gateway.config import Settings
 from gateway.deidentify import load_or_create_key
 from gateway.render_cache import RenderCache
+from gateway.web.admin import queue_study_action
 from gateway.web.frames import bulkdata, frames
 from gateway.web.metadata import metadata
 from gateway.web.qido import search_instances, search_series, search_studies
@@ -20,6 +22,7 @@ from gateway.web.rendered import rendered, thumbnail
 from gateway.web.stow import store_instances
 from gateway.web.wado import retrieve
 from gateway.web.wado_uri import wado_uri
+from storage.outbox import Outbox
 from storage.store import Store
 
 _RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
@@ -27,8 +30,10 @@ _RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
                "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}")
 
 
-def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], bool]) -> Starlette:
-    """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up."""
+def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], bool],
+               wake_publisher: Callable[[], None] = lambda: None) -> Starlette:
+    """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up,
+    ``wake_publisher`` is called when an admin request queued something to send."""
 
     async def health(request: Request) -> JSONResponse:
         dicom_up = dicom_serving()
@@ -76,6 +81,7 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/wado", wado_uri, methods=["GET"]),
+        Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
         Mount("/dicom-web", routes=dicomweb),
     ], middleware=middleware)
     app.state.store = store
@@ -84,4 +90,6 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
     app.state.render_cache = RenderCache(settings.data_dir / "cache" / "rendered",
                                          settings.render_cache_bytes)
     app.state.deidentify_key = load_or_create_key(settings.data_dir)
+    app.state.outbox = Outbox(store.index)
+    app.state.wake_publisher = wake_publisher
     return app

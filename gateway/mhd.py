@@ -1,0 +1,393 @@
+"""IHE MHD resources for the French PDSm profile: the ITI-65 "Provide Document Bundle" that
+publishes a KOS manifest (flux 1), and the patches that update it (flux 3).
+
+Codes and shapes follow shared/reference/pdsm/NOTES.md (sections 2-10), which quotes the
+PDSm 3.1.1 / MHD 4.2.3 profiles and the national sample submission.
+"""
+
+import base64
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from gateway.event_codes import EventCode
+from gateway.kos import Manifest
+from storage.study_contents import StudyContents
+from storage.uids import uid_from_digest
+
+PDSM = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/"
+MHD = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/"
+NOS = "https://mos.esante.gouv.fr/NOS/"
+URI = "urn:ietf:rfc:3986"
+FR_CORE_0203 = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203"
+CONFIDENTIALITY_SYSTEMS = (f"{NOS}TRE_A08-HL7Confidentiality/FHIR/TRE-A08-HL7Confidentiality",
+                           "http://terminology.hl7.org/CodeSystem/v3-Confidentiality")
+MASKING_SYSTEM = f"{NOS}TRE_A07-StatutVisibiliteDocument/FHIR/TRE-A07-StatutVisibiliteDocument"
+CATEGORY = {"system": f"{NOS}TRE_A03-ClasseDocument/FHIR/TRE-A03-ClasseDocument",
+            "code": "31", "display": "Imagerie médicale"}
+TYPE = {"system": f"{NOS}TRE_A05-TypeDocComplementaire/FHIR/TRE-A05-TypeDocComplementaire",
+        "code": "IMG-KOS", "display": "Reference d'objets d'un examen d'imagerie"}
+FORMAT = {"system": f"{NOS}TRE_A09-DICOMuidRegistry/FHIR/TRE-A09-DICOMuidRegistry",
+          "code": "1.2.840.10008.5.1.4.1.1.88.59",
+          "display": "Document Références d'objets d'un examen d'imagerie selon profil IHE RAD "
+                     "XDS-I"}
+REFERENCE_ID_TYPES = {"accession": "urn:ihe:iti:xds:2013:accession",
+                      "study": "urn:ihe:iti:xds:2016:studyInstanceUID",
+                      "order": "urn:ihe:iti:xds:2013:order"}
+# INS assigning authorities (ANS): identifier type per OID (NOTES 7).
+INS_TYPES = {"1.2.250.1.213.1.4.8": "INS-NIR", "1.2.250.1.213.1.4.9": "INS-NIA",
+             "1.2.250.1.213.1.4.10": "INS-NIR-TEST", "1.2.250.1.213.1.4.11": "INS-NIR-DEMO"}
+# HL7 v3 Confidentiality (TRE_A08) and the French visibility codes (TRE_A07).
+CONFIDENTIALITY_CODES = ("N", "R", "V")
+MASKING_CODES = ("MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REPRESENTANTS_LEGAUX",
+                 "MASQUE_PSOCIAL", "MASQUE_PT")
+TITLE = "Reference d'objets d'un examen d'imagerie"
+_OID = re.compile(r"[0-9]+(\.[0-9]+)+")
+_GENDERS = {"M": "male", "F": "female", "O": "other"}
+
+
+class MetadataError(ValueError):
+    """The study lacks something the registry requires (said in the message)."""
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Who publishes: the institution-level metadata of every manifest (settings)."""
+
+    gateway_oid: str
+    organization_name: str
+    organization_finess: str = ""
+    patient_id_issuer_oid: str = ""
+    accession_issuer_oid: str = ""
+    order_issuer_oid: str = ""
+    facility_type: str = "SA01"
+    practice_setting: str = "ETABLISSEMENT"
+    designation_type: str = "07"
+    authenticator_idnps: str = ""
+    authenticator_name: str = ""
+
+
+@dataclass(frozen=True)
+class Confidentiality:
+    """Confidentiality code (N, R, V) and visibility (masking) codes of a manifest."""
+
+    level: str = "N"
+    masking: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.level not in CONFIDENTIALITY_CODES:
+            raise ValueError(f"confidentiality must be one of {', '.join(CONFIDENTIALITY_CODES)}"
+                             f", not {self.level!r}")
+        unknown = [code for code in self.masking if code not in MASKING_CODES]
+        if unknown:
+            raise ValueError(f"unknown masking code(s) {', '.join(unknown)}: "
+                             f"{', '.join(MASKING_CODES)}")
+
+    def payload(self) -> str:
+        """As an outbox payload."""
+        return json.dumps({"level": self.level, "masking": list(self.masking)})
+
+    @classmethod
+    def from_payload(cls, payload: str) -> "Confidentiality":
+        """From an outbox payload."""
+        labels = json.loads(payload)
+        return cls(labels["level"], tuple(labels["masking"]))
+
+
+def security_labels(confidentiality: Confidentiality) -> list[dict]:
+    """``DocumentReference.securityLabel``: the level in TRE_A08 and HL7 v3 (one concept,
+    which satisfies both the PDSm 3.1.1 and the CI build bindings), then each masking code."""
+    level = {"coding": [{"system": system, "code": confidentiality.level}
+                        for system in CONFIDENTIALITY_SYSTEMS]}
+    return [level, *({"coding": [{"system": MASKING_SYSTEM, "code": code}]}
+                     for code in confidentiality.masking)]
+
+
+def status_patch(status: str) -> list[dict]:
+    """JSON Patch (RFC 6902) setting the document status (flux 3, NOTES 10.1)."""
+    return [{"op": "replace", "path": "/status", "value": status}]
+
+
+def security_label_patch(confidentiality: Confidentiality) -> list[dict]:
+    """JSON Patch replacing the confidentiality and masking codes (flux 3)."""
+    return [{"op": "replace", "path": "/securityLabel",
+             "value": security_labels(confidentiality)}]
+
+
+def kos_identifier(kos_uid: str) -> str:
+    """The token of a manifest's masterIdentifier, for ITI-67 ``identifier=``."""
+    return f"{URI}|urn:oid:{kos_uid}"
+
+
+def document_id(response: dict) -> str:
+    """``DocumentReference/<id>`` created by an ITI-65 request, from the transaction-response
+    (entries answer in request order, ours is the second); "" when absent."""
+    entries = response.get("entry") or []
+    location = entries[1].get("response", {}).get("location", "") if len(entries) > 1 else ""
+    match = re.search(r"DocumentReference/[^/]+", location)
+    return match.group(0) if match else ""
+
+
+def _identifier(system: str, value: str, code: str = "", use: str = "official",
+                code_system: str = FR_CORE_0203) -> dict:
+    identifier: dict = {"use": use}
+    if code:
+        identifier["type"] = {"coding": [{"system": code_system, "code": code}]}
+    if system:
+        identifier["system"] = system
+    identifier["value"] = value
+    return identifier
+
+
+def _fhir_datetime(date: str, time: str) -> str:
+    """A DICOM DA/TM pair as a FHIR dateTime in the gateway's time zone (DICOM times are
+    local, PS3.5 6.2); a date alone stays a date."""
+    date = date.strip()
+    if len(date) != 8 or not date.isdigit():
+        return ""
+    digits = re.sub(r"[^0-9]", "", time.split(".")[0])[:6]
+    if not digits:
+        return f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    digits = digits.ljust(6, "0")
+    moment = datetime.strptime(date + digits, "%Y%m%d%H%M%S").astimezone()
+    return moment.isoformat(timespec="seconds")
+
+
+def _timestamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+
+
+def _oid(value: str) -> str:
+    value = value.strip().removeprefix("urn:oid:")
+    return value if _OID.fullmatch(value) else ""
+
+
+def _patient_identifiers(study: StudyContents, producer: Producer) -> tuple[dict | None, dict]:
+    """(INS identifier or None, local identifier {} when its issuer is unknown)."""
+    ins = None
+    for other in study.other_patient_ids:
+        issuer = other.get("issuer", {})
+        oid = _oid(issuer.get("universal", "")) or _oid(issuer.get("local", ""))
+        if oid in INS_TYPES and other.get("id") and ins is None:
+            ins = _identifier(f"urn:oid:{oid}", other["id"], INS_TYPES[oid])
+    issuer = _oid(study.issuer_of_patient_id) or producer.patient_id_issuer_oid
+    local = _identifier(f"urn:oid:{issuer}", study.patient_id, "PI", use="usual",
+                        code_system="http://terminology.hl7.org/CodeSystem/v2-0203") \
+        if issuer and study.patient_id else {}
+    return ins, local
+
+
+def _subject(ins: dict | None, local: dict) -> dict:
+    """A logical reference by the national identifier (MHD 2:3.65.4.1.2.2), else the local."""
+    chosen = ins or local
+    return {"type": "Patient", "identifier": {"system": chosen["system"],
+                                              "value": chosen["value"]}}
+
+
+def _source_patient(study: StudyContents, ins: dict | None, local: dict) -> dict:
+    patient: dict = {"resourceType": "Patient", "id": "patient",
+                     "identifier": [i for i in (local, ins) if i]}
+    family, _, rest = study.patient_name.partition("^")
+    given = [part for part in rest.split("^")[:2] if part]
+    if family or given:
+        patient["name"] = [{"use": "official", **({"family": family} if family else {}),
+                            **({"given": given} if given else {})}]
+    patient["gender"] = _GENDERS.get(study.patient_sex.strip().upper(), "unknown")
+    if len(study.patient_birth_date) == 8 and study.patient_birth_date.isdigit():
+        date = study.patient_birth_date
+        patient["birthDate"] = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    return patient
+
+
+def _organization(producer: Producer) -> dict:
+    organization: dict = {"resourceType": "Organization", "id": "organization"}
+    if producer.organization_finess:
+        organization["identifier"] = [
+            _identifier("urn:oid:1.2.250.1.71.4.2.2", f"1{producer.organization_finess}",
+                        "IDNST"),
+            _identifier("https://finess.esante.gouv.fr", producer.organization_finess,
+                        "FINEG")]
+    organization["name"] = producer.organization_name
+    return organization
+
+
+def _device(producer: Producer) -> dict:
+    return {"resourceType": "Device", "id": "device",
+            "identifier": [{"system": URI, "value": f"urn:oid:{producer.gateway_oid}"}],
+            "deviceName": [{"name": "Passerelle (DRIMbox Source)",
+                            "type": "user-friendly-name"}],
+            "owner": {"reference": "#organization"}}
+
+
+def _authenticator(producer: Producer) -> dict | None:
+    if not producer.authenticator_idnps:
+        return None
+    family, _, given = producer.authenticator_name.partition("^")
+    practitioner: dict = {"resourceType": "Practitioner", "id": "authenticator",
+                          "identifier": [_identifier("urn:oid:1.2.250.1.71.4.2.1",
+                                                     producer.authenticator_idnps, "IDNPS")]}
+    if family:
+        practitioner["name"] = [{"use": "official", "family": family,
+                                 **({"given": [given]} if given else {})}]
+    return practitioner
+
+
+def _related(study: StudyContents, producer: Producer) -> list[dict]:
+    """referenceIdList (NOTES 6.3): accession, study UID, placer orders, with their issuers."""
+
+    def entry(kind: str, value: str, issuer: str) -> dict:
+        identifier: dict = {"type": {"coding": [{"system": URI,
+                                                 "code": REFERENCE_ID_TYPES[kind]}]}}
+        if issuer:
+            identifier["system"] = f"urn:oid:{issuer}"
+        identifier["value"] = value
+        return {"identifier": identifier}
+
+    related = []
+    if study.accession_number:
+        issuer = study.accession_issuer
+        oid = _oid(issuer.get("universal", "")) or _oid(issuer.get("local", "")) \
+            or producer.accession_issuer_oid
+        related.append(entry("accession", study.accession_number, oid))
+    related.append(entry("study", study.study_uid, ""))
+    related += [entry("order", number, producer.order_issuer_oid)
+                for number in study.placer_order_numbers if number]
+    return related
+
+
+def _period(study: StudyContents) -> dict:
+    start = _fhir_datetime(study.study_date, study.study_time) or \
+        _timestamp(study.first_received_at)
+    ends = sorted(filter(None, (_fhir_datetime(s.series_date, s.series_time)
+                                for s in study.series)))
+    period = {"start": start}
+    if ends and len(ends[-1]) == len(start) and ends[-1] > start:
+        period["end"] = ends[-1]
+    return period
+
+
+def _concept(system: str, code: str, display: str = "", text: str = "") -> dict:
+    coding = {"system": system, "code": code, **({"display": display} if display else {})}
+    return {"coding": [coding], **({"text": text} if text else {})}
+
+
+def _full_url(kos_uid: str, role: str) -> str:
+    """A ``urn:uuid:`` stable for one manifest, so that a resent Bundle is the same Bundle."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, f'{kos_uid}/{role}')}"
+
+
+def provide_document_bundle(study: StudyContents, manifest: Manifest, producer: Producer,
+                            events: list[EventCode], confidentiality: Confidentiality,
+                            replaces: str = "", now: datetime | None = None) -> dict:
+    """The ITI-65 transaction Bundle publishing ``manifest`` (NOTES 2-6); with ``replaces``
+    (``DocumentReference/<id>`` of the current version) it also supersedes that document
+    (NOTES 10.3). Raises MetadataError when the patient cannot be identified."""
+    ins, local = _patient_identifiers(study, producer)
+    if ins is None and not local:
+        raise MetadataError(
+            f"patient {study.patient_id!r} has no INS and no assigning authority OID "
+            "(IssuerOfPatientID is not an OID): set patient_id_issuer_oid")
+    submitted = (now or datetime.now()).astimezone().isoformat(timespec="seconds")
+    list_url, document_url, binary_url = (_full_url(manifest.sop_uid, role)
+                                          for role in ("list", "document", "binary"))
+    subject = _subject(ins, local)
+    title = f"{TITLE} - {study.study_description}" if study.study_description else TITLE
+    authenticator = _authenticator(producer)
+    submission_uid = uid_from_digest(hashlib.sha256(
+        f"submission\n{manifest.sop_uid}\n{replaces}".encode()).digest())
+    submission_set = {
+        "resourceType": "List",
+        "meta": {"profile": [f"{PDSM}pdsm-submissionset-comprehensive"]},
+        "contained": [_device(producer), _organization(producer)],
+        "extension": [
+            {"url": f"{MHD}ihe-designationType", "valueCodeableConcept": _concept(
+                f"{NOS}TRE_R209-TypeActivite/FHIR/TRE-R209-TypeActivite",
+                producer.designation_type)},
+            {"url": f"{MHD}ihe-sourceId",
+             "valueIdentifier": {"system": URI, "value": f"urn:oid:{producer.gateway_oid}"}}],
+        "identifier": [{"use": "usual", "system": URI, "value": f"urn:oid:{submission_uid}"},
+                       {"use": "official", "system": URI, "value": list_url}],
+        "status": "current",
+        "mode": "working",
+        "title": title,
+        "code": _concept("https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes",
+                         "submissionset", "SubmissionSet as a FHIR List"),
+        "subject": subject,
+        "date": submitted,
+        "source": {"extension": [{"url": f"{MHD}ihe-authorOrg",
+                                  "valueReference": {"reference": "#organization"}}],
+                   "reference": "#device"},
+        "entry": [{"item": {"reference": document_url}}],
+    }
+    document = {
+        "resourceType": "DocumentReference",
+        "meta": {"profile": [f"{PDSM}pdsm-comprehensive-document-reference"]},
+        "contained": [_organization(producer), _device(producer),
+                      _source_patient(study, ins, local),
+                      *([authenticator] if authenticator else [])],
+        "masterIdentifier": {"use": "usual", "system": URI,
+                             "value": f"urn:oid:{manifest.sop_uid}"},
+        "identifier": [{"use": "official", "system": URI, "value": document_url}],
+        "status": "current",
+        "type": {"coding": [TYPE]},
+        "category": [{"coding": [CATEGORY]}],
+        "subject": subject,
+        "date": submitted,
+        "author": [{"reference": "#device"}],
+        **({"authenticator": {"reference": "#authenticator"}} if authenticator else {}),
+        "custodian": {"reference": "#organization"},
+        **({"relatesTo": [{"code": "replaces", "target": {"reference": replaces}}]}
+           if replaces else {}),
+        "securityLabel": security_labels(confidentiality),
+        "content": [{
+            "attachment": {
+                "contentType": "application/dicom",
+                "language": "fr-FR",
+                "url": binary_url,
+                "size": len(manifest.data),
+                "hash": base64.b64encode(hashlib.sha1(manifest.data).digest()).decode(),
+                "title": title,
+                "creation": _timestamp(study.last_received_at),
+            },
+            "format": FORMAT,
+        }],
+        "context": {
+            "event": [_concept(e.system, e.code, text=e.text) for e in events],
+            "period": _period(study),
+            "facilityType": _concept(
+                f"{NOS}TRE_R02-SecteurActivite/FHIR/TRE-R02-SecteurActivite",
+                producer.facility_type),
+            "practiceSetting": _concept(
+                f"{NOS}TRE_A01-CadreExercice/FHIR/TRE-A01-CadreExercice",
+                producer.practice_setting),
+            "sourcePatientInfo": {"reference": "#patient"},
+            "related": _related(study, producer),
+        },
+    }
+    if not document["context"]["event"]:
+        del document["context"]["event"]
+    entries = [
+        {"fullUrl": list_url, "resource": submission_set,
+         "request": {"method": "POST", "url": "List"}},
+        {"fullUrl": document_url, "resource": document,
+         "request": {"method": "POST", "url": "DocumentReference"}},
+        {"fullUrl": binary_url,
+         "resource": {"resourceType": "Binary", "contentType": "application/dicom",
+                      "data": base64.b64encode(manifest.data).decode()},
+         "request": {"method": "POST", "url": "Binary"}},
+    ]
+    if replaces:
+        entries.append({
+            "resource": {"resourceType": "Parameters",
+                         "meta": {"profile": [f"{MHD}IHE.MHD.Patch.Parameters"]},
+                         "parameter": [{"name": "operation", "part": [
+                             {"name": "type", "valueCode": "replace"},
+                             {"name": "path", "valueString": "DocumentReference.status"},
+                             {"name": "value", "valueCode": "superseded"}]}]},
+            "request": {"method": "PATCH", "url": replaces}})
+    return {"resourceType": "Bundle",
+            "meta": {"profile": [f"{PDSM}pdsm-comprehensive-provide-document-bundle"]},
+            "type": "transaction", "timestamp": submitted, "entry": entries}

@@ -1,0 +1,103 @@
+"""HTTP client of the document registry (MHD Document Recipient / Responder): ITI-65, the
+ITI-67 lookup of a manifest by its uniqueId, and flux 3 patches. Every failure is sorted into
+transient (try again later) or rejected (a person must look), with the registry's reason."""
+
+import json
+
+import httpx
+
+from gateway.mhd import kos_identifier
+
+FHIR_JSON = "application/fhir+json"
+
+
+class TransientError(Exception):
+    """No usable answer: network failure, timeout, 408/429/5xx. ``maybe_delivered`` is False
+    only when the request certainly never reached the registry (connection refused)."""
+
+    def __init__(self, message: str, maybe_delivered: bool) -> None:
+        super().__init__(message)
+        self.maybe_delivered = maybe_delivered
+
+
+class RejectedError(Exception):
+    """The registry refused the request (4xx); ``codes`` are its OperationOutcome codes."""
+
+    def __init__(self, status: int, reason: str, codes: list[str], body: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+        self.codes = codes
+        self.body = body
+
+
+def _outcome(response: httpx.Response) -> tuple[str, list[str]]:
+    """A readable reason and the issue codes of an error response (OperationOutcome)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase, []
+    issues = body.get("issue", []) if isinstance(body, dict) else []
+    codes = [(i.get("details") or {}).get("text") or i.get("code", "") for i in issues]
+    reasons = [f"{code}: {i.get('diagnostics', '')}".strip(": ") +
+               (f" ({', '.join(i['expression'])})" if i.get("expression") else "")
+               for code, i in zip(codes, issues, strict=True)]
+    return "; ".join(reasons) or response.reason_phrase, codes
+
+
+class RegistryClient:
+    """The registry at ``base_url`` (its FHIR base)."""
+
+    def __init__(self, base_url: str, timeout: float,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._http = httpx.Client(timeout=timeout, transport=transport,
+                                  headers={"Accept": FHIR_JSON,
+                                           "User-Agent": "Passerelle (DRIMbox Source)"})
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def _request(self, method: str, url: str, **kwargs: object) -> dict:
+        try:
+            response = self._http.request(method, url, **kwargs)  # type: ignore[arg-type]
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise TransientError(f"registry unreachable: {exc or type(exc).__name__}",
+                                 maybe_delivered=False) from exc
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"no answer from the registry within {self.timeout:g} s",
+                                 maybe_delivered=True) from exc
+        except httpx.HTTPError as exc:
+            raise TransientError(f"registry connection failed: {exc}",
+                                 maybe_delivered=True) from exc
+        if response.status_code in (408, 429) or response.status_code >= 500:
+            reason, _ = _outcome(response)
+            raise TransientError(f"HTTP {response.status_code}: {reason}", maybe_delivered=True)
+        if response.status_code >= 400:
+            reason, codes = _outcome(response)
+            raise RejectedError(response.status_code, reason, codes, response.text)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise TransientError(f"HTTP {response.status_code} with a body that is not JSON",
+                                 maybe_delivered=True) from exc
+
+    def provide(self, bundle: dict) -> dict:
+        """ITI-65: POST the transaction Bundle; the transaction-response."""
+        return self._request("POST", self.base_url, content=json.dumps(bundle).encode(),
+                             headers={"Content-Type": FHIR_JSON})
+
+    def find(self, kos_uid: str) -> str:
+        """``DocumentReference/<id>`` registered under this manifest uniqueId, or ""."""
+        found = self._request("GET", f"{self.base_url}/DocumentReference",
+                              params={"identifier": kos_identifier(kos_uid)})
+        ids = [e["resource"]["id"] for e in found.get("entry", [])
+               if e.get("resource", {}).get("resourceType") == "DocumentReference"]
+        return f"DocumentReference/{ids[-1]}" if ids else ""
+
+    def patch(self, document_id: str, operations: list[dict]) -> dict:
+        """Flux 3: JSON Patch of a DocumentReference; the updated resource."""
+        return self._request("PATCH", f"{self.base_url}/{document_id}",
+                             content=json.dumps(operations).encode(),
+                             headers={"Content-Type": "application/json-patch+json"})

@@ -1,0 +1,223 @@
+"""The outbox worker: sends each outbox row to the document registry and records the answer.
+
+Guarantees: a row reaches ``acknowledged`` once the registry holds what it asked for, and a
+manifest is never registered twice. A row is marked ``sent`` before the request leaves; a row
+found ``sent`` (after a timeout, a 5xx or a crash) is first looked up in the registry by its
+uniqueId (ITI-67) and only sent again when the registry does not have it.
+"""
+
+import json
+import logging
+import threading
+import time
+
+from gateway.config import Settings
+from gateway.event_codes import EventCodeTable
+from gateway.kos import Manifest, RetrieveOrigin, build_manifest
+from gateway.metrics import PUBLICATION_ATTEMPTS, UNMAPPED_EVENT_CODES
+from gateway.mhd import (
+    Confidentiality,
+    MetadataError,
+    Producer,
+    document_id,
+    provide_document_bundle,
+    security_label_patch,
+    status_patch,
+)
+from gateway.mhd_client import RegistryClient, RejectedError, TransientError
+from storage.outbox import Action, Outbox, Publication, State
+from storage.store import Store
+from storage.study_contents import StudyContents, load_study_contents
+
+log = logging.getLogger(__name__)
+
+
+class _RefusedError(Exception):
+    """A row that cannot succeed as it stands (said in the message)."""
+
+    def __init__(self, message: str, body: str = "") -> None:
+        super().__init__(message)
+        self.body = body
+
+
+def producer_from_settings(settings: Settings) -> Producer:
+    """The institution-level metadata of the settings."""
+    return Producer(**{name: getattr(settings, name) for name in Producer.__dataclass_fields__})
+
+
+class Publisher:
+    """A thread working through the outbox of ``store`` until stopped."""
+
+    def __init__(self, store: Store, settings: Settings, client: RegistryClient,
+                 event_codes: EventCodeTable, interval: float = 1.0) -> None:
+        self.store = store
+        self.outbox = Outbox(store.index)
+        self.client = client
+        self.producer = producer_from_settings(settings)
+        self.origin = RetrieveOrigin(settings.public_url, settings.ae_title,
+                                     settings.gateway_oid, settings.organization_name)
+        self.event_codes = event_codes
+        self.default_confidentiality = Confidentiality(settings.confidentiality,
+                                                       tuple(settings.masking_codes))
+        self.retry_seconds = settings.publish_retry_seconds
+        self.retry_max_seconds = settings.publish_retry_max_seconds
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def start(self) -> None:
+        """Start sending."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the row in progress."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.client.close()
+
+    def wake(self) -> None:
+        """Look at the outbox now (something was queued)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a locked index must not kill the worker
+                log.exception("outbox pass failed; retrying")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def run_once(self) -> int:
+        """Work on every due row once; how many were due."""
+        rows = self.outbox.due()
+        for row in rows:
+            if self._stop.is_set():
+                break
+            self._process(row)
+        return len(rows)
+
+    def _process(self, row: Publication) -> None:
+        handler = {Action.PUBLISH: self._publish, Action.UNPUBLISH: self._unpublish,
+                   Action.CONFIDENTIALITY: self._update_confidentiality}[row.action]
+        try:
+            handler(row)
+        except TransientError as exc:
+            self._retry(row, str(exc), exc.maybe_delivered)
+        except RejectedError as exc:
+            self._fail(row, str(exc), exc.body)
+        except _RefusedError as exc:
+            self._fail(row, str(exc), exc.body)
+        except Exception as exc:  # a bug must leave the row retryable, not kill the worker
+            log.exception("publication %d: unexpected error", row.id)
+            self._retry(row, f"internal error: {exc!r}", maybe_delivered=True)
+
+    def _publish(self, row: Publication) -> None:
+        if row.state is State.SENT and row.kos_uid:
+            found = self.client.find(row.kos_uid)
+            if found:
+                self._acknowledge(row, found, "registered by an earlier attempt whose answer "
+                                              "was lost", kos_uid=row.kos_uid)
+                return
+        study = load_study_contents(self.store.index, row.study_uid)
+        if study is None or not study.series:
+            raise _RefusedError(f"study {row.study_uid} is no longer stored")
+        previous = self.outbox.published_document(row.study_uid)
+        manifest = self._manifest(study)
+        if previous is not None and previous.kos_uid == manifest.sop_uid:
+            self._acknowledge(row, previous.document_id, "unchanged since its publication",
+                              kos_uid=manifest.sop_uid)
+            return
+        events, unmapped = self.event_codes.codes([s.modality for s in study.series],
+                                                  [s.body_part for s in study.series])
+        for value in unmapped:
+            UNMAPPED_EVENT_CODES.labels(value.split()[0]).inc()
+            log.warning("study %s: %s has no event code in the mapping table; not sent",
+                        row.study_uid, value)
+        try:
+            bundle = provide_document_bundle(
+                study, manifest, self.producer, events, self._confidentiality(row.study_uid),
+                replaces=previous.document_id if previous else "")
+        except MetadataError as exc:
+            raise _RefusedError(str(exc)) from exc
+        self.outbox.update(row.id, state=State.SENT, attempts=row.attempts + 1,
+                           kos_uid=manifest.sop_uid,
+                           replaces_kos_uid=previous.kos_uid if previous else "")
+        try:
+            response = self.client.provide(bundle)
+        except RejectedError as exc:
+            # Our own earlier attempt may be what the registry holds (answer lost).
+            found = self.client.find(manifest.sop_uid) \
+                if "XDSDuplicateUniqueIdInRegistry" in exc.codes else ""
+            if not found:
+                raise
+            self._acknowledge(row, found, "already registered", kos_uid=manifest.sop_uid)
+            return
+        self._acknowledge(row, document_id(response) or self.client.find(manifest.sop_uid),
+                          json.dumps(response), kos_uid=manifest.sop_uid)
+
+    def _manifest(self, study: StudyContents) -> Manifest:
+        """The study's manifest, kept under ``manifests/``: the bytes first sent under a
+        uniqueId are the ones sent again (a settings change must not alter its hash)."""
+        manifest = build_manifest(study, self.origin, self.outbox.withdrawals(study.study_uid))
+        relative = f"manifests/{study.study_uid}/{manifest.sop_uid}.dcm"
+        path = self.store.blobs.absolute(relative)
+        if path.exists():
+            return Manifest(manifest.sop_uid, manifest.series_uid, path.read_bytes())
+        self.store.blobs.put(relative, [manifest.data])
+        return manifest
+
+    def _confidentiality(self, study_uid: str) -> Confidentiality:
+        payload = self.outbox.confidentiality(study_uid)
+        return Confidentiality.from_payload(payload) if payload else self.default_confidentiality
+
+    def _unpublish(self, row: Publication) -> None:
+        previous = self.outbox.published_document(row.study_uid)
+        if previous is None:
+            raise _RefusedError(f"study {row.study_uid} has no published manifest to withdraw")
+        self.outbox.update(row.id, state=State.SENT, attempts=row.attempts + 1,
+                           kos_uid=previous.kos_uid)
+        # Withdrawal = status superseded: MHD allows no other (NOTES 10.2).
+        response = self.client.patch(previous.document_id, status_patch("superseded"))
+        self._acknowledge(row, previous.document_id, json.dumps(response),
+                          kos_uid=previous.kos_uid)
+
+    def _update_confidentiality(self, row: Publication) -> None:
+        previous = self.outbox.published_document(row.study_uid)
+        if previous is None:
+            self._acknowledge(row, "", "nothing published yet: applies to the next publication")
+            return
+        self.outbox.update(row.id, state=State.SENT, attempts=row.attempts + 1,
+                           kos_uid=previous.kos_uid)
+        response = self.client.patch(previous.document_id,
+                                     security_label_patch(self._confidentiality(row.study_uid)))
+        self._acknowledge(row, previous.document_id, json.dumps(response),
+                          kos_uid=previous.kos_uid)
+
+    def _acknowledge(self, row: Publication, document: str, response: str, **fields: str) -> None:
+        self.outbox.update(row.id, state=State.ACKNOWLEDGED, document_id=document,
+                           response=response, last_error="", **fields)
+        PUBLICATION_ATTEMPTS.labels(row.action.value, "acknowledged").inc()
+        log.info("publication %d (%s of study %s) acknowledged: %s", row.id, row.action,
+                 row.study_uid, document or response)
+
+    def _fail(self, row: Publication, reason: str, body: str) -> None:
+        self.outbox.update(row.id, state=State.FAILED, last_error=reason, response=body)
+        PUBLICATION_ATTEMPTS.labels(row.action.value, "rejected").inc()
+        log.error("publication %d (%s of study %s) failed: %s; fix, then "
+                  "`passerelle outbox retry %d`", row.id, row.action, row.study_uid, reason,
+                  row.id)
+
+    def _retry(self, row: Publication, reason: str, maybe_delivered: bool) -> None:
+        attempts = row.attempts + 1
+        delay = min(self.retry_seconds * 2 ** (attempts - 1), self.retry_max_seconds)
+        # A row that may have reached the registry stays `sent`: looked up before resending.
+        state = State.SENT if maybe_delivered or row.state is State.SENT else State.PENDING
+        self.outbox.update(row.id, state=state, attempts=attempts, last_error=reason,
+                           next_attempt_at=time.time() + delay)
+        PUBLICATION_ATTEMPTS.labels(row.action.value, "retry").inc()
+        log.warning("publication %d (%s of study %s): %s; attempt %d, next in %.0f s", row.id,
+                    row.action, row.study_uid, reason, attempts, delay)

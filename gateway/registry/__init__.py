@@ -1,0 +1,1 @@
+"""The local document registry stand-in (``passerelle registry``)."""

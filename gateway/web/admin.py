@@ -1,0 +1,44 @@
+"""Operator endpoints: queue the publication, withdrawal or confidentiality change of a
+study (``POST /admin/studies/{study}/{action}``). Each goes through the outbox like the
+automatic publications, and the answer is the queued row (202)."""
+
+import json
+from dataclasses import asdict
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway.mhd import Confidentiality
+from storage.outbox import Action, Outbox
+
+_ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
+            "confidentiality": Action.CONFIDENTIALITY}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def queue_study_action(request: Request) -> JSONResponse:
+    """Queue one action; the confidentiality body is ``{"level": "R", "masking": [...]}``."""
+    action = _ACTIONS.get(request.path_params["action"])
+    if action is None:
+        return _error(404, f"unknown action {request.path_params['action']!r}: "
+                           f"{', '.join(_ACTIONS)}")
+    payload = ""
+    if action is Action.CONFIDENTIALITY:
+        try:
+            body = json.loads(await request.body() or b"{}")
+            payload = Confidentiality(str(body.get("level", "N")),
+                                      tuple(body.get("masking", []))).payload()
+        except (ValueError, TypeError, AttributeError) as exc:
+            return _error(400, f"expected {{\"level\": \"N|R|V\", \"masking\": [codes]}}: {exc}")
+    outbox: Outbox = request.app.state.outbox
+    try:
+        row = await run_in_threadpool(outbox.queue, request.path_params["study"], action,
+                                      payload)
+    except LookupError as exc:
+        return _error(404, str(exc))
+    request.app.state.wake_publisher()
+    return JSONResponse(asdict(row), status_code=202)

@@ -1,0 +1,94 @@
+"""A TCP proxy in front of the local registry that fails on demand, for the outbox tests:
+``forward`` (pass through), ``503`` (answers Service Unavailable), ``hang`` (reads the request,
+never answers: a timeout), ``lose-answer`` (forwards the request, then drops the answer, so
+the registry has the document but the gateway does not know)."""
+
+import asyncio
+import threading
+
+from tests.processes import free_port
+
+_OUTCOME = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error",'
+            b'"code":"transient","diagnostics":"registry under maintenance"}]}')
+_UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/fhir+json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_OUTCOME), _OUTCOME))
+
+
+class FaultyProxy:
+    """Listens on 127.0.0.1:``port`` and relays to 127.0.0.1:``upstream`` per ``mode``."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self.mode = "forward"
+        self.requests: list[str] = []  # "METHOD path" of each request seen
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The FHIR base URL through the proxy."""
+        return f"http://127.0.0.1:{self.port}/fhir"
+
+    def __enter__(self) -> "FaultyProxy":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return head + (await reader.readexactly(length) if length else b"")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await self._read_request(reader)
+                self.requests.append(" ".join(request.split(b" ", 2)[:2]).decode())
+                if not await self._answer(request, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        """Handle one request; False when the connection must be closed."""
+        mode = self.mode
+        if mode == "503":
+            writer.write(_UNAVAILABLE)
+            await writer.drain()
+            return False
+        if mode == "hang":
+            await asyncio.sleep(3600)
+            return False
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        request = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1) \
+            if b"\r\nconnection:" not in request.lower() else request
+        up_writer.write(request)
+        await up_writer.drain()
+        answer = await up_reader.read()
+        up_writer.close()
+        if mode == "lose-answer":
+            await asyncio.sleep(3600)
+            return False
+        writer.write(answer.replace(b"connection: keep-alive", b"connection: close"))
+        await writer.drain()
+        return False
