@@ -37,6 +37,13 @@ class FaultyProxy:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        async def cancel_connections() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_connections(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
@@ -61,7 +68,7 @@ class FaultyProxy:
         try:
             while True:
                 request = await self._read_request(reader)
-                self.requests.append(" ".join(request.split(b" ", 2)[:2]).decode())
+                self.requests.append(b" ".join(request.split(b" ", 2)[:2]).decode())
                 if not await self._answer(request, writer):
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -80,9 +87,10 @@ class FaultyProxy:
             await asyncio.sleep(3600)
             return False
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
-        request = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1) \
-            if b"\r\nconnection:" not in request.lower() else request
-        up_writer.write(request)
+        head, _, body = request.partition(b"\r\n\r\n")
+        lines = [line for line in head.split(b"\r\n")
+                 if not line.lower().startswith(b"connection:")]
+        up_writer.write(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
         await up_writer.drain()
         answer = await up_reader.read()
         up_writer.close()

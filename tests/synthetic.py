@@ -1,9 +1,11 @@
 """Synthetic studies for tests and benchmarks: real Part 10 files, generated, never downloaded."""
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -63,6 +65,33 @@ def ct_slice(study_uid: str, series_uid: str, series_number: int, instance_numbe
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def national_ct_slice(study_uid: str, series_uid: str, series_number: int,
+                      instance_number: int, ins: bool = True, **attributes: object) -> Dataset:
+    """A small CT slice carrying the identifiers of the national ITI-65 example: the INS
+    (test OID 1.2.250.1.213.1.4.10), the accession number with its issuer, the placer order."""
+    ds = ct_slice(study_uid, series_uid, series_number, instance_number, size=4,
+                  accession="ACC-2026-000457",
+                  PlacerOrderNumberImagingServiceRequest="CMD-2026-88812", **attributes)
+    issuer = Dataset()
+    issuer.UniversalEntityID, issuer.UniversalEntityIDType = "1.2.250.1.999.1.1.2", "ISO"
+    ds.IssuerOfAccessionNumberSequence = Sequence([issuer])
+    if ins:
+        other, qualifier = Dataset(), Dataset()
+        other.PatientID, other.TypeOfPatientID = "279035121518989", "TEXT"
+        qualifier.UniversalEntityID = "1.2.250.1.213.1.4.10"
+        qualifier.UniversalEntityIDType = "ISO"
+        other.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
+        ds.OtherPatientIDsSequence = Sequence([other])
+    return ds
+
+
+def part10(ds: Dataset) -> bytes:
+    """The Part 10 bytes of a data set."""
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def write_ct_study(folder: Path, series: int = 3, per_series: int = 5, size: int = 64,

@@ -11,7 +11,6 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from gateway.kos import KOS_SOP_CLASS, RetrieveOrigin, build_manifest
@@ -20,7 +19,7 @@ from storage.study_contents import load_study_contents
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess
 from tests.scu import send
-from tests.synthetic import ct_slice
+from tests.synthetic import national_ct_slice
 
 # SOP classes mixed into the studies: images, a structured report, a waveform.
 MIXED = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7",
@@ -31,18 +30,9 @@ _NO_PIXELS = ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "Hi
 
 
 def _instance(study: str, series: str, number: int, index: int, sop_class: str) -> Dataset:
-    ds = ct_slice(study, series, number, index, size=8, SOPClassUID=sop_class,
-                  PlacerOrderNumberImagingServiceRequest="CMD-2026-88812",
-                  RequestedProcedureID="RP457")
+    ds = national_ct_slice(study, series, number, index, SOPClassUID=sop_class,
+                           RequestedProcedureID="RP457")
     ds.file_meta.MediaStorageSOPClassUID = sop_class
-    issuer = Dataset()
-    issuer.UniversalEntityID, issuer.UniversalEntityIDType = "1.2.250.1.999.1.1.2", "ISO"
-    ds.IssuerOfAccessionNumberSequence = Sequence([issuer])
-    ins, qualifier = Dataset(), Dataset()
-    ins.PatientID, ins.TypeOfPatientID = "279035121518989", "TEXT"
-    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = "1.2.250.1.213.1.4.10", "ISO"
-    ins.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
-    ds.OtherPatientIDsSequence = Sequence([ins])
     if "Image" not in ds.SOPClassUID.name:
         for keyword in _NO_PIXELS:
             delattr(ds, keyword)

@@ -113,7 +113,7 @@ def _provide(store: DocumentStore, bundle: dict, base: str) -> dict:
             resource = _rewrite({k: v for k, v in resource.items() if k != "id"}, ids)
             if resource["resourceType"] == "DocumentReference":
                 for content in resource["content"]:
-                    content["attachment"]["url"] = f"{base}/{content['attachment']['url']}"
+                    content["attachment"]["url"] = f"{base}/{ids[content['attachment']['url']]}"
                 for relation in resource.get("relatesTo", []):
                     if relation.get("code") == "replaces":
                         _supersede(store, relation.get("target", {}).get("reference", ""),

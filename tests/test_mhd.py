@@ -1,0 +1,158 @@
+"""The ITI-65 bundle built from a stored study: conformant to the PDSm rules the local
+registry checks, valid FHIR (fhir.resources R4B), and shaped like the national example."""
+
+import base64
+import hashlib
+import json
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from gateway.event_codes import DCM, SNOMED, load_event_codes
+from gateway.kos import RetrieveOrigin, build_manifest
+from gateway.mhd import (
+    Confidentiality,
+    MetadataError,
+    Producer,
+    document_id,
+    provide_document_bundle,
+)
+from gateway.registry.validate import check_provide_bundle
+from storage.store import Outcome, Store
+from storage.study_contents import StudyContents, load_study_contents
+from tests.processes import REPO
+from tests.synthetic import national_ct_slice, part10
+
+EXAMPLE = REPO.parent / "shared" / "reference" / "pdsm" / "iti65-kos-example.json"
+PRODUCER = Producer(gateway_oid="1.2.250.1.999.1.1.9", organization_name="CH Exemple",
+                    organization_finess="999000011", order_issuer_oid="1.2.250.1.999.1.1.3",
+                    authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie")
+ORIGIN = RetrieveOrigin("https://imagerie.example.org", "PASSERELLE", "1.2.250.1.999.1.1.9")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "data")
+
+
+def _stored_study(store: Store, ins: bool = True) -> StudyContents:
+    study, series = generate_uid(), generate_uid()
+    for number in (1, 2, 3):
+        result = store.ingest(part10(national_ct_slice(study, series, 1, number, ins)), "test")
+        assert result.outcome is Outcome.STORED
+    contents = load_study_contents(store.index, study)
+    assert contents is not None
+    return contents
+
+
+def _bundle(study: StudyContents, replaces: str = "", producer: Producer = PRODUCER) -> dict:
+    manifest = build_manifest(study, ORIGIN)
+    events, unknown = load_event_codes().codes([s.modality for s in study.series],
+                                               [s.body_part for s in study.series])
+    assert unknown == []
+    return provide_document_bundle(study, manifest, producer, events, Confidentiality(),
+                                   replaces=replaces)
+
+
+def test_bundle_passes_the_registry_rules_and_fhir_structure(store: Store) -> None:
+    bundle = _bundle(_stored_study(store))
+    assert check_provide_bundle(bundle) == []
+    Bundle.model_validate(bundle)  # FHIR structure (R4B models; R4 has no Python package)
+
+
+def test_bundle_carries_the_imaging_metadata(store: Store) -> None:
+    study = _stored_study(store)
+    bundle = _bundle(study)
+    submission, document, binary = (entry["resource"] for entry in bundle["entry"])
+    kos = base64.b64decode(binary["data"])
+    assert dcmread(BytesIO(kos)).SOPInstanceUID == \
+        document["masterIdentifier"]["value"].removeprefix("urn:oid:")
+    attachment = document["content"][0]["attachment"]
+    assert attachment["size"] == len(kos)
+    assert attachment["hash"] == base64.b64encode(hashlib.sha1(kos).digest()).decode()
+    assert attachment["url"] == bundle["entry"][2]["fullUrl"]
+    events = {(c["system"], c["code"]) for e in document["context"]["event"]
+              for c in e["coding"]}
+    assert events == {(DCM, "CT"), (SNOMED, "67734004")}  # CT of the CHEST
+    related = {(r["identifier"]["type"]["coding"][0]["code"], r["identifier"].get("system"),
+                r["identifier"]["value"]) for r in document["context"]["related"]}
+    assert related == {
+        ("urn:ihe:iti:xds:2013:accession", "urn:oid:1.2.250.1.999.1.1.2", "ACC-2026-000457"),
+        ("urn:ihe:iti:xds:2016:studyInstanceUID", None, study.study_uid),
+        ("urn:ihe:iti:xds:2013:order", "urn:oid:1.2.250.1.999.1.1.3", "CMD-2026-88812")}
+    ins = {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "279035121518989"}
+    assert document["subject"]["identifier"] == submission["subject"]["identifier"] == ins
+    patient = next(c for c in document["contained"] if c["resourceType"] == "Patient")
+    assert [i["type"]["coding"][0]["code"] for i in patient["identifier"]] == ["INS-NIR-TEST"]
+    assert document["context"]["period"]["start"].startswith("2026-01-10T10:15:00")
+    organization = next(c for c in document["contained"] if c["resourceType"] == "Organization")
+    assert [i["value"] for i in organization["identifier"]] == ["1999000011", "999000011"]
+
+
+def test_bundle_is_shaped_like_the_national_example(store: Store) -> None:
+    ours = _bundle(_stored_study(store))
+    example = json.loads(EXAMPLE.read_text())
+    assert [(e["request"]["method"], e["request"]["url"]) for e in ours["entry"]] == \
+        [(e["request"]["method"], e["request"]["url"]) for e in example["entry"]]
+    optional = {"description", "note"}  # free text the example adds
+    for ours_entry, example_entry in zip(ours["entry"], example["entry"], strict=True):
+        mine, theirs = ours_entry["resource"], example_entry["resource"]
+        assert set(theirs) - optional <= set(mine), mine["resourceType"]
+        for key in ("type", "category", "code", "mode", "status", "contentType"):
+            assert mine.get(key) == theirs.get(key), key
+    doc, national = ours["entry"][1]["resource"], example["entry"][1]["resource"]
+    assert doc["content"][0]["format"] == national["content"][0]["format"]
+    assert set(doc["context"]) >= set(national["context"])
+    assert doc["securityLabel"][0]["coding"][0]["system"] == \
+        national["securityLabel"][0]["coding"][0]["system"]
+
+
+def test_a_replacement_supersedes_the_previous_document(store: Store) -> None:
+    bundle = _bundle(_stored_study(store), replaces="DocumentReference/41")
+    assert check_provide_bundle(bundle) == []
+    document = bundle["entry"][1]["resource"]
+    assert document["relatesTo"] == [{"code": "replaces",
+                                      "target": {"reference": "DocumentReference/41"}}]
+    patch = bundle["entry"][3]
+    assert patch["request"] == {"method": "PATCH", "url": "DocumentReference/41"}
+    assert patch["resource"]["parameter"][0]["part"][2] == {"name": "value",
+                                                            "valueCode": "superseded"}
+
+
+def test_a_patient_without_ins_needs_an_issuer_oid(store: Store) -> None:
+    study = _stored_study(store, ins=False)
+    with pytest.raises(MetadataError, match="patient_id_issuer_oid"):
+        _bundle(study)
+    producer = Producer(**{**PRODUCER.__dict__, "patient_id_issuer_oid": "1.2.250.1.999.1.1.1"})
+    bundle = _bundle(study, producer=producer)
+    assert bundle["entry"][1]["resource"]["subject"]["identifier"] == {
+        "system": "urn:oid:1.2.250.1.999.1.1.1", "value": "PAT001"}
+    assert check_provide_bundle(bundle) == []
+
+
+def test_event_code_table(tmp_path: Path) -> None:
+    table = load_event_codes()
+    codes, unknown = table.codes(["CT", "ct", "SR", "KO", "ZZ"],
+                                 ["Thorax", "CHEST", "genou", "CHESTABDOMEN", "", "ELBOW_X"])
+    assert [(c.system, c.code) for c in codes] == [
+        (DCM, "CT"), (SNOMED, "67734004"), (SNOMED, "61685007"), (SNOMED, "63337009")]
+    assert unknown == ["Modality ZZ", "BodyPartExamined ELBOW_X"]
+    extra = tmp_path / "local.toml"
+    extra.write_text('[modalities]\nZZ = "Local"\n[body_parts]\n"ELBOW X" = "53120007"\n')
+    codes, unknown = load_event_codes(extra).codes(["ZZ"], ["ELBOW_X"])
+    assert [c.code for c in codes] == ["ZZ", "53120007"] and unknown == []
+    extra.write_text('[body_parts]\nODD = "12345"\n')
+    with pytest.raises(ValueError, match="not listed in"):
+        load_event_codes(extra)
+
+
+def test_document_id_from_a_transaction_response() -> None:
+    response = {"entry": [{"response": {"location": "List/1/_history/1"}},
+                          {"response": {"location": "http://r/fhir/DocumentReference/8f2/"
+                                                  "_history/1"}}]}
+    assert document_id(response) == "DocumentReference/8f2"
+    assert document_id({"entry": []}) == ""
