@@ -89,9 +89,9 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(row) for row in rows], ensure_ascii=False, indent=2))
     elif rows:
-        print(_table(("ID", "STATE", "ACTION", "ATTEMPTS", "STUDY UID", "LAST ERROR"),
+        print(_table(("ID", "STATE", "ACTION", "ATTEMPTS", "STUDY UID", "DOCUMENT", "LAST ERROR"),
                      [(str(r.id), r.state, r.action, str(r.attempts), r.study_uid,
-                       r.last_error) for r in rows]))
+                       r.document_id, r.last_error) for r in rows]))
     else:
         print("outbox empty")
     return 0

@@ -55,19 +55,20 @@ class MetadataError(ValueError):
 
 @dataclass(frozen=True)
 class Producer:
-    """Who publishes: the institution-level metadata of every manifest (settings)."""
+    """Who publishes: the institution-level metadata of every manifest (from the settings,
+    which hold the defaults)."""
 
     gateway_oid: str
     organization_name: str
-    organization_finess: str = ""
-    patient_id_issuer_oid: str = ""
-    accession_issuer_oid: str = ""
-    order_issuer_oid: str = ""
-    facility_type: str = "SA01"
-    practice_setting: str = "ETABLISSEMENT"
-    designation_type: str = "07"
-    authenticator_idnps: str = ""
-    authenticator_name: str = ""
+    organization_finess: str  # empty = name only
+    patient_id_issuer_oid: str  # empty entries: none configured
+    accession_issuer_oid: str
+    order_issuer_oid: str
+    facility_type: str  # TRE_R02
+    practice_setting: str  # TRE_A01
+    designation_type: str  # TRE_R209
+    authenticator_idnps: str  # empty = no authenticator
+    authenticator_name: str
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ uniqueId (ITI-67) and only sent again when the registry does not have it.
 
 import json
 import logging
-import threading
 import time
 
 from gateway.config import Settings
@@ -25,6 +24,7 @@ from gateway.mhd import (
     status_patch,
 )
 from gateway.mhd_client import RegistryClient, RejectedError, TransientError
+from gateway.worker import PeriodicWorker
 from storage.outbox import Action, Outbox, Publication, State
 from storage.store import Store
 from storage.study_contents import StudyContents, load_study_contents
@@ -45,11 +45,12 @@ def producer_from_settings(settings: Settings) -> Producer:
     return Producer(**{name: getattr(settings, name) for name in Producer.__dataclass_fields__})
 
 
-class Publisher:
+class Publisher(PeriodicWorker):
     """A thread working through the outbox of ``store`` until stopped."""
 
     def __init__(self, store: Store, settings: Settings, client: RegistryClient,
                  event_codes: EventCodeTable, interval: float = 1.0) -> None:
+        super().__init__("publisher", interval)
         self.store = store
         self.outbox = Outbox(store.index)
         self.client = client
@@ -61,44 +62,18 @@ class Publisher:
                                                        tuple(settings.masking_codes))
         self.retry_seconds = settings.publish_retry_seconds
         self.retry_max_seconds = settings.publish_retry_max_seconds
-        self.interval = interval
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-
-    def start(self) -> None:
-        """Start sending."""
-        self._thread.start()
 
     def stop(self) -> None:
         """Stop after the row in progress."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        super().stop()
         self.client.close()
 
-    def wake(self) -> None:
-        """Look at the outbox now (something was queued)."""
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # a locked index must not kill the worker
-                log.exception("outbox pass failed; retrying")
-            self._wake.wait(self.interval)
-            self._wake.clear()
-
-    def run_once(self) -> int:
-        """Work on every due row once; how many were due."""
-        rows = self.outbox.due()
-        for row in rows:
-            if self._stop.is_set():
+    def work(self) -> None:
+        """Work on every due row once."""
+        for row in self.outbox.due():
+            if self.stopping:
                 break
             self._process(row)
-        return len(rows)
 
     def _process(self, row: Publication) -> None:
         handler = {Action.PUBLISH: self._publish, Action.UNPUBLISH: self._unpublish,

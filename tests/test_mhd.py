@@ -2,6 +2,7 @@
 registry checks, valid FHIR (fhir.resources R4B), and shaped like the national example."""
 
 import base64
+import dataclasses
 import hashlib
 import json
 from io import BytesIO
@@ -12,6 +13,7 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from gateway.config import Settings
 from gateway.event_codes import DCM, SNOMED, load_event_codes
 from gateway.kos import RetrieveOrigin, build_manifest
 from gateway.mhd import (
@@ -21,6 +23,7 @@ from gateway.mhd import (
     document_id,
     provide_document_bundle,
 )
+from gateway.publish import producer_from_settings
 from gateway.registry.validate import check_provide_bundle
 from storage.store import Outcome, Store
 from storage.study_contents import StudyContents, load_study_contents
@@ -28,9 +31,10 @@ from tests.processes import REPO
 from tests.synthetic import national_ct_slice, part10
 
 EXAMPLE = REPO.parent / "shared" / "reference" / "pdsm" / "iti65-kos-example.json"
-PRODUCER = Producer(gateway_oid="1.2.250.1.999.1.1.9", organization_name="CH Exemple",
-                    organization_finess="999000011", order_issuer_oid="1.2.250.1.999.1.1.3",
-                    authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie")
+PRODUCER = producer_from_settings(Settings(
+    gateway_oid="1.2.250.1.999.1.1.9", organization_name="CH Exemple",
+    organization_finess="999000011", order_issuer_oid="1.2.250.1.999.1.1.3",
+    authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie"))
 ORIGIN = RetrieveOrigin("https://imagerie.example.org", "PASSERELLE", "1.2.250.1.999.1.1.9")
 
 
@@ -127,7 +131,7 @@ def test_a_patient_without_ins_needs_an_issuer_oid(store: Store) -> None:
     study = _stored_study(store, ins=False)
     with pytest.raises(MetadataError, match="patient_id_issuer_oid"):
         _bundle(study)
-    producer = Producer(**{**PRODUCER.__dict__, "patient_id_issuer_oid": "1.2.250.1.999.1.1.1"})
+    producer = dataclasses.replace(PRODUCER, patient_id_issuer_oid="1.2.250.1.999.1.1.1")
     bundle = _bundle(study, producer=producer)
     assert bundle["entry"][1]["resource"]["subject"]["identifier"] == {
         "system": "urn:oid:1.2.250.1.999.1.1.1", "value": "PAT001"}
