@@ -1,5 +1,6 @@
 """A TCP proxy in front of the local registry that fails on demand, for the outbox tests:
-``forward`` (pass through), ``503`` (answers Service Unavailable), ``hang`` (reads the request,
+``forward`` (pass through), ``503`` (answers Service Unavailable), ``400`` (answers Bad
+Request with an OperationOutcome), ``hang`` (reads the request,
 never answers: a timeout), ``lose-answer`` (forwards the request, then drops the answer, so
 the registry has the document but the gateway does not know)."""
 
@@ -8,10 +9,16 @@ import threading
 
 from tests.processes import free_port
 
-_OUTCOME = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error",'
-            b'"code":"transient","diagnostics":"registry under maintenance"}]}')
-_UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/fhir+json\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_OUTCOME), _OUTCOME))
+
+def _canned(status: bytes, code: bytes, diagnostics: bytes) -> bytes:
+    body = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"%s",'
+            b'"diagnostics":"%s"}]}' % (code, diagnostics))
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/fhir+json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+
+_CANNED = {"503": _canned(b"503 Service Unavailable", b"transient", b"under maintenance"),
+           "400": _canned(b"400 Bad Request", b"invalid", b"unknown assigning authority")}
 
 
 class FaultyProxy:
@@ -79,8 +86,8 @@ class FaultyProxy:
     async def _answer(self, request: bytes, writer: asyncio.StreamWriter) -> bool:
         """Handle one request; False when the connection must be closed."""
         mode = self.mode
-        if mode == "503":
-            writer.write(_UNAVAILABLE)
+        if mode in _CANNED:
+            writer.write(_CANNED[mode])
             await writer.drain()
             return False
         if mode == "hang":

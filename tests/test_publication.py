@@ -121,6 +121,22 @@ def test_a_refusal_fails_for_good_with_the_registry_reason(tmp_path: Path, rows:
         assert rows.all()[0].state is State.FAILED
 
 
+def test_a_400_fails_until_retried_after_the_fix(tmp_path: Path, rows: _Rows,
+                                                 registry: RegistryProcess) -> None:
+    study = generate_uid()
+    with FaultyProxy(upstream=registry.http_port) as proxy, PasserelleProcess(
+            tmp_path / "data", registry_url=proxy.url, **FAST) as server:
+        proxy.mode = "400"
+        _send(server, study, generate_uid(), 1)
+        [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "the refusal")
+        assert row.last_error == "HTTP 400: invalid: unknown assigning authority"
+        assert row.attempts == 1  # a refusal is not retried by itself
+        proxy.mode = "forward"  # the registry side was fixed
+        assert server.cli("outbox", "retry", str(row.id)).returncode == 0
+        [row] = rows.wait(_acknowledged(1), "the publication after the retry")
+        assert len(_documents(registry, study)) == 1
+
+
 def test_a_kill_between_send_and_acknowledgement_makes_no_duplicate(
         tmp_path: Path, rows: _Rows, registry: RegistryProcess) -> None:
     study = generate_uid()
