@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(10, ge=0)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     log_level: str = "INFO"
+    auth_issuer: str = ""
+    auth_jwks_url: str = ""
+    auth_audience: str = ""
+    auth_read_scope: str = "dicomweb.read"
+    auth_write_scope: str = "dicomweb.write"
+    auth_admin_scope: str = "passerelle.admin"
+    auth_leeway_seconds: float = Field(30, ge=0, le=300)
+    auth_allowed_subjects: Annotated[list[str], NoDecode] = []
+    metrics_require_auth: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -112,7 +121,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a FINESS number (9 characters, e.g. 750712184)")
         return value
 
-    @field_validator("cors_allow_origins", "masking_codes", mode="before")
+    @field_validator("cors_allow_origins", "masking_codes", "auth_allowed_subjects",
+                     mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -133,6 +143,8 @@ class Settings(BaseSettings):
             self.public_url = f"http://{self.http_host}:{self.http_port}"
         self.public_url = self.public_url.rstrip("/")
         Confidentiality(self.confidentiality, tuple(self.masking_codes))  # ValueError if bad
+        if self.auth_issuer and not (self.auth_jwks_url and self.auth_audience):
+            raise ValueError("auth_issuer is set: auth_jwks_url and auth_audience are required")
         if not self.gateway_oid:
             # Stable for a given public URL; a real deployment sets its registered OID.
             digest = hashlib.sha256(f"passerelle-gateway\n{self.public_url}".encode()).digest()

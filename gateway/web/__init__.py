@@ -15,6 +15,7 @@ from gateway.config import Settings
 from gateway.deidentify import load_or_create_key
 from gateway.render_cache import RenderCache
 from gateway.web.admin import queue_study_action
+from gateway.web.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.frames import bulkdata, frames
 from gateway.web.metadata import metadata
 from gateway.web.qido import search_instances, search_series, search_studies
@@ -75,8 +76,17 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Accept", "Authorization", "Content-Type", "If-None-Match",
                            "KOS-SOPInstanceUID"],
-            expose_headers=["Content-Type", "Content-Length", "ETag", "Warning"],
+            expose_headers=["Content-Type", "Content-Length", "ETag", "Warning",
+                            "WWW-Authenticate"],
             max_age=3600))
+    if settings.auth_issuer:
+        middleware.append(Middleware(
+            AuthMiddleware,
+            verifier=TokenVerifier(settings.auth_issuer, settings.auth_jwks_url,
+                                   settings.auth_audience, settings.auth_leeway_seconds),
+            rights=Rights(settings.auth_read_scope, settings.auth_write_scope,
+                          settings.auth_admin_scope, frozenset(settings.auth_allowed_subjects),
+                          settings.metrics_require_auth)))
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -1,0 +1,139 @@
+"""OAuth2 bearer-token access control (RFC 6750) for the HTTP API: JWTs signed by the
+configured issuer (keys from its JWKS, RS256 / ES256), rights from the ``scope`` claim.
+
+Which right a request needs: none for ``/health`` (and ``/metrics`` unless configured) and
+CORS preflights, ``admin`` under ``/admin``, ``write`` to store (POST under ``/dicom-web``),
+``read`` for everything else.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import anyio.to_thread
+import jwt
+from prometheus_client import Counter
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+AUTH_FAILURES = Counter("passerelle_auth_failures_total",
+                        "HTTP requests refused by access control, by reason", ["reason"])
+_ALGORITHMS = ["RS256", "ES256"]
+# An unknown key id refetches the JWKS (key rotation), at most this often.
+_JWKS_REFETCH_SECONDS = 5
+
+
+class AuthError(Exception):
+    """A request without the right to proceed: its HTTP status and RFC 6750 error code."""
+
+    def __init__(self, status: int, error: str, description: str, reason: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.error = error
+        self.reason = reason  # metric label
+
+
+@dataclass(frozen=True)
+class Rights:
+    """Scope names granting each right, and who may come in at all."""
+
+    read: str
+    write: str
+    admin: str
+    allowed_subjects: frozenset[str] = frozenset()
+    metrics_require_auth: bool = False
+
+    def required(self, method: str, path: str) -> str | None:
+        """The scope a request needs, or None when it needs no token."""
+        if method == "OPTIONS" or path == "/health":
+            return None
+        if path == "/metrics":
+            return self.admin if self.metrics_require_auth else None
+        if path.startswith("/admin"):
+            return self.admin
+        if method == "POST" and path.startswith("/dicom-web"):
+            return self.write
+        return self.read
+
+
+class TokenVerifier:
+    """Checks JWTs of one issuer and audience against its JWKS."""
+
+    def __init__(self, issuer: str, jwks_url: str, audience: str, leeway: float) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+        self._keys = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=10,
+                                     cooldown_duration=_JWKS_REFETCH_SECONDS)
+
+    def claims(self, token: str) -> dict:
+        """The token's claims; AuthError (401) when it is not valid now for us."""
+        try:
+            key = self._keys.get_signing_key_from_jwt(token)
+            return jwt.decode(token, key=key.key, algorithms=_ALGORITHMS,
+                              audience=self.audience, issuer=self.issuer, leeway=self.leeway,
+                              options={"require": ["exp", "iss", "aud"]})
+        except jwt.PyJWKClientConnectionError as exc:
+            log.error("cannot fetch the issuer's keys: %s", exc)
+            raise AuthError(503, "temporarily_unavailable",
+                            "the token issuer's keys cannot be fetched", "jwks") from exc
+        except (jwt.PyJWKClientError, jwt.InvalidTokenError) as exc:
+            raise AuthError(401, "invalid_token", str(exc) or type(exc).__name__,
+                            type(exc).__name__) from exc
+
+
+def subject_of(claims: dict) -> str:
+    """Who the token speaks for: the user (sub), else the client (client_id / azp)."""
+    return str(claims.get("sub") or claims.get("client_id") or claims.get("azp") or "")
+
+
+class AuthMiddleware:
+    """Refuses requests without the right token (401 / 403 with ``WWW-Authenticate``); the
+    subject of an accepted token is put in ``scope["user"]`` for the handlers and the audit."""
+
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier, rights: Rights) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.rights = rights
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        needed = self.rights.required(scope["method"], scope["path"])
+        if needed is not None:
+            try:
+                scope["user"] = await self._authorise(scope, needed)
+            except AuthError as exc:
+                await self._refuse(scope, exc, needed)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _authorise(self, scope: Scope, needed: str) -> str:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        kind, _, token = header.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise AuthError(401, "", "a bearer token is required", "missing")
+        claims = await anyio.to_thread.run_sync(self.verifier.claims, token.strip())
+        subject = subject_of(claims)
+        if self.rights.allowed_subjects and subject not in self.rights.allowed_subjects:
+            raise AuthError(403, "insufficient_scope", f"{subject!r} is not allowed here",
+                            "subject")
+        if needed not in str(claims.get("scope", "")).split():
+            raise AuthError(403, "insufficient_scope", f"this request needs scope {needed}",
+                            "scope")
+        return subject
+
+    @staticmethod
+    def _refuse(scope: Scope, exc: AuthError, needed: str) -> JSONResponse:
+        AUTH_FAILURES.labels(exc.reason).inc()
+        client = scope.get("client") or ("?", 0)
+        log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client[0], exc)
+        challenge = 'Bearer realm="passerelle"'
+        if exc.error:
+            challenge += f', error="{exc.error}"'
+            if exc.error == "insufficient_scope":
+                challenge += f', scope="{needed}"'
+        return JSONResponse({"error": exc.error or "unauthorized", "detail": str(exc)},
+                            status_code=exc.status, headers={"WWW-Authenticate": challenge})
