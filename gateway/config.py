@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     auth_leeway_seconds: float = Field(30, ge=0, le=300)
     auth_allowed_subjects: Annotated[list[str], NoDecode] = []
     metrics_require_auth: bool = False
+    require_kos_reference: bool = False
 
     @field_validator("ae_title")
     @classmethod

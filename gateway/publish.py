@@ -138,7 +138,7 @@ class Publisher(PeriodicWorker):
         """The study's manifest, kept under ``manifests/``: the bytes first sent under a
         uniqueId are the ones sent again (a settings change must not alter its hash)."""
         manifest = build_manifest(study, self.origin, self.outbox.withdrawals(study.study_uid))
-        relative = f"manifests/{study.study_uid}/{manifest.sop_uid}.dcm"
+        relative = self.store.blobs.manifest_path(study.study_uid, manifest.sop_uid)
         path = self.store.blobs.absolute(relative)
         if path.exists():
             return Manifest(manifest.sop_uid, manifest.series_uid, path.read_bytes())

@@ -1,6 +1,7 @@
 """Part 10 files laid out by study / series / instance UID, written atomically and durably.
 
-Layout: ``<root>/studies/<study>/<series>/<instance>.dcm``. A file only ever appears under
+Layout: ``<root>/studies/<study>/<series>/<instance>.dcm``, and the published KOS manifests
+under ``<root>/manifests/<study>/<kos>.dcm``. A file only ever appears under
 its final name complete and fsynced (temp file in ``<root>/tmp``, fsync, rename, fsync of
 the directory), so a reader never sees a partial file and a power cut never loses one whose
 ``put`` returned.
@@ -48,6 +49,13 @@ class BlobStore:
             if not is_valid_uid(uid):
                 raise InvalidUIDError(f"invalid {name} UID {uid[:80]!r}")
         return f"studies/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+    def manifest_path(self, study_uid: str, kos_uid: str) -> str:
+        """Path of a study's published KOS manifest relative to ``root``."""
+        for name, uid in (("Study", study_uid), ("KOS SOP Instance", kos_uid)):
+            if not is_valid_uid(uid):
+                raise InvalidUIDError(f"invalid {name} UID {uid[:80]!r}")
+        return f"manifests/{study_uid}/{kos_uid}.dcm"
 
     def absolute(self, relative: str) -> Path:
         """Absolute path of a stored file from its relative path."""

@@ -114,9 +114,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX publications_state ON publications(state, next_attempt_at);
     CREATE INDEX publications_study ON publications(study_uid);
     """,
-    # v5: parameters of an outbox row (the labels of a confidentiality update, as JSON).
+    # v5: parameters of an outbox row (the labels of a confidentiality update, as JSON);
+    # manifests looked up by uniqueId (access through a KOS).
     """
     ALTER TABLE publications ADD COLUMN payload TEXT NOT NULL DEFAULT '';
+    CREATE INDEX publications_kos ON publications(kos_uid);
     """,
 )
 

@@ -135,6 +135,19 @@ class Outbox:
         latest = _publication(rows[0]) if rows else None
         return latest if latest is not None and latest.action is Action.PUBLISH else None
 
+    def manifest_publication(self, kos_uid: str) -> Publication | None:
+        """The acknowledged publication that registered the manifest ``kos_uid``."""
+        rows = self.index.fetch(
+            f"""SELECT {_COLUMNS} FROM publications WHERE kos_uid = ? AND action = 'publish'
+                AND state = 'acknowledged' ORDER BY pk LIMIT 1""", (kos_uid,))
+        return _publication(rows[0]) if rows else None
+
+    def was_withdrawn(self, kos_uid: str) -> bool:
+        """True when a withdrawal of the manifest ``kos_uid`` was acknowledged."""
+        return bool(self.index.fetch(
+            """SELECT 1 FROM publications WHERE kos_uid = ? AND action = 'unpublish'
+               AND state = 'acknowledged' LIMIT 1""", (kos_uid,)))
+
     def withdrawals(self, study_uid: str) -> int:
         """How many times the study's manifest was withdrawn (acknowledged unpublish rows)."""
         return self.index.fetch(

@@ -17,6 +17,7 @@ from gateway.render_cache import RenderCache
 from gateway.web.admin import queue_study_action
 from gateway.web.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.frames import bulkdata, frames
+from gateway.web.manifest_scope import ManifestAccess, ManifestScopeMiddleware
 from gateway.web.metadata import metadata
 from gateway.web.qido import search_instances, search_series, search_studies
 from gateway.web.rendered import rendered, thumbnail
@@ -87,6 +88,8 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
             rights=Rights(settings.auth_read_scope, settings.auth_write_scope,
                           settings.auth_admin_scope, frozenset(settings.auth_allowed_subjects),
                           settings.metrics_require_auth)))
+    middleware.append(Middleware(ManifestScopeMiddleware, access=ManifestAccess(store),
+                                 required=settings.require_kos_reference))
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -1,0 +1,78 @@
+"""Access through a manifest: with ``KOS-SOPInstanceUID`` a consumer reaches what that
+published, non-withdrawn KOS references, and nothing else."""
+
+from pathlib import Path
+
+import httpx
+from pydicom.uid import generate_uid
+
+from storage.index import Index
+from storage.outbox import Outbox, State
+from tests.processes import PasserelleProcess, RegistryProcess, wait_for
+from tests.scu import send
+from tests.synthetic import national_ct_slice
+
+DICOM = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+
+
+def _published(data_dir: Path, count: int) -> list[str]:
+    """KOS UIDs of the acknowledged publications, once there are ``count``."""
+    index = Index(data_dir / "index.sqlite")
+    try:
+        outbox = Outbox(index)
+        wait_for(lambda: sum(r.state is State.ACKNOWLEDGED for r in outbox.listing()) >= count,
+                 30, f"{count} acknowledged publication(s)")
+        return [r.kos_uid for r in outbox.listing() if r.state is State.ACKNOWLEDGED]
+    finally:
+        index.close()
+
+
+def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) -> None:
+    study, series, other_study = generate_uid(), generate_uid(), generate_uid()
+    late = generate_uid()
+    with RegistryProcess(tmp_path / "registry") as registry, PasserelleProcess(
+            tmp_path / "data", registry_url=registry.fhir_url, stable_seconds="3600",
+            order_issuer_oid="1.2.250.1.999.1.1.3") as server:
+        first = national_ct_slice(study, series, 1, 1)
+        for ds in (first, national_ct_slice(other_study, generate_uid(), 1, 1)):
+            assert send(server.dicom_port, ds)[0] == 0
+        assert server.cli("publish", study).returncode == 0
+        [kos] = _published(tmp_path / "data", 1)
+        assert send(server.dicom_port, national_ct_slice(study, series, 1, 2, sop_uid=late)
+                    )[0] == 0  # arrives after the publication: not in the manifest
+
+        def get(path: str, kos_uid: str | None = kos, **headers: str) -> int:
+            scoped = {"KOS-SOPInstanceUID": kos_uid} if kos_uid else {}
+            return httpx.get(server.base_url + path, headers={**DICOM, **scoped, **headers}
+                             ).status_code
+
+        base = f"/dicom-web/studies/{study}"
+        assert get(f"{base}/series/{series}") == 200
+        assert get(f"{base}/metadata", Accept="application/dicom+json") == 200
+        assert get(f"{base}/series/{series}/instances/{late}") == 403
+        assert get(f"/wado?requestType=WADO&studyUID={study}&seriesUID={series}"
+                   f"&objectUID={late}&contentType=application/dicom") == 403
+        assert get(f"/dicom-web/studies/{other_study}") == 403
+        assert get("/dicom-web/studies", Accept="application/dicom+json") == 403
+        assert get(f"{base}/series/{series}", kos_uid="1.2.3.4") == 403
+        assert get(f"{base}/series/{series}", kos_uid="../../etc/passwd") == 403
+        assert get(f"{base}/series/{series}/instances/{late}", kos_uid=None) == 200
+        assert server.metric("passerelle_manifest_access_total", result="denied") == 6
+
+        assert server.cli("unpublish", study).returncode == 0
+        _published(tmp_path / "data", 2)
+        assert get(f"{base}/series/{series}") == 403  # withdrawn
+
+        assert server.cli("publish", study).returncode == 0  # published again: a new KOS
+        [*_, republished] = _published(tmp_path / "data", 3)
+
+    with RegistryProcess(tmp_path / "registry") as registry, PasserelleProcess(
+            tmp_path / "data", registry_url=registry.fhir_url, require_kos_reference="true"
+    ) as server:
+        url = (f"{server.base_url}/dicom-web/studies/{study}/series/{series}/instances/"
+               f"{first.SOPInstanceUID}")
+        for headers, status in (({}, 403), ({"KOS-SOPInstanceUID": kos}, 403),
+                                ({"KOS-SOPInstanceUID": republished}, 200)):
+            response = httpx.get(url, headers={**DICOM, **headers})
+            assert response.status_code == status, headers
+        assert "header is required" in httpx.get(url, headers=DICOM).json()["detail"]
