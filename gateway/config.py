@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     auth_allowed_subjects: Annotated[list[str], NoDecode] = []
     metrics_require_auth: bool = False
     require_kos_reference: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    dicom_tls: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -140,8 +144,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_public_url(self) -> "Settings":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.dicom_tls and not self.tls_cert_file:
+            raise ValueError("dicom_tls needs tls_cert_file and tls_key_file")
         if not self.public_url:
-            self.public_url = f"http://{self.http_host}:{self.http_port}"
+            scheme = "https" if self.tls_cert_file else "http"
+            self.public_url = f"{scheme}://{self.http_host}:{self.http_port}"
         self.public_url = self.public_url.rstrip("/")
         Confidentiality(self.confidentiality, tuple(self.masking_codes))  # ValueError if bad
         if self.auth_issuer and not (self.auth_jwks_url and self.auth_audience):

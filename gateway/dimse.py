@@ -6,6 +6,7 @@ stable storage.
 """
 
 import logging
+import ssl
 import threading
 import time
 
@@ -49,9 +50,11 @@ def storage_sop_classes() -> list[str]:
 class DicomService:
     """The C-ECHO / C-STORE SCP, run in background threads."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.ssl_context = ssl_context  # DICOM over TLS (PS3.15 B.1) when set
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu
         self.ae.maximum_associations = settings.max_associations
@@ -84,12 +87,14 @@ class DicomService:
     def start(self) -> None:
         """Bind and start accepting associations in a background thread."""
         address = (self.settings.dicom_host, self.settings.dicom_port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=self._handlers)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=self._handlers,
+                                            ssl_context=self.ssl_context)
         # pynetdicom keeps no handle on the thread running serve_forever; it is the only
         # acceptor of this process, so find it by its name.
         self._acceptor = next(t for t in threading.enumerate()
                               if t.name.startswith("AcceptorServer"))
-        log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, address[0], self.port)
+        log.info("DICOM SCP %s listening on %s:%d%s", self.settings.ae_title, address[0],
+                 self.port, " (TLS)" if self.ssl_context else "")
 
     def is_serving(self) -> bool:
         """True while the listening socket is open and its accept thread alive."""

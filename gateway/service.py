@@ -14,6 +14,7 @@ from gateway.metrics import watch_outbox
 from gateway.mhd_client import RegistryClient
 from gateway.publish import Publisher
 from gateway.stable import StableStudyWatcher
+from gateway.tls import server_context
 from gateway.web import create_app
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
@@ -39,6 +40,9 @@ def serve(settings: Settings) -> None:
         signal.signal(signum, _request_shutdown)
     event_codes = load_event_codes(
         Path(settings.event_codes_file) if settings.event_codes_file else None)
+    tls = server_context(Path(settings.tls_cert_file), Path(settings.tls_key_file),
+                         Path(settings.tls_client_ca_file) if settings.tls_client_ca_file
+                         else None) if settings.tls_cert_file else None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = ServiceLock(settings.data_dir)
     lock.acquire()
@@ -51,7 +55,7 @@ def serve(settings: Settings) -> None:
     if not lock.previous_stop_was_clean:
         log.warning("previous run did not stop cleanly: checking the index against the files")
         recover(store.blobs, store.index)
-    dicom = DicomService(settings, store)
+    dicom = DicomService(settings, store, tls if settings.dicom_tls else None)
     outbox = Outbox(store.index)
     watch_outbox(outbox)
     watcher = StableStudyWatcher(outbox, settings.stable_seconds)
@@ -71,7 +75,10 @@ def serve(settings: Settings) -> None:
                          publisher.wake if publisher is not None else lambda: None)
         config = uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None,
-            access_log=False, server_header=False, lifespan="off")
+            access_log=False, server_header=False, lifespan="off",
+            ssl_certfile=settings.tls_cert_file or None, ssl_keyfile=settings.tls_key_file or None)
+        config.load()
+        config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
         uvicorn.Server(config).run()
     except ShutdownRequestedError as exc:
         log.info("%s received", exc)

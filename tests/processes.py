@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,17 +38,18 @@ class _Process:
     health_path = "/health"
 
     def __init__(self, command: list[str], env: dict[str, str], http_port: int,
-                 log_path: Path) -> None:
+                 log_path: Path, tls: ssl.SSLContext | None = None) -> None:
         self.command = command
         self.env = env
         self.http_port = http_port
         self.log_path = log_path
+        self.tls = tls  # client side of HTTPS, when the server speaks it
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:
         """Base URL of the HTTP server."""
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 30) -> "_Process":
         """Start and wait until the health path answers 200."""
@@ -70,7 +72,8 @@ class _Process:
             raise RuntimeError(f"{self.command[0]} exited with {self.proc.returncode}:\n"
                                f"{self.log()}")
         try:
-            return httpx.get(f"{self.base_url}{self.health_path}", timeout=1).status_code == 200
+            return httpx.get(f"{self.base_url}{self.health_path}", timeout=1,
+                             verify=self.tls or True).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -92,7 +95,8 @@ class _Process:
 class PasserelleProcess(_Process):
     """``passerelle serve`` in a subprocess with its own data dir and ports."""
 
-    def __init__(self, data_dir: Path, **settings: str) -> None:
+    def __init__(self, data_dir: Path, tls: ssl.SSLContext | None = None,
+                 **settings: str) -> None:
         self.data_dir = data_dir
         self.dicom_port = int(settings.pop("dicom_port", free_port()))
         http_port = int(settings.pop("http_port", free_port()))
@@ -101,11 +105,12 @@ class PasserelleProcess(_Process):
                "PASSERELLE_DICOM_PORT": str(self.dicom_port),
                "PASSERELLE_HTTP_PORT": str(http_port),
                **{f"PASSERELLE_{k.upper()}": str(v) for k, v in settings.items()}}
-        super().__init__(["serve"], env, http_port, data_dir.parent / f"{data_dir.name}-serve.log")
+        super().__init__(["serve"], env, http_port,
+                         data_dir.parent / f"{data_dir.name}-serve.log", tls)
 
     def metric(self, name: str, **labels: str) -> float:
         """Current value of a Prometheus sample of ``/metrics`` (0 when absent)."""
-        text = httpx.get(f"{self.base_url}/metrics").text
+        text = httpx.get(f"{self.base_url}/metrics", verify=self.tls or True).text
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         pattern = rf"^{name}(?:{{{re.escape(wanted)}}})? (\S+)$" if labels else rf"^{name} (\S+)$"
         match = re.search(pattern, text, re.MULTILINE)

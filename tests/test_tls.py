@@ -1,0 +1,87 @@
+"""TLS on both listeners, with certificates the test makes: HTTPS (TLS >= 1.2, optional
+client certificates) and DICOM over TLS, checked by real clients (httpx, pynetdicom, dcmtk)."""
+
+import ssl
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tests.certificates import Pki, make_pki
+from tests.processes import PasserelleProcess
+from tests.synthetic import ct_slice
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _client(pki: Pki, with_certificate: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca)
+    if with_certificate:
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
+
+
+def _tls(pki: Pki) -> dict[str, str]:
+    return {"tls_cert_file": str(pki.server_cert), "tls_key_file": str(pki.server_key)}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_https_only_and_at_least_tls_1_2(tmp_path: Path, pki: Pki) -> None:
+    with PasserelleProcess(tmp_path / "data", tls=_client(pki), **_tls(pki)) as server:
+        assert server.base_url.startswith("https://")
+        response = httpx.get(f"{server.base_url}/dicom-web/studies", verify=_client(pki))
+        assert response.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+            httpx.get(f"http://127.0.0.1:{server.http_port}/health")
+        tls12 = _client(pki)
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        assert httpx.get(f"{server.base_url}/health", verify=tls12).status_code == 200
+        old = _client(pki)  # a client willing to speak TLS 1.0/1.1, which we must refuse
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.base_url}/health", verify=old)
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust our CA
+            httpx.get(f"{server.base_url}/health", verify=ssl.create_default_context())
+
+
+def test_client_certificates_when_required(tmp_path: Path, pki: Pki) -> None:
+    settings = {**_tls(pki), "tls_client_ca_file": str(pki.ca)}
+    with PasserelleProcess(tmp_path / "data", tls=_client(pki, with_certificate=True),
+                           **settings) as server:
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{server.base_url}/health", verify=_client(pki)).raise_for_status()
+        assert httpx.get(f"{server.base_url}/health",
+                         verify=_client(pki, with_certificate=True)).status_code == 200
+
+
+def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
+    with PasserelleProcess(tmp_path / "data", tls=_client(pki), dicom_tls="true",
+                           **_tls(pki)) as server:
+        ae = AE(ae_title="TLSSCU")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="PASSERELLE",
+                             tls_args=(_client(pki), "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        plain = ae.associate("127.0.0.1", server.dicom_port, ae_title="PASSERELLE")
+        assert not plain.is_established
+        echo = subprocess.run(["echoscu", "--anonymous-tls", "+cf", str(pki.ca),
+                               "-aec", "PASSERELLE", "127.0.0.1", str(server.dicom_port)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert echo.returncode == 0, echo.stderr
+        stored = httpx.get(f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/metadata",
+                           verify=_client(pki))
+        assert stored.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
