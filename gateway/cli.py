@@ -1,5 +1,5 @@
 """The ``passerelle`` command: serve, import, studies, outbox, publish, unpublish,
-confidentiality, registry."""
+confidentiality, audit, registry."""
 
 import argparse
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from gateway.audit import read_events
 from gateway.config import Settings, load_settings
 from gateway.importer import import_paths
 from gateway.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
@@ -121,6 +122,33 @@ def _cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    """Who did what with a study (or everything), from the audit trail."""
+    rows = []
+    for message in read_events(settings.data_dir / "audit"):
+        objects = message.get("ParticipantObjectIdentification", [])
+        study = next((o["ParticipantObjectID"] for o in objects
+                      if o["ParticipantObjectIDTypeCode"].get("csd-code") == "110180"), "")
+        if args.study and study != args.study:
+            continue
+        event = message["EventIdentification"]
+        requestor = message["ActiveParticipant"][0]
+        rows.append(message if args.json else (
+            event["EventDateTime"], event["EventID"]["originalText"], requestor["UserID"],
+            requestor.get("NetworkAccessPointID", ""),
+            {"0": "success", "4": "refused", "8": "failed"}.get(
+                event["EventOutcomeIndicator"], event["EventOutcomeIndicator"]),
+            study, event.get("EventOutcomeDescription", "")))
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    elif rows:
+        print(_table(("TIME (UTC)", "EVENT", "WHO", "FROM", "OUTCOME", "STUDY", "DETAIL"),
+                     rows))  # type: ignore[arg-type]
+    else:
+        print("no audit event" + (f" for study {args.study}" if args.study else ""))
+    return 0
+
+
 def _cmd_registry(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -163,6 +191,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="N normal, R restricted, V very restricted (default N)")
     command.add_argument("--mask", action="append", default=[], choices=MASKING_CODES,
                          help="visibility code (TRE_A07), repeatable")
+    audit = commands.add_parser("audit", help="who accessed, sent or published what")
+    audit.add_argument("--study", help="only the events of this Study Instance UID")
+    audit.add_argument("--json", action="store_true", help="the audit messages, as JSON")
+    audit.set_defaults(handler=_cmd_audit)
     registry = commands.add_parser("registry", help="run the local MHD document registry")
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=8090)

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
     dicom_tls: bool = False
+    audit_max_bytes: int = Field(64 << 20, gt=0)
+    audit_backups: int = Field(10, ge=1)
+    audit_syslog: str = ""
 
     @field_validator("ae_title")
     @classmethod
@@ -132,6 +135,14 @@ class Settings(BaseSettings):
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part for part in re.split(r"[,\s]+", value) if part]
+        return value
+
+    @field_validator("audit_syslog")
+    @classmethod
+    def _check_syslog(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if value and not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"audit_syslog must be host:port, not {value!r}")
         return value
 
     @field_validator("log_level")

@@ -12,18 +12,21 @@ import time
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, UID_dictionary
-from pynetdicom import AE, AllStoragePresentationContexts, evt, sop_class
+from pynetdicom import AE, AllStoragePresentationContexts, Association, evt, sop_class
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
+from gateway.audit import AuditEvent, AuditTrail, EventType
+from gateway.audit import Outcome as AuditOutcome
 from gateway.config import Settings
 from gateway.statuses import SUCCESS, failure_status
 from storage.part10 import file_preamble_and_meta
 from storage.store import Outcome, Store
 
 log = logging.getLogger(__name__)
+
 
 def _status(code: int, comment: str = "") -> Dataset:
     status = Dataset()
@@ -32,7 +35,6 @@ def _status(code: int, comment: str = "") -> Dataset:
         # ErrorComment is LO: 64 characters at most (PS3.7 C.4).
         status.ErrorComment = comment[:64]
     return status
-
 
 
 def storage_sop_classes() -> list[str]:
@@ -47,13 +49,19 @@ def storage_sop_classes() -> list[str]:
             sop_class.register_uid(uid, keyword, StorageServiceClass)
     return known + [uid for uid, _ in others]
 
+
 class DicomService:
     """The C-ECHO / C-STORE SCP, run in background threads."""
 
-    def __init__(self, settings: Settings, store: Store,
+    def __init__(self, settings: Settings, store: Store, audit: AuditTrail,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.audit = audit
+        # Per association: study UID -> [instances stored, instances refused], audited when
+        # the association ends (one event per study, not per instance).
+        self._received: dict[int, dict[str, list[int]]] = {}
+        self._received_lock = threading.Lock()
         self.ssl_context = ssl_context  # DICOM over TLS (PS3.15 B.1) when set
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu
@@ -126,6 +134,8 @@ class DicomService:
             "SOPInstanceUID": str(request.AffectedSOPInstanceUID),
             "SOPClassUID": str(request.AffectedSOPClassUID)})
         metrics.record_ingest(result, "dimse", len(data))
+        self._count(event.assoc, result.record.study_uid if result.record else "",
+                    result.accepted)
         if result.accepted:
             if result.outcome is Outcome.CONFLICT:
                 log.warning("conflict from %s on %s: %s", calling,
@@ -140,6 +150,8 @@ class DicomService:
         # Counted on the TCP connection, which opens and closes exactly once whatever the
         # association does (rejected, aborted during negotiation, released).
         metrics.ASSOCIATIONS_OPEN.inc(change)
+        if change < 0:  # after a release or abort this finds nothing left to audit
+            self._audit_received(event.assoc, "connection lost")
 
     def _on_accepted(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -151,7 +163,28 @@ class DicomService:
         requestor = event.assoc.requestor
         log.warning("association rejected from %s (%s:%s)", requestor.ae_title,
                     requestor.address, requestor.port)
+        self.audit.record(AuditEvent(EventType.USER_AUTHENTICATION, "E",
+                                     AuditOutcome.MINOR_FAILURE, requestor.ae_title,
+                                     requestor.address, detail="association rejected"))
+
+    def _count(self, assoc: Association, study_uid: str, accepted: bool) -> None:
+        with self._received_lock:
+            counts = self._received.setdefault(id(assoc), {}).setdefault(study_uid, [0, 0])
+            counts[0 if accepted else 1] += 1
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
         metrics.ASSOCIATIONS.labels(outcome).inc()
         log.info("association with %s %s", event.assoc.requestor.ae_title, outcome)
+        self._audit_received(event.assoc, f"association {outcome}")
+
+    def _audit_received(self, assoc: Association, how: str) -> None:
+        """One ingest event per study received over the association."""
+        with self._received_lock:
+            received = self._received.pop(id(assoc), {})
+        requestor = assoc.requestor
+        for study_uid, (stored, refused) in received.items():
+            self.audit.record(AuditEvent(
+                EventType.INSTANCES_TRANSFERRED, "C",
+                AuditOutcome.SUCCESS if not refused else AuditOutcome.MINOR_FAILURE,
+                requestor.ae_title, requestor.address, study_uid,
+                detail=f"{stored} stored, {refused} refused; {how}"))

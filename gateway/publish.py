@@ -9,7 +9,10 @@ uniqueId (ITI-67) and only sent again when the registry does not have it.
 import json
 import logging
 import time
+from urllib.parse import urlsplit
 
+from gateway.audit import AuditEvent, AuditTrail, EventType
+from gateway.audit import Outcome as AuditOutcome
 from gateway.config import Settings
 from gateway.event_codes import EventCodeTable
 from gateway.kos import Manifest, RetrieveOrigin, build_manifest
@@ -49,9 +52,10 @@ class Publisher(PeriodicWorker):
     """A thread working through the outbox of ``store`` until stopped."""
 
     def __init__(self, store: Store, settings: Settings, client: RegistryClient,
-                 event_codes: EventCodeTable, interval: float = 1.0) -> None:
+                 event_codes: EventCodeTable, audit: AuditTrail, interval: float = 1.0) -> None:
         super().__init__("publisher", interval)
         self.store = store
+        self.audit = audit
         self.outbox = Outbox(store.index)
         self.client = client
         self.producer = producer_from_settings(settings)
@@ -176,15 +180,23 @@ class Publisher(PeriodicWorker):
         self.outbox.update(row.id, state=State.ACKNOWLEDGED, document_id=document,
                            response=response, last_error="", **fields)
         PUBLICATION_ATTEMPTS.labels(row.action.value, "acknowledged").inc()
+        self._audit(row, AuditOutcome.SUCCESS, f"{row.action} acknowledged: {document}")
         log.info("publication %d (%s of study %s) acknowledged: %s", row.id, row.action,
                  row.study_uid, document or response)
 
     def _fail(self, row: Publication, reason: str, body: str) -> None:
         self.outbox.update(row.id, state=State.FAILED, last_error=reason, response=body)
         PUBLICATION_ATTEMPTS.labels(row.action.value, "rejected").inc()
+        self._audit(row, AuditOutcome.MINOR_FAILURE, f"{row.action} refused: {reason}")
         log.error("publication %d (%s of study %s) failed: %s; fix, then "
                   "`passerelle outbox retry %d`", row.id, row.action, row.study_uid, reason,
                   row.id)
+
+    def _audit(self, row: Publication, outcome: AuditOutcome, detail: str) -> None:
+        """An Export event: study metadata left for the registry (or was refused there)."""
+        self.audit.record(AuditEvent(EventType.EXPORT, "R", outcome, self.client.base_url,
+                                     urlsplit(self.client.base_url).hostname or "",
+                                     row.study_uid, detail))
 
     def _retry(self, row: Publication, reason: str, maybe_delivered: bool) -> None:
         attempts = row.attempts + 1

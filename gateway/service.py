@@ -7,6 +7,7 @@ from types import FrameType
 
 import uvicorn
 
+from gateway.audit import AuditTrail
 from gateway.config import Settings
 from gateway.dimse import DicomService
 from gateway.event_codes import load_event_codes
@@ -55,7 +56,11 @@ def serve(settings: Settings) -> None:
     if not lock.previous_stop_was_clean:
         log.warning("previous run did not stop cleanly: checking the index against the files")
         recover(store.blobs, store.index)
-    dicom = DicomService(settings, store, tls if settings.dicom_tls else None)
+    host, _, port = settings.audit_syslog.rpartition(":")
+    audit = AuditTrail(settings.data_dir / "audit", settings.ae_title, store.index.patient_id_of,
+                       settings.audit_max_bytes, settings.audit_backups,
+                       (host, int(port)) if settings.audit_syslog else None)
+    dicom = DicomService(settings, store, audit, tls if settings.dicom_tls else None)
     outbox = Outbox(store.index)
     watch_outbox(outbox)
     watcher = StableStudyWatcher(outbox, settings.stable_seconds)
@@ -63,7 +68,7 @@ def serve(settings: Settings) -> None:
     if settings.registry_url:
         publisher = Publisher(store, settings,
                               RegistryClient(settings.registry_url, settings.registry_timeout),
-                              event_codes)
+                              event_codes, audit)
     else:
         log.warning("registry_url is not set: manifests are queued, not sent")
     try:
@@ -71,7 +76,7 @@ def serve(settings: Settings) -> None:
         watcher.start()
         if publisher is not None:
             publisher.start()
-        app = create_app(store, settings, dicom.is_serving,
+        app = create_app(store, settings, dicom.is_serving, audit,
                          publisher.wake if publisher is not None else lambda: None)
         config = uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None,
@@ -88,6 +93,7 @@ def serve(settings: Settings) -> None:
         watcher.stop()
         if publisher is not None:
             publisher.stop()
+        audit.close()
         store.close()
         lock.release()
         log.info("stopped")

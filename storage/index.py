@@ -339,6 +339,12 @@ class Index:
         with self._lock:
             return search(self._db, level, matches, returned, fuzzy, limit, offset)
 
+    def patient_id_of(self, study_uid: str) -> str:
+        """The Patient ID of a study ("" when the study is unknown)."""
+        rows = self.fetch("""SELECT p.patient_id FROM studies st JOIN patients p
+                             ON st.patient_pk = p.pk WHERE st.study_uid = ?""", (study_uid,))
+        return rows[0][0] if rows else ""
+
     def list_studies(self) -> list[StudySummary]:
         """Every stored study with its counts, most recent study date first."""
         with self._lock:

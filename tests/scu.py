@@ -23,12 +23,12 @@ def associate(port: int, items: list[Dataset | Path] = (), calling: str = "TESTS
     return ae.associate("127.0.0.1", port, ae_title=called)
 
 
-def send(port: int, item: Dataset | Path) -> tuple[int, str]:
+def send(port: int, item: Dataset | Path, calling: str = "TESTSCU") -> tuple[int, str]:
     """Send one object over a fresh association: the C-STORE status and its ErrorComment.
 
     A Path is sent as stored, without decoding (pynetdicom reads only its file meta).
     """
-    assoc = associate(port, [item])
+    assoc = associate(port, [item], calling)
     assert assoc.is_established, "association rejected"
     try:
         status = assoc.send_c_store(item)

@@ -11,9 +11,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from gateway.audit import AuditTrail
 from gateway.config import Settings
 from gateway.deidentify import load_or_create_key
 from gateway.render_cache import RenderCache
+from gateway.web.access_audit import AccessAuditMiddleware
 from gateway.web.admin import queue_study_action
 from gateway.web.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.frames import bulkdata, frames
@@ -33,7 +35,8 @@ _RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
 
 
 def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], bool],
-               wake_publisher: Callable[[], None] = lambda: None) -> Starlette:
+               audit: AuditTrail, wake_publisher: Callable[[], None] = lambda: None
+               ) -> Starlette:
     """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up,
     ``wake_publisher`` is called when an admin request queued something to send."""
 
@@ -70,7 +73,7 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
         Route("/studies/{study}/series/{series}/instances/{instance}/metadata", metadata,
               methods=["GET"]),
     ]
-    middleware = []
+    middleware = [Middleware(AccessAuditMiddleware, trail=audit)]
     if settings.cors_allow_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=settings.cors_allow_origins,

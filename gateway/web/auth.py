@@ -104,26 +104,26 @@ class AuthMiddleware:
         needed = self.rights.required(scope["method"], scope["path"])
         if needed is not None:
             try:
-                scope["user"] = await self._authorise(scope, needed)
+                await self._authorise(scope, needed)
             except AuthError as exc:
                 await self._refuse(scope, exc, needed)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    async def _authorise(self, scope: Scope, needed: str) -> str:
+    async def _authorise(self, scope: Scope, needed: str) -> None:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         kind, _, token = header.partition(" ")
         if kind.lower() != "bearer" or not token.strip():
             raise AuthError(401, "", "a bearer token is required", "missing")
         claims = await anyio.to_thread.run_sync(self.verifier.claims, token.strip())
         subject = subject_of(claims)
+        scope["user"] = subject  # known from here on, refused or not (audit)
         if self.rights.allowed_subjects and subject not in self.rights.allowed_subjects:
             raise AuthError(403, "insufficient_scope", f"{subject!r} is not allowed here",
                             "subject")
         if needed not in str(claims.get("scope", "")).split():
             raise AuthError(403, "insufficient_scope", f"this request needs scope {needed}",
                             "scope")
-        return subject
 
     @staticmethod
     def _refuse(scope: Scope, exc: AuthError, needed: str) -> JSONResponse:

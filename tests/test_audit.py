@@ -1,0 +1,98 @@
+"""The audit trail after a scripted session against a running service: exactly the expected
+DICOM audit messages (PS3.15 A.5), durable in the JSON lines file, copied to syslog, and
+listed by ``passerelle audit --study``."""
+
+import base64
+import socket
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from pydicom.uid import generate_uid
+
+from gateway.audit import read_events
+from tests.issuer import LocalIssuer
+from tests.processes import PasserelleProcess, RegistryProcess, free_port, wait_for
+from tests.scu import associate, send
+from tests.synthetic import national_ct_slice
+
+
+def _summary(message: dict) -> tuple[str, str, str, str, str]:
+    """(event code, action, outcome, who, study) of an audit message."""
+    event = message["EventIdentification"]
+    study = next((o["ParticipantObjectID"] for o in message["ParticipantObjectIdentification"]
+                  if o["ParticipantObjectIDTypeCode"]["csd-code"] == "110180"), "")
+    return (event["EventID"]["csd-code"], event["EventActionCode"],
+            event["EventOutcomeIndicator"], message["ActiveParticipant"][0]["UserID"], study)
+
+
+def test_a_scripted_session_leaves_exactly_the_expected_events(tmp_path: Path) -> None:
+    syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    syslog.bind(("127.0.0.1", free_port()))
+    syslog.settimeout(5)
+    study, series = generate_uid(), generate_uid()
+    first = national_ct_slice(study, series, 1, 1)
+    with LocalIssuer() as issuer, RegistryProcess(tmp_path / "registry") as registry, \
+            PasserelleProcess(tmp_path / "data", **issuer.settings(),
+                              registry_url=registry.fhir_url, stable_seconds="1",
+                              allowed_calling_aets="MODALITY",
+                              audit_syslog=f"127.0.0.1:{syslog.getsockname()[1]}",
+                              order_issuer_oid="1.2.250.1.999.1.1.3") as server:
+        for number, ds in enumerate((first, national_ct_slice(study, series, 1, 2)), 1):
+            assert send(server.dicom_port, ds, calling="MODALITY")[0] == 0, number
+        assert not associate(server.dicom_port, calling="INTRUDER").is_established
+        wait_for(lambda: server.metric("passerelle_publications", state="acknowledged") == 1,
+                 30, "the publication")
+        reader = {"Authorization": f"Bearer {issuer.token('dicomweb.read')}"}
+        base = f"{server.base_url}/dicom-web/studies"
+        assert httpx.get(f"{base}?PatientID=PAT001", headers=reader).status_code == 200
+        assert httpx.get(f"{base}/{study}", headers=reader).status_code == 200
+        assert httpx.get(f"{base}/{study}/series/{series}/instances/{first.SOPInstanceUID}"
+                         "/rendered", headers=reader).status_code == 200
+        assert httpx.get(f"{base}/{study}").status_code == 401
+        nobody = {"Authorization": f"Bearer {issuer.token('openid', sub='stranger')}"}
+        assert httpx.get(f"{base}/{study}", headers=nobody).status_code == 403
+        audit_cli = server.cli("audit", "--study", study)
+    assert server.stop() == 0  # the trail is drained on the way out
+
+    messages = list(read_events(tmp_path / "data" / "audit"))
+    sub = "899700367909"
+    assert Counter(map(_summary, messages)) == Counter([
+        ("110104", "C", "0", "MODALITY", study),  # two associations, one study each
+        ("110104", "C", "0", "MODALITY", study),
+        ("110114", "E", "4", "INTRUDER", ""),  # calling AE not allowed
+        ("110106", "R", "0", registry.fhir_url, study),  # the publication
+        ("110112", "E", "0", sub, ""),  # QIDO
+        ("110104", "R", "0", sub, study),  # WADO-RS retrieve
+        ("110103", "R", "0", sub, study),  # rendered
+        ("110114", "E", "4", "anonymous", ""),  # no token
+        ("110104", "R", "4", "stranger", study),  # token without the read scope
+    ])
+    query = next(m for m in messages if m["EventIdentification"]["EventID"]["csd-code"]
+                 == "110112")
+    assert base64.b64decode(query["ParticipantObjectIdentification"][0][
+        "ParticipantObjectQuery"]) == b"PatientID=PAT001"
+    retrieve = next(m for m in messages if _summary(m)[:3] == ("110104", "R", "0"))
+    patients = [o["ParticipantObjectID"] for o in retrieve["ParticipantObjectIdentification"]
+                if o["ParticipantObjectTypeCode"] == "1"]
+    assert patients == ["PAT001"]
+    assert retrieve["ActiveParticipant"][0]["NetworkAccessPointID"] == "127.0.0.1"
+
+    received = [syslog.recvfrom(65536)[0].decode() for _ in messages]
+    assert all(line.startswith("<85>1 ") and " AUDIT - {" in line for line in received)
+    syslog.close()
+    assert audit_cli.returncode == 0
+    assert sub in audit_cli.stdout and "stranger" in audit_cli.stdout
+
+
+def test_the_trail_rotates_and_reads_back_in_order(tmp_path: Path) -> None:
+    with PasserelleProcess(tmp_path / "data", audit_max_bytes="2000",
+                           audit_backups="50") as server:
+        for n in range(40):
+            httpx.get(f"{server.base_url}/dicom-web/studies?AccessionNumber=A{n}")
+    files = sorted((tmp_path / "data" / "audit").glob("audit.jsonl*"))
+    assert len(files) > 3
+    queries = [m["ParticipantObjectIdentification"][0]["ParticipantObjectQuery"]
+               for m in read_events(tmp_path / "data" / "audit")]
+    assert [base64.b64decode(q).decode() for q in queries] == [
+        f"AccessionNumber=A{n}" for n in range(40)]
