@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     auth_leeway_seconds: float = Field(30, ge=0, le=300)
     auth_allowed_subjects: Annotated[list[str], NoDecode] = []
     metrics_require_auth: bool = False
+    auth_client_certificates: Annotated[list[str], NoDecode] = []
     require_kos_reference: bool = False
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -137,6 +138,22 @@ class Settings(BaseSettings):
             return [part for part in re.split(r"[,\s]+", value) if part]
         return value
 
+    @field_validator("auth_client_certificates", mode="before")
+    @classmethod
+    def _check_certificates(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for entry in value if isinstance(value, list) else ():
+            name, _, scopes = str(entry).partition("=")
+            if not name.strip() or not scopes.split():
+                raise ValueError(f"{entry!r}: expected CERTIFICATE NAME=scope [scope...]")
+        return value
+
+    def certificate_scopes(self) -> dict[str, frozenset[str]]:
+        """Client certificate common name -> the scopes it grants."""
+        return {name.strip(): frozenset(scopes.split()) for name, _, scopes in
+                (entry.partition("=") for entry in self.auth_client_certificates)}
+
     @field_validator("audit_syslog")
     @classmethod
     def _check_syslog(cls, value: str) -> str:
@@ -157,6 +174,8 @@ class Settings(BaseSettings):
     def _default_public_url(self) -> "Settings":
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.auth_client_certificates and not self.tls_client_ca_file:
+            raise ValueError("auth_client_certificates needs tls_client_ca_file (mutual TLS)")
         if self.dicom_tls and not self.tls_cert_file:
             raise ValueError("dicom_tls needs tls_cert_file and tls_key_file")
         if not self.public_url:

@@ -27,6 +27,11 @@ ASSOCIATIONS_OPEN = Gauge(
 ASSOCIATIONS = Counter(
     "passerelle_dicom_associations_total",
     "DICOM associations by how they ended (released, aborted, rejected)", ["outcome"])
+RECOVERY = Gauge(
+    "passerelle_recovery_files",
+    "What the check of the index against the files found at start after an unclean stop"
+    " (reindexed: file without index row; quarantined: unreadable file moved aside;"
+    " missing: indexed instance without its file)", ["kind"])
 RENDER_CACHE = Counter(
     "passerelle_render_cache_total",
     "Rendered image requests by cache result (hit; miss: rendered; shared: waited for the"

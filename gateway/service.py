@@ -7,6 +7,7 @@ from types import FrameType
 
 import uvicorn
 
+from gateway import metrics
 from gateway.audit import AuditTrail
 from gateway.config import Settings
 from gateway.dimse import DicomService
@@ -17,6 +18,7 @@ from gateway.publish import Publisher
 from gateway.stable import StableStudyWatcher
 from gateway.tls import server_context
 from gateway.web import create_app
+from gateway.web.tls_identity import ClientCertificateProtocol
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
 from storage.store import Store
@@ -55,7 +57,10 @@ def serve(settings: Settings) -> None:
         log.warning("removed %d temporary file(s) left by an interrupted write", removed)
     if not lock.previous_stop_was_clean:
         log.warning("previous run did not stop cleanly: checking the index against the files")
-        recover(store.blobs, store.index)
+        report = recover(store.blobs, store.index)
+        for kind in ("reindexed", "quarantined", "missing"):
+            found = getattr(report, kind)
+            metrics.RECOVERY.labels(kind).set(found if isinstance(found, int) else len(found))
     host, _, port = settings.audit_syslog.rpartition(":")
     audit = AuditTrail(settings.data_dir / "audit", settings.ae_title, store.index.patient_id_of,
                        settings.audit_max_bytes, settings.audit_backups,
@@ -81,7 +86,8 @@ def serve(settings: Settings) -> None:
         config = uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None,
             access_log=False, server_header=False, lifespan="off",
-            ssl_certfile=settings.tls_cert_file or None, ssl_keyfile=settings.tls_key_file or None)
+            ssl_certfile=settings.tls_cert_file or None, ssl_keyfile=settings.tls_key_file or None,
+            http=ClientCertificateProtocol if settings.tls_client_ca_file else "auto")
         config.load()
         config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
         uvicorn.Server(config).run()

@@ -13,9 +13,11 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def associate(port: int, items: list[Dataset | Path] = (), calling: str = "TESTSCU",
-              called: str = "PASSERELLE") -> Association:
-    """An association proposing each object's SOP class in its own transfer syntax."""
+              called: str = "PASSERELLE", timeout: float = 30) -> Association:
+    """An association proposing each object's SOP class in its own transfer syntax;
+    ``timeout`` bounds negotiation, each DIMSE exchange and network silence."""
     ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     for item in items:
         meta = read_file_meta_info(item) if isinstance(item, Path) else item.file_meta

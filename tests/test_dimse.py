@@ -219,13 +219,36 @@ def test_index_lost_after_unclean_stop_is_rebuilt_from_files(tmp_path: Path,
         leftover.unlink()
     (tmp_path / "data" / "studies" / "junk.dcm").write_bytes(b"not in a series folder")
     (tmp_path / "data" / "tmp" / "interrupted.part").write_bytes(b"half an instance")
+    files = sorted((tmp_path / "data" / "studies").glob("*/*/*.dcm"))
+    files[0].write_bytes(files[0].read_bytes()[:200])  # torn by something outside us
     server.start()
     try:
         [study] = studies(server)
-        assert study["instance_count"] == 6
+        assert study["instance_count"] == 5
         assert "did not stop cleanly" in server.log()
         assert "removed 1 temporary file(s)" in server.log()
+        assert f"quarantined studies/{files[0].parent.parent.name}" in server.log()
+        assert (tmp_path / "data" / "quarantine" / files[0].name).exists()
+        assert server.metric("passerelle_recovery_files", kind="reindexed") == 5
+        assert server.metric("passerelle_recovery_files", kind="quarantined") == 1
         assert stored_files(server)  # also checks that tmp/ is empty
+    finally:
+        server.stop()
+
+
+def test_an_indexed_instance_without_its_file_is_reported(tmp_path: Path,
+                                                          ct_study: list[Path]) -> None:
+    server = PasserelleProcess(tmp_path / "data").start()
+    for path in ct_study[:3]:
+        assert send(server.dicom_port, path)[0] == 0x0000
+    server.stop(signal.SIGKILL)
+    lost = sorted((tmp_path / "data" / "studies").glob("*/*/*.dcm"))[0]
+    lost.unlink()
+    server.start()
+    try:
+        assert f"indexed instance has no file: {lost.relative_to(tmp_path / 'data')}" \
+            in server.log()
+        assert server.metric("passerelle_recovery_files", kind="missing") == 1
     finally:
         server.stop()
 

@@ -85,3 +85,17 @@ def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
         stored = httpx.get(f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/metadata",
                            verify=_client(pki))
         assert stored.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
+
+
+def test_a_consumer_gateway_known_by_its_certificate(tmp_path: Path, pki: Pki) -> None:
+    settings = {**_tls(pki), "tls_client_ca_file": str(pki.ca),
+                "auth_client_certificates": "client.test=dicomweb.read"}
+    client = _client(pki, with_certificate=True)
+    with PasserelleProcess(tmp_path / "data", tls=client, **settings) as server:
+        assert httpx.get(f"{server.base_url}/dicom-web/studies", verify=client
+                         ).status_code == 200
+        stow = httpx.post(f"{server.base_url}/dicom-web/studies", verify=client, content=b"",
+                          headers={"Content-Type": "multipart/related; type=application/dicom"})
+        assert stow.status_code == 403  # the certificate grants read only
+        audit = server.cli("audit").stdout
+        assert "certificate:client.test" in audit

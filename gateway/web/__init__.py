@@ -83,14 +83,15 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
             expose_headers=["Content-Type", "Content-Length", "ETag", "Warning",
                             "WWW-Authenticate"],
             max_age=3600))
-    if settings.auth_issuer:
+    if settings.auth_issuer or settings.auth_client_certificates:
         middleware.append(Middleware(
             AuthMiddleware,
             verifier=TokenVerifier(settings.auth_issuer, settings.auth_jwks_url,
-                                   settings.auth_audience, settings.auth_leeway_seconds),
+                                   settings.auth_audience, settings.auth_leeway_seconds)
+            if settings.auth_issuer else None,
             rights=Rights(settings.auth_read_scope, settings.auth_write_scope,
                           settings.auth_admin_scope, frozenset(settings.auth_allowed_subjects),
-                          settings.metrics_require_auth)))
+                          settings.metrics_require_auth, settings.certificate_scopes())))
     middleware.append(Middleware(ManifestScopeMiddleware, access=ManifestAccess(store),
                                  required=settings.require_kos_reference))
     app = Starlette(routes=[

@@ -7,7 +7,7 @@ CORS preflights, ``admin`` under ``/admin``, ``write`` to store (POST under ``/d
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio.to_thread
 import jwt
@@ -43,6 +43,7 @@ class Rights:
     admin: str
     allowed_subjects: frozenset[str] = frozenset()
     metrics_require_auth: bool = False
+    certificates: dict[str, frozenset[str]] = field(default_factory=dict)  # name -> scopes
 
     def required(self, method: str, path: str) -> str | None:
         """The scope a request needs, or None when it needs no token."""
@@ -92,7 +93,7 @@ class AuthMiddleware:
     """Refuses requests without the right token (401 / 403 with ``WWW-Authenticate``); the
     subject of an accepted token is put in ``scope["user"]`` for the handlers and the audit."""
 
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier, rights: Rights) -> None:
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier | None, rights: Rights) -> None:
         self.app = app
         self.verifier = verifier
         self.rights = rights
@@ -113,15 +114,22 @@ class AuthMiddleware:
     async def _authorise(self, scope: Scope, needed: str) -> None:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         kind, _, token = header.partition(" ")
-        if kind.lower() != "bearer" or not token.strip():
+        certificate = scope.get("extensions", {}).get("tls", {}).get("client_cert_name", "")
+        if kind.lower() == "bearer" and token.strip() and self.verifier is not None:
+            claims = await anyio.to_thread.run_sync(self.verifier.claims, token.strip())
+            subject, scopes = subject_of(claims), str(claims.get("scope", "")).split()
+        elif certificate in self.rights.certificates:
+            # mutual TLS: a consumer gateway known by its certificate (verified by the
+            # TLS layer against tls_client_ca_file) gets the scopes configured for it.
+            subject, scopes = f"certificate:{certificate}", self.rights.certificates[certificate]
+        else:
             raise AuthError(401, "", "a bearer token is required", "missing")
-        claims = await anyio.to_thread.run_sync(self.verifier.claims, token.strip())
-        subject = subject_of(claims)
         scope["user"] = subject  # known from here on, refused or not (audit)
-        if self.rights.allowed_subjects and subject not in self.rights.allowed_subjects:
+        if self.rights.allowed_subjects and subject not in self.rights.allowed_subjects \
+                and not subject.startswith("certificate:"):
             raise AuthError(403, "insufficient_scope", f"{subject!r} is not allowed here",
                             "subject")
-        if needed not in str(claims.get("scope", "")).split():
+        if needed not in scopes:
             raise AuthError(403, "insufficient_scope", f"this request needs scope {needed}",
                             "scope")
 
