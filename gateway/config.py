@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     allowed_calling_aets: Annotated[list[str], NoDecode] = []
     max_pdu: int = Field(262144, ge=0)
     max_associations: int = Field(16, ge=1)
+    max_associations_per_client: int = Field(8, ge=1)
+    http_max_requests_per_client: int = Field(64, ge=1)
+    http_max_connections: int = Field(1024, ge=1)
     acse_timeout: float = Field(30, gt=0)
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(120, gt=0)

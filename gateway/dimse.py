@@ -21,6 +21,7 @@ from gateway import metrics
 from gateway.audit import AuditEvent, AuditTrail, EventType
 from gateway.audit import Outcome as AuditOutcome
 from gateway.config import Settings
+from gateway.dicom_server import GuardedAssociationServer, pdu_limit
 from gateway.statuses import SUCCESS, failure_status
 from storage.part10 import file_preamble_and_meta
 from storage.store import Outcome, Store
@@ -95,12 +96,15 @@ class DicomService:
     def start(self) -> None:
         """Bind and start accepting associations in a background thread."""
         address = (self.settings.dicom_host, self.settings.dicom_port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=self._handlers,
-                                            ssl_context=self.ssl_context)
-        # pynetdicom keeps no handle on the thread running serve_forever; it is the only
-        # acceptor of this process, so find it by its name.
-        self._acceptor = next(t for t in threading.enumerate()
-                              if t.name.startswith("AcceptorServer"))
+        self._server = self.ae.make_server(
+            address, evt_handlers=self._handlers, ssl_context=self.ssl_context,
+            server_class=GuardedAssociationServer,
+            per_client=self.settings.max_associations_per_client,
+            max_pdu_bytes=pdu_limit(self.settings.max_pdu), on_refused=self._on_over_limit)
+        self._acceptor = threading.Thread(target=self._server.serve_forever,
+                                          name="dicom-acceptor", daemon=True)
+        self._acceptor.start()
+        self.ae._servers.append(self._server)  # as start_server does; shutdown() removes it
         log.info("DICOM SCP %s listening on %s:%d%s", self.settings.ae_title, address[0],
                  self.port, " (TLS)" if self.ssl_context else "")
 
@@ -166,6 +170,12 @@ class DicomService:
         self.audit.record(AuditEvent(EventType.USER_AUTHENTICATION, "E",
                                      AuditOutcome.MINOR_FAILURE, requestor.ae_title,
                                      requestor.address, detail="association rejected"))
+
+    def _on_over_limit(self, host: str) -> None:
+        metrics.ASSOCIATIONS.labels("refused-over-limit").inc()
+        self.audit.record(AuditEvent(EventType.USER_AUTHENTICATION, "E",
+                                     AuditOutcome.MINOR_FAILURE, "", host,
+                                     detail="association refused: too many from this client"))
 
     def _count(self, assoc: Association, study_uid: str, accepted: bool) -> None:
         with self._received_lock:

@@ -86,6 +86,7 @@ def serve(settings: Settings) -> None:
         config = uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None,
             access_log=False, server_header=False, lifespan="off",
+            limit_concurrency=settings.http_max_connections,
             ssl_certfile=settings.tls_cert_file or None, ssl_keyfile=settings.tls_key_file or None,
             http=ClientCertificateProtocol if settings.tls_client_ca_file else "auto")
         config.load()

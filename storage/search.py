@@ -6,6 +6,7 @@ SQLite as a bound parameter, never as SQL text.
 """
 
 import enum
+import re
 import sqlite3
 import unicodedata
 from dataclasses import dataclass
@@ -86,6 +87,19 @@ _COMPUTED_COUNTS = {"ModalitiesInStudy", "NumberOfStudyRelatedSeries",
                     "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances"}
 
 
+# PS3.5 6.2: DA is YYYYMMDD; TM is HH[MM[SS[.F{1,6}]]]. A range is "low-high", either open.
+_DATE_TIME = {"DA": re.compile(r"[0-9]{8}"),
+              "TM": re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")}
+
+
+def _check_date_time(keyword: str, vr: str, value: str) -> None:
+    bounds = value.split("-", 1) if "-" in value else [value]
+    if not all(not bound or _DATE_TIME[vr].fullmatch(bound) for bound in bounds):
+        example = "20260110 or 20260101-20260131" if vr == "DA" else "1015 or 0800-1200"
+        raise QueryError(f"{keyword} must be a {vr} value or range such as {example},"
+                         f" not {value[:40]!r}")
+
+
 class QueryError(ValueError):
     """A query the index cannot answer as asked (HTTP 400)."""
 
@@ -139,6 +153,8 @@ class Match:
                 return f"{attribute.sql} = ?", [int(value)]
             except ValueError:
                 raise QueryError(f"{self.keyword} must be a number, not {value[:40]!r}") from None
+        if attribute.vr in ("DA", "TM"):
+            _check_date_time(self.keyword, attribute.vr, value)
         if attribute.vr in ("DA", "TM") and "-" in value:
             low, _, high = value.partition("-")
             conditions, params = [], []

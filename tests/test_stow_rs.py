@@ -100,7 +100,7 @@ def test_large_part_over_the_limit_is_refused(tmp_path) -> None:
     try:
         big = ct_slice(generate_uid(), generate_uid(), 1, 1, size=512)  # 512 KB
         response = post(server, "/studies", multipart([part10(big)]))
-        assert response.status_code == 400
+        assert response.status_code == 413  # Content Too Large
         assert "100000 bytes" in response.text
         small = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
         assert post(server, "/studies", multipart([part10(small)])).status_code == 200

@@ -1,8 +1,10 @@
 """TLS on both listeners, with certificates the test makes: HTTPS (TLS >= 1.2, optional
 client certificates) and DICOM over TLS, checked by real clients (httpx, pynetdicom, dcmtk)."""
 
+import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -85,6 +87,23 @@ def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
         stored = httpx.get(f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/metadata",
                            verify=_client(pki))
         assert stored.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
+
+
+def test_a_client_that_never_finishes_its_handshake_blocks_no_one(tmp_path: Path,
+                                                                  pki: Pki) -> None:
+    with PasserelleProcess(tmp_path / "data", tls=_client(pki), dicom_tls="true",
+                           acse_timeout="60", network_timeout="60", **_tls(pki)) as server, \
+            socket.create_connection(("127.0.0.1", server.dicom_port)):
+        # That connection never starts its handshake; a real TLS peer still gets in at once.
+        ae = AE(ae_title="TLSSCU")
+        ae.add_requested_context(Verification)
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="PASSERELLE",
+                             tls_args=(_client(pki), "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert time.monotonic() - started < 10
 
 
 def test_a_consumer_gateway_known_by_its_certificate(tmp_path: Path, pki: Pki) -> None:

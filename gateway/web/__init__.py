@@ -18,6 +18,7 @@ from gateway.render_cache import RenderCache
 from gateway.web.access_audit import AccessAuditMiddleware
 from gateway.web.admin import queue_study_action
 from gateway.web.auth import AuthMiddleware, Rights, TokenVerifier
+from gateway.web.client_limit import ClientLimitMiddleware
 from gateway.web.frames import bulkdata, frames
 from gateway.web.manifest_scope import ManifestAccess, ManifestScopeMiddleware
 from gateway.web.metadata import metadata
@@ -73,7 +74,8 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
         Route("/studies/{study}/series/{series}/instances/{instance}/metadata", metadata,
               methods=["GET"]),
     ]
-    middleware = [Middleware(AccessAuditMiddleware, trail=audit)]
+    middleware = [Middleware(ClientLimitMiddleware, limit=settings.http_max_requests_per_client),
+                  Middleware(AccessAuditMiddleware, trail=audit)]
     if settings.cors_allow_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=settings.cors_allow_origins,

@@ -16,8 +16,24 @@ _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
             "confidentiality": Action.CONFIDENTIALITY}
 
 
+_MAX_BODY_BYTES = 64 << 10  # a confidentiality change is a few dozen bytes
+
+
+class BodyTooLargeError(ValueError):
+    """A request body over the limit of this endpoint (HTTP 413)."""
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+async def _small_body(request: Request) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_BODY_BYTES:
+            raise BodyTooLargeError(f"request body over {_MAX_BODY_BYTES} bytes")
+    return bytes(body)
 
 
 async def queue_study_action(request: Request) -> JSONResponse:
@@ -29,9 +45,13 @@ async def queue_study_action(request: Request) -> JSONResponse:
     payload = ""
     if action is Action.CONFIDENTIALITY:
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(await _small_body(request) or b"{}")
             payload = Confidentiality(str(body.get("level", "N")),
                                       tuple(body.get("masking", []))).payload()
+        except BodyTooLargeError as exc:
+            return _error(413, str(exc))
+        except RecursionError:
+            return _error(400, "JSON nested too deeply")
         except (ValueError, TypeError, AttributeError) as exc:
             return _error(400, f"expected {{\"level\": \"N|R|V\", \"masking\": [codes]}}: {exc}")
     outbox: Outbox = request.app.state.outbox

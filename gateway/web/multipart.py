@@ -27,7 +27,11 @@ def closing(boundary: str) -> bytes:
 
 
 class MultipartError(ValueError):
-    """A multipart body that cannot be read (HTTP 400), or a part over the size limit."""
+    """A multipart body that cannot be read (HTTP 400)."""
+
+
+class PartTooLargeError(MultipartError):
+    """A part over the size limit (HTTP 413)."""
 
 
 _MAX_HEADERS = 16384
@@ -60,15 +64,18 @@ async def iter_parts(chunks: AsyncIterator[bytes], boundary: str,
         except StopAsyncIteration:
             ended = True
 
-    async def find(token: bytes, limit: int, what: str) -> int:
+    async def find(token: bytes, limit: int, what: str,
+                   too_long: type[MultipartError] = MultipartError) -> int:
         start = 0
         while (index := buffer.find(token, start)) < 0:
             if ended:
                 raise MultipartError(f"body ended before {what}")
             if len(buffer) > limit:
-                raise MultipartError(f"{what} not found within {limit} bytes")
+                raise too_long(f"{what} not found within {limit} bytes")
             start = max(0, len(buffer) - len(token) + 1)
             await more()
+        if index > limit:  # found, but further than allowed (it came in one large chunk)
+            raise too_long(f"{what} not found within {limit} bytes")
         return index
 
     delimiter = b"--" + boundary.encode("latin-1")
@@ -91,6 +98,6 @@ async def iter_parts(chunks: AsyncIterator[bytes], boundary: str,
             end = await find(b"\r\n\r\n", _MAX_HEADERS, "the end of the part headers")
             headers = _part_headers(bytes(buffer[:end]))
             del buffer[:end + 4]
-        end = await find(separator, max_part_size, "the next boundary")
+        end = await find(separator, max_part_size, "the next boundary", PartTooLargeError)
         yield headers, bytes(buffer[:end])
         del buffer[:end + len(separator)]

@@ -8,13 +8,13 @@ Store Instances Response Module (PS3.18 Table 10.5.3-3) in DICOM JSON.
 import logging
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway import metrics
 from gateway.statuses import failure_status
 from gateway.web.accept import parse_media_type
-from gateway.web.multipart import MultipartError, iter_parts
+from gateway.web.multipart import MultipartError, PartTooLargeError, iter_parts
 from gateway.web.responses import error, json_response
 from gateway.web.wado import check_uids
 from storage.store import IngestResult, Store
@@ -80,8 +80,16 @@ async def store_instances(request: Request) -> Response:
                             result.message)
                 item["00081197"] = {"vr": "US", "Value": [failure_status(result.reason)]}
                 failed.append(item)
+    except ClientDisconnect:
+        log.info("STOW-RS from %s: the client left mid-body after %d stored", source,
+                 len(stored))
+        return error(400, "the client disconnected")  # nobody to read it; ends the request
     except MultipartError as exc:
         if not stored:
+            if isinstance(exc, PartTooLargeError):
+                limit = request.app.state.max_instance_bytes
+                return error(413, f"a part is larger than the {limit} bytes accepted"
+                                  f" (max_instance_bytes): {exc}")
             return error(400, f"malformed multipart body: {exc}")
         log.warning("STOW-RS from %s cut short: %s", source, exc)
         failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})

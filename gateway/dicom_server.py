@@ -1,0 +1,143 @@
+"""pynetdicom's association server with the limits a hostile network needs.
+
+- TLS handshakes happen in each association's own thread: pynetdicom does them in its single
+  accept thread, where one client that connects and stays silent would stall every peer.
+- At most ``per_client`` connections at once from one address; the next one is answered
+  with an A-ASSOCIATE-RJ, transient, local-limit-exceeded (PS3.8 9.3.4), before anything is
+  read from it.
+- Each PDU header is checked as it arrives (PS3.8 9.3.1): an unknown PDU type or a length
+  over ``max_pdu_bytes`` closes the connection at once. pynetdicom would buffer whatever
+  length the peer announces (up to 4 GiB), and after garbage it keeps reading, logging an
+  error every 6 bytes, until its ARTIM timer expires.
+"""
+
+import logging
+import socket
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+# PS3.8 9.3.4: A-ASSOCIATE-RJ PDU (type 03), length 4: reserved, result 2 (rejected-
+# transient), source 3 (service-provider, presentation related), reason 2
+# (local-limit-exceeded).
+_LIMIT_EXCEEDED = struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 2, 3, 2)
+_PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ .. A-ABORT
+
+
+class RefusedPduError(OSError):
+    """A PDU header this server will not read further: unknown type, or too long."""
+
+
+class PduGuard:
+    """Wraps an association socket's ``recv``: the DUL reads each PDU as its 6-byte header,
+    then the announced length in one call, alternately; every header is checked."""
+
+    def __init__(self, receive: Callable[[int], bytearray], limit: int, peer: str) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.peer = peer
+        self._header_next = True
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes``; RefusedPduError for a header that must not be followed."""
+        data = self.receive(nr_bytes)
+        if not self._header_next:
+            self._header_next = True
+            return data
+        self._header_next = False
+        if len(data) == 6:  # shorter: the peer left, the DUL sees it
+            pdu_type, _, length = struct.unpack(">BBL", data)
+            if pdu_type not in _PDU_TYPES:
+                raise RefusedPduError(f"not a DICOM PDU from {self.peer} (type 0x{pdu_type:02X})")
+            if length > self.limit:
+                raise RefusedPduError(f"PDU of {length} bytes announced by {self.peer}; at "
+                                      f"most {self.limit} accepted")
+        return data
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Refuses a client over its connection limit; guards the PDUs of the others."""
+
+    server: "GuardedAssociationServer"
+
+    def handle(self) -> None:
+        """Start the association, or answer A-ASSOCIATE-RJ if the client has too many."""
+        host = self.client_address[0]
+        if not self.server.admit(host):
+            log.warning("association from %s refused: %d already open (limit per client)",
+                        host, self.server.per_client)
+            self.server.on_refused(host)
+            try:
+                self.request.settimeout(5)
+                self.request.sendall(_LIMIT_EXCEEDED)
+            except OSError:
+                pass  # the peer left or never finished TLS: nothing more to tell it
+            self.server.shutdown_request(self.request)
+            return
+        try:
+            super().handle()
+        except BaseException:
+            self.server.release(host)
+            raise
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        association_socket = assoc.dul.socket
+        association_socket.recv = PduGuard(association_socket.recv, self.server.max_pdu_bytes,
+                                           self.client_address[0])
+        return assoc
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """A ThreadedAssociationServer with per-client limits; ``on_refused(host)`` is called
+    for each association refused over the limit. Made by ``AE.make_server``."""
+
+    def __init__(self, *args: Any, per_client: int, max_pdu_bytes: int,
+                 on_refused: Callable[[str], None], **kwargs: Any) -> None:
+        self.per_client = per_client
+        self.max_pdu_bytes = max_pdu_bytes
+        self.on_refused = on_refused
+        self._open: Counter[str] = Counter()
+        self._open_lock = threading.Lock()
+        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+        self.bind(evt.EVT_CONN_CLOSE, self._on_close)
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from ``host`` unless it already has ``per_client``."""
+        with self._open_lock:
+            if self._open[host] >= self.per_client:
+                return False
+            self._open[host] += 1
+            return True
+
+    def release(self, host: str) -> None:
+        """A connection from ``host`` is closed."""
+        with self._open_lock:
+            self._open[host] -= 1
+            if self._open[host] <= 0:
+                del self._open[host]
+
+    def _on_close(self, event: evt.Event) -> None:
+        self.release(event.assoc.requestor.address)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; a TLS handshake is left to the association's thread."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+
+def pdu_limit(max_pdu: int) -> int:
+    """The longest PDU accepted: what we announce as Maximum Length (P-DATA-TF, PS3.8
+    D.1), but at least 1 MiB for association PDUs; 64 MiB when the length is unlimited."""
+    return max(max_pdu, 1 << 20) if max_pdu else 64 << 20
