@@ -31,6 +31,14 @@ def test_default_file_documents_every_setting_with_its_default(
     assert from_file == Settings()
 
 
+def test_secure_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PASSERELLE_CONFIG", str(REPO / "config" / "secure.toml"))
+    settings = Settings()
+    assert settings.auth_issuer and settings.dicom_tls and settings.tls_client_ca_file
+    assert settings.certificate_scopes() == {"drimbox-conso.example.fr":
+                                             frozenset({"dicomweb.read"})}
+
+
 def test_contract_defaults() -> None:
     settings = Settings()
     assert (settings.ae_title, settings.dicom_port) == ("PASSERELLE", 11112)
