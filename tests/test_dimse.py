@@ -208,12 +208,18 @@ def test_restart_keeps_every_acknowledged_instance(tmp_path: Path,
         server.stop()
 
 
-def test_index_lost_after_unclean_stop_is_rebuilt_from_files(tmp_path: Path,
-                                                              ct_study: list[Path]) -> None:
+def _killed_after_storing(tmp_path: Path, files: list[Path]) -> PasserelleProcess:
+    """A service that stored ``files`` and was then killed with SIGKILL."""
     server = PasserelleProcess(tmp_path / "data").start()
-    for path in ct_study[:6]:
+    for path in files:
         assert send(server.dicom_port, path)[0] == 0x0000
     server.stop(signal.SIGKILL)
+    return server
+
+
+def test_index_lost_after_unclean_stop_is_rebuilt_from_files(tmp_path: Path,
+                                                              ct_study: list[Path]) -> None:
+    server = _killed_after_storing(tmp_path, ct_study[:6])
     # Simulate a power cut that lost the last index commits: drop the whole index.
     for leftover in (tmp_path / "data").glob("index.sqlite*"):
         leftover.unlink()
@@ -238,10 +244,7 @@ def test_index_lost_after_unclean_stop_is_rebuilt_from_files(tmp_path: Path,
 
 def test_an_indexed_instance_without_its_file_is_reported(tmp_path: Path,
                                                           ct_study: list[Path]) -> None:
-    server = PasserelleProcess(tmp_path / "data").start()
-    for path in ct_study[:3]:
-        assert send(server.dicom_port, path)[0] == 0x0000
-    server.stop(signal.SIGKILL)
+    server = _killed_after_storing(tmp_path, ct_study[:3])
     lost = sorted((tmp_path / "data" / "studies").glob("*/*/*.dcm"))[0]
     lost.unlink()
     server.start()
