@@ -1,11 +1,13 @@
 """Fixtures: a real ``passerelle serve`` process, DICOM test files, SCU helpers."""
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from hypothesis import settings
 from pydicom import dcmread
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.errors import InvalidDicomError
@@ -14,6 +16,12 @@ from pydicom.uid import UID
 from tests.processes import PasserelleProcess
 from tests.scu import send
 from tests.synthetic import write_ct_study
+
+# Fuzz targets (tests/test_fuzz.py): brief in the suite, long from bench/fuzz.py.
+settings.register_profile("ci", max_examples=300, deadline=None)
+settings.register_profile("long", deadline=None,
+                          max_examples=int(os.environ.get("PASSERELLE_FUZZ_EXAMPLES", "50000")))
+settings.load_profile("ci")
 
 
 def pytest_configure(config: pytest.Config) -> None:
