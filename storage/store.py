@@ -20,6 +20,8 @@ from storage.part10 import dataset_bytes, with_preamble
 
 log = logging.getLogger(__name__)
 
+_UID_LOCK_STRIPES = 64
+
 
 class DuplicatePolicy(enum.StrEnum):
     """What to do when an instance arrives again under a stored SOP Instance UID."""
@@ -83,8 +85,9 @@ class Store:
         self.index = Index(data_dir / "index.sqlite")
         self.duplicate_policy = duplicate_policy
         # Held from the duplicate re-check to the index commit, so two associations sending
-        # the same SOP Instance UID at once cannot both write it.
-        self._commit_lock = threading.Lock()
+        # the same SOP Instance UID at once cannot both write it. Striped by UID: writers of
+        # different instances fsync in parallel instead of queueing on one lock.
+        self._uid_locks = tuple(threading.Lock() for _ in range(_UID_LOCK_STRIPES))
 
     def close(self) -> None:
         """Release the index."""
@@ -139,7 +142,7 @@ class Store:
 
     def _write(self, record: InstanceRecord, relative: str, data: bytes,
                source: str) -> IngestResult:
-        with self._commit_lock:
+        with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
                 return self._compare_with_stored(record, data, existing.path)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from storage.part10 import dataset_offset
 from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Store
 from storage.uids import is_valid_uid
-from tests.synthetic import ct_slice
+from tests.synthetic import ct_slice, part10
 
 
 @pytest.mark.parametrize("uid, valid", [
@@ -169,3 +170,30 @@ def test_fold_name() -> None:
     assert fold_name("MÜLLER^Hélène") == "^muller^helene"
     assert fold_name("Dupont-Durand^Jean Pierre=デュポン") == "^dupont^durand^jean^pierre^デュポン"
     assert fold_name("") == "^"
+
+
+def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path) -> None:
+    """Keep-first under a race: one object stored, the other reported as a conflict, and
+    the file on disk is the one the index describes."""
+    store = Store(tmp_path / "data")
+    barrier = threading.Barrier(2)
+    for _ in range(40):
+        sop_uid, study, series = generate_uid(), generate_uid(), generate_uid()
+        versions = [bytes(part10(ct_slice(study, series, 1, 1, size=8, sop_uid=sop_uid,
+                                          PatientName=name))) for name in ("A^A", "B^B")]
+        outcomes: list[Outcome] = []
+
+        def write(data: bytes) -> None:
+            barrier.wait()
+            outcomes.append(store.ingest(data, "race").outcome)  # noqa: B023
+
+        threads = [threading.Thread(target=write, args=(data,)) for data in versions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.CONFLICT])
+        stored = store.blobs.read(store.index.find_instance(sop_uid).path)
+        assert stored in versions
+    assert list(store.blobs.tmp_dir.iterdir()) == []
+    store.close()

@@ -1,0 +1,85 @@
+"""Mixed load, passerelle beside Orthanc + DICOMweb plugin, same workload, same run.
+
+8 C-STORE associations storing new 64x64 CT slices and 50 concurrent HTTP clients looping
+over WADO-RS instance retrieve, series metadata, QIDO and a rendered JPEG, for ``--seconds``
+against each server in turn (never both at once: they would share the two cores). Reports
+instances stored, retrievals, latency percentiles, errors, and acknowledged instances that
+QIDO does not list afterwards (lost).
+
+Usage: python bench/load.py [--seconds 60] [--senders 8] [--readers 50]
+"""
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import REPO, markdown_table, run_checked
+from orthanc import OrthancProcess
+from pydicom import dcmread
+
+from tests.load import LoadReport, missing_instances, run_load
+from tests.processes import PasserelleProcess
+from tests.synthetic import write_ct_study
+
+
+def measure(peer: PasserelleProcess | OrthancProcess, study_dir: Path, study_uid: str,
+            args: argparse.Namespace) -> tuple[LoadReport, int]:
+    """Load one server; the report and how many acknowledged instances it lost."""
+    peer.start()
+    try:
+        run_checked(["storescu", "-aec", peer.ae_title, "127.0.0.1", str(peer.dicom_port),
+                     "+sd", str(study_dir)])
+        root = f"{peer.base_url}/dicom-web"
+        report = run_load(peer.dicom_port, peer.ae_title, root, study_uid, args.seconds,
+                          args.senders, args.readers)
+        return report, len(missing_instances(root, report.acknowledged))
+    finally:
+        peer.stop()
+
+
+def main() -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--senders", type=int, default=8)
+    parser.add_argument("--readers", type=int, default=50)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="passerelle-bench-", dir=REPO / "bench"))
+    try:
+        files = write_ct_study(work / "study", series=3, per_series=5)
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        results = {}
+        for name, peer in (("passerelle", PasserelleProcess(work / "data")),
+                           ("orthanc", OrthancProcess(work / "orthanc"))):
+            results[name] = measure(peer, work / "study", study_uid, args)
+            print(f"{name}: done", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def row(label: str, value: object) -> list[str]:
+        ours, theirs = (value(*results[name]) for name in ("passerelle", "orthanc"))
+        ratio = f"{ours / theirs:.2f}x" if theirs else "-"
+        return [label, f"{ours:.4g}", f"{theirs:.4g}", ratio]
+
+    table = [
+        row("instances stored /s", lambda r, lost: r.stored / r.seconds),
+        row("retrievals /s", lambda r, lost: len(r.latencies) / r.seconds),
+        row("retrieval p50 ms", lambda r, lost: r.percentile(50)),
+        row("retrieval p95 ms", lambda r, lost: r.percentile(95)),
+        row("retrieval p99 ms", lambda r, lost: r.percentile(99)),
+        row("failed stores", lambda r, lost: len(r.store_failures)),
+        row("failed retrievals", lambda r, lost: len(r.request_failures)),
+        row("acknowledged but lost", lambda r, lost: lost),
+    ]
+    print(f"{args.senders} C-STORE associations + {args.readers} HTTP clients, "
+          f"{args.seconds:.0f} s each")
+    print(markdown_table(["measure", "passerelle", "orthanc", "passerelle / orthanc"], table))
+    for name, (report, _) in results.items():
+        for failure in (report.store_failures + report.request_failures)[:5]:
+            print(f"{name}: {failure}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
