@@ -1,6 +1,7 @@
 """Mixed load, passerelle beside Orthanc + DICOMweb plugin, same workload, same run.
 
-8 C-STORE associations storing new 64x64 CT slices and 50 concurrent HTTP clients looping
+8 dcmtk storescu associations storing 64x64 CT slices under new UIDs and 50 concurrent HTTP
+clients (httpx, one asyncio loop) looping
 over WADO-RS instance retrieve, series metadata, QIDO and a rendered JPEG, for ``--seconds``
 against each server in turn (never both at once: they would share the two cores). Reports
 instances stored, retrievals, latency percentiles, errors, and acknowledged instances that
@@ -19,7 +20,7 @@ from common import REPO, markdown_table, run_checked
 from orthanc import OrthancProcess
 from pydicom import dcmread
 
-from tests.load import LoadReport, missing_instances, run_load
+from tests.load import LoadReport, instance_count, run_load
 from tests.processes import PasserelleProcess
 from tests.synthetic import write_ct_study
 
@@ -32,9 +33,10 @@ def measure(peer: PasserelleProcess | OrthancProcess, study_dir: Path, study_uid
         run_checked(["storescu", "-aec", peer.ae_title, "127.0.0.1", str(peer.dicom_port),
                      "+sd", str(study_dir)])
         root = f"{peer.base_url}/dicom-web"
+        before = instance_count(root)
         report = run_load(peer.dicom_port, peer.ae_title, root, study_uid, args.seconds,
                           args.senders, args.readers)
-        return report, len(missing_instances(root, report.acknowledged))
+        return report, max(0, report.stored - (instance_count(root) - before))
     finally:
         peer.stop()
 

@@ -57,10 +57,8 @@ def serve(settings: Settings) -> None:
         log.warning("removed %d temporary file(s) left by an interrupted write", removed)
     if not lock.previous_stop_was_clean:
         log.warning("previous run did not stop cleanly: checking the index against the files")
-        report = recover(store.blobs, store.index)
-        for kind in ("reindexed", "quarantined", "missing"):
-            found = getattr(report, kind)
-            metrics.RECOVERY.labels(kind).set(found if isinstance(found, int) else len(found))
+        for kind, found in recover(store.blobs, store.index).counts().items():
+            metrics.RECOVERY.labels(kind).set(found)
     host, _, port = settings.audit_syslog.rpartition(":")
     audit = AuditTrail(settings.data_dir / "audit", settings.ae_title, store.index.patient_id_of,
                        settings.audit_max_bytes, settings.audit_backups,
@@ -87,6 +85,7 @@ def serve(settings: Settings) -> None:
             app, host=settings.http_host, port=settings.http_port, log_config=None,
             access_log=False, server_header=False, lifespan="off",
             limit_concurrency=settings.http_max_connections,
+            timeout_keep_alive=settings.http_keep_alive_seconds,
             ssl_certfile=settings.tls_cert_file or None, ssl_keyfile=settings.tls_key_file or None,
             http=ClientCertificateProtocol if settings.tls_client_ca_file else "auto")
         config.load()

@@ -28,6 +28,11 @@ class RecoveryReport:
     quarantined: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
+    def counts(self) -> dict[str, int]:
+        """How many files of each kind: reindexed, quarantined, missing."""
+        return {"reindexed": self.reindexed, "quarantined": len(self.quarantined),
+                "missing": len(self.missing)}
+
 
 def recover(blobs: BlobStore, index: Index) -> RecoveryReport:
     """Re-index unindexed files, quarantine unreadable ones, report missing files."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 from pydicom import dcmread
 
-from tests.load import missing_instances, run_load
+from tests.load import instance_count, run_load
 from tests.processes import PasserelleProcess
 from tests.scu import send
 
@@ -27,7 +27,8 @@ def test_stores_and_retrievals_at_once(tmp_path: Path, ct_study: list[Path]) -> 
               f"p95 {report.percentile(95):.1f} ms, p99 {report.percentile(99):.1f} ms")
         assert report.store_failures == []
         assert report.request_failures == []
-        assert len(report.acknowledged) == 8 and report.stored > 8 * 10
-        assert len(report.latencies) > 50 * 10
-        assert missing_instances(dicomweb, report.acknowledged) == []
+        assert report.stored > 8 * 10 and len(report.latencies) > 50 * 10
+        # Every acknowledged instance is there; at most the one each sender had in flight
+        # when it was stopped may be there unacknowledged.
+        assert 0 <= instance_count(dicomweb) - len(ct_study) - report.stored <= 8
         assert psutil.Process(server.proc.pid).memory_info().rss < 1 << 30
