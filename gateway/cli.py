@@ -4,6 +4,7 @@ confidentiality, audit, registry."""
 import argparse
 import json
 import logging
+import ssl
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -154,8 +155,13 @@ def _cmd_registry(settings: Settings, args: argparse.Namespace) -> int:
 
     from gateway.registry.app import create_registry_app
 
+    tls = {}
+    if args.tls_cert:
+        tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
+        if args.tls_client_ca:
+            tls |= {"ssl_ca_certs": args.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
     uvicorn.run(create_registry_app(args.data), host=args.host, port=args.port,
-                log_config=None, access_log=False, server_header=False)
+                log_config=None, access_log=False, server_header=False, **tls)
     return 0
 
 
@@ -200,6 +206,10 @@ def _parser() -> argparse.ArgumentParser:
     registry.add_argument("--port", type=int, default=8090)
     registry.add_argument("--data", type=Path, default=Path("registry-data"),
                           help="folder of its SQLite store (default ./registry-data)")
+    registry.add_argument("--tls-cert", type=Path, help="server certificate (PEM): HTTPS")
+    registry.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    registry.add_argument("--tls-client-ca", type=Path,
+                          help="CA (PEM) of the client certificates required (mutual TLS)")
     registry.set_defaults(handler=_cmd_registry)
     return parser
 

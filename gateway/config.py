@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     registry_url: str = ""
     stable_seconds: float = Field(60, gt=0)
     registry_timeout: float = Field(30, gt=0)
+    registry_ca_file: str = ""
+    registry_client_cert_file: str = ""
+    registry_client_key_file: str = ""
     publish_retry_seconds: float = Field(10, gt=0)
     publish_retry_max_seconds: float = Field(3600, gt=0)
     gateway_oid: str = ""
@@ -178,6 +181,9 @@ class Settings(BaseSettings):
     def _default_public_url(self) -> "Settings":
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if bool(self.registry_client_cert_file) != bool(self.registry_client_key_file):
+            raise ValueError("registry_client_cert_file and registry_client_key_file go "
+                             "together")
         if self.auth_client_certificates and not self.tls_client_ca_file:
             raise ValueError("auth_client_certificates needs tls_client_ca_file (mutual TLS)")
         if self.dicom_tls and not self.tls_cert_file:

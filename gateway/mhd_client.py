@@ -3,6 +3,7 @@ ITI-67 lookup of a manifest by its uniqueId, and flux 3 patches. Every failure i
 transient (try again later) or rejected (a person must look), with the registry's reason."""
 
 import json
+import ssl
 
 import httpx
 
@@ -45,13 +46,14 @@ def _outcome(response: httpx.Response) -> tuple[str, list[str]]:
 
 
 class RegistryClient:
-    """The registry at ``base_url`` (its FHIR base)."""
+    """The registry at ``base_url`` (its FHIR base); ``tls`` replaces the default
+    certificate checks (own CA, client certificate)."""
 
-    def __init__(self, base_url: str, timeout: float,
+    def __init__(self, base_url: str, timeout: float, tls: ssl.SSLContext | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self._http = httpx.Client(timeout=timeout, transport=transport,
+        self._http = httpx.Client(timeout=timeout, transport=transport, verify=tls or True,
                                   headers={"Accept": FHIR_JSON,
                                            "User-Agent": "Passerelle (DRIMbox Source)"})
 

@@ -2,6 +2,7 @@
 
 import logging
 import signal
+import ssl
 from pathlib import Path
 from types import FrameType
 
@@ -16,7 +17,7 @@ from gateway.metrics import watch_outbox
 from gateway.mhd_client import RegistryClient
 from gateway.publish import Publisher
 from gateway.stable import StableStudyWatcher
-from gateway.tls import server_context
+from gateway.tls import client_context, server_context
 from gateway.web import create_app
 from gateway.web.tls_identity import ClientCertificateProtocol
 from storage.outbox import Outbox
@@ -34,6 +35,19 @@ def _request_shutdown(signum: int, frame: FrameType | None) -> None:
     raise ShutdownRequestedError(signal.Signals(signum).name)
 
 
+def _optional_path(name: str) -> Path | None:
+    return Path(name) if name else None
+
+
+def _registry_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The client context towards the registry, when a CA or a certificate is configured."""
+    if not (settings.registry_ca_file or settings.registry_client_cert_file):
+        return None
+    return client_context(_optional_path(settings.registry_ca_file),
+                          _optional_path(settings.registry_client_cert_file),
+                          _optional_path(settings.registry_client_key_file))
+
+
 def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then stop HTTP, then DICOM, cleanly."""
     # uvicorn handles the signal while it runs and raises it again once HTTP has drained;
@@ -41,11 +55,11 @@ def serve(settings: Settings) -> None:
     # of the process dying on the default SIGTERM action.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _request_shutdown)
-    event_codes = load_event_codes(
-        Path(settings.event_codes_file) if settings.event_codes_file else None)
+    event_codes = load_event_codes(_optional_path(settings.event_codes_file))
     tls = server_context(Path(settings.tls_cert_file), Path(settings.tls_key_file),
-                         Path(settings.tls_client_ca_file) if settings.tls_client_ca_file
-                         else None) if settings.tls_cert_file else None
+                         _optional_path(settings.tls_client_ca_file)
+                         ) if settings.tls_cert_file else None
+    registry_tls = _registry_tls(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = ServiceLock(settings.data_dir)
     lock.acquire()
@@ -70,7 +84,8 @@ def serve(settings: Settings) -> None:
     publisher = None
     if settings.registry_url:
         publisher = Publisher(store, settings,
-                              RegistryClient(settings.registry_url, settings.registry_timeout),
+                              RegistryClient(settings.registry_url, settings.registry_timeout,
+                                             registry_tls),
                               event_codes, audit)
     else:
         log.warning("registry_url is not set: manifests are queued, not sent")

@@ -127,11 +127,14 @@ class RegistryProcess(_Process):
 
     health_path = "/fhir/metadata"
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None,
+                 tls_arguments: tuple[str, ...] = (), tls: ssl.SSLContext | None = None
+                 ) -> None:
         self.data_dir = data_dir
         port = port or free_port()
-        super().__init__(["registry", "--port", str(port), "--data", str(data_dir)],
-                         dict(os.environ), port, data_dir.parent / f"{data_dir.name}-registry.log")
+        super().__init__(["registry", "--port", str(port), "--data", str(data_dir),
+                          *tls_arguments], dict(os.environ), port,
+                         data_dir.parent / f"{data_dir.name}-registry.log", tls)
 
     @property
     def fhir_url(self) -> str:

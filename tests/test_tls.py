@@ -1,6 +1,7 @@
 """TLS on both listeners, with certificates the test makes: HTTPS (TLS >= 1.2, optional
 client certificates) and DICOM over TLS, checked by real clients (httpx, pynetdicom, dcmtk)."""
 
+import json
 import socket
 import ssl
 import subprocess
@@ -14,8 +15,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.certificates import Pki, make_pki
-from tests.processes import PasserelleProcess
-from tests.synthetic import ct_slice
+from tests.processes import PasserelleProcess, RegistryProcess, wait_for
+from tests.scu import send
+from tests.synthetic import ct_slice, national_ct_slice
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,67 @@ def test_a_consumer_gateway_known_by_its_certificate(tmp_path: Path, pki: Pki) -
         assert stow.status_code == 403  # the certificate grants read only
         audit = server.cli("audit").stdout
         assert "certificate:client.test" in audit
+
+
+def _outbox(server: PasserelleProcess) -> list[dict]:
+    return json.loads(server.cli("outbox", "--all", "--json").stdout)
+
+
+def _published(registry: RegistryProcess, study: str) -> int:
+    found = httpx.get(f"{registry.fhir_url}/DocumentReference", verify=registry.tls, params={
+        "patient.identifier": "urn:oid:1.2.250.1.213.1.4.10|279035121518989",
+        "status": "current", "related:identifier": study})
+    return found.raise_for_status().json()["total"]
+
+
+def test_publishes_to_a_registry_that_requires_a_client_certificate(tmp_path: Path,
+                                                                   pki: Pki) -> None:
+    registry_tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                    "--tls-client-ca", str(pki.ca))
+    fast = {"stable_seconds": "1", "publish_retry_seconds": "0.2",
+            "publish_retry_max_seconds": "0.5", "registry_timeout": "5",
+            "order_issuer_oid": "1.2.250.1.999.1.1.3"}
+    certificate = {"registry_client_cert_file": str(pki.client_cert),
+                   "registry_client_key_file": str(pki.client_key)}
+    study = generate_uid()
+    with RegistryProcess(tmp_path / "registry", tls_arguments=registry_tls,
+                         tls=_client(pki, with_certificate=True)) as registry:
+        url = {"registry_url": registry.fhir_url}
+        # The registry's certificate is not trusted (system CAs only): nothing is sent.
+        with PasserelleProcess(tmp_path / "data", **url, **certificate, **fast) as server:
+            assert send(server.dicom_port, national_ct_slice(study, generate_uid(), 1, 1)
+                        )[0] == 0x0000
+            wait_for(lambda: _outbox(server) and "CERTIFICATE_VERIFY_FAILED" in
+                     _outbox(server)[0]["last_error"], 30, "a refused registry certificate")
+        # Trusted registry, but no client certificate: the registry closes the connection.
+        with PasserelleProcess(tmp_path / "data", **url, **fast,
+                               registry_ca_file=str(pki.ca)) as server:
+            attempts = _outbox(server)[0]["attempts"]
+            wait_for(lambda: _outbox(server)[0]["attempts"] >= attempts + 2, 30,
+                     "attempts without a client certificate")
+            [row] = _outbox(server)
+            assert row["state"] != "acknowledged"
+            assert row["last_error"].startswith("registry connection failed")
+        assert _published(registry, study) == 0
+        # Both: published once.
+        with PasserelleProcess(tmp_path / "data", **url, **certificate, **fast,
+                               registry_ca_file=str(pki.ca)) as server:
+            wait_for(lambda: _outbox(server)[0]["state"] == "acknowledged", 30,
+                     "the acknowledgement")
+        assert _published(registry, study) == 1
+        with pytest.raises(httpx.HTTPError):  # the registry does require the certificate
+            httpx.get(f"{registry.fhir_url}/metadata", verify=_client(pki)).raise_for_status()
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"registry_url": "https://registry.example/fhir", "registry_ca_file": "/nonexistent.pem"},
+     "/nonexistent.pem: No such file"),
+    ({"tls_cert_file": "/etc/hostname", "tls_key_file": "/etc/hostname"}, "/etc/hostname"),
+])
+def test_unusable_tls_files_stop_serve_naming_the_file(tmp_path: Path, settings: dict,
+                                                       named: str) -> None:
+    server = PasserelleProcess(tmp_path / "data", **settings)
+    with pytest.raises(RuntimeError, match="exited with 1") as failure:
+        server.start()
+    assert f"cannot serve: TLS file(s) {named}" in str(failure.value)
+    assert "Traceback" not in server.log()
