@@ -3,8 +3,8 @@ ingest, publication and authentication failure, as JSON lines under ``data/audit
 
 Events are queued by the request paths and written by one thread, which appends each batch,
 fsyncs it, rotates the file past ``max_bytes`` and optionally copies each message to a
-syslog collector (RFC 5424 over UDP). The patient of an event is looked up there too, so
-auditing costs a request nothing but a queue put.
+syslog collector (``gateway.syslog_export``: UDP or TLS). The patient of an event is looked
+up there too, so auditing costs a request nothing but a queue put.
 """
 
 import base64
@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from gateway.syslog_export import TlsSyslog, UdpSyslog, syslog_message
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class AuditTrail:
 
     def __init__(self, directory: Path, source_id: str, patient_of: Callable[[str], str],
                  max_bytes: int = 64 << 20, backups: int = 10,
-                 syslog: tuple[str, int] | None = None) -> None:
+                 syslog: UdpSyslog | TlsSyslog | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / AUDIT_FILE
         self.source_id = source_id
@@ -126,7 +127,6 @@ class AuditTrail:
         self.max_bytes = max_bytes
         self.backups = backups
         self.syslog = syslog
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if syslog else None
         self._queue: queue.Queue[AuditEvent | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
         self._thread.start()
@@ -139,13 +139,18 @@ class AuditTrail:
         """Write what is queued, then stop."""
         self._queue.put(None)
         self._thread.join()
-        if self._socket is not None:
-            self._socket.close()
+        if self.syslog is not None:
+            self.syslog.close()
 
     def _run(self) -> None:
         running = True
         while running:
-            batch = [self._queue.get()]
+            try:  # wake up now and then while the collector has messages to catch up on
+                batch = [self._queue.get(timeout=1 if self.syslog and self.syslog.waiting
+                                         else None)]
+            except queue.Empty:
+                self.syslog.send([])  # type: ignore[union-attr]
+                continue
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             running = None not in batch
@@ -174,9 +179,8 @@ class AuditTrail:
             os.close(fd)
         if size >= self.max_bytes:
             self._rotate()
-        if self._socket is not None and self.syslog is not None:
-            for line in lines:
-                self._socket.sendto(_syslog_frame(line, self.source_id), self.syslog)
+        if self.syslog is not None:
+            self.syslog.send([syslog_message(line, self.source_id) for line in lines])
 
     def _rotate(self) -> None:
         for n in range(self.backups - 1, 0, -1):
@@ -184,13 +188,6 @@ class AuditTrail:
             if older.exists():
                 older.replace(self.path.with_name(f"{AUDIT_FILE}.{n + 1}"))
         self.path.replace(self.path.with_name(f"{AUDIT_FILE}.1"))
-
-
-def _syslog_frame(message: str, app: str) -> bytes:
-    """RFC 5424: facility authpriv (10), severity notice (5)."""
-    stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
-    return (f"<85>1 {stamp} {socket.gethostname()} {app[:48]} {os.getpid()} AUDIT - "
-            f"{message}").encode()
 
 
 def read_events(directory: Path) -> Iterator[dict]:

@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     audit_max_bytes: int = Field(64 << 20, gt=0)
     audit_backups: int = Field(10, ge=1)
     audit_syslog: str = ""
+    audit_syslog_transport: Literal["udp", "tls"] = "udp"
+    audit_syslog_ca_file: str = ""
 
     @field_validator("ae_title")
     @classmethod

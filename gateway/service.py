@@ -17,6 +17,7 @@ from gateway.metrics import watch_outbox
 from gateway.mhd_client import RegistryClient
 from gateway.publish import Publisher
 from gateway.stable import StableStudyWatcher
+from gateway.syslog_export import TlsSyslog, UdpSyslog
 from gateway.tls import client_context, server_context
 from gateway.web import create_app
 from gateway.web.tls_identity import ClientCertificateProtocol
@@ -48,6 +49,19 @@ def _registry_tls(settings: Settings) -> ssl.SSLContext | None:
                           _optional_path(settings.registry_client_key_file))
 
 
+def _audit_syslog(settings: Settings) -> UdpSyslog | TlsSyslog | None:
+    """Where audit messages are copied. Over TLS the gateway shows its own certificate,
+    when it has one: ATNA secure nodes authenticate each other (IHE ITI-19)."""
+    if not settings.audit_syslog:
+        return None
+    host, _, port = settings.audit_syslog.rpartition(":")
+    if settings.audit_syslog_transport == "udp":
+        return UdpSyslog((host, int(port)))
+    return TlsSyslog((host, int(port)), client_context(
+        _optional_path(settings.audit_syslog_ca_file), _optional_path(settings.tls_cert_file),
+        _optional_path(settings.tls_key_file)))
+
+
 def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then stop HTTP, then DICOM, cleanly."""
     # uvicorn handles the signal while it runs and raises it again once HTTP has drained;
@@ -60,6 +74,7 @@ def serve(settings: Settings) -> None:
                          _optional_path(settings.tls_client_ca_file)
                          ) if settings.tls_cert_file else None
     registry_tls = _registry_tls(settings)
+    syslog = _audit_syslog(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = ServiceLock(settings.data_dir)
     lock.acquire()
@@ -73,10 +88,8 @@ def serve(settings: Settings) -> None:
         log.warning("previous run did not stop cleanly: checking the index against the files")
         for kind, found in recover(store.blobs, store.index).counts().items():
             metrics.RECOVERY.labels(kind).set(found)
-    host, _, port = settings.audit_syslog.rpartition(":")
     audit = AuditTrail(settings.data_dir / "audit", settings.ae_title, store.index.patient_id_of,
-                       settings.audit_max_bytes, settings.audit_backups,
-                       (host, int(port)) if settings.audit_syslog else None)
+                       settings.audit_max_bytes, settings.audit_backups, syslog)
     dicom = DicomService(settings, store, audit, tls if settings.dicom_tls else None)
     outbox = Outbox(store.index)
     watch_outbox(outbox)

@@ -3,7 +3,9 @@ DICOM audit messages (PS3.15 A.5), durable in the JSON lines file, copied to sys
 listed by ``passerelle audit --study``."""
 
 import base64
+import json
 import socket
+import ssl
 from collections import Counter
 from pathlib import Path
 
@@ -11,10 +13,12 @@ import httpx
 from pydicom.uid import generate_uid
 
 from gateway.audit import read_events
+from tests.certificates import make_pki
 from tests.issuer import LocalIssuer
 from tests.processes import PasserelleProcess, RegistryProcess, free_port, wait_for
 from tests.scu import associate, send
 from tests.synthetic import national_ct_slice
+from tests.syslog_collector import TlsSyslogCollector
 
 
 def _summary(message: dict) -> tuple[str, str, str, str, str]:
@@ -96,3 +100,32 @@ def test_the_trail_rotates_and_reads_back_in_order(tmp_path: Path) -> None:
                for m in read_events(tmp_path / "data" / "audit")]
     assert [base64.b64decode(q).decode() for q in queries] == [
         f"AccessionNumber=A{n}" for n in range(40)]
+
+
+def test_syslog_over_tls_catches_up_after_the_collector_was_down(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    settings = {"audit_syslog": f"127.0.0.1:{port}", "audit_syslog_transport": "tls",
+                "audit_syslog_ca_file": str(pki.ca), "tls_cert_file": str(pki.server_cert),
+                "tls_key_file": str(pki.server_key)}
+    https = ssl.create_default_context(cafile=pki.ca)
+    with PasserelleProcess(tmp_path / "data", tls=https, **settings) as server:
+        studies = f"{server.base_url}/dicom-web/studies"
+        for n in range(3):  # the collector is down: kept for later
+            httpx.get(studies, params={"AccessionNumber": f"DOWN{n}"}, verify=https)
+        wait_for(lambda: "audit syslog 127.0.0.1" in server.log(), 10, "a refused connection")
+        with TlsSyslogCollector(port, pki.server_cert, pki.server_key, pki.ca) as collector:
+            wait_for(lambda: len(collector.received) >= 3, 30, "the backlog")
+            httpx.get(studies, params={"AccessionNumber": "UP"}, verify=https)
+            wait_for(lambda: len(collector.received) >= 4, 30, "a live message")
+    assert {sender for sender, _ in collector.received} == {"server.test"}  # mutual TLS
+    queries = []
+    for message in collector.messages():
+        assert message.startswith("<85>1 ") and " PASSERELLE " in message
+        audit = json.loads(message.partition(" AUDIT - ")[2])
+        query = audit["ParticipantObjectIdentification"][0]["ParticipantObjectQuery"]
+        queries.append(base64.b64decode(query).decode())
+    assert queries == ["AccessionNumber=DOWN0", "AccessionNumber=DOWN1", "AccessionNumber=DOWN2",
+                       "AccessionNumber=UP"]
+    assert queries == [base64.b64decode(m["ParticipantObjectIdentification"][0][
+        "ParticipantObjectQuery"]).decode() for m in read_events(tmp_path / "data" / "audit")]
