@@ -1,5 +1,7 @@
 # Passerelle in a container: DICOM on 11112, HTTP on 8080, data in /var/lib/passerelle.
-# (Not built in CI: the CI machines have no Docker engine.)
+# (Not built in CI: the CI machines have no Docker engine.) HTTP listens on every interface,
+# so `serve` needs authentication configured (PASSERELLE_AUTH_ISSUER, ...) or
+# PASSERELLE_ALLOW_UNAUTHENTICATED=true; the HEALTHCHECK assumes plain HTTP.
 FROM python:3.11-slim-bookworm
 
 RUN useradd --system --home-dir /var/lib/passerelle --create-home passerelle

@@ -5,6 +5,7 @@ read from ``--config`` or ``PASSERELLE_CONFIG`` when given.
 """
 
 import hashlib
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -35,6 +36,13 @@ def _ae_title(value: str) -> str:
     if not _AE_TITLE.fullmatch(value):
         raise ValueError(f"invalid AE title {value!r}: 1 to 16 printable ASCII characters")
     return value
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Settings(BaseSettings):
@@ -96,6 +104,7 @@ class Settings(BaseSettings):
     auth_leeway_seconds: float = Field(30, ge=0, le=300)
     auth_allowed_subjects: Annotated[list[str], NoDecode] = []
     metrics_require_auth: bool = False
+    allow_unauthenticated: bool = False
     auth_client_certificates: Annotated[list[str], NoDecode] = []
     require_kos_reference: bool = False
     tls_cert_file: str = ""
@@ -157,6 +166,17 @@ class Settings(BaseSettings):
             if not name.strip() or not scopes.split():
                 raise ValueError(f"{entry!r}: expected CERTIFICATE NAME=scope [scope...]")
         return value
+
+    def check_http_exposure(self) -> None:
+        """Raise ValueError when HTTP would serve other machines without authentication
+        (the demo mode is for loopback only, unless ``allow_unauthenticated``)."""
+        if not (self.auth_issuer or self.auth_client_certificates or self.allow_unauthenticated
+                or _is_loopback(self.http_host)):
+            raise ValueError(
+                f"http_host {self.http_host} is reachable from other machines but no "
+                "authentication is configured: set auth_issuer (OAuth2 tokens) or "
+                "auth_client_certificates, or allow_unauthenticated = true to let anyone "
+                "who can connect read the images")
 
     def certificate_scopes(self) -> dict[str, frozenset[str]]:
         """Client certificate common name -> the scopes it grants."""

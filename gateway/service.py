@@ -67,6 +67,7 @@ def serve(settings: Settings) -> None:
     # uvicorn handles the signal while it runs and raises it again once HTTP has drained;
     # these handlers turn that into an exception so the DICOM side is stopped below instead
     # of the process dying on the default SIGTERM action.
+    settings.check_http_exposure()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _request_shutdown)
     event_codes = load_event_codes(_optional_path(settings.event_codes_file))

@@ -128,3 +128,17 @@ def test_allowlist_and_protected_metrics(tmp_path: Path, issuer: LocalIssuer) ->
         assert _get(server, issuer.token("passerelle.admin", sub="consumer-gateway"),
                     "/metrics").status_code == 200
         assert _get(server, None, "/health").status_code == 200
+
+
+def test_no_authentication_only_on_loopback(tmp_path: Path, issuer: LocalIssuer) -> None:
+    exposed = PasserelleProcess(tmp_path / "exposed", http_host="0.0.0.0")
+    with pytest.raises(RuntimeError, match="exited with 1") as refused:
+        exposed.start()
+    assert "http_host 0.0.0.0 is reachable from other machines but no authentication" \
+        in str(refused.value)
+    with PasserelleProcess(tmp_path / "protected", http_host="0.0.0.0",
+                           **issuer.settings()) as protected:
+        assert _get(protected, None).status_code == 401
+    with PasserelleProcess(tmp_path / "open", http_host="0.0.0.0",
+                           allow_unauthenticated="true") as opened:
+        assert _get(opened, None).status_code == 200
