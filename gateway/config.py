@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     max_associations_per_client: int = Field(8, ge=1)
     http_max_requests_per_client: int = Field(64, ge=1)
     http_max_connections: int = Field(1024, ge=1)
+    http_max_connections_per_client: int = Field(128, ge=1)
+    http_head_timeout_seconds: float = Field(10, gt=0)
     http_keep_alive_seconds: float = Field(30, gt=0)
     acse_timeout: float = Field(30, gt=0)
     dimse_timeout: float = Field(60, gt=0)

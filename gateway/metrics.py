@@ -32,6 +32,11 @@ RECOVERY = Gauge(
     "What the check of the index against the files found at start after an unclean stop"
     " (reindexed: file without index row; quarantined: unreadable file moved aside;"
     " missing: indexed instance without its file)", ["kind"])
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "passerelle_http_connections_closed_total",
+    "HTTP connections closed by the server before a request, by reason (per_client_limit:"
+    " too many open from one address; head_timeout: request line and headers too slow)",
+    ["reason"])
 RENDER_CACHE = Counter(
     "passerelle_render_cache_total",
     "Rendered image requests by cache result (hit; miss: rendered; shared: waited for the"

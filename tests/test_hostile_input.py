@@ -24,6 +24,8 @@ from tests.synthetic import ct_slice, part10
 
 PER_CLIENT = 3
 HTTP_PER_CLIENT = 4
+HTTP_CONNECTIONS_PER_CLIENT = 12
+HEAD_TIMEOUT = 2
 MAX_RSS = 400 << 20  # the service at rest is ~120 MiB
 
 
@@ -34,6 +36,8 @@ def target(tmp_path_factory: pytest.TempPathFactory,
     with PasserelleProcess(data, network_timeout="3", acse_timeout="3", dimse_timeout="5",
                            max_associations_per_client=str(PER_CLIENT),
                            http_max_requests_per_client=str(HTTP_PER_CLIENT),
+                           http_max_connections_per_client=str(HTTP_CONNECTIONS_PER_CLIENT),
+                           http_head_timeout_seconds=str(HEAD_TIMEOUT),
                            max_instance_bytes="1000000") as server:
         for path in ct_study:
             assert send(server.dicom_port, path)[0] == 0x0000
@@ -127,6 +131,8 @@ def test_silent_connection_and_idle_association_are_closed(target: PasserellePro
 
 def test_associations_over_the_per_client_limit_are_rejected(
         target: PasserelleProcess) -> None:
+    wait_for(lambda: target.metric("passerelle_dicom_associations_open") == 0, 10,
+             "the connections of earlier tests to close")  # they count against the limit
     held = [associate(target.dicom_port) for _ in range(PER_CLIENT)]
     try:
         assert all(assoc.is_established for assoc in held)
@@ -303,3 +309,50 @@ def test_one_client_cannot_take_every_worker(target: PasserelleProcess) -> None:
             sock.close()
     wait_for(lambda: httpx.get(f"{target.base_url}/dicom-web/studies").status_code == 200,
              10, "the slots to be released")
+
+
+def test_a_request_head_sent_byte_by_byte_is_cut_off(target: PasserelleProcess) -> None:
+    """Slowloris: a byte every half second keeps uvicorn's keep-alive timer from firing, but
+    not the head deadline; meanwhile others are served."""
+    head = b"GET /dicom-web/studies HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    slow = socket.create_connection(("127.0.0.1", target.http_port))
+    started = time.monotonic()
+    try:
+        slow.settimeout(0.5)
+        closed = False
+        for byte in head:
+            try:
+                slow.sendall(bytes([byte]))
+                closed = slow.recv(1) == b""
+            except TimeoutError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+            if closed or time.monotonic() - started > 30:
+                break
+            assert httpx.get(f"{target.base_url}/health").status_code == 200
+        assert closed, "the slow connection was still open after 30 s"
+        assert HEAD_TIMEOUT <= time.monotonic() - started < HEAD_TIMEOUT + 10
+    finally:
+        slow.close()
+    assert target.metric("passerelle_http_connections_closed_total",
+                         reason="head_timeout") >= 1
+
+
+def test_connections_over_the_per_client_limit_are_refused(target: PasserelleProcess) -> None:
+    """Idle connections count until the head deadline closes them."""
+    held = [socket.create_connection(("127.0.0.1", target.http_port))
+            for _ in range(HTTP_CONNECTIONS_PER_CLIENT)]
+    try:
+        wait_for(lambda: httpx.get(f"{target.base_url}/health").status_code == 429, 5,
+                 "the connection limit to apply")
+        refused = httpx.get(f"{target.base_url}/dicom-web/studies")
+        assert refused.status_code == 429
+        assert refused.text == "too many connections from this address\n"
+        assert all(_closed_by_server(sock, HEAD_TIMEOUT + 10) for sock in held)
+    finally:
+        for sock in held:
+            sock.close()
+    assert httpx.get(f"{target.base_url}/dicom-web/studies").status_code == 200
+    assert target.metric("passerelle_http_connections_closed_total",
+                         reason="per_client_limit") >= 1

@@ -1,0 +1,116 @@
+"""uvicorn's HTTP/1.1 protocol with what a server facing hostile clients needs and uvicorn
+lacks, per connection:
+
+- a deadline for each request's head (request line and headers): uvicorn only closes idle
+  keep-alive connections, and any byte restarts that timer, so a client sending its
+  headers a byte at a time (slowloris) would hold a connection, and one of the
+  ``http_max_connections``, for ever;
+- at most ``max_per_client`` open connections per client address; the next one is answered
+  429 and closed before its request is read;
+- the verified TLS client certificate's name for the application (``ClientCertificateProtocol``).
+"""
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+
+from gateway import metrics
+from gateway.web.tls_identity import ClientCertificateProtocol
+
+log = logging.getLogger(__name__)
+
+_TOO_MANY = b"too many connections from this address\n"
+TOO_MANY_RESPONSE = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n"
+                     b"retry-after: 1\r\nconnection: close\r\n"
+                     b"content-length: %d\r\n\r\n%b" % (len(_TOO_MANY), _TOO_MANY))
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """``head_timeout``: seconds to receive a request's head, counted from the connection
+    (or from the end of the previous response plus the keep-alive time);
+    ``max_per_client``: open connections per client address."""
+
+    head_timeout: float
+    max_per_client: int
+
+
+class GuardedHttpProtocol(ClientCertificateProtocol):
+    """One HTTP connection; ``open_per_client`` is shared by every connection of a server."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, open_per_client: Counter[str],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.open_per_client = open_per_client
+        self._address = ""
+        self._counted = False
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        """Refuse a client over its connection limit; otherwise start the head deadline."""
+        super().connection_made(transport)
+        self._address = self.client[0] if self.client else ""
+        if self.open_per_client[self._address] >= self.limits.max_per_client:
+            log.warning("HTTP connection from %s refused: %d already open", self._address,
+                        self.open_per_client[self._address])
+            metrics.HTTP_CONNECTIONS_CLOSED.labels("per_client_limit").inc()
+            transport.write(TOO_MANY_RESPONSE)
+            transport.close()
+            return
+        self.open_per_client[self._address] += 1
+        self._counted = True
+        self._arm(self.limits.head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection."""
+        super().connection_lost(exc)
+        self._disarm()
+        if self._counted:
+            self._counted = False
+            self.open_per_client[self._address] -= 1
+            if self.open_per_client[self._address] <= 0:
+                del self.open_per_client[self._address]
+
+    def data_received(self, data: bytes) -> None:
+        """Stop the head deadline once a whole request head has arrived."""
+        super().data_received(data)
+        self._disarm_when_head_received()
+
+    def on_response_complete(self) -> None:
+        """The next request's head must arrive within keep-alive + head timeout."""
+        self._arm(self.timeout_keep_alive + self.limits.head_timeout)
+        super().on_response_complete()  # may start a pipelined request at once
+        self._disarm_when_head_received()
+
+    def _disarm_when_head_received(self) -> None:
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._head_deadline = self.loop.call_later(seconds, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.warning("HTTP connection from %s closed: no complete request head within "
+                        "the time allowed", self._address)
+            metrics.HTTP_CONNECTIONS_CLOSED.labels("head_timeout").inc()
+            self.transport.close()
+
+
+def guarded_protocol(limits: ConnectionLimits) -> Callable[..., GuardedHttpProtocol]:
+    """The protocol factory for ``uvicorn.Config(http=...)``: one per server."""
+    return functools.partial(GuardedHttpProtocol, limits=limits, open_per_client=Counter())
