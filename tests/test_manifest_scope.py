@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx
 from pydicom.uid import generate_uid
 
+from gateway.audit import read_events
 from storage.index import Index
 from storage.outbox import Outbox, State
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for
@@ -25,6 +26,12 @@ def _published(data_dir: Path, count: int) -> list[str]:
         return [r.kos_uid for r in outbox.listing() if r.state is State.ACKNOWLEDGED]
     finally:
         index.close()
+
+
+def _trail(data_dir: Path, detail: str) -> list[dict]:
+    """EventIdentification of the audit messages whose description contains ``detail``."""
+    return [m["EventIdentification"] for m in read_events(data_dir / "audit")
+            if detail in m["EventIdentification"].get("EventOutcomeDescription", "")]
 
 
 def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) -> None:
@@ -58,6 +65,11 @@ def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) ->
         assert get(f"{base}/series/{series}", kos_uid="../../etc/passwd") == 403
         assert get(f"{base}/series/{series}/instances/{late}", kos_uid=None) == 200
         assert server.metric("passerelle_manifest_access_total", result="denied") == 6
+        wait_for(lambda: len(_trail(tmp_path / "data", "via KOS")) >= 8, 10, "the audit")
+        assert (_trail(tmp_path / "data", f"GET {base}/series/{series} via KOS {kos} -> 200")
+                [0]["EventOutcomeIndicator"]) == "0"
+        assert (_trail(tmp_path / "data", "via KOS 1.2.3.4 -> 403")
+                [0]["EventOutcomeIndicator"]) == "4"
 
         assert server.cli("unpublish", study).returncode == 0
         _published(tmp_path / "data", 2)
