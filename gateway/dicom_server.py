@@ -14,14 +14,14 @@
 import logging
 import socket
 import struct
-import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from gateway.client_counts import ClientCounts
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ class GuardedRequestHandler(RequestHandler):
     def handle(self) -> None:
         """Start the association, or answer A-ASSOCIATE-RJ if the client has too many."""
         host = self.client_address[0]
-        if not self.server.admit(host):
+        if not self.server.clients.admit(host):
             log.warning("association from %s refused: %d already open (limit per client)",
-                        host, self.server.per_client)
+                        host, self.server.clients.limit)
             self.server.on_refused(host)
             try:
                 self.request.settimeout(5)
@@ -85,7 +85,7 @@ class GuardedRequestHandler(RequestHandler):
         try:
             super().handle()
         except BaseException:
-            self.server.release(host)
+            self.server.clients.release(host)
             raise
 
     def _create_association(self) -> Association:
@@ -102,31 +102,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, per_client: int, max_pdu_bytes: int,
                  on_refused: Callable[[str], None], **kwargs: Any) -> None:
-        self.per_client = per_client
+        self.clients = ClientCounts(per_client)
         self.max_pdu_bytes = max_pdu_bytes
         self.on_refused = on_refused
-        self._open: Counter[str] = Counter()
-        self._open_lock = threading.Lock()
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
         self.bind(evt.EVT_CONN_CLOSE, self._on_close)
 
-    def admit(self, host: str) -> bool:
-        """Count a new connection from ``host`` unless it already has ``per_client``."""
-        with self._open_lock:
-            if self._open[host] >= self.per_client:
-                return False
-            self._open[host] += 1
-            return True
-
-    def release(self, host: str) -> None:
-        """A connection from ``host`` is closed."""
-        with self._open_lock:
-            self._open[host] -= 1
-            if self._open[host] <= 0:
-                del self._open[host]
-
     def _on_close(self, event: evt.Event) -> None:
-        self.release(event.assoc.requestor.address)
+        self.clients.release(event.assoc.requestor.address)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; a TLS handshake is left to the association's thread."""

@@ -20,7 +20,7 @@ from gateway.stable import StableStudyWatcher
 from gateway.syslog_export import TlsSyslog, UdpSyslog
 from gateway.tls import client_context, server_context
 from gateway.web import create_app
-from gateway.web.http_protocol import ConnectionLimits, guarded_protocol
+from gateway.web.http_protocol import guarded_protocol
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
 from storage.store import Store
@@ -116,8 +116,8 @@ def serve(settings: Settings) -> None:
             limit_concurrency=settings.http_max_connections,
             timeout_keep_alive=settings.http_keep_alive_seconds,
             ssl_certfile=settings.tls_cert_file or None, ssl_keyfile=settings.tls_key_file or None,
-            http=guarded_protocol(ConnectionLimits(settings.http_head_timeout_seconds,
-                                                   settings.http_max_connections_per_client)))
+            http=guarded_protocol(settings.http_head_timeout_seconds,
+                                  settings.http_max_connections_per_client))
         config.load()
         config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
         uvicorn.Server(config).run()

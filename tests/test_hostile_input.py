@@ -54,6 +54,7 @@ def _still_serving(server: PasserelleProcess) -> None:
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     assert psutil.Process(server.proc.pid).memory_info().rss < MAX_RSS
     assert "Exception in ASGI application" not in server.log()  # no HTTP 500 at all
+    assert "Fatal error: protocol" not in server.log()  # no HTTP connection handler crashed
 
 
 def _study(server: PasserelleProcess) -> dict:

@@ -7,7 +7,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.audit import AuditEvent, AuditTrail, EventType, Outcome
-from gateway.web.manifest_scope import HEADER as MANIFEST_HEADER
+from gateway.web.manifest_scope import kos_reference
 
 _STUDY = re.compile(r"/dicom-web/studies/([^/]+)")
 _QUERY = re.compile(r"/dicom-web/(?:studies(?:/[^/]+(?:/series(?:/[^/]+)?)?)?/)?"
@@ -82,7 +82,7 @@ class AccessAuditMiddleware:
             return
         event, action = kind
         # Which manifest opened (or failed to open) the door belongs in the trail.
-        kos_uid = dict(scope["headers"]).get(MANIFEST_HEADER, b"").decode("latin-1").strip()
+        kos_uid = kos_reference(scope)
         through = f" via KOS {kos_uid[:64]}" if kos_uid else ""
         self.trail.record(AuditEvent(
             event, action, _outcome(status), user, address, _study(path, query),

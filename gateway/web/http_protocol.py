@@ -13,14 +13,13 @@ lacks, per connection:
 import asyncio
 import functools
 import logging
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import h11
 
 from gateway import metrics
+from gateway.client_counts import ClientCounts
 from gateway.web.tls_identity import ClientCertificateProtocol
 
 log = logging.getLogger(__name__)
@@ -31,24 +30,17 @@ TOO_MANY_RESPONSE = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plai
                      b"content-length: %d\r\n\r\n%b" % (len(_TOO_MANY), _TOO_MANY))
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """``head_timeout``: seconds to receive a request's head, counted from the connection
-    (or from the end of the previous response plus the keep-alive time);
-    ``max_per_client``: open connections per client address."""
-
-    head_timeout: float
-    max_per_client: int
-
-
 class GuardedHttpProtocol(ClientCertificateProtocol):
-    """One HTTP connection; ``open_per_client`` is shared by every connection of a server."""
+    """One HTTP connection. ``head_timeout``: seconds to receive a request's head, counted
+    from the connection (or from the end of the previous response plus the keep-alive
+    time); ``per_client``: open connections by address, shared by every connection of a
+    server (``self.connections`` is uvicorn's set of all of them)."""
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, open_per_client: Counter[str],
+    def __init__(self, *args: Any, head_timeout: float, per_client: ClientCounts,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.limits = limits
-        self.open_per_client = open_per_client
+        self.head_timeout = head_timeout
+        self.per_client = per_client
         self._address = ""
         self._counted = False
         self._head_deadline: asyncio.TimerHandle | None = None
@@ -57,16 +49,15 @@ class GuardedHttpProtocol(ClientCertificateProtocol):
         """Refuse a client over its connection limit; otherwise start the head deadline."""
         super().connection_made(transport)
         self._address = self.client[0] if self.client else ""
-        if self.open_per_client[self._address] >= self.limits.max_per_client:
+        if not self.per_client.admit(self._address):
             log.warning("HTTP connection from %s refused: %d already open", self._address,
-                        self.open_per_client[self._address])
+                        self.per_client.limit)
             metrics.HTTP_CONNECTIONS_CLOSED.labels("per_client_limit").inc()
             transport.write(TOO_MANY_RESPONSE)
             transport.close()
             return
-        self.open_per_client[self._address] += 1
         self._counted = True
-        self._arm(self.limits.head_timeout)
+        self._arm(self.head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection."""
@@ -74,9 +65,7 @@ class GuardedHttpProtocol(ClientCertificateProtocol):
         self._disarm()
         if self._counted:
             self._counted = False
-            self.open_per_client[self._address] -= 1
-            if self.open_per_client[self._address] <= 0:
-                del self.open_per_client[self._address]
+            self.per_client.release(self._address)
 
     def data_received(self, data: bytes) -> None:
         """Stop the head deadline once a whole request head has arrived."""
@@ -85,7 +74,7 @@ class GuardedHttpProtocol(ClientCertificateProtocol):
 
     def on_response_complete(self) -> None:
         """The next request's head must arrive within keep-alive + head timeout."""
-        self._arm(self.timeout_keep_alive + self.limits.head_timeout)
+        self._arm(self.timeout_keep_alive + self.head_timeout)
         super().on_response_complete()  # may start a pipelined request at once
         self._disarm_when_head_received()
 
@@ -111,6 +100,8 @@ class GuardedHttpProtocol(ClientCertificateProtocol):
             self.transport.close()
 
 
-def guarded_protocol(limits: ConnectionLimits) -> Callable[..., GuardedHttpProtocol]:
+def guarded_protocol(head_timeout: float, max_per_client: int
+                     ) -> Callable[..., GuardedHttpProtocol]:
     """The protocol factory for ``uvicorn.Config(http=...)``: one per server."""
-    return functools.partial(GuardedHttpProtocol, limits=limits, open_per_client=Counter())
+    return functools.partial(GuardedHttpProtocol, head_timeout=head_timeout,
+                             per_client=ClientCounts(max_per_client))

@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 MANIFEST_ACCESS = Counter("passerelle_manifest_access_total",
                           "Requests scoped by a KOS-SOPInstanceUID header, by result",
                           ["result"])
-HEADER = b"kos-sopinstanceuid"
+_HEADER = b"kos-sopinstanceuid"
 _TARGET = re.compile(r"/dicom-web/studies/(?P<study>[^/]+)(?:/series/(?P<series>[^/]+)"
                      r"(?:/instances/(?P<instance>[^/]+))?)?(?:/.*)?")
 _CACHED_MANIFESTS = 1024
+
+
+def kos_reference(scope: Scope) -> str:
+    """The UID a request's ``KOS-SOPInstanceUID`` header names, or ``""``."""
+    return dict(scope["headers"]).get(_HEADER, b"").decode("latin-1").strip()
 
 
 class ManifestDeniedError(Exception):
@@ -115,7 +120,7 @@ class ManifestScopeMiddleware:
                                                 or path == "/wado"):
             await self.app(scope, receive, send)
             return
-        kos_uid = dict(scope["headers"]).get(HEADER, b"").decode("latin-1").strip()
+        kos_uid = kos_reference(scope)
         try:
             if kos_uid:
                 await self._check(scope, kos_uid)
