@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.synthetic import NATIONAL_INS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -140,3 +142,10 @@ class RegistryProcess(_Process):
     def fhir_url(self) -> str:
         """The FHIR base, as PASSERELLE_REGISTRY_URL."""
         return f"{self.base_url}/fhir"
+
+    def documents(self, study: str, status: str = "current,superseded") -> list[dict]:
+        """The DocumentReferences of a study of ``national_ct_slice``'s patient (ITI-67)."""
+        found = httpx.get(f"{self.fhir_url}/DocumentReference", verify=self.tls or True,
+                          params={"patient.identifier": NATIONAL_INS, "status": status,
+                                  "related:identifier": study})
+        return [entry["resource"] for entry in found.raise_for_status().json()["entry"]]

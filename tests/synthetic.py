@@ -67,6 +67,10 @@ def ct_slice(study_uid: str, series_uid: str, series_number: int, instance_numbe
     return ds
 
 
+# The INS of national_ct_slice, as a FHIR token (system|value).
+NATIONAL_INS = "urn:oid:1.2.250.1.213.1.4.10|279035121518989"
+
+
 def national_ct_slice(study_uid: str, series_uid: str, series_number: int,
                       instance_number: int, ins: bool = True, **attributes: object) -> Dataset:
     """A small CT slice carrying the identifiers of the national ITI-65 example: the INS

@@ -17,7 +17,6 @@ from tests.processes import PasserelleProcess, RegistryProcess, free_port, wait_
 from tests.scu import send
 from tests.synthetic import national_ct_slice
 
-INS = "urn:oid:1.2.250.1.213.1.4.10|279035121518989"
 FAST = {"stable_seconds": "1", "publish_retry_seconds": "0.2", "publish_retry_max_seconds": "1",
         "registry_timeout": "2", "order_issuer_oid": "1.2.250.1.999.1.1.3"}
 
@@ -26,14 +25,6 @@ def _send(server: PasserelleProcess, study: str, series: str, number: int,
           **attributes: object) -> None:
     ds = national_ct_slice(study, series, 1, number, **attributes)
     assert send(server.dicom_port, ds)[0] == 0x0000
-
-
-def _documents(registry: RegistryProcess, study: str, status: str = "current,superseded"
-               ) -> list[dict]:
-    found = httpx.get(f"{registry.fhir_url}/DocumentReference",
-                      params={"patient.identifier": INS, "status": status,
-                              "related:identifier": study}).json()
-    return [entry["resource"] for entry in found["entry"]]
 
 
 @pytest.fixture
@@ -88,7 +79,7 @@ def test_outages_then_recovery_publish_exactly_once(tmp_path: Path, rows: _Rows)
             with RegistryProcess(tmp_path / "registry", port=registry_port) as registry:
                 proxy.mode = "forward"
                 [row] = rows.wait(_acknowledged(1), "the acknowledgement", timeout=40)
-                [document] = _documents(registry, study)
+                [document] = registry.documents(study)
         assert f"DocumentReference/{document['id']}" == row.document_id
         assert document["masterIdentifier"]["value"] == f"urn:oid:{row.kos_uid}"
         assert "GET /fhir/DocumentReference?identifier=" + \
@@ -113,7 +104,7 @@ def test_a_refusal_fails_for_good_with_the_registry_reason(tmp_path: Path, rows:
         assert server.metric("passerelle_publications", state="failed") == 1
         assert server.metric("passerelle_publication_attempts_total", action="publish",
                              result="rejected") == 1
-        assert _documents(registry, study) == []
+        assert registry.documents(study) == []
         assert server.cli("outbox", "retry", str(row.id)).returncode == 0
         wait_for(lambda: server.metric("passerelle_publication_attempts_total",
                                        action="publish", result="rejected") == 2, 30,
@@ -134,7 +125,7 @@ def test_a_400_fails_until_retried_after_the_fix(tmp_path: Path, rows: _Rows,
         proxy.mode = "forward"  # the registry side was fixed
         assert server.cli("outbox", "retry", str(row.id)).returncode == 0
         [row] = rows.wait(_acknowledged(1), "the publication after the retry")
-        assert len(_documents(registry, study)) == 1
+        assert len(registry.documents(study)) == 1
 
 
 def test_a_kill_between_send_and_acknowledgement_makes_no_duplicate(
@@ -145,7 +136,7 @@ def test_a_kill_between_send_and_acknowledgement_makes_no_duplicate(
         server = PasserelleProcess(tmp_path / "data", registry_url=proxy.url,
                                    **{**FAST, "registry_timeout": "30"}).start()
         _send(server, study, generate_uid(), 1)
-        wait_for(lambda: len(_documents(registry, study)) == 1, 30, "the registered document")
+        wait_for(lambda: len(registry.documents(study)) == 1, 30, "the registered document")
         assert rows.all()[0].state is State.SENT
         server.stop(9)  # SIGKILL while waiting for the answer
         proxy.mode = "forward"
@@ -153,7 +144,7 @@ def test_a_kill_between_send_and_acknowledgement_makes_no_duplicate(
         with PasserelleProcess(tmp_path / "data", registry_url=proxy.url, **FAST):
             [row] = rows.wait(_acknowledged(1), "the acknowledgement after restart")
         assert proxy.requests.count("POST /fhir") == posts == 1
-        [document] = _documents(registry, study)
+        [document] = registry.documents(study)
         assert row.document_id == f"DocumentReference/{document['id']}"
         assert "earlier attempt" in row.response
 
@@ -167,29 +158,29 @@ def test_replacement_confidentiality_withdrawal_and_republication(
         _send(server, study, series, 2)  # a late instance
         second = rows.wait(_acknowledged(2), "the replacement")[1]
         assert second.replaces_kos_uid == first.kos_uid != second.kos_uid
-        documents = {f"DocumentReference/{d['id']}": d for d in _documents(registry, study)}
+        documents = {f"DocumentReference/{d['id']}": d for d in registry.documents(study)}
         assert documents[first.document_id]["status"] == "superseded"
         assert documents[second.document_id]["relatesTo"] == [
             {"code": "replaces", "target": {"reference": first.document_id}}]
-        assert [d["id"] for d in _documents(registry, study, "current")] == [
+        assert [d["id"] for d in registry.documents(study, "current")] == [
             second.document_id.split("/")[1]]
 
         queued = server.cli("confidentiality", study, "--level", "R", "--mask", "MASQUE_PS")
         assert queued.returncode == 0, queued.stderr
         rows.wait(_acknowledged(3), "the confidentiality update")
-        [current] = _documents(registry, study, "current")
+        [current] = registry.documents(study, "current")
         labels = [c["code"] for label in current["securityLabel"] for c in label["coding"]]
         assert labels == ["R", "R", "MASQUE_PS"]
 
         assert server.cli("unpublish", study).returncode == 0
         rows.wait(_acknowledged(4), "the withdrawal")
-        assert _documents(registry, study, "current") == []
+        assert registry.documents(study, "current") == []
 
         response = httpx.post(f"{server.base_url}/admin/studies/{study}/publish")
         assert response.status_code == 202 and response.json()["state"] == "pending"
         fifth = rows.wait(_acknowledged(5), "the republication")[4]
         assert fifth.kos_uid not in (first.kos_uid, second.kos_uid)  # a new uniqueId
-        [current] = _documents(registry, study, "current")
+        [current] = registry.documents(study, "current")
         assert "relatesTo" not in current  # the withdrawn one is not replaced, it stays so
         assert "MASQUE_PS" in json.dumps(current["securityLabel"])
 
