@@ -2,18 +2,20 @@
 
 - TLS handshakes happen in each association's own thread: pynetdicom does them in its single
   accept thread, where one client that connects and stays silent would stall every peer.
-- At most ``per_client`` connections at once from one address; the next one is answered
-  with an A-ASSOCIATE-RJ, transient, local-limit-exceeded (PS3.8 9.3.4), before anything is
-  read from it.
+- At most ``per_client`` connections at once from one address; the next one has its
+  A-ASSOCIATE-RQ read (not decoded) and answered with an A-ASSOCIATE-RJ, transient,
+  local-limit-exceeded (PS3.8 9.3.4), and the server waits briefly for the peer to close.
 - Each PDU header is checked as it arrives (PS3.8 9.3.1): an unknown PDU type or a length
   over ``max_pdu_bytes`` closes the connection at once. pynetdicom would buffer whatever
   length the peer announces (up to 4 GiB), and after garbage it keeps reading, logging an
   error every 6 bytes, until its ARTIM timer expires.
 """
 
+import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 # (local-limit-exceeded).
 _LIMIT_EXCEEDED = struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 2, 3, 2)
 _PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ .. A-ABORT
+_REJECT_STEP_SECONDS = 5  # each step of a rejection, as an ARTIM timer would
+_REJECT_PAUSE_SECONDS = 0.1
 
 
 class RefusedPduError(OSError):
@@ -75,11 +79,8 @@ class GuardedRequestHandler(RequestHandler):
             log.warning("association from %s refused: %d already open (limit per client)",
                         host, self.server.clients.limit)
             self.server.on_refused(host)
-            try:
-                self.request.settimeout(5)
-                self.request.sendall(_LIMIT_EXCEEDED)
-            except OSError:
-                pass  # the peer left or never finished TLS: nothing more to tell it
+            with contextlib.suppress(OSError):  # the peer left, went silent, failed TLS
+                _reject(self.request, self.server.max_pdu_bytes)
             self.server.shutdown_request(self.request)
             return
         try:
@@ -94,6 +95,41 @@ class GuardedRequestHandler(RequestHandler):
         association_socket.recv = PduGuard(association_socket.recv, self.server.max_pdu_bytes,
                                            self.client_address[0])
         return assoc
+
+
+def _reject(connection: socket.socket, max_pdu_bytes: int) -> None:
+    """Read the peer's A-ASSOCIATE-RQ, answer A-ASSOCIATE-RJ, wait for the peer to close.
+
+    The PS3.8 9.2 sequence (Sta2 -> Sta3 -> Sta13). Answering before the request arrives, or
+    closing the connection before the requestor does, makes clients such as pynetdicom
+    report an abort instead of the rejection and its reason.
+    """
+    connection.settimeout(_REJECT_STEP_SECONDS)
+    header = _receive_exactly(connection, 6)
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    if pdu_type != 0x01 or length > max_pdu_bytes:
+        return  # not an association request: nothing to answer
+    _receive_exactly(connection, length)
+    # pynetdicom requestors (3.0.4) take an A-ASSOCIATE-RJ that arrives within a few
+    # milliseconds of their request for a lost connection, and report an abort.
+    time.sleep(_REJECT_PAUSE_SECONDS)
+    connection.sendall(_LIMIT_EXCEEDED)
+    # Sta13: the requestor closes the connection; the ARTIM timer bounds the wait.
+    deadline = time.monotonic() + _REJECT_STEP_SECONDS
+    while connection.recv(65536) and time.monotonic() < deadline:
+        pass
+
+
+def _receive_exactly(connection: socket.socket, size: int) -> bytes:
+    """``size`` bytes from ``connection`` (read in chunks); OSError if the peer leaves."""
+    chunks, missing = [], size
+    while missing:
+        chunk = connection.recv(min(missing, 65536))
+        if not chunk:
+            raise ConnectionError("the peer closed the connection")
+        chunks.append(chunk)
+        missing -= len(chunk)
+    return b"".join(chunks)
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):

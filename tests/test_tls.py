@@ -69,7 +69,7 @@ def test_client_certificates_when_required(tmp_path: Path, pki: Pki) -> None:
 
 def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
     with PasserelleProcess(tmp_path / "data", tls=_client(pki), dicom_tls="true",
-                           **_tls(pki)) as server:
+                           max_associations_per_client="1", **_tls(pki)) as server:
         ae = AE(ae_title="TLSSCU")
         ae.add_requested_context(Verification)
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
@@ -79,9 +79,15 @@ def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
         assert assoc.send_c_echo().Status == 0
         ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
         assert assoc.send_c_store(ds).Status == 0
+        surplus = ae.associate("127.0.0.1", server.dicom_port, ae_title="PASSERELLE",
+                               tls_args=(_client(pki), "127.0.0.1"))
+        assert surplus.is_rejected  # over TLS too, with its reason: local-limit-exceeded
+        assert surplus.acceptor.primitive.diagnostic == 2
         assoc.release()
         plain = ae.associate("127.0.0.1", server.dicom_port, ae_title="PASSERELLE")
         assert not plain.is_established
+        wait_for(lambda: server.metric("passerelle_dicom_associations_open") == 0, 10,
+                 "the connections to close")  # before echoscu's, under the limit of 1
         echo = subprocess.run(["echoscu", "--anonymous-tls", "+cf", str(pki.ca),
                                "-aec", "PASSERELLE", "127.0.0.1", str(server.dicom_port)],
                               capture_output=True, text=True, timeout=60, check=False)
