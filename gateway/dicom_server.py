@@ -116,8 +116,10 @@ def _reject(connection: socket.socket, max_pdu_bytes: int) -> None:
     connection.sendall(_LIMIT_EXCEEDED)
     # Sta13: the requestor closes the connection; the ARTIM timer bounds the wait.
     deadline = time.monotonic() + _REJECT_STEP_SECONDS
-    while connection.recv(65536) and time.monotonic() < deadline:
-        pass
+    while (left := deadline - time.monotonic()) > 0:
+        connection.settimeout(left)
+        if not connection.recv(65536):
+            return
 
 
 def _receive_exactly(connection: socket.socket, size: int) -> bytes:
