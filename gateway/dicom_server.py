@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # (local-limit-exceeded).
 _LIMIT_EXCEEDED = struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 2, 3, 2)
 _PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ .. A-ABORT
-_REJECT_STEP_SECONDS = 5  # each step of a rejection, as an ARTIM timer would
+_ARTIM_SECONDS = 5  # each wait of a rejection (PS3.8 9.1.5)
 _REJECT_PAUSE_SECONDS = 0.1
 
 
@@ -102,31 +102,41 @@ def _reject(connection: socket.socket, max_pdu_bytes: int) -> None:
 
     The PS3.8 9.2 sequence (Sta2 -> Sta3 -> Sta13). Answering before the request arrives, or
     closing the connection before the requestor does, makes clients such as pynetdicom
-    report an abort instead of the rejection and its reason.
+    report an abort instead of the rejection and its reason. Each wait (for the request,
+    for the close) is bounded as by an ARTIM timer; the request is read, not kept.
     """
-    connection.settimeout(_REJECT_STEP_SECONDS)
-    header = _receive_exactly(connection, 6)
-    pdu_type, _, length = struct.unpack(">BBL", header)
+    deadline = time.monotonic() + _ARTIM_SECONDS
+    pdu_type, _, length = struct.unpack(">BBL", _receive_exactly(connection, 6, deadline))
     if pdu_type != 0x01 or length > max_pdu_bytes:
         return  # not an association request: nothing to answer
-    _receive_exactly(connection, length)
+    while length:
+        length -= len(_receive_exactly(connection, min(length, 65536), deadline))
     # pynetdicom requestors (3.0.4) take an A-ASSOCIATE-RJ that arrives within a few
     # milliseconds of their request for a lost connection, and report an abort.
     time.sleep(_REJECT_PAUSE_SECONDS)
+    connection.settimeout(_ARTIM_SECONDS)
     connection.sendall(_LIMIT_EXCEEDED)
-    # Sta13: the requestor closes the connection; the ARTIM timer bounds the wait.
-    deadline = time.monotonic() + _REJECT_STEP_SECONDS
-    while (left := deadline - time.monotonic()) > 0:
-        connection.settimeout(left)
-        if not connection.recv(65536):
-            return
+    deadline = time.monotonic() + _ARTIM_SECONDS
+    while _receive(connection, 65536, deadline):  # Sta13: the requestor closes
+        pass
 
 
-def _receive_exactly(connection: socket.socket, size: int) -> bytes:
-    """``size`` bytes from ``connection`` (read in chunks); OSError if the peer leaves."""
+def _receive(connection: socket.socket, size: int, deadline: float) -> bytes:
+    """At most ``size`` bytes (b"" when the peer has closed); TimeoutError at ``deadline``
+    (a ``time.monotonic()`` value)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the peer took too long")
+    connection.settimeout(left)
+    return connection.recv(size)
+
+
+def _receive_exactly(connection: socket.socket, size: int, deadline: float) -> bytes:
+    """``size`` bytes; ConnectionError if the peer leaves first, TimeoutError at
+    ``deadline``."""
     chunks, missing = [], size
     while missing:
-        chunk = connection.recv(min(missing, 65536))
+        chunk = _receive(connection, missing, deadline)
         if not chunk:
             raise ConnectionError("the peer closed the connection")
         chunks.append(chunk)

@@ -151,6 +151,26 @@ def test_associations_over_the_per_client_limit_are_rejected(
     assert echo(target)
 
 
+def test_a_client_over_its_limit_trickling_its_request_is_cut_off(
+        target: PasserelleProcess) -> None:
+    wait_for(lambda: target.metric("passerelle_dicom_associations_open") == 0, 10,
+             "the connections of earlier tests to close")
+    held = [associate(target.dicom_port) for _ in range(PER_CLIENT)]
+    try:
+        with _raw(target) as sock:  # an A-ASSOCIATE-RQ of 1000 bytes, sent a byte a second
+            sock.sendall(b"\x01\x00" + struct.pack(">L", 1000))
+            started = time.monotonic()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                while time.monotonic() - started < 30:
+                    sock.sendall(b"\x00")
+                    if _closed_by_server(sock, within=1):
+                        break
+            assert time.monotonic() - started < 15, "the rejection has no overall deadline"
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
 @pytest.mark.parametrize("length", [0xFFFFFFF0, 0x7FFFFFFF, 100_000_000])
 def test_data_set_with_an_absurd_length(target: PasserelleProcess, tmp_path: Path,
                                         length: int) -> None:
