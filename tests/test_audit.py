@@ -30,6 +30,12 @@ def _summary(message: dict) -> tuple[str, str, str, str, str]:
             event["EventOutcomeIndicator"], message["ActiveParticipant"][0]["UserID"], study)
 
 
+def _query(message: dict) -> str:
+    """The query of a Query message (PS3.15 A.5: base64 in ParticipantObjectQuery)."""
+    return base64.b64decode(
+        message["ParticipantObjectIdentification"][0]["ParticipantObjectQuery"]).decode()
+
+
 def test_a_scripted_session_leaves_exactly_the_expected_events(tmp_path: Path) -> None:
     syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     syslog.bind(("127.0.0.1", free_port()))
@@ -74,8 +80,7 @@ def test_a_scripted_session_leaves_exactly_the_expected_events(tmp_path: Path) -
     ])
     query = next(m for m in messages if m["EventIdentification"]["EventID"]["csd-code"]
                  == "110112")
-    assert base64.b64decode(query["ParticipantObjectIdentification"][0][
-        "ParticipantObjectQuery"]) == b"PatientID=PAT001"
+    assert _query(query) == "PatientID=PAT001"
     retrieve = next(m for m in messages if _summary(m)[:3] == ("110104", "R", "0"))
     patients = [o["ParticipantObjectID"] for o in retrieve["ParticipantObjectIdentification"]
                 if o["ParticipantObjectTypeCode"] == "1"]
@@ -96,9 +101,7 @@ def test_the_trail_rotates_and_reads_back_in_order(tmp_path: Path) -> None:
             httpx.get(f"{server.base_url}/dicom-web/studies?AccessionNumber=A{n}")
     files = sorted((tmp_path / "data" / "audit").glob("audit.jsonl*"))
     assert len(files) > 3
-    queries = [m["ParticipantObjectIdentification"][0]["ParticipantObjectQuery"]
-               for m in read_events(tmp_path / "data" / "audit")]
-    assert [base64.b64decode(q).decode() for q in queries] == [
+    assert [_query(m) for m in read_events(tmp_path / "data" / "audit")] == [
         f"AccessionNumber=A{n}" for n in range(40)]
 
 
@@ -122,10 +125,7 @@ def test_syslog_over_tls_catches_up_after_the_collector_was_down(tmp_path: Path)
     queries = []
     for message in collector.messages():
         assert message.startswith("<85>1 ") and " PASSERELLE " in message
-        audit = json.loads(message.partition(" AUDIT - ")[2])
-        query = audit["ParticipantObjectIdentification"][0]["ParticipantObjectQuery"]
-        queries.append(base64.b64decode(query).decode())
+        queries.append(_query(json.loads(message.partition(" AUDIT - ")[2])))
     assert queries == ["AccessionNumber=DOWN0", "AccessionNumber=DOWN1", "AccessionNumber=DOWN2",
                        "AccessionNumber=UP"]
-    assert queries == [base64.b64decode(m["ParticipantObjectIdentification"][0][
-        "ParticipantObjectQuery"]).decode() for m in read_events(tmp_path / "data" / "audit")]
+    assert queries == [_query(m) for m in read_events(tmp_path / "data" / "audit")]

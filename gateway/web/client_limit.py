@@ -12,7 +12,7 @@ from gateway.client_counts import ClientCounts
 log = logging.getLogger(__name__)
 
 REFUSED = Counter("passerelle_http_refused_over_limit_total",
-                        "HTTP requests refused because their client had too many in progress")
+                  "HTTP requests refused because their client had too many in progress")
 _UNLIMITED_PATHS = ("/health", "/metrics")  # probes must get through a busy client
 
 
@@ -21,7 +21,6 @@ class ClientLimitMiddleware:
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
-        self.limit = limit
         self._in_progress = ClientCounts(limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -32,9 +31,9 @@ class ClientLimitMiddleware:
         if not self._in_progress.admit(host):
             REFUSED.inc()
             log.warning("refused %s %s from %s: %d requests already in progress",
-                        scope["method"], scope["path"], host, self.limit)
+                        scope["method"], scope["path"], host, self._in_progress.limit)
             response = PlainTextResponse(
-                f"too many requests in progress from this client (limit {self.limit})",
+                f"too many requests in progress from this client (limit {self._in_progress.limit})",
                 status_code=429, headers={"Retry-After": "1"})
             await response(scope, receive, send)
             return
