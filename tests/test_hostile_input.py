@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 from pydicom.uid import generate_uid
+from pynetdicom import Association
 
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import associate, send
@@ -130,12 +131,22 @@ def test_silent_connection_and_idle_association_are_closed(target: PasserellePro
     assert echo(target)
 
 
+@contextlib.contextmanager
+def _every_association_allowed(server: PasserelleProcess) -> Iterator[list[Association]]:
+    """The test client's PER_CLIENT associations, held open, released at the end."""
+    wait_for(lambda: server.metric("passerelle_dicom_associations_open") == 0, 10,
+             "the connections of earlier tests to close")  # they count against the limit
+    held = [associate(server.dicom_port) for _ in range(PER_CLIENT)]
+    try:
+        yield held
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
 def test_associations_over_the_per_client_limit_are_rejected(
         target: PasserelleProcess) -> None:
-    wait_for(lambda: target.metric("passerelle_dicom_associations_open") == 0, 10,
-             "the connections of earlier tests to close")  # they count against the limit
-    held = [associate(target.dicom_port) for _ in range(PER_CLIENT)]
-    try:
+    with _every_association_allowed(target) as held:
         assert all(assoc.is_established for assoc in held)
         surplus = associate(target.dicom_port)
         assert surplus.is_rejected
@@ -143,9 +154,6 @@ def test_associations_over_the_per_client_limit_are_rejected(
         assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
         assert target.metric("passerelle_dicom_associations_total",
                              outcome="refused-over-limit") >= 1
-    finally:
-        for assoc in held:
-            assoc.release()
     wait_for(lambda: target.metric("passerelle_dicom_associations_open") == 0, 10,
              "the held associations to close")
     assert echo(target)
@@ -153,22 +161,16 @@ def test_associations_over_the_per_client_limit_are_rejected(
 
 def test_a_client_over_its_limit_trickling_its_request_is_cut_off(
         target: PasserelleProcess) -> None:
-    wait_for(lambda: target.metric("passerelle_dicom_associations_open") == 0, 10,
-             "the connections of earlier tests to close")
-    held = [associate(target.dicom_port) for _ in range(PER_CLIENT)]
-    try:
-        with _raw(target) as sock:  # an A-ASSOCIATE-RQ of 1000 bytes, sent a byte a second
-            sock.sendall(b"\x01\x00" + struct.pack(">L", 1000))
-            started = time.monotonic()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                while time.monotonic() - started < 30:
-                    sock.sendall(b"\x00")
-                    if _closed_by_server(sock, within=1):
-                        break
-            assert time.monotonic() - started < 15, "the rejection has no overall deadline"
-    finally:
-        for assoc in held:
-            assoc.release()
+    with _every_association_allowed(target), _raw(target) as sock:
+        # An A-ASSOCIATE-RQ of 1000 bytes, sent a byte a second.
+        sock.sendall(b"\x01\x00" + struct.pack(">L", 1000))
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() - started < 30:
+                sock.sendall(b"\x00")
+                if _closed_by_server(sock, within=1):
+                    break
+        assert time.monotonic() - started < 15, "the rejection has no overall deadline"
 
 
 @pytest.mark.parametrize("length", [0xFFFFFFF0, 0x7FFFFFFF, 100_000_000])
