@@ -11,10 +11,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.audit import read_events
 from gateway.config import Settings, load_settings
 from gateway.importer import import_paths
-from gateway.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
+from gateway.publication.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
+from gateway.security.audit import read_events
 from storage.outbox import Action, Outbox, State
 from storage.recovery import DataDirBusyError
 from storage.store import Store

@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from gateway.mhd import Confidentiality
+from gateway.publication.mhd import Confidentiality
 from storage.store import DuplicatePolicy
 from storage.uids import uid_from_digest
 

@@ -42,6 +42,19 @@ RENDER_CACHE = Counter(
     "Rendered image requests by cache result (hit; miss: rendered; shared: waited for the"
     " same rendering already under way)", ["result"])
 
+AUTH_FAILURES = Counter(
+    "passerelle_auth_failures_total",
+    "HTTP requests refused by access control, by reason", ["reason"])
+HTTP_REFUSED_OVER_LIMIT = Counter(
+    "passerelle_http_refused_over_limit_total",
+    "HTTP requests refused because their client had too many in progress")
+MANIFEST_ACCESS = Counter(
+    "passerelle_manifest_access_total",
+    "Requests scoped by a KOS-SOPInstanceUID header, by result", ["result"])
+AUDIT_SYSLOG_DROPPED = Counter(
+    "passerelle_audit_syslog_dropped_total",
+    "Audit messages never copied to the syslog collector (backlog full)")
+
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
     """Count one ingest outcome (shared by C-STORE and STOW-RS)."""
@@ -52,6 +65,8 @@ def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
         DUPLICATES.labels(result.outcome.value).inc()
     else:
         INGEST_FAILURES.labels(protocol, result.reason.value if result.reason else "unknown").inc()
+
+
 PUBLICATION_ATTEMPTS = Counter(
     "passerelle_publication_attempts_total",
     "Outbox rows worked on, by action and result (acknowledged; rejected: refused for good,"
@@ -59,7 +74,7 @@ PUBLICATION_ATTEMPTS = Counter(
 UNMAPPED_EVENT_CODES = Counter(
     "passerelle_unmapped_event_codes_total",
     "Modality or BodyPartExamined values of published studies with no event code in the"
-    " mapping table (config/event_codes.toml)", ["attribute"])
+    " mapping table (event_codes.toml)", ["attribute"])
 
 
 class OutboxCollector(Collector):

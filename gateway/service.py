@@ -9,18 +9,18 @@ from types import FrameType
 import uvicorn
 
 from gateway import metrics
-from gateway.audit import AuditTrail
 from gateway.config import Settings
-from gateway.dimse import DicomService
-from gateway.event_codes import load_event_codes
+from gateway.dicom.scp import DicomService
 from gateway.metrics import watch_outbox
-from gateway.mhd_client import RegistryClient
-from gateway.publish import Publisher
-from gateway.stable import StableStudyWatcher
-from gateway.syslog_export import TlsSyslog, UdpSyslog
-from gateway.tls import client_context, server_context
-from gateway.web import create_app
-from gateway.web.http_protocol import guarded_protocol
+from gateway.publication.event_codes import load_event_codes
+from gateway.publication.publisher import Publisher
+from gateway.publication.registry_client import RegistryClient
+from gateway.publication.stable import StableStudyWatcher
+from gateway.security.audit import AuditTrail
+from gateway.security.syslog_export import TlsSyslog, UdpSyslog
+from gateway.security.tls import client_context, server_context
+from gateway.web.app import create_app
+from gateway.web.http.protocol import guarded_protocol
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
 from storage.store import Store

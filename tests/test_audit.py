@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from pydicom.uid import generate_uid
 
-from gateway.audit import read_events
+from gateway.security.audit import read_events
 from tests.certificates import make_pki
 from tests.issuer import LocalIssuer
 from tests.processes import PasserelleProcess, RegistryProcess, free_port, wait_for

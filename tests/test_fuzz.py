@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from gateway.web.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
-from gateway.web.multipart import MultipartError, closing, iter_parts
-from gateway.web.qido import BadQueryError, parse_query
+from gateway.web.dicomweb.qido import BadQueryError, parse_query
+from gateway.web.http.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
+from gateway.web.http.multipart import MultipartError, closing, iter_parts
 from storage.blobs import BlobStore, InvalidUIDError
 from storage.header import read_header
 from storage.index import Index

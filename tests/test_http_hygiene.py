@@ -7,8 +7,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from gateway.web.accept import dicom_transfer_syntaxes, parse_accept
-from gateway.web.frames import choose_frame_encoding
+from gateway.web.dicomweb.frames import choose_frame_encoding
+from gateway.web.http.accept import dicom_transfer_syntaxes, parse_accept
 from tests.processes import PasserelleProcess
 from tests.scu import send
 from tests.synthetic import ct_slice

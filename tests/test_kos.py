@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from gateway.kos import KOS_SOP_CLASS, RetrieveOrigin, build_manifest
+from gateway.publication.kos import KOS_SOP_CLASS, RetrieveOrigin, build_manifest
 from storage.index import Index
 from storage.study_contents import load_study_contents
 from tests.multipart import parts_of

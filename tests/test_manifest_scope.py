@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 from pydicom.uid import generate_uid
 
-from gateway.audit import read_events
+from gateway.security.audit import read_events
 from storage.index import Index
 from storage.outbox import Outbox, State
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for

@@ -14,16 +14,16 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from gateway.config import Settings
-from gateway.event_codes import DCM, SNOMED, load_event_codes
-from gateway.kos import RetrieveOrigin, build_manifest
-from gateway.mhd import (
+from gateway.publication.event_codes import DCM, SNOMED, load_event_codes
+from gateway.publication.kos import RetrieveOrigin, build_manifest
+from gateway.publication.mhd import (
     Confidentiality,
     MetadataError,
     Producer,
     document_id,
     provide_document_bundle,
 )
-from gateway.publish import producer_from_settings
+from gateway.publication.publisher import producer_from_settings
 from gateway.registry.validate import check_provide_bundle
 from storage.store import Outcome, Store
 from storage.study_contents import StudyContents, load_study_contents

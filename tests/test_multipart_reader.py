@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.web.multipart import MultipartError, iter_parts
+from gateway.web.http.multipart import MultipartError, iter_parts
 
 BODY = (b"preamble\r\n--XyZ\r\nContent-Type: application/dicom\r\n\r\nfirst\r\n--XyZ\r\n"
         b"\r\nsecond part\r\n\r\n--XyZ--\r\nepilogue")

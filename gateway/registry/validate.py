@@ -11,8 +11,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from gateway.event_codes import DCM, SNOMED
-from gateway.mhd import FORMAT, MHD, REFERENCE_ID_TYPES, TYPE, URI
+from gateway.publication.event_codes import DCM, SNOMED
+from gateway.publication.mhd import FORMAT, MHD, REFERENCE_ID_TYPES, TYPE, URI
 
 _OID = re.compile(r"urn:oid:[0-9]+(\.[0-9]+)+")
 _UUID = re.compile(r"urn:uuid:[0-9a-fA-F-]{36}")

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.mhd import Confidentiality
+from gateway.publication.mhd import Confidentiality
 from storage.outbox import Action, Outbox
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,

@@ -18,11 +18,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
-from gateway.audit import AuditEvent, AuditTrail, EventType
-from gateway.audit import Outcome as AuditOutcome
 from gateway.config import Settings
-from gateway.dicom_server import GuardedAssociationServer, pdu_limit
-from gateway.statuses import SUCCESS, failure_status
+from gateway.dicom.server import GuardedAssociationServer, pdu_limit
+from gateway.dicom.statuses import SUCCESS, failure_status
+from gateway.security.audit import AuditEvent, AuditTrail, EventType
+from gateway.security.audit import Outcome as AuditOutcome
 from storage.part10 import file_preamble_and_meta
 from storage.store import Outcome, Store
 

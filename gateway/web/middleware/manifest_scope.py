@@ -11,21 +11,18 @@ from dataclasses import dataclass
 from io import BytesIO
 from urllib.parse import parse_qs
 
-from prometheus_client import Counter
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.metrics import MANIFEST_ACCESS
 from storage.outbox import Outbox
 from storage.store import Store
 from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-MANIFEST_ACCESS = Counter("passerelle_manifest_access_total",
-                          "Requests scoped by a KOS-SOPInstanceUID header, by result",
-                          ["result"])
 _HEADER = b"kos-sopinstanceuid"
 _TARGET = re.compile(r"/dicom-web/studies/(?P<study>[^/]+)(?:/series/(?P<series>[^/]+)"
                      r"(?:/instances/(?P<instance>[^/]+))?)?(?:/.*)?")

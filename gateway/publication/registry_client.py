@@ -7,7 +7,7 @@ import ssl
 
 import httpx
 
-from gateway.mhd import kos_identifier
+from gateway.publication.mhd import kos_identifier
 
 FHIR_JSON = "application/fhir+json"
 

@@ -13,11 +13,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.transcode import decoding_plugin
-from gateway.web.accept import BadAcceptError, MediaRange, parse_accept
-from gateway.web.multipart import closing, new_boundary, part_head
-from gateway.web.responses import error
-from gateway.web.wado import check_uids
+from gateway.imaging.transcode import decoding_plugin
+from gateway.web.dicomweb.wado import check_uids
+from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
+from gateway.web.http.multipart import closing, new_boundary, part_head
+from gateway.web.http.responses import error
 from storage.index import StoredInstance
 from storage.store import Store
 

@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.web.responses import error, json_bytes_response
-from gateway.web.wado import check_uids, level_name
+from gateway.web.dicomweb.wado import check_uids, level_name
+from gateway.web.http.responses import error, json_bytes_response
 from storage.index import StoredInstance
 from storage.store import Store
 

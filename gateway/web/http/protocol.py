@@ -19,8 +19,8 @@ from typing import Any
 import h11
 
 from gateway import metrics
-from gateway.client_counts import ClientCounts
-from gateway.web.tls_identity import ClientCertificateProtocol
+from gateway.security.client_counts import ClientCounts
+from gateway.web.http.tls_identity import ClientCertificateProtocol
 
 log = logging.getLogger(__name__)
 

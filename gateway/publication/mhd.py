@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.event_codes import EventCode
-from gateway.kos import Manifest
+from gateway.publication.event_codes import EventCode
+from gateway.publication.kos import Manifest
 from storage.study_contents import StudyContents
 from storage.uids import uid_from_digest
 

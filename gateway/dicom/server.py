@@ -23,7 +23,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from gateway.client_counts import ClientCounts
+from gateway.security.client_counts import ClientCounts
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.deidentify import deidentify
-from gateway.transcode import choose_syntax, transcode
-from gateway.web.render_params import BadRenderRequestError, uri_params
-from gateway.web.rendered import respond
-from gateway.web.responses import error
+from gateway.imaging.deidentify import deidentify
+from gateway.imaging.transcode import choose_syntax, transcode
+from gateway.web.dicomweb.render_params import BadRenderRequestError, uri_params
+from gateway.web.dicomweb.rendered import respond
+from gateway.web.http.responses import error
 from storage.store import Store
 
 

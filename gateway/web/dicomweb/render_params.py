@@ -3,8 +3,8 @@ WADO-URI parameters (PS3.18 9.1.2), validated into ``RenderParams``."""
 
 from starlette.datastructures import QueryParams
 
-from gateway.render import MEDIA_TYPES, RenderParams
-from gateway.web.accept import BadAcceptError, parse_accept
+from gateway.imaging.render import MEDIA_TYPES, RenderParams
+from gateway.web.http.accept import BadAcceptError, parse_accept
 from storage.uids import is_valid_uid
 
 _VOI_FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}

@@ -6,8 +6,8 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.audit import AuditEvent, AuditTrail, EventType, Outcome
-from gateway.web.manifest_scope import kos_reference
+from gateway.security.audit import AuditEvent, AuditTrail, EventType, Outcome
+from gateway.web.middleware.manifest_scope import kos_reference
 
 _STUDY = re.compile(r"/dicom-web/studies/([^/]+)")
 _QUERY = re.compile(r"/dicom-web/(?:studies(?:/[^/]+(?:/series(?:/[^/]+)?)?)?/)?"

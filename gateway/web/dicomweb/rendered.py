@@ -1,5 +1,5 @@
 """WADO-RS rendered and thumbnail resources (PS3.18 10.4.1.1.4 and 10.4.1.1.5, query
-parameters 8.3.5.1): images made by ``gateway.render`` in a bounded worker pool, kept in the
+parameters 8.3.5.1): images made by ``gateway.imaging.render`` in a bounded worker pool, kept in the
 render cache, and streamed as multipart/related when there are several."""
 
 import email.utils
@@ -14,14 +14,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.render import RenderError, RenderParams, render
-from gateway.render_cache import RenderCache, cache_key
-from gateway.web.accept import BadAcceptError
-from gateway.web.frames import parse_frame_list
-from gateway.web.multipart import closing, new_boundary, part_head
-from gateway.web.render_params import rendered_params
-from gateway.web.responses import entity_tag, error, not_modified
-from gateway.web.wado import check_uids, level_name
+from gateway.imaging.render import RenderError, RenderParams, render
+from gateway.imaging.render_cache import RenderCache, cache_key
+from gateway.web.dicomweb.frames import parse_frame_list
+from gateway.web.dicomweb.render_params import rendered_params
+from gateway.web.dicomweb.wado import check_uids, level_name
+from gateway.web.http.accept import BadAcceptError
+from gateway.web.http.multipart import closing, new_boundary, part_head
+from gateway.web.http.responses import entity_tag, error, not_modified
 from storage.index import StoredInstance
 from storage.store import Store
 

@@ -12,11 +12,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway import metrics
-from gateway.statuses import failure_status
-from gateway.web.accept import parse_media_type
-from gateway.web.multipart import MultipartError, PartTooLargeError, iter_parts
-from gateway.web.responses import error, json_response
-from gateway.web.wado import check_uids
+from gateway.dicom.statuses import failure_status
+from gateway.web.dicomweb.wado import check_uids
+from gateway.web.http.accept import parse_media_type
+from gateway.web.http.multipart import MultipartError, PartTooLargeError, iter_parts
+from gateway.web.http.responses import error, json_response
 from storage.store import IngestResult, Store
 
 log = logging.getLogger(__name__)

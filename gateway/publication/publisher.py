@@ -11,13 +11,11 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from gateway.audit import AuditEvent, AuditTrail, EventType
-from gateway.audit import Outcome as AuditOutcome
 from gateway.config import Settings
-from gateway.event_codes import EventCodeTable
-from gateway.kos import Manifest, RetrieveOrigin, build_manifest
 from gateway.metrics import PUBLICATION_ATTEMPTS, UNMAPPED_EVENT_CODES
-from gateway.mhd import (
+from gateway.publication.event_codes import EventCodeTable
+from gateway.publication.kos import Manifest, RetrieveOrigin, build_manifest
+from gateway.publication.mhd import (
     Confidentiality,
     MetadataError,
     Producer,
@@ -26,8 +24,10 @@ from gateway.mhd import (
     security_label_patch,
     status_patch,
 )
-from gateway.mhd_client import RegistryClient, RejectedError, TransientError
-from gateway.worker import PeriodicWorker
+from gateway.publication.periodic import PeriodicWorker
+from gateway.publication.registry_client import RegistryClient, RejectedError, TransientError
+from gateway.security.audit import AuditEvent, AuditTrail, EventType
+from gateway.security.audit import Outcome as AuditOutcome
 from storage.outbox import Action, Outbox, Publication, State
 from storage.store import Store
 from storage.study_contents import StudyContents, load_study_contents

@@ -17,12 +17,10 @@ import time
 from collections import deque
 from datetime import UTC, datetime
 
-from prometheus_client import Counter
+from gateway.metrics import AUDIT_SYSLOG_DROPPED
 
 log = logging.getLogger(__name__)
 
-DROPPED = Counter("passerelle_audit_syslog_dropped_total",
-                  "Audit messages never copied to the syslog collector (backlog full)")
 
 
 def syslog_message(message: str, app: str) -> bytes:
@@ -48,7 +46,7 @@ class UdpSyslog:
                 self._socket.sendto(message, self.address)
             except OSError as exc:
                 log.warning("audit syslog %s:%d: %s", *self.address, exc)
-                DROPPED.inc(len(messages) - sent)
+                AUDIT_SYSLOG_DROPPED.inc(len(messages) - sent)
                 return
 
     def close(self) -> None:
@@ -82,7 +80,7 @@ class TlsSyslog:
         for message in messages:
             if len(self._backlog) >= self._limit:
                 self._backlog.popleft()
-                DROPPED.inc()
+                AUDIT_SYSLOG_DROPPED.inc()
             self._backlog.append(message)
         if time.monotonic() < self._next_attempt:
             return

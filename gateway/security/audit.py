@@ -3,7 +3,7 @@ ingest, publication and authentication failure, as JSON lines under ``data/audit
 
 Events are queued by the request paths and written by one thread, which appends each batch,
 fsyncs it, rotates the file past ``max_bytes`` and optionally copies each message to a
-syslog collector (``gateway.syslog_export``: UDP or TLS). The patient of an event is looked
+syslog collector (``gateway.security.syslog_export``: UDP or TLS). The patient of an event is looked
 up there too, so auditing costs a request nothing but a queue put.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.syslog_export import TlsSyslog, UdpSyslog, syslog_message
+from gateway.security.syslog_export import TlsSyslog, UdpSyslog, syslog_message
 
 log = logging.getLogger(__name__)
 

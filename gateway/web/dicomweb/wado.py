@@ -9,10 +9,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.transcode import choose_syntax, transcode
-from gateway.web.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
-from gateway.web.multipart import closing, new_boundary, part_head
-from gateway.web.responses import entity_tag, error, not_modified
+from gateway.imaging.transcode import choose_syntax, transcode
+from gateway.web.http.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
+from gateway.web.http.multipart import closing, new_boundary, part_head
+from gateway.web.http.responses import entity_tag, error, not_modified
 from storage.index import StoredInstance
 from storage.store import Store
 from storage.uids import is_valid_uid

@@ -3,7 +3,7 @@ for publication in the outbox (the queue state is in the index, so it survives r
 
 import logging
 
-from gateway.worker import PeriodicWorker
+from gateway.publication.periodic import PeriodicWorker
 from storage.outbox import Outbox
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.web.responses import error, json_response
-from gateway.web.wado import check_uids
+from gateway.web.dicomweb.wado import check_uids
+from gateway.web.http.responses import error, json_response
 from storage.search import ATTRIBUTES, Level, Match, QueryError
 from storage.store import Store
 

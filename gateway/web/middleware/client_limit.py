@@ -3,16 +3,14 @@ cannot take every worker from the others. A streamed response counts until its l
 
 import logging
 
-from prometheus_client import Counter
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.client_counts import ClientCounts
+from gateway.metrics import HTTP_REFUSED_OVER_LIMIT
+from gateway.security.client_counts import ClientCounts
 
 log = logging.getLogger(__name__)
 
-REFUSED = Counter("passerelle_http_refused_over_limit_total",
-                  "HTTP requests refused because their client had too many in progress")
 _UNLIMITED_PATHS = ("/health", "/metrics")  # probes must get through a busy client
 
 
@@ -29,7 +27,7 @@ class ClientLimitMiddleware:
             return
         host = (scope.get("client") or ("unknown",))[0]
         if not self._in_progress.admit(host):
-            REFUSED.inc()
+            HTTP_REFUSED_OVER_LIMIT.inc()
             log.warning("refused %s %s from %s: %d requests already in progress",
                         scope["method"], scope["path"], host, self._in_progress.limit)
             response = PlainTextResponse(

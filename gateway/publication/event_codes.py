@@ -1,15 +1,17 @@
 """Event codes of a manifest (XDS eventCodeList, FHIR ``context.event``): the study's
 acquisition modalities (DICOM code system) and anatomic regions (SNOMED CT), looked up in
-``config/event_codes.toml``; values found nowhere are reported, never guessed."""
+``event_codes.toml`` beside this module (package data); values found nowhere are reported,
+never guessed."""
 
 import tomllib
 import unicodedata
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED = "http://snomed.info/sct"
-BUILT_IN = Path(__file__).resolve().parent.parent / "config" / "event_codes.toml"
+BUILT_IN = resources.files(__package__) / "event_codes.toml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +25,7 @@ class EventCode:
 
 @dataclass(frozen=True)
 class EventCodeTable:
-    """Modality and body part mappings (see config/event_codes.toml)."""
+    """Modality and body part mappings (see event_codes.toml)."""
 
     modalities: dict[str, str]  # DICOM Modality -> French label
     regions: dict[str, str]  # SNOMED CT region code -> French label

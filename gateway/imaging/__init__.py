@@ -1,0 +1,1 @@
+"""Pixel work: rendering, its cache, transcoding and de-identification."""

@@ -1,0 +1,1 @@
+"""TLS contexts, per-client limits, the audit trail and its syslog export."""

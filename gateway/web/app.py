@@ -1,0 +1,114 @@
+"""HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, health and
+metrics."""
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from gateway.config import Settings
+from gateway.imaging.deidentify import load_or_create_key
+from gateway.imaging.render_cache import RenderCache
+from gateway.security.audit import AuditTrail
+from gateway.web.admin import queue_study_action
+from gateway.web.dicomweb.frames import bulkdata, frames
+from gateway.web.dicomweb.metadata import metadata
+from gateway.web.dicomweb.qido import search_instances, search_series, search_studies
+from gateway.web.dicomweb.rendered import rendered, thumbnail
+from gateway.web.dicomweb.stow import store_instances
+from gateway.web.dicomweb.wado import retrieve
+from gateway.web.dicomweb.wado_uri import wado_uri
+from gateway.web.middleware.access_audit import AccessAuditMiddleware
+from gateway.web.middleware.auth import AuthMiddleware, Rights, TokenVerifier
+from gateway.web.middleware.client_limit import ClientLimitMiddleware
+from gateway.web.middleware.manifest_scope import ManifestAccess, ManifestScopeMiddleware
+from storage.outbox import Outbox
+from storage.store import Store
+
+_RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
+               "/studies/{study}/series/{series}/instances/{instance}",
+               "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}")
+
+
+def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], bool],
+               audit: AuditTrail, wake_publisher: Callable[[], None] = lambda: None
+               ) -> Starlette:
+    """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up,
+    ``wake_publisher`` is called when an admin request queued something to send."""
+
+    async def health(request: Request) -> JSONResponse:
+        dicom_up = dicom_serving()
+        body = {"status": "ok" if dicom_up else "unavailable", "dicom": dicom_up, "http": True}
+        return JSONResponse(body, status_code=200 if dicom_up else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    dicomweb = [
+        Route("/studies", search_studies, methods=["GET"]),
+        Route("/studies", store_instances, methods=["POST"]),
+        Route("/series", search_series, methods=["GET"]),
+        Route("/instances", search_instances, methods=["GET"]),
+        Route("/studies/{study}/series", search_series, methods=["GET"]),
+        Route("/studies/{study}/instances", search_instances, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances", search_instances, methods=["GET"]),
+        Route("/studies/{study}", retrieve, methods=["GET"]),
+        Route("/studies/{study}", store_instances, methods=["POST"]),
+        Route("/studies/{study}/series/{series}", retrieve, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}", retrieve,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", frames,
+              methods=["GET"]),
+        *(Route(f"{level}/{resource}", handler, methods=["GET"])
+          for level in _RENDERABLE for resource, handler in (("rendered", rendered),
+                                                             ("thumbnail", thumbnail))),
+        Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+              bulkdata, methods=["GET"]),
+        Route("/studies/{study}/metadata", metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/metadata", metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}/metadata", metadata,
+              methods=["GET"]),
+    ]
+    middleware = [Middleware(ClientLimitMiddleware, limit=settings.http_max_requests_per_client),
+                  Middleware(AccessAuditMiddleware, trail=audit)]
+    if settings.cors_allow_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Accept", "Authorization", "Content-Type", "If-None-Match",
+                           "KOS-SOPInstanceUID"],
+            expose_headers=["Content-Type", "Content-Length", "ETag", "Warning",
+                            "WWW-Authenticate"],
+            max_age=3600))
+    if settings.auth_issuer or settings.auth_client_certificates:
+        middleware.append(Middleware(
+            AuthMiddleware,
+            verifier=TokenVerifier(settings.auth_issuer, settings.auth_jwks_url,
+                                   settings.auth_audience, settings.auth_leeway_seconds)
+            if settings.auth_issuer else None,
+            rights=Rights(settings.auth_read_scope, settings.auth_write_scope,
+                          settings.auth_admin_scope, frozenset(settings.auth_allowed_subjects),
+                          settings.metrics_require_auth, settings.certificate_scopes())))
+    middleware.append(Middleware(ManifestScopeMiddleware, access=ManifestAccess(store),
+                                 required=settings.require_kos_reference))
+    app = Starlette(routes=[
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/wado", wado_uri, methods=["GET"]),
+        Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
+        Mount("/dicom-web", routes=dicomweb),
+    ], middleware=middleware)
+    app.state.store = store
+    app.state.public_url = settings.public_url
+    app.state.max_instance_bytes = settings.max_instance_bytes
+    app.state.render_cache = RenderCache(settings.data_dir / "cache" / "rendered",
+                                         settings.render_cache_bytes)
+    app.state.deidentify_key = load_or_create_key(settings.data_dir)
+    app.state.outbox = Outbox(store.index)
+    app.state.wake_publisher = wake_publisher
+    return app

@@ -1,0 +1,2 @@
+"""DICOMweb resources (PS3.18): WADO-RS, metadata, frames and bulk data, rendered and
+thumbnail, QIDO-RS, STOW-RS, and WADO-URI."""

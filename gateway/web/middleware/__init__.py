@@ -1,0 +1,2 @@
+"""ASGI middleware, outermost first in ``gateway.web.app``: per-client limit, access audit,
+CORS, authentication, manifest scope."""
