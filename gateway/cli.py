@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, describe, load_settings
 from gateway.importer import import_paths
 from gateway.publication.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
 from gateway.security.audit import read_events
@@ -39,7 +39,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.data_dir, settings.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
     try:
         summary = import_paths(store, args.paths, jobs=args.jobs,
                                progress=not args.quiet and sys.stderr.isatty())
@@ -56,7 +56,7 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.data_dir, settings.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
     try:
         studies = store.index.list_studies()
     finally:
@@ -75,7 +75,7 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.data_dir, settings.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
     try:
         outbox = Outbox(store.index)
         if args.outbox_command == "retry":
@@ -109,7 +109,7 @@ def _cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"passerelle: {exc}", file=sys.stderr)
             return 2
-    store = Store(settings.data_dir, settings.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
     try:
         row = Outbox(store.index).queue(args.study_uid, action, payload)
     except LookupError as exc:
@@ -117,7 +117,7 @@ def _cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
-    where = "sent by the running service" if settings.registry_url else \
+    where = "sent by the running service" if settings.publication.registry_url else \
         "queued: registry_url is not set, nothing is sent until it is"
     print(f"{action} of study {args.study_uid} queued as publication {row.id} ({where})")
     return 0
@@ -219,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-    except (ValidationError, FileNotFoundError, ValueError) as exc:
+    except ValidationError as exc:
+        print(f"passerelle: invalid configuration:\n{describe(exc)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
         print(f"passerelle: invalid configuration: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)

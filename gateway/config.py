@@ -1,5 +1,10 @@
 """Settings: code defaults < config file (TOML) < ``PASSERELLE_*`` environment variables.
 
+Settings come in sections, one per component (``dicom``, ``http``, ``ingest``, ``imaging``,
+``publication``, ``producer``, ``auth``, ``tls``, ``audit``), and each component is given its
+own section. Every setting also has one flat name, the one documented since the start:
+``PASSERELLE_<FLAT NAME>`` sets it from the environment (``PASSERELLE_DICOM_PORT``), and a
+config file or a caller may use it instead of the section form.
 ``config/passerelle.toml`` documents every key with its default. The file is optional: it is
 read from ``--config`` or ``PASSERELLE_CONFIG`` when given.
 """
@@ -9,12 +14,18 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -22,10 +33,9 @@ from pydantic_settings import (
 
 from gateway.publication.mhd import Confidentiality
 from storage.store import DuplicatePolicy
-from storage.uids import uid_from_digest
+from storage.uids import is_oid, uid_from_digest
 
-# An ISO OID (ITU-T X.660): digits and dots, no leading zero in a component.
-_OID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+ENV_PREFIX = "PASSERELLE_"
 
 # PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash.
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
@@ -38,6 +48,20 @@ def _ae_title(value: str) -> str:
     return value
 
 
+def _words(value: object) -> object:
+    """A list given as one string (environment form): split on commas and white space."""
+    if isinstance(value, str):
+        return [part for part in re.split(r"[,\s]+", value) if part]
+    return value
+
+
+def _oid(value: str) -> str:
+    value = value.strip().removeprefix("urn:oid:")
+    if value and not is_oid(value):
+        raise ValueError(f"{value!r} is not an OID (digits and dots, e.g. 1.2.250.1.999)")
+    return value
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -45,79 +69,27 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-class Settings(BaseSettings):
-    """Every setting of the service; environment variables are ``PASSERELLE_<NAME>``."""
+class _Section(BaseModel):
+    """A group of settings; a field's alias, where it has one, is its flat name."""
 
-    model_config = SettingsConfigDict(env_prefix="PASSERELLE_", extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
-    data_dir: Path = Path("data")
+
+class DicomSettings(_Section):
+    """The DICOM listener (DIMSE)."""
+
     ae_title: str = "PASSERELLE"
-    dicom_host: str = "127.0.0.1"
-    dicom_port: int = Field(11112, ge=0, le=65535)
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(8080, ge=0, le=65535)
-    public_url: str = ""
-    max_instance_bytes: int = Field(1 << 30, gt=0)
-    cors_allow_origins: Annotated[list[str], NoDecode] = []
-    render_cache_bytes: int = Field(512 << 20, ge=0)
-    registry_url: str = ""
-    stable_seconds: float = Field(60, gt=0)
-    registry_timeout: float = Field(30, gt=0)
-    registry_ca_file: str = ""
-    registry_client_cert_file: str = ""
-    registry_client_key_file: str = ""
-    publish_retry_seconds: float = Field(10, gt=0)
-    publish_retry_max_seconds: float = Field(3600, gt=0)
-    gateway_oid: str = ""
-    organization_name: str = "Service d'imagerie"
-    organization_finess: str = ""
-    patient_id_issuer_oid: str = ""
-    accession_issuer_oid: str = ""
-    order_issuer_oid: str = ""
-    facility_type: str = "SA01"
-    practice_setting: str = "ETABLISSEMENT"
-    designation_type: str = "07"
-    confidentiality: str = "N"
-    masking_codes: Annotated[list[str], NoDecode] = []
-    authenticator_idnps: str = ""
-    authenticator_name: str = ""
-    event_codes_file: str = ""
-    allowed_calling_aets: Annotated[list[str], NoDecode] = []
+    host: str = Field("127.0.0.1", alias="dicom_host")
+    port: int = Field(11112, ge=0, le=65535, alias="dicom_port")
+    tls: bool = Field(False, alias="dicom_tls")
+    allowed_calling_aets: list[str] = []
     max_pdu: int = Field(262144, ge=0)
     max_associations: int = Field(16, ge=1)
     max_associations_per_client: int = Field(8, ge=1)
-    http_max_requests_per_client: int = Field(64, ge=1)
-    http_max_connections: int = Field(1024, ge=1)
-    http_max_connections_per_client: int = Field(128, ge=1)
-    http_head_timeout_seconds: float = Field(10, gt=0)
-    http_keep_alive_seconds: float = Field(30, gt=0)
     acse_timeout: float = Field(30, gt=0)
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(120, gt=0)
     shutdown_grace_seconds: float = Field(10, ge=0)
-    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
-    log_level: str = "INFO"
-    auth_issuer: str = ""
-    auth_jwks_url: str = ""
-    auth_audience: str = ""
-    auth_read_scope: str = "dicomweb.read"
-    auth_write_scope: str = "dicomweb.write"
-    auth_admin_scope: str = "passerelle.admin"
-    auth_leeway_seconds: float = Field(30, ge=0, le=300)
-    auth_allowed_subjects: Annotated[list[str], NoDecode] = []
-    metrics_require_auth: bool = False
-    allow_unauthenticated: bool = False
-    auth_client_certificates: Annotated[list[str], NoDecode] = []
-    require_kos_reference: bool = False
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""
-    dicom_tls: bool = False
-    audit_max_bytes: int = Field(64 << 20, gt=0)
-    audit_backups: int = Field(10, ge=1)
-    audit_syslog: str = ""
-    audit_syslog_transport: Literal["udp", "tls"] = "udp"
-    audit_syslog_ca_file: str = ""
 
     @field_validator("ae_title")
     @classmethod
@@ -127,20 +99,80 @@ class Settings(BaseSettings):
     @field_validator("allowed_calling_aets", mode="before")
     @classmethod
     def _split_aets(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [part for part in re.split(r"[,\s]+", value) if part]
-        if isinstance(value, list):
-            return [_ae_title(str(part)) for part in value]
-        return value
+        value = _words(value)
+        return [_ae_title(str(part)) for part in value] if isinstance(value, list) else value
 
-    @field_validator("gateway_oid", "patient_id_issuer_oid", "accession_issuer_oid",
-                     "order_issuer_oid")
-    @classmethod
-    def _check_oid(cls, value: str) -> str:
-        value = value.strip().removeprefix("urn:oid:")
-        if value and (len(value) > 64 or not _OID.fullmatch(value)):
-            raise ValueError(f"{value!r} is not an OID (digits and dots, e.g. 1.2.250.1.999)")
-        return value
+
+class HttpSettings(_Section):
+    """The HTTP listener and its limits."""
+
+    host: str = Field("127.0.0.1", alias="http_host")
+    port: int = Field(8080, ge=0, le=65535, alias="http_port")
+    public_url: str = ""  # empty: derived from host, port and TLS (Settings)
+    cors_allow_origins: list[str] = []
+    max_requests_per_client: int = Field(64, ge=1, alias="http_max_requests_per_client")
+    max_connections: int = Field(1024, ge=1, alias="http_max_connections")
+    max_connections_per_client: int = Field(128, ge=1, alias="http_max_connections_per_client")
+    head_timeout_seconds: float = Field(10, gt=0, alias="http_head_timeout_seconds")
+    keep_alive_seconds: float = Field(30, gt=0, alias="http_keep_alive_seconds")
+
+    _split = field_validator("cors_allow_origins", mode="before")(_words)
+
+
+class IngestSettings(_Section):
+    """What every way in (C-STORE, STOW-RS, import) does with what it receives."""
+
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    max_instance_bytes: int = Field(1 << 30, gt=0)
+
+
+class ImagingSettings(_Section):
+    """Rendering."""
+
+    render_cache_bytes: int = Field(512 << 20, ge=0)
+
+
+class PublicationSettings(_Section):
+    """When and how manifests reach the document registry."""
+
+    registry_url: str = ""
+    stable_seconds: float = Field(60, gt=0)
+    registry_timeout: float = Field(30, gt=0)
+    registry_ca_file: str = ""
+    registry_client_cert_file: str = ""
+    registry_client_key_file: str = ""
+    publish_retry_seconds: float = Field(10, gt=0)
+    publish_retry_max_seconds: float = Field(3600, gt=0)
+    event_codes_file: str = ""
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> "PublicationSettings":
+        if bool(self.registry_client_cert_file) != bool(self.registry_client_key_file):
+            raise ValueError("registry_client_cert_file and registry_client_key_file go "
+                             "together")
+        return self
+
+
+class ProducerSettings(_Section):
+    """Who publishes: the institution-level metadata of every manifest."""
+
+    gateway_oid: str = ""  # empty: derived from the public URL (Settings)
+    organization_name: str = "Service d'imagerie"
+    organization_finess: str = ""
+    patient_id_issuer_oid: str = ""
+    accession_issuer_oid: str = ""
+    order_issuer_oid: str = ""
+    facility_type: str = "SA01"
+    practice_setting: str = "ETABLISSEMENT"
+    designation_type: str = "07"
+    confidentiality: str = "N"
+    masking_codes: list[str] = []
+    authenticator_idnps: str = ""
+    authenticator_name: str = ""
+
+    _check_oids = field_validator("gateway_oid", "patient_id_issuer_oid",
+                                  "accession_issuer_oid", "order_issuer_oid")(_oid)
+    _split = field_validator("masking_codes", mode="before")(_words)
 
     @field_validator("organization_finess")
     @classmethod
@@ -150,15 +182,35 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a FINESS number (9 characters, e.g. 750712184)")
         return value
 
-    @field_validator("cors_allow_origins", "masking_codes", "auth_allowed_subjects",
-                     mode="before")
-    @classmethod
-    def _split_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part for part in re.split(r"[,\s]+", value) if part]
-        return value
+    @model_validator(mode="after")
+    def _check_confidentiality(self) -> "ProducerSettings":
+        self.default_confidentiality()  # ValueError if bad
+        return self
 
-    @field_validator("auth_client_certificates", mode="before")
+    def default_confidentiality(self) -> Confidentiality:
+        """The confidentiality of a manifest nobody changed."""
+        return Confidentiality(self.confidentiality, tuple(self.masking_codes))
+
+
+class AuthSettings(_Section):
+    """Who may use the HTTP API, and with which rights."""
+
+    issuer: str = Field("", alias="auth_issuer")
+    jwks_url: str = Field("", alias="auth_jwks_url")
+    audience: str = Field("", alias="auth_audience")
+    read_scope: str = Field("dicomweb.read", alias="auth_read_scope")
+    write_scope: str = Field("dicomweb.write", alias="auth_write_scope")
+    admin_scope: str = Field("passerelle.admin", alias="auth_admin_scope")
+    leeway_seconds: float = Field(30, ge=0, le=300, alias="auth_leeway_seconds")
+    allowed_subjects: list[str] = Field([], alias="auth_allowed_subjects")
+    client_certificates: list[str] = Field([], alias="auth_client_certificates")
+    metrics_require_auth: bool = False
+    allow_unauthenticated: bool = False
+    require_kos_reference: bool = False
+
+    _split = field_validator("allowed_subjects", mode="before")(_words)
+
+    @field_validator("client_certificates", mode="before")
     @classmethod
     def _check_certificates(cls, value: object) -> object:
         if isinstance(value, str):
@@ -169,29 +221,134 @@ class Settings(BaseSettings):
                 raise ValueError(f"{entry!r}: expected CERTIFICATE NAME=scope [scope...]")
         return value
 
-    def check_http_exposure(self) -> None:
-        """Raise ValueError when HTTP would serve other machines without authentication
-        (the demo mode is for loopback only, unless ``allow_unauthenticated``)."""
-        if not (self.auth_issuer or self.auth_client_certificates or self.allow_unauthenticated
-                or _is_loopback(self.http_host)):
-            raise ValueError(
-                f"http_host {self.http_host} is reachable from other machines but no "
-                "authentication is configured: set auth_issuer (OAuth2 tokens) or "
-                "auth_client_certificates, or allow_unauthenticated = true to let anyone "
-                "who can connect read the images")
+    @model_validator(mode="after")
+    def _check_issuer(self) -> "AuthSettings":
+        if self.issuer and not (self.jwks_url and self.audience):
+            raise ValueError("auth_issuer is set: auth_jwks_url and auth_audience are required")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when requests must prove who they are (token or client certificate)."""
+        return bool(self.issuer or self.client_certificates)
 
     def certificate_scopes(self) -> dict[str, frozenset[str]]:
         """Client certificate common name -> the scopes it grants."""
         return {name.strip(): frozenset(scopes.split()) for name, _, scopes in
-                (entry.partition("=") for entry in self.auth_client_certificates)}
+                (entry.partition("=") for entry in self.client_certificates)}
 
-    @field_validator("audit_syslog")
+
+class TlsSettings(_Section):
+    """The service's certificate (HTTPS, DICOM TLS, syslog TLS) and the client CA."""
+
+    cert_file: str = Field("", alias="tls_cert_file")
+    key_file: str = Field("", alias="tls_key_file")
+    client_ca_file: str = Field("", alias="tls_client_ca_file")
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> "TlsSettings":
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+
+class AuditSettings(_Section):
+    """The audit trail and its copy to a syslog collector."""
+
+    max_bytes: int = Field(64 << 20, gt=0, alias="audit_max_bytes")
+    backups: int = Field(10, ge=1, alias="audit_backups")
+    syslog: str = Field("", alias="audit_syslog")
+    syslog_transport: Literal["udp", "tls"] = Field("udp", alias="audit_syslog_transport")
+    syslog_ca_file: str = Field("", alias="audit_syslog_ca_file")
+
+    @field_validator("syslog")
     @classmethod
     def _check_syslog(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
         if value and not (host and port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(f"audit_syslog must be host:port, not {value!r}")
         return value
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "dicom": DicomSettings, "http": HttpSettings, "ingest": IngestSettings,
+    "imaging": ImagingSettings, "publication": PublicationSettings,
+    "producer": ProducerSettings, "auth": AuthSettings, "tls": TlsSettings,
+    "audit": AuditSettings,
+}
+_TOP_LEVEL = ("data_dir", "log_level")
+# flat name -> (section, field)
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    (info.alias or name): (section, name)
+    for section, model in _SECTIONS.items() for name, info in model.model_fields.items()}
+
+
+def _sectioned(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every flat key moved into its section, under its field name; unknown
+    keys are left where they are, for validation to refuse by name."""
+    result: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            aliases = {info.alias: name for name, info in _SECTIONS[key].model_fields.items()
+                       if info.alias}
+            section = result.setdefault(key, {})
+            section.update({aliases.get(k, k): v for k, v in value.items()})
+        elif key in FLAT_NAMES:
+            section_name, field = FLAT_NAMES[key]
+            result.setdefault(section_name, {})[field] = value
+        else:
+            result[key] = value
+    return result
+
+
+class _SectionedSource(PydanticBaseSettingsSource):
+    """Another source's values in the sectioned form, so that sources merge per field."""
+
+    def __init__(self, settings_cls: type[BaseSettings],
+                 source: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.source = source
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: ``__call__`` answers for the whole model."""
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        return _sectioned(self.source())
+
+
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """``PASSERELLE_<FLAT NAME>`` variables (any case), as raw strings: each field's own
+    validator parses them (lists are comma or space separated)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: ``__call__`` answers for the whole model."""
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        environment = {name.upper(): value for name, value in os.environ.items()}
+        return _sectioned({name: environment[f"{ENV_PREFIX}{name.upper()}"]
+                           for name in (*_TOP_LEVEL, *FLAT_NAMES)
+                           if f"{ENV_PREFIX}{name.upper()}" in environment})
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, by section."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+    sections: ClassVar[dict[str, type[_Section]]] = _SECTIONS
+
+    data_dir: Path = Path("data")
+    log_level: str = "INFO"
+    dicom: DicomSettings = DicomSettings()
+    http: HttpSettings = HttpSettings()
+    ingest: IngestSettings = IngestSettings()
+    imaging: ImagingSettings = ImagingSettings()
+    publication: PublicationSettings = PublicationSettings()
+    producer: ProducerSettings = ProducerSettings()
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
+    audit: AuditSettings = AuditSettings()
 
     @field_validator("log_level")
     @classmethod
@@ -202,28 +359,32 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _default_public_url(self) -> "Settings":
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file go together")
-        if bool(self.registry_client_cert_file) != bool(self.registry_client_key_file):
-            raise ValueError("registry_client_cert_file and registry_client_key_file go "
-                             "together")
-        if self.auth_client_certificates and not self.tls_client_ca_file:
+    def _across_sections(self) -> "Settings":
+        if self.auth.client_certificates and not self.tls.client_ca_file:
             raise ValueError("auth_client_certificates needs tls_client_ca_file (mutual TLS)")
-        if self.dicom_tls and not self.tls_cert_file:
+        if self.dicom.tls and not self.tls.cert_file:
             raise ValueError("dicom_tls needs tls_cert_file and tls_key_file")
-        if not self.public_url:
-            scheme = "https" if self.tls_cert_file else "http"
-            self.public_url = f"{scheme}://{self.http_host}:{self.http_port}"
-        self.public_url = self.public_url.rstrip("/")
-        Confidentiality(self.confidentiality, tuple(self.masking_codes))  # ValueError if bad
-        if self.auth_issuer and not (self.auth_jwks_url and self.auth_audience):
-            raise ValueError("auth_issuer is set: auth_jwks_url and auth_audience are required")
-        if not self.gateway_oid:
+        if not self.http.public_url:
+            scheme = "https" if self.tls.cert_file else "http"
+            self.http.public_url = f"{scheme}://{self.http.host}:{self.http.port}"
+        self.http.public_url = self.http.public_url.rstrip("/")
+        if not self.producer.gateway_oid:
             # Stable for a given public URL; a real deployment sets its registered OID.
-            digest = hashlib.sha256(f"passerelle-gateway\n{self.public_url}".encode()).digest()
-            self.gateway_oid = uid_from_digest(digest)
+            digest = hashlib.sha256(
+                f"passerelle-gateway\n{self.http.public_url}".encode()).digest()
+            self.producer.gateway_oid = uid_from_digest(digest)
         return self
+
+    def check_http_exposure(self) -> None:
+        """Raise ValueError when HTTP would serve other machines without authentication
+        (the demo mode is for loopback only, unless ``allow_unauthenticated``)."""
+        if not (self.auth.enabled or self.auth.allow_unauthenticated
+                or _is_loopback(self.http.host)):
+            raise ValueError(
+                f"http_host {self.http.host} is reachable from other machines but no "
+                "authentication is configured: set auth_issuer (OAuth2 tokens) or "
+                "auth_client_certificates, or allow_unauthenticated = true to let anyone "
+                "who can connect read the images")
 
     @classmethod
     def settings_customise_sources(
@@ -235,17 +396,36 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Order of precedence: explicit arguments, environment, config file, defaults."""
-        config_file = os.environ.get("PASSERELLE_CONFIG")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            _SectionedSource(settings_cls, init_settings), _FlatEnvironment(settings_cls)]
+        config_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            sources.append(_SectionedSource(settings_cls, TomlConfigSettingsSource(
+                settings_cls, toml_file=Path(config_file))))
         return tuple(sources)
 
 
+def describe(error: ValidationError) -> str:
+    """The problems of a ValidationError, one line each, naming each setting by its flat
+    name and environment variable (``dicom_port (PASSERELLE_DICOM_PORT): ...``)."""
+    names = {place: flat for flat, place in FLAT_NAMES.items()}
+    names |= {(name,): name for name in _TOP_LEVEL}
+    lines = []
+    for problem in error.errors():
+        place = tuple(str(part) for part in problem["loc"])
+        flat = names.get(place[:2]) or names.get(place[:1])
+        # else a rule across settings, or an unknown key
+        where = f"{flat} ({ENV_PREFIX}{flat.upper()})" if flat else ".".join(place) or "settings"
+        lines.append(f"{where}: {problem['msg']}")
+    return "\n".join(lines)
+
+
 def load_settings(config_file: Path | None = None) -> Settings:
-    """Settings from the environment and ``config_file`` (or ``PASSERELLE_CONFIG``)."""
+    """Settings from the environment and ``config_file`` (else ``PASSERELLE_CONFIG``);
+    FileNotFoundError when the file named either way does not exist."""
     if config_file is not None:
-        if not config_file.is_file():
-            raise FileNotFoundError(f"config file not found: {config_file}")
-        os.environ["PASSERELLE_CONFIG"] = str(config_file)
+        os.environ[f"{ENV_PREFIX}CONFIG"] = str(config_file)
+    named = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if named and not Path(named).is_file():
+        raise FileNotFoundError(f"config file not found: {named}")
     return Settings()

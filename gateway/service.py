@@ -3,16 +3,25 @@
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from gateway import metrics
-from gateway.config import Settings
+from gateway.config import (
+    AuditSettings,
+    PublicationSettings,
+    Settings,
+    TlsSettings,
+)
 from gateway.dicom.scp import DicomService
+from gateway.imaging.deidentify import load_or_create_key
+from gateway.imaging.render_cache import RenderCache
 from gateway.metrics import watch_outbox
 from gateway.publication.event_codes import load_event_codes
+from gateway.publication.kos import RetrieveOrigin
 from gateway.publication.publisher import Publisher
 from gateway.publication.registry_client import RegistryClient
 from gateway.publication.stable import StableStudyWatcher
@@ -21,6 +30,7 @@ from gateway.security.syslog_export import TlsSyslog, UdpSyslog
 from gateway.security.tls import client_context, server_context
 from gateway.web.app import create_app
 from gateway.web.http.protocol import guarded_protocol
+from gateway.web.services import Services
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
 from storage.store import Store
@@ -40,26 +50,40 @@ def _optional_path(name: str) -> Path | None:
     return Path(name) if name else None
 
 
-def _registry_tls(settings: Settings) -> ssl.SSLContext | None:
+def _registry_tls(publication: PublicationSettings) -> ssl.SSLContext | None:
     """The client context towards the registry, when a CA or a certificate is configured."""
-    if not (settings.registry_ca_file or settings.registry_client_cert_file):
+    if not (publication.registry_ca_file or publication.registry_client_cert_file):
         return None
-    return client_context(_optional_path(settings.registry_ca_file),
-                          _optional_path(settings.registry_client_cert_file),
-                          _optional_path(settings.registry_client_key_file))
+    return client_context(_optional_path(publication.registry_ca_file),
+                          _optional_path(publication.registry_client_cert_file),
+                          _optional_path(publication.registry_client_key_file))
 
 
-def _audit_syslog(settings: Settings) -> UdpSyslog | TlsSyslog | None:
+def _audit_syslog(audit: AuditSettings, tls: TlsSettings) -> UdpSyslog | TlsSyslog | None:
     """Where audit messages are copied. Over TLS the gateway shows its own certificate,
     when it has one: ATNA secure nodes authenticate each other (IHE ITI-19)."""
-    if not settings.audit_syslog:
+    if not audit.syslog:
         return None
-    host, _, port = settings.audit_syslog.rpartition(":")
-    if settings.audit_syslog_transport == "udp":
+    host, _, port = audit.syslog.rpartition(":")
+    if audit.syslog_transport == "udp":
         return UdpSyslog((host, int(port)))
     return TlsSyslog((host, int(port)), client_context(
-        _optional_path(settings.audit_syslog_ca_file), _optional_path(settings.tls_cert_file),
-        _optional_path(settings.tls_key_file)))
+        _optional_path(audit.syslog_ca_file), _optional_path(tls.cert_file),
+        _optional_path(tls.key_file)))
+
+
+def http_services(settings: Settings, store: Store, audit: AuditTrail,
+                  dicom_serving: Callable[[], bool],
+                  wake_publisher: Callable[[], None] = lambda: None) -> Services:
+    """What the HTTP side works with, over ``store`` and the data dir of ``settings``."""
+    return Services(
+        store=store, outbox=Outbox(store.index), audit=audit,
+        render_cache=RenderCache(settings.data_dir / "cache" / "rendered",
+                                 settings.imaging.render_cache_bytes),
+        deidentify_key=load_or_create_key(settings.data_dir),
+        public_url=settings.http.public_url,
+        max_instance_bytes=settings.ingest.max_instance_bytes,
+        dicom_serving=dicom_serving, wake_publisher=wake_publisher)
 
 
 def serve(settings: Settings) -> None:
@@ -70,16 +94,17 @@ def serve(settings: Settings) -> None:
     settings.check_http_exposure()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _request_shutdown)
-    event_codes = load_event_codes(_optional_path(settings.event_codes_file))
-    tls = server_context(Path(settings.tls_cert_file), Path(settings.tls_key_file),
-                         _optional_path(settings.tls_client_ca_file)
-                         ) if settings.tls_cert_file else None
-    registry_tls = _registry_tls(settings)
-    syslog = _audit_syslog(settings)
+    publication = settings.publication
+    event_codes = load_event_codes(_optional_path(publication.event_codes_file))
+    tls = server_context(Path(settings.tls.cert_file), Path(settings.tls.key_file),
+                         _optional_path(settings.tls.client_ca_file)
+                         ) if settings.tls.cert_file else None
+    registry_tls = _registry_tls(publication)
+    syslog = _audit_syslog(settings.audit, settings.tls)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = ServiceLock(settings.data_dir)
     lock.acquire()
-    store = Store(settings.data_dir, settings.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
     # Only the lock holder may purge: an import running beside the service has its own
     # temporary files in flight.
     removed = store.blobs.purge_temporary()
@@ -89,35 +114,40 @@ def serve(settings: Settings) -> None:
         log.warning("previous run did not stop cleanly: checking the index against the files")
         for kind, found in recover(store.blobs, store.index).counts().items():
             metrics.RECOVERY.labels(kind).set(found)
-    audit = AuditTrail(settings.data_dir / "audit", settings.ae_title, store.index.patient_id_of,
-                       settings.audit_max_bytes, settings.audit_backups, syslog)
-    dicom = DicomService(settings, store, audit, tls if settings.dicom_tls else None)
+    audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
+                       store.index.patient_id_of, settings.audit.max_bytes,
+                       settings.audit.backups, syslog)
+    dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)
     outbox = Outbox(store.index)
     watch_outbox(outbox)
-    watcher = StableStudyWatcher(outbox, settings.stable_seconds)
+    watcher = StableStudyWatcher(outbox, publication.stable_seconds)
     publisher = None
-    if settings.registry_url:
-        publisher = Publisher(store, settings,
-                              RegistryClient(settings.registry_url, settings.registry_timeout,
-                                             registry_tls),
-                              event_codes, audit)
+    if publication.registry_url:
+        origin = RetrieveOrigin(settings.http.public_url, settings.dicom.ae_title,
+                                settings.producer.gateway_oid,
+                                settings.producer.organization_name)
+        publisher = Publisher(store, RegistryClient(publication.registry_url,
+                                                    publication.registry_timeout, registry_tls),
+                              event_codes, audit, settings.producer, origin, publication)
     else:
         log.warning("registry_url is not set: manifests are queued, not sent")
+    http = settings.http
     try:
         dicom.start()
         watcher.start()
         if publisher is not None:
             publisher.start()
-        app = create_app(store, settings, dicom.is_serving, audit,
-                         publisher.wake if publisher is not None else lambda: None)
+        app = create_app(http_services(settings, store, audit, dicom.is_serving,
+                                       publisher.wake if publisher is not None else
+                                       lambda: None), http, settings.auth)
         config = uvicorn.Config(
-            app, host=settings.http_host, port=settings.http_port, log_config=None,
+            app, host=http.host, port=http.port, log_config=None,
             access_log=False, server_header=False, lifespan="off",
-            limit_concurrency=settings.http_max_connections,
-            timeout_keep_alive=settings.http_keep_alive_seconds,
-            ssl_certfile=settings.tls_cert_file or None, ssl_keyfile=settings.tls_key_file or None,
-            http=guarded_protocol(settings.http_head_timeout_seconds,
-                                  settings.http_max_connections_per_client))
+            limit_concurrency=http.max_connections,
+            timeout_keep_alive=http.keep_alive_seconds,
+            ssl_certfile=settings.tls.cert_file or None,
+            ssl_keyfile=settings.tls.key_file or None,
+            http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
         config.load()
         config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
         uvicorn.Server(config).run()

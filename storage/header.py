@@ -1,11 +1,12 @@
 """What the index keeps of an instance, read from its header without decoding pixels."""
 
-import json
 from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset
+
+from storage.identifiers import Issuer, OtherPatientId, encode
 
 
 class UnreadableDatasetError(ValueError):
@@ -67,17 +68,12 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if value else ""
-
-
-def _designator(local: str, universal: Dataset | None) -> dict[str, str]:
-    """An HL7 v2 HD-like issuer (PS3.3 10.14): local namespace, universal id and its type."""
-    issuer = {"local": local}
-    if universal is not None:
-        issuer["universal"] = _text(universal, "UniversalEntityID")
-        issuer["universal_type"] = _text(universal, "UniversalEntityIDType")
-    return {k: v for k, v in issuer.items() if v}
+def _issuer(local: str, universal: Dataset | None) -> Issuer:
+    """An issuer from its local namespace and the item holding its universal id."""
+    if universal is None:
+        return Issuer(local)
+    return Issuer(local, _text(universal, "UniversalEntityID"),
+                  _text(universal, "UniversalEntityIDType"))
 
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
@@ -87,17 +83,15 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
 
 def _accession_issuer(ds: Dataset) -> str:
     item = _first_item(ds, "IssuerOfAccessionNumberSequence")
-    return _json(_designator(_text(item, "LocalNamespaceEntityID"), item)) if item else ""
+    return encode(_issuer(_text(item, "LocalNamespaceEntityID"), item).to_json()) if item else ""
 
 
 def _other_patient_ids(ds: Dataset) -> str:
-    ids = []
-    for item in ds.get("OtherPatientIDsSequence") or []:
-        entry = {"id": _text(item, "PatientID"), "type": _text(item, "TypeOfPatientID"),
-                 "issuer": _designator(_text(item, "IssuerOfPatientID"),
-                                       _first_item(item, "IssuerOfPatientIDQualifiersSequence"))}
-        ids.append({k: v for k, v in entry.items() if v})
-    return _json(ids)
+    return encode([OtherPatientId(
+        _text(item, "PatientID"), _text(item, "TypeOfPatientID"),
+        _issuer(_text(item, "IssuerOfPatientID"),
+                _first_item(item, "IssuerOfPatientIDQualifiersSequence"))).to_json()
+        for item in ds.get("OtherPatientIDsSequence") or []])
 
 
 def _request_identifiers(ds: Dataset) -> tuple[str, str]:
@@ -110,7 +104,7 @@ def _request_identifiers(ds: Dataset) -> tuple[str, str]:
             value = _text(item, keyword)
             if value and value not in bucket:
                 bucket.append(value)
-    return _json(procedures), _json(orders)
+    return encode(procedures), encode(orders)
 
 
 def read_header(data: bytes) -> InstanceRecord:

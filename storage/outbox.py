@@ -162,7 +162,43 @@ class Outbox:
             (study_uid, Action.CONFIDENTIALITY.value))
         return rows[0][0] if rows else ""
 
-    def update(self, pk: int, **fields: object) -> None:
+    def mark_sent(self, row: Publication, kos_uid: str, replaces_kos_uid: str = "") -> None:
+        """The row's request is about to leave: from now on, a crash or a lost answer means
+        "maybe delivered", and the registry is asked before anything is sent again."""
+        self._set(row.id, state=State.SENT, attempts=row.attempts + 1, kos_uid=kos_uid,
+                  replaces_kos_uid=replaces_kos_uid)
+
+    def acknowledge(self, row: Publication, document_id: str, response: str,
+                    kos_uid: str | None = None) -> None:
+        """The registry holds what the row asked for (``document_id``: its
+        DocumentReference)."""
+        fields: dict[str, object] = {} if kos_uid is None else {"kos_uid": kos_uid}
+        self._set(row.id, state=State.ACKNOWLEDGED, document_id=document_id, response=response,
+                  last_error="", **fields)
+
+    def fail(self, row: Publication, reason: str, response: str) -> None:
+        """Refused for good: the row waits for a person (``retry``)."""
+        self._set(row.id, state=State.FAILED, last_error=reason, response=response)
+
+    def reschedule(self, row: Publication, reason: str, delay: float,
+                   maybe_delivered: bool) -> int:
+        """A transient failure: try again in ``delay`` seconds; the attempts made so far.
+        A row that may have reached the registry stays ``sent`` (looked up before resending)."""
+        attempts = row.attempts + 1
+        state = State.SENT if maybe_delivered or row.state is State.SENT else State.PENDING
+        self._set(row.id, state=state, attempts=attempts, last_error=reason,
+                  next_attempt_at=time.time() + delay)
+        return attempts
+
+    def retry(self, pk: int) -> bool:
+        """Put a failed row back to pending, to send now; False if it is not failed."""
+        row = self.get(pk)
+        if row is None or row.state is not State.FAILED:
+            return False
+        self._set(pk, state=State.PENDING, next_attempt_at=time.time(), attempts=0)
+        return True
+
+    def _set(self, pk: int, **fields: object) -> None:
         """Set columns of a row (``state`` as a State), stamping ``updated_at``."""
         fields = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()}
         fields["updated_at"] = time.time()
@@ -170,14 +206,6 @@ class Outbox:
         with self.index.transaction() as db:
             db.execute(f"UPDATE publications SET {assignments} WHERE pk = ?",
                        [*fields.values(), pk])
-
-    def retry(self, pk: int) -> bool:
-        """Put a failed row back to pending, to send now; False if it is not failed."""
-        row = self.get(pk)
-        if row is None or row.state is not State.FAILED:
-            return False
-        self.update(pk, state=State.PENDING, next_attempt_at=time.time(), attempts=0)
-        return True
 
     def counts(self) -> dict[str, int]:
         """Number of rows per state."""

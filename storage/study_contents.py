@@ -1,9 +1,15 @@
 """Everything the index knows of one study, in the shape a manifest needs: patient, study,
 request identifiers, and every series with its instances."""
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+from storage.identifiers import (
+    Issuer,
+    OtherPatientId,
+    decode_issuer,
+    decode_other_ids,
+    decode_texts,
+)
 from storage.index import Index
 
 
@@ -27,14 +33,14 @@ class StudyContents:
     study_uid: str
     patient_id: str
     issuer_of_patient_id: str
-    other_patient_ids: list[dict]  # {"id", "type", "issuer": {"local", "universal", ...}}
+    other_patient_ids: list[OtherPatientId]
     patient_name: str
     patient_birth_date: str
     patient_sex: str
     study_date: str
     study_time: str
     accession_number: str
-    accession_issuer: dict  # {"local", "universal", "universal_type"} or {}
+    accession_issuer: Issuer
     study_id: str
     study_description: str
     referring_physician: str
@@ -64,7 +70,8 @@ _INSTANCES = """
     FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
     WHERE st.study_uid = ? ORDER BY se.series_number, se.pk, i.instance_number, i.pk
 """
-_JSON_COLUMNS = (3, 10, 14, 15)
+_DECODERS = {"other_patient_ids": decode_other_ids, "accession_issuer": decode_issuer,
+             "requested_procedure_ids": decode_texts, "placer_order_numbers": decode_texts}
 
 
 def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
@@ -72,11 +79,12 @@ def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
     rows = index.fetch(_STUDY, (study_uid,))
     if not rows:
         return None
-    values = [json.loads(v or ("{}" if i == 10 else "[]")) if i in _JSON_COLUMNS else v
-              for i, v in enumerate(rows[0])]
+    names = [f.name for f in fields(StudyContents) if f.name != "series"]
+    values = {name: _DECODERS[name](value) if name in _DECODERS else value
+              for name, value in zip(names, rows[0], strict=True)}
     series: dict[str, SeriesContents] = {}
     for *columns, sop_class, sop_uid in index.fetch(_INSTANCES, (study_uid,)):
         if columns[0] not in series:
             series[columns[0]] = SeriesContents(*columns)
         series[columns[0]].instances.append((sop_class, sop_uid))
-    return StudyContents(*values, series=list(series.values()))
+    return StudyContents(**values, series=list(series.values()))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Settings
+from gateway.config import FLAT_NAMES, Settings
 from tests.processes import REPO
 
 DEFAULT_FILE = REPO / "config" / "passerelle.toml"
@@ -25,6 +25,8 @@ def test_default_file_documents_every_setting_with_its_default(
         monkeypatch: pytest.MonkeyPatch) -> None:
     documented = tomllib.loads(DEFAULT_FILE.read_text())
     assert set(documented) == set(Settings.model_fields)
+    for section, model in Settings.sections.items():
+        assert set(documented[section]) == set(model.model_fields), section
     monkeypatch.setenv("PASSERELLE_CONFIG", str(DEFAULT_FILE))
     from_file = Settings()
     monkeypatch.delenv("PASSERELLE_CONFIG")
@@ -34,18 +36,18 @@ def test_default_file_documents_every_setting_with_its_default(
 def test_secure_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PASSERELLE_CONFIG", str(REPO / "config" / "secure.toml"))
     settings = Settings()
-    assert settings.auth_issuer and settings.dicom_tls and settings.tls_client_ca_file
-    assert settings.certificate_scopes() == {"drimbox-conso.example.fr":
+    assert settings.auth.issuer and settings.dicom.tls and settings.tls.client_ca_file
+    assert settings.auth.certificate_scopes() == {"drimbox-conso.example.fr":
                                              frozenset({"dicomweb.read"})}
 
 
 def test_contract_defaults() -> None:
     settings = Settings()
-    assert (settings.ae_title, settings.dicom_port) == ("PASSERELLE", 11112)
-    assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8080)
-    assert settings.stable_seconds == 60
-    assert settings.public_url == "http://127.0.0.1:8080"
-    assert settings.registry_url == ""
+    assert (settings.dicom.ae_title, settings.dicom.port) == ("PASSERELLE", 11112)
+    assert (settings.http.host, settings.http.port) == ("127.0.0.1", 8080)
+    assert settings.publication.stable_seconds == 60
+    assert settings.http.public_url == "http://127.0.0.1:8080"
+    assert settings.publication.registry_url == ""
 
 
 def test_environment_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,10 +58,54 @@ def test_environment_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PASSERELLE_ALLOWED_CALLING_AETS", "PACS1, CT_ROOM2")
     monkeypatch.setenv("PASSERELLE_PUBLIC_URL", "https://imaging.example.org/")
     settings = Settings()
-    assert settings.ae_title == "FROMFILE"
-    assert settings.dicom_port == 104
-    assert settings.allowed_calling_aets == ["PACS1", "CT_ROOM2"]
-    assert settings.public_url == "https://imaging.example.org"
+    assert settings.dicom.ae_title == "FROMFILE"
+    assert settings.dicom.port == 104
+    assert settings.dicom.allowed_calling_aets == ["PACS1", "CT_ROOM2"]
+    assert settings.http.public_url == "https://imaging.example.org"
+
+
+def test_sections_and_flat_names_in_a_file(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text('http_port = 9000\n[dicom]\nport = 4242\nae_title = "SECTIONED"\n'
+                      '[auth]\nallowed_subjects = ["alice"]\n')
+    monkeypatch.setenv("PASSERELLE_CONFIG", str(config))
+    monkeypatch.setenv("PASSERELLE_AE_TITLE", "FROMENV")
+    settings = Settings()
+    assert (settings.dicom.port, settings.dicom.ae_title) == (4242, "FROMENV")
+    assert settings.http.port == 9000
+    assert settings.http.public_url == "http://127.0.0.1:9000"
+    assert settings.auth.allowed_subjects == ["alice"]
+
+
+def test_every_flat_name_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"str": "1.2.250.1.999.7", "int": "7", "float": "7.5", "bool": "true",
+              "list": "A1, B2"}
+    for flat, (section, field) in FLAT_NAMES.items():
+        if field == "duplicate_policy":
+            monkeypatch.setenv(f"PASSERELLE_{flat.upper()}", "overwrite")
+            continue
+        annotation = Settings.sections[section].model_fields[field].annotation
+        kind = getattr(annotation, "__name__", "str")
+        if kind in values and not field.endswith(("_file", "url", "syslog", "transport")):
+            monkeypatch.setenv(f"PASSERELLE_{flat.upper()}", values[kind])
+    monkeypatch.setenv("PASSERELLE_AUTH_CLIENT_CERTIFICATES", "cn=dicomweb.read")
+    monkeypatch.setenv("PASSERELLE_TLS_CLIENT_CA_FILE", "/ca.pem")
+    monkeypatch.setenv("PASSERELLE_TLS_CERT_FILE", "/c.pem")
+    monkeypatch.setenv("PASSERELLE_TLS_KEY_FILE", "/k.pem")
+    monkeypatch.setenv("PASSERELLE_CONFIDENTIALITY", "R")
+    monkeypatch.setenv("PASSERELLE_MASKING_CODES", "MASQUE_PS")
+    monkeypatch.setenv("PASSERELLE_ORGANIZATION_FINESS", "750712184")
+    monkeypatch.setenv("PASSERELLE_AUTH_ISSUER", "")
+    settings = Settings()
+    assert settings.dicom.port == 7 and settings.dicom.tls is True
+    assert settings.http.max_requests_per_client == 7
+    assert settings.http.head_timeout_seconds == 7.5
+    assert settings.dicom.allowed_calling_aets == ["A1", "B2"]
+    assert settings.ingest.duplicate_policy.value == "overwrite"
+    assert settings.producer.gateway_oid == "1.2.250.1.999.7"
+    assert settings.auth.certificate_scopes() == {"cn": frozenset({"dicomweb.read"})}
+    assert settings.audit.backups == 7 and settings.auth.metrics_require_auth is True
 
 
 @pytest.mark.parametrize("variable, value", [
@@ -76,6 +122,15 @@ def test_invalid_settings_stop_the_command_with_a_message(variable: str, value: 
     assert result.returncode == 2
     assert "invalid configuration" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_invalid_setting_is_named_as_the_operator_writes_it(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PASSERELLE_HTTP_MAX_CONNECTIONS": "0",
+           "PASSERELLE_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "studies"], env=env,
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "http_max_connections (PASSERELLE_HTTP_MAX_CONNECTIONS)" in result.stderr
 
 
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """The ITI-65 bundle built from a stored study: conformant to the PDSm rules the local
-registry checks, valid FHIR (fhir.resources R4B), and shaped like the national example."""
+registry checks, valid FHIR (fhir.resources R4B), with every element the official PDSm
+profiles make mandatory; and a wrong publishing constant is caught by the registry."""
 
 import base64
 import dataclasses
 import hashlib
-import json
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from gateway.config import Settings
+from gateway.publication import mhd
 from gateway.publication.event_codes import DCM, SNOMED, load_event_codes
 from gateway.publication.kos import RetrieveOrigin, build_manifest
 from gateway.publication.mhd import (
@@ -27,14 +29,13 @@ from gateway.publication.publisher import producer_from_settings
 from gateway.registry.validate import check_provide_bundle
 from storage.store import Outcome, Store
 from storage.study_contents import StudyContents, load_study_contents
-from tests.processes import REPO
+from tests.pdsm_profiles import DOCUMENT_REFERENCE, SUBMISSION_SET, has, mandatory
 from tests.synthetic import national_ct_slice, part10
 
-EXAMPLE = REPO.parent / "shared" / "reference" / "pdsm" / "iti65-kos-example.json"
 PRODUCER = producer_from_settings(Settings(
     gateway_oid="1.2.250.1.999.1.1.9", organization_name="CH Exemple",
     organization_finess="999000011", order_issuer_oid="1.2.250.1.999.1.1.3",
-    authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie"))
+    authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie").producer)
 ORIGIN = RetrieveOrigin("https://imagerie.example.org", "PASSERELLE", "1.2.250.1.999.1.1.9")
 
 
@@ -97,22 +98,54 @@ def test_bundle_carries_the_imaging_metadata(store: Store) -> None:
     assert [i["value"] for i in organization["identifier"]] == ["1999000011", "999000011"]
 
 
-def test_bundle_is_shaped_like_the_national_example(store: Store) -> None:
-    ours = _bundle(_stored_study(store))
-    example = json.loads(EXAMPLE.read_text())
-    assert [(e["request"]["method"], e["request"]["url"]) for e in ours["entry"]] == \
-        [(e["request"]["method"], e["request"]["url"]) for e in example["entry"]]
-    optional = {"description", "note"}  # free text the example adds
-    for ours_entry, example_entry in zip(ours["entry"], example["entry"], strict=True):
-        mine, theirs = ours_entry["resource"], example_entry["resource"]
-        assert set(theirs) - optional <= set(mine), mine["resourceType"]
-        for key in ("type", "category", "code", "mode", "status", "contentType"):
-            assert mine.get(key) == theirs.get(key), key
-    doc, national = ours["entry"][1]["resource"], example["entry"][1]["resource"]
-    assert doc["content"][0]["format"] == national["content"][0]["format"]
-    assert set(doc["context"]) >= set(national["context"])
-    assert doc["securityLabel"][0]["coding"][0]["system"] == \
-        national["securityLabel"][0]["coding"][0]["system"]
+def test_bundle_has_every_element_the_pdsm_profiles_make_mandatory(store: Store) -> None:
+    bundle = _bundle(_stored_study(store))
+    resources = {entry["resource"]["resourceType"]: entry["resource"] for entry in bundle["entry"]}
+    for resource_type, profile in (("List", SUBMISSION_SET),
+                                   ("DocumentReference", DOCUMENT_REFERENCE)):
+        missing = [path for path, url in mandatory(profile).items()
+                   if not has(resources[resource_type], path, url)]
+        assert missing == [], resource_type
+
+
+def _set_item(constant: str, key: str, value: object) -> Callable[[pytest.MonkeyPatch], None]:
+    """Change one entry of a dict constant of gateway.publication.mhd in place, so that any
+    module holding the same dict (as the registry's validator once did) sees the change."""
+    return lambda monkeypatch: monkeypatch.setitem(getattr(mhd, constant), key, value)
+
+
+def _set(constant: str, value: object) -> Callable[[pytest.MonkeyPatch], None]:
+    return lambda monkeypatch: monkeypatch.setattr(mhd, constant, value)
+
+
+WRONG_CONSTANTS = {
+    # deprecated in TRE_A09 since 2017
+    "format": (_set_item("FORMAT", "code", "urn:ihe:rad:1.2.840.10008.5.1.4.1.1.88.59"),
+               "Bundle.entry[1].resource.content[0].format"),
+    # LOINC's imaging report, not the KOS
+    "type": (_set_item("TYPE", "code", "18748-4"), "Bundle.entry[1].resource.type"),
+    # TRE_A03 11 "Synthèse"
+    "category": (_set_item("CATEGORY", "code", "11"), "Bundle.entry[1].resource.category"),
+    "study uid type": (_set_item("REFERENCE_ID_TYPES", "study",
+                                 "urn:ihe:iti:xds:2013:studyInstanceUID"),
+                       "Bundle.entry[1].resource.context.related"),
+    # the misspelt TRE_A07 canonical of the official PDSm examples
+    "confidentiality system": (_set("CONFIDENTIALITY_SYSTEMS", (
+        f"{mhd.NOS}TRE_A07-StatusVisibiliteDocument/FHIR/TRE-A07-StatusVisibiliteDocument",)),
+        "Bundle.entry[1].resource.securityLabel"),
+    "profile base": (_set("PDSM", "https://interop.esante.gouv.fr/ig/fhir/pdsm/"),
+                     "Bundle.meta.profile"),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_CONSTANTS)
+def test_a_wrong_publishing_constant_is_refused_by_the_registry(
+        store: Store, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    change, where = WRONG_CONSTANTS[name]
+    change(monkeypatch)
+    bundle = _bundle(_stored_study(store))
+    assert where in {issue.expression for issue in check_provide_bundle(bundle)
+                     if issue.severity == "error"}
 
 
 def test_a_replacement_supersedes_the_previous_document(store: Store) -> None:

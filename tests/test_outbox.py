@@ -65,16 +65,39 @@ def test_states_retry_and_counts(store: Store) -> None:
     _receive(store, study, 1)
     outbox = Outbox(store.index)
     row = outbox.queue(study, Action.PUBLISH)
-    outbox.update(row.id, state=State.FAILED, last_error="400: missing patient")
+    outbox.fail(row, "400: missing patient", "{}")
     assert outbox.due() == []
     assert outbox.counts()["failed"] == 1
     assert outbox.listing((State.FAILED,))[0].last_error == "400: missing patient"
     assert outbox.retry(row.id)
     assert not outbox.retry(row.id)  # pending now, nothing to retry
-    outbox.update(row.id, state=State.ACKNOWLEDGED, document_id="DocumentReference/7")
-    assert outbox.published_document(study).document_id == "DocumentReference/7"
+    outbox.acknowledge(outbox.get(row.id), "DocumentReference/7", "{}", kos_uid="1.2.3.4")
+    published = outbox.published_document(study)
+    assert (published.document_id, published.kos_uid) == ("DocumentReference/7", "1.2.3.4")
     with pytest.raises(LookupError):
         outbox.queue("1.2.3.999", Action.UNPUBLISH)
+
+
+def test_transitions_of_an_attempt(store: Store) -> None:
+    study = generate_uid()
+    _receive(store, study, 1)
+    outbox = Outbox(store.index)
+    queued = outbox.queue(study, Action.PUBLISH)
+    # refused connection: never left, stays pending, due again after the delay
+    assert outbox.reschedule(queued, "refused", 60, maybe_delivered=False) == 1
+    row = outbox.get(queued.id)
+    assert (row.state, row.attempts, row.last_error) == (State.PENDING, 1, "refused")
+    assert outbox.due() == [] and outbox.due(now=time.time() + 61) == [row]
+    # on the wire, then a timeout: stays sent, so it is looked up before being sent again
+    outbox.mark_sent(row, "1.2.3.4", replaces_kos_uid="1.2.3.3")
+    sent = outbox.get(row.id)
+    assert (sent.state, sent.attempts, sent.kos_uid, sent.replaces_kos_uid) == (
+        State.SENT, 2, "1.2.3.4", "1.2.3.3")
+    assert outbox.reschedule(sent, "timeout", 0, maybe_delivered=False) == 3
+    assert outbox.get(row.id).state is State.SENT
+    outbox.acknowledge(outbox.get(row.id), "DocumentReference/9", "{}")
+    done = outbox.get(row.id)
+    assert (done.state, done.kos_uid, done.last_error) == (State.ACKNOWLEDGED, "1.2.3.4", "")
 
 
 def test_service_queues_a_stable_study(tmp_path: Path) -> None:

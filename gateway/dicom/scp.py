@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
-from gateway.config import Settings
+from gateway.config import DicomSettings
 from gateway.dicom.server import GuardedAssociationServer, pdu_limit
 from gateway.dicom.statuses import SUCCESS, failure_status
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
@@ -54,7 +54,7 @@ def storage_sop_classes() -> list[str]:
 class DicomService:
     """The C-ECHO / C-STORE SCP, run in background threads."""
 
-    def __init__(self, settings: Settings, store: Store, audit: AuditTrail,
+    def __init__(self, settings: DicomSettings, store: Store, audit: AuditTrail,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -95,7 +95,7 @@ class DicomService:
 
     def start(self) -> None:
         """Bind and start accepting associations in a background thread."""
-        address = (self.settings.dicom_host, self.settings.dicom_port)
+        address = (self.settings.host, self.settings.port)
         self._server = self.ae.make_server(
             address, evt_handlers=self._handlers, ssl_context=self.ssl_context,
             server_class=GuardedAssociationServer,

@@ -5,13 +5,15 @@ it: every instance of the study in the evidence sequence, with where to retrieve
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from gateway.urls import dicomweb_root, retrieve_url
+from storage.identifiers import Issuer
 from storage.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from storage.study_contents import StudyContents
 from storage.uids import uid_from_digest
@@ -55,16 +57,16 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _issuer(designator: dict) -> Sequence:
+def _issuer(issuer: Issuer) -> Sequence:
     """An HL7 v2 HD issuer as an Issuer of ... Sequence (PS3.3 10.14), or an empty one."""
-    if not designator:
+    if not issuer:
         return Sequence()
     item = Dataset()
-    if designator.get("local"):
-        item.LocalNamespaceEntityID = designator["local"]
-    if designator.get("universal"):
-        item.UniversalEntityID = designator["universal"]
-        item.UniversalEntityIDType = designator.get("universal_type") or "ISO"
+    if issuer.local:
+        item.LocalNamespaceEntityID = issuer.local
+    if issuer.universal:
+        item.UniversalEntityID = issuer.universal
+        item.UniversalEntityIDType = issuer.universal_type or "ISO"
     return Sequence([item])
 
 
@@ -78,14 +80,13 @@ def _patient(ds: Dataset, study: StudyContents) -> None:
     others = []
     for entry in study.other_patient_ids:  # the INS travels here (issuer 1.2.250.1.213.1.4.8)
         item = Dataset()
-        item.PatientID = entry.get("id", "")
-        item.TypeOfPatientID = entry.get("type") or "TEXT"
-        issuer = entry.get("issuer", {})
-        if issuer.get("local"):
-            item.IssuerOfPatientID = issuer["local"]
-        if issuer.get("universal"):
+        item.PatientID = entry.id
+        item.TypeOfPatientID = entry.type or "TEXT"
+        if entry.issuer.local:
+            item.IssuerOfPatientID = entry.issuer.local
+        if entry.issuer.universal:
             item.IssuerOfPatientIDQualifiersSequence = _issuer(
-                {"universal": issuer["universal"], "universal_type": issuer.get("universal_type")})
+                replace(entry.issuer, local=""))
         others.append(item)
     if others:
         ds.OtherPatientIDsSequence = Sequence(others)
@@ -131,8 +132,8 @@ def _evidence(study: StudyContents, origin: RetrieveOrigin) -> Sequence:
     for series in study.series:
         item = Dataset()
         item.SeriesInstanceUID = series.series_uid
-        item.RetrieveURL = (f"{origin.public_url.rstrip('/')}/dicom-web/studies/"
-                            f"{study.study_uid}/series/{series.series_uid}")
+        item.RetrieveURL = retrieve_url(dicomweb_root(origin.public_url), study.study_uid,
+                                        series.series_uid)
         item.RetrieveLocationUID = origin.location_uid
         item.RetrieveAETitle = origin.ae_title
         item.ReferencedSOPSequence = Sequence(

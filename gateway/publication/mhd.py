@@ -16,7 +16,7 @@ from datetime import datetime
 from gateway.publication.event_codes import EventCode
 from gateway.publication.kos import Manifest
 from storage.study_contents import StudyContents
-from storage.uids import uid_from_digest
+from storage.uids import is_oid, uid_from_digest
 
 PDSM = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/"
 MHD = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/"
@@ -45,7 +45,6 @@ CONFIDENTIALITY_CODES = ("N", "R", "V")
 MASKING_CODES = ("MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REPRESENTANTS_LEGAUX",
                  "MASQUE_PSOCIAL", "MASQUE_PT")
 TITLE = "Reference d'objets d'un examen d'imagerie"
-_OID = re.compile(r"[0-9]+(\.[0-9]+)+")
 _GENDERS = {"M": "male", "F": "female", "O": "other"}
 
 
@@ -163,17 +162,16 @@ def _timestamp(epoch: float) -> str:
 
 def _oid(value: str) -> str:
     value = value.strip().removeprefix("urn:oid:")
-    return value if _OID.fullmatch(value) else ""
+    return value if is_oid(value) else ""
 
 
 def _patient_identifiers(study: StudyContents, producer: Producer) -> tuple[dict | None, dict]:
     """(INS identifier or None, local identifier {} when its issuer is unknown)."""
     ins = None
     for other in study.other_patient_ids:
-        issuer = other.get("issuer", {})
-        oid = _oid(issuer.get("universal", "")) or _oid(issuer.get("local", ""))
-        if oid in INS_TYPES and other.get("id") and ins is None:
-            ins = _identifier(f"urn:oid:{oid}", other["id"], INS_TYPES[oid])
+        oid = _oid(other.issuer.universal) or _oid(other.issuer.local)
+        if oid in INS_TYPES and other.id and ins is None:
+            ins = _identifier(f"urn:oid:{oid}", other.id, INS_TYPES[oid])
     issuer = _oid(study.issuer_of_patient_id) or producer.patient_id_issuer_oid
     local = _identifier(f"urn:oid:{issuer}", study.patient_id, "PI", use="usual",
                         code_system="http://terminology.hl7.org/CodeSystem/v2-0203") \
@@ -250,7 +248,7 @@ def _related(study: StudyContents, producer: Producer) -> list[dict]:
     related = []
     if study.accession_number:
         issuer = study.accession_issuer
-        oid = _oid(issuer.get("universal", "")) or _oid(issuer.get("local", "")) \
+        oid = _oid(issuer.universal) or _oid(issuer.local) \
             or producer.accession_issuer_oid
         related.append(entry("accession", study.accession_number, oid))
     related.append(entry("study", study.study_uid, ""))

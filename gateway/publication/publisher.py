@@ -8,10 +8,9 @@ uniqueId (ITI-67) and only sent again when the registry does not have it.
 
 import json
 import logging
-import time
 from urllib.parse import urlsplit
 
-from gateway.config import Settings
+from gateway.config import ProducerSettings, PublicationSettings
 from gateway.metrics import PUBLICATION_ATTEMPTS, UNMAPPED_EVENT_CODES
 from gateway.publication.event_codes import EventCodeTable
 from gateway.publication.kos import Manifest, RetrieveOrigin, build_manifest
@@ -43,29 +42,28 @@ class _RefusedError(Exception):
         self.body = body
 
 
-def producer_from_settings(settings: Settings) -> Producer:
+def producer_from_settings(settings: ProducerSettings) -> Producer:
     """The institution-level metadata of the settings."""
-    return Producer(**{name: getattr(settings, name) for name in Producer.__dataclass_fields__})
+    return Producer(**settings.model_dump(include=set(Producer.__dataclass_fields__)))
 
 
 class Publisher(PeriodicWorker):
     """A thread working through the outbox of ``store`` until stopped."""
 
-    def __init__(self, store: Store, settings: Settings, client: RegistryClient,
-                 event_codes: EventCodeTable, audit: AuditTrail, interval: float = 1.0) -> None:
+    def __init__(self, store: Store, client: RegistryClient, event_codes: EventCodeTable,
+                 audit: AuditTrail, producer: ProducerSettings, origin: RetrieveOrigin,
+                 publication: PublicationSettings, interval: float = 1.0) -> None:
         super().__init__("publisher", interval)
         self.store = store
         self.audit = audit
         self.outbox = Outbox(store.index)
         self.client = client
-        self.producer = producer_from_settings(settings)
-        self.origin = RetrieveOrigin(settings.public_url, settings.ae_title,
-                                     settings.gateway_oid, settings.organization_name)
+        self.producer = producer_from_settings(producer)
+        self.origin = origin
         self.event_codes = event_codes
-        self.default_confidentiality = Confidentiality(settings.confidentiality,
-                                                       tuple(settings.masking_codes))
-        self.retry_seconds = settings.publish_retry_seconds
-        self.retry_max_seconds = settings.publish_retry_max_seconds
+        self.default_confidentiality = producer.default_confidentiality()
+        self.retry_seconds = publication.publish_retry_seconds
+        self.retry_max_seconds = publication.publish_retry_max_seconds
 
     def stop(self) -> None:
         """Stop after the row in progress."""
@@ -122,9 +120,7 @@ class Publisher(PeriodicWorker):
                 replaces=previous.document_id if previous else "")
         except MetadataError as exc:
             raise _RefusedError(str(exc)) from exc
-        self.outbox.update(row.id, state=State.SENT, attempts=row.attempts + 1,
-                           kos_uid=manifest.sop_uid,
-                           replaces_kos_uid=previous.kos_uid if previous else "")
+        self.outbox.mark_sent(row, manifest.sop_uid, previous.kos_uid if previous else "")
         try:
             response = self.client.provide(bundle)
         except RejectedError as exc:
@@ -157,8 +153,7 @@ class Publisher(PeriodicWorker):
         previous = self.outbox.published_document(row.study_uid)
         if previous is None:
             raise _RefusedError(f"study {row.study_uid} has no published manifest to withdraw")
-        self.outbox.update(row.id, state=State.SENT, attempts=row.attempts + 1,
-                           kos_uid=previous.kos_uid)
+        self.outbox.mark_sent(row, previous.kos_uid)
         # Withdrawal = status superseded: MHD allows no other (NOTES 10.2).
         response = self.client.patch(previous.document_id, status_patch("superseded"))
         self._acknowledge(row, previous.document_id, json.dumps(response),
@@ -169,23 +164,22 @@ class Publisher(PeriodicWorker):
         if previous is None:
             self._acknowledge(row, "", "nothing published yet: applies to the next publication")
             return
-        self.outbox.update(row.id, state=State.SENT, attempts=row.attempts + 1,
-                           kos_uid=previous.kos_uid)
+        self.outbox.mark_sent(row, previous.kos_uid)
         response = self.client.patch(previous.document_id,
                                      security_label_patch(self._confidentiality(row.study_uid)))
         self._acknowledge(row, previous.document_id, json.dumps(response),
                           kos_uid=previous.kos_uid)
 
-    def _acknowledge(self, row: Publication, document: str, response: str, **fields: str) -> None:
-        self.outbox.update(row.id, state=State.ACKNOWLEDGED, document_id=document,
-                           response=response, last_error="", **fields)
+    def _acknowledge(self, row: Publication, document: str, response: str,
+                     kos_uid: str | None = None) -> None:
+        self.outbox.acknowledge(row, document, response, kos_uid)
         PUBLICATION_ATTEMPTS.labels(row.action.value, "acknowledged").inc()
         self._audit(row, AuditOutcome.SUCCESS, f"{row.action} acknowledged: {document}")
         log.info("publication %d (%s of study %s) acknowledged: %s", row.id, row.action,
                  row.study_uid, document or response)
 
     def _fail(self, row: Publication, reason: str, body: str) -> None:
-        self.outbox.update(row.id, state=State.FAILED, last_error=reason, response=body)
+        self.outbox.fail(row, reason, body)
         PUBLICATION_ATTEMPTS.labels(row.action.value, "rejected").inc()
         self._audit(row, AuditOutcome.MINOR_FAILURE, f"{row.action} refused: {reason}")
         log.error("publication %d (%s of study %s) failed: %s; fix, then "
@@ -199,12 +193,8 @@ class Publisher(PeriodicWorker):
                                      row.study_uid, detail))
 
     def _retry(self, row: Publication, reason: str, maybe_delivered: bool) -> None:
-        attempts = row.attempts + 1
-        delay = min(self.retry_seconds * 2 ** (attempts - 1), self.retry_max_seconds)
-        # A row that may have reached the registry stays `sent`: looked up before resending.
-        state = State.SENT if maybe_delivered or row.state is State.SENT else State.PENDING
-        self.outbox.update(row.id, state=state, attempts=attempts, last_error=reason,
-                           next_attempt_at=time.time() + delay)
+        delay = min(self.retry_seconds * 2 ** row.attempts, self.retry_max_seconds)
+        attempts = self.outbox.reschedule(row, reason, delay, maybe_delivered)
         PUBLICATION_ATTEMPTS.labels(row.action.value, "retry").inc()
         log.warning("publication %d (%s of study %s): %s; attempt %d, next in %.0f s", row.id,
                     row.action, row.study_uid, reason, attempts, delay)

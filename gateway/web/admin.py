@@ -7,9 +7,11 @@ from dataclasses import asdict
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from gateway.publication.mhd import Confidentiality
+from gateway.web.http.errors import ADMIN_PATH, error_response
+from gateway.web.services import services_of
 from storage.outbox import Action, Outbox
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
@@ -23,8 +25,8 @@ class BodyTooLargeError(ValueError):
     """A request body over the limit of this endpoint (HTTP 413)."""
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str) -> Response:
+    return error_response(ADMIN_PATH, status, message)
 
 
 async def _small_body(request: Request) -> bytes:
@@ -54,11 +56,11 @@ async def queue_study_action(request: Request) -> JSONResponse:
             return _error(400, "JSON nested too deeply")
         except (ValueError, TypeError, AttributeError) as exc:
             return _error(400, f"expected {{\"level\": \"N|R|V\", \"masking\": [codes]}}: {exc}")
-    outbox: Outbox = request.app.state.outbox
+    outbox: Outbox = services_of(request).outbox
     try:
         row = await run_in_threadpool(outbox.queue, request.path_params["study"], action,
                                       payload)
     except LookupError as exc:
         return _error(404, str(exc))
-    request.app.state.wake_publisher()
+    services_of(request).wake_publisher()
     return JSONResponse(asdict(row), status_code=202)

@@ -1,20 +1,16 @@
 """HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, health and
 metrics."""
 
-from collections.abc import Callable
-
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from gateway.config import Settings
-from gateway.imaging.deidentify import load_or_create_key
-from gateway.imaging.render_cache import RenderCache
-from gateway.security.audit import AuditTrail
+from gateway.config import AuthSettings, HttpSettings
 from gateway.web.admin import queue_study_action
 from gateway.web.dicomweb.frames import bulkdata, frames
 from gateway.web.dicomweb.metadata import metadata
@@ -23,26 +19,24 @@ from gateway.web.dicomweb.rendered import rendered, thumbnail
 from gateway.web.dicomweb.stow import store_instances
 from gateway.web.dicomweb.wado import retrieve
 from gateway.web.dicomweb.wado_uri import wado_uri
+from gateway.web.http.errors import http_exception, internal_error
 from gateway.web.middleware.access_audit import AccessAuditMiddleware
 from gateway.web.middleware.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.middleware.client_limit import ClientLimitMiddleware
 from gateway.web.middleware.manifest_scope import ManifestAccess, ManifestScopeMiddleware
-from storage.outbox import Outbox
-from storage.store import Store
+from gateway.web.services import Services
 
 _RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
                "/studies/{study}/series/{series}/instances/{instance}",
                "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}")
 
 
-def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], bool],
-               audit: AuditTrail, wake_publisher: Callable[[], None] = lambda: None
-               ) -> Starlette:
-    """The HTTP application; ``dicom_serving`` tells whether the DICOM listener is up,
-    ``wake_publisher`` is called when an admin request queued something to send."""
+def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> Starlette:
+    """The HTTP application over ``services``, with the limits of ``http`` and the access
+    control of ``auth``."""
 
     async def health(request: Request) -> JSONResponse:
-        dicom_up = dicom_serving()
+        dicom_up = services.dicom_serving()
         body = {"status": "ok" if dicom_up else "unavailable", "dicom": dicom_up, "http": True}
         return JSONResponse(body, status_code=200 if dicom_up else 503)
 
@@ -74,41 +68,34 @@ def create_app(store: Store, settings: Settings, dicom_serving: Callable[[], boo
         Route("/studies/{study}/series/{series}/instances/{instance}/metadata", metadata,
               methods=["GET"]),
     ]
-    middleware = [Middleware(ClientLimitMiddleware, limit=settings.http_max_requests_per_client),
-                  Middleware(AccessAuditMiddleware, trail=audit)]
-    if settings.cors_allow_origins:
+    middleware = [Middleware(ClientLimitMiddleware, limit=http.max_requests_per_client),
+                  Middleware(AccessAuditMiddleware, trail=services.audit)]
+    if http.cors_allow_origins:
         middleware.append(Middleware(
-            CORSMiddleware, allow_origins=settings.cors_allow_origins,
+            CORSMiddleware, allow_origins=http.cors_allow_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Accept", "Authorization", "Content-Type", "If-None-Match",
                            "KOS-SOPInstanceUID"],
             expose_headers=["Content-Type", "Content-Length", "ETag", "Warning",
                             "WWW-Authenticate"],
             max_age=3600))
-    if settings.auth_issuer or settings.auth_client_certificates:
+    if auth.enabled:
         middleware.append(Middleware(
             AuthMiddleware,
-            verifier=TokenVerifier(settings.auth_issuer, settings.auth_jwks_url,
-                                   settings.auth_audience, settings.auth_leeway_seconds)
-            if settings.auth_issuer else None,
-            rights=Rights(settings.auth_read_scope, settings.auth_write_scope,
-                          settings.auth_admin_scope, frozenset(settings.auth_allowed_subjects),
-                          settings.metrics_require_auth, settings.certificate_scopes())))
-    middleware.append(Middleware(ManifestScopeMiddleware, access=ManifestAccess(store),
-                                 required=settings.require_kos_reference))
+            verifier=TokenVerifier(auth.issuer, auth.jwks_url, auth.audience,
+                                   auth.leeway_seconds) if auth.issuer else None,
+            rights=Rights(auth.read_scope, auth.write_scope, auth.admin_scope,
+                          frozenset(auth.allowed_subjects), auth.metrics_require_auth,
+                          auth.certificate_scopes())))
+    middleware.append(Middleware(ManifestScopeMiddleware, access=ManifestAccess(services.store),
+                                 required=auth.require_kos_reference))
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/wado", wado_uri, methods=["GET"]),
         Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
         Mount("/dicom-web", routes=dicomweb),
-    ], middleware=middleware)
-    app.state.store = store
-    app.state.public_url = settings.public_url
-    app.state.max_instance_bytes = settings.max_instance_bytes
-    app.state.render_cache = RenderCache(settings.data_dir / "cache" / "rendered",
-                                         settings.render_cache_bytes)
-    app.state.deidentify_key = load_or_create_key(settings.data_dir)
-    app.state.outbox = Outbox(store.index)
-    app.state.wake_publisher = wake_publisher
+    ], middleware=middleware,
+        exception_handlers={HTTPException: http_exception, Exception: internal_error})
+    app.state.services = services
     return app

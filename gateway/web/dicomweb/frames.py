@@ -18,6 +18,7 @@ from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error
+from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
 
@@ -119,13 +120,13 @@ def _multipart(parts: list[bytes], content_type: str) -> Response:
 
 async def _instance(request: Request) -> StoredInstance | None:
     params = request.path_params
-    found = await run_in_threadpool(request.app.state.store.index.instances, params["study"],
+    found = await run_in_threadpool(services_of(request).store.index.instances, params["study"],
                                     params["series"], params["instance"])
     return found[0] if found else None
 
 
 async def _frames_response(request: Request, numbers: list[int] | None) -> Response:
-    store: Store = request.app.state.store
+    store: Store = services_of(request).store
     instance = await _instance(request)
     if instance is None:
         return error(404, "no such instance")
@@ -168,7 +169,7 @@ async def bulkdata(request: Request) -> Response:
         return error(400, "bulk data tag must be 8 hexadecimal digits, e.g. 7FE00010")
     if tag == PIXEL_DATA:
         return await _frames_response(request, None)
-    store: Store = request.app.state.store
+    store: Store = services_of(request).store
     instance = await _instance(request)
     if instance is None:
         return error(404, "no such instance")

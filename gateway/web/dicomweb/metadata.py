@@ -9,8 +9,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids, level_name
 from gateway.web.http.responses import error, json_bytes_response
+from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
 
@@ -18,12 +20,6 @@ from storage.store import Store
 BULK_DATA_THRESHOLD = 1024
 # Stands for the /dicom-web root URL in cached JSON.
 _BASE_TOKEN = "urn:passerelle:dicomweb-root"
-
-
-def instance_url(base: str, instance: StoredInstance) -> str:
-    """The WADO-RS URL of an instance under ``base`` (the /dicom-web root)."""
-    return (f"{base}/studies/{instance.study_uid}/series/{instance.series_uid}"
-            f"/instances/{instance.sop_uid}")
 
 
 def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
@@ -44,7 +40,8 @@ def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
 def _missing_json(store: Store, missing: list[StoredInstance]) -> dict[str, str]:
     """Compute and cache the JSON text of instances not cached yet."""
     texts = {i.sop_uid: json.dumps(
-        instance_json(store.blobs.absolute(i.path), instance_url(_BASE_TOKEN, i),
+        instance_json(store.blobs.absolute(i.path),
+                      retrieve_url(_BASE_TOKEN, i.study_uid, i.series_uid, i.sop_uid),
                       i.frames is not None), ensure_ascii=False, separators=(",", ":"))
         for i in missing}
     store.index.cache_metadata(list(texts.items()))
@@ -57,7 +54,7 @@ async def metadata(request: Request) -> Response:
     Each instance's JSON is computed once, from its header, and cached in the index with a
     placeholder for the base URL (which comes from the settings at response time).
     """
-    store: Store = request.app.state.store
+    store: Store = services_of(request).store
     if problem := check_uids(request):
         return problem
     params = request.path_params
@@ -68,5 +65,5 @@ async def metadata(request: Request) -> Response:
     missing = [instance for instance, text in rows if text is None]
     computed = await run_in_threadpool(_missing_json, store, missing) if missing else {}
     body = "[" + ",".join(text or computed[instance.sop_uid] for instance, text in rows) + "]"
-    base = request.app.state.public_url + "/dicom-web"
+    base = services_of(request).dicomweb_root
     return json_bytes_response(request, body.replace(f'"{_BASE_TOKEN}/', f'"{base}/').encode())

@@ -5,8 +5,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.responses import error, json_response
+from gateway.web.services import services_of
 from storage.search import ATTRIBUTES, Level, Match, QueryError
 from storage.store import Store
 
@@ -111,11 +113,9 @@ def dicom_json(row: dict[str, object], level: Level, dicomweb_root: str) -> dict
     """One result as a DICOM JSON object, with its RetrieveURL (0008,1190)."""
     result = {f"{tag_for_keyword(k):08X}": _json_value(ATTRIBUTES[k].vr, v)
               for k, v in row.items()}
-    url = f"{dicomweb_root}/studies/{row['StudyInstanceUID']}"
-    if level >= Level.SERIES:
-        url += f"/series/{row['SeriesInstanceUID']}"
-    if level is Level.INSTANCE:
-        url += f"/instances/{row['SOPInstanceUID']}"
+    url = retrieve_url(dicomweb_root, str(row["StudyInstanceUID"]),
+                       str(row["SeriesInstanceUID"]) if level >= Level.SERIES else "",
+                       str(row["SOPInstanceUID"]) if level is Level.INSTANCE else "")
     result["00081190"] = {"vr": "UR", "Value": [url]}
     return dict(sorted(result.items()))
 
@@ -132,12 +132,12 @@ async def _search(request: Request, level: Level) -> Response:
         for needed in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             if ATTRIBUTES[needed].level <= level and needed not in returned:
                 returned.append(needed)
-        store: Store = request.app.state.store
+        store: Store = services_of(request).store
         rows = await run_in_threadpool(store.index.search, level, matches, returned, fuzzy,
                                        limit, offset)
     except (BadQueryError, QueryError) as exc:
         return error(400, str(exc))
-    root = request.app.state.public_url + "/dicom-web"
+    root = services_of(request).dicomweb_root
     # 200 with an empty array when nothing matches (CP-2473, RFC 9110 15.3.5).
     return json_response(request, [dicom_json(row, level, root) for row in rows])
 

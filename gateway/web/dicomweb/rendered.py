@@ -22,6 +22,7 @@ from gateway.web.dicomweb.wado import check_uids, level_name
 from gateway.web.http.accept import BadAcceptError
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import entity_tag, error, not_modified
+from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
 
@@ -34,8 +35,8 @@ _RENDER_LIMITER = CapacityLimiter(max(2, os.cpu_count() or 2))
 async def render_image(request: Request, instance: StoredInstance,
                        params: RenderParams) -> bytes:
     """One rendered frame, from the cache or rendered once off the event loop."""
-    store: Store = request.app.state.store
-    cache: RenderCache = request.app.state.render_cache
+    store: Store = services_of(request).store
+    cache: RenderCache = services_of(request).render_cache
     path = store.blobs.absolute(instance.path)
 
     async def produce() -> bytes:
@@ -85,7 +86,7 @@ async def _images(request: Request) -> list[StoredInstance] | Response:
     if problem := check_uids(request):
         return problem
     path = request.path_params
-    found = await run_in_threadpool(request.app.state.store.index.instances, path["study"],
+    found = await run_in_threadpool(services_of(request).store.index.instances, path["study"],
                                     path.get("series"), path.get("instance"))
     if not found:
         return error(404, f"no such {level_name(path)}")

@@ -13,10 +13,12 @@ from starlette.responses import Response
 
 from gateway import metrics
 from gateway.dicom.statuses import failure_status
+from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.accept import parse_media_type
 from gateway.web.http.multipart import MultipartError, PartTooLargeError, iter_parts
 from gateway.web.http.responses import error, json_response
+from gateway.web.services import services_of
 from storage.store import IngestResult, Store
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ async def store_instances(request: Request) -> Response:
         boundary = None
     if boundary is None:
         return error(415, 'send multipart/related; type="application/dicom"; boundary=...')
-    store: Store = request.app.state.store
+    store: Store = services_of(request).store
+    root = services_of(request).dicomweb_root
     expected = {"StudyInstanceUID": request.path_params["study"]} \
         if "study" in request.path_params else None
     source = f"STOW-RS {request.client.host if request.client else '?'}"
@@ -58,7 +61,7 @@ async def store_instances(request: Request) -> Response:
     study_uids: set[str] = set()
     try:
         async for headers, content in iter_parts(request.stream(), boundary,
-                                                 request.app.state.max_instance_bytes):
+                                                 services_of(request).max_instance_bytes):
             part_type = headers.get("content-type", DICOM).split(";")[0].strip().lower()
             if part_type != DICOM:
                 failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
@@ -71,9 +74,8 @@ async def store_instances(request: Request) -> Response:
                     "00081155": _uid(record.sop_uid if record else "")}
             if result.accepted and record:
                 study_uids.add(record.study_uid)
-                item["00081190"] = {"vr": "UR", "Value": [
-                    f"{request.app.state.public_url}/dicom-web/studies/{record.study_uid}"
-                    f"/series/{record.series_uid}/instances/{record.sop_uid}"]}
+                item["00081190"] = {"vr": "UR", "Value": [retrieve_url(
+                    root, record.study_uid, record.series_uid, record.sop_uid)]}
                 stored.append(item)
             else:
                 log.warning("STOW-RS part from %s refused (%s): %s", source, result.reason,
@@ -87,7 +89,7 @@ async def store_instances(request: Request) -> Response:
     except MultipartError as exc:
         if not stored:
             if isinstance(exc, PartTooLargeError):
-                limit = request.app.state.max_instance_bytes
+                limit = services_of(request).max_instance_bytes
                 return error(413, f"a part is larger than the {limit} bytes accepted"
                                   f" (max_instance_bytes): {exc}")
             return error(400, f"malformed multipart body: {exc}")
@@ -97,8 +99,7 @@ async def store_instances(request: Request) -> Response:
         return error(400, "the body holds no instance")
     body: dict[str, object] = {}
     if len(study_uids) == 1:
-        body["00081190"] = {"vr": "UR", "Value": [
-            f"{request.app.state.public_url}/dicom-web/studies/{study_uids.pop()}"]}
+        body["00081190"] = {"vr": "UR", "Value": [retrieve_url(root, study_uids.pop())]}
     if failed:
         body["00081198"] = {"vr": "SQ", "Value": failed}
     if stored:

@@ -13,6 +13,7 @@ from gateway.imaging.transcode import choose_syntax, transcode
 from gateway.web.http.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import entity_tag, error, not_modified
+from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
 from storage.uids import is_valid_uid
@@ -66,7 +67,7 @@ def _transcoded(path: Path, syntax: str) -> bytes:
 async def retrieve(request: Request) -> Response:
     """GET /studies/{study}[/series/{series}[/instances/{instance}]]: the instances as
     multipart/related application/dicom parts, in a negotiated transfer syntax."""
-    store: Store = request.app.state.store
+    store: Store = services_of(request).store
     if problem := check_uids(request):
         return problem
     try:

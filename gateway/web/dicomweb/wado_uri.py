@@ -10,6 +10,7 @@ from gateway.imaging.transcode import choose_syntax, transcode
 from gateway.web.dicomweb.render_params import BadRenderRequestError, uri_params
 from gateway.web.dicomweb.rendered import respond
 from gateway.web.http.responses import error
+from gateway.web.services import services_of
 from storage.store import Store
 
 
@@ -24,7 +25,7 @@ async def wado_uri(request: Request) -> Response:
             raise BadRenderRequestError("anonymize=yes applies to contentType=application/dicom")
     except ValueError as exc:
         return error(400, str(exc))
-    store: Store = request.app.state.store
+    store: Store = services_of(request).store
     found = await run_in_threadpool(store.index.instances, uids["studyUID"], uids["seriesUID"],
                                     uids["objectUID"])
     if not found:
@@ -45,7 +46,7 @@ async def wado_uri(request: Request) -> Response:
         if syntax != instance.transfer_syntax:
             data = await run_in_threadpool(transcode, data, syntax)
         if anonymize == "yes":
-            data = await run_in_threadpool(deidentify, data, request.app.state.deidentify_key)
+            data = await run_in_threadpool(deidentify, data, services_of(request).deidentify_key)
     except Exception as exc:  # decoder or de-identification failure on one object
         return error(422, f"cannot prepare this object: {exc}")
     return Response(data, media_type="application/dicom")

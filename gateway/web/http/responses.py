@@ -5,15 +5,17 @@ import hashlib
 import json
 
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
+
+from gateway.web.http.errors import error_response
 
 DICOM_JSON = "application/dicom+json"
 _GZIP_MIN_SIZE = 1024
 
 
 def error(status: int, message: str) -> Response:
-    """A plain-text error the client can read."""
-    return PlainTextResponse(message + "\n", status_code=status)
+    """A DICOMweb error the client can read (``gateway.web.http.errors``)."""
+    return error_response("", status, message)
 
 
 def json_response(request: Request, payload: object) -> Response:

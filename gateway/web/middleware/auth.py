@@ -10,11 +10,12 @@ import logging
 from dataclasses import dataclass, field
 
 import anyio.to_thread
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.metrics import AUTH_FAILURES
 from gateway.security.tokens import AuthError, TokenVerifier, subject_of
+from gateway.web.http.errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class AuthMiddleware:
                             "scope")
 
     @staticmethod
-    def _refuse(scope: Scope, exc: AuthError, needed: str) -> JSONResponse:
+    def _refuse(scope: Scope, exc: AuthError, needed: str) -> Response:
         AUTH_FAILURES.labels(exc.reason).inc()
         client = scope.get("client") or ("?", 0)
         log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client[0], exc)
@@ -98,5 +99,5 @@ class AuthMiddleware:
             challenge += f', error="{exc.error}"'
             if exc.error == "insufficient_scope":
                 challenge += f', scope="{needed}"'
-        return JSONResponse({"error": exc.error or "unauthorized", "detail": str(exc)},
-                            status_code=exc.status, headers={"WWW-Authenticate": challenge})
+        return error_response(scope["path"], exc.status, str(exc),
+                              headers={"WWW-Authenticate": challenge})

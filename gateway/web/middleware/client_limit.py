@@ -3,11 +3,11 @@ cannot take every worker from the others. A streamed response counts until its l
 
 import logging
 
-from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.metrics import HTTP_REFUSED_OVER_LIMIT
 from gateway.security.client_counts import ClientCounts
+from gateway.web.http.errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ class ClientLimitMiddleware:
             HTTP_REFUSED_OVER_LIMIT.inc()
             log.warning("refused %s %s from %s: %d requests already in progress",
                         scope["method"], scope["path"], host, self._in_progress.limit)
-            response = PlainTextResponse(
-                f"too many requests in progress from this client (limit {self._in_progress.limit})",
-                status_code=429, headers={"Retry-After": "1"})
+            response = error_response(
+                scope["path"], 429, "too many requests in progress from this client "
+                f"(limit {self._in_progress.limit})", headers={"Retry-After": "1"})
             await response(scope, receive, send)
             return
         try:

@@ -13,10 +13,10 @@ from urllib.parse import parse_qs
 
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.metrics import MANIFEST_ACCESS
+from gateway.web.http.errors import error_response
 from storage.outbox import Outbox
 from storage.store import Store
 from storage.uids import is_valid_uid
@@ -128,8 +128,7 @@ class ManifestScopeMiddleware:
             client = scope.get("client") or ("?", 0)
             log.warning("refused %s from %s (%s): %s", path, client[0],
                         scope.get("user", "anonymous"), exc)
-            await JSONResponse({"error": "forbidden", "detail": str(exc)}, status_code=403)(
-                scope, receive, send)
+            await error_response(path, 403, str(exc))(scope, receive, send)
             return
         if kos_uid:
             MANIFEST_ACCESS.labels("allowed").inc()

@@ -1,0 +1,38 @@
+"""What the HTTP handlers work with, made once by the composition root
+(``gateway.service``) and reached from a request by ``services_of``."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from gateway.imaging.render_cache import RenderCache
+from gateway.security.audit import AuditTrail
+from gateway.urls import dicomweb_root
+from storage.outbox import Outbox
+from storage.store import Store
+
+
+@dataclass(frozen=True)
+class Services:
+    """The service's parts as the HTTP side sees them."""
+
+    store: Store
+    outbox: Outbox
+    audit: AuditTrail
+    render_cache: RenderCache
+    deidentify_key: bytes  # secret of WADO-URI anonymize=yes
+    public_url: str  # base URL consumers reach us by, without a trailing slash
+    max_instance_bytes: int  # largest STOW-RS part
+    dicom_serving: Callable[[], bool]  # is the DICOM listener up (health)
+    wake_publisher: Callable[[], None]  # something was queued: send it now
+
+    @property
+    def dicomweb_root(self) -> str:
+        """The DICOMweb root as consumers reach it."""
+        return dicomweb_root(self.public_url)
+
+
+def services_of(request: Request) -> Services:
+    """The services of the application serving ``request``."""
+    return request.app.state.services
