@@ -1,8 +1,9 @@
 """IHE MHD resources for the French PDSm profile: the ITI-65 "Provide Document Bundle" that
 publishes a KOS manifest (flux 1), and the patches that update it (flux 3).
 
-Codes and shapes follow shared/reference/pdsm/NOTES.md (sections 2-10), which quotes the
-PDSm 3.1.1 / MHD 4.2.3 profiles and the national sample submission.
+Codes and shapes follow the PDSm 3.1.1 IG (https://interop.esante.gouv.fr/ig/fhir/pdsm; its
+profiles are vendored under tests/data/pdsm/profiles), IHE MHD 4.2.3 and the national sample
+submission (ansforge/DRIM-M_DATA).
 """
 
 import base64

@@ -1,5 +1,5 @@
 """Access through a manifest: a consumer that sends ``KOS-SOPInstanceUID: <uid>`` (the
-national consumer does, see shared/reference/drimm/wado-rs-series-request.txt) is answered
+national consumer does, see tests/data/drimm/wado-rs-series-request.txt) is answered
 only for the study, series and instances that this published, non-withdrawn KOS references.
 With ``require_kos_reference`` every retrieval must carry one.
 """
