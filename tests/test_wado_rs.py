@@ -14,7 +14,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossle
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess
 
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "drimm"
+# The national WADO-RS exchange samples (see tests/data/README.md).
+REFERENCE = Path(__file__).parent / "data" / "drimm"
 
 
 def test_study_series_instance_as_stored(client: DICOMwebClient, ct_study: list[Path]) -> None:

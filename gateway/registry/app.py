@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.registry import pdsm
 from gateway.registry.documents import DocumentStore, DuplicateDocumentError
 from gateway.registry.validate import Issue, check_provide_bundle
 
@@ -26,7 +27,6 @@ FHIR_JSON = "application/fhir+json"
 _SEARCH_PARAMETERS = {"patient.identifier", "identifier", "status", "related",
                       "related:identifier", "event"}
 _PATCHABLE = ("/status", "/securityLabel", "/extension")
-_STATUSES = {"current", "superseded"}
 
 
 class RegistryError(Exception):
@@ -261,9 +261,10 @@ def create_registry_app(data_dir: Path) -> Starlette:
                     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
                         raise _error(422, "processing", "InvalidPatch", str(exc), "body") \
                             from exc
-                    if updated.get("status") not in _STATUSES:
+                    if updated.get("status") not in pdsm.DOCUMENT_STATUSES:
                         raise _error(422, "value", "XDSRegistryMetadataError",
-                                     "status must be current or superseded", "status")
+                                     "status must be one of "
+                                     f"{', '.join(sorted(pdsm.DOCUMENT_STATUSES))}", "status")
                     return store.write(int(resource_id), updated)
 
             updated = await run_in_threadpool(apply)

@@ -1,5 +1,7 @@
 """Checks of an ITI-65 Provide Document Bundle against the PDSm / MHD rules a KOS
-publication must meet (shared/reference/pdsm/NOTES.md sections 2-6 and 15).
+publication must meet (PDSm IG 3.1.1 ITI-65 page and its Bundle, SubmissionSet and
+DocumentReference profiles; MHD 4.2.3 ITI-65), with the registry's own constants
+(``gateway.registry.pdsm``).
 
 Structure only where FHIR itself requires it; the profile rules are what matters here: the
 ones a document registry would reject, each reported with the rule it breaks.
@@ -11,12 +13,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from gateway.publication.event_codes import DCM, SNOMED
-from gateway.publication.mhd import FORMAT, MHD, REFERENCE_ID_TYPES, TYPE, URI
+from gateway.registry import pdsm
 
 _OID = re.compile(r"urn:oid:[0-9]+(\.[0-9]+)+")
 _UUID = re.compile(r"urn:uuid:[0-9a-fA-F-]{36}")
-_PATCH_PATH = "DocumentReference.status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,28 +79,37 @@ def _check_submission_set(check: _Checker, entry: dict, where: str, documents: s
     if not ss.get("contained"):
         check.fail(f"{where}.contained", "XDSRegistryMetadataError",
                    "the SubmissionSet author (source) must be contained", "required")
-    for name, kind in (("designationType", "valueCodeableConcept"),
-                       ("sourceId", "valueIdentifier")):
-        found = _extension(ss, f"{MHD}ihe-{name}")
+    for url, kind in ((pdsm.DESIGNATION_TYPE, "valueCodeableConcept"),
+                      (pdsm.SOURCE_ID, "valueIdentifier")):
+        found = _extension(ss, url)
         if len(found) != 1 or kind not in found[0]:
             check.fail(f"{where}.extension", "XDSRegistryMetadataError",
-                       f"exactly one ihe-{name} extension with {kind} is required", "required")
-        elif name == "sourceId" and not _OID.fullmatch(found[0][kind].get("value", "")):
+                       f"exactly one {url} extension with {kind} is required", "required")
+        elif url == pdsm.SOURCE_ID and not _OID.fullmatch(found[0][kind].get("value", "")):
             check.fail(f"{where}.extension", "XDSRegistryMetadataError",
                        "sourceId must be an OID written urn:oid:...", "value")
     unique = [i for i in ss.get("identifier", []) if i.get("use") == "usual"]
-    if len(unique) != 1 or unique[0].get("system") != URI \
-            or not _OID.fullmatch(unique[0].get("value", "")):
+    if len(unique) != 1:  # 0..1 in PDSm, required here as by the XDS registry behind it
+        check.fail(f"{where}.identifier", "XDSRegistryMetadataError",
+                   "one uniqueId (identifier with use usual) is required", "required")
+    elif unique[0].get("system") != pdsm.URI or not _OID.fullmatch(unique[0].get("value", "")):
         check.fail(f"{where}.identifier", "mhd-startswithoid",
-                   "one uniqueId (use usual, system urn:ietf:rfc:3986, value urn:oid:...) "
-                   "is required", "value")
-    if ss.get("status") != "current" or ss.get("mode") != "working":
+                   f"the uniqueId has system {pdsm.URI} and a urn:oid:... value", "value")
+    if (ss.get("status"), ss.get("mode")) != (pdsm.SUBMISSION_SET_STATUS,
+                                              pdsm.SUBMISSION_SET_MODE):
         check.fail(f"{where}.status", "XDSRegistryMetadataError",
-                   "SubmissionSet status must be current and mode working", "value")
-    codes = [c.get("code") for c in (ss.get("code") or {}).get("coding", [])]
-    if "submissionset" not in codes:
+                   f"SubmissionSet status must be {pdsm.SUBMISSION_SET_STATUS} and mode "
+                   f"{pdsm.SUBMISSION_SET_MODE}", "value")
+    codes = [c for c in (ss.get("code") or {}).get("coding", [])
+             if (c.get("system"), c.get("code")) == (pdsm.LIST_TYPES, pdsm.SUBMISSION_SET_CODE)]
+    if not codes:
         check.fail(f"{where}.code", "XDSRegistryMetadataError",
-                   "code must be MHDlistTypes#submissionset", "value")
+                   f"code must be {pdsm.LIST_TYPES}#{pdsm.SUBMISSION_SET_CODE}", "value")
+    elif any(c.get("display", pdsm.SUBMISSION_SET_DISPLAY) != pdsm.SUBMISSION_SET_DISPLAY
+             for c in codes):
+        check.fail(f"{where}.code", "XDSRegistryMetadataError",
+                   f"the display of {pdsm.SUBMISSION_SET_CODE} is "
+                   f"{pdsm.SUBMISSION_SET_DISPLAY!r}", "value")
     for path in ("subject", "date", "source"):
         check.require(ss, path, where)
     _check_contained_reference(check, ss, ss.get("source"), f"{where}.source")
@@ -133,6 +142,61 @@ def _decoded(binary: dict) -> bytes | None:
         return None
 
 
+def _codings(concept: object) -> list[dict]:
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    return [c for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
+
+
+def _has_coding(concept: object, system_code: tuple[str, str]) -> bool:
+    return any((c.get("system"), c.get("code")) == system_code for c in _codings(concept))
+
+
+def _is_kos(doc: dict) -> bool:
+    """A KOS manifest by its type (IMG-KOS) or its format (the KOS SOP Class UID, in any
+    code system): either is enough for the KOS rules to apply to the rest."""
+    formats = [(content.get("format") or {}).get("code", "") for content in
+               doc.get("content") or [] if isinstance(content, dict)]
+    return any(c.get("code") == pdsm.KOS_TYPE[1] for c in _codings(doc.get("type"))) or \
+        any(str(code).endswith(pdsm.KOS_SOP_CLASS) for code in formats)
+
+
+def _check_kos_codes(check: _Checker, doc: dict, where: str) -> None:
+    """Class, type, format and media type of a KOS (CI-SIS; TRE_A03, TRE_A05, TRE_A09)."""
+    if not _has_coding(doc.get("type"), pdsm.KOS_TYPE):
+        check.fail(f"{where}.type", "XDSRegistryMetadataError",
+                   f"a KOS has type {'|'.join(pdsm.KOS_TYPE)}", "value")
+    if not any(_has_coding(c, pdsm.KOS_CATEGORY) for c in doc.get("category") or []):
+        check.fail(f"{where}.category", "XDSRegistryMetadataError",
+                   f"a KOS has category {'|'.join(pdsm.KOS_CATEGORY)}", "value")
+    for n, content in enumerate(doc.get("content") or []):
+        if not isinstance(content, dict):
+            continue
+        concept = content.get("format") or {}
+        if (concept.get("system"), concept.get("code")) != pdsm.KOS_FORMAT:
+            check.fail(f"{where}.content[{n}].format", "XDSRegistryMetadataError",
+                       f"a KOS has format {'|'.join(pdsm.KOS_FORMAT)}", "value")
+        if (content.get("attachment") or {}).get("contentType") != pdsm.DICOM_MEDIA_TYPE:
+            check.fail(f"{where}.content[{n}].attachment.contentType",
+                       "XDSRegistryMetadataError", f"a KOS is {pdsm.DICOM_MEDIA_TYPE}", "value")
+
+
+def _check_security_labels(check: _Checker, doc: dict, where: str) -> None:
+    """JDV_J08: the confidentiality level (N, R, V) and only known codes of known systems."""
+    codings = [c for label in doc.get("securityLabel") or [] for c in _codings(label)]
+    known = {**pdsm.CONFIDENTIALITY, **pdsm.VISIBILITY}
+    for coding in codings:
+        codes = known.get(coding.get("system", ""))
+        if codes is not None and coding.get("code") not in codes:
+            check.fail(f"{where}.securityLabel", "ConfidentialityCode",
+                       f"{coding.get('code')!r} is not a code of {coding.get('system')}",
+                       "code-invalid")
+    if not any(coding.get("code") in pdsm.CONFIDENTIALITY.get(coding.get("system", ""), ())
+               for coding in codings):
+        check.fail(f"{where}.securityLabel", "ConfidentialityCode",
+                   "securityLabel needs the confidentiality level (N, R or V) in "
+                   f"{' or '.join(pdsm.CONFIDENTIALITY)}", "required")
+
+
 def _check_content(check: _Checker, doc: dict, where: str, binaries: dict[str, dict]) -> None:
     content = doc.get("content") or []
     if len(content) != 1:
@@ -142,12 +206,7 @@ def _check_content(check: _Checker, doc: dict, where: str, binaries: dict[str, d
     attachment = content[0].get("attachment") or {}
     for name in ("contentType", "language", "url", "size", "hash", "title", "creation"):
         check.require(attachment, name, f"{where}.content[0].attachment")
-    format_code = (content[0].get("format") or {})
-    if doc.get("type", {}).get("coding", [{}])[0].get("code") == TYPE["code"] and (
-            format_code.get("code"), format_code.get("system")) != (FORMAT["code"],
-                                                                     FORMAT["system"]):
-        check.fail(f"{where}.content[0].format", "XDSRegistryMetadataError",
-                   f"a KOS must have format {FORMAT['system']}|{FORMAT['code']}", "value")
+    check.require(content[0], "format", f"{where}.content[0]")
     binary = binaries.get(attachment.get("url", ""))
     if binary is None:
         check.fail(f"{where}.content[0].attachment.url", "XDSMissingDocument",
@@ -173,29 +232,31 @@ def _check_content(check: _Checker, doc: dict, where: str, binaries: dict[str, d
 def _check_imaging_context(check: _Checker, doc: dict, where: str) -> None:
     """The CI-SIS imaging volet: modality events and the referenceIdList of a KOS."""
     context = doc.get("context") or {}
-    systems = [c.get("system") for e in context.get("event", []) for c in e.get("coding", [])]
-    if DCM not in systems:
+    systems = [c.get("system") for e in context.get("event", []) for c in _codings(e)]
+    if pdsm.DCM not in systems:
         check.fail(f"{where}.context.event", "ImagingModalityCode",
-                   "a KOS needs its acquisition modalities as event codes (DCM)", "required")
-    if SNOMED not in systems:
+                   f"a KOS needs its acquisition modalities as event codes ({pdsm.DCM})",
+                   "required")
+    if pdsm.SNOMED not in systems:
         check.warn(f"{where}.context.event", "ImagingRegionCode",
                    "no anatomic region code (SNOMED CT, JDV_RegionAnatomique-CISIS)")
     kinds = {c.get("code") for r in context.get("related", [])
-             for c in ((r.get("identifier") or {}).get("type") or {}).get("coding", [])}
-    for kind in ("accession", "study"):
-        if REFERENCE_ID_TYPES[kind] not in kinds:
+             for c in _codings((r.get("identifier") or {}).get("type"))
+             if c.get("system") == pdsm.URI}
+    for kind in (pdsm.ACCESSION, pdsm.STUDY_INSTANCE_UID):
+        if kind not in kinds:
             check.fail(f"{where}.context.related", "ReferenceIdList",
-                       f"referenceIdList lacks the {REFERENCE_ID_TYPES[kind]} entry", "required")
+                       f"referenceIdList lacks the {pdsm.URI}#{kind} entry", "required")
 
 
 def _check_document(check: _Checker, entry: dict, where: str, binaries: dict[str, dict],
                     subject: tuple[str, str] | None) -> None:
     doc = entry["resource"]
     master = doc.get("masterIdentifier") or {}
-    if master.get("use") != "usual" or master.get("system") != URI \
+    if master.get("use") != "usual" or master.get("system") != pdsm.URI \
             or not _OID.fullmatch(master.get("value", "")):
         check.fail(f"{where}.masterIdentifier", "mhd-startswithoid",
-                   "masterIdentifier must be use usual, system urn:ietf:rfc:3986, "
+                   f"masterIdentifier must be use usual, system {pdsm.URI}, "
                    "value urn:oid:<uniqueId>", "value")
     if doc.get("status") != "current":
         check.fail(f"{where}.status", "XDSRegistryMetadataError",
@@ -216,7 +277,10 @@ def _check_document(check: _Checker, entry: dict, where: str, binaries: dict[str
                   (doc.get("context") or {}).get("sourcePatientInfo")]
     for n, reference in enumerate(references):
         _check_contained_reference(check, doc, reference, f"{where}.reference[{n}]")
-    if doc.get("type", {}).get("coding", [{}])[0].get("code") == TYPE["code"]:
+    if doc.get("securityLabel"):
+        _check_security_labels(check, doc, where)
+    if _is_kos(doc):
+        _check_kos_codes(check, doc, where)
         _check_imaging_context(check, doc, where)
     _check_content(check, doc, where, binaries)
 
@@ -227,7 +291,7 @@ def _check_patch(check: _Checker, entry: dict, where: str) -> None:
              for p in op.get("part", [])}
     if not str(entry["request"].get("url", "")).startswith("DocumentReference/") \
             or parts.get("type", {}).get("valueCode") != "replace" \
-            or parts.get("path", {}).get("valueString") != _PATCH_PATH \
+            or parts.get("path", {}).get("valueString") != pdsm.SUPERSEDE_PATH \
             or parts.get("value", {}).get("valueCode") != "superseded":
         check.fail(where, "UpdateDocumentRefs",
                    "a PATCH entry must set DocumentReference/<id> status to superseded "
@@ -242,9 +306,9 @@ def check_provide_bundle(bundle: object) -> list[Issue]:
         check.fail("Bundle", "XDSRegistryMetadataError", "expected a transaction Bundle",
                    "structure")
         return check.issues
-    if not (bundle.get("meta") or {}).get("profile"):
+    if pdsm.BUNDLE_PROFILE not in ((bundle.get("meta") or {}).get("profile") or []):
         check.fail("Bundle.meta.profile", "XDSRegistryMetadataError",
-                   "MHD requires Bundle.meta.profile", "required")
+                   f"Bundle.meta.profile must name {pdsm.BUNDLE_PROFILE}", "value")
     entries = bundle.get("entry")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and
                                                 isinstance(e.get("resource"), dict) and
