@@ -38,7 +38,7 @@ FORMAT = {"system": f"{NOS}TRE_A09-DICOMuidRegistry/FHIR/TRE-A09-DICOMuidRegistr
 REFERENCE_ID_TYPES = {"accession": "urn:ihe:iti:xds:2013:accession",
                       "study": "urn:ihe:iti:xds:2016:studyInstanceUID",
                       "order": "urn:ihe:iti:xds:2013:order"}
-# INS assigning authorities (ANS): identifier type per OID (NOTES 7).
+# INS assigning authorities (ANS; hl7.fhir.fr.core fr-core-patient-ins): identifier type per OID.
 INS_TYPES = {"1.2.250.1.213.1.4.8": "INS-NIR", "1.2.250.1.213.1.4.9": "INS-NIA",
              "1.2.250.1.213.1.4.10": "INS-NIR-TEST", "1.2.250.1.213.1.4.11": "INS-NIR-DEMO"}
 # HL7 v3 Confidentiality (TRE_A08) and the French visibility codes (TRE_A07).
@@ -108,7 +108,8 @@ def security_labels(confidentiality: Confidentiality) -> list[dict]:
 
 
 def status_patch(status: str) -> list[dict]:
-    """JSON Patch (RFC 6902) setting the document status (flux 3, NOTES 10.1)."""
+    """JSON Patch (RFC 6902) setting the document status (flux 3: PDSm 3.1.1, metadata update
+    by PATCH; only status, securityLabel and isArchived may change)."""
     return [{"op": "replace", "path": "/status", "value": status}]
 
 
@@ -236,7 +237,8 @@ def _authenticator(producer: Producer) -> dict | None:
 
 
 def _related(study: StudyContents, producer: Producer) -> list[dict]:
-    """referenceIdList (NOTES 6.3): accession, study UID, placer orders, with their issuers."""
+    """referenceIdList (PDSm 3.1.1, ``context.related`` slice referenceIdList): accession,
+    study UID, placer orders, with their issuers."""
 
     def entry(kind: str, value: str, issuer: str) -> dict:
         identifier: dict = {"type": {"coding": [{"system": URI,
@@ -282,9 +284,11 @@ def _full_url(kos_uid: str, role: str) -> str:
 def provide_document_bundle(study: StudyContents, manifest: Manifest, producer: Producer,
                             events: list[EventCode], confidentiality: Confidentiality,
                             replaces: str = "", now: datetime | None = None) -> dict:
-    """The ITI-65 transaction Bundle publishing ``manifest`` (NOTES 2-6); with ``replaces``
-    (``DocumentReference/<id>`` of the current version) it also supersedes that document
-    (NOTES 10.3). Raises MetadataError when the patient cannot be identified."""
+    """The ITI-65 transaction Bundle publishing ``manifest`` (PDSm 3.1.1
+    PDSm_ComprehensiveProvideDocumentBundle); with ``replaces`` (``DocumentReference/<id>``
+    of the current version) it also supersedes that document (``relatesTo replaces`` and an
+    IHE.MHD.Patch.Parameters entry). Raises MetadataError when the patient cannot be
+    identified."""
     ins, local = _patient_identifiers(study, producer)
     if ins is None and not local:
         raise MetadataError(

@@ -154,7 +154,8 @@ class Publisher(PeriodicWorker):
         if previous is None:
             raise _RefusedError(f"study {row.study_uid} has no published manifest to withdraw")
         self.outbox.mark_sent(row, previous.kos_uid)
-        # Withdrawal = status superseded: MHD allows no other (NOTES 10.2).
+        # Withdrawal = status superseded: the only other status MHD allows (IHE ITI MHD
+        # 4.2.3, DocumentReference.status; entered-in-error is refused, IHE/ITI.MHD#274).
         response = self.client.patch(previous.document_id, status_patch("superseded"))
         self._acknowledge(row, previous.document_id, json.dumps(response),
                           kos_uid=previous.kos_uid)
