@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.synthetic import write_ct_study  # noqa: E402  (the repository's generator)
+from tests.synthetic import write_ct_study
 
 
 def main() -> None:
