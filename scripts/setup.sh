@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Install what Passerelle needs on Debian: system packages (with --test, the DICOM tools the
-# tests drive) and a virtual environment in .venv with the package installed in it.
+# tests drive) and a virtual environment in .venv with the package installed in it (editable).
+#
+# Idempotent and quick when nothing changed: apt runs only for a missing package, pip only
+# when .venv is new or pyproject.toml changed since the last successful install, or when
+# --test asks for the test extras and that install was without them. The stamp file
+# .venv/.passerelle-setup records the sha256 of pyproject.toml and the extras installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(python3 python3-venv python3-pip)
 if [[ "${1:-}" == "--test" ]]; then
     packages+=(dcmtk dicom3tools)
-    extras="[test]"
+    extras="test"
 else
     extras=""
 fi
@@ -25,6 +30,17 @@ if ((${#missing[@]})); then
         "${missing[@]}"
 fi
 
+stamp=.venv/.passerelle-setup
+digest=$(sha256sum pyproject.toml | cut -d " " -f 1)
+# The stamp is one line: the digest, then the extras installed ("test" or nothing).
+read -r stamped_digest stamped_extras 2>/dev/null <"$stamp" || true
+if [[ -x .venv/bin/python && "${stamped_digest:-}" == "$digest" \
+      && ( -z "$extras" || "${stamped_extras:-}" == "$extras" ) ]]; then
+    exit 0
+fi
+
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
+rm -f "$stamp"
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+echo "$digest $extras" >"$stamp"
