@@ -4,18 +4,26 @@ confidentiality, audit, registry."""
 import argparse
 import json
 import logging
+import os
 import ssl
 import sys
+import textwrap
+from collections.abc import Callable
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
+import httpx
 from pydantic import ValidationError
 
-from gateway.config import Settings, describe, load_settings
+from gateway import control
+from gateway.config import ENV_PREFIX, FLAT_NAMES, Settings, describe, load_settings
 from gateway.importer import import_paths
 from gateway.publication.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
 from gateway.security.audit import read_events
-from storage.outbox import Action, Outbox, State
+from storage.outbox import Action, Outbox, Publication, State
 from storage.recovery import DataDirBusyError
 from storage.store import Store
 
@@ -25,6 +33,8 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # httpx logs every request at INFO; a command reports the outcome of its own.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -39,6 +49,8 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    # Creates a missing data dir: importing an archive into a new data dir, then serving
+    # it, is a legitimate first step.
     store = Store(settings.data_dir, settings.ingest.duplicate_policy)
     try:
         summary = import_paths(store, args.paths, jobs=args.jobs,
@@ -78,12 +90,6 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     store = Store(settings.data_dir, settings.ingest.duplicate_policy)
     try:
         outbox = Outbox(store.index)
-        if args.outbox_command == "retry":
-            if not outbox.retry(args.id):
-                print(f"publication {args.id} is not failed: nothing to retry", file=sys.stderr)
-                return 1
-            print(f"publication {args.id} will be sent again")
-            return 0
         rows = outbox.listing() if args.all else outbox.listing(
             (State.PENDING, State.SENT, State.FAILED))
     finally:
@@ -99,28 +105,80 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _through_service(settings: Settings, path: str, body: dict[str, Any] | None,
+                     here: Callable[[Outbox], Publication], done: Callable[[int], str]) -> int:
+    """Ask the service running on the data dir to queue something (``POST path``), or, when
+    none runs, queue it here with ``here``; then say what will become of it (``done`` says
+    what was queued, given the publication id)."""
+    try:
+        service = control.client(settings.data_dir)
+    except OSError as exc:
+        print(f"passerelle: cannot reach the service on {settings.data_dir}: {exc}",
+              file=sys.stderr)
+        return 1
+    if service is None:
+        store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+        try:
+            row = here(Outbox(store.index))
+        except LookupError as exc:
+            print(f"passerelle: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
+        registry = settings.publication.registry_url
+        print(done(row.id) + f": no service is running on {settings.data_dir}: "
+              "queued, sent when `passerelle serve` starts " +
+              (f"(this configuration sends to {registry})" if registry else
+               "(this configuration has no registry_url: it would stay queued)"))
+        return 0
+    try:
+        with service:
+            response = service.post(path, json=body)
+    except httpx.HTTPError as exc:
+        print(f"passerelle: the service on {settings.data_dir} did not answer ({exc}): "
+              "whether it was queued, `passerelle outbox` tells", file=sys.stderr)
+        return 1
+    answer = response.json()
+    if response.status_code != 202:
+        print(f"passerelle: {answer['error']}", file=sys.stderr)
+        return 1
+    print(done(answer["publication"]["id"]) + (
+        f": the running service sends it to {answer['registry']}" if answer["will_send"] else
+        ": the running service has no registry_url: it stays queued until one is configured"))
+    return 0
+
+
 def _cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     """publish / unpublish / confidentiality: a row in the outbox, sent by the service."""
     action = Action(args.command)
-    payload = ""
+    payload, body = "", None
     if action is Action.CONFIDENTIALITY:
         try:
             payload = Confidentiality(args.level, tuple(args.mask)).payload()
         except ValueError as exc:
             print(f"passerelle: {exc}", file=sys.stderr)
             return 2
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
-    try:
-        row = Outbox(store.index).queue(args.study_uid, action, payload)
-    except LookupError as exc:
-        print(f"passerelle: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
-    where = "sent by the running service" if settings.publication.registry_url else \
-        "queued: registry_url is not set, nothing is sent until it is"
-    print(f"{action} of study {args.study_uid} queued as publication {row.id} ({where})")
-    return 0
+        body = {"level": args.level, "masking": args.mask}
+    return _through_service(
+        settings, f"/admin/studies/{quote(args.study_uid, safe='')}/{action}", body,
+        lambda outbox: outbox.queue(args.study_uid, action, payload),
+        lambda pk: f"{action} of study {args.study_uid} queued as publication {pk}")
+
+
+def _retry_here(outbox: Outbox, pk: int) -> Publication:
+    row = outbox.get(pk)
+    if row is None:
+        raise LookupError(f"no publication {pk}")
+    if not outbox.retry(pk):
+        raise LookupError(f"publication {pk} is {row.state}, not failed: nothing to retry")
+    return row
+
+
+def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    """outbox retry: a failed publication back in the queue."""
+    return _through_service(settings, f"/admin/outbox/{args.id}/retry", None,
+                            lambda outbox: _retry_here(outbox, args.id),
+                            lambda pk: f"publication {pk} queued again")
 
 
 def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
@@ -165,43 +223,115 @@ def _cmd_registry(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(name: str) -> str:
+    """``name (PASSERELLE_NAME)``; KeyError when config has no such setting."""
+    if name not in FLAT_NAMES and name not in Settings.model_fields:
+        raise KeyError(f"no setting {name!r}")
+    return f"{name} ({ENV_PREFIX}{name.upper()})"
+
+
+def _settings_help(reads: tuple[str, ...]) -> str:
+    """The settings in ``reads``, a section standing for all of its own."""
+    lines = ["settings it reads (config file key, environment variable):"]
+    for name in reads:
+        if name not in Settings.sections:
+            lines.append(f"  {_setting(name)}")
+            continue
+        line = f"  [{name}]"
+        for flat in (flat for flat, (section, _) in FLAT_NAMES.items() if section == name):
+            entry = f" {_setting(flat)},"
+            if len(line) + len(entry) > 92:
+                lines.append(line)
+                line = "   "
+            line += entry
+        lines.append(line.rstrip(","))
+    return "\n".join(lines)
+
+
+_SOURCES = f"""\
+settings come from, each overriding the one before: the defaults; the config file (TOML),
+named by --config FILE (before or after the command) or {ENV_PREFIX}CONFIG, none by default;
+the environment variables {ENV_PREFIX}<NAME>. In the file, data_dir and log_level are top-level
+keys and the others go in their component's section:
+{textwrap.fill(", ".join(f"[{name}]" for name in Settings.sections), 92, initial_indent="  ",
+               subsequent_indent="  ")};
+a top-level key may also be a setting's flat name, its environment name without
+{ENV_PREFIX} (dicom_port = 104 is [dicom] port = 104, {ENV_PREFIX}DICOM_PORT=104).
+`passerelle COMMAND --help` lists the settings a command reads."""
+
+_THROUGH_SERVICE = """\
+When a `passerelle serve` runs on the data dir, this goes through it, over its control socket
+<data_dir>/control.sock: the service queues it and sends it as its own settings say. When none
+runs, this command queues it in the data dir, and the service sends it once started; the
+registry_url read here only tells where that would be."""
+
+
+def _version() -> str:
+    try:
+        return f"passerelle {version('passerelle')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "passerelle (not installed: version unknown)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="passerelle", description=__doc__)
-    parser.add_argument("--config", type=Path,
+    # --config is accepted before or after the command; after it, it wins.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
                         help="TOML settings file (default: $PASSERELLE_CONFIG, else none)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the DICOM SCP and the HTTP server"
-                        ).set_defaults(handler=_cmd_serve)
-    importer = commands.add_parser("import", help="import Part 10 files or folders")
+    parser = argparse.ArgumentParser(prog="passerelle", epilog=_SOURCES,
+                                     description="Passerelle, an imaging producer gateway.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="TOML settings file (default: $PASSERELLE_CONFIG, else none)")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     title="commands")
+
+    def command(name: str, summary: str, handler: Callable[[Settings, argparse.Namespace], int],
+                reads: tuple[str, ...], *, existing_data_dir: bool = True, notes: str = "",
+                under: Any = commands) -> argparse.ArgumentParser:
+        """A subcommand whose help ends with ``notes`` and the settings it reads."""
+        sub = under.add_parser(name, help=summary, description=summary, parents=[config],
+                               epilog="\n\n".join(filter(None, (notes, _settings_help(reads)))),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(handler=handler, existing_data_dir=existing_data_dir)
+        return sub
+
+    reads_data = ("data_dir", "log_level")
+    queued = (*reads_data, "registry_url")
+    command("serve", "run the DICOM SCP and the HTTP server", _cmd_serve,
+            (*reads_data, *Settings.sections), existing_data_dir=False,
+            notes="Creates the data dir on first start. Serves the admin API, without token, "
+                  "to local commands\non <data_dir>/control.sock (mode 0600).")
+    importer = command("import", "import Part 10 files or folders", _cmd_import,
+                       (*reads_data, "duplicate_policy"), existing_data_dir=False,
+                       notes="Creates the data dir when it does not exist.")
     importer.add_argument("paths", nargs="+", type=Path)
     importer.add_argument("--jobs", type=int, default=4, help="parallel writers (default 4)")
     importer.add_argument("--quiet", action="store_true", help="no progress bar")
-    importer.set_defaults(handler=_cmd_import)
-    studies = commands.add_parser("studies", help="list stored studies")
+    studies = command("studies", "list stored studies", _cmd_studies, reads_data)
     studies.add_argument("--json", action="store_true", help="JSON output for scripts")
-    studies.set_defaults(handler=_cmd_studies)
-    outbox = commands.add_parser("outbox", help="publications pending or failed")
+    outbox = command("outbox", "publications pending or failed", _cmd_outbox, reads_data)
     outbox.add_argument("--all", action="store_true", help="acknowledged ones too")
     outbox.add_argument("--json", action="store_true", help="JSON output for scripts")
-    outbox.set_defaults(handler=_cmd_outbox, outbox_command=None)
-    retry = outbox.add_subparsers(dest="outbox_command").add_parser(
-        "retry", help="send a failed publication again")
+    retry = command("retry", "send a failed publication again", _cmd_retry, queued,
+                    notes=_THROUGH_SERVICE,
+                    under=outbox.add_subparsers(metavar="COMMAND", title="commands"))
     retry.add_argument("id", type=int)
     for name, text in (("publish", "publish (or republish) a study's manifest now"),
                        ("unpublish", "withdraw a study's published manifest (status superseded)"),
                        ("confidentiality", "change the confidentiality of a study's manifest")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("study_uid")
-        command.set_defaults(handler=_cmd_queue)
-    command.add_argument("--level", choices=CONFIDENTIALITY_CODES, default="N",
-                         help="N normal, R restricted, V very restricted (default N)")
-    command.add_argument("--mask", action="append", default=[], choices=MASKING_CODES,
-                         help="visibility code (TRE_A07), repeatable")
-    audit = commands.add_parser("audit", help="who accessed, sent or published what")
+        queue = command(name, text, _cmd_queue, queued, notes=_THROUGH_SERVICE)
+        queue.add_argument("study_uid")
+    queue.add_argument("--level", choices=CONFIDENTIALITY_CODES, default="N",
+                       help="N normal, R restricted, V very restricted (default N)")
+    queue.add_argument("--mask", action="append", default=[], choices=MASKING_CODES,
+                       help="visibility code (TRE_A07), repeatable")
+    audit = command("audit", "who accessed, sent or published what", _cmd_audit, reads_data)
     audit.add_argument("--study", help="only the events of this Study Instance UID")
     audit.add_argument("--json", action="store_true", help="the audit messages, as JSON")
-    audit.set_defaults(handler=_cmd_audit)
-    registry = commands.add_parser("registry", help="run the local MHD document registry")
+    registry = command("registry", "run the local MHD document registry", _cmd_registry,
+                       ("log_level",), existing_data_dir=False)
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=8090)
     registry.add_argument("--data", type=Path, default=Path("registry-data"),
@@ -210,7 +340,6 @@ def _parser() -> argparse.ArgumentParser:
     registry.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     registry.add_argument("--tls-client-ca", type=Path,
                           help="CA (PEM) of the client certificates required (mutual TLS)")
-    registry.set_defaults(handler=_cmd_registry)
     return parser
 
 
@@ -226,7 +355,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"passerelle: invalid configuration: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    return args.handler(settings, args)
+    if args.existing_data_dir and not settings.data_dir.is_dir():
+        print(f"passerelle: the data dir {settings.data_dir.absolute()} does not exist "
+              f"(setting data_dir, {ENV_PREFIX}DATA_DIR): point it at the service's data dir; "
+              "`passerelle serve` creates it on first start", file=sys.stderr)
+        return 1
+    try:
+        code = args.handler(settings, args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+    except BrokenPipeError:
+        # The reader is gone (`passerelle studies | head -1`). Python's recipe: stdout to
+        # devnull, so that the flush at exit does not fail again, and a non-zero exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from gateway.config import (
     Settings,
     TlsSettings,
 )
+from gateway.control import ControlChannel
 from gateway.dicom.scp import DicomService
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.imaging.render_cache import RenderCache
@@ -83,7 +84,8 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         deidentify_key=load_or_create_key(settings.data_dir),
         public_url=settings.http.public_url,
         max_instance_bytes=settings.ingest.max_instance_bytes,
-        dicom_serving=dicom_serving, wake_publisher=wake_publisher)
+        dicom_serving=dicom_serving, wake_publisher=wake_publisher,
+        registry_url=settings.publication.registry_url)
 
 
 def serve(settings: Settings) -> None:
@@ -132,14 +134,16 @@ def serve(settings: Settings) -> None:
     else:
         log.warning("registry_url is not set: manifests are queued, not sent")
     http = settings.http
+    control = ControlChannel(settings.data_dir)
     try:
+        control.open()
         dicom.start()
         watcher.start()
         if publisher is not None:
             publisher.start()
-        app = create_app(http_services(settings, store, audit, dicom.is_serving,
-                                       publisher.wake if publisher is not None else
-                                       lambda: None), http, settings.auth)
+        services = http_services(settings, store, audit, dicom.is_serving,
+                                 publisher.wake if publisher is not None else lambda: None)
+        app = create_app(services, http, settings.auth)
         config = uvicorn.Config(
             app, host=http.host, port=http.port, log_config=None,
             access_log=False, server_header=False, lifespan="off",
@@ -150,10 +154,11 @@ def serve(settings: Settings) -> None:
             http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
         config.load()
         config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
-        uvicorn.Server(config).run()
+        control.serve_beside(uvicorn.Server(config), services)
     except ShutdownRequestedError as exc:
         log.info("%s received", exc)
     finally:
+        control.close()
         log.info("shutting down the DICOM SCP")
         dicom.stop()
         watcher.stop()

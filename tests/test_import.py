@@ -65,6 +65,7 @@ def test_missing_path_is_a_rejection(tmp_path: Path) -> None:
 
 
 def test_studies_on_an_empty_store(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
     result = passerelle(tmp_path / "data", "studies")
     assert result.returncode == 0
     assert result.stdout.strip() == "no study stored"

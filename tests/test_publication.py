@@ -13,6 +13,7 @@ from pydicom.uid import generate_uid
 from storage.index import Index
 from storage.outbox import Outbox, Publication, State
 from tests.faulty_proxy import FaultyProxy
+from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess, RegistryProcess, free_port, wait_for
 from tests.scu import send
 from tests.synthetic import national_ct_slice
@@ -177,7 +178,8 @@ def test_replacement_confidentiality_withdrawal_and_republication(
         assert registry.documents(study, "current") == []
 
         response = httpx.post(f"{server.base_url}/admin/studies/{study}/publish")
-        assert response.status_code == 202 and response.json()["state"] == "pending"
+        assert response.status_code == 202
+        assert response.json()["publication"]["state"] == "pending"
         fifth = rows.wait(_acknowledged(5), "the republication")[4]
         assert fifth.kos_uid not in (first.kos_uid, second.kos_uid)  # a new uniqueId
         [current] = registry.documents(study, "current")
@@ -185,19 +187,19 @@ def test_replacement_confidentiality_withdrawal_and_republication(
         assert "MASQUE_PS" in json.dumps(current["securityLabel"])
 
 
-def test_admin_requests_that_cannot_be_queued(tmp_path: Path) -> None:
+def test_admin_requests_that_cannot_be_queued(web: InProcessService) -> None:
+    # In-process: the validation of the admin API, nothing to publish.
     study = generate_uid()
-    with PasserelleProcess(tmp_path / "data") as server:
-        _send(server, study, generate_uid(), 1)
-        for path, body, status in [
-                ("/admin/studies/1.2.3.4/publish", None, 404),
-                (f"/admin/studies/{study}/delete", None, 404),
-                (f"/admin/studies/{study}/confidentiality", b'{"level": "X"}', 400),
-                (f"/admin/studies/{study}/confidentiality", b'{"masking": ["NOPE"]}', 400),
-                (f"/admin/studies/{study}/confidentiality", b"[", 400)]:
-            response = httpx.post(server.base_url + path, content=body)
-            assert response.status_code == status, path
-            assert response.json()["error"]
+    assert web.ingest(national_ct_slice(study, generate_uid(), 1, 1)).accepted
+    for path, body, status in [
+            ("/admin/studies/1.2.3.4/publish", None, 404),
+            (f"/admin/studies/{study}/delete", None, 404),
+            (f"/admin/studies/{study}/confidentiality", b'{"level": "X"}', 400),
+            (f"/admin/studies/{study}/confidentiality", b'{"masking": ["NOPE"]}', 400),
+            (f"/admin/studies/{study}/confidentiality", b"[", 400)]:
+        response = web.post(path, content=body)
+        assert response.status_code == status, path
+        assert response.json()["error"]
 
 
 def test_unpublishing_what_was_never_published_fails_clearly(tmp_path: Path, rows: _Rows,

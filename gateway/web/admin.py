@@ -1,6 +1,12 @@
-"""Operator endpoints: queue the publication, withdrawal or confidentiality change of a
-study (``POST /admin/studies/{study}/{action}``). Each goes through the outbox like the
-automatic publications, and the answer is the queued row (202)."""
+"""Operator API under ``/admin``: the stored studies and the outbox (``GET``), and the
+actions that go through the outbox like the automatic publications (``POST``): publish,
+withdraw or change the confidentiality of a study, send a failed publication again.
+
+A queued action answers 202 with what the service will do with it:
+``{"publication": <row>, "registry": <registry URL or null>, "will_send": true|false}``.
+The same ``ROUTES`` serve the HTTP listener (behind its authentication) and the control
+channel of the data dir (``gateway.control``).
+"""
 
 import json
 from dataclasses import asdict
@@ -8,14 +14,16 @@ from dataclasses import asdict
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from gateway.publication.mhd import Confidentiality
 from gateway.web.http.errors import ADMIN_PATH, error_response
-from gateway.web.services import services_of
-from storage.outbox import Action, Outbox
+from gateway.web.services import Services, services_of
+from storage.outbox import Action, Publication, State
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
             "confidentiality": Action.CONFIDENTIALITY}
+_UNFINISHED = (State.PENDING, State.SENT, State.FAILED)
 
 
 _MAX_BODY_BYTES = 64 << 10  # a confidentiality change is a few dozen bytes
@@ -38,7 +46,14 @@ async def _small_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def queue_study_action(request: Request) -> JSONResponse:
+def _queued(services: Services, row: Publication) -> JSONResponse:
+    """202 with the row and whether this service sends it, and where."""
+    services.wake_publisher()
+    return JSONResponse({"publication": asdict(row), "registry": services.registry_url or None,
+                         "will_send": bool(services.registry_url)}, status_code=202)
+
+
+async def queue_study_action(request: Request) -> Response:
     """Queue one action; the confidentiality body is ``{"level": "R", "masking": [...]}``."""
     action = _ACTIONS.get(request.path_params["action"])
     if action is None:
@@ -56,11 +71,59 @@ async def queue_study_action(request: Request) -> JSONResponse:
             return _error(400, "JSON nested too deeply")
         except (ValueError, TypeError, AttributeError) as exc:
             return _error(400, f"expected {{\"level\": \"N|R|V\", \"masking\": [codes]}}: {exc}")
-    outbox: Outbox = services_of(request).outbox
+    services = services_of(request)
     try:
-        row = await run_in_threadpool(outbox.queue, request.path_params["study"], action,
-                                      payload)
+        row = await run_in_threadpool(services.outbox.queue, request.path_params["study"],
+                                      action, payload)
     except LookupError as exc:
         return _error(404, str(exc))
-    services_of(request).wake_publisher()
-    return JSONResponse(asdict(row), status_code=202)
+    return _queued(services, row)
+
+
+async def retry_publication(request: Request) -> Response:
+    """Put a failed publication back in the queue (409 when it is not failed)."""
+    services = services_of(request)
+    pk: int = request.path_params["id"]
+    row = await run_in_threadpool(services.outbox.get, pk)
+    if row is None:
+        return _error(404, f"no publication {pk}")
+    if not await run_in_threadpool(services.outbox.retry, pk):
+        return _error(409, f"publication {pk} is {row.state}, not failed: nothing to retry")
+    retried = await run_in_threadpool(services.outbox.get, pk)
+    assert retried is not None  # rows are never deleted
+    return _queued(services, retried)
+
+
+async def list_outbox(request: Request) -> JSONResponse:
+    """The unfinished publications, oldest first; ``?all=true``: the acknowledged too."""
+    everything = request.query_params.get("all", "").lower() in ("1", "true", "yes")
+    rows = await run_in_threadpool(services_of(request).outbox.listing,
+                                   tuple(State) if everything else _UNFINISHED)
+    return JSONResponse([asdict(row) for row in rows])
+
+
+async def list_studies(request: Request) -> JSONResponse:
+    """Every stored study with its counts."""
+    studies = await run_in_threadpool(services_of(request).store.index.list_studies)
+    return JSONResponse([asdict(study) for study in studies])
+
+
+async def study(request: Request) -> Response:
+    """One study's summary and its publications."""
+    services, uid = services_of(request), request.path_params["study"]
+    studies = await run_in_threadpool(services.store.index.list_studies)
+    found = next((s for s in studies if s.study_uid == uid), None)
+    if found is None:
+        return _error(404, f"no such study {uid}")
+    rows = await run_in_threadpool(services.outbox.listing)
+    return JSONResponse({"study": asdict(found),
+                         "publications": [asdict(r) for r in rows if r.study_uid == uid]})
+
+
+ROUTES = [
+    Route("/admin/studies", list_studies, methods=["GET"]),
+    Route("/admin/studies/{study}", study, methods=["GET"]),
+    Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
+    Route("/admin/outbox", list_outbox, methods=["GET"]),
+    Route("/admin/outbox/{id:int}/retry", retry_publication, methods=["POST"]),
+]

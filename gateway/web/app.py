@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway.config import AuthSettings, HttpSettings
-from gateway.web.admin import queue_study_action
+from gateway.web import admin
 from gateway.web.dicomweb.frames import bulkdata, frames
 from gateway.web.dicomweb.metadata import metadata
 from gateway.web.dicomweb.qido import search_instances, search_series, search_studies
@@ -93,7 +93,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/wado", wado_uri, methods=["GET"]),
-        Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
+        *admin.ROUTES,
         Mount("/dicom-web", routes=dicomweb),
     ], middleware=middleware,
         exception_handlers={HTTPException: http_exception, Exception: internal_error})

@@ -26,6 +26,7 @@ class Services:
     max_instance_bytes: int  # largest STOW-RS part
     dicom_serving: Callable[[], bool]  # is the DICOM listener up (health)
     wake_publisher: Callable[[], None]  # something was queued: send it now
+    registry_url: str  # where queued publications are sent; empty: they stay queued
 
     @property
     def dicomweb_root(self) -> str:

@@ -1,0 +1,153 @@
+"""The control channel: the admin API (``gateway.web.admin``) of a running ``passerelle
+serve`` on a Unix domain socket in its data dir, ``<data_dir>/control.sock``, so that the
+commands run beside the service (``publish``, ``outbox retry``...) act through it.
+
+The socket is mode 0600: whoever can open it (the service's user, or root) can already read
+and write the data dir, so a request over it acts as the local operator, with every admin
+right and no token. The TCP listener and its authentication are not involved.
+
+It is served by a second uvicorn server in the event loop of the HTTP one. Only the HTTP
+server handles SIGTERM and SIGINT (uvicorn installs its handlers process-wide and raises the
+signal again when it is done); the control server leaves the signals alone and is told to
+exit once the HTTP server has stopped.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from gateway.web import admin
+from gateway.web.http.errors import http_exception, internal_error
+from gateway.web.services import Services
+from storage.recovery import DataDirBusyError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+_MAX_ADDRESS_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with the final NUL (Linux)
+
+
+def socket_path(data_dir: Path) -> Path:
+    """Where the service on ``data_dir`` listens for control requests."""
+    return data_dir / SOCKET_NAME
+
+
+def _address(path: Path) -> str:
+    """``path`` as a socket address; OSError when the system cannot bind or reach it."""
+    if len(os.fsencode(path)) > _MAX_ADDRESS_BYTES:
+        raise OSError(f"control socket path {path} is longer than the {_MAX_ADDRESS_BYTES} "
+                      "bytes a Unix socket address may have: use a shorter data_dir")
+    return str(path)
+
+
+def is_listening(path: Path) -> bool:
+    """True when a server accepts connections on the socket ``path``; False when there is
+    no socket or nobody listens on it (left by a service that died). Other errors (no
+    permission) are raised."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(_address(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
+def client(data_dir: Path, timeout: float = 30) -> httpx.Client | None:
+    """An HTTP client of the control API of the service running on ``data_dir``; None when
+    no service runs there."""
+    path = socket_path(data_dir)
+    if not is_listening(path):
+        return None
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)),
+                        base_url="http://passerelle", timeout=timeout)
+
+
+def create_control_app(services: Services) -> Starlette:
+    """The admin routes over ``services``, without authentication (see the module)."""
+    app = Starlette(routes=admin.ROUTES, exception_handlers={
+        HTTPException: http_exception, Exception: internal_error})
+    app.state.services = services
+    return app
+
+
+class _SignalsLeftAlone(uvicorn.Server):
+    """A uvicorn server that does not touch the signal handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Nothing: the main server captures the signals."""
+        yield
+
+
+class ControlChannel:
+    """The listening socket of the control API, from ``open`` to ``close``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = socket_path(data_dir)
+        self._socket: socket.socket | None = None
+
+    def open(self) -> None:
+        """Create the socket (mode 0600) and listen; one left by a service that died is
+        replaced, a live one is refused (DataDirBusyError)."""
+        address = _address(self.path)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+            # Before listen(): until then every connection is refused, so nobody gets in
+            # while the socket still has the umask's mode.
+            self.path.chmod(0o600)
+            sock.listen()
+        except BaseException:
+            sock.close()
+            raise
+        self._socket = sock
+        log.info("control API on %s", self.path)
+
+    def _remove_stale(self) -> None:
+        try:
+            mode = self.path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise OSError(f"{self.path} exists and is not a socket: move it away")
+        if is_listening(self.path):
+            raise DataDirBusyError(f"a service already answers on {self.path}")
+        self.path.unlink()
+
+    def serve_beside(self, main: uvicorn.Server, services: Services) -> None:
+        """Run ``main`` and the control API in one event loop until ``main`` stops (on
+        SIGTERM or SIGINT, raised again once it has stopped); the control API stops then."""
+        assert self._socket is not None, "open() first"
+        control = _SignalsLeftAlone(uvicorn.Config(
+            create_control_app(services), log_config=None, access_log=False,
+            server_header=False, lifespan="off"))
+        sockets = [self._socket]
+
+        async def both() -> None:
+            served = asyncio.create_task(control.serve(sockets=sockets))
+            try:
+                await main.serve()
+            finally:
+                control.should_exit = True
+                await served
+
+        with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:
+            runner.run(both())
+
+    def close(self) -> None:
+        """Stop listening and remove the socket."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+            self.path.unlink(missing_ok=True)
