@@ -1,8 +1,9 @@
-"""Fixtures: a real ``passerelle serve`` process, DICOM test files, SCU helpers."""
+"""Fixtures: a real ``passerelle serve`` process, the same HTTP application in-process
+(tests/inprocess.py), DICOM test files, SCU helpers."""
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from pydicom.data.data_manager import DATA_ROOT
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
 from tests.scu import send
 from tests.synthetic import write_ct_study
@@ -37,6 +39,29 @@ def server(tmp_path: Path) -> Iterator[PasserelleProcess]:
     process = PasserelleProcess(tmp_path / "data").start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[InProcessService]:
+    """The service's HTTP application in-process on a fresh data dir, closed after the test."""
+    with InProcessService(tmp_path / "data") as service:
+        yield service
+
+
+@pytest.fixture
+def make_web(tmp_path: Path) -> Iterator[Callable[..., InProcessService]]:
+    """``make_web(name, **settings)``: in-process services with settings of their own (flat
+    names, as PasserelleProcess takes them), each on ``tmp_path / name``; all closed after the
+    test."""
+    made: list[InProcessService] = []
+
+    def make(name: str = "data", **settings: object) -> InProcessService:
+        made.append(InProcessService(tmp_path / name, **settings))
+        return made[-1]
+
+    yield make
+    for service in reversed(made):
+        service.close()
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +113,15 @@ def loaded(tmp_path_factory: pytest.TempPathFactory, ct_study: list[Path],
         for path in [*ct_study, *files_by_syntax.values()]:
             assert send(server.dicom_port, path)[0] == 0x0000
         yield server
+
+
+@pytest.fixture(scope="module")
+def loaded_web(tmp_path_factory: pytest.TempPathFactory, ct_study: list[Path],
+               files_by_syntax: dict[UID, Path]) -> Iterator[InProcessService]:
+    """``loaded`` in-process: the same content, stored as C-STORE would store it."""
+    with InProcessService(tmp_path_factory.mktemp("wado") / "data") as service:
+        service.ingest_all([*ct_study, *files_by_syntax.values()])
+        yield service
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The audit trail after a scripted session against a running service: exactly the expected
 DICOM audit messages (PS3.15 A.5), durable in the JSON lines file, copied to syslog, and
-listed by ``passerelle audit --study``."""
+listed by ``passerelle audit --study``; its rotation (in-process)."""
 
 import base64
 import json
@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 
 from gateway.security.audit import read_events
 from tests.certificates import make_pki
+from tests.inprocess import InProcessService
 from tests.issuer import LocalIssuer
 from tests.processes import PasserelleProcess, RegistryProcess, free_port, wait_for
 from tests.scu import associate, send
@@ -95,10 +96,11 @@ def test_a_scripted_session_leaves_exactly_the_expected_events(tmp_path: Path) -
 
 
 def test_the_trail_rotates_and_reads_back_in_order(tmp_path: Path) -> None:
-    with PasserelleProcess(tmp_path / "data", audit_max_bytes="2000",
-                           audit_backups="50") as server:
+    # In-process: the rotation is the trail's, whatever carried the requests.
+    with InProcessService(tmp_path / "data", audit_max_bytes="2000",
+                          audit_backups="50") as service:
         for n in range(40):
-            httpx.get(f"{server.base_url}/dicom-web/studies?AccessionNumber=A{n}")
+            service.get(f"/dicom-web/studies?AccessionNumber=A{n}")
     files = sorted((tmp_path / "data" / "audit").glob("audit.jsonl*"))
     assert len(files) > 3
     assert [_query(m) for m in read_events(tmp_path / "data" / "audit")] == [

@@ -10,6 +10,7 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -18,6 +19,8 @@ from tests.multipart import parts_of
 from tests.processes import PasserelleProcess
 from tests.scu import associate
 from tests.synthetic import ct_slice, part10
+
+pytestmark = pytest.mark.slow  # twenty kills of a busy service, ~45 s: pytest -m slow
 
 DICOM = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
 

@@ -1,16 +1,17 @@
-"""ETag / If-None-Match, CORS, and the Accept table of real clients."""
+"""ETag / If-None-Match, CORS, and the Accept table of real clients (in-process: HTTP
+semantics of the application, no socket needed)."""
 
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from gateway.web.dicomweb.frames import choose_frame_encoding
 from gateway.web.http.accept import dicom_transfer_syntaxes, parse_accept
-from tests.processes import PasserelleProcess
-from tests.scu import send
+from storage.store import Outcome
+from tests.inprocess import InProcessService
 from tests.synthetic import ct_slice
 
 EVRLE = "1.2.840.10008.1.2.1"
@@ -56,49 +57,47 @@ def test_frame_media_types(stored: str, accept: str, content_type: str) -> None:
     assert encoding.content_type == content_type
 
 
-def test_etags_and_conditional_requests(server: PasserelleProcess) -> None:
+def test_etags_and_conditional_requests(web: InProcessService) -> None:
     study, series = generate_uid(), generate_uid()
-    assert send(server.dicom_port, ct_slice(study, series, 1, 1, size=8))[0] == 0
-    root = f"{server.base_url}/dicom-web/studies/{study}"
-    for url in (f"{root}/metadata", root, f"{server.base_url}/dicom-web/studies"):
-        first = httpx.get(url)
+    assert web.ingest(ct_slice(study, series, 1, 1, size=8)).outcome is Outcome.STORED
+    root = f"/dicom-web/studies/{study}"
+    for url in (f"{root}/metadata", root, "/dicom-web/studies"):
+        first = web.get(url)
         assert first.status_code == 200
         etag = first.headers["etag"]
-        again = httpx.get(url, headers={"If-None-Match": etag})
+        again = web.get(url, headers={"If-None-Match": etag})
         assert again.status_code == 304
         assert again.content == b""
-        assert httpx.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
-    before = httpx.get(f"{root}/metadata").headers["etag"]
-    assert send(server.dicom_port, ct_slice(study, series, 1, 2, size=8))[0] == 0
-    changed = httpx.get(f"{root}/metadata", headers={"If-None-Match": before})
+        assert web.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+    before = web.get(f"{root}/metadata").headers["etag"]
+    assert web.ingest(ct_slice(study, series, 1, 2, size=8)).outcome is Outcome.STORED
+    changed = web.get(f"{root}/metadata", headers={"If-None-Match": before})
     assert changed.status_code == 200
     assert len(changed.json()) == 2
 
 
-def test_cors_only_when_configured(server: PasserelleProcess, tmp_path: Path) -> None:
+def test_cors_only_when_configured(web: InProcessService,
+                                   make_web: Callable[..., InProcessService]) -> None:
     origin = {"Origin": "https://viewer.example.org"}
-    plain = httpx.get(f"{server.base_url}/dicom-web/studies", headers=origin)
+    plain = web.get("/dicom-web/studies", headers=origin)
     assert "access-control-allow-origin" not in plain.headers
-    other = PasserelleProcess(tmp_path / "cors",
-                              cors_allow_origins="https://viewer.example.org").start()
-    try:
-        url = f"{other.base_url}/dicom-web/studies"
-        preflight = httpx.options(url, headers={
-            **origin, "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Headers": "accept, authorization, kos-sopinstanceuid"})
-        assert preflight.status_code == 200
-        assert preflight.headers["access-control-allow-origin"] == origin["Origin"]
-        response = httpx.get(url, headers=origin)
-        assert response.headers["access-control-allow-origin"] == origin["Origin"]
-        assert "etag" in response.headers["access-control-expose-headers"].lower()
-        stranger = httpx.get(url, headers={"Origin": "https://evil.example"})
-        assert "access-control-allow-origin" not in stranger.headers
-    finally:
-        other.stop()
+    other = make_web("cors", cors_allow_origins="https://viewer.example.org")
+    url = "/dicom-web/studies"
+    preflight = other.options(url, headers={
+        **origin, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "accept, authorization, kos-sopinstanceuid"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == origin["Origin"]
+    response = other.get(url, headers=origin)
+    assert response.headers["access-control-allow-origin"] == origin["Origin"]
+    assert "etag" in response.headers["access-control-expose-headers"].lower()
+    stranger = other.get(url, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in stranger.headers
 
 
-def test_content_length_on_every_part(loaded: PasserelleProcess, ct_study: list[Path]) -> None:
+def test_content_length_on_every_part(loaded_web: InProcessService,
+                                      ct_study: list[Path]) -> None:
     ds = dcmread(ct_study[0])
-    response = httpx.get(f"{loaded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}")
+    response = loaded_web.get(f"/dicom-web/studies/{ds.StudyInstanceUID}")
     assert response.status_code == 200
     assert response.content.count(b"Content-Length: ") == 15

@@ -5,11 +5,14 @@ one process: no error, no lost instance; the latency percentiles are printed
 from pathlib import Path
 
 import psutil
+import pytest
 from pydicom import dcmread
 
 from tests.load import instance_count, run_load
 from tests.processes import PasserelleProcess
 from tests.scu import send
+
+pytestmark = pytest.mark.slow  # a 60 s soak: pytest -m slow, and .ci/run
 
 SECONDS = 60
 

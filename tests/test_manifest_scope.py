@@ -1,6 +1,8 @@
 """Access through a manifest: with ``KOS-SOPInstanceUID`` a consumer reaches what that
-published, non-withdrawn KOS references, and nothing else."""
+published, non-withdrawn KOS references, and nothing else. End to end with a real
+publication; the refusals that need none, in-process."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -9,6 +11,7 @@ from pydicom.uid import generate_uid
 from gateway.security.audit import read_events
 from storage.index import Index
 from storage.outbox import Outbox, State
+from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for
 from tests.scu import send
 from tests.synthetic import national_ct_slice
@@ -60,16 +63,11 @@ def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) ->
         assert get(f"/wado?requestType=WADO&studyUID={study}&seriesUID={series}"
                    f"&objectUID={late}&contentType=application/dicom") == 403
         assert get(f"/dicom-web/studies/{other_study}") == 403
-        assert get("/dicom-web/studies", Accept="application/dicom+json") == 403
-        assert get(f"{base}/series/{series}", kos_uid="1.2.3.4") == 403
-        assert get(f"{base}/series/{series}", kos_uid="../../etc/passwd") == 403
-        assert get(f"{base}/series/{series}/instances/{late}", kos_uid=None) == 200
-        assert server.metric("passerelle_manifest_access_total", result="denied") == 6
-        wait_for(lambda: len(_trail(tmp_path / "data", "via KOS")) >= 8, 10, "the audit")
+        # (Refusals that need no publication: test_refusals_that_need_no_publication.)
+        assert server.metric("passerelle_manifest_access_total", result="denied") == 3
+        wait_for(lambda: len(_trail(tmp_path / "data", "via KOS")) >= 5, 10, "the audit")
         assert (_trail(tmp_path / "data", f"GET {base}/series/{series} via KOS {kos} -> 200")
                 [0]["EventOutcomeIndicator"]) == "0"
-        assert (_trail(tmp_path / "data", "via KOS 1.2.3.4 -> 403")
-                [0]["EventOutcomeIndicator"]) == "4"
 
         assert server.cli("unpublish", study).returncode == 0
         _published(tmp_path / "data", 2)
@@ -88,3 +86,28 @@ def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) ->
             response = httpx.get(url, headers={**DICOM, **headers})
             assert response.status_code == status, headers
         assert "header is required" in httpx.get(url, headers=DICOM).text
+
+
+def test_refusals_that_need_no_publication(make_web: Callable[..., InProcessService]) -> None:
+    """A manifest never published here, a UID that is not one, a listing that names no
+    study: refused without any publication; no header at all, when none is required: served.
+    """
+    web = make_web()
+    study, series, late = generate_uid(), generate_uid(), generate_uid()
+    assert web.ingest(national_ct_slice(study, series, 1, 1, sop_uid=late)).accepted
+    denied = web.metric("passerelle_manifest_access_total", result="denied")
+
+    def get(path: str, kos_uid: str | None, **headers: str) -> httpx.Response:
+        scoped = {"KOS-SOPInstanceUID": kos_uid} if kos_uid else {}
+        return web.get(path, headers={**DICOM, **scoped, **headers})
+
+    base = f"/dicom-web/studies/{study}"
+    listing = get("/dicom-web/studies", generate_uid(), Accept="application/dicom+json")
+    assert listing.status_code == 403
+    assert "must name its study" in listing.text
+    assert get(f"{base}/series/{series}", "1.2.3.4").status_code == 403
+    assert get(f"{base}/series/{series}", "../../etc/passwd").status_code == 403
+    assert get(f"{base}/series/{series}/instances/{late}", None).status_code == 200
+    assert web.metric("passerelle_manifest_access_total", result="denied") == denied + 3
+    web.close()  # drains the audit trail
+    assert (_trail(web.data_dir, "via KOS 1.2.3.4 -> 403")[0]["EventOutcomeIndicator"]) == "4"

@@ -1,12 +1,14 @@
-"""QIDO-RS (PS3.18 10.6) against a running service: dicomweb-client and raw HTTP."""
+"""QIDO-RS (PS3.18 10.6): matching, paging and validation in-process (raw HTTP on the
+application), and dicomweb-client against a running service over a socket."""
 
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 
+from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
 from tests.scu import send
 from tests.synthetic import ct_slice
@@ -20,35 +22,50 @@ STUDIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
-    """A service holding the studies of STUDIES, two instances per series."""
-    with PasserelleProcess(tmp_path_factory.mktemp("qido") / "data") as server:
-        for patient, name, date, time, accession, modalities in STUDIES:
-            study = generate_uid()
-            for number, modality in enumerate(modalities, start=1):
-                series = generate_uid()
-                for instance in (1, 2):
-                    ds = ct_slice(study, series, number, instance, size=4, patient_id=patient,
-                                  accession=accession, PatientName=name, StudyDate=date,
-                                  StudyTime=time, Modality=modality,
-                                  SpecificCharacterSet="ISO_IR 192")
-                    assert send(server.dicom_port, ds)[0] == 0x0000
-        yield server
+def _datasets() -> Iterator[Dataset]:
+    """The instances of STUDIES, two per series."""
+    for patient, name, date, time, accession, modalities in STUDIES:
+        study = generate_uid()
+        for number, modality in enumerate(modalities, start=1):
+            series = generate_uid()
+            for instance in (1, 2):
+                yield ct_slice(study, series, number, instance, size=4, patient_id=patient,
+                               accession=accession, PatientName=name, StudyDate=date,
+                               StudyTime=time, Modality=modality,
+                               SpecificCharacterSet="ISO_IR 192")
 
 
 @pytest.fixture(scope="module")
-def qido(indexed: PasserelleProcess) -> DICOMwebClient:
-    """A dicomweb-client session on the indexed service."""
-    return DICOMwebClient(url=f"{indexed.base_url}/dicom-web")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+    """The application in-process, holding the studies of STUDIES."""
+    with InProcessService(tmp_path_factory.mktemp("qido") / "data") as service:
+        service.ingest_all(_datasets())
+        yield service
+
+
+@pytest.fixture(scope="module")
+def qido(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DICOMwebClient]:
+    """A dicomweb-client session on a running service that received STUDIES over DICOM."""
+    with PasserelleProcess(tmp_path_factory.mktemp("qido-e2e") / "data") as server:
+        for ds in _datasets():
+            assert send(server.dicom_port, ds)[0] == 0x0000
+        yield DICOMwebClient(url=f"{server.base_url}/dicom-web")
+
+
+def search(service: InProcessService, path: str = "/studies", **params: object) -> list[dict]:
+    """A QIDO-RS search as dicomweb-client sends it (``Accept: application/dicom+json``)."""
+    response = service.get(f"/dicom-web{path}", params=params,
+                           headers={"Accept": "application/dicom+json, application/json"})
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def values(results: list[dict], tag: str) -> list:
     return [r[tag]["Value"][0] if "Value" in r[tag] else None for r in results]
 
 
-def test_all_studies_with_computed_attributes(qido: DICOMwebClient) -> None:
-    results = qido.search_for_studies()
+def test_all_studies_with_computed_attributes(indexed: InProcessService) -> None:
+    results = search(indexed)
     assert len(results) == 4
     by_accession = {r["00080050"]["Value"][0]: r for r in results}
     first = by_accession["ACC1"]
@@ -81,8 +98,8 @@ def test_all_studies_with_computed_attributes(qido: DICOMwebClient) -> None:
     ({"PatientName": "DUP*"}, {"ACC1", "ACC4"}),
     ({"PatientName": "Martin^Paul"}, {"ACC3"}),
 ])
-def test_study_matching(qido: DICOMwebClient, filters: dict, accessions: set) -> None:
-    results = qido.search_for_studies(search_filters=filters)
+def test_study_matching(indexed: InProcessService, filters: dict, accessions: set) -> None:
+    results = search(indexed, **filters)
     assert set(values(results, "00080050")) == accessions
 
 
@@ -96,19 +113,20 @@ def test_study_matching(qido: DICOMwebClient, filters: dict, accessions: set) ->
     ("m*ler", {"ACC2"}),
     ("xavier", set()),
 ])
-def test_fuzzy_person_names(qido: DICOMwebClient, name: str, accessions: set) -> None:
-    results = qido.search_for_studies(search_filters={"PatientName": name}, fuzzymatching=True)
+def test_fuzzy_person_names(indexed: InProcessService, name: str, accessions: set) -> None:
+    results = search(indexed, PatientName=name, fuzzymatching="true")
     assert set(values(results, "00080050")) == accessions
 
 
-def test_study_uid_list(qido: DICOMwebClient) -> None:
-    all_studies = qido.search_for_studies()
+def test_study_uid_list(indexed: InProcessService) -> None:
+    all_studies = search(indexed)
     uids = values(all_studies, "0020000D")[:2]
-    results = qido.search_for_studies(search_filters={"StudyInstanceUID": ",".join(uids)})
+    results = search(indexed, StudyInstanceUID=",".join(uids))
     assert set(values(results, "0020000D")) == set(uids)
 
 
 def test_series_and_instances(qido: DICOMwebClient) -> None:
+    """End to end: dicomweb-client over a socket, on instances received over DICOM."""
     [study] = qido.search_for_studies(search_filters={"AccessionNumber": "ACC4"})
     study_uid = study["0020000D"]["Value"][0]
     series = qido.search_for_series(study_uid)
@@ -131,20 +149,20 @@ def test_series_and_instances(qido: DICOMwebClient) -> None:
     assert len(qido.search_for_instances(search_filters={"PatientID": "P2"})) == 2
 
 
-def test_limit_offset_and_includefield(qido: DICOMwebClient) -> None:
-    page1 = qido.search_for_studies(limit=2)
-    page2 = qido.search_for_studies(limit=2, offset=2)
+def test_limit_offset_and_includefield(indexed: InProcessService) -> None:
+    page1 = search(indexed, limit=2)
+    page2 = search(indexed, limit=2, offset=2)
     assert len(page1) == len(page2) == 2
     assert not set(values(page1, "0020000D")) & set(values(page2, "0020000D"))
-    [series] = qido.search_for_series(search_filters={"AccessionNumber": "ACC2"},
-                                      fields=["SeriesDate", "00180015"])
+    [series] = search(indexed, "/series", AccessionNumber="ACC2",
+                      includefield=["SeriesDate", "00180015"])
     assert "00080021" in series and "00180015" in series
-    everything = qido.search_for_instances(search_filters={"PatientID": "P3"}, fields=["all"])
+    everything = search(indexed, "/instances", PatientID="P3", includefield=["all"])
     assert "00280011" in everything[0] and "00100030" in everything[0]
 
 
-def test_no_match_is_an_empty_array(indexed: PasserelleProcess) -> None:
-    response = httpx.get(f"{indexed.base_url}/dicom-web/studies?PatientID=NOBODY")
+def test_no_match_is_an_empty_array(indexed: InProcessService) -> None:
+    response = indexed.get("/dicom-web/studies?PatientID=NOBODY")
     assert response.status_code == 200
     assert response.json() == []
     assert response.headers["content-type"] == "application/dicom+json"
@@ -164,20 +182,20 @@ def test_no_match_is_an_empty_array(indexed: PasserelleProcess) -> None:
     ("PatientID=' OR 1=1 --", None),
     ("PatientName=%00%27%22;DROP TABLE patients", None),
 ])
-def test_bad_and_hostile_queries(indexed: PasserelleProcess, query: str,
+def test_bad_and_hostile_queries(indexed: InProcessService, query: str,
                                  message: str | None) -> None:
-    response = httpx.get(f"{indexed.base_url}/dicom-web/studies?{query}")
+    response = indexed.get(f"/dicom-web/studies?{query}")
     if message is None:  # SQL metacharacters are values like any other
         assert response.status_code == 200
         assert response.json() == []
     else:
         assert response.status_code == 400
         assert message in response.text
-    assert len(httpx.get(f"{indexed.base_url}/dicom-web/studies").json()) == 4
+    assert len(indexed.get("/dicom-web/studies").json()) == 4
 
 
-def test_numeric_keys_are_numbers(indexed: PasserelleProcess) -> None:
-    response = httpx.get(f"{indexed.base_url}/dicom-web/series?SeriesNumber=abc")
+def test_numeric_keys_are_numbers(indexed: InProcessService) -> None:
+    response = indexed.get("/dicom-web/series?SeriesNumber=abc")
     assert response.status_code == 400
     assert "SeriesNumber must be a number" in response.text
-    assert len(httpx.get(f"{indexed.base_url}/dicom-web/series?SeriesNumber=2").json()) == 3
+    assert len(indexed.get("/dicom-web/series?SeriesNumber=2").json()) == 3

@@ -1,5 +1,6 @@
 """Render cache (LRU on disk, single flight), thumbnails, study/series rendered resources and
-viewport source rectangles, against a running service."""
+viewport source rectangles: in-process, but for the cache across a restart of a running
+service."""
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from tests.conftest import _local_test_files
+from tests.inprocess import InProcessService
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess
 from tests.scu import send
@@ -39,17 +41,22 @@ MULTIFRAME = next(p for p in _local_test_files() if p.name == "emri_small.dcm")
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
-    with PasserelleProcess(tmp_path_factory.mktemp("cache") / "data",
-                           render_cache_bytes=str(CACHE_BYTES)) as server:
-        for ds in SLICES:
-            assert send(server.dicom_port, ds)[0] == 0x0000
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+    with InProcessService(tmp_path_factory.mktemp("cache") / "data",
+                          render_cache_bytes=str(CACHE_BYTES)) as web:
+        web.ingest_all([*SLICES, BIG, MULTIFRAME])
+        yield web
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[PasserelleProcess]:
+    """A running service that received BIG over DICOM."""
+    with PasserelleProcess(tmp_path / "data", render_cache_bytes=str(CACHE_BYTES)) as server:
         assert send(server.dicom_port, BIG)[0] == 0x0000
-        assert send(server.dicom_port, MULTIFRAME)[0] == 0x0000
         yield server
 
 
-def _url(server: PasserelleProcess, ds: Dataset, suffix: str) -> str:
+def _url(server: InProcessService | PasserelleProcess, ds: Dataset, suffix: str) -> str:
     return (f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
             f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}{suffix}")
 
@@ -59,83 +66,84 @@ def _gray(response: httpx.Response) -> np.ndarray:
     return np.asarray(Image.open(BytesIO(response.content)).convert("L")).astype(int)
 
 
-def _cache_files(server: PasserelleProcess) -> list[Path]:
+def _cache_files(server: InProcessService | PasserelleProcess) -> list[Path]:
     return [p for p in (server.data_dir / "cache" / "rendered").glob("*/*") if p.is_file()]
 
 
-def test_thumbnails_show_the_middle_of_the_first_series(service: PasserelleProcess) -> None:
+def test_thumbnails_show_the_middle_of_the_first_series(service: InProcessService) -> None:
     middle = SLICES[2]  # series 1, instance 2 of 3
-    expected = _gray(httpx.get(_url(service, middle, "/rendered"),
-                               params={"viewport": "128,128"}, headers={"Accept": "image/png"}))
-    study = httpx.get(f"{service.base_url}/dicom-web/studies/{STUDY}/thumbnail",
-                      headers={"Accept": "image/png"})
+    expected = _gray(service.get(_url(service, middle, "/rendered"),
+                                 params={"viewport": "128,128"}, headers={"Accept": "image/png"}))
+    study = service.get(f"/dicom-web/studies/{STUDY}/thumbnail",
+                        headers={"Accept": "image/png"})
     assert np.array_equal(_gray(study), expected)
     assert study.headers["content-type"] == "image/png"
-    series = httpx.get(f"{service.base_url}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
-                       "/thumbnail", headers={"Accept": "image/png"})
+    series = service.get(f"/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+                         "/thumbnail", headers={"Accept": "image/png"})
     assert np.array_equal(_gray(series), expected)
-    jpeg = httpx.get(_url(service, middle, "/thumbnail"), params={"viewport": "32,32"})
+    jpeg = service.get(_url(service, middle, "/thumbnail"), params={"viewport": "32,32"})
     assert jpeg.headers["content-type"] == "image/jpeg"
     assert Image.open(BytesIO(jpeg.content)).size == (32, 32)
 
 
-def test_multiframe_thumbnail_is_its_middle_frame(service: PasserelleProcess) -> None:
+def test_multiframe_thumbnail_is_its_middle_frame(service: InProcessService) -> None:
     ds = dcmread(MULTIFRAME, stop_before_pixels=True)
     middle = (int(ds.NumberOfFrames) + 1) // 2
-    expected = _gray(httpx.get(_url(service, ds, f"/frames/{middle}/rendered"),
-                               params={"viewport": "128,128"}, headers={"Accept": "image/png"}))
-    got = _gray(httpx.get(_url(service, ds, "/thumbnail"), headers={"Accept": "image/png"}))
+    expected = _gray(service.get(_url(service, ds, f"/frames/{middle}/rendered"),
+                                 params={"viewport": "128,128"}, headers={"Accept": "image/png"}))
+    got = _gray(service.get(_url(service, ds, "/thumbnail"), headers={"Accept": "image/png"}))
     assert np.array_equal(got, expected)
 
 
-def test_study_and_series_rendered_are_every_frame(service: PasserelleProcess) -> None:
-    response = httpx.get(f"{service.base_url}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
-                         "/rendered", headers={"Accept": "image/png"})
+def test_study_and_series_rendered_are_every_frame(service: InProcessService) -> None:
+    response = service.get(f"/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+                           "/rendered", headers={"Accept": "image/png"})
     assert response.status_code == 200
     assert 'multipart/related; type="image/png"' in response.headers["content-type"]
     means = [np.asarray(Image.open(BytesIO(body))).mean() for _, body in parts_of(response)]
     assert len(means) == 3 and means == sorted(means)  # instance order, values 1000..3000
-    study = httpx.get(f"{service.base_url}/dicom-web/studies/{STUDY}/rendered")
+    study = service.get(f"/dicom-web/studies/{STUDY}/rendered")
     assert len(parts_of(study)) == 5
 
 
-def test_viewport_source_rectangle_and_flip(service: PasserelleProcess) -> None:
+def test_viewport_source_rectangle_and_flip(service: InProcessService) -> None:
     ds = BIG
-    full = _gray(httpx.get(_url(service, ds, "/rendered"), headers={"Accept": "image/png"}))
-    part = _gray(httpx.get(_url(service, ds, "/rendered"), headers={"Accept": "image/png"},
-                           params={"viewport": "100,50,10,20,100,-50"}))
+    full = _gray(service.get(_url(service, ds, "/rendered"), headers={"Accept": "image/png"}))
+    part = _gray(service.get(_url(service, ds, "/rendered"), headers={"Accept": "image/png"},
+                             params={"viewport": "100,50,10,20,100,-50"}))
     assert np.array_equal(part, full[20:70, 10:110][::-1])
-    outside = httpx.get(_url(service, ds, "/rendered"), params={"viewport": "10,10,600,0,5,5"})
+    outside = service.get(_url(service, ds, "/rendered"), params={"viewport": "10,10,600,0,5,5"})
     assert outside.status_code == 422 and "outside" in outside.text
 
 
-def test_second_request_is_served_from_the_cache(service: PasserelleProcess) -> None:
+def test_second_request_is_served_from_the_cache(service: InProcessService) -> None:
     ds = SLICES[1]
     before = service.metric("passerelle_render_cache_total", result="hit")
-    first = httpx.get(_url(service, ds, "/rendered"), params={"quality": "61"})
-    second = httpx.get(_url(service, ds, "/rendered"), params={"quality": "61"})
+    first = service.get(_url(service, ds, "/rendered"), params={"quality": "61"})
+    second = service.get(_url(service, ds, "/rendered"), params={"quality": "61"})
     assert first.content == second.content
     assert first.headers["etag"] == second.headers["etag"]
     assert service.metric("passerelle_render_cache_total", result="hit") == before + 1
-    unchanged = httpx.get(_url(service, ds, "/rendered"), params={"quality": "61"},
-                          headers={"If-None-Match": first.headers["etag"]})
+    unchanged = service.get(_url(service, ds, "/rendered"), params={"quality": "61"},
+                            headers={"If-None-Match": first.headers["etag"]})
     assert unchanged.status_code == 304
-    other = httpx.get(_url(service, ds, "/rendered"), params={"quality": "62"})
+    other = service.get(_url(service, ds, "/rendered"), params={"quality": "62"})
     assert other.headers["etag"] != first.headers["etag"]
 
 
-def test_concurrent_identical_requests_render_once(service: PasserelleProcess) -> None:
+def test_concurrent_identical_requests_render_once(service: InProcessService) -> None:
     ds = BIG
     misses = service.metric("passerelle_render_cache_total", result="miss")
     with ThreadPoolExecutor(8) as pool:
-        bodies = list(pool.map(lambda _: httpx.get(_url(service, ds, "/rendered"),
-                                                   params={"quality": "37"}).content, range(8)))
+        bodies = list(pool.map(lambda _: service.get(_url(service, ds, "/rendered"),
+                                                     params={"quality": "37"}).content, range(8)))
     assert len(set(bodies)) == 1
     assert service.metric("passerelle_render_cache_total", result="miss") == misses + 1
 
 
-def test_cache_stays_within_its_size_and_survives_restart(service: PasserelleProcess) -> None:
-    ds = BIG
+def test_cache_stays_within_its_size_and_survives_restart(running: PasserelleProcess) -> None:
+    """End to end: the bound and the restart are the process's."""
+    service, ds = running, BIG
     for size in range(100, 420, 10):  # ~32 renderings of 10-60 KB each: more than the bound
         assert httpx.get(_url(service, ds, "/rendered"), params={"viewport": f"{size},{size}"}
                          ).status_code == 200
@@ -157,7 +165,7 @@ def test_cache_stays_within_its_size_and_survives_restart(service: PasserellePro
     ("/studies/{study}/rendered?bitdepth=16", 400, "bitdepth=16 needs image/png"),
     ("/studies/{study}/rendered?bitdepth=12", 400, "bitdepth must be"),
 ])
-def test_errors(service: PasserelleProcess, path: str, status: int, message: str) -> None:
-    response = httpx.get(f"{service.base_url}/dicom-web{path.format(study=STUDY)}")
+def test_errors(service: InProcessService, path: str, status: int, message: str) -> None:
+    response = service.get(f"/dicom-web{path.format(study=STUDY)}")
     assert response.status_code == status
     assert message in response.text

@@ -1,6 +1,8 @@
-"""Rendered images (WADO-RS /rendered, WADO-URI) against a running service, compared with
-an independent oracle: pydicom's own Modality LUT, windowing and colour LUT functions."""
+"""Rendered images (WADO-RS /rendered, WADO-URI), compared with an independent oracle:
+pydicom's own Modality LUT, windowing and colour LUT functions. In-process (the rendering is
+the point, not the socket), but for dicomweb-client against a running service."""
 
+import copy
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -15,6 +17,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, a
 from pydicom.uid import generate_uid
 
 from tests.conftest import _local_test_files
+from tests.inprocess import InProcessService
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess
 from tests.scu import send
@@ -38,22 +41,29 @@ def stored(name: str) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def imaging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
-    """A service holding a synthetic CT slice, pydicom samples, and an SR (no pixels)."""
-    with PasserelleProcess(tmp_path_factory.mktemp("render") / "data") as server:
-        for name in SAMPLES:
-            assert send(server.dicom_port, sample(name))[0] == 0x0000, name
-        for name in sorted({*GRAY, *(name for pair in COLOUR for name in pair[:2])}):
-            assert send(server.dicom_port, stored(name))[0] == 0x0000, name
-        for ds in SYNTHETIC:
-            assert send(server.dicom_port, ds)[0] == 0x0000
-        assert send(server.dicom_port, _ct())[0] == 0x0000
+def imaging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+    """The application in-process, holding a synthetic CT slice, pydicom samples, and an SR
+    (no pixels)."""
+    with InProcessService(tmp_path_factory.mktemp("render") / "data") as service:
+        service.ingest_all(sample(name) for name in SAMPLES)
+        service.ingest_all(stored(name) for name in
+                           sorted({*GRAY, *(name for pair in COLOUR for name in pair[:2])}))
+        service.ingest_all(SYNTHETIC)
+        service.ingest_all([_ct()])
         report = _ct(SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", Modality="SR")
         report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
         for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
                         "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
             delattr(report, keyword)
-        assert send(server.dicom_port, report)[0] == 0x0000
+        service.ingest_all([report])
+        yield service
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
+    """End to end: a running service that received the synthetic CT slice over DICOM."""
+    with PasserelleProcess(tmp_path_factory.mktemp("render-e2e") / "data") as server:
+        assert send(server.dicom_port, _ct())[0] == 0x0000
         yield server
 
 
@@ -66,7 +76,7 @@ def _ct(**attributes: object) -> Dataset:
                     HighBit=15, **attributes)
 
 
-def url(server: PasserelleProcess, ds: Dataset, suffix: str = "/rendered") -> str:
+def url(server: InProcessService, ds: Dataset, suffix: str = "/rendered") -> str:
     return (f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
             f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}{suffix}")
 
@@ -83,7 +93,7 @@ def oracle_gray(ds: Dataset, frame: np.ndarray, center: float | None = None,
     preference), rescaled from its output range to 0..top, inverted for MONOCHROME1."""
     values = apply_modality_lut(frame, ds)
     if center is not None:
-        ds = ds.copy()
+        ds = copy.deepcopy(ds)  # Dataset.copy() is shallow: it would change the caller's
         ds.WindowCenter, ds.WindowWidth = center, width
         ds.VOILUTFunction = "LINEAR"
     if "WindowCenter" in ds:
@@ -105,19 +115,19 @@ def oracle_gray(ds: Dataset, frame: np.ndarray, center: float | None = None,
     return top - result if ds.PhotometricInterpretation == "MONOCHROME1" else result
 
 
-def test_ct_window_from_the_instance_and_from_the_request(imaging: PasserelleProcess) -> None:
+def test_ct_window_from_the_instance_and_from_the_request(imaging: InProcessService) -> None:
     ds = _ct()
-    got = png(httpx.get(url(imaging, ds), headers={"Accept": "image/png"}))
+    got = png(imaging.get(url(imaging, ds), headers={"Accept": "image/png"}))
     assert np.abs(got.astype(int) - oracle_gray(ds, ds.pixel_array)).max() <= 1
-    got = png(httpx.get(url(imaging, ds), params={"window": "300,1500"},
-                        headers={"Accept": "image/png"}))
+    got = png(imaging.get(url(imaging, ds), params={"window": "300,1500"},
+                          headers={"Accept": "image/png"}))
     assert np.abs(got.astype(int) - oracle_gray(ds, ds.pixel_array, 300, 1500)).max() <= 1
 
 
-def test_monochrome1_is_inverted(imaging: PasserelleProcess) -> None:
+def test_monochrome1_is_inverted(imaging: InProcessService) -> None:
     ds = dcmread(sample("RG1_UNCI.dcm"))
     assert ds.PhotometricInterpretation == "MONOCHROME1"
-    got = png(httpx.get(url(imaging, ds), headers={"Accept": "image/png"}))
+    got = png(imaging.get(url(imaging, ds), headers={"Accept": "image/png"}))
     expected = oracle_gray(ds, ds.pixel_array)
     assert np.abs(got.astype(int) - expected).max() <= 1
     # Dark where the stored values are high: the inversion really happened.
@@ -125,19 +135,19 @@ def test_monochrome1_is_inverted(imaging: PasserelleProcess) -> None:
     assert got[bright].mean() < 64
 
 
-def test_palette_colour(imaging: PasserelleProcess) -> None:
+def test_palette_colour(imaging: InProcessService) -> None:
     ds = dcmread(sample("OBXXXX1A.dcm"))
-    got = png(httpx.get(url(imaging, ds), headers={"Accept": "image/png"}))
+    got = png(imaging.get(url(imaging, ds), headers={"Accept": "image/png"}))
     rgb = apply_color_lut(ds.pixel_array, ds)
     expected = rgb >> 8 if rgb.dtype == np.uint16 else rgb
     assert np.array_equal(got, expected.astype(np.uint8))
 
 
-def test_rgb_exact_in_png_and_close_in_jpeg(imaging: PasserelleProcess) -> None:
+def test_rgb_exact_in_png_and_close_in_jpeg(imaging: InProcessService) -> None:
     ds = dcmread(sample("SC_rgb.dcm"))
-    assert np.array_equal(png(httpx.get(url(imaging, ds), headers={"Accept": "image/png"})),
+    assert np.array_equal(png(imaging.get(url(imaging, ds), headers={"Accept": "image/png"})),
                           ds.pixel_array)
-    jpeg = httpx.get(url(imaging, ds))
+    jpeg = imaging.get(url(imaging, ds))
     assert jpeg.headers["content-type"] == "image/jpeg"
     decoded = np.asarray(Image.open(BytesIO(jpeg.content))).astype(int)
     assert np.abs(decoded - ds.pixel_array).mean() < 3
@@ -161,19 +171,19 @@ COLOUR = [
 
 
 @pytest.mark.parametrize("name", GRAY)
-def test_grayscale_against_the_oracle(imaging: PasserelleProcess, name: str) -> None:
+def test_grayscale_against_the_oracle(imaging: InProcessService, name: str) -> None:
     ds = stored(name)
     frame = ds.pixel_array[0] if int(ds.get("NumberOfFrames") or 1) > 1 else ds.pixel_array
-    got = png(httpx.get(url(imaging, ds, "/frames/1/rendered"),
-                        headers={"Accept": "image/png"}))
+    got = png(imaging.get(url(imaging, ds, "/frames/1/rendered"),
+                          headers={"Accept": "image/png"}))
     assert np.abs(got.astype(int) - oracle_gray(ds, frame)).max() <= 1
 
 
 @pytest.mark.parametrize("name, reference, tolerance", COLOUR)
-def test_colour_against_the_oracle(imaging: PasserelleProcess, name: str, reference: str,
+def test_colour_against_the_oracle(imaging: InProcessService, name: str, reference: str,
                                    tolerance: int) -> None:
     ds = stored(name)
-    got = png(httpx.get(url(imaging, ds), headers={"Accept": "image/png"})).astype(int)
+    got = png(imaging.get(url(imaging, ds), headers={"Accept": "image/png"})).astype(int)
     shift = ds.BitsStored - 8
     # Exactly pydicom's decoding and colour conversion ...
     assert np.array_equal(got, ds.pixel_array.astype(int) >> shift)
@@ -196,32 +206,33 @@ _INVERSE = _synthetic(sop_uid="1.2.3.4.302", PresentationLUTShape="INVERSE")
 SYNTHETIC = [_GARBAGE, _SIGMOID, _INVERSE]
 
 
-def test_high_bits_above_bits_stored_are_masked(imaging: PasserelleProcess) -> None:
-    got = png(httpx.get(url(imaging, _GARBAGE), headers={"Accept": "image/png"}))
+def test_high_bits_above_bits_stored_are_masked(imaging: InProcessService) -> None:
+    got = png(imaging.get(url(imaging, _GARBAGE), headers={"Accept": "image/png"}))
     assert np.abs(got.astype(int) - oracle_gray(_GARBAGE, _CLEAN)).max() <= 1
 
 
-def test_sigmoid_voi_function(imaging: PasserelleProcess) -> None:
-    got = png(httpx.get(url(imaging, _SIGMOID), headers={"Accept": "image/png"}))
+def test_sigmoid_voi_function(imaging: InProcessService) -> None:
+    got = png(imaging.get(url(imaging, _SIGMOID), headers={"Accept": "image/png"}))
     assert np.abs(got.astype(int) - oracle_gray(_SIGMOID, _SIGMOID.pixel_array)).max() <= 1
 
 
-def test_presentation_lut_inverse(imaging: PasserelleProcess) -> None:
-    got = png(httpx.get(url(imaging, _INVERSE), headers={"Accept": "image/png"}))
+def test_presentation_lut_inverse(imaging: InProcessService) -> None:
+    got = png(imaging.get(url(imaging, _INVERSE), headers={"Accept": "image/png"}))
     expected = 255 - oracle_gray(_INVERSE, _INVERSE.pixel_array)
     assert np.abs(got.astype(int) - expected).max() <= 1
 
 
-def test_sixteen_bit_png(imaging: PasserelleProcess) -> None:
+def test_sixteen_bit_png(imaging: InProcessService) -> None:
     ds = _ct()
-    got = png(httpx.get(url(imaging, ds), params={"bitdepth": "16"},
-                        headers={"Accept": "image/png"}))
+    got = png(imaging.get(url(imaging, ds), params={"bitdepth": "16"},
+                          headers={"Accept": "image/png"}))
     assert got.dtype.itemsize == 2 or got.max() > 255
     assert np.abs(got.astype(int) - oracle_gray(ds, ds.pixel_array, top=65535)).max() <= 1
 
 
-def test_dicomweb_client_rendered(imaging: PasserelleProcess) -> None:
-    client = DICOMwebClient(f"{imaging.base_url}/dicom-web")
+def test_dicomweb_client_rendered(running: PasserelleProcess) -> None:
+    """End to end: dicomweb-client over a socket, on a slice received over DICOM."""
+    client = DICOMwebClient(f"{running.base_url}/dicom-web")
     ds = _ct()
     jpeg = client.retrieve_instance_rendered(ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                              ds.SOPInstanceUID, media_types=("image/jpeg",))
@@ -233,53 +244,54 @@ def test_dicomweb_client_rendered(imaging: PasserelleProcess) -> None:
     assert np.abs(got - oracle_gray(ds, ds.pixel_array, 300, 1500)).max() <= 1
 
 
-def test_multiframe_rendered_is_multipart(imaging: PasserelleProcess) -> None:
+def test_multiframe_rendered_is_multipart(imaging: InProcessService) -> None:
     ds = dcmread(sample("emri_small_RLE.dcm"))
-    response = httpx.get(url(imaging, ds))
+    response = imaging.get(url(imaging, ds))
     assert response.status_code == 200
     assert 'type="image/jpeg"' in response.headers["content-type"]
     parts = parts_of(response)
     assert len(parts) == int(ds.NumberOfFrames)
     assert all(Image.open(BytesIO(body)).format == "JPEG" for _, body in parts)
-    one = httpx.get(url(imaging, ds, "/frames/3/rendered"), headers={"Accept": "image/png"})
+    one = imaging.get(url(imaging, ds, "/frames/3/rendered"), headers={"Accept": "image/png"})
     assert png(one).shape == (ds.Rows, ds.Columns)
 
 
-def test_viewport_keeps_the_aspect(imaging: PasserelleProcess) -> None:
+def test_viewport_keeps_the_aspect(imaging: InProcessService) -> None:
     ds = dcmread(sample("SC_rgb.dcm"))
-    image = Image.open(BytesIO(httpx.get(url(imaging, ds),
-                                         params={"viewport": "50,20"}).content))
+    image = Image.open(BytesIO(imaging.get(url(imaging, ds),
+                                           params={"viewport": "50,20"}).content))
     assert image.size[0] <= 50 and image.size[1] <= 20
     assert max(image.size) in (50, 20)
 
 
-def test_wado_uri(imaging: PasserelleProcess) -> None:
+def test_wado_uri(running: PasserelleProcess) -> None:
+    """End to end: WADO-URI over a socket, on a slice received over DICOM."""
     ds = _ct()
     base = {"requestType": "WADO", "studyUID": ds.StudyInstanceUID,
             "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID}
-    jpeg = httpx.get(f"{imaging.base_url}/wado", params=base)
+    jpeg = httpx.get(f"{running.base_url}/wado", params=base)
     assert jpeg.headers["content-type"] == "image/jpeg"
-    got = png(httpx.get(f"{imaging.base_url}/wado", params={
+    got = png(httpx.get(f"{running.base_url}/wado", params={
         **base, "contentType": "image/png", "windowCenter": "300", "windowWidth": "1500"}))
     assert np.abs(got.astype(int) - oracle_gray(ds, ds.pixel_array, 300, 1500)).max() <= 1
-    small = png(httpx.get(f"{imaging.base_url}/wado", params={
+    small = png(httpx.get(f"{running.base_url}/wado", params={
         **base, "contentType": "image/png", "rows": "32", "columns": "32",
         "region": "0,0,0.5,0.5"}))
     assert small.shape == (32, 32)
-    gif = httpx.get(f"{imaging.base_url}/wado", params={**base, "contentType": "image/gif"})
+    gif = httpx.get(f"{running.base_url}/wado", params={**base, "contentType": "image/gif"})
     assert Image.open(BytesIO(gif.content)).format == "GIF"
-    dicom = httpx.get(f"{imaging.base_url}/wado", params={**base,
+    dicom = httpx.get(f"{running.base_url}/wado", params={**base,
                                                           "contentType": "application/dicom"})
     assert dicom.headers["content-type"] == "application/dicom"
     assert dcmread(BytesIO(dicom.content)).SOPInstanceUID == ds.SOPInstanceUID
 
 
-def test_wado_uri_anonymize(imaging: PasserelleProcess) -> None:
+def test_wado_uri_anonymize(imaging: InProcessService) -> None:
     ds = _ct()
     query = {"requestType": "WADO", "studyUID": ds.StudyInstanceUID,
              "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID,
              "contentType": "application/dicom", "anonymize": "yes"}
-    first = dcmread(BytesIO(httpx.get(f"{imaging.base_url}/wado", params=query).content))
+    first = dcmread(BytesIO(imaging.get(f"{imaging.base_url}/wado", params=query).content))
     assert first.PatientIdentityRemoved == "YES"
     for keyword in ("PatientName", "PatientID", "AccessionNumber", "ReferringPhysicianName"):
         assert not first.get(keyword), keyword
@@ -287,7 +299,7 @@ def test_wado_uri_anonymize(imaging: PasserelleProcess) -> None:
     assert first.StudyInstanceUID != ds.StudyInstanceUID
     assert first.SOPInstanceUID != ds.SOPInstanceUID
     assert np.array_equal(first.pixel_array, ds.pixel_array)
-    again = dcmread(BytesIO(httpx.get(f"{imaging.base_url}/wado", params=query).content))
+    again = dcmread(BytesIO(imaging.get(f"{imaging.base_url}/wado", params=query).content))
     assert again.StudyInstanceUID == first.StudyInstanceUID  # stable across requests
     key = imaging.data_dir / "deidentify.key"
     assert key.stat().st_mode & 0o777 == 0o600
@@ -302,11 +314,11 @@ def test_wado_uri_anonymize(imaging: PasserelleProcess) -> None:
     ("ct", {}, {"Accept": "application/json"}, 406, "image/jpeg"),
     ("ct-frame-9", {}, {}, 404, "1 frame"),
 ])
-def test_rendered_errors(imaging: PasserelleProcess, path: str, params: dict, headers: dict,
+def test_rendered_errors(imaging: InProcessService, path: str, params: dict, headers: dict,
                          status: int, message: str) -> None:
     ds = _ct() if path != "sr" else _ct(SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11")
     suffix = "/frames/9/rendered" if path == "ct-frame-9" else "/rendered"
-    response = httpx.get(url(imaging, ds, suffix), params=params, headers=headers)
+    response = imaging.get(url(imaging, ds, suffix), params=params, headers=headers)
     assert response.status_code == status
     assert message in response.text
 
@@ -322,12 +334,12 @@ def test_rendered_errors(imaging: PasserelleProcess, path: str, params: dict, he
     ({"anonymize": "yes"}, 400, "anonymize=yes applies to contentType=application/dicom"),
     ({"anonymize": "maybe", "contentType": "application/dicom"}, 400, "anonymize must be"),
 ])
-def test_wado_uri_errors(imaging: PasserelleProcess, params: dict, status: int,
+def test_wado_uri_errors(imaging: InProcessService, params: dict, status: int,
                          message: str) -> None:
     ds = _ct()
     base = {"requestType": "WADO", "studyUID": ds.StudyInstanceUID,
             "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID}
     query = params if "requestType" in params or not params else {**base, **params}
-    response = httpx.get(f"{imaging.base_url}/wado", params=query)
+    response = imaging.get(f"{imaging.base_url}/wado", params=query)
     assert response.status_code == status
     assert message in response.text

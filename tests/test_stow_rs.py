@@ -1,5 +1,7 @@
-"""STOW-RS (PS3.18 10.5) against a running service: dicomweb-client and raw HTTP."""
+"""STOW-RS (PS3.18 10.5): dicomweb-client against a running service over a socket, and the
+validation of bodies and parts in-process (raw HTTP on the application)."""
 
+from collections.abc import Callable
 from io import BytesIO
 
 import httpx
@@ -8,6 +10,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
+from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
 from tests.synthetic import ct_slice
 
@@ -24,14 +27,15 @@ def multipart(parts: list[bytes], boundary: str = "b0undary") -> bytes:
     return body + b"--" + boundary.encode() + b"--\r\n"
 
 
-def post(server: PasserelleProcess, path: str, body: bytes,
+def post(service: InProcessService, path: str, body: bytes,
          content_type: str = 'multipart/related; type="application/dicom"; boundary=b0undary'
          ) -> httpx.Response:
-    return httpx.post(f"{server.base_url}/dicom-web{path}", content=body,
-                      headers={"Content-Type": content_type})
+    return service.post(f"/dicom-web{path}", content=body,
+                        headers={"Content-Type": content_type})
 
 
 def test_store_then_retrieve_with_dicomweb_client(server: PasserelleProcess) -> None:
+    """End to end: dicomweb-client over a socket."""
     client = DICOMwebClient(url=f"{server.base_url}/dicom-web")
     study, series = generate_uid(), generate_uid()
     datasets = [ct_slice(study, series, 1, n, size=8) for n in (1, 2, 3)]
@@ -50,11 +54,11 @@ def test_store_then_retrieve_with_dicomweb_client(server: PasserelleProcess) -> 
     assert len(client.store_instances(datasets).ReferencedSOPSequence) == 3
 
 
-def test_study_in_url_must_match(server: PasserelleProcess) -> None:
+def test_study_in_url_must_match(web: InProcessService) -> None:
     study = generate_uid()
     good = ct_slice(study, generate_uid(), 1, 1, size=8)
     other = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
-    response = post(server, f"/studies/{study}", multipart([part10(good), part10(other)]))
+    response = post(web, f"/studies/{study}", multipart([part10(good), part10(other)]))
     assert response.status_code == 202
     body = response.json()
     [failed] = body["00081198"]["Value"]
@@ -62,16 +66,16 @@ def test_study_in_url_must_match(server: PasserelleProcess) -> None:
     assert failed["00081197"]["Value"] == [0xA900]
     [stored] = body["00081199"]["Value"]
     assert stored["00081155"]["Value"] == [good.SOPInstanceUID]
-    assert not list((server.data_dir / "studies").glob(f"{other.StudyInstanceUID}*"))
+    assert not list((web.data_dir / "studies").glob(f"{other.StudyInstanceUID}*"))
 
 
-def test_nothing_stored_is_a_conflict(server: PasserelleProcess) -> None:
+def test_nothing_stored_is_a_conflict(web: InProcessService) -> None:
     bad = ct_slice(generate_uid(), "1.2.3/../../x", 1, 1, size=8)
-    response = post(server, "/studies", multipart([part10(bad), b"not dicom at all"]))
+    response = post(web, "/studies", multipart([part10(bad), b"not dicom at all"]))
     assert response.status_code == 409
     reasons = [item["00081197"]["Value"][0] for item in response.json()["00081198"]["Value"]]
     assert reasons == [0xA900, 0xC000]
-    assert list((server.data_dir / "studies").rglob("*.dcm")) == []
+    assert list((web.data_dir / "studies").rglob("*.dcm")) == []
 
 
 @pytest.mark.parametrize("content_type, body, status, message", [
@@ -87,23 +91,20 @@ def test_nothing_stored_is_a_conflict(server: PasserelleProcess) -> None:
     ('multipart/related; type="application/dicom"; boundary=b0undary', b"--b0undary--\r\n",
      400, "no instance"),
 ])
-def test_bad_requests(server: PasserelleProcess, content_type: str, body: bytes, status: int,
+def test_bad_requests(web: InProcessService, content_type: str, body: bytes, status: int,
                       message: str) -> None:
-    response = post(server, "/studies", body, content_type)
+    response = post(web, "/studies", body, content_type)
     assert response.status_code == status
     assert message in response.text
-    assert server.healthy()
+    assert web.get("/health").status_code == 200
 
 
-def test_large_part_over_the_limit_is_refused(tmp_path) -> None:
-    server = PasserelleProcess(tmp_path / "data", max_instance_bytes="100000").start()
-    try:
-        big = ct_slice(generate_uid(), generate_uid(), 1, 1, size=512)  # 512 KB
-        response = post(server, "/studies", multipart([part10(big)]))
-        assert response.status_code == 413  # Content Too Large
-        assert "100000 bytes" in response.text
-        small = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
-        assert post(server, "/studies", multipart([part10(small)])).status_code == 200
-        assert dcmread(next((server.data_dir / "studies").rglob("*.dcm"))).Rows == 8
-    finally:
-        server.stop()
+def test_large_part_over_the_limit_is_refused(make_web: Callable[..., InProcessService]) -> None:
+    web = make_web(max_instance_bytes="100000")
+    big = ct_slice(generate_uid(), generate_uid(), 1, 1, size=512)  # 512 KB
+    response = post(web, "/studies", multipart([part10(big)]))
+    assert response.status_code == 413  # Content Too Large
+    assert "100000 bytes" in response.text
+    small = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    assert post(web, "/studies", multipart([part10(small)])).status_code == 200
+    assert dcmread(next((web.data_dir / "studies").rglob("*.dcm"))).Rows == 8

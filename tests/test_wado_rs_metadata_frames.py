@@ -1,10 +1,11 @@
-"""WADO-RS metadata, frames and bulk data against a running service (dicomweb-client)."""
+"""WADO-RS metadata, frames and bulk data: dicomweb-client against a running service over a
+socket, and the HTTP details (encodings, media types, errors, caching) in-process."""
 
 import gzip
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
-import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
@@ -12,9 +13,9 @@ from pydicom import Dataset, dcmread
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID, JPEGBaseline8Bit, RLELossless, generate_uid
 
+from storage.store import Outcome
+from tests.inprocess import InProcessService
 from tests.multipart import parts_of
-from tests.processes import PasserelleProcess
-from tests.scu import send
 from tests.synthetic import ct_slice
 
 
@@ -43,11 +44,11 @@ def test_study_metadata_is_dicom_json(client: DICOMwebClient, ct_study: list[Pat
     assert one == item
 
 
-def test_metadata_is_gzipped_on_request(loaded: PasserelleProcess, ct_study: list[Path]) -> None:
+def test_metadata_is_gzipped_on_request(loaded_web: InProcessService,
+                                        ct_study: list[Path]) -> None:
     study = dcmread(ct_study[0]).StudyInstanceUID
-    url = f"{loaded.base_url}/dicom-web/studies/{study}/metadata"
-    with httpx.stream("GET", url, headers={"Accept-Encoding": "gzip"}) as response:
-        raw = b"".join(response.iter_raw())
+    url = f"/dicom-web/studies/{study}/metadata"
+    response, raw = loaded_web.raw("GET", url, headers={"Accept-Encoding": "gzip"})
     assert response.headers["content-type"] == "application/dicom+json"
     assert response.headers["content-encoding"] == "gzip"
     assert gzip.decompress(raw).startswith(b"[{")
@@ -76,12 +77,12 @@ def test_compressed_frames_as_stored_and_decoded(client: DICOMwebClient,
     assert decoded == [original.pixel_array[1].tobytes()]
 
 
-def test_jpeg_frames_keep_their_media_type(loaded: PasserelleProcess,
+def test_jpeg_frames_keep_their_media_type(loaded_web: InProcessService,
                                            files_by_syntax: dict[UID, Path]) -> None:
     original = _by_syntax(files_by_syntax, JPEGBaseline8Bit)
-    url = (f"{loaded.base_url}/dicom-web/studies/{original.StudyInstanceUID}/series/"
+    url = (f"/dicom-web/studies/{original.StudyInstanceUID}/series/"
            f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}/frames/2")
-    response = httpx.get(url, headers={"Accept": 'multipart/related; type="image/jpeg"'})
+    response = loaded_web.get(url, headers={"Accept": 'multipart/related; type="image/jpeg"'})
     assert response.status_code == 200
     assert 'type="image/jpeg"' in response.headers["content-type"]
     [(headers, jpeg)] = parts_of(response)
@@ -98,33 +99,29 @@ def test_jpeg_frames_keep_their_media_type(loaded: PasserelleProcess,
     ("bulkdata/zz", 400, "8 hexadecimal digits"),
     ("bulkdata/00431029", 404, "no binary value"),
 ])
-def test_frame_and_bulkdata_errors(loaded: PasserelleProcess, ct_study: list[Path], suffix: str,
-                                   status: int, message: str) -> None:
+def test_frame_and_bulkdata_errors(loaded_web: InProcessService, ct_study: list[Path],
+                                   suffix: str, status: int, message: str) -> None:
     ds = dcmread(ct_study[0])
-    url = (f"{loaded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+    url = (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/"
            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/{suffix}")
-    response = httpx.get(url)
+    response = loaded_web.get(url)
     assert response.status_code == status
     assert message in response.text
 
 
-def test_cached_metadata_follows_replacement_and_public_url(tmp_path: Path) -> None:
-    server = PasserelleProcess(tmp_path / "data", duplicate_policy="overwrite").start()
+def test_cached_metadata_follows_replacement_and_public_url(
+        make_web: Callable[..., InProcessService]) -> None:
+    service = make_web(duplicate_policy="overwrite")
     ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
-    url = f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/metadata"
-    try:
-        assert send(server.dicom_port, ds)[0] == 0
-        assert httpx.get(url).json()[0]["00100010"]["Value"] == [{"Alphabetic": "DUPONT^JEAN"}]
-        ds.PatientName = "DURAND^ANNE"
-        assert send(server.dicom_port, ds)[0] == 0
-        assert httpx.get(url).json()[0]["00100010"]["Value"] == [{"Alphabetic": "DURAND^ANNE"}]
-    finally:
-        server.stop()
-    server.env["PASSERELLE_PUBLIC_URL"] = "https://imaging.example.org/pacs"
-    server.start()
-    try:
-        [item] = httpx.get(url).json()
-        assert item["7FE00010"]["BulkDataURI"].startswith(
-            "https://imaging.example.org/pacs/dicom-web/studies/")
-    finally:
-        server.stop()
+    url = f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata"
+    assert service.ingest(ds).outcome is Outcome.STORED
+    assert service.get(url).json()[0]["00100010"]["Value"] == [{"Alphabetic": "DUPONT^JEAN"}]
+    ds.PatientName = "DURAND^ANNE"
+    assert service.ingest(ds).accepted
+    assert service.get(url).json()[0]["00100010"]["Value"] == [{"Alphabetic": "DURAND^ANNE"}]
+    service.close()
+    # Started again on the same data dir, under another public URL.
+    service = make_web(public_url="https://imaging.example.org/pacs")
+    [item] = service.get(url).json()
+    assert item["7FE00010"]["BulkDataURI"].startswith(
+        "https://imaging.example.org/pacs/dicom-web/studies/")
