@@ -77,7 +77,7 @@ class InProcessService:
         self.services = http_services(self.settings, self.store, self.audit,
                                       dicom_serving=lambda: True)
         self.app = create_app(self.services, self.settings.http, self.settings.auth)
-        self._portal_context: AbstractContextManager[BlockingPortal] = \
+        self._portal_context: AbstractContextManager[BlockingPortal] | None = \
             start_blocking_portal("asyncio")
         self._portal = self._portal_context.__enter__()
         # raise_app_exceptions=False: an unhandled error is a 500, as uvicorn answers it.
