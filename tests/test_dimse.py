@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,16 @@ def studies(server: PasserelleProcess) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def test_echo_with_pynetdicom_and_echoscu(server: PasserelleProcess) -> None:
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
+    """One service for the tests that compare its state before and after what they send,
+    instead of with an empty store (a process start each would be most of their time)."""
+    with PasserelleProcess(tmp_path_factory.mktemp("dimse") / "data") as process:
+        yield process
+
+
+def test_echo_with_pynetdicom_and_echoscu(shared: PasserelleProcess) -> None:
+    server = shared
     assoc = associate(server.dicom_port)
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
@@ -54,7 +64,8 @@ def test_every_transfer_syntax_is_stored_as_received(
         assert _dataset_part(copy.read_bytes()) == _dataset_part(source.read_bytes()), syntax.name
 
 
-def test_retired_storage_classes_are_accepted(server: PasserelleProcess) -> None:
+def test_retired_storage_classes_are_accepted(shared: PasserelleProcess) -> None:
+    server = shared
     # Archives still hold objects of retired classes, e.g. Ultrasound Image Storage (Retired).
     retired = next(p for p in _local_test_files() if p.name == "color-px.dcm")
     assert read_file_meta_info(retired).MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.6"
@@ -136,17 +147,21 @@ REJECTIONS = {
 
 
 @pytest.mark.parametrize("case", REJECTIONS)
-def test_bad_input_is_refused_and_leaves_nothing(server: PasserelleProcess, tmp_path: Path,
+def test_bad_input_is_refused_and_leaves_nothing(shared: PasserelleProcess, tmp_path: Path,
                                                  case: str) -> None:
+    server = shared
     make, code, reason, comment = REJECTIONS[case]
+    files, listed, log = stored_files(server), studies(server), len(server.log())
+    failures = server.metric("passerelle_ingest_failures_total", protocol="dimse",
+                             reason=reason)
     status, error_comment = send(server.dicom_port, make(tmp_path))
     assert status == code
     assert comment in error_comment
-    assert stored_files(server) == []
-    assert studies(server) == []
+    assert stored_files(server) == files  # nothing more, and tmp/ empty
+    assert studies(server) == listed
     assert server.metric("passerelle_ingest_failures_total", protocol="dimse",
-                  reason=reason) == 1
-    assert "refused" in server.log()
+                         reason=reason) == failures + 1
+    assert "refused" in server.log()[log:]
     # The server keeps serving.
     good = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
     assert send(server.dicom_port, good) == (0x0000, "")
@@ -297,7 +312,8 @@ def test_busy_dicom_port_fails_clearly(tmp_path: Path) -> None:
             server.start()
 
 
-def test_second_server_on_same_data_dir_is_refused(server: PasserelleProcess) -> None:
+def test_second_server_on_same_data_dir_is_refused(shared: PasserelleProcess) -> None:
+    server = shared
     other = PasserelleProcess(server.data_dir, dicom_port=str(free_port()))
     with pytest.raises(RuntimeError, match="used by another passerelle serve"):
         other.start()

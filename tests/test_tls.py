@@ -1,7 +1,6 @@
 """TLS on both listeners, with certificates the test makes: HTTPS (TLS >= 1.2, optional
 client certificates) and DICOM over TLS, checked by real clients (httpx, pynetdicom, dcmtk)."""
 
-import json
 import socket
 import ssl
 import subprocess
@@ -14,6 +13,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from storage.index import Index
+from storage.outbox import Outbox, Publication, State
 from tests.certificates import Pki, make_pki
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for
 from tests.scu import send
@@ -68,8 +69,11 @@ def test_client_certificates_when_required(tmp_path: Path, pki: Pki) -> None:
 
 
 def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
+    # shutdown_grace_seconds: the plain association refused below is let go only at the end
+    # of the shutdown grace (10 s by default); the stop is not what this test is about.
     with PasserelleProcess(tmp_path / "data", tls=_client(pki), dicom_tls="true",
-                           max_associations_per_client="1", **_tls(pki)) as server:
+                           max_associations_per_client="1", shutdown_grace_seconds="1",
+                           **_tls(pki)) as server:
         ae = AE(ae_title="TLSSCU")
         ae.add_requested_context(Verification)
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
@@ -99,8 +103,11 @@ def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
 
 def test_a_client_that_never_finishes_its_handshake_blocks_no_one(tmp_path: Path,
                                                                   pki: Pki) -> None:
+    # shutdown_grace_seconds: the silent connection is let go only at the end of the shutdown
+    # grace (10 s by default); the stop is not what this test is about.
     with PasserelleProcess(tmp_path / "data", tls=_client(pki), dicom_tls="true",
-                           acse_timeout="60", network_timeout="60", **_tls(pki)) as server, \
+                           acse_timeout="60", network_timeout="60",
+                           shutdown_grace_seconds="1", **_tls(pki)) as server, \
             socket.create_connection(("127.0.0.1", server.dicom_port)):
         # That connection never starts its handshake; a real TLS peer still gets in at once.
         ae = AE(ae_title="TLSSCU")
@@ -128,8 +135,14 @@ def test_a_consumer_gateway_known_by_its_certificate(tmp_path: Path, pki: Pki) -
         assert "certificate:client.test" in audit
 
 
-def _outbox(server: PasserelleProcess) -> list[dict]:
-    return json.loads(server.cli("outbox", "--all", "--json").stdout)
+def _outbox(server: PasserelleProcess) -> list[Publication]:
+    """The outbox rows, read from the index as the service writes it (a poll costs no
+    ``passerelle outbox`` process)."""
+    index = Index(server.data_dir / "index.sqlite")
+    try:
+        return Outbox(index).listing()
+    finally:
+        index.close()
 
 
 def test_publishes_to_a_registry_that_requires_a_client_certificate(tmp_path: Path,
@@ -150,21 +163,21 @@ def test_publishes_to_a_registry_that_requires_a_client_certificate(tmp_path: Pa
             assert send(server.dicom_port, national_ct_slice(study, generate_uid(), 1, 1)
                         )[0] == 0x0000
             wait_for(lambda: _outbox(server) and "CERTIFICATE_VERIFY_FAILED" in
-                     _outbox(server)[0]["last_error"], 30, "a refused registry certificate")
+                     _outbox(server)[0].last_error, 30, "a refused registry certificate")
         # Trusted registry, but no client certificate: the registry closes the connection.
         with PasserelleProcess(tmp_path / "data", **url, **fast,
                                registry_ca_file=str(pki.ca)) as server:
-            attempts = _outbox(server)[0]["attempts"]
-            wait_for(lambda: _outbox(server)[0]["attempts"] >= attempts + 2, 30,
+            attempts = _outbox(server)[0].attempts
+            wait_for(lambda: _outbox(server)[0].attempts >= attempts + 2, 30,
                      "attempts without a client certificate")
             [row] = _outbox(server)
-            assert row["state"] != "acknowledged"
-            assert row["last_error"].startswith("registry connection failed")
+            assert row.state is not State.ACKNOWLEDGED
+            assert row.last_error.startswith("registry connection failed")
         assert registry.documents(study, "current") == []
         # Both: published once.
         with PasserelleProcess(tmp_path / "data", **url, **certificate, **fast,
                                registry_ca_file=str(pki.ca)) as server:
-            wait_for(lambda: _outbox(server)[0]["state"] == "acknowledged", 30,
+            wait_for(lambda: _outbox(server)[0].state is State.ACKNOWLEDGED, 30,
                      "the acknowledgement")
         assert len(registry.documents(study, "current")) == 1
         with pytest.raises(httpx.HTTPError):  # the registry does require the certificate
