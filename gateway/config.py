@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import os
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +37,8 @@ from storage.store import DuplicatePolicy
 from storage.uids import is_oid, uid_from_digest
 
 ENV_PREFIX = "PASSERELLE_"
+# The file given to load_settings (``--config``), read instead of PASSERELLE_CONFIG.
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("config_file", default=None)
 
 # PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash.
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
@@ -398,7 +401,7 @@ class Settings(BaseSettings):
         """Order of precedence: explicit arguments, environment, config file, defaults."""
         sources: list[PydanticBaseSettingsSource] = [
             _SectionedSource(settings_cls, init_settings), _FlatEnvironment(settings_cls)]
-        config_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
+        config_file = _CONFIG_FILE.get() or os.environ.get(f"{ENV_PREFIX}CONFIG")
         if config_file:
             sources.append(_SectionedSource(settings_cls, TomlConfigSettingsSource(
                 settings_cls, toml_file=Path(config_file))))
@@ -423,9 +426,11 @@ def describe(error: ValidationError) -> str:
 def load_settings(config_file: Path | None = None) -> Settings:
     """Settings from the environment and ``config_file`` (else ``PASSERELLE_CONFIG``);
     FileNotFoundError when the file named either way does not exist."""
-    if config_file is not None:
-        os.environ[f"{ENV_PREFIX}CONFIG"] = str(config_file)
-    named = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    named = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG")
     if named and not Path(named).is_file():
         raise FileNotFoundError(f"config file not found: {named}")
-    return Settings()
+    token = _CONFIG_FILE.set(str(named) if named else None)
+    try:
+        return Settings()
+    finally:
+        _CONFIG_FILE.reset(token)

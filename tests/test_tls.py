@@ -69,10 +69,10 @@ def test_client_certificates_when_required(tmp_path: Path, pki: Pki) -> None:
 
 
 def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
-    # shutdown_grace_seconds: the plain association refused below is let go only at the end
-    # of the shutdown grace (10 s by default); the stop is not what this test is about.
+    # A grace longer than the stop's 30 s timeout: the connections still negotiating when
+    # the service stops (the plain association refused below) must not be waited for.
     with PasserelleProcess(tmp_path / "data", tls=_client(pki), dicom_tls="true",
-                           max_associations_per_client="1", shutdown_grace_seconds="1",
+                           max_associations_per_client="1", shutdown_grace_seconds="120",
                            **_tls(pki)) as server:
         ae = AE(ae_title="TLSSCU")
         ae.add_requested_context(Verification)
@@ -103,11 +103,11 @@ def test_dicom_over_tls(tmp_path: Path, pki: Pki) -> None:
 
 def test_a_client_that_never_finishes_its_handshake_blocks_no_one(tmp_path: Path,
                                                                   pki: Pki) -> None:
-    # shutdown_grace_seconds: the silent connection is let go only at the end of the shutdown
-    # grace (10 s by default); the stop is not what this test is about.
+    # A grace longer than the stop's 30 s timeout: the silent connection, still open when
+    # the service stops, has nothing to finish and must not be waited for.
     with PasserelleProcess(tmp_path / "data", tls=_client(pki), dicom_tls="true",
                            acse_timeout="60", network_timeout="60",
-                           shutdown_grace_seconds="1", **_tls(pki)) as server, \
+                           shutdown_grace_seconds="120", **_tls(pki)) as server, \
             socket.create_connection(("127.0.0.1", server.dicom_port)):
         # That connection never starts its handshake; a real TLS peer still gets in at once.
         ae = AE(ae_title="TLSSCU")

@@ -35,6 +35,7 @@ def test_study_series_instance_as_stored(client: DICOMwebClient, ct_study: list[
     assert instance.SOPInstanceUID == first.SOPInstanceUID
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless])
 def test_every_stored_syntax_converted_losslessly(client: DICOMwebClient, syntax: str,
                                                   files_by_syntax: dict[UID, Path]) -> None:

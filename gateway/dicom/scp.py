@@ -114,17 +114,23 @@ class DicomService:
                     and self._server.socket.fileno() != -1)
 
     def stop(self) -> None:
-        """Stop accepting, let running associations finish within the grace period, abort
-        the rest. Every acknowledged instance is already durable; an aborted one was never
-        acknowledged and left no file (writes are atomic)."""
+        """Stop accepting, let established associations finish within the grace period,
+        abort the rest. Every acknowledged instance is already durable; an aborted one was
+        never acknowledged and left no file (writes are atomic). A connection still
+        negotiating (no A-ASSOCIATE-AC yet: silent, or its TLS handshake failed) has nothing
+        to finish and is aborted at once."""
         if self._server is None:
             return
         self._server.shutdown()
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds
-        while self.ae.active_associations and time.monotonic() < deadline:
+        while (any(assoc.is_established for assoc in self.ae.active_associations)
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         for assoc in self.ae.active_associations:
-            log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+            log.warning("aborting %s association with %s (%s) at shutdown",
+                        "an established" if assoc.is_established else "a negotiating",
+                        assoc.requestor.ae_title or "no AE title yet",
+                        assoc.requestor.address)
             assoc.abort()
         self._server = None
 
