@@ -45,6 +45,10 @@ RENDER_CACHE = Counter(
 AUTH_FAILURES = Counter(
     "passerelle_auth_failures_total",
     "HTTP requests refused by access control, by reason", ["reason"])
+JWKS_FETCHES = Counter(
+    "passerelle_jwks_fetches_total",
+    "Fetches of the token issuer's JWKS, by result (ok; failed: unreachable, too slow or"
+    " unusable, the keys already known stay in use)", ["result"])
 HTTP_REFUSED_OVER_LIMIT = Counter(
     "passerelle_http_refused_over_limit_total",
     "HTTP requests refused because their client had too many in progress")
