@@ -35,7 +35,8 @@ RECOVERY = Gauge(
 HTTP_CONNECTIONS_CLOSED = Counter(
     "passerelle_http_connections_closed_total",
     "HTTP connections closed by the server before a request, by reason (per_client_limit:"
-    " too many open from one address; head_timeout: request line and headers too slow)",
+    " too many open from one address; head_timeout: request line and headers too slow;"
+    " head_too_large: request line and headers over 16 KiB)",
     ["reason"])
 RENDER_CACHE = Counter(
     "passerelle_render_cache_total",

@@ -30,7 +30,7 @@ from gateway.security.audit import AuditTrail
 from gateway.security.syslog_export import TlsSyslog, UdpSyslog
 from gateway.security.tls import client_context, server_context
 from gateway.web.app import create_app
-from gateway.web.http.protocol import guarded_protocol
+from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
 from gateway.web.services import Services
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
@@ -149,6 +149,7 @@ def serve(settings: Settings) -> None:
             access_log=False, server_header=False, lifespan="off",
             limit_concurrency=http.max_connections,
             timeout_keep_alive=http.keep_alive_seconds,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             ssl_certfile=settings.tls.cert_file or None,
             ssl_keyfile=settings.tls.key_file or None,
             http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))

@@ -7,12 +7,17 @@ lacks, per connection:
   ``http_max_connections``, for ever;
 - at most ``max_per_client`` open connections per client address; the next one is answered
   429 and closed before its request is read;
+- at most ``h11_max_incomplete_event_size`` bytes (uvicorn's setting, 16 KiB here) in a
+  request's head, complete or not: h11 bounds only a head still incomplete, so a whole head
+  arriving in one read would pass at any size. Over it: 400, uvicorn's answer to any
+  malformed request, and the connection closed;
 - the verified TLS client certificate's name for the application (``ClientCertificateProtocol``).
 """
 
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +29,35 @@ from gateway.web.http.tls_identity import ClientCertificateProtocol
 
 log = logging.getLogger(__name__)
 
+MAX_HEAD_BYTES = 16 * 1024  # a request's line and headers, the blank line included
+_HEAD_END = re.compile(b"\n\r?\n")  # where h11 ends a head (h11._receivebuffer)
+
 _TOO_MANY = b"too many connections from this address\n"
 TOO_MANY_RESPONSE = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n"
                      b"retry-after: 1\r\nconnection: close\r\n"
                      b"content-length: %d\r\n\r\n%b" % (len(_TOO_MANY), _TOO_MANY))
+
+
+class HeadLimitedConnection(h11.Connection):
+    """h11's server side, refusing a request head of more than ``max_head`` bytes before
+    parsing it; ``on_refused`` is told."""
+
+    def __init__(self, max_head: int, on_refused: Callable[[], None]) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head)
+        self.max_head = max_head
+        self.on_refused = on_refused
+
+    def next_event(self) -> Any:
+        """h11's next event; RemoteProtocolError when a head waiting to be parsed, or the
+        bytes buffered towards one, run past ``max_head``."""
+        if self.their_state is h11.IDLE:
+            buffered, _ = self.trailing_data
+            if len(buffered) > self.max_head and \
+                    _HEAD_END.search(buffered, 0, self.max_head) is None:
+                self.on_refused()
+                raise h11.RemoteProtocolError(f"request head over {self.max_head} bytes",
+                                              error_status_hint=431)
+        return super().next_event()
 
 
 class GuardedHttpProtocol(ClientCertificateProtocol):
@@ -44,6 +74,8 @@ class GuardedHttpProtocol(ClientCertificateProtocol):
         self._address = ""
         self._counted = False
         self._head_deadline: asyncio.TimerHandle | None = None
+        self.max_head = self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES
+        self.conn = HeadLimitedConnection(self.max_head, self._head_too_large)
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         """Refuse a client over its connection limit; otherwise start the head deadline."""
@@ -90,6 +122,11 @@ class GuardedHttpProtocol(ClientCertificateProtocol):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+
+    def _head_too_large(self) -> None:
+        log.warning("HTTP request from %s refused: its head is over %d bytes", self._address,
+                    self.max_head)
+        metrics.HTTP_CONNECTIONS_CLOSED.labels("head_too_large").inc()
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
