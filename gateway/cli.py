@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from gateway import control
 from gateway.config import ENV_PREFIX, FLAT_NAMES, Settings, describe, load_settings
 from gateway.importer import import_paths
+from gateway.logs import EscapingFormatter
 from gateway.publication.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
 from gateway.security.audit import read_events
 from storage.outbox import Action, Outbox, Publication, State
@@ -29,8 +30,10 @@ from storage.store import Store
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per record whatever a peer sent: control characters escaped (gateway.logs).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # httpx logs every request at INFO; a command reports the outcome of its own.
