@@ -348,6 +348,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``passerelle`` console script."""
+    # Before anything is created: whatever a command creates (index, WAL, files, cache,
+    # audit, sockets, the registry's store) has no world access and no group write.
+    os.umask(os.umask(0o027) | 0o027)
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
