@@ -11,6 +11,8 @@ import sqlite3
 import unicodedata
 from dataclasses import dataclass
 
+from storage.numbers import INT32_MAX, NumberError, parse_int
+
 
 class Level(enum.IntEnum):
     """Query levels, ordered: a level can match on its own and its parents' attributes."""
@@ -149,10 +151,11 @@ class Match:
             uids = [v for v in value.replace("\\", ",").split(",") if v]
             return f"{attribute.sql} IN ({','.join('?' * len(uids))})", list(uids)
         if attribute.vr in ("IS", "US"):
+            low, high = (-INT32_MAX - 1, INT32_MAX) if attribute.vr == "IS" else (0, 0xFFFF)
             try:
-                return f"{attribute.sql} = ?", [int(value)]
-            except ValueError:
-                raise QueryError(f"{self.keyword} must be a number, not {value[:40]!r}") from None
+                return f"{attribute.sql} = ?", [parse_int(value, self.keyword, low, high)]
+            except NumberError as exc:
+                raise QueryError(str(exc)) from None
         if attribute.vr in ("DA", "TM"):
             _check_date_time(self.keyword, attribute.vr, value)
         if attribute.vr in ("DA", "TM") and "-" in value:

@@ -20,6 +20,7 @@ from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error
 from gateway.web.services import services_of
 from storage.index import StoredInstance
+from storage.numbers import INT32_MAX, NumberError, parse_int
 from storage.store import Store
 
 OCTET_STREAM = "application/octet-stream"
@@ -52,11 +53,9 @@ class FrameEncoding:
 
 
 def parse_frame_list(text: str) -> list[int]:
-    """``"1,3,5"`` → ``[1, 3, 5]``; ValueError for anything that is not 1-based numbers."""
-    numbers = [int(part) for part in text.split(",")]
-    if not numbers or min(numbers) < 1:
-        raise ValueError("frame numbers start at 1")
-    return numbers
+    """``"1,3,5"`` → ``[1, 3, 5]``; NumberError (a ValueError) for anything that is not
+    numbers from 1 (NumberOfFrames is an IS: at most 2^31 - 1)."""
+    return [parse_int(part, "frame number", 1, INT32_MAX) for part in text.split(",")]
 
 
 def choose_frame_encoding(stored: str, ranges: list[MediaRange]) -> FrameEncoding | None:
@@ -164,8 +163,8 @@ async def bulkdata(request: Request) -> Response:
     if problem := check_uids(request):
         return problem
     try:
-        tag = Tag(int(request.path_params["tag"], 16))
-    except ValueError:
+        tag = Tag(parse_int(request.path_params["tag"], "bulk data tag", 0, 0xFFFFFFFF, base=16))
+    except NumberError:
         return error(400, "bulk data tag must be 8 hexadecimal digits, e.g. 7FE00010")
     if tag == PIXEL_DATA:
         return await _frames_response(request, None)

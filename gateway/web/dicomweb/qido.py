@@ -9,6 +9,7 @@ from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.responses import error, json_response
 from gateway.web.services import services_of
+from storage.numbers import INT32_MAX, NumberError, parse_int
 from storage.search import ATTRIBUTES, Level, Match, QueryError
 from storage.store import Store
 
@@ -52,9 +53,10 @@ def _default_return(level: Level, scoped_to_study: bool) -> list[str]:
 
 
 def _int_param(name: str, text: str, maximum: int) -> int:
-    if not text.isdigit() or int(text) > maximum:
-        raise BadQueryError(f"{name} must be a whole number from 0 to {maximum}")
-    return int(text)
+    try:
+        return parse_int(text, name, 0, maximum)
+    except NumberError as exc:
+        raise BadQueryError(str(exc)) from None
 
 
 def parse_query(items: list[tuple[str, str]], level: Level, scope: dict[str, str]
@@ -68,7 +70,7 @@ def parse_query(items: list[tuple[str, str]], level: Level, scope: dict[str, str
         if key == "limit":
             limit = _int_param("limit", value, MAX_LIMIT)
         elif key == "offset":
-            offset = _int_param("offset", value, 1 << 31)
+            offset = _int_param("offset", value, INT32_MAX)
         elif key == "fuzzymatching":
             if value not in ("true", "false"):
                 raise BadQueryError("fuzzymatching must be true or false")

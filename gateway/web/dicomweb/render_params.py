@@ -5,31 +5,32 @@ from starlette.datastructures import QueryParams
 
 from gateway.imaging.render import MEDIA_TYPES, RenderParams
 from gateway.web.http.accept import BadAcceptError, parse_accept
+from storage.numbers import INT32_MAX, parse_decimal, parse_int
 from storage.uids import is_valid_uid
 
 _VOI_FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
 THUMBNAIL_VIEWPORT = (128, 128)
+MAX_IMAGE_SIDE = 0xFFFF  # Rows and Columns are US: no image side, asked or stored, is longer
 
 
 class BadRenderRequestError(ValueError):
     """Rendering parameters that cannot be honoured (HTTP 400)."""
 
 
-def _numbers(text: str, name: str, count: tuple[int, ...]) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise BadRenderRequestError(f"{name} must be comma-separated numbers") from None
+def _items(text: str, name: str, count: tuple[int, ...]) -> list[str]:
+    """The comma-separated values of a parameter, spaces around them dropped."""
+    values = [v.strip(" ") for v in text.split(",")]
     if len(values) not in count:
         raise BadRenderRequestError(f"{name} takes {' or '.join(map(str, count))} values")
     return values
 
 
+def _numbers(text: str, name: str, count: tuple[int, ...]) -> list[float]:
+    return [parse_decimal(v, name) for v in _items(text, name, count)]
+
+
 def _integer(query: QueryParams, name: str, default: int, low: int, high: int) -> int:
-    value = _numbers(query.get(name, str(default)), name, (1,))[0]
-    if not value.is_integer() or not low <= value <= high:
-        raise BadRenderRequestError(f"{name} must be an integer from {low} to {high}")
-    return int(value)
+    return parse_int(query.get(name, str(default)), name, low, high)
 
 
 def media_type(accept: str | None, requested: str | None = None) -> str:
@@ -49,15 +50,18 @@ def media_type(accept: str | None, requested: str | None = None) -> str:
 
 def _viewport(text: str) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
     """``vw,vh[,sx,sy,sw,sh]`` (PS3.18 8.3.5.1.3): the viewport and the source rectangle."""
-    values = _numbers(text, "viewport", (2, 6))
-    if not all(v.is_integer() for v in values):
-        raise BadRenderRequestError("viewport values must be integers")
-    width, height, *source = (int(v) for v in values)
-    if width < 1 or height < 1:
-        raise BadRenderRequestError("viewport sizes must be positive")
-    if source and (source[0] < 0 or source[1] < 0 or source[2] == 0 or source[3] == 0):
-        raise BadRenderRequestError("viewport source origin must be >= 0 and its size non-zero")
-    return (width, height), (tuple(source) if source else None)  # type: ignore[return-value]
+    values = _items(text, "viewport", (2, 6))
+    width, height = (parse_int(v, "viewport sizes (vw, vh)", 1, MAX_IMAGE_SIDE)
+                     for v in values[:2])
+    if len(values) == 2:
+        return (width, height), None
+    sx, sy = (parse_int(v, "viewport source origin (sx, sy)", 0, MAX_IMAGE_SIDE)
+              for v in values[2:4])
+    sw, sh = (parse_int(v, "viewport source size (sw, sh)", -MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
+              for v in values[4:])
+    if sw == 0 or sh == 0:
+        raise BadRenderRequestError("viewport source size (sw, sh) must be non-zero")
+    return (width, height), (sx, sy, sw, sh)
 
 
 def rendered_params(query: QueryParams, accept: str | None,
@@ -108,15 +112,15 @@ def uri_params(query: QueryParams) -> tuple[dict[str, str], RenderParams | None]
         window = (center, width, "LINEAR")
     viewport = None
     if "rows" in query or "columns" in query:
-        viewport = (_integer(query, "columns", 65535, 1, 65535),
-                    _integer(query, "rows", 65535, 1, 65535))
+        viewport = (_integer(query, "columns", MAX_IMAGE_SIDE, 1, MAX_IMAGE_SIDE),
+                    _integer(query, "rows", MAX_IMAGE_SIDE, 1, MAX_IMAGE_SIDE))
     region = None
     if "region" in query:
         x1, y1, x2, y2 = _numbers(query["region"], "region", (4,))
         if not 0 <= x1 < x2 <= 1 or not 0 <= y1 < y2 <= 1:
             raise BadRenderRequestError("region is x1,y1,x2,y2 with 0 <= x1 < x2 <= 1")
         region = (x1, y1, x2, y2)
-    return uids, RenderParams(frame=_integer(query, "frameNumber", 1, 1, 1 << 31),
+    return uids, RenderParams(frame=_integer(query, "frameNumber", 1, 1, INT32_MAX),
                               window=window, viewport=viewport, region=region,
                               media_type=media_type(None, content_type),
                               quality=_integer(query, "imageQuality", 90, 1, 100))
