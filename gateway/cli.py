@@ -18,14 +18,17 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from gateway import control
 from gateway.config import ENV_PREFIX, FLAT_NAMES, Settings, describe, load_settings
 from gateway.importer import import_paths
 from gateway.logs import EscapingFormatter
-from gateway.publication.mhd import CONFIDENTIALITY_CODES, MASKING_CODES, Confidentiality
+from gateway.publication.confidentiality import (
+    CONFIDENTIALITY_CODES,
+    MASKING_CODES,
+    Confidentiality,
+)
 from gateway.security.audit import read_events
-from storage.outbox import Action, Outbox, Publication, State
-from storage.recovery import DataDirBusyError
+from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
+from storage.recovery import DataDirBusyError, ServiceLock
 from storage.store import Store
 
 
@@ -94,7 +97,7 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     try:
         outbox = Outbox(store.index)
         rows = outbox.listing() if args.all else outbox.listing(
-            (State.PENDING, State.SENT, State.FAILED))
+            UNFINISHED)
     finally:
         store.close()
     if args.json:
@@ -111,8 +114,10 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
 def _through_service(settings: Settings, path: str, body: dict[str, Any] | None,
                      here: Callable[[Outbox], Publication], done: Callable[[int], str]) -> int:
     """Ask the service running on the data dir to queue something (``POST path``), or, when
-    none runs, queue it here with ``here``; then say what will become of it (``done`` says
-    what was queued, given the publication id)."""
+    none answers, queue it here with ``here``; then say what will become of it (``done``
+    says what was queued, given the publication id)."""
+    from gateway import control  # the server side pulls in uvicorn: only for these commands
+
     try:
         service = control.client(settings.data_dir)
     except OSError as exc:
@@ -120,20 +125,7 @@ def _through_service(settings: Settings, path: str, body: dict[str, Any] | None,
               file=sys.stderr)
         return 1
     if service is None:
-        store = Store(settings.data_dir, settings.ingest.duplicate_policy)
-        try:
-            row = here(Outbox(store.index))
-        except LookupError as exc:
-            print(f"passerelle: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            store.close()
-        registry = settings.publication.registry_url
-        print(done(row.id) + f": no service is running on {settings.data_dir}: "
-              "queued, sent when `passerelle serve` starts " +
-              (f"(this configuration sends to {registry})" if registry else
-               "(this configuration has no registry_url: it would stay queued)"))
-        return 0
+        return _queue_here(settings, here, done)
     try:
         with service:
             response = service.post(path, json=body)
@@ -141,13 +133,47 @@ def _through_service(settings: Settings, path: str, body: dict[str, Any] | None,
         print(f"passerelle: the service on {settings.data_dir} did not answer ({exc}): "
               "whether it was queued, `passerelle outbox` tells", file=sys.stderr)
         return 1
-    answer = response.json()
-    if response.status_code != 202:
-        print(f"passerelle: {answer['error']}", file=sys.stderr)
+    try:
+        answer = response.json()
+        if response.status_code != 202:
+            print(f"passerelle: {answer['error']}", file=sys.stderr)
+            return 1
+        queued, will_send, registry = (answer["publication"]["id"], answer["will_send"],
+                                       answer["registry"])
+    except (ValueError, KeyError, TypeError):
+        first_line = response.text.strip().splitlines()[0] if response.text.strip() else ""
+        print(f"passerelle: unexpected answer from the service on {settings.data_dir}: "
+              f"HTTP {response.status_code} {first_line}", file=sys.stderr)
         return 1
-    print(done(answer["publication"]["id"]) + (
-        f": the running service sends it to {answer['registry']}" if answer["will_send"] else
+    print(done(queued) + (
+        f": the running service sends it to {registry}" if will_send else
         ": the running service has no registry_url: it stays queued until one is configured"))
+    return 0
+
+
+def _queue_here(settings: Settings, here: Callable[[Outbox], Publication],
+                done: Callable[[int], str]) -> int:
+    """Queue in the data dir itself: no service answers on its control socket."""
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+    try:
+        row = here(Outbox(store.index))
+    except (LookupError, NotFailedError) as exc:
+        print(f"passerelle: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if ServiceLock.is_held(settings.data_dir):
+        # Its publisher reads the outbox on every pass: the row goes out, but what that
+        # service is configured to do cannot be asked.
+        print(done(row.id) + f": a service holds {settings.data_dir} but its control socket "
+              "does not answer: queued in its index, sent on its next pass if it has a "
+              "registry_url (`passerelle outbox` tells)")
+        return 0
+    registry = settings.publication.registry_url
+    print(done(row.id) + f": no service is running on {settings.data_dir}: "
+          "queued, sent when `passerelle serve` starts " +
+          (f"(this configuration sends to {registry})" if registry else
+           "(this configuration has no registry_url: it would stay queued)"))
     return 0
 
 
@@ -168,19 +194,10 @@ def _cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
         lambda pk: f"{action} of study {args.study_uid} queued as publication {pk}")
 
 
-def _retry_here(outbox: Outbox, pk: int) -> Publication:
-    row = outbox.get(pk)
-    if row is None:
-        raise LookupError(f"no publication {pk}")
-    if not outbox.retry(pk):
-        raise LookupError(f"publication {pk} is {row.state}, not failed: nothing to retry")
-    return row
-
-
 def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     """outbox retry: a failed publication back in the queue."""
     return _through_service(settings, f"/admin/outbox/{args.id}/retry", None,
-                            lambda outbox: _retry_here(outbox, args.id),
+                            lambda outbox: outbox.retry(args.id),
                             lambda pk: f"publication {pk} queued again")
 
 

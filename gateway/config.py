@@ -32,9 +32,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from gateway.publication.mhd import Confidentiality
+from gateway.publication.confidentiality import Confidentiality
 from storage.store import DuplicatePolicy
-from storage.uids import is_oid, uid_from_digest
+from storage.uids import oid_of, uid_from_digest
 
 ENV_PREFIX = "PASSERELLE_"
 # The file given to load_settings (``--config``), read instead of PASSERELLE_CONFIG.
@@ -59,10 +59,10 @@ def _words(value: object) -> object:
 
 
 def _oid(value: str) -> str:
-    value = value.strip().removeprefix("urn:oid:")
-    if value and not is_oid(value):
+    oid = oid_of(value)
+    if value.strip() and not oid:
         raise ValueError(f"{value!r} is not an OID (digits and dots, e.g. 1.2.250.1.999)")
-    return value
+    return oid
 
 
 def _is_loopback(host: str) -> bool:
@@ -288,17 +288,25 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
 
 def _sectioned(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with every flat key moved into its section, under its field name; unknown
-    keys are left where they are, for validation to refuse by name."""
+    keys are left where they are, for validation to refuse by name. ValueError when one
+    source gives a setting twice (flat and in its section)."""
     result: dict[str, Any] = {}
+
+    def place(section: str, field: str, value: Any) -> None:
+        fields = result.setdefault(section, {})
+        if field in fields:
+            flat = next(name for name, place in FLAT_NAMES.items() if place == (section, field))
+            raise ValueError(f"{flat} is given twice: as {flat} and as [{section}] {field}")
+        fields[field] = value
+
     for key, value in values.items():
         if key in _SECTIONS and isinstance(value, dict):
             aliases = {info.alias: name for name, info in _SECTIONS[key].model_fields.items()
                        if info.alias}
-            section = result.setdefault(key, {})
-            section.update({aliases.get(k, k): v for k, v in value.items()})
+            for name, item in value.items():
+                place(key, aliases.get(name, name), item)
         elif key in FLAT_NAMES:
-            section_name, field = FLAT_NAMES[key]
-            result.setdefault(section_name, {})[field] = value
+            place(*FLAT_NAMES[key], value)
         else:
             result[key] = value
     return result

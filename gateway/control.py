@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
 _MAX_ADDRESS_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with the final NUL (Linux)
+_PROBE_SECONDS = 2
+_STOP_SECONDS = 5  # an admin request still running when the service stops gets this long
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -55,6 +57,7 @@ def is_listening(path: Path) -> bool:
     no socket or nobody listens on it (left by a service that died). Other errors (no
     permission) are raised."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_PROBE_SECONDS)  # a wedged service must not hang the command
         try:
             probe.connect(_address(path))
         except (FileNotFoundError, ConnectionRefusedError):
@@ -66,8 +69,8 @@ def client(data_dir: Path, timeout: float = 30) -> httpx.Client | None:
     """An HTTP client of the control API of the service running on ``data_dir``; None when
     no service runs there."""
     path = socket_path(data_dir)
-    if not is_listening(path):
-        return None
+    if len(os.fsencode(path)) > _MAX_ADDRESS_BYTES or not is_listening(path):
+        return None  # (a path too long for a socket: the service could not listen there)
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)),
                         base_url="http://passerelle", timeout=timeout)
 
@@ -98,16 +101,26 @@ class ControlChannel:
 
     def open(self) -> None:
         """Create the socket (mode 0600) and listen; one left by a service that died is
-        replaced, a live one is refused (DataDirBusyError)."""
-        address = _address(self.path)
+        replaced, a live one is refused (DataDirBusyError). Where no socket can be made (a
+        data dir path too long for a socket address, a file system without sockets), the
+        service runs without: commands then queue in the data dir and say so."""
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The socket file is born 0600 (umask 0177 around bind): there is no moment when
+        # another user could connect. Called at start-up, before other threads create files.
         try:
-            sock.bind(address)
-            # Before listen(): until then every connection is refused, so nobody gets in
-            # while the socket still has the umask's mode.
-            self.path.chmod(0o600)
+            previous = os.umask(0o177)
+            try:
+                sock.bind(_address(self.path))
+            finally:
+                os.umask(previous)
             sock.listen()
+        except OSError as exc:
+            sock.close()
+            self.path.unlink(missing_ok=True)
+            log.warning("no control socket (%s): commands beside the service will queue in "
+                        "the data dir without asking it", exc)
+            return
         except BaseException:
             sock.close()
             raise
@@ -115,6 +128,8 @@ class ControlChannel:
         log.info("control API on %s", self.path)
 
     def _remove_stale(self) -> None:
+        if len(os.fsencode(self.path)) > _MAX_ADDRESS_BYTES:
+            return  # no socket can be there
         try:
             mode = self.path.lstat().st_mode
         except FileNotFoundError:
@@ -128,10 +143,12 @@ class ControlChannel:
     def serve_beside(self, main: uvicorn.Server, services: Services) -> None:
         """Run ``main`` and the control API in one event loop until ``main`` stops (on
         SIGTERM or SIGINT, raised again once it has stopped); the control API stops then."""
-        assert self._socket is not None, "open() first"
+        if self._socket is None:  # no control socket could be made (see open)
+            main.run()
+            return
         control = _SignalsLeftAlone(uvicorn.Config(
             create_control_app(services), log_config=None, access_log=False,
-            server_header=False, lifespan="off"))
+            server_header=False, lifespan="off", timeout_graceful_shutdown=_STOP_SECONDS))
         sockets = [self._socket]
 
         async def both() -> None:

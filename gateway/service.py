@@ -1,5 +1,6 @@
 """``passerelle serve``: the DICOM SCP and the HTTP server in one process."""
 
+import contextlib
 import logging
 import signal
 import ssl
@@ -106,66 +107,66 @@ def serve(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = ServiceLock(settings.data_dir)
     lock.acquire()
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
-    # Only the lock holder may purge: an import running beside the service has its own
-    # temporary files in flight.
-    removed = store.blobs.purge_temporary()
-    if removed:
-        log.warning("removed %d temporary file(s) left by an interrupted write", removed)
-    if not lock.previous_stop_was_clean:
-        log.warning("previous run did not stop cleanly: checking the index against the files")
-        for kind, found in recover(store.blobs, store.index).counts().items():
-            metrics.RECOVERY.labels(kind).set(found)
-    audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
-                       store.index.patient_id_of, settings.audit.max_bytes,
-                       settings.audit.backups, syslog)
-    dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)
-    outbox = Outbox(store.index)
-    watch_outbox(outbox)
-    watcher = StableStudyWatcher(outbox, publication.stable_seconds)
-    publisher = None
-    if publication.registry_url:
-        origin = RetrieveOrigin(settings.http.public_url, settings.dicom.ae_title,
-                                settings.producer.gateway_oid,
-                                settings.producer.organization_name)
-        publisher = Publisher(store, RegistryClient(publication.registry_url,
-                                                    publication.registry_timeout, registry_tls),
-                              event_codes, audit, settings.producer, origin, publication)
-    else:
-        log.warning("registry_url is not set: manifests are queued, not sent")
-    http = settings.http
-    control = ControlChannel(settings.data_dir)
-    try:
-        control.open()
-        dicom.start()
-        watcher.start()
-        if publisher is not None:
-            publisher.start()
-        services = http_services(settings, store, audit, dicom.is_serving,
-                                 publisher.wake if publisher is not None else lambda: None)
-        app = create_app(services, http, settings.auth)
-        config = uvicorn.Config(
-            app, host=http.host, port=http.port, log_config=None,
-            access_log=False, server_header=False, lifespan="off",
-            limit_concurrency=http.max_connections,
-            timeout_keep_alive=http.keep_alive_seconds,
-            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-            ssl_certfile=settings.tls.cert_file or None,
-            ssl_keyfile=settings.tls.key_file or None,
-            http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
-        config.load()
-        config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
-        control.serve_beside(uvicorn.Server(config), services)
-    except ShutdownRequestedError as exc:
-        log.info("%s received", exc)
-    finally:
-        control.close()
-        log.info("shutting down the DICOM SCP")
-        dicom.stop()
-        watcher.stop()
-        if publisher is not None:
-            publisher.stop()
-        audit.close()
-        store.close()
-        lock.release()
-        log.info("stopped")
+    # Each step of the stop runs even if an earlier one fails (last registered, first run).
+    with contextlib.ExitStack() as stop:
+        stop.callback(log.info, "stopped")
+        stop.callback(lock.release)
+        store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+        stop.callback(store.close)
+        # Only the lock holder may purge: an import running beside the service has its own
+        # temporary files in flight.
+        removed = store.blobs.purge_temporary()
+        if removed:
+            log.warning("removed %d temporary file(s) left by an interrupted write", removed)
+        if not lock.previous_stop_was_clean:
+            log.warning("previous run did not stop cleanly: checking the index against the files")
+            for kind, found in recover(store.blobs, store.index).counts().items():
+                metrics.RECOVERY.labels(kind).set(found)
+        audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
+                           store.index.patient_id_of, settings.audit.max_bytes,
+                           settings.audit.backups, syslog)
+        stop.callback(audit.close)
+        dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)
+        outbox = Outbox(store.index)
+        watch_outbox(outbox)
+        watcher = StableStudyWatcher(outbox, publication.stable_seconds)
+        publisher = None
+        if publication.registry_url:
+            origin = RetrieveOrigin(settings.http.public_url, settings.dicom.ae_title,
+                                    settings.producer.gateway_oid,
+                                    settings.producer.organization_name)
+            publisher = Publisher(store, RegistryClient(publication.registry_url,
+                                                        publication.registry_timeout, registry_tls),
+                                  event_codes, audit, settings.producer, origin, publication)
+            stop.callback(publisher.stop)
+        else:
+            log.warning("registry_url is not set: manifests are queued, not sent")
+        stop.callback(watcher.stop)
+        stop.callback(dicom.stop)
+        stop.callback(log.info, "shutting down the DICOM SCP")
+        http = settings.http
+        control = ControlChannel(settings.data_dir)
+        stop.callback(control.close)
+        try:
+            control.open()
+            dicom.start()
+            watcher.start()
+            if publisher is not None:
+                publisher.start()
+            services = http_services(settings, store, audit, dicom.is_serving,
+                                     publisher.wake if publisher is not None else lambda: None)
+            app = create_app(services, http, settings.auth)
+            config = uvicorn.Config(
+                app, host=http.host, port=http.port, log_config=None,
+                access_log=False, server_header=False, lifespan="off",
+                limit_concurrency=http.max_connections,
+                timeout_keep_alive=http.keep_alive_seconds,
+                h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                ssl_certfile=settings.tls.cert_file or None,
+                ssl_keyfile=settings.tls.key_file or None,
+                http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
+            config.load()
+            config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
+            control.serve_beside(uvicorn.Server(config), services)
+        except ShutdownRequestedError as exc:
+            log.info("%s received", exc)

@@ -22,6 +22,14 @@ class State(enum.StrEnum):
     FAILED = "failed"  # the registry refused it (4xx): needs a person, then `outbox retry`
 
 
+# Rows a person may still have to look at: not yet acknowledged.
+UNFINISHED = (State.PENDING, State.SENT, State.FAILED)
+
+
+class NotFailedError(Exception):
+    """Only a failed publication can be retried."""
+
+
 class Action(enum.StrEnum):
     """What a publication asks of the registry."""
 
@@ -162,11 +170,16 @@ class Outbox:
             (study_uid, Action.CONFIDENTIALITY.value))
         return rows[0][0] if rows else ""
 
+    def begin_attempt(self, row: Publication) -> Publication:
+        """Count one more attempt at ``row`` (the one place attempts are counted); the row as
+        it stands now."""
+        self._set(row.id, attempts=row.attempts + 1)
+        return self.get(row.id)  # type: ignore[return-value]
+
     def mark_sent(self, row: Publication, kos_uid: str, replaces_kos_uid: str = "") -> None:
         """The row's request is about to leave: from now on, a crash or a lost answer means
         "maybe delivered", and the registry is asked before anything is sent again."""
-        self._set(row.id, state=State.SENT, attempts=row.attempts + 1, kos_uid=kos_uid,
-                  replaces_kos_uid=replaces_kos_uid)
+        self._set(row.id, state=State.SENT, kos_uid=kos_uid, replaces_kos_uid=replaces_kos_uid)
 
     def acknowledge(self, row: Publication, document_id: str, response: str,
                     kos_uid: str | None = None) -> None:
@@ -181,22 +194,24 @@ class Outbox:
         self._set(row.id, state=State.FAILED, last_error=reason, response=response)
 
     def reschedule(self, row: Publication, reason: str, delay: float,
-                   maybe_delivered: bool) -> int:
-        """A transient failure: try again in ``delay`` seconds; the attempts made so far.
-        A row that may have reached the registry stays ``sent`` (looked up before resending)."""
-        attempts = row.attempts + 1
+                   maybe_delivered: bool) -> None:
+        """A transient failure: try again in ``delay`` seconds. ``row`` is the row as the
+        attempt began: one that may have reached the registry (now, or in an earlier
+        attempt) stays ``sent``, to be looked up before it is sent again."""
         state = State.SENT if maybe_delivered or row.state is State.SENT else State.PENDING
-        self._set(row.id, state=state, attempts=attempts, last_error=reason,
-                  next_attempt_at=time.time() + delay)
-        return attempts
+        self._set(row.id, state=state, last_error=reason, next_attempt_at=time.time() + delay)
 
-    def retry(self, pk: int) -> bool:
-        """Put a failed row back to pending, to send now; False if it is not failed."""
+    def retry(self, pk: int) -> Publication:
+        """Put a failed row back to pending, to send now; the row as it is now. LookupError
+        when there is no such row, NotFailedError when it is not failed."""
         row = self.get(pk)
-        if row is None or row.state is not State.FAILED:
-            return False
+        if row is None:
+            raise LookupError(f"no publication {pk}")
+        if row.state is not State.FAILED:
+            raise NotFailedError(f"publication {pk} is {row.state}, not failed: nothing to "
+                                 "retry")
         self._set(pk, state=State.PENDING, next_attempt_at=time.time(), attempts=0)
-        return True
+        return self.get(pk)  # type: ignore[return-value]  # rows are never deleted
 
     def _set(self, pk: int, **fields: object) -> None:
         """Set columns of a row (``state`` as a State), stamping ``updated_at``."""

@@ -99,6 +99,21 @@ class ServiceLock:
         self._fd = fd
         self._write(b"running")
 
+    @staticmethod
+    def is_held(data_dir: Path) -> bool:
+        """True when a service holds the lock of ``data_dir`` now (nothing is written)."""
+        try:
+            fd = os.open(data_dir / "serve.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared lock just taken
+        return False
+
     def release(self) -> None:
         """Record a clean stop and release the lock."""
         if self._fd is not None:

@@ -24,6 +24,12 @@ def is_oid(value: str) -> bool:
     return len(value) <= MAX_UID_LENGTH and _OID.fullmatch(value) is not None
 
 
+def oid_of(value: str) -> str:
+    """The OID ``value`` names, bare or as ``urn:oid:<oid>``; "" when it names none."""
+    value = value.strip().removeprefix("urn:oid:")
+    return value if is_oid(value) else ""
+
+
 def uid_from_digest(digest: bytes) -> str:
     """A ``2.25.<UUID>`` UID made from the first 16 bytes of a hash (PS3.5 B.2)."""
     return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"

@@ -131,3 +131,20 @@ def test_syslog_over_tls_catches_up_after_the_collector_was_down(tmp_path: Path)
     assert queries == ["AccessionNumber=DOWN0", "AccessionNumber=DOWN1", "AccessionNumber=DOWN2",
                        "AccessionNumber=UP"]
     assert queries == [_query(m) for m in read_events(tmp_path / "data" / "audit")]
+
+
+def test_admin_listings_are_audited_as_queries(tmp_path: Path) -> None:
+    with InProcessService(tmp_path / "data") as service:
+        study = generate_uid()
+        service.ingest(national_ct_slice(study, generate_uid(), 1, 1))
+        assert service.get("/admin/studies").status_code == 200
+        assert service.get(f"/admin/studies/{study}").status_code == 200
+        assert service.get("/admin/outbox").status_code == 200
+    # after close: the trail is written by a thread of its own
+    events = [m for m in read_events(tmp_path / "data" / "audit")
+              if m["EventIdentification"]["EventID"]["originalText"] == "Query"]
+    assert len(events) == 3
+    studies = [[o["ParticipantObjectID"] for o in m.get("ParticipantObjectIdentification", [])
+                if o["ParticipantObjectIDTypeCode"].get("csd-code") == "110180"]
+               for m in events]
+    assert studies[1] == [study]

@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -261,3 +262,56 @@ def test_tcp_admin_still_needs_a_token_the_socket_does_not(tmp_path: Path) -> No
             one = local.get(f"/admin/studies/{study}").json()
             assert [p["id"] for p in one["publications"]] == [queued.json()["publication"]["id"]]
             assert [p["state"] for p in local.get("/admin/outbox").json()] == ["pending"]
+
+
+def test_a_running_service_whose_socket_is_gone_is_not_called_absent(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with PasserelleProcess(data, **MANUAL) as server:
+        study = _store_study(server)
+        (data / "control.sock").unlink()  # removed by hand: the service still holds the lock
+        result = cli("publish", study, cwd=tmp_path, data_dir=str(data))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == (
+            f"publish of study {study} queued as publication 1: a service holds {data} but "
+            "its control socket does not answer: queued in its index, sent on its next pass "
+            "if it has a registry_url (`passerelle outbox` tells)\n")
+
+
+def test_a_data_dir_too_deep_for_a_socket_serves_without_one(tmp_path: Path) -> None:
+    data = tmp_path / ("d" * 60) / ("e" * 60) / "data"  # over the 107 bytes of an address
+    data.parent.mkdir(parents=True)
+    with PasserelleProcess(data, **MANUAL) as server:
+        study = _store_study(server)
+        assert not (data / "control.sock").exists()
+        assert "no control socket" in server.log()
+        result = cli("publish", study, cwd=tmp_path, data_dir=str(data))
+        assert result.returncode == 0, result.stderr
+        assert "a service holds" in result.stdout
+
+
+def test_an_answer_that_is_not_the_admin_api_is_reported(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    # Something else answers on the socket, with a body that is not JSON.
+    with socket.socket(socket.AF_UNIX) as impostor:
+        impostor.bind(str(data / "control.sock"))
+        impostor.listen()
+
+        def answer() -> None:
+            request = b""
+            while not request:  # the first connection is the command's probe
+                connection, _ = impostor.accept()
+                with connection:
+                    request = connection.recv(65536)
+                    if request:
+                        connection.sendall(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 12"
+                                           b"\r\nconnection: close\r\n\r\nproxy failed")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        result = cli("publish", "1.2.3.4", cwd=tmp_path, data_dir=str(data))
+        thread.join(10)
+    assert result.returncode == 1
+    assert result.stderr == (f"passerelle: unexpected answer from the service on {data}: "
+                             "HTTP 502 proxy failed\n")
+    assert "Traceback" not in result.stderr

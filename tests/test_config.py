@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import FLAT_NAMES, Settings
+from storage.store import DuplicatePolicy
 from tests.processes import REPO
 
 DEFAULT_FILE = REPO / "config" / "passerelle.toml"
@@ -79,33 +80,42 @@ def test_sections_and_flat_names_in_a_file(tmp_path: Path,
 
 
 def test_every_flat_name_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    values = {"str": "1.2.250.1.999.7", "int": "7", "float": "7.5", "bool": "true",
-              "list": "A1, B2"}
+    by_type = {"str": ("1.2.250.1.999.7", "1.2.250.1.999.7"), "int": ("7", 7),
+               "float": ("7.5", 7.5), "bool": ("true", True),
+               "list": ("A1, B2", ["A1", "B2"])}
+    # (variable value, setting value) where a setting's own rules need something else
+    special = {"duplicate_policy": ("overwrite", DuplicatePolicy.OVERWRITE),
+               "auth_client_certificates": ("cn=dicomweb.read", ["cn=dicomweb.read"]),
+               "tls_client_ca_file": ("/ca.pem", "/ca.pem"),
+               "tls_cert_file": ("/c.pem", "/c.pem"), "tls_key_file": ("/k.pem", "/k.pem"),
+               "registry_client_cert_file": ("/rc.pem", "/rc.pem"),
+               "registry_client_key_file": ("/rk.pem", "/rk.pem"),
+               "confidentiality": ("R", "R"), "masking_codes": ("MASQUE_PS", ["MASQUE_PS"]),
+               "organization_finess": ("750712184", "750712184"),
+               "auth_issuer": ("https://issuer.example", "https://issuer.example"),
+               "auth_jwks_url": ("https://jwks.example", "https://jwks.example"),
+               "auth_audience": ("passerelle", "passerelle"),
+               "audit_syslog": ("siem.example:6514", "siem.example:6514"),
+               "audit_syslog_transport": ("tls", "tls"),
+               "public_url": ("https://imaging.example/", "https://imaging.example")}
+    expected = {}
     for flat, (section, field) in FLAT_NAMES.items():
-        if field == "duplicate_policy":
-            monkeypatch.setenv(f"PASSERELLE_{flat.upper()}", "overwrite")
-            continue
         annotation = Settings.sections[section].model_fields[field].annotation
-        kind = getattr(annotation, "__name__", "str")
-        if kind in values and not field.endswith(("_file", "url", "syslog", "transport")):
-            monkeypatch.setenv(f"PASSERELLE_{flat.upper()}", values[kind])
-    monkeypatch.setenv("PASSERELLE_AUTH_CLIENT_CERTIFICATES", "cn=dicomweb.read")
-    monkeypatch.setenv("PASSERELLE_TLS_CLIENT_CA_FILE", "/ca.pem")
-    monkeypatch.setenv("PASSERELLE_TLS_CERT_FILE", "/c.pem")
-    monkeypatch.setenv("PASSERELLE_TLS_KEY_FILE", "/k.pem")
-    monkeypatch.setenv("PASSERELLE_CONFIDENTIALITY", "R")
-    monkeypatch.setenv("PASSERELLE_MASKING_CODES", "MASQUE_PS")
-    monkeypatch.setenv("PASSERELLE_ORGANIZATION_FINESS", "750712184")
-    monkeypatch.setenv("PASSERELLE_AUTH_ISSUER", "")
+        value, expected[flat] = special.get(flat) or by_type[getattr(annotation, "__name__",
+                                                                     "str")]
+        monkeypatch.setenv(f"PASSERELLE_{flat.upper()}", value)
     settings = Settings()
-    assert settings.dicom.port == 7 and settings.dicom.tls is True
-    assert settings.http.max_requests_per_client == 7
-    assert settings.http.head_timeout_seconds == 7.5
-    assert settings.dicom.allowed_calling_aets == ["A1", "B2"]
-    assert settings.ingest.duplicate_policy.value == "overwrite"
-    assert settings.producer.gateway_oid == "1.2.250.1.999.7"
-    assert settings.auth.certificate_scopes() == {"cn": frozenset({"dicomweb.read"})}
-    assert settings.audit.backups == 7 and settings.auth.metrics_require_auth is True
+    for flat, (section, field) in FLAT_NAMES.items():
+        assert getattr(getattr(settings, section), field) == expected[flat], flat
+
+
+def test_a_setting_given_twice_in_one_source_is_refused(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text('dicom_port = 1\n[dicom]\nport = 2\n')
+    monkeypatch.setenv("PASSERELLE_CONFIG", str(config))
+    with pytest.raises(ValueError, match=r"dicom_port is given twice"):
+        Settings()
 
 
 @pytest.mark.parametrize("variable, value", [

@@ -285,7 +285,7 @@ def test_sigterm_with_an_open_association(tmp_path: Path, ct_study: list[Path]) 
         assert assoc.send_c_store(path).Status == 0x0000
     # The peer keeps the association open: after the grace period it is aborted.
     assert server.stop(signal.SIGTERM, timeout=20) == 0
-    assert "aborting association with TESTSCU" in server.log()
+    assert "aborting an established association with TESTSCU" in server.log()
     assoc.abort()
     server.start()
     try:

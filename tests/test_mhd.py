@@ -5,6 +5,7 @@ profiles make mandatory; and a wrong publishing constant is caught by the regist
 import base64
 import dataclasses
 import hashlib
+import json
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -16,10 +17,10 @@ from pydicom.uid import generate_uid
 
 from gateway.config import Settings
 from gateway.publication import mhd
+from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.event_codes import DCM, SNOMED, load_event_codes
 from gateway.publication.kos import RetrieveOrigin, build_manifest
 from gateway.publication.mhd import (
-    Confidentiality,
     MetadataError,
     Producer,
     document_id,
@@ -37,6 +38,8 @@ PRODUCER = producer_from_settings(Settings(
     organization_finess="999000011", order_issuer_oid="1.2.250.1.999.1.1.3",
     authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie").producer)
 ORIGIN = RetrieveOrigin("https://imagerie.example.org", "PASSERELLE", "1.2.250.1.999.1.1.9")
+
+HAND_WRITTEN = Path(__file__).parent / "data" / "fixtures" / "iti65-kos-bundle.json"
 
 
 @pytest.fixture
@@ -146,6 +149,26 @@ def test_a_wrong_publishing_constant_is_refused_by_the_registry(
     bundle = _bundle(_stored_study(store))
     assert where in {issue.expression for issue in check_provide_bundle(bundle)
                      if issue.severity == "error"}
+
+
+def test_bundle_is_shaped_like_an_independent_example(store: Store) -> None:
+    """Against a bundle written by hand from the IG (tests/data/fixtures), not by our
+    builder: same entries in the same order, same fixed codes."""
+    ours = _bundle(_stored_study(store))
+    example = json.loads(HAND_WRITTEN.read_text())
+    assert [(e["request"]["method"], e["request"]["url"]) for e in ours["entry"]] == \
+        [(e["request"]["method"], e["request"]["url"]) for e in example["entry"]]
+    optional = {"description", "note"}  # free text the example adds
+    for ours_entry, example_entry in zip(ours["entry"], example["entry"], strict=True):
+        mine, theirs = ours_entry["resource"], example_entry["resource"]
+        assert set(theirs) - optional <= set(mine), mine["resourceType"]
+        for key in ("type", "category", "code", "mode", "status", "contentType"):
+            assert mine.get(key) == theirs.get(key), key
+    doc, written = ours["entry"][1]["resource"], example["entry"][1]["resource"]
+    assert doc["content"][0]["format"] == written["content"][0]["format"]
+    assert set(doc["context"]) >= set(written["context"])
+    assert doc["securityLabel"][0]["coding"][0]["system"] == \
+        written["securityLabel"][0]["coding"][0]["system"]
 
 
 def test_a_replacement_supersedes_the_previous_document(store: Store) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from storage.outbox import Action, Outbox, State
+from storage.outbox import Action, NotFailedError, Outbox, State
 from storage.store import Outcome, Store
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import send
@@ -69,8 +69,11 @@ def test_states_retry_and_counts(store: Store) -> None:
     assert outbox.due() == []
     assert outbox.counts()["failed"] == 1
     assert outbox.listing((State.FAILED,))[0].last_error == "400: missing patient"
-    assert outbox.retry(row.id)
-    assert not outbox.retry(row.id)  # pending now, nothing to retry
+    assert outbox.retry(row.id).state is State.PENDING
+    with pytest.raises(NotFailedError):
+        outbox.retry(row.id)  # pending now, nothing to retry
+    with pytest.raises(LookupError):
+        outbox.retry(row.id + 1)
     outbox.acknowledge(outbox.get(row.id), "DocumentReference/7", "{}", kos_uid="1.2.3.4")
     published = outbox.published_document(study)
     assert (published.document_id, published.kos_uid) == ("DocumentReference/7", "1.2.3.4")
@@ -79,25 +82,32 @@ def test_states_retry_and_counts(store: Store) -> None:
 
 
 def test_transitions_of_an_attempt(store: Store) -> None:
+    """The publisher's sequence: begin an attempt, maybe mark it sent, then acknowledge,
+    fail or reschedule with the row as the attempt began."""
     study = generate_uid()
     _receive(store, study, 1)
     outbox = Outbox(store.index)
     queued = outbox.queue(study, Action.PUBLISH)
-    # refused connection: never left, stays pending, due again after the delay
-    assert outbox.reschedule(queued, "refused", 60, maybe_delivered=False) == 1
+    # refused connection before anything left: pending again, due after the delay
+    first = outbox.begin_attempt(queued)
+    outbox.reschedule(first, "refused", 60, maybe_delivered=False)
     row = outbox.get(queued.id)
     assert (row.state, row.attempts, row.last_error) == (State.PENDING, 1, "refused")
     assert outbox.due() == [] and outbox.due(now=time.time() + 61) == [row]
     # on the wire, then a timeout: stays sent, so it is looked up before being sent again
-    outbox.mark_sent(row, "1.2.3.4", replaces_kos_uid="1.2.3.3")
+    second = outbox.begin_attempt(row)
+    outbox.mark_sent(second, "1.2.3.4", replaces_kos_uid="1.2.3.3")
     sent = outbox.get(row.id)
     assert (sent.state, sent.attempts, sent.kos_uid, sent.replaces_kos_uid) == (
         State.SENT, 2, "1.2.3.4", "1.2.3.3")
-    assert outbox.reschedule(sent, "timeout", 0, maybe_delivered=False) == 3
-    assert outbox.get(row.id).state is State.SENT
-    outbox.acknowledge(outbox.get(row.id), "DocumentReference/9", "{}")
+    outbox.reschedule(second, "timeout", 0, maybe_delivered=True)
+    assert (outbox.get(row.id).state, outbox.get(row.id).attempts) == (State.SENT, 2)
+    # next attempt finds it registered: acknowledged, three attempts in all
+    third = outbox.begin_attempt(outbox.get(row.id))
+    outbox.acknowledge(third, "DocumentReference/9", "{}")
     done = outbox.get(row.id)
-    assert (done.state, done.kos_uid, done.last_error) == (State.ACKNOWLEDGED, "1.2.3.4", "")
+    assert (done.state, done.kos_uid, done.last_error, done.attempts) == (
+        State.ACKNOWLEDGED, "1.2.3.4", "", 3)
 
 
 def test_service_queues_a_stable_study(tmp_path: Path) -> None:

@@ -8,16 +8,16 @@ submission (ansforge/DRIM-M_DATA).
 
 import base64
 import hashlib
-import json
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.event_codes import EventCode
 from gateway.publication.kos import Manifest
 from storage.study_contents import StudyContents
-from storage.uids import is_oid, uid_from_digest
+from storage.uids import oid_of, uid_from_digest
 
 PDSM = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/"
 MHD = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/"
@@ -41,10 +41,6 @@ REFERENCE_ID_TYPES = {"accession": "urn:ihe:iti:xds:2013:accession",
 # INS assigning authorities (ANS; hl7.fhir.fr.core fr-core-patient-ins): identifier type per OID.
 INS_TYPES = {"1.2.250.1.213.1.4.8": "INS-NIR", "1.2.250.1.213.1.4.9": "INS-NIA",
              "1.2.250.1.213.1.4.10": "INS-NIR-TEST", "1.2.250.1.213.1.4.11": "INS-NIR-DEMO"}
-# HL7 v3 Confidentiality (TRE_A08) and the French visibility codes (TRE_A07).
-CONFIDENTIALITY_CODES = ("N", "R", "V")
-MASKING_CODES = ("MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REPRESENTANTS_LEGAUX",
-                 "MASQUE_PSOCIAL", "MASQUE_PT")
 TITLE = "Reference d'objets d'un examen d'imagerie"
 _GENDERS = {"M": "male", "F": "female", "O": "other"}
 
@@ -69,33 +65,6 @@ class Producer:
     designation_type: str  # TRE_R209
     authenticator_idnps: str  # empty = no authenticator
     authenticator_name: str
-
-
-@dataclass(frozen=True)
-class Confidentiality:
-    """Confidentiality code (N, R, V) and visibility (masking) codes of a manifest."""
-
-    level: str = "N"
-    masking: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.level not in CONFIDENTIALITY_CODES:
-            raise ValueError(f"confidentiality must be one of {', '.join(CONFIDENTIALITY_CODES)}"
-                             f", not {self.level!r}")
-        unknown = [code for code in self.masking if code not in MASKING_CODES]
-        if unknown:
-            raise ValueError(f"unknown masking code(s) {', '.join(unknown)}: "
-                             f"{', '.join(MASKING_CODES)}")
-
-    def payload(self) -> str:
-        """As an outbox payload."""
-        return json.dumps({"level": self.level, "masking": list(self.masking)})
-
-    @classmethod
-    def from_payload(cls, payload: str) -> "Confidentiality":
-        """From an outbox payload."""
-        labels = json.loads(payload)
-        return cls(labels["level"], tuple(labels["masking"]))
 
 
 def security_labels(confidentiality: Confidentiality) -> list[dict]:
@@ -162,19 +131,14 @@ def _timestamp(epoch: float) -> str:
     return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
 
 
-def _oid(value: str) -> str:
-    value = value.strip().removeprefix("urn:oid:")
-    return value if is_oid(value) else ""
-
-
 def _patient_identifiers(study: StudyContents, producer: Producer) -> tuple[dict | None, dict]:
     """(INS identifier or None, local identifier {} when its issuer is unknown)."""
     ins = None
     for other in study.other_patient_ids:
-        oid = _oid(other.issuer.universal) or _oid(other.issuer.local)
+        oid = oid_of(other.issuer.universal) or oid_of(other.issuer.local)
         if oid in INS_TYPES and other.id and ins is None:
             ins = _identifier(f"urn:oid:{oid}", other.id, INS_TYPES[oid])
-    issuer = _oid(study.issuer_of_patient_id) or producer.patient_id_issuer_oid
+    issuer = oid_of(study.issuer_of_patient_id) or producer.patient_id_issuer_oid
     local = _identifier(f"urn:oid:{issuer}", study.patient_id, "PI", use="usual",
                         code_system="http://terminology.hl7.org/CodeSystem/v2-0203") \
         if issuer and study.patient_id else {}
@@ -251,7 +215,7 @@ def _related(study: StudyContents, producer: Producer) -> list[dict]:
     related = []
     if study.accession_number:
         issuer = study.accession_issuer
-        oid = _oid(issuer.universal) or _oid(issuer.local) \
+        oid = oid_of(issuer.universal) or oid_of(issuer.local) \
             or producer.accession_issuer_oid
         related.append(entry("accession", study.accession_number, oid))
     related.append(entry("study", study.study_uid, ""))

@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 from gateway.config import ProducerSettings, PublicationSettings
 from gateway.metrics import PUBLICATION_ATTEMPTS, UNMAPPED_EVENT_CODES
+from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.event_codes import EventCodeTable
 from gateway.publication.kos import Manifest, RetrieveOrigin, build_manifest
 from gateway.publication.mhd import (
-    Confidentiality,
     MetadataError,
     Producer,
     document_id,
@@ -78,6 +78,7 @@ class Publisher(PeriodicWorker):
             self._process(row)
 
     def _process(self, row: Publication) -> None:
+        row = self.outbox.begin_attempt(row)
         handler = {Action.PUBLISH: self._publish, Action.UNPUBLISH: self._unpublish,
                    Action.CONFIDENTIALITY: self._update_confidentiality}[row.action]
         try:
@@ -194,8 +195,8 @@ class Publisher(PeriodicWorker):
                                      row.study_uid, detail))
 
     def _retry(self, row: Publication, reason: str, maybe_delivered: bool) -> None:
-        delay = min(self.retry_seconds * 2 ** row.attempts, self.retry_max_seconds)
-        attempts = self.outbox.reschedule(row, reason, delay, maybe_delivered)
+        delay = min(self.retry_seconds * 2 ** (row.attempts - 1), self.retry_max_seconds)
+        self.outbox.reschedule(row, reason, delay, maybe_delivered)
         PUBLICATION_ATTEMPTS.labels(row.action.value, "retry").inc()
         log.warning("publication %d (%s of study %s): %s; attempt %d, next in %.0f s", row.id,
-                    row.action, row.study_uid, reason, attempts, delay)
+                    row.action, row.study_uid, reason, row.attempts, delay)

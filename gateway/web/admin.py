@@ -16,14 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.publication.mhd import Confidentiality
-from gateway.web.http.errors import ADMIN_PATH, error_response
+from gateway.publication.confidentiality import Confidentiality
+from gateway.web.http.errors import admin_error
 from gateway.web.services import Services, services_of
-from storage.outbox import Action, Publication, State
+from storage.outbox import UNFINISHED, Action, NotFailedError, Publication, State
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
             "confidentiality": Action.CONFIDENTIALITY}
-_UNFINISHED = (State.PENDING, State.SENT, State.FAILED)
 
 
 _MAX_BODY_BYTES = 64 << 10  # a confidentiality change is a few dozen bytes
@@ -31,10 +30,6 @@ _MAX_BODY_BYTES = 64 << 10  # a confidentiality change is a few dozen bytes
 
 class BodyTooLargeError(ValueError):
     """A request body over the limit of this endpoint (HTTP 413)."""
-
-
-def _error(status: int, message: str) -> Response:
-    return error_response(ADMIN_PATH, status, message)
 
 
 async def _small_body(request: Request) -> bytes:
@@ -57,7 +52,7 @@ async def queue_study_action(request: Request) -> Response:
     """Queue one action; the confidentiality body is ``{"level": "R", "masking": [...]}``."""
     action = _ACTIONS.get(request.path_params["action"])
     if action is None:
-        return _error(404, f"unknown action {request.path_params['action']!r}: "
+        return admin_error(404, f"unknown action {request.path_params['action']!r}: "
                            f"{', '.join(_ACTIONS)}")
     payload = ""
     if action is Action.CONFIDENTIALITY:
@@ -66,17 +61,18 @@ async def queue_study_action(request: Request) -> Response:
             payload = Confidentiality(str(body.get("level", "N")),
                                       tuple(body.get("masking", []))).payload()
         except BodyTooLargeError as exc:
-            return _error(413, str(exc))
+            return admin_error(413, str(exc))
         except RecursionError:
-            return _error(400, "JSON nested too deeply")
+            return admin_error(400, "JSON nested too deeply")
         except (ValueError, TypeError, AttributeError) as exc:
-            return _error(400, f"expected {{\"level\": \"N|R|V\", \"masking\": [codes]}}: {exc}")
+            return admin_error(
+                400, f"expected {{\"level\": \"N|R|V\", \"masking\": [codes]}}: {exc}")
     services = services_of(request)
     try:
         row = await run_in_threadpool(services.outbox.queue, request.path_params["study"],
                                       action, payload)
     except LookupError as exc:
-        return _error(404, str(exc))
+        return admin_error(404, str(exc))
     return _queued(services, row)
 
 
@@ -84,13 +80,12 @@ async def retry_publication(request: Request) -> Response:
     """Put a failed publication back in the queue (409 when it is not failed)."""
     services = services_of(request)
     pk: int = request.path_params["id"]
-    row = await run_in_threadpool(services.outbox.get, pk)
-    if row is None:
-        return _error(404, f"no publication {pk}")
-    if not await run_in_threadpool(services.outbox.retry, pk):
-        return _error(409, f"publication {pk} is {row.state}, not failed: nothing to retry")
-    retried = await run_in_threadpool(services.outbox.get, pk)
-    assert retried is not None  # rows are never deleted
+    try:
+        retried = await run_in_threadpool(services.outbox.retry, pk)
+    except NotFailedError as exc:
+        return admin_error(409, str(exc))
+    except LookupError as exc:
+        return admin_error(404, str(exc))
     return _queued(services, retried)
 
 
@@ -98,7 +93,7 @@ async def list_outbox(request: Request) -> JSONResponse:
     """The unfinished publications, oldest first; ``?all=true``: the acknowledged too."""
     everything = request.query_params.get("all", "").lower() in ("1", "true", "yes")
     rows = await run_in_threadpool(services_of(request).outbox.listing,
-                                   tuple(State) if everything else _UNFINISHED)
+                                   tuple(State) if everything else UNFINISHED)
     return JSONResponse([asdict(row) for row in rows])
 
 
@@ -114,7 +109,7 @@ async def study(request: Request) -> Response:
     studies = await run_in_threadpool(services.store.index.list_studies)
     found = next((s for s in studies if s.study_uid == uid), None)
     if found is None:
-        return _error(404, f"no such study {uid}")
+        return admin_error(404, f"no such study {uid}")
     rows = await run_in_threadpool(services.outbox.listing)
     return JSONResponse({"study": asdict(found),
                          "publications": [asdict(r) for r in rows if r.study_uid == uid]})

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway.config import AuthSettings, HttpSettings
+from gateway.urls import DICOMWEB_PATH
 from gateway.web import admin
 from gateway.web.dicomweb.frames import bulkdata, frames
 from gateway.web.dicomweb.metadata import metadata
@@ -94,7 +95,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
         Route("/metrics", metrics, methods=["GET"]),
         Route("/wado", wado_uri, methods=["GET"]),
         *admin.ROUTES,
-        Mount("/dicom-web", routes=dicomweb),
+        Mount(DICOMWEB_PATH, routes=dicomweb),
     ], middleware=middleware,
         exception_handlers={HTTPException: http_exception, Exception: internal_error})
     app.state.services = services

@@ -10,12 +10,23 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 ADMIN_PATH = "/admin"
 
 
+def text_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """An error of the DICOMweb family (and of everything but the admin API)."""
+    return PlainTextResponse(message + "\n", status_code=status, headers=headers)
+
+
+def admin_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """An error of the admin API."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 def error_response(path: str, status: int, message: str,
                    headers: dict[str, str] | None = None) -> Response:
-    """The error ``message`` with ``status``, in the format of the family of ``path``."""
+    """The error ``message`` with ``status``, in the format of the family of ``path``: for
+    code that answers whatever the route (middleware, exception handlers)."""
     if path == ADMIN_PATH or path.startswith(ADMIN_PATH + "/"):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-    return PlainTextResponse(message + "\n", status_code=status, headers=headers)
+        return admin_error(status, message, headers)
+    return text_error(status, message, headers)
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:

@@ -7,7 +7,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.web.http.errors import error_response
+from gateway.web.http.errors import text_error
 
 DICOM_JSON = "application/dicom+json"
 _GZIP_MIN_SIZE = 1024
@@ -15,7 +15,7 @@ _GZIP_MIN_SIZE = 1024
 
 def error(status: int, message: str) -> Response:
     """A DICOMweb error the client can read (``gateway.web.http.errors``)."""
-    return error_response("", status, message)
+    return text_error(status, message)
 
 
 def json_response(request: Request, payload: object) -> Response:

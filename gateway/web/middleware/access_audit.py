@@ -1,5 +1,6 @@
-"""One audit event per DICOMweb / WADO-URI request, with its outcome, and one per refused
-credential: the ASGI middleware around everything else (so it sees the 401s and 403s)."""
+"""One audit event per DICOMweb / WADO-URI request and per admin listing (a Query: it shows
+patients), with its outcome, and one per refused credential: the ASGI middleware around
+everything else (so it sees the 401s and 403s)."""
 
 import re
 from urllib.parse import parse_qs
@@ -9,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.security.audit import AuditEvent, AuditTrail, EventType, Outcome
 from gateway.web.middleware.manifest_scope import kos_reference
 
-_STUDY = re.compile(r"/dicom-web/studies/([^/]+)")
+_STUDY = re.compile(r"/(?:dicom-web|admin)/studies/([^/]+)")
 _QUERY = re.compile(r"/dicom-web/(?:studies(?:/[^/]+(?:/series(?:/[^/]+)?)?)?/)?"
                     r"(?:studies|series|instances)")
 _ACCESS = ("/rendered", "/thumbnail", "/metadata", "/frames/", "/bulkdata/")
@@ -19,6 +20,9 @@ def _event(method: str, path: str) -> tuple[EventType, str] | None:
     """(event type, action) of a request, None when it is not audited."""
     if path == "/wado":
         return EventType.INSTANCES_TRANSFERRED, "R"
+    if path.startswith("/admin/"):
+        # Queueing is audited by the publisher (Export); a listing is a query of the index.
+        return (EventType.QUERY, "E") if method == "GET" else None
     if not path.startswith("/dicom-web"):
         return None
     if method == "POST":
