@@ -14,6 +14,7 @@ _INTEGER = {10: re.compile(r"-?[0-9]{1,20}"), 16: re.compile(r"[0-9A-Fa-f]{1,16}
 _DECIMAL = re.compile(r"-?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})"
                       r"(?:[eE][-+]?[0-9]{1,3})?")
 INT32_MAX = (1 << 31) - 1  # the largest IS value (PS3.5 6.2)
+INT64_MAX = (1 << 63) - 1  # the largest SQLite integer (row ids)
 
 
 class NumberError(ValueError):

@@ -177,6 +177,13 @@ def test_malformed_numbers_are_400(service: PasserelleProcess, instance: str, pa
     assert (response.status_code, message in response.text) == (400, True), response.text
 
 
+def test_a_publication_id_beyond_sqlite_integers_is_400(service: PasserelleProcess) -> None:
+    response = httpx.post(f"{service.base_url}/admin/outbox/{'9' * 20}/retry")
+    assert response.status_code == 400
+    assert "publication id must be a number" in response.json()["error"]
+    assert httpx.post(f"{service.base_url}/admin/outbox/1/retry").status_code == 404
+
+
 def test_well_formed_numbers_still_work(service: PasserelleProcess, instance: str) -> None:
     for path in ("/dicom-web/instances?InstanceNumber=1&limit=5&offset=0",
                  f"{instance}/frames/1", f"{instance}/bulkdata/7FE00010",

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from gateway.publication.confidentiality import Confidentiality
 from gateway.web.http.errors import admin_error
 from gateway.web.services import Services, services_of
+from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Publication, State
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
@@ -79,7 +80,10 @@ async def queue_study_action(request: Request) -> Response:
 async def retry_publication(request: Request) -> Response:
     """Put a failed publication back in the queue (409 when it is not failed)."""
     services = services_of(request)
-    pk: int = request.path_params["id"]
+    try:
+        pk = parse_int(request.path_params["id"], "publication id", 1, INT64_MAX)
+    except NumberError as exc:
+        return admin_error(400, str(exc))
     try:
         retried = await run_in_threadpool(services.outbox.retry, pk)
     except NotFailedError as exc:
@@ -120,5 +124,5 @@ ROUTES = [
     Route("/admin/studies/{study}", study, methods=["GET"]),
     Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
     Route("/admin/outbox", list_outbox, methods=["GET"]),
-    Route("/admin/outbox/{id:int}/retry", retry_publication, methods=["POST"]),
+    Route("/admin/outbox/{id}/retry", retry_publication, methods=["POST"]),
 ]
