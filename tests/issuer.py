@@ -4,6 +4,8 @@ a loopback port (as an OpenID Connect provider publishes it), and JWTs minted on
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
@@ -23,6 +25,8 @@ class LocalIssuer:
         self.keys: dict[str, tuple[object, str]] = {}  # kid -> (private key, algorithm)
         self.published: list[str] = []  # kids in the JWKS
         self.jwks_requests = 0
+        self._answering = threading.Event()  # cleared: the JWKS endpoint hangs
+        self._answering.set()
         self.add_key("rsa-1", "RS256")
         self.add_key("ec-1", "ES256")
         issuer = self
@@ -30,6 +34,9 @@ class LocalIssuer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 issuer.jwks_requests += 1
+                if not issuer._answering.is_set():
+                    issuer._answering.wait()
+                    return  # hung: never answered (its client has gone)
                 body = json.dumps(issuer.jwks()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -61,6 +68,19 @@ class LocalIssuer:
         if publish:
             self.published.append(kid)
 
+    def retire(self, kid: str) -> None:
+        """Remove a key from the JWKS (the issuer no longer signs with it)."""
+        self.published.remove(kid)
+
+    @contextmanager
+    def hanging(self) -> Iterator[None]:
+        """Within: the JWKS endpoint accepts requests and never answers them."""
+        self._answering.clear()
+        try:
+            yield
+        finally:
+            self._answering.set()
+
     def jwks(self) -> dict:
         """The public keys, as a JWK Set."""
         keys = []
@@ -71,14 +91,16 @@ class LocalIssuer:
             keys.append({**jwk, "kid": kid, "alg": algorithm, "use": "sig"})
         return {"keys": keys}
 
-    def token(self, scope: str = "dicomweb.read", kid: str = "rsa-1", **claims: object) -> str:
-        """A JWT signed by key ``kid``; ``claims`` override the defaults (None removes one)."""
+    def token(self, scope: str = "dicomweb.read", kid: str = "rsa-1",
+              signed_by: str | None = None, **claims: object) -> str:
+        """A JWT naming key ``kid``, signed by that key or by key ``signed_by`` (with its
+        algorithm); ``claims`` override the defaults (None removes one)."""
         now = int(time.time())
         body = {"iss": self.url, "aud": AUDIENCE, "sub": "899700367909", "scope": scope,
                 "iat": now, "nbf": now, "exp": now + 300}
         body.update(claims)
         body = {k: v for k, v in body.items() if v is not None}
-        key, algorithm = self.keys[kid]
+        key, algorithm = self.keys[signed_by or kid]
         return jwt.encode(body, key, algorithm=algorithm, headers={"kid": kid})  # type: ignore[arg-type]
 
     def __enter__(self) -> "LocalIssuer":

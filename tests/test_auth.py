@@ -1,15 +1,20 @@
 """Bearer-token access control of a running service, attacked with the tokens a client could
 forge or misuse, against a JWKS served by a local issuer."""
 
+import base64
+import json
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from gateway.security.audit import read_events
 from tests.issuer import LocalIssuer
-from tests.processes import PasserelleProcess
+from tests.processes import PasserelleProcess, wait_for
 
 QIDO = "/dicom-web/studies"
 
@@ -17,6 +22,7 @@ QIDO = "/dicom-web/studies"
 @pytest.fixture(scope="module")
 def issuer() -> Iterator[LocalIssuer]:
     with LocalIssuer() as local:
+        local.add_key("rsa-0", "RS256")  # published at start, retired by a rotation
         yield local
 
 
@@ -105,9 +111,42 @@ def test_scopes_grant_rights(server: PasserelleProcess, issuer: LocalIssuer) -> 
     assert _get(server, issuer.token("openid profile")).status_code == 403
 
 
-def test_a_rotated_key_is_fetched_when_first_seen(server: PasserelleProcess,
+def _segment(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_a_bad_header_is_a_401_in_the_audit_trail(server: PasserelleProcess,
                                                   issuer: LocalIssuer) -> None:
+    _, payload, signature = issuer.token().split(".")
+    tokens = {
+        "ES256 header on the RSA key": issuer.token(kid="rsa-1", signed_by="ec-1"),
+        "RS256 header on the EC key": issuer.token(kid="ec-1", signed_by="rsa-1"),
+        "header not JSON": f"{_segment(b'{alg: RS256')}.{payload}.{signature}",
+        "header not an object": f"{_segment(b'[1]')}.{payload}.{signature}",
+        "kid not a string": f"{_segment(json.dumps({'alg': 'RS256', 'kid': ['rsa-1']}).encode())}"
+                            f".{payload}.{signature}",
+    }
+    paths = {name: f"/dicom-web/studies/1.2.826.0.1.16.{n}" for n, name in enumerate(tokens)}
+    for name, token in tokens.items():
+        response = _get(server, token, paths[name])
+        assert response.status_code == 401, name
+        assert 'error="invalid_token"' in response.headers["www-authenticate"], name
+        assert "Traceback" not in response.text
+
+
+    def refused() -> set[str]:
+        """The paths of the User Authentication failures in the trail so far."""
+        events = (m["EventIdentification"] for m in read_events(server.data_dir / "audit"))
+        return {e.get("EventOutcomeDescription", "") for e in events
+                if e["EventID"]["csd-code"] == "110114" and e["EventOutcomeIndicator"] == "4"}
+    wait_for(lambda: all(any(path in detail for detail in refused())
+                         for path in paths.values()), 10, "a User Authentication event each")
+
+
+def test_the_keys_follow_the_jwks(server: PasserelleProcess, issuer: LocalIssuer) -> None:
     assert _get(server, issuer.token()).status_code == 200
+    assert _get(server, issuer.token(kid="rsa-0")).status_code == 200
+    issuer.retire("rsa-0")
     issuer.add_key("rsa-2", "RS256")
     time.sleep(5.5)  # the JWKS is fetched again for an unknown key id, at most every 5 s
     before = issuer.jwks_requests
@@ -115,6 +154,39 @@ def test_a_rotated_key_is_fetched_when_first_seen(server: PasserelleProcess,
     assert issuer.jwks_requests == before + 1
     assert _get(server, issuer.token(kid="rsa-2")).status_code == 200
     assert issuer.jwks_requests == before + 1  # cached
+    retired = _get(server, issuer.token(kid="rsa-0"))  # trusted until that refetch
+    assert retired.status_code == 401
+    assert 'error="invalid_token"' in retired.headers["www-authenticate"]
+
+
+def test_a_hanging_jwks_holds_no_valid_request(server: PasserelleProcess,
+                                               issuer: LocalIssuer) -> None:
+    assert _get(server, issuer.token()).status_code == 200  # its key is known
+    issuer.add_key("attacker", "RS256", publish=False)
+    time.sleep(5.5)  # past the cooldown of the last fetch: an unknown key id fetches again
+    before = issuer.jwks_requests
+
+    def attack() -> int:
+        """A token naming a key id no JWKS lists: its status (once the fetch gave up)."""
+        token = issuer.token(kid=uuid.uuid4().hex, signed_by="attacker")
+        return httpx.get(server.base_url + QIDO, timeout=60,
+                         headers={"Authorization": f"Bearer {token}"}).status_code
+
+    with issuer.hanging(), ThreadPoolExecutor(45) as pool:
+        unknown = [pool.submit(attack) for _ in range(45)]
+        wait_for(lambda: issuer.jwks_requests > before, 10, "the JWKS fetch")
+        time.sleep(0.5)  # the others arrive while it hangs
+        valid = httpx.get(server.base_url + QIDO, timeout=5,
+                          headers={"Authorization": f"Bearer {issuer.token()}"})
+        assert valid.status_code == 200
+        assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
+        statuses = [future.result() for future in unknown]
+    assert set(statuses) <= {401, 503}, statuses  # waited for the failed fetch, or refused
+    assert 503 in statuses
+    assert issuer.jwks_requests == before + 1  # one fetch at a time, none in the cooldown
+    assert attack() == 401  # in the cooldown after the failure: at once
+    assert issuer.jwks_requests == before + 1
+    assert server.metric("passerelle_jwks_fetches_total", result="failed") >= 1
 
 
 def test_allowlist_and_protected_metrics(tmp_path: Path, issuer: LocalIssuer) -> None:
@@ -124,6 +196,11 @@ def test_allowlist_and_protected_metrics(tmp_path: Path, issuer: LocalIssuer) ->
         assert _get(server, issuer.token()).status_code == 403  # sub not in the allowlist
         assert _get(server, issuer.token(sub=None, client_id="consumer-gateway")
                     ).status_code == 200
+        # A token whose subject reads like a certificate identity is still a token subject.
+        impostor = issuer.token("dicomweb.read passerelle.admin", sub="certificate:anyone")
+        assert _get(server, impostor).status_code == 403
+        assert httpx.post(f"{server.base_url}/admin/studies/1.2.3/publish",
+                          headers={"Authorization": f"Bearer {impostor}"}).status_code == 403
         assert _get(server, None, "/metrics").status_code == 401
         assert _get(server, issuer.token("passerelle.admin", sub="consumer-gateway"),
                     "/metrics").status_code == 200

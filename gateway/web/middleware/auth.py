@@ -8,8 +8,8 @@ CORS preflights, ``admin`` under ``/admin``, ``write`` to store (POST under ``/d
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
-import anyio.to_thread
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -19,6 +19,18 @@ from gateway.web.http.errors import error_response
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request speaks for: the subject of a verified token, or the name of a client
+    certificate known to the configuration; never one for the other, whatever the name."""
+
+    kind: Literal["token", "certificate"]
+    name: str
+
+    def __str__(self) -> str:
+        """How the audit trail names it (``certificate:NAME`` for a certificate)."""
+        return f"certificate:{self.name}" if self.kind == "certificate" else self.name
 
 
 @dataclass(frozen=True)
@@ -44,10 +56,17 @@ class Rights:
             return self.write
         return self.read
 
+    def admits(self, principal: Principal) -> bool:
+        """Whether ``principal`` may come in at all: a configured certificate always, a
+        token subject when there is no allowlist or it is on it."""
+        return principal.kind == "certificate" or not self.allowed_subjects \
+            or principal.name in self.allowed_subjects
+
 
 class AuthMiddleware:
-    """Refuses requests without the right token (401 / 403 with ``WWW-Authenticate``); the
-    subject of an accepted token is put in ``scope["user"]`` for the handlers and the audit."""
+    """Refuses requests without the right token (401 / 403 with ``WWW-Authenticate``); who
+    the request speaks for is put in ``scope["user"]`` (as text) for the handlers and the
+    audit."""
 
     def __init__(self, app: ASGIApp, verifier: TokenVerifier | None, rights: Rights) -> None:
         self.app = app
@@ -72,18 +91,19 @@ class AuthMiddleware:
         kind, _, token = header.partition(" ")
         certificate = scope.get("extensions", {}).get("tls", {}).get("client_cert_name", "")
         if kind.lower() == "bearer" and token.strip() and self.verifier is not None:
-            claims = await anyio.to_thread.run_sync(self.verifier.claims, token.strip())
-            subject, scopes = subject_of(claims), str(claims.get("scope", "")).split()
+            claims = await self.verifier.claims(token.strip())
+            principal = Principal("token", subject_of(claims))
+            scopes = str(claims.get("scope", "")).split()
         elif certificate in self.rights.certificates:
             # mutual TLS: a consumer gateway known by its certificate (verified by the
             # TLS layer against tls_client_ca_file) gets the scopes configured for it.
-            subject, scopes = f"certificate:{certificate}", self.rights.certificates[certificate]
+            principal = Principal("certificate", certificate)
+            scopes = self.rights.certificates[certificate]
         else:
             raise AuthError(401, "", "a bearer token is required", "missing")
-        scope["user"] = subject  # known from here on, refused or not (audit)
-        if self.rights.allowed_subjects and subject not in self.rights.allowed_subjects \
-                and not subject.startswith("certificate:"):
-            raise AuthError(403, "insufficient_scope", f"{subject!r} is not allowed here",
+        scope["user"] = str(principal)  # known from here on, refused or not (audit)
+        if not self.rights.admits(principal):
+            raise AuthError(403, "insufficient_scope", f"{principal.name!r} is not allowed here",
                             "subject")
         if needed not in scopes:
             raise AuthError(403, "insufficient_scope", f"this request needs scope {needed}",
