@@ -3,8 +3,10 @@
 from dataclasses import dataclass, field
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-# Far longer than any real client's (the national consumer's ten ranges are ~1 KB).
-MAX_ACCEPT_LENGTH = 16384
+# Far longer than any real client's (the national consumer's ten ranges are ~1 KB), and
+# below the 16 KiB of a whole request head, so that this refusal, which names the header,
+# is what a client over it gets.
+MAX_ACCEPT_LENGTH = 8192
 
 
 class NotAcceptableError(Exception):
