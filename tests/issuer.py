@@ -26,6 +26,7 @@ class LocalIssuer:
         self.published: list[str] = []  # kids in the JWKS
         self.jwks_requests = 0
         self._answering = threading.Event()  # cleared: the JWKS endpoint hangs
+        self.body: bytes | None = None  # set: what the JWKS endpoint answers instead
         self._answering.set()
         self.add_key("rsa-1", "RS256")
         self.add_key("ec-1", "ES256")
@@ -37,7 +38,7 @@ class LocalIssuer:
                 if not issuer._answering.is_set():
                     issuer._answering.wait()
                     return  # hung: never answered (its client has gone)
-                body = json.dumps(issuer.jwks()).encode()
+                body = issuer.body or json.dumps(issuer.jwks()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

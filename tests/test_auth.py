@@ -219,3 +219,19 @@ def test_no_authentication_only_on_loopback(tmp_path: Path, issuer: LocalIssuer)
     with PasserelleProcess(tmp_path / "open", http_host="0.0.0.0",
                            allow_unauthenticated="true") as opened:
         assert _get(opened, None).status_code == 200
+
+
+def test_a_jwks_nested_past_the_parser_is_a_failed_fetch(server: PasserelleProcess,
+                                                         issuer: LocalIssuer) -> None:
+    assert _get(server, issuer.token()).status_code == 200  # the keys are known
+    issuer.add_key("unlisted", "RS256", publish=False)
+    issuer.body = b"[" * 400_000 + b"]" * 400_000  # 800 KB: under the 1 MiB cap
+    try:
+        time.sleep(5.5)  # past the cooldown of the last fetch
+        token = issuer.token(kid="unlisted", signed_by="unlisted")
+        assert _get(server, token).status_code == 503  # the fetch failed, cleanly
+    finally:
+        issuer.body = None
+    assert _get(server, issuer.token()).status_code == 200  # known keys still trusted
+    assert "RecursionError" not in server.log() and "never retrieved" not in server.log()
+    assert "cannot fetch the issuer's keys" in server.log()

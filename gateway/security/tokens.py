@@ -126,7 +126,8 @@ class IssuerKeys:
             async with asyncio.timeout(FETCH_SECONDS):
                 document = await _download(self.jwks_url)
             keys = _signing_keys(document)
-        except (httpx.HTTPError, TimeoutError, TypeError, ValueError, jwt.PyJWTError) as exc:
+        except (httpx.HTTPError, TimeoutError, TypeError, ValueError, RecursionError,
+                jwt.PyJWTError) as exc:  # RecursionError: JSON nested past Python's limit
             log.error("cannot fetch the issuer's keys from %s: %s", self.jwks_url,
                       str(exc) or type(exc).__name__)
             JWKS_FETCHES.labels("failed").inc()
