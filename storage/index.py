@@ -173,7 +173,7 @@ _STUDY_SUMMARY = """
            (SELECT count(*) FROM series se WHERE se.study_pk = st.pk) AS series_count,
            (SELECT count(*) FROM instances i JOIN series se ON i.series_pk = se.pk
              WHERE se.study_pk = st.pk) AS instance_count
-    FROM studies st JOIN patients p ON st.patient_pk = p.pk
+    FROM studies st JOIN patients p ON st.patient_pk = p.pk {where}
     ORDER BY st.study_date DESC, st.study_time DESC, st.pk DESC
 """
 
@@ -345,10 +345,12 @@ class Index:
                              ON st.patient_pk = p.pk WHERE st.study_uid = ?""", (study_uid,))
         return rows[0][0] if rows else ""
 
-    def list_studies(self) -> list[StudySummary]:
-        """Every stored study with its counts, most recent study date first."""
+    def list_studies(self, study_uid: str | None = None) -> list[StudySummary]:
+        """Every stored study (or only ``study_uid``) with its counts, most recent study
+        date first."""
+        where, parameters = ("WHERE st.study_uid = ?", (study_uid,)) if study_uid else ("", ())
         with self._lock:
-            rows = self._db.execute(_STUDY_SUMMARY).fetchall()
+            rows = self._db.execute(_STUDY_SUMMARY.format(where=where), parameters).fetchall()
         return [
             StudySummary(*row[:8], modalities=sorted((row[8] or "").split(",")) if row[8] else [],
                          series_count=row[9], instance_count=row[10])

@@ -127,12 +127,14 @@ class Outbox:
                     AND older.pk < p.pk AND older.state IN ('pending', 'sent'))
                 ORDER BY pk""", (now,))]
 
-    def listing(self, states: tuple[State, ...] = tuple(State)) -> list[Publication]:
-        """Rows in the given states, oldest first."""
+    def listing(self, states: tuple[State, ...] = tuple(State),
+                study_uid: str | None = None) -> list[Publication]:
+        """Rows in the given states (of one study, if given), oldest first."""
         marks = ",".join("?" * len(states))
+        of_study = " AND study_uid = ?" if study_uid else ""
         return [_publication(row) for row in self.index.fetch(
-            f"SELECT {_COLUMNS} FROM publications WHERE state IN ({marks}) ORDER BY pk",
-            [s.value for s in states])]
+            f"SELECT {_COLUMNS} FROM publications WHERE state IN ({marks}){of_study} "
+            "ORDER BY pk", [s.value for s in states] + ([study_uid] if study_uid else []))]
 
     def published_document(self, study_uid: str) -> Publication | None:
         """The acknowledged publication whose manifest is the study's current document in

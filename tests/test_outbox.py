@@ -10,6 +10,7 @@ from pydicom.uid import generate_uid
 
 from storage.outbox import Action, NotFailedError, Outbox, State
 from storage.store import Outcome, Store
+from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import send
 from tests.synthetic import ct_slice
@@ -120,3 +121,16 @@ def test_service_queues_a_stable_study(tmp_path: Path) -> None:
             (study, "publish", "pending")]
         failed = server.cli("outbox", "retry", str(listed[0]["id"]))
         assert failed.returncode == 1 and "not failed" in failed.stderr
+
+
+def test_admin_study_shows_that_study_and_its_publications_only(tmp_path: Path) -> None:
+    with InProcessService(tmp_path / "data") as service:
+        first, second = generate_uid(), generate_uid()
+        for study in (first, second):
+            service.ingest(ct_slice(study, generate_uid(), 1, 1, size=4))
+            assert service.post(f"/admin/studies/{study}/publish").status_code == 202
+        one = service.get(f"/admin/studies/{second}").json()
+        assert one["study"]["study_uid"] == second
+        assert [p["study_uid"] for p in one["publications"]] == [second]
+        assert service.get(f"/admin/studies/{generate_uid()}").status_code == 404
+        assert {s["study_uid"] for s in service.get("/admin/studies").json()} == {first, second}

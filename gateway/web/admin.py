@@ -110,13 +110,11 @@ async def list_studies(request: Request) -> JSONResponse:
 async def study(request: Request) -> Response:
     """One study's summary and its publications."""
     services, uid = services_of(request), request.path_params["study"]
-    studies = await run_in_threadpool(services.store.index.list_studies)
-    found = next((s for s in studies if s.study_uid == uid), None)
-    if found is None:
+    found = await run_in_threadpool(services.store.index.list_studies, uid)
+    if not found:
         return admin_error(404, f"no such study {uid}")
-    rows = await run_in_threadpool(services.outbox.listing)
-    return JSONResponse({"study": asdict(found),
-                         "publications": [asdict(r) for r in rows if r.study_uid == uid]})
+    rows = await run_in_threadpool(services.outbox.listing, tuple(State), uid)
+    return JSONResponse({"study": asdict(found[0]), "publications": [asdict(r) for r in rows]})
 
 
 ROUTES = [
