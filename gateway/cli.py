@@ -27,6 +27,7 @@ from gateway.publication.confidentiality import (
     Confidentiality,
 )
 from gateway.security.audit import read_events
+from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
 from storage.recovery import DataDirBusyError, ServiceLock
 from storage.store import Store
@@ -243,6 +244,14 @@ def _cmd_registry(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _publication_id(text: str) -> int:
+    """An outbox row id, read as the admin API reads it (a usage error otherwise)."""
+    try:
+        return parse_int(text, "publication id", 1, INT64_MAX)
+    except NumberError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _setting(name: str) -> str:
     """``name (PASSERELLE_NAME)``; KeyError when config has no such setting."""
     if name not in FLAT_NAMES and name not in Settings.model_fields:
@@ -337,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     retry = command("retry", "send a failed publication again", _cmd_retry, queued,
                     notes=_THROUGH_SERVICE,
                     under=outbox.add_subparsers(metavar="COMMAND", title="commands"))
-    retry.add_argument("id", type=int)
+    retry.add_argument("id", type=_publication_id)
     for name, text in (("publish", "publish (or republish) a study's manifest now"),
                        ("unpublish", "withdraw a study's published manifest (status superseded)"),
                        ("confidentiality", "change the confidentiality of a study's manifest")):

@@ -315,3 +315,12 @@ def test_an_answer_that_is_not_the_admin_api_is_reported(tmp_path: Path) -> None
     assert result.stderr == (f"passerelle: unexpected answer from the service on {data}: "
                              "HTTP 502 proxy failed\n")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text", ["99999999999999999999", "0", "²", "-1"])
+def test_a_malformed_publication_id_is_a_usage_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "data").mkdir()
+    result = cli("outbox", "retry", text, cwd=tmp_path, data_dir=str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert "publication id must be a number from 1 to" in result.stderr
+    assert "Traceback" not in result.stderr
