@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from gateway.publication.kos import RetrieveOrigin, build_manifest
 from gateway.security.audit import read_events
 from storage.outbox import Action
+from storage.search import Level
 from storage.study_contents import load_study_contents
 from tests.inprocess import InProcessService
 from tests.multipart import parts_of
@@ -215,6 +216,14 @@ def test_a_manifest_scopes_every_level_to_what_it_references(
     for path in (f"{study}/instances", f"{series}/instances"):
         assert [i["00080018"]["Value"] for i in get(path, JSON).json()] == [[s.referenced]]
     assert get(f"{study}/instances?SOPInstanceUID={s.late}", JSON).json() == []
+    # (A study-level search names no study, so no manifest opens it; the index confines
+    # that level too.)
+    assert web.store.index.search(
+        Level.STUDY, [], ["StudyInstanceUID", "NumberOfStudyRelatedInstances",
+                          "NumberOfStudyRelatedSeries", "ModalitiesInStudy"], False, 10, 0,
+        within=frozenset({s.referenced})) == [
+            {"StudyInstanceUID": s.a, "NumberOfStudyRelatedInstances": 1,
+             "NumberOfStudyRelatedSeries": 1, "ModalitiesInStudy": "CT"}]
     # Instance level: the late instances, whatever the resource, are refused whole.
     late = s.instance_path(s.late)
     for path in (late, f"{late}/metadata", f"{late}/frames/1", f"{late}/rendered",

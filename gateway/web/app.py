@@ -21,6 +21,7 @@ from gateway.web.dicomweb.stow import store_instances
 from gateway.web.dicomweb.wado import retrieve
 from gateway.web.dicomweb.wado_uri import wado_uri
 from gateway.web.http.errors import http_exception, internal_error
+from gateway.web.http.request_target import WADO_URI_PATH
 from gateway.web.middleware.access_audit import AccessAuditMiddleware
 from gateway.web.middleware.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.middleware.client_limit import ClientLimitMiddleware
@@ -84,7 +85,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/wado", wado_uri, methods=["GET"]),
+        Route(WADO_URI_PATH, wado_uri, methods=["GET"]),
         *admin.ROUTES,
         Mount(DICOMWEB_PATH, routes=dicomweb),
     ]

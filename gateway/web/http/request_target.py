@@ -13,7 +13,7 @@ refused, never read as its first or last value.
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from starlette.requests import HTTPConnection
@@ -23,7 +23,7 @@ from starlette.types import Scope
 from gateway.urls import DICOMWEB_PATH
 
 WADO_URI_PATH = "/wado"
-MANIFEST_HEADER = b"kos-sopinstanceuid"
+_MANIFEST_HEADER = b"kos-sopinstanceuid"
 _STATE_KEY = "passerelle.target"
 _SEARCHES = ("studies", "series", "instances")  # QIDO-RS resources (PS3.18 10.6)
 _ACCESSES = ("metadata", "rendered", "thumbnail", "frames", "bulkdata")
@@ -42,7 +42,7 @@ class Operation(enum.Enum):
     ACCESS = "access"  # WADO-RS metadata, rendered, thumbnail, frames, bulk data
     STORE = "store"  # STOW-RS
     ADMIN = "admin"  # the operator API
-    OTHER = "other"  # health, metrics, or no route at all
+    OTHER = "other"  # health, metrics, or a path outside these APIs
 
     @property
     def reads_studies(self) -> bool:
@@ -62,7 +62,6 @@ class RequestTarget:
     study: str | None = None
     series: str | None = None
     instance: str | None = None
-    path_params: dict[str, str] = field(default_factory=dict)
     query: tuple[tuple[str, str], ...] = ()
     manifest: str = ""  # the KOS-SOPInstanceUID header: the manifest scoping the request
     problem: str = ""  # why the request cannot be served as asked (HTTP 400); "" if none
@@ -83,10 +82,6 @@ class RequestTarget:
         """The value of a query parameter, ``default`` when absent (single-valued: checked
         at parsing)."""
         return next((value for key, value in self.query if key == name), default)
-
-    def has(self, name: str) -> bool:
-        """Whether the query has the parameter ``name``."""
-        return any(key == name for key, _ in self.query)
 
 
 def find_target(scope: Scope) -> RequestTarget | None:
@@ -170,12 +165,12 @@ def parse_target(scope: Scope, routes: Sequence[BaseRoute]) -> RequestTarget:
     query = tuple(parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                             keep_blank_values=True))
     if operation is Operation.OTHER:  # health, metrics: no parameters that matter
-        return RequestTarget(method, operation, template, methods, path_params=path_params)
+        return RequestTarget(method, operation, template, methods)
     repeated = _repeated(query, _REPEATABLE if operation is Operation.SEARCH else set())
     problem = (f"parameter {', '.join(name[:64] for name in repeated)} given more than once;"
                " it takes one value" if repeated else "")
     manifests = [value.decode("latin-1").strip() for name, value in scope["headers"]
-                 if name == MANIFEST_HEADER]
+                 if name == _MANIFEST_HEADER]
     if len(manifests) > 1:
         problem = problem or "header KOS-SOPInstanceUID given more than once"
     if template == WADO_URI_PATH:
@@ -183,6 +178,5 @@ def parse_target(scope: Scope, routes: Sequence[BaseRoute]) -> RequestTarget:
                 for name in ("studyUID", "seriesUID", "objectUID")]
     else:
         uids = [path_params.get(name) for name in ("study", "series", "instance")]
-    return RequestTarget(method, operation, template, methods, *uids,
-                         path_params=path_params, query=query,
+    return RequestTarget(method, operation, template, methods, *uids, query=query,
                          manifest=manifests[0] if len(manifests) == 1 else "", problem=problem)
