@@ -167,8 +167,8 @@ def parse_target(scope: Scope, routes: Sequence[BaseRoute]) -> RequestTarget:
     if operation is Operation.OTHER:  # health, metrics: no parameters that matter
         return RequestTarget(method, operation, template, methods)
     repeated = _repeated(query, _REPEATABLE if operation is Operation.SEARCH else set())
-    problem = (f"parameter {', '.join(name[:64] for name in repeated)} given more than once;"
-               " it takes one value" if repeated else "")
+    problem = (f"parameter {', '.join(name[:64] for name in repeated[:5])} given more than"
+               " once; it takes one value" if repeated else "")
     manifests = [value.decode("latin-1").strip() for name, value in scope["headers"]
                  if name == _MANIFEST_HEADER]
     if len(manifests) > 1:
