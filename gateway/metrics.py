@@ -53,6 +53,11 @@ JWKS_FETCHES = Counter(
 HTTP_REFUSED_OVER_LIMIT = Counter(
     "passerelle_http_refused_over_limit_total",
     "HTTP requests refused because their client had too many in progress")
+HTTP_REQUESTS_REFUSED = Counter(
+    "passerelle_http_requests_refused_total",
+    "HTTP requests refused before anything served them, by reason (method: a method the"
+    " resource does not serve; repeated_parameter: a single-valued query parameter given"
+    " twice)", ["reason"])
 MANIFEST_ACCESS = Counter(
     "passerelle_manifest_access_total",
     "Requests scoped by a KOS-SOPInstanceUID header, by result", ["result"])

@@ -4,6 +4,7 @@ One connection shared by the threads of the process, serialised by a lock: SQLit
 single writer anyway, and a commit is far shorter than receiving an instance.
 """
 
+import json
 import sqlite3
 import threading
 import time
@@ -271,20 +272,24 @@ class Index:
         return StoredInstance(*row) if row else None
 
     def instances(self, study_uid: str, series_uid: str | None = None,
-                  sop_uid: str | None = None) -> list[StoredInstance]:
-        """Instances of a study, optionally of one series or one instance, in series then
-        instance number order."""
+                  sop_uid: str | None = None, within: frozenset[str] | None = None
+                  ) -> list[StoredInstance]:
+        """Instances of a study, optionally of one series or one instance, and only those
+        whose SOP Instance UID is ``within`` when given, in series then instance number
+        order."""
         return [instance for instance, _ in self._instances(study_uid, series_uid, sop_uid,
-                                                             with_metadata=False)]
+                                                             within, with_metadata=False)]
 
     def instances_with_metadata(self, study_uid: str, series_uid: str | None = None,
-                                sop_uid: str | None = None
+                                sop_uid: str | None = None,
+                                within: frozenset[str] | None = None
                                 ) -> list[tuple[StoredInstance, str | None]]:
         """Like ``instances``, each with its cached DICOM JSON text (None if not cached)."""
-        return self._instances(study_uid, series_uid, sop_uid, with_metadata=True)
+        return self._instances(study_uid, series_uid, sop_uid, within, with_metadata=True)
 
     def _instances(self, study_uid: str, series_uid: str | None, sop_uid: str | None,
-                   with_metadata: bool) -> list[tuple[StoredInstance, str | None]]:
+                   within: frozenset[str] | None, with_metadata: bool
+                   ) -> list[tuple[StoredInstance, str | None]]:
         sql = (f"SELECT {_INSTANCE_COLUMNS}, m.json {_INSTANCE_FROM}"
                " LEFT JOIN instance_metadata m ON m.instance_pk = i.pk" if with_metadata else
                f"SELECT {_INSTANCE_COLUMNS}, NULL {_INSTANCE_FROM}")
@@ -296,6 +301,9 @@ class Index:
         if sop_uid is not None:
             sql += " AND i.sop_uid = ?"
             params.append(sop_uid)
+        if within is not None:  # one parameter, however many UIDs
+            sql += " AND i.sop_uid IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(sorted(within)))
         sql += " ORDER BY se.series_number, se.pk, i.instance_number, i.pk"
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
@@ -334,10 +342,11 @@ class Index:
         return {row[0] for row in rows}
 
     def search(self, level: Level, matches: list[Match], returned: list[str], fuzzy: bool,
-               limit: int, offset: int) -> list[dict[str, object]]:
+               limit: int, offset: int, within: frozenset[str] | None = None
+               ) -> list[dict[str, object]]:
         """QIDO matching, see ``storage.search.search``."""
         with self._lock:
-            return search(self._db, level, matches, returned, fuzzy, limit, offset)
+            return search(self._db, level, matches, returned, fuzzy, limit, offset, within)
 
     def patient_id_of(self, study_uid: str) -> str:
         """The Patient ID of a study ("" when the study is unknown)."""

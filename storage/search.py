@@ -3,9 +3,14 @@
 A query names a level (study, series, instance) and a list of ``Match`` objects on DICOM
 keywords the index holds; the result rows are dicts keyword -> value. Every value reaches
 SQLite as a bound parameter, never as SQL text.
+
+A search can be confined to a set of instances (``within``: those a KOS manifest
+references): then nothing else exists for it, as a row, in a count, or as a modality to
+match.
 """
 
 import enum
+import json
 import re
 import sqlite3
 import unicodedata
@@ -88,6 +93,30 @@ _ORDER = {
 _COMPUTED_COUNTS = {"ModalitiesInStudy", "NumberOfStudyRelatedSeries",
                     "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances"}
 
+# Confined to ``within`` (a CTE of SOP Instance UIDs): a series exists when one of its
+# instances is within, a study when one of its series does.
+_WITHIN = "WITH within(sop_uid) AS (SELECT value FROM json_each(?)) "
+_SERIES_WITHIN = ("EXISTS (SELECT 1 FROM instances wi WHERE wi.series_pk = {}"
+                  " AND wi.sop_uid IN within)")
+_ROWS_WITHIN = {
+    Level.STUDY: "EXISTS (SELECT 1 FROM series ws JOIN instances wi ON wi.series_pk = ws.pk"
+                 " WHERE ws.study_pk = st.pk AND wi.sop_uid IN within)",
+    Level.SERIES: _SERIES_WITHIN.format("se.pk"),
+    Level.INSTANCE: "i.sop_uid IN within",
+}
+_COUNTS_WITHIN = {
+    "ModalitiesInStudy": "(SELECT group_concat(DISTINCT m.modality) FROM series m WHERE"
+                         " m.study_pk = st.pk AND m.modality != '' AND "
+                         + _SERIES_WITHIN.format("m.pk") + ")",
+    "NumberOfStudyRelatedSeries": "(SELECT count(*) FROM series m WHERE m.study_pk = st.pk"
+                                  " AND " + _SERIES_WITHIN.format("m.pk") + ")",
+    "NumberOfStudyRelatedInstances": "(SELECT count(*) FROM instances mi JOIN series m ON"
+                                     " mi.series_pk = m.pk WHERE m.study_pk = st.pk AND"
+                                     " mi.sop_uid IN within)",
+    "NumberOfSeriesRelatedInstances": "(SELECT count(*) FROM instances mi WHERE"
+                                      " mi.series_pk = se.pk AND mi.sop_uid IN within)",
+}
+
 
 # PS3.5 6.2: DA is YYYYMMDD; TM is HH[MM[SS[.F{1,6}]]]. A range is "low-high", either open.
 _DATE_TIME = {"DA": re.compile(r"[0-9]{8}"),
@@ -136,8 +165,9 @@ class Match:
     keyword: str
     value: str
 
-    def condition(self, fuzzy: bool) -> tuple[str, list[object]]:
-        """SQL condition and parameters; empty value = universal match."""
+    def condition(self, fuzzy: bool, confined: bool = False) -> tuple[str, list[object]]:
+        """SQL condition and parameters; empty value = universal match. ``confined``: the
+        query has a ``within`` set of instances (``search``)."""
         attribute = ATTRIBUTES[self.keyword]
         value = self.value
         if value == "":
@@ -145,8 +175,9 @@ class Match:
         if self.keyword == "ModalitiesInStudy":
             modalities = [v for v in value.replace("\\", ",").split(",") if v]
             marks = ",".join("?" * len(modalities))
+            within = " AND " + _SERIES_WITHIN.format("m.pk") if confined else ""
             return (f"EXISTS (SELECT 1 FROM series m WHERE m.study_pk = st.pk"
-                    f" AND m.modality IN ({marks}))", list(modalities))
+                    f" AND m.modality IN ({marks}){within})", list(modalities))
         if attribute.vr == "UI":
             uids = [v for v in value.replace("\\", ",").split(",") if v]
             return f"{attribute.sql} IN ({','.join('?' * len(uids))})", list(uids)
@@ -182,8 +213,10 @@ class Match:
 
 
 def search(db: sqlite3.Connection, level: Level, matches: list[Match], returned: list[str],
-           fuzzy: bool, limit: int, offset: int) -> list[dict[str, object]]:
-    """Rows of ``level`` matching every ``Match``, with the ``returned`` keywords."""
+           fuzzy: bool, limit: int, offset: int, within: frozenset[str] | None = None
+           ) -> list[dict[str, object]]:
+    """Rows of ``level`` matching every ``Match``, with the ``returned`` keywords; only
+    those of the instances ``within`` (SOP Instance UIDs) when given."""
     for match in matches:
         attribute = ATTRIBUTES.get(match.keyword)
         if attribute is None or attribute.level > level:
@@ -192,12 +225,18 @@ def search(db: sqlite3.Connection, level: Level, matches: list[Match], returned:
         if match.keyword in _COMPUTED_COUNTS - {"ModalitiesInStudy"} and match.value:
             raise QueryError(f"{match.keyword} is returned, not matched")
     columns = [k for k in returned if k in ATTRIBUTES and ATTRIBUTES[k].level <= level]
-    conditions, params = ["1"], []
+    confined = within is not None
+    conditions, params = [_ROWS_WITHIN[level] if confined else "1"], []
     for match in matches:
-        sql, values = match.condition(fuzzy)
+        sql, values = match.condition(fuzzy, confined)
         conditions.append(sql)
         params += values
-    sql = (f"SELECT {', '.join(ATTRIBUTES[k].sql for k in columns)} FROM {_FROM[level]}"
+    selected = [_COUNTS_WITHIN[k] if confined and k in _COUNTS_WITHIN else ATTRIBUTES[k].sql
+                for k in columns]
+    sql = (f"SELECT {', '.join(selected)} FROM {_FROM[level]}"
            f" WHERE {' AND '.join(conditions)} ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
+    if within is not None:
+        sql = _WITHIN + sql
+        params.insert(0, json.dumps(sorted(within)))
     rows = db.execute(sql, [*params, limit, offset]).fetchall()
     return [dict(zip(columns, row, strict=True)) for row in rows]

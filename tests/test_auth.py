@@ -111,6 +111,19 @@ def test_scopes_grant_rights(server: PasserelleProcess, issuer: LocalIssuer) -> 
     assert _get(server, issuer.token("openid profile")).status_code == 403
 
 
+def test_head_needs_what_get_needs(server: PasserelleProcess, issuer: LocalIssuer) -> None:
+    """HEAD is answered by the GET handler: the same token, the same refusals; a method no
+    route serves is refused before any token is looked at."""
+    for token, status in ((None, 401), (issuer.token("openid profile"), 403),
+                          (issuer.token("dicomweb.read"), 200)):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        head = httpx.head(server.base_url + QIDO, headers=headers)
+        assert head.status_code == _get(server, token).status_code == status, token
+        assert head.headers.get("www-authenticate") == \
+            _get(server, token).headers.get("www-authenticate")
+    assert httpx.delete(server.base_url + QIDO).status_code == 405
+
+
 def _segment(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 

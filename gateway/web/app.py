@@ -21,10 +21,12 @@ from gateway.web.dicomweb.stow import store_instances
 from gateway.web.dicomweb.wado import retrieve
 from gateway.web.dicomweb.wado_uri import wado_uri
 from gateway.web.http.errors import http_exception, internal_error
+from gateway.web.http.request_target import WADO_URI_PATH
 from gateway.web.middleware.access_audit import AccessAuditMiddleware
 from gateway.web.middleware.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.middleware.client_limit import ClientLimitMiddleware
 from gateway.web.middleware.manifest_scope import ManifestAccess, ManifestScopeMiddleware
+from gateway.web.middleware.request_target import RequestTargetMiddleware
 from gateway.web.services import Services
 
 _RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
@@ -80,6 +82,16 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
             expose_headers=["Content-Type", "Content-Length", "ETag", "Warning",
                             "WWW-Authenticate"],
             max_age=3600))
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route(WADO_URI_PATH, wado_uri, methods=["GET"]),
+        *admin.ROUTES,
+        Mount(DICOMWEB_PATH, routes=dicomweb),
+    ]
+    # Inside the audit (which records what it parsed, refusals included), before every
+    # access decision.
+    middleware.append(Middleware(RequestTargetMiddleware, routes=routes))
     if auth.enabled:
         middleware.append(Middleware(
             AuthMiddleware,
@@ -90,13 +102,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
                           auth.certificate_scopes())))
     middleware.append(Middleware(ManifestScopeMiddleware, access=ManifestAccess(services.store),
                                  required=auth.require_kos_reference))
-    app = Starlette(routes=[
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/wado", wado_uri, methods=["GET"]),
-        *admin.ROUTES,
-        Mount(DICOMWEB_PATH, routes=dicomweb),
-    ], middleware=middleware,
-        exception_handlers={HTTPException: http_exception, Exception: internal_error})
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: http_exception, Exception: internal_error})
     app.state.services = services
     return app

@@ -10,8 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.urls import retrieve_url
-from gateway.web.dicomweb.wado import check_uids, level_name
+from gateway.web.dicomweb.wado import check_uids
+from gateway.web.http.request_target import target_of
 from gateway.web.http.responses import error, json_bytes_response
+from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
@@ -57,11 +59,11 @@ async def metadata(request: Request) -> Response:
     store: Store = services_of(request).store
     if problem := check_uids(request):
         return problem
-    params = request.path_params
-    rows = await run_in_threadpool(store.index.instances_with_metadata, params["study"],
-                                   params.get("series"), params.get("instance"))
+    target = target_of(request)
+    rows = await run_in_threadpool(store.index.instances_with_metadata, target.study,
+                                   target.series, target.instance, scoped_instances(request))
     if not rows:
-        return error(404, f"no such {level_name(params)}")
+        return error(404, f"no such {target.level}")
     missing = [instance for instance, text in rows if text is None]
     computed = await run_in_threadpool(_missing_json, store, missing) if missing else {}
     body = "[" + ",".join(text or computed[instance.sop_uid] for instance, text in rows) + "]"

@@ -7,7 +7,9 @@ from starlette.responses import Response
 
 from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
+from gateway.web.http.request_target import target_of
 from gateway.web.http.responses import error, json_response
+from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.numbers import INT32_MAX, NumberError, parse_int
 from storage.search import ATTRIBUTES, Level, Match, QueryError
@@ -125,18 +127,18 @@ def dicom_json(row: dict[str, object], level: Level, dicomweb_root: str) -> dict
 async def _search(request: Request, level: Level) -> Response:
     if problem := check_uids(request):
         return problem
-    scope = {keyword: request.path_params[name] for name, keyword in
-             (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"))
-             if name in request.path_params}
+    target = target_of(request)
+    scope = {keyword: uid for keyword, uid in (("StudyInstanceUID", target.study),
+                                               ("SeriesInstanceUID", target.series)) if uid}
     try:
-        matches, returned, fuzzy, limit, offset = parse_query(
-            request.query_params.multi_items(), level, scope)
+        matches, returned, fuzzy, limit, offset = parse_query(list(target.query), level, scope)
         for needed in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             if ATTRIBUTES[needed].level <= level and needed not in returned:
                 returned.append(needed)
         store: Store = services_of(request).store
+        # Under a manifest: what it references, and nothing else, exists.
         rows = await run_in_threadpool(store.index.search, level, matches, returned, fuzzy,
-                                       limit, offset)
+                                       limit, offset, scoped_instances(request))
     except (BadQueryError, QueryError) as exc:
         return error(400, str(exc))
     root = services_of(request).dicomweb_root

@@ -12,7 +12,9 @@ from starlette.responses import Response, StreamingResponse
 from gateway.imaging.transcode import choose_syntax, transcode
 from gateway.web.http.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
+from gateway.web.http.request_target import target_of
 from gateway.web.http.responses import entity_tag, error, not_modified
+from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
@@ -30,11 +32,22 @@ def level_name(params: dict[str, str]) -> str:
 
 
 def check_uids(request: Request) -> Response | None:
-    """400 for a path UID that is not a UID (PS3.5 9.1)."""
-    for name, value in request.path_params.items():
-        if name in ("study", "series", "instance") and not is_valid_uid(value):
+    """400 for a UID of the request's target that is not a UID (PS3.5 9.1)."""
+    target = target_of(request)
+    for name, value in (("study", target.study), ("series", target.series),
+                        ("instance", target.instance)):
+        if value is not None and not is_valid_uid(value):
             return error(400, f"invalid {name} UID {value[:80]!r}")
     return None
+
+
+async def addressed_instances(request: Request) -> list[StoredInstance]:
+    """The instances the request's target names (study, series or instance), only those its
+    manifest references when one scopes it."""
+    target = target_of(request)
+    assert target.study is not None, target.route  # every such route names a study
+    return await run_in_threadpool(services_of(request).store.index.instances, target.study,
+                                   target.series, target.instance, scoped_instances(request))
 
 
 async def _stream(store: Store, plan: list[tuple[StoredInstance, str]],
@@ -76,11 +89,9 @@ async def retrieve(request: Request) -> Response:
         return error(400, str(exc))
     if not acceptable:
         return error(406, f"instances are returned as {SUPPORTED}")
-    params = request.path_params
-    instances = await run_in_threadpool(store.index.instances, params["study"],
-                                        params.get("series"), params.get("instance"))
+    instances = await addressed_instances(request)
     if not instances:
-        return error(404, f"no such {level_name(params)}")
+        return error(404, f"no such {target_of(request).level}")
     plan = [(i, choose_syntax(i.transfer_syntax, i.frames is not None, acceptable))
             for i in instances]
     sendable = [(i, syntax) for i, syntax in plan if syntax is not None]

@@ -2,6 +2,7 @@
 a rendered image."""
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -9,16 +10,21 @@ from gateway.imaging.deidentify import deidentify
 from gateway.imaging.transcode import choose_syntax, transcode
 from gateway.web.dicomweb.render_params import BadRenderRequestError, uri_params
 from gateway.web.dicomweb.rendered import respond
+from gateway.web.http.request_target import target_of
 from gateway.web.http.responses import error
+from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.store import Store
 
 
 async def wado_uri(request: Request) -> Response:
     """GET /wado?requestType=WADO&studyUID=&seriesUID=&objectUID=&contentType=..."""
-    anonymize = request.query_params.get("anonymize", "no")
+    # The parameters as the request target has them: each one once (checked there), and
+    # the object identified by the UIDs the access decisions read.
+    target = target_of(request)
+    anonymize = target.param("anonymize", "no")
     try:
-        uids, params = uri_params(request.query_params)
+        _, params = uri_params(QueryParams(list(target.query)))
         if anonymize not in ("yes", "no"):
             raise BadRenderRequestError("anonymize must be yes or no")
         if anonymize == "yes" and params is not None:
@@ -26,8 +32,8 @@ async def wado_uri(request: Request) -> Response:
     except ValueError as exc:
         return error(400, str(exc))
     store: Store = services_of(request).store
-    found = await run_in_threadpool(store.index.instances, uids["studyUID"], uids["seriesUID"],
-                                    uids["objectUID"])
+    found = await run_in_threadpool(store.index.instances, target.study, target.series,
+                                    target.instance, scoped_instances(request))
     if not found:
         return error(404, "no such object")
     instance = found[0]
@@ -37,7 +43,7 @@ async def wado_uri(request: Request) -> Response:
         if params.frame > instance.frames:
             return error(404, f"the object has {instance.frames} frame(s)")
         return await respond(request, [(instance, params)])
-    wanted = request.query_params.get("transferSyntax", "1.2.840.10008.1.2.1")
+    wanted = target.param("transferSyntax", "1.2.840.10008.1.2.1")
     syntax = choose_syntax(instance.transfer_syntax, instance.frames is not None, [wanted])
     if syntax is None:
         return error(406, f"cannot provide transfer syntax {wanted[:64]}")

@@ -1,2 +1,2 @@
 """ASGI middleware, outermost first in ``gateway.web.app``: per-client limit, access audit,
-CORS, authentication, manifest scope."""
+CORS, request target (parsed once for all that follows), authentication, manifest scope."""

@@ -2,43 +2,23 @@
 patients), with its outcome, and one per refused credential: the ASGI middleware around
 everything else (so it sees the 401s and 403s)."""
 
-import re
-from urllib.parse import parse_qs
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.security.audit import AuditEvent, AuditTrail, EventType, Outcome
-from gateway.web.middleware.manifest_scope import kos_reference
+from gateway.web.http.request_target import Operation, RequestTarget, find_target
 
-_STUDY = re.compile(r"/(?:dicom-web|admin)/studies/([^/]+)")
-_QUERY = re.compile(r"/dicom-web/(?:studies(?:/[^/]+(?:/series(?:/[^/]+)?)?)?/)?"
-                    r"(?:studies|series|instances)")
-_ACCESS = ("/rendered", "/thumbnail", "/metadata", "/frames/", "/bulkdata/")
+_EVENTS = {Operation.SEARCH: (EventType.QUERY, "E"),
+           Operation.TRANSFER: (EventType.INSTANCES_TRANSFERRED, "R"),
+           Operation.ACCESS: (EventType.INSTANCES_ACCESSED, "R"),
+           Operation.STORE: (EventType.INSTANCES_TRANSFERRED, "C")}
 
 
-def _event(method: str, path: str) -> tuple[EventType, str] | None:
+def _event(target: RequestTarget) -> tuple[EventType, str] | None:
     """(event type, action) of a request, None when it is not audited."""
-    if path == "/wado":
-        return EventType.INSTANCES_TRANSFERRED, "R"
-    if path.startswith("/admin/"):
+    if target.operation is Operation.ADMIN:
         # Queueing is audited by the publisher (Export); a listing is a query of the index.
-        return (EventType.QUERY, "E") if method == "GET" else None
-    if not path.startswith("/dicom-web"):
-        return None
-    if method == "POST":
-        return EventType.INSTANCES_TRANSFERRED, "C"
-    if _QUERY.fullmatch(path):
-        return EventType.QUERY, "E"
-    if any(part in path for part in _ACCESS):
-        return EventType.INSTANCES_ACCESSED, "R"
-    return EventType.INSTANCES_TRANSFERRED, "R"
-
-
-def _study(path: str, query: str) -> str:
-    match = _STUDY.match(path)
-    if match:
-        return match.group(1)
-    return parse_qs(query).get("studyUID", [""])[0] if path == "/wado" else ""
+        return (EventType.QUERY, "E") if target.method in ("GET", "HEAD") else None
+    return _EVENTS.get(target.operation)
 
 
 def _outcome(status: int) -> Outcome:
@@ -72,6 +52,7 @@ class AccessAuditMiddleware:
             self._record(scope, status)
 
     def _record(self, scope: Scope, status: int) -> None:
+        """One event for the request, as its ``RequestTarget`` describes it."""
         path, method = scope["path"], scope["method"]
         query = scope.get("query_string", b"").decode("latin-1")
         address = (scope.get("client") or ("", 0))[0]
@@ -81,14 +62,13 @@ class AccessAuditMiddleware:
                                          Outcome.MINOR_FAILURE, user, address,
                                          detail=f"{method} {path}: no valid token"))
             return
-        kind = _event(method, path)
-        if kind is None:
+        target = find_target(scope)
+        if target is None or (kind := _event(target)) is None:
             return
         event, action = kind
         # Which manifest opened (or failed to open) the door belongs in the trail.
-        kos_uid = kos_reference(scope)
-        through = f" via KOS {kos_uid[:64]}" if kos_uid else ""
+        through = f" via KOS {target.manifest[:64]}" if target.manifest else ""
         self.trail.record(AuditEvent(
-            event, action, _outcome(status), user, address, _study(path, query),
+            event, action, _outcome(status), user, address, target.study or "",
             detail=f"{method} {path}{through} -> {status}",
             query=query if event is EventType.QUERY else ""))

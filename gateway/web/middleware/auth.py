@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.metrics import AUTH_FAILURES
 from gateway.security.tokens import AuthError, TokenVerifier, subject_of
 from gateway.web.http.errors import error_response
+from gateway.web.http.request_target import Operation, RequestTarget, target_of
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,15 @@ class Rights:
     metrics_require_auth: bool = False
     certificates: dict[str, frozenset[str]] = field(default_factory=dict)  # name -> scopes
 
-    def required(self, method: str, path: str) -> str | None:
-        """The scope a request needs, or None when it needs no token."""
-        if method == "OPTIONS" or path == "/health":
+    def required(self, target: RequestTarget) -> str | None:
+        """The scope a request needs, or None when it needs no token (HEAD: as GET)."""
+        if target.method == "OPTIONS" or target.route == "/health":
             return None
-        if path == "/metrics":
+        if target.route == "/metrics":
             return self.admin if self.metrics_require_auth else None
-        if path.startswith("/admin"):
+        if target.operation is Operation.ADMIN:
             return self.admin
-        if method == "POST" and path.startswith("/dicom-web"):
+        if target.operation is Operation.STORE:
             return self.write
         return self.read
 
@@ -77,7 +78,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        needed = self.rights.required(scope["method"], scope["path"])
+        needed = self.rights.required(target_of(scope))
         if needed is not None:
             try:
                 await self._authorise(scope, needed)

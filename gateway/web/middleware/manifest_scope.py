@@ -1,37 +1,40 @@
 """Access through a manifest: a consumer that sends ``KOS-SOPInstanceUID: <uid>`` (the
 national consumer does, see tests/data/drimm/wado-rs-series-request.txt) is answered
 only for the study, series and instances that this published, non-withdrawn KOS references.
-With ``require_kos_reference`` every retrieval must carry one.
+With ``require_kos_reference`` every read must carry one.
+
+The decision is made on the request's ``RequestTarget``, for every method (HEAD is a GET).
+A request it admits names a study, series or instance of the manifest; what it is then
+served at every level (retrieve, metadata, QIDO-RS, counts included) is further restricted
+by the handlers to the instances the manifest references (``scoped_instances``): an
+instance stored after the publication is not part of it.
 """
 
 import logging
-import re
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from io import BytesIO
-from urllib.parse import parse_qs
 
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.metrics import MANIFEST_ACCESS
 from gateway.web.http.errors import error_response
+from gateway.web.http.request_target import Operation, RequestTarget, target_of
 from storage.outbox import Outbox
 from storage.store import Store
 from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-_HEADER = b"kos-sopinstanceuid"
-_TARGET = re.compile(r"/dicom-web/studies/(?P<study>[^/]+)(?:/series/(?P<series>[^/]+)"
-                     r"(?:/instances/(?P<instance>[^/]+))?)?(?:/.*)?")
 _CACHED_MANIFESTS = 1024
-
-
-def kos_reference(scope: Scope) -> str:
-    """The UID a request's ``KOS-SOPInstanceUID`` header names, or ``""``."""
-    return dict(scope["headers"]).get(_HEADER, b"").decode("latin-1").strip()
+_SCOPED_KEY = "passerelle.manifest_instances"
+# Resources whose handler does not restrict itself to ``scoped_instances`` (yet): under a
+# manifest, only at the instance level, where the check below covers them whole.
+_INSTANCE_LEVEL_ONLY = ("/rendered", "/thumbnail")
 
 
 class ManifestDeniedError(Exception):
@@ -52,6 +55,18 @@ class ManifestReferences:
         if series is None:
             return True
         return series in self.series and (instance is None or instance in self.series[series])
+
+    @cached_property
+    def sop_uids(self) -> frozenset[str]:
+        """Every SOP Instance UID the manifest references."""
+        return frozenset().union(*self.series.values())
+
+
+def scoped_instances(connection: HTTPConnection | Scope) -> frozenset[str] | None:
+    """The SOP Instance UIDs a request admitted through a manifest may see (those the
+    manifest references); None when no manifest scopes the request."""
+    scope = connection.scope if isinstance(connection, HTTPConnection) else connection
+    return scope.get("state", {}).get(_SCOPED_KEY)
 
 
 class ManifestAccess:
@@ -93,18 +108,8 @@ class ManifestAccess:
         return parsed
 
 
-def _target(scope: Scope) -> tuple[str, str | None, str | None] | None:
-    """(study, series, instance) a retrieval names, or None when it names no study."""
-    if scope["path"] == "/wado":
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        uids = [query.get(name, [""])[0] for name in ("studyUID", "seriesUID", "objectUID")]
-        return (uids[0], uids[1] or None, uids[2] or None) if uids[0] else None
-    match = _TARGET.fullmatch(scope["path"])
-    return (match["study"], match["series"], match["instance"]) if match else None
-
-
 class ManifestScopeMiddleware:
-    """403 for DICOMweb / WADO-URI reads outside the manifest the request names."""
+    """403 for DICOMweb / WADO-URI requests outside the manifest the request names."""
 
     def __init__(self, app: ASGIApp, access: ManifestAccess, required: bool) -> None:
         self.app = app
@@ -112,33 +117,41 @@ class ManifestScopeMiddleware:
         self.required = required
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"] if scope["type"] == "http" else ""
-        if scope.get("method") != "GET" or not (path.startswith("/dicom-web")
-                                                or path == "/wado"):
+        target = target_of(scope) if scope["type"] == "http" else None
+        if target is None or not (target.operation.reads_studies
+                                  or target.operation is Operation.STORE):
             await self.app(scope, receive, send)
             return
-        kos_uid = kos_reference(scope)
+        kos_uid = target.manifest
         try:
             if kos_uid:
-                await self._check(scope, kos_uid)
-            elif self.required:
+                references = await self._check(target, kos_uid)
+                scope["state"][_SCOPED_KEY] = references.sop_uids
+            elif self.required and target.operation.reads_studies:
                 raise ManifestDeniedError("a KOS-SOPInstanceUID header is required")
         except ManifestDeniedError as exc:
             MANIFEST_ACCESS.labels("denied").inc()
             client = scope.get("client") or ("?", 0)
-            log.warning("refused %s from %s (%s): %s", path, client[0],
-                        scope.get("user", "anonymous"), exc)
-            await error_response(path, 403, str(exc))(scope, receive, send)
+            log.warning("refused %s %s from %s (%s): %s", target.method, scope["path"],
+                        client[0], scope.get("user", "anonymous"), exc)
+            await error_response(scope["path"], 403, str(exc))(scope, receive, send)
             return
         if kos_uid:
             MANIFEST_ACCESS.labels("allowed").inc()
         await self.app(scope, receive, send)
 
-    async def _check(self, scope: Scope, kos_uid: str) -> None:
-        target = _target(scope)
-        if target is None:
+    async def _check(self, target: RequestTarget, kos_uid: str) -> ManifestReferences:
+        """The manifest's references, once it is known to open ``target``."""
+        if target.operation is Operation.STORE:
+            raise ManifestDeniedError("a manifest opens what it references for reading only")
+        if target.study is None:
             raise ManifestDeniedError("a request scoped by a manifest must name its study")
+        if target.instance is None and target.route.endswith(_INSTANCE_LEVEL_ONLY):
+            raise ManifestDeniedError("under a manifest, rendered images and thumbnails are "
+                                      "asked for one instance")
         references = await run_in_threadpool(self.access.references, kos_uid)
-        if not references.covers(*target):
+        if not references.covers(target.study, target.series, target.instance):
+            named = (target.study, target.series, target.instance)
             raise ManifestDeniedError(f"manifest {kos_uid} does not reference "
-                                      f"{'/'.join(uid for uid in target if uid)}")
+                                      f"{'/'.join(uid for uid in named if uid)}")
+        return references
