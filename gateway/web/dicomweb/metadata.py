@@ -9,9 +9,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.imaging.budget import OverBudget, ResourceBudget, header_read_bytes
 from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids, level_name
-from gateway.web.http.responses import error, json_bytes_response
+from gateway.web.http.responses import error, json_bytes_response, over_budget
 from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
@@ -22,9 +23,12 @@ BULK_DATA_THRESHOLD = 1024
 _BASE_TOKEN = "urn:passerelle:dicomweb-root"
 
 
-def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
+def instance_json(path: Path, url: str, has_pixels: bool,
+                  budget: ResourceBudget) -> dict[str, object]:
     """The DICOM JSON object of one stored instance, bulk data as BulkDataURI."""
-    ds = dcmread(path, stop_before_pixels=True)
+    with budget.memory.reserve(header_read_bytes(path, budget.memory.capacity),
+                               "reading this header"):
+        ds = dcmread(path, stop_before_pixels=True)
 
     def bulk_uri(element: DataElement) -> str:
         return f"{url}/bulkdata/{element.tag:08X}"
@@ -37,12 +41,13 @@ def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
     return body
 
 
-def _missing_json(store: Store, missing: list[StoredInstance]) -> dict[str, str]:
+def _missing_json(store: Store, missing: list[StoredInstance],
+                  budget: ResourceBudget) -> dict[str, str]:
     """Compute and cache the JSON text of instances not cached yet."""
     texts = {i.sop_uid: json.dumps(
         instance_json(store.blobs.absolute(i.path),
                       retrieve_url(_BASE_TOKEN, i.study_uid, i.series_uid, i.sop_uid),
-                      i.frames is not None), ensure_ascii=False, separators=(",", ":"))
+                      i.frames is not None, budget), ensure_ascii=False, separators=(",", ":"))
         for i in missing}
     store.index.cache_metadata(list(texts.items()))
     return texts
@@ -63,7 +68,12 @@ async def metadata(request: Request) -> Response:
     if not rows:
         return error(404, f"no such {level_name(params)}")
     missing = [instance for instance, text in rows if text is None]
-    computed = await run_in_threadpool(_missing_json, store, missing) if missing else {}
+    budget = services_of(request).budget
+    try:
+        computed = await budget.decode.run(_missing_json, store, missing, budget) \
+            if missing else {}
+    except OverBudget as refusal:
+        return over_budget(refusal)
     body = "[" + ",".join(text or computed[instance.sop_uid] for instance, text in rows) + "]"
     base = services_of(request).dicomweb_root
     return json_bytes_response(request, body.replace(f'"{_BASE_TOKEN}/', f'"{base}/').encode())
