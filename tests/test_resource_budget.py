@@ -305,3 +305,28 @@ def test_stow_of_tiny_parts_is_bounded_in_parts(
     assert "max_parts_per_request" in response.text
     watch.check(64 * MIB)
     assert running[0].metric("passerelle_budget_refusals_total", reason="parts") == 1
+
+
+@pytest.mark.parametrize("settings, reason", [
+    ({"decode_workers": "1"}, "decode_workers"),
+    ({"decode_workers": "8", "decode_memory_bytes": str(100 * MIB)}, "decode_memory"),
+])
+def test_busy_decoding_is_503_with_retry_after(
+        tmp_path: Path, running: list[PasserelleProcess], settings: dict[str, str],
+        reason: str) -> None:
+    """Every decode: one bounded pool and one memory budget. Eight renders at once of a
+    2048x2048 image (about 72 MiB each) wait 0.1 s for a worker (one) or for memory (100
+    MiB for eight workers), then are 503 with Retry-After; /health answers meanwhile."""
+    ds = _ct(2048)
+    client = start(running, serve(tmp_path, [ds], decode_wait_seconds="0.1", **settings))
+    url = f"{instance_url(ds)}/rendered"
+    with Watch(running[0], f"8 renders at once, {reason} busy") as watch:
+        responses = concurrently([lambda q=q: client.get(f"{url}?quality={q}")
+                                  for q in range(90, 98)])
+    statuses = [response.status_code for response in responses]
+    assert 200 in statuses and 503 in statuses, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert f"busy ({reason}" in response.text
+    watch.check(200 * MIB)

@@ -178,8 +178,8 @@ class DecodePool:
             admitted = True
         if not admitted:
             raise refuse(503, "decode_workers_busy",
-                         f"every decode worker is busy ({self.workers}, decode_workers); "
-                         "retry shortly", retry_after=1)
+                         f"the service is busy (decode_workers: {self.workers} of "
+                         f"{self.workers} in use); retry shortly", retry_after=1)
         try:
             return await anyio.to_thread.run_sync(functools.partial(function, *args),
                                                   limiter=self._threads)

@@ -19,6 +19,8 @@ from storage.store import Store
 
 # Binary values (OB, OW, UN, ...) longer than this are sent as BulkDataURI (Annex F.2.6).
 BULK_DATA_THRESHOLD = 1024
+# Instances whose JSON one decode worker computes at a time.
+_BATCH = 16
 # Stands for the /dicom-web root URL in cached JSON.
 _BASE_TOKEN = "urn:passerelle:dicomweb-root"
 
@@ -69,9 +71,11 @@ async def metadata(request: Request) -> Response:
         return error(404, f"no such {level_name(params)}")
     missing = [instance for instance, text in rows if text is None]
     budget = services_of(request).budget
-    try:
-        computed = await budget.decode.run(_missing_json, store, missing, budget) \
-            if missing else {}
+    computed: dict[str, str] = {}
+    try:  # in batches, so that a large study does not hold a decode worker for long
+        for start in range(0, len(missing), _BATCH):
+            computed |= await budget.decode.run(_missing_json, store,
+                                                missing[start:start + _BATCH], budget)
     except OverBudget as refusal:
         return over_budget(refusal)
     body = "[" + ",".join(text or computed[instance.sop_uid] for instance, text in rows) + "]"
