@@ -205,6 +205,20 @@ class ResourceBudget:
         self.max_parts_per_request = max_parts_per_request
         self.part_overhead_bytes = part_overhead_bytes
 
+    def reserve_header_read(self, path: Path) -> "Reservation":
+        """Reserve the decode memory a header-only read (``stop_before_pixels``) of ``path``
+        holds beyond the header itself: the whole inflated data set of a deflated file
+        (pydicom inflates it whole), else nothing (the header's own size was bounded when
+        the instance was received). Blocking: call it in the decode pool."""
+        if is_deflated(path):
+            return self.memory.reserve(inflated_size(path, self.memory.capacity),
+                                       "inflating this deflated data set")
+        return self.memory.reserve(0, "reading this header")
+
+    def whole_read_bytes(self, path: Path) -> int:
+        """``whole_read_bytes`` of ``path``, measured up to the decode memory."""
+        return whole_read_bytes(path, self.memory.capacity)
+
 
 def _mib(size: int) -> str:
     return f"{size / MIB:.1f} MiB" if size < 10 * MIB else f"{size // MIB} MiB"
@@ -256,25 +270,17 @@ def whole_read_bytes(path: Path, cap: int) -> int:
     return 2 * inflated_size(path, cap) if is_deflated(path) else path.stat().st_size
 
 
-def header_read_bytes(path: Path, cap: int) -> int:
-    """Bytes a header-only read (``stop_before_pixels``) holds beyond the header itself:
-    the whole inflated data set of a deflated file, else nothing (the header's own size
-    was bounded when the instance was received)."""
-    return inflated_size(path, cap) if is_deflated(path) else 0
-
-
 def reserve_conversion(budget: ResourceBudget, path: Path, what: str) -> "Reservation":
     """Reserve what converting the whole object of ``path`` holds (transcoding,
     de-identification): its bytes and the data set parsed from them (twice a whole read),
     its frames decoded and re-encoded (four times the decoded pixels). Blocking: call it in
     the decode pool; release the reservation when the result is sent."""
-    cap = budget.memory.capacity
-    held = budget.memory.reserve(header_read_bytes(path, cap), "reading this header")
+    held = budget.reserve_header_read(path)
     try:
         ds = dcmread(path, stop_before_pixels=True)
         pixels = frame_bytes(ds) * int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
         held.what = what
-        held.resize(2 * whole_read_bytes(path, cap) + 4 * pixels)
+        held.resize(2 * budget.whole_read_bytes(path) + 4 * pixels)
     except BaseException:
         held.release()
         raise

@@ -17,9 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from gateway.imaging.budget import (
     ResourceBudget,
     check_output_pixels,
-    header_read_bytes,
     render_bytes,
-    whole_read_bytes,
 )
 from gateway.imaging.transcode import decoding_plugin
 
@@ -190,8 +188,7 @@ def frame_image(path: Path, params: RenderParams, budget: ResourceBudget) -> Ima
     from ``budget`` (OverBudget when it cannot), then reads only the requested frame, so a
     huge multi-frame object is never loaded whole.
     """
-    cap = budget.memory.capacity
-    with budget.memory.reserve(header_read_bytes(path, cap), "reading this header") as held:
+    with budget.reserve_header_read(path) as held:
         ds = dcmread(path, stop_before_pixels=True)
         if "Rows" not in ds:
             raise RenderError("this instance has no pixel data to render")
@@ -204,7 +201,7 @@ def frame_image(path: Path, params: RenderParams, budget: ResourceBudget) -> Ima
         deflated = ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
         held.what = f"rendering frame {params.frame}"
         resized = shape.size[0] * shape.size[1] if shape.size != shape.source_size else 0
-        held.resize((whole_read_bytes(path, cap) if deflated else 0) + render_bytes(ds, resized))
+        held.resize((budget.whole_read_bytes(path) if deflated else 0) + render_bytes(ds, resized))
         image = _frame(ds, dcmread(path) if deflated else path, params)
         return _shaped(image, shape)
 

@@ -27,8 +27,6 @@ from gateway.imaging.budget import (
     ResourceBudget,
     check_frame_list,
     frame_bytes,
-    header_read_bytes,
-    whole_read_bytes,
 )
 from gateway.imaging.transcode import decoding_plugin
 from gateway.web.dicomweb.wado import check_uids
@@ -118,9 +116,8 @@ class FrameReader:
         self.path = path
         self.decode = decode
         self.memory = budget.memory
-        cap = budget.memory.capacity
         # A deflated data set is kept whole while its frames are read: reserved until close.
-        self._whole = budget.memory.reserve(header_read_bytes(path, cap), "reading this header")
+        self._whole = budget.reserve_header_read(path)
         self._file = path.open("rb")
         try:
             self.ds = dcmread(self._file, stop_before_pixels=True)
@@ -131,7 +128,7 @@ class FrameReader:
             self.frame_size = frame_bytes(self.ds)
             self._full: Dataset | None = None
             if self.syntax == DeflatedExplicitVRLittleEndian:
-                self._whole.resize(whole_read_bytes(path, cap))
+                self._whole.resize(budget.whole_read_bytes(path))
                 self._full = dcmread(path)
                 if "PixelData" not in self._full:
                     raise FrameRangeError("the instance has no pixel data")
@@ -324,6 +321,5 @@ async def bulkdata(request: Request) -> Response:
 
 def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget) -> DataElement | None:
     """The top-level element ``tag`` of the header of ``path``, read within the budget."""
-    cap = budget.memory.capacity
-    with budget.memory.reserve(header_read_bytes(path, cap), "reading this header"):
+    with budget.reserve_header_read(path):
         return dcmread(path, stop_before_pixels=True).get(tag)

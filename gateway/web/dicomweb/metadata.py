@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.imaging.budget import OverBudget, ResourceBudget, header_read_bytes
+from gateway.imaging.budget import OverBudget, ResourceBudget
 from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids, level_name
 from gateway.web.http.responses import error, json_bytes_response, over_budget
@@ -28,8 +28,7 @@ _BASE_TOKEN = "urn:passerelle:dicomweb-root"
 def instance_json(path: Path, url: str, has_pixels: bool,
                   budget: ResourceBudget) -> dict[str, object]:
     """The DICOM JSON object of one stored instance, bulk data as BulkDataURI."""
-    with budget.memory.reserve(header_read_bytes(path, budget.memory.capacity),
-                               "reading this header"):
+    with budget.reserve_header_read(path):
         ds = dcmread(path, stop_before_pixels=True)
 
     def bulk_uri(element: DataElement) -> str:
