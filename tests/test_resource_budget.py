@@ -1,10 +1,10 @@
 """The resource budget under attack (issue 14, findings 1-4, 6 and 7).
 
-Each test attacks a running ``passerelle serve`` over loopback with the budget lowered so
+Each attack test attacks a running ``passerelle serve`` over loopback with the budget lowered so
 that the inputs stay small, and watches the service meanwhile: the peak RSS of its process
 (psutil, sampled every 20 ms) is asserted under a bound above its RSS before the attack,
 ``/health`` must answer throughout (its latency is printed, not asserted), and each refusal
-is checked for its status and reason.
+is checked for its status and reason. The last tests check the budget's own rules.
 """
 
 import threading
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import httpx
 import numpy as np
 import psutil
@@ -25,6 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from gateway.imaging.budget import ByteBudget, DecodePool, OverBudget
 from tests.processes import PasserelleProcess
 from tests.synthetic import ct_slice, part10
 
@@ -330,3 +332,46 @@ def test_busy_decoding_is_503_with_retry_after(
             assert response.headers["retry-after"] == "1"
             assert f"busy ({reason}" in response.text
     watch.check(200 * MIB)
+
+
+def test_byte_budget_rules() -> None:
+    """Alone too large: 413 at once; no room in time: 503 after the wait; room made by a
+    release in time: granted; a reservation dropped unreleased gives its bytes back."""
+    budget = ByteBudget("test_bytes", "test_setting", 100, wait_seconds=0.2)
+    with pytest.raises(OverBudget) as alone:
+        budget.reserve(101)
+    assert alone.value.status == 413 and "test_setting" in alone.value.message
+    held = budget.reserve(80)
+    start = time.monotonic()
+    with pytest.raises(OverBudget) as busy:
+        budget.reserve(30)
+    assert busy.value.status == 503 and busy.value.retry_after == 1
+    assert time.monotonic() - start >= 0.2
+    threading.Timer(0.05, held.release).start()
+    with budget.reserve(30) as granted:
+        assert budget.in_use == 30
+        granted.resize(10)
+        assert budget.in_use == 10
+    assert budget.in_use == 0
+    budget.reserve(50)  # dropped at once
+    assert budget.in_use == 0
+
+
+def test_decode_pool_rules() -> None:
+    """A free worker is taken even with no time to wait; a busy one is 503 past the wait."""
+    async def attempt(pool: DecodePool) -> list[object]:
+        results: list[object] = []
+
+        async def one() -> None:
+            try:
+                results.append(await pool.run(time.sleep, 0.2))
+            except OverBudget as refusal:
+                results.append(refusal.status)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(one)
+            group.start_soon(one)
+        return results
+
+    assert sorted(anyio.run(attempt, DecodePool(1, 0)), key=str) == [503, None]
+    assert anyio.run(attempt, DecodePool(2, 0)) == [None, None]

@@ -172,10 +172,14 @@ class DecodePool:
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """``function(*args)`` in a pool thread; OverBudget 503 when no worker is free
         within ``wait_seconds``."""
-        admitted = False
-        with anyio.move_on_after(self.wait_seconds):
-            await self._admission.acquire()
+        try:
+            self._admission.acquire_nowait()  # a free worker, even with no time to wait
             admitted = True
+        except anyio.WouldBlock:
+            admitted = False
+            with anyio.move_on_after(self.wait_seconds):
+                await self._admission.acquire()
+                admitted = True
         if not admitted:
             raise refuse(503, "decode_workers_busy",
                          f"the service is busy (decode_workers: {self.workers} of "
