@@ -1,8 +1,8 @@
 """Settings: code defaults < config file (TOML) < ``PASSERELLE_*`` environment variables.
 
 Settings come in sections, one per component (``dicom``, ``http``, ``ingest``, ``imaging``,
-``publication``, ``producer``, ``auth``, ``tls``, ``audit``), and each component is given its
-own section. Every setting also has one flat name, the one documented since the start:
+``budget``, ``publication``, ``producer``, ``auth``, ``tls``, ``audit``), and each component is
+given its own section. Every setting also has one flat name, the one documented since the start:
 ``PASSERELLE_<FLAT NAME>`` sets it from the environment (``PASSERELLE_DICOM_PORT``), and a
 config file or a caller may use it instead of the section form.
 ``config/passerelle.toml`` documents every key with its default. The file is optional: it is
@@ -133,6 +133,18 @@ class ImagingSettings(_Section):
     """Rendering."""
 
     render_cache_bytes: int = Field(512 << 20, ge=0)
+
+
+class BudgetSettings(_Section):
+    """What one request, and the whole process, may hold at once (gateway.imaging.budget)."""
+
+    decode_workers: int = Field(2, ge=1)
+    decode_memory_bytes: int = Field(512 << 20, gt=0)
+    decode_wait_seconds: float = Field(5, ge=0)
+    max_output_pixels: int = Field(4096 * 4096, gt=0)
+    ingest_bytes_in_flight: int = Field(1 << 30, gt=0)
+    max_parts_per_request: int = Field(10000, ge=1)
+    part_overhead_bytes: int = Field(4096, ge=0)
 
 
 class PublicationSettings(_Section):
@@ -275,7 +287,8 @@ class AuditSettings(_Section):
 
 _SECTIONS: dict[str, type[_Section]] = {
     "dicom": DicomSettings, "http": HttpSettings, "ingest": IngestSettings,
-    "imaging": ImagingSettings, "publication": PublicationSettings,
+    "imaging": ImagingSettings, "budget": BudgetSettings,
+    "publication": PublicationSettings,
     "producer": ProducerSettings, "auth": AuthSettings, "tls": TlsSettings,
     "audit": AuditSettings,
 }
@@ -355,6 +368,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     ingest: IngestSettings = IngestSettings()
     imaging: ImagingSettings = ImagingSettings()
+    budget: BudgetSettings = BudgetSettings()
     publication: PublicationSettings = PublicationSettings()
     producer: ProducerSettings = ProducerSettings()
     auth: AuthSettings = AuthSettings()

@@ -61,6 +61,14 @@ HTTP_REQUESTS_REFUSED = Counter(
 MANIFEST_ACCESS = Counter(
     "passerelle_manifest_access_total",
     "Requests scoped by a KOS-SOPInstanceUID header, by result", ["result"])
+BUDGET_REFUSALS = Counter(
+    "passerelle_budget_refusals_total",
+    "Requests refused by the resource budget, by reason (decode_memory, ingest_bytes: the"
+    " request alone is larger than the budget; *_busy: no room in time, retried later;"
+    " output_pixels, frames, parts: a request bound)", ["reason"])
+BUDGET_IN_USE = Gauge(
+    "passerelle_budget_bytes_in_use",
+    "Bytes reserved right now, by budget (decode_memory, ingest_bytes)", ["budget"])
 AUDIT_SYSLOG_DROPPED = Counter(
     "passerelle_audit_syslog_dropped_total",
     "Audit messages never copied to the syslog collector (backlog full)")

@@ -19,6 +19,7 @@ from gateway.config import (
 )
 from gateway.control import ControlChannel
 from gateway.dicom.scp import DicomService
+from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.imaging.render_cache import RenderCache
 from gateway.metrics import watch_outbox
@@ -74,14 +75,21 @@ def _audit_syslog(audit: AuditSettings, tls: TlsSettings) -> UdpSyslog | TlsSysl
         _optional_path(tls.key_file)))
 
 
+def resource_budget(settings: Settings) -> ResourceBudget:
+    """The process's one resource budget, shared by HTTP and DICOM."""
+    return ResourceBudget(**settings.budget.model_dump())
+
+
 def http_services(settings: Settings, store: Store, audit: AuditTrail,
                   dicom_serving: Callable[[], bool],
-                  wake_publisher: Callable[[], None] = lambda: None) -> Services:
+                  wake_publisher: Callable[[], None] = lambda: None,
+                  budget: ResourceBudget | None = None) -> Services:
     """What the HTTP side works with, over ``store`` and the data dir of ``settings``."""
     return Services(
         store=store, outbox=Outbox(store.index), audit=audit,
         render_cache=RenderCache(settings.data_dir / "cache" / "rendered",
                                  settings.imaging.render_cache_bytes),
+        budget=budget or resource_budget(settings),
         deidentify_key=load_or_create_key(settings.data_dir),
         public_url=settings.http.public_url,
         max_instance_bytes=settings.ingest.max_instance_bytes,
@@ -126,6 +134,7 @@ def serve(settings: Settings) -> None:
                            store.index.patient_id_of, settings.audit.max_bytes,
                            settings.audit.backups, syslog)
         stop.callback(audit.close)
+        budget = resource_budget(settings)
         dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)
         outbox = Outbox(store.index)
         watch_outbox(outbox)
@@ -154,7 +163,8 @@ def serve(settings: Settings) -> None:
             if publisher is not None:
                 publisher.start()
             services = http_services(settings, store, audit, dicom.is_serving,
-                                     publisher.wake if publisher is not None else lambda: None)
+                                     publisher.wake if publisher is not None else lambda: None,
+                                     budget)
             app = create_app(services, http, settings.auth)
             config = uvicorn.Config(
                 app, host=http.host, port=http.port, log_config=None,

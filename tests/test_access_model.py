@@ -232,9 +232,13 @@ def test_a_manifest_scopes_every_level_to_what_it_references(
                  f"{study}/series/{s.late_series}", f"{study}/series/{s.late_series}/instances",
                  s.wado_uri((s.a, s.a_series, s.late))):
         assert get(path, {"Accept": "*/*"}).status_code == 403, path
-    # Rendered images and thumbnails of a whole study or series: not under a manifest.
-    for path in (f"{study}/rendered", f"{series}/thumbnail"):
-        assert get(path, {"Accept": "image/jpeg"}).status_code == 403, path
+    # Rendered images of a whole study or series: the referenced instance's only.
+    for path in (f"{study}/rendered", f"{series}/rendered"):
+        unscoped = web.get(path, headers={"Accept": "image/jpeg"})
+        scoped = get(path, {"Accept": "image/jpeg"})
+        assert scoped.status_code == 200, path
+        assert _jpeg_parts(scoped.content) == 1 < _jpeg_parts(unscoped.content), path
+    assert get(f"{series}/thumbnail", {"Accept": "image/jpeg"}).status_code == 200
     referenced = s.instance_path()
     for path in (referenced, f"{referenced}/metadata", f"{referenced}/rendered",
                  s.wado_uri((s.a, s.a_series, s.referenced))):
@@ -243,6 +247,10 @@ def test_a_manifest_scopes_every_level_to_what_it_references(
     assert web.post(study, headers={**kos, "Content-Type": 'multipart/related; '
                                    'type="application/dicom"; boundary=x'},
                     content=b"--x--\r\n").status_code == 403
+
+
+def _jpeg_parts(body: bytes) -> int:
+    return body.count(b"\xff\xd8\xff")
 
 
 def test_head_is_get_for_every_decision(scoped_web: tuple[InProcessService, Studies],

@@ -1,7 +1,7 @@
 """The streaming multipart reader on bodies split at every possible place."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -38,3 +38,25 @@ def test_parts_whatever_the_chunking(size: int) -> None:
 def test_malformed_bodies(body: bytes, message: str) -> None:
     with pytest.raises(MultipartError, match=message):
         read(body)
+
+
+
+def test_the_bytes_held_are_reported_and_a_budget_can_stop_the_reading() -> None:
+    body = BODY.replace(b"first", b"f" * 100)
+    held: list[int] = []
+
+    def count(size: int) -> None:
+        held.append(size)
+
+    async def collect(on_buffer: Callable[[int], None]) -> list[tuple[dict, bytes]]:
+        return [part async for part in iter_parts(_chunks(body, 7), "XyZ", 1000, on_buffer)]
+
+    assert len(asyncio.run(collect(count))) == 2
+    assert 100 < max(held) < 100 + 60  # one part, its headers and a chunk: never the body
+
+    def budget(size: int) -> None:
+        if size > 60:
+            raise OverflowError("over budget")
+
+    with pytest.raises(OverflowError):
+        asyncio.run(collect(budget))

@@ -313,6 +313,7 @@ def test_wado_uri_anonymize(imaging: InProcessService) -> None:
     ("ct", {"quality": "101"}, {}, 400, "quality must be"),
     ("ct", {}, {"Accept": "application/json"}, 406, "image/jpeg"),
     ("ct-frame-9", {}, {}, 404, "1 frame"),
+    ("ct", {"viewport": "8000,8000"}, {}, 400, "max_output_pixels"),
 ])
 def test_rendered_errors(imaging: InProcessService, path: str, params: dict, headers: dict,
                          status: int, message: str) -> None:
@@ -333,6 +334,7 @@ def test_rendered_errors(imaging: InProcessService, path: str, params: dict, hea
     ({"region": "0.5,0,0.2,1"}, 400, "region is"),
     ({"anonymize": "yes"}, 400, "anonymize=yes applies to contentType=application/dicom"),
     ({"anonymize": "maybe", "contentType": "application/dicom"}, 400, "anonymize must be"),
+    ({"rows": "8000", "columns": "8000"}, 400, "max_output_pixels"),
 ])
 def test_wado_uri_errors(imaging: InProcessService, params: dict, status: int,
                          message: str) -> None:

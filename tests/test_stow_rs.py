@@ -108,3 +108,28 @@ def test_large_part_over_the_limit_is_refused(make_web: Callable[..., InProcessS
     small = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
     assert post(web, "/studies", multipart([part10(small)])).status_code == 200
     assert dcmread(next((web.data_dir / "studies").rglob("*.dcm"))).Rows == 8
+
+
+def test_a_part_over_the_ingest_budget_is_refused_while_read(
+        make_web: Callable[..., InProcessService]) -> None:
+    web = make_web(ingest_bytes_in_flight="600000")  # a part counts twice while read
+    big = ct_slice(generate_uid(), generate_uid(), 1, 1, size=512)  # 512 KB
+    response = post(web, "/studies", multipart([part10(big)]))
+    assert response.status_code == 413
+    assert "ingest_bytes_in_flight" in response.text
+    assert not list((web.data_dir / "studies").rglob("*.dcm"))
+    small = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    assert post(web, "/studies", multipart([part10(small)])).status_code == 200
+    assert web.services.budget.ingest.in_use == 0  # every reservation given back
+
+
+def test_parts_past_the_limit_end_the_request(make_web: Callable[..., InProcessService]) -> None:
+    web = make_web(max_parts_per_request="2")
+    slices = [part10(ct_slice(generate_uid(), generate_uid(), 1, n, size=8)) for n in (1, 2, 3)]
+    response = post(web, "/studies", multipart(slices))
+    assert response.status_code == 202  # the first two are stored, the third is not
+    body = response.json()
+    assert len(body["00081199"]["Value"]) == 2
+    assert len(body["00081198"]["Value"]) == 1
+    refused = post(web, "/studies", multipart([b"x"] * 3))
+    assert refused.status_code == 413 and "max_parts_per_request" in refused.text

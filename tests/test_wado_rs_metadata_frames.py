@@ -96,6 +96,7 @@ def test_jpeg_frames_keep_their_media_type(loaded_web: InProcessService,
     ("frames/0", 400, "numbers from 1"),
     ("frames/1,x", 400, "frame list"),
     ("frames/99", 404, "has 1 frame"),
+    ("frames/1,1", 400, "2 frames asked of an instance that has 1"),
     ("bulkdata/zz", 400, "8 hexadecimal digits"),
     ("bulkdata/00431029", 404, "no binary value"),
 ])

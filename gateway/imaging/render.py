@@ -14,6 +14,11 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from gateway.imaging.budget import (
+    ResourceBudget,
+    check_output_pixels,
+    render_bytes,
+)
 from gateway.imaging.transcode import decoding_plugin
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
@@ -61,16 +66,18 @@ def _first(value: object) -> float:
 
 
 def _stored_values(ds: Dataset, frame: np.ndarray) -> np.ndarray:
-    """Stored values with bits above BitsStored cleared (or sign-extended) (PS3.5 8.1.1)."""
+    """Stored values with bits above BitsStored cleared (or sign-extended) (PS3.5 8.1.1),
+    in as few bytes a value as they fit (the budget counts on it)."""
     bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
     if frame.dtype.kind not in "iu" or bits_stored >= frame.dtype.itemsize * 8:
         return frame
     mask = (1 << bits_stored) - 1
-    unsigned = frame.astype(np.int64) & mask
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        sign = 1 << (bits_stored - 1)
-        unsigned = np.where(unsigned & sign, unsigned - (1 << bits_stored), unsigned)
-    return unsigned
+    if int(ds.get("PixelRepresentation", 0)) != 1:
+        return frame & frame.dtype.type(mask)
+    values = frame.astype(np.int32 if frame.dtype.itemsize <= 2 else np.int64)
+    values &= mask
+    values[values >= 1 << (bits_stored - 1)] -= 1 << bits_stored
+    return values
 
 
 def _display(ds: Dataset, values: np.ndarray, value_range: tuple[float, float],
@@ -111,7 +118,10 @@ def grayscale(ds: Dataset, frame: np.ndarray, window: tuple[float, float, str] |
     if high < low or high - low >= stored.size:  # floats, or a table larger than the frame
         values = apply_modality_lut(stored, ds)
         return _display(ds, values, (float(values.min()), float(values.max())), window, top)
-    offsets = (stored.astype(np.intp) - low) if low else stored
+    offsets = stored
+    if low:
+        offsets = stored.astype(np.int32 if stored.dtype.itemsize <= 2 else np.int64)
+        offsets -= low
     domain = apply_modality_lut(np.arange(low, high + 1, dtype=np.int64), ds)
     used = domain[np.bincount(offsets.ravel(), minlength=domain.size) > 0]
     table = _display(ds, domain, (float(used.min()), float(used.max())), window, top)
@@ -131,22 +141,74 @@ def colour(ds: Dataset, frame: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def frame_image(path: Path, params: RenderParams) -> Image.Image:
+@dataclass(frozen=True)
+class Geometry:
+    """Where the output comes from in the frame, and its size."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom in frame pixels
+    flip: tuple[bool, bool]  # left-right, top-bottom
+    size: tuple[int, int]  # width, height of the output
+
+    @property
+    def source_size(self) -> tuple[int, int]:
+        """Width and height of the part of the frame shown."""
+        return self.box[2] - self.box[0], self.box[3] - self.box[1]
+
+
+def geometry(columns: int, rows: int, params: RenderParams) -> Geometry:
+    """The output's geometry, known from the header before anything is decoded: the region
+    (WADO-URI), then the viewport's source rectangle and its scaling (PS3.18 8.3.5.1.3,
+    a negative source size flips), aspect kept."""
+    left, top, right, bottom = 0, 0, columns, rows
+    if params.region is not None:
+        x1, y1, x2, y2 = params.region
+        left, top = math.floor(x1 * columns), math.floor(y1 * rows)
+        right, bottom = math.ceil(x2 * columns), math.ceil(y2 * rows)
+    flip = (False, False)
+    if params.source is not None:
+        x, y, width, height = params.source
+        shown = (right - left, bottom - top)
+        left, top, right, bottom = (left + x, top + y, left + min(shown[0], x + abs(width)),
+                                    top + min(shown[1], y + abs(height)))
+        if left >= right or top >= bottom:
+            raise RenderError(f"viewport source rectangle is outside the {shown[0]}x"
+                              f"{shown[1]} image")
+        flip = (width < 0, height < 0)
+    size = (right - left, bottom - top)
+    if params.viewport is not None:
+        scale = min(params.viewport[0] / size[0], params.viewport[1] / size[1])
+        size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    return Geometry((left, top, right, bottom), flip, size)
+
+
+def frame_image(path: Path, params: RenderParams, budget: ResourceBudget) -> Image.Image:
     """The requested frame of a stored file as a Pillow image, cropped and resized.
 
-    Reads the header and only the requested frame, so a huge multi-frame object is never
-    loaded whole.
+    Reads the header, checks the output size and reserves the memory the rendering takes
+    from ``budget`` (OverBudget when it cannot), then reads only the requested frame, so a
+    huge multi-frame object is never loaded whole.
     """
-    ds = dcmread(path, stop_before_pixels=True)
-    if "Rows" not in ds:
-        raise RenderError("this instance has no pixel data to render")
-    count = int(ds.get("NumberOfFrames") or 1)
-    if not 1 <= params.frame <= count:
-        raise RenderError(f"frame {params.frame} does not exist (the instance has {count})")
+    with budget.reserve_header_read(path) as held:
+        ds = dcmread(path, stop_before_pixels=True)
+        if "Rows" not in ds:
+            raise RenderError("this instance has no pixel data to render")
+        count = int(ds.get("NumberOfFrames") or 1)
+        if not 1 <= params.frame <= count:
+            raise RenderError(f"frame {params.frame} does not exist (the instance has {count})")
+        shape = geometry(int(ds.Columns), int(ds.Rows), params)
+        check_output_pixels(shape.source_size, shape.size, budget.max_output_pixels)
+        # pydicom cannot read single frames from a deflated file: it is inflated whole.
+        deflated = ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        held.what = f"rendering frame {params.frame}"
+        resized = shape.size[0] * shape.size[1] if shape.size != shape.source_size else 0
+        held.resize((budget.whole_read_bytes(path) if deflated else 0) + render_bytes(ds, resized))
+        image = _frame(ds, dcmread(path) if deflated else path, params)
+        return _shaped(image, shape)
+
+
+def _frame(ds: Dataset, source: Dataset | Path, params: RenderParams) -> Image.Image:
+    """The frame as a Pillow image, grayscale pipeline or colour applied."""
     try:
-        # pydicom cannot read single frames from a deflated file: inflate it whole.
-        source = dcmread(path) if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian \
-            else path
         frame = pixel_array(source, index=params.frame - 1,
                             decoding_plugin=decoding_plugin(ds.file_meta.TransferSyntaxUID))
     except Exception as exc:  # every pydicom decoder raises its own types
@@ -154,38 +216,21 @@ def frame_image(path: Path, params: RenderParams) -> Image.Image:
     if int(ds.get("SamplesPerPixel", 1)) == 1 and \
             ds.get("PhotometricInterpretation") != "PALETTE COLOR":
         if params.sixteen_bit:
-            image = Image.fromarray(grayscale(ds, frame, params.window, 65535).astype(np.uint16))
-        else:
-            image = Image.fromarray(grayscale(ds, frame, params.window, 255).astype(np.uint8))
-    else:
-        image = Image.fromarray(colour(ds, frame), mode="RGB")
-    if params.region is not None:
-        x1, y1, x2, y2 = params.region
-        width, height = image.size
-        image = image.crop((math.floor(x1 * width), math.floor(y1 * height),
-                            math.ceil(x2 * width), math.ceil(y2 * height)))
-    if params.source is not None:
-        image = _source_rectangle(image, *params.source)
-    if params.viewport is not None:
-        scale = min(params.viewport[0] / image.width, params.viewport[1] / image.height)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.LANCZOS)
-    return image
+            return Image.fromarray(grayscale(ds, frame, params.window, 65535).astype(np.uint16))
+        return Image.fromarray(grayscale(ds, frame, params.window, 255).astype(np.uint8))
+    return Image.fromarray(colour(ds, frame), mode="RGB")
 
 
-def _source_rectangle(image: Image.Image, x: int, y: int, width: int,
-                      height: int) -> Image.Image:
-    """The viewport's source rectangle (PS3.18 8.3.5.1.3); a negative size flips."""
-    box = (x, y, min(image.width, x + abs(width)), min(image.height, y + abs(height)))
-    if box[0] >= box[2] or box[1] >= box[3]:
-        raise RenderError(f"viewport source rectangle is outside the {image.width}x"
-                          f"{image.height} image")
-    image = image.crop(box)
-    if width < 0:
+def _shaped(image: Image.Image, shape: Geometry) -> Image.Image:
+    """``image`` cropped, flipped and resized as ``shape`` says."""
+    if shape.box != (0, 0, image.width, image.height):
+        image = image.crop(shape.box)
+    if shape.flip[0]:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if height < 0:
+    if shape.flip[1]:
         image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if shape.size != image.size:
+        image = image.resize(shape.size, Image.Resampling.LANCZOS)
     return image
 
 
@@ -202,10 +247,11 @@ def encode(image: Image.Image, params: RenderParams) -> bytes:
     return out.getvalue()
 
 
-def render(path: Path, params: RenderParams) -> bytes:
-    """Render one frame of a stored file; RenderError says why it cannot be."""
+def render(path: Path, params: RenderParams, budget: ResourceBudget) -> bytes:
+    """Render one frame of a stored file within ``budget``; RenderError says why it cannot
+    be, OverBudget why it may not."""
     try:
-        return encode(frame_image(path, params), params)
+        return encode(frame_image(path, params, budget), params)
     except RenderError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as exc:

@@ -6,6 +6,7 @@ pyjpegls is installed).
 """
 
 from io import BytesIO
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.pixels import get_decoder, get_encoder
@@ -20,6 +21,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+
+from gateway.imaging.budget import Reservation, ResourceBudget, reserve_conversion
 
 ANY = "*"
 NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
@@ -81,3 +84,16 @@ def transcode(data: bytes, target: str) -> bytes:
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def transcode_file(path: Path, target: str, budget: ResourceBudget
+                   ) -> tuple[bytes, Reservation]:
+    """``transcode`` of a stored file within the decode memory of ``budget`` (OverBudget
+    when it does not fit), and the reservation that holds it: release it once sent.
+    Blocking: run it in ``budget.decode``."""
+    held = reserve_conversion(budget, path, f"converting this instance to {target}")
+    try:
+        return transcode(path.read_bytes(), target), held
+    except BaseException:
+        held.release()
+        raise

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.render_cache import RenderCache
 from gateway.security.audit import AuditTrail
 from gateway.urls import dicomweb_root
@@ -21,6 +22,7 @@ class Services:
     outbox: Outbox
     audit: AuditTrail
     render_cache: RenderCache
+    budget: ResourceBudget  # every decode and reception asks it first
     deidentify_key: bytes  # secret of WADO-URI anonymize=yes
     public_url: str  # base URL consumers reach us by, without a trailing slash
     max_instance_bytes: int  # largest STOW-RS part

@@ -9,10 +9,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.imaging.budget import OverBudget, ResourceBudget
 from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.request_target import target_of
-from gateway.web.http.responses import error, json_bytes_response
+from gateway.web.http.responses import error, json_bytes_response, over_budget
 from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.index import StoredInstance
@@ -20,13 +21,17 @@ from storage.store import Store
 
 # Binary values (OB, OW, UN, ...) longer than this are sent as BulkDataURI (Annex F.2.6).
 BULK_DATA_THRESHOLD = 1024
+# Instances whose JSON one decode worker computes at a time.
+_BATCH = 16
 # Stands for the /dicom-web root URL in cached JSON.
 _BASE_TOKEN = "urn:passerelle:dicomweb-root"
 
 
-def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
+def instance_json(path: Path, url: str, has_pixels: bool,
+                  budget: ResourceBudget) -> dict[str, object]:
     """The DICOM JSON object of one stored instance, bulk data as BulkDataURI."""
-    ds = dcmread(path, stop_before_pixels=True)
+    with budget.reserve_header_read(path):
+        ds = dcmread(path, stop_before_pixels=True)
 
     def bulk_uri(element: DataElement) -> str:
         return f"{url}/bulkdata/{element.tag:08X}"
@@ -39,12 +44,13 @@ def instance_json(path: Path, url: str, has_pixels: bool) -> dict[str, object]:
     return body
 
 
-def _missing_json(store: Store, missing: list[StoredInstance]) -> dict[str, str]:
+def _missing_json(store: Store, missing: list[StoredInstance],
+                  budget: ResourceBudget) -> dict[str, str]:
     """Compute and cache the JSON text of instances not cached yet."""
     texts = {i.sop_uid: json.dumps(
         instance_json(store.blobs.absolute(i.path),
                       retrieve_url(_BASE_TOKEN, i.study_uid, i.series_uid, i.sop_uid),
-                      i.frames is not None), ensure_ascii=False, separators=(",", ":"))
+                      i.frames is not None, budget), ensure_ascii=False, separators=(",", ":"))
         for i in missing}
     store.index.cache_metadata(list(texts.items()))
     return texts
@@ -65,7 +71,14 @@ async def metadata(request: Request) -> Response:
     if not rows:
         return error(404, f"no such {target.level}")
     missing = [instance for instance, text in rows if text is None]
-    computed = await run_in_threadpool(_missing_json, store, missing) if missing else {}
+    budget = services_of(request).budget
+    computed: dict[str, str] = {}
+    try:  # in batches, so that a large study does not hold a decode worker for long
+        for start in range(0, len(missing), _BATCH):
+            computed |= await budget.decode.run(_missing_json, store,
+                                                missing[start:start + _BATCH], budget)
+    except OverBudget as refusal:
+        return over_budget(refusal)
     body = "[" + ",".join(text or computed[instance.sop_uid] for instance, text in rows) + "]"
     base = services_of(request).dicomweb_root
     return json_bytes_response(request, body.replace(f'"{_BASE_TOKEN}/', f'"{base}/').encode())

@@ -4,43 +4,40 @@ render cache, and streamed as multipart/related when there are several."""
 
 import email.utils
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import anyio.to_thread
-from anyio import CapacityLimiter
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from gateway.imaging.budget import OverBudget, ResourceBudget, check_frame_list
 from gateway.imaging.render import RenderError, RenderParams, render
 from gateway.imaging.render_cache import RenderCache, cache_key
 from gateway.web.dicomweb.frames import parse_frame_list
 from gateway.web.dicomweb.render_params import rendered_params
-from gateway.web.dicomweb.wado import check_uids, level_name
+from gateway.web.dicomweb.wado import addressed_instances, check_uids
 from gateway.web.http.accept import BadAcceptError
 from gateway.web.http.multipart import closing, new_boundary, part_head
-from gateway.web.http.responses import entity_tag, error, not_modified
+from gateway.web.http.request_target import target_of
+from gateway.web.http.responses import entity_tag, error, not_modified, over_budget
 from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
 
 log = logging.getLogger(__name__)
 
-# Decoding and encoding hold a core each: more threads would only queue inside numpy.
-_RENDER_LIMITER = CapacityLimiter(max(2, os.cpu_count() or 2))
-
 
 async def render_image(request: Request, instance: StoredInstance,
                        params: RenderParams) -> bytes:
-    """One rendered frame, from the cache or rendered once off the event loop."""
+    """One rendered frame, from the cache or rendered once in the decode pool, within the
+    resource budget (OverBudget when not)."""
     store: Store = services_of(request).store
     cache: RenderCache = services_of(request).render_cache
+    budget: ResourceBudget = services_of(request).budget
     path = store.blobs.absolute(instance.path)
 
     async def produce() -> bytes:
-        return await anyio.to_thread.run_sync(render, path, params, limiter=_RENDER_LIMITER)
+        return await budget.decode.run(render, path, params, budget)
 
     return await cache.get(cache_key(instance.sop_uid, instance.received_at, params), produce)
 
@@ -61,6 +58,8 @@ async def respond(request: Request, plan: list[tuple[StoredInstance, RenderParam
         first = await render_image(request, *plan[0])
     except RenderError as exc:
         return error(422, str(exc))
+    except OverBudget as refusal:
+        return over_budget(refusal)
     if len(plan) == 1:
         return Response(first, media_type=media, headers=headers)
     boundary = new_boundary()
@@ -70,7 +69,7 @@ async def respond(request: Request, plan: list[tuple[StoredInstance, RenderParam
         for instance, params in plan[1:]:
             try:
                 image = await render_image(request, instance, params)
-            except RenderError as exc:  # the status is sent: end without the closing boundary
+            except (RenderError, OverBudget) as exc:  # the status is sent: end unclosed
                 log.warning("rendered stream cut at %s frame %d: %s", instance.sop_uid,
                             params.frame, exc)
                 return
@@ -85,14 +84,13 @@ async def _images(request: Request) -> list[StoredInstance] | Response:
     """The instances with pixels that the path addresses, or an error response."""
     if problem := check_uids(request):
         return problem
-    path = request.path_params
-    found = await run_in_threadpool(services_of(request).store.index.instances, path["study"],
-                                    path.get("series"), path.get("instance"))
+    found = await addressed_instances(request)
+    level = target_of(request).level
     if not found:
-        return error(404, f"no such {level_name(path)}")
+        return error(404, f"no such {level}")
     images = [instance for instance in found if instance.frames is not None]
     if not images:
-        return error(422, f"this {level_name(path)} has no pixel data to render")
+        return error(422, f"this {level} has no pixel data to render")
     return images
 
 
@@ -114,6 +112,10 @@ def _frame_numbers(request: Request, instance: StoredInstance) -> list[int] | Re
     except ValueError as exc:
         return error(400, f"bad frame list: {exc}")
     count = instance.frames or 1
+    try:
+        check_frame_list(numbers, count)
+    except OverBudget as refusal:
+        return over_budget(refusal)
     if max(numbers) > count:
         return error(404, f"the instance has {count} frame(s)")
     return numbers

@@ -1,8 +1,10 @@
 """STOW-RS (PS3.18 10.5): store instances POSTed as multipart/related application/dicom.
 
 Parts go through the same ingest path and rejection rules as C-STORE, one part in memory at
-a time. Response: 200 all stored, 202 some stored and some failed, 409 none stored, with the
-Store Instances Response Module (PS3.18 Table 10.5.3-3) in DICOM JSON.
+a time, within the ingest bytes in flight of the resource budget (shared with C-STORE) and
+at most ``max_parts_per_request`` parts. Response: 200 all stored, 202 some stored and some
+failed, 409 none stored, with the Store Instances Response Module (PS3.18 Table 10.5.3-3)
+in DICOM JSON.
 """
 
 import logging
@@ -13,11 +15,12 @@ from starlette.responses import Response
 
 from gateway import metrics
 from gateway.dicom.statuses import failure_status
+from gateway.imaging.budget import OverBudget, ResourceBudget, refuse
 from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.accept import parse_media_type
 from gateway.web.http.multipart import MultipartError, PartTooLargeError, iter_parts
-from gateway.web.http.responses import error, json_response
+from gateway.web.http.responses import error, json_response, over_budget
 from gateway.web.services import services_of
 from storage.store import IngestResult, Store
 
@@ -52,6 +55,7 @@ async def store_instances(request: Request) -> Response:
     if boundary is None:
         return error(415, 'send multipart/related; type="application/dicom"; boundary=...')
     store: Store = services_of(request).store
+    budget: ResourceBudget = services_of(request).budget
     root = services_of(request).dicomweb_root
     expected = {"StudyInstanceUID": request.path_params["study"]} \
         if "study" in request.path_params else None
@@ -59,9 +63,21 @@ async def store_instances(request: Request) -> Response:
     stored: list[dict[str, object]] = []
     failed: list[dict[str, object]] = []
     study_uids: set[str] = set()
+    # Ingest bytes in flight: twice the part being read (its buffer, then its copy) and
+    # the response items of the parts already read.
+    held = budget.ingest.reserve(0, "this STOW-RS part")
+
+    def hold(part_bytes: int) -> None:
+        held.resize(2 * part_bytes + budget.part_overhead_bytes * (len(stored) + len(failed)))
+
     try:
         async for headers, content in iter_parts(request.stream(), boundary,
-                                                 services_of(request).max_instance_bytes):
+                                                 services_of(request).max_instance_bytes,
+                                                 hold):
+            if len(stored) + len(failed) == budget.max_parts_per_request:
+                raise refuse(413, "parts", f"more than {budget.max_parts_per_request} parts "
+                             "in one STOW-RS request (max_parts_per_request)")
+            hold(len(content))
             part_type = headers.get("content-type", DICOM).split(";")[0].strip().lower()
             if part_type != DICOM:
                 failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
@@ -86,8 +102,10 @@ async def store_instances(request: Request) -> Response:
         log.info("STOW-RS from %s: the client left mid-body after %d stored", source,
                  len(stored))
         return error(400, "the client disconnected")  # nobody to read it; ends the request
-    except MultipartError as exc:
+    except (MultipartError, OverBudget) as exc:
         if not stored:
+            if isinstance(exc, OverBudget):
+                return over_budget(exc)
             if isinstance(exc, PartTooLargeError):
                 limit = services_of(request).max_instance_bytes
                 return error(413, f"a part is larger than the {limit} bytes accepted"
@@ -95,6 +113,8 @@ async def store_instances(request: Request) -> Response:
             return error(400, f"malformed multipart body: {exc}")
         log.warning("STOW-RS from %s cut short: %s", source, exc)
         failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
+    finally:
+        held.release()
     if not stored and not failed:
         return error(400, "the body holds no instance")
     body: dict[str, object] = {}
@@ -104,6 +124,6 @@ async def store_instances(request: Request) -> Response:
         body["00081198"] = {"vr": "SQ", "Value": failed}
     if stored:
         body["00081199"] = {"vr": "SQ", "Value": stored}
-    response = json_response(request, body)
+    response = await run_in_threadpool(json_response, request, body)  # up to megabytes
     response.status_code = 200 if not failed else 202 if stored else 409
     return response

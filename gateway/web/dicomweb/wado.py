@@ -2,14 +2,14 @@
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiofiles
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.imaging.transcode import choose_syntax, transcode
+from gateway.imaging.budget import ResourceBudget
+from gateway.imaging.transcode import choose_syntax, transcode_file
 from gateway.web.http.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.request_target import target_of
@@ -24,11 +24,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 SUPPORTED = 'multipart/related; type="application/dicom"'
-
-
-def level_name(params: dict[str, str]) -> str:
-    """The level a WADO-RS path addresses: study, series or instance."""
-    return "instance" if "instance" in params else "series" if "series" in params else "study"
 
 
 def check_uids(request: Request) -> Response | None:
@@ -50,7 +45,7 @@ async def addressed_instances(request: Request) -> list[StoredInstance]:
                                    target.series, target.instance, scoped_instances(request))
 
 
-async def _stream(store: Store, plan: list[tuple[StoredInstance, str]],
+async def _stream(store: Store, budget: ResourceBudget, plan: list[tuple[StoredInstance, str]],
                   boundary: str) -> AsyncIterator[bytes]:
     first = True
     for instance, syntax in plan:
@@ -63,18 +58,17 @@ async def _stream(store: Store, plan: list[tuple[StoredInstance, str]],
                     yield chunk
         else:
             try:
-                data = await run_in_threadpool(_transcoded, path, syntax)
+                data, held = await budget.decode.run(transcode_file, path, syntax, budget)
             except Exception as exc:  # a decoder failing on one instance ends nothing else
                 log.error("cannot convert %s to %s: %s", instance.sop_uid, syntax, exc)
                 continue
-            yield part_head(boundary, content_type, len(data), first)
-            yield data
+            try:
+                yield part_head(boundary, content_type, len(data), first)
+                yield data
+            finally:
+                held.release()
         first = False
     yield closing(boundary)
-
-
-def _transcoded(path: Path, syntax: str) -> bytes:
-    return transcode(path.read_bytes(), syntax)
 
 
 async def retrieve(request: Request) -> Response:
@@ -111,4 +105,5 @@ async def retrieve(request: Request) -> Response:
     if len(sendable) < len(plan):
         headers["Warning"] = (f'299 passerelle "{len(plan) - len(sendable)} instance(s) '
                               'not available in an acceptable transfer syntax"')
-    return StreamingResponse(_stream(store, sendable, boundary), headers=headers)
+    return StreamingResponse(_stream(store, services_of(request).budget, sendable, boundary),
+                             headers=headers)

@@ -1,17 +1,21 @@
 """WADO-URI (PS3.18 9): one object as DICOM, optionally transcoded or de-identified, or as
 a rendered image."""
 
+from pathlib import Path
+
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
+from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget, reserve_conversion
 from gateway.imaging.deidentify import deidentify
 from gateway.imaging.transcode import choose_syntax, transcode
 from gateway.web.dicomweb.render_params import BadRenderRequestError, uri_params
 from gateway.web.dicomweb.rendered import respond
 from gateway.web.http.request_target import target_of
-from gateway.web.http.responses import error
+from gateway.web.http.responses import error, over_budget
 from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.store import Store
@@ -47,12 +51,30 @@ async def wado_uri(request: Request) -> Response:
     syntax = choose_syntax(instance.transfer_syntax, instance.frames is not None, [wanted])
     if syntax is None:
         return error(406, f"cannot provide transfer syntax {wanted[:64]}")
-    data = await run_in_threadpool(store.blobs.read, instance.path)
+    path = store.blobs.absolute(instance.path)
+    if syntax == instance.transfer_syntax and anonymize == "no":
+        return FileResponse(path, media_type="application/dicom")  # streamed, never held
+    budget = services_of(request).budget
+    key = services_of(request).deidentify_key if anonymize == "yes" else None
     try:
-        if syntax != instance.transfer_syntax:
-            data = await run_in_threadpool(transcode, data, syntax)
-        if anonymize == "yes":
-            data = await run_in_threadpool(deidentify, data, services_of(request).deidentify_key)
+        conversion = syntax if syntax != instance.transfer_syntax else None
+        data, held = await budget.decode.run(_prepared, path, conversion, key, budget)
+    except OverBudget as refusal:
+        return over_budget(refusal)
     except Exception as exc:  # decoder or de-identification failure on one object
         return error(422, f"cannot prepare this object: {exc}")
-    return Response(data, media_type="application/dicom")
+    return Response(data, media_type="application/dicom", background=BackgroundTask(held.release))
+
+
+def _prepared(path: Path, target: str | None, key: bytes | None,
+              budget: ResourceBudget) -> tuple[bytes, Reservation]:
+    """The object of ``path`` converted to ``target`` and de-identified with ``key``, when
+    given, and the decode memory it holds until sent."""
+    held = reserve_conversion(budget, path, "preparing this object")
+    try:
+        data = path.read_bytes()
+        data = transcode(data, target) if target is not None else data
+        return (deidentify(data, key) if key is not None else data), held
+    except BaseException:
+        held.release()
+        raise

@@ -1,7 +1,7 @@
 """multipart/related framing (RFC 2046 5.1, RFC 2387) for DICOMweb responses."""
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 def new_boundary() -> str:
@@ -47,11 +47,14 @@ def _part_headers(block: bytes) -> dict[str, str]:
     return headers
 
 
-async def iter_parts(chunks: AsyncIterator[bytes], boundary: str,
-                     max_part_size: int) -> AsyncIterator[tuple[dict[str, str], bytes]]:
+async def iter_parts(chunks: AsyncIterator[bytes], boundary: str, max_part_size: int,
+                     on_buffer: Callable[[int], None] = lambda size: None,
+                     ) -> AsyncIterator[tuple[dict[str, str], bytes]]:
     """Parts of a multipart body read from ``chunks``: (lower-cased headers, content).
 
     Holds one part at a time; a part larger than ``max_part_size`` is an error.
+    ``on_buffer(size)`` is told the bytes held each time they grow (a chunk at a time); it
+    may raise to stop the reading (a memory budget).
     """
     buffer = bytearray()
     source = chunks.__aiter__()
@@ -63,6 +66,7 @@ async def iter_parts(chunks: AsyncIterator[bytes], boundary: str,
             buffer.extend(await source.__anext__())
         except StopAsyncIteration:
             ended = True
+        on_buffer(len(buffer))
 
     async def find(token: bytes, limit: int, what: str,
                    too_long: type[MultipartError] = MultipartError) -> int:
@@ -99,5 +103,6 @@ async def iter_parts(chunks: AsyncIterator[bytes], boundary: str,
             headers = _part_headers(bytes(buffer[:end]))
             del buffer[:end + 4]
         end = await find(separator, max_part_size, "the next boundary", PartTooLargeError)
-        yield headers, bytes(buffer[:end])
-        del buffer[:end + len(separator)]
+        content = bytes(buffer[:end])
+        del buffer[:end + len(separator)]  # before the part is used: one copy of it is held
+        yield headers, content

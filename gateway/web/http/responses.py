@@ -7,6 +7,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.imaging.budget import OverBudget
 from gateway.web.http.errors import text_error
 
 DICOM_JSON = "application/dicom+json"
@@ -16,6 +17,13 @@ _GZIP_MIN_SIZE = 1024
 def error(status: int, message: str) -> Response:
     """A DICOMweb error the client can read (``gateway.web.http.errors``)."""
     return text_error(status, message)
+
+
+def over_budget(refusal: OverBudget) -> Response:
+    """The refusal of the resource budget: its status and reason, and ``Retry-After``
+    when waiting may help (RFC 9110 10.2.3)."""
+    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else None
+    return text_error(refusal.status, refusal.message, headers)
 
 
 def json_response(request: Request, payload: object) -> Response:

@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 
 _CACHED_MANIFESTS = 1024
 _SCOPED_KEY = "passerelle.manifest_instances"
-# Resources whose handler does not restrict itself to ``scoped_instances`` (yet): under a
-# manifest, only at the instance level, where the check below covers them whole.
-_INSTANCE_LEVEL_ONLY = ("/rendered", "/thumbnail")
-
-
 class ManifestDeniedError(Exception):
     """The manifest does not open this request (reason in the message)."""
 
@@ -146,9 +141,6 @@ class ManifestScopeMiddleware:
             raise ManifestDeniedError("a manifest opens what it references for reading only")
         if target.study is None:
             raise ManifestDeniedError("a request scoped by a manifest must name its study")
-        if target.instance is None and target.route.endswith(_INSTANCE_LEVEL_ONLY):
-            raise ManifestDeniedError("under a manifest, rendered images and thumbnails are "
-                                      "asked for one instance")
         references = await run_in_threadpool(self.access.references, kos_uid)
         if not references.covers(target.study, target.series, target.instance):
             named = (target.study, target.series, target.instance)

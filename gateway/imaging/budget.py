@@ -1,0 +1,315 @@
+"""The resource budget: what one request, and the whole process, may hold at once.
+
+Every path that decodes pixels, reads a whole data set or receives an instance asks here
+before it allocates:
+
+- ``ByteBudget``: bytes held at once by one kind of work across the process (the decode
+  memory; the ingest bytes in flight of every STOW-RS and C-STORE reception). A request
+  larger than the whole budget is refused at once (413); one that does not fit now waits
+  at most ``wait_seconds``, then is refused as busy (503 with Retry-After).
+- ``DecodePool``: the one bounded pool every decode runs in (render, frames, transcode,
+  metadata, de-identification), off the event loop; a free worker is waited for at most
+  ``wait_seconds``.
+- the estimates, from the header, before anything is decoded: decoded bytes of a frame,
+  the bytes a whole read of a data set holds (a deflated one is measured by inflating it
+  as a stream, never in memory), the cost of rendering a frame.
+
+A refusal is an ``OverBudget``: status, reason (the metric label), a message for the
+client, ``Retry-After`` when waiting may help; it is logged and counted when made.
+"""
+
+import functools
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from gateway import metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MIB = 1 << 20
+# Working memory of the render pipeline per source pixel, beyond the decoded frame: the
+# stored values and the lookup indices (up to 32 bits each), numpy's index copy in bincount
+# (64 bits), the display image. Measured with tracemalloc on a 2048x2048 16-bit frame,
+# frame included: 12 bytes a pixel unsigned, 15 signed; estimated here: 2 + 16.
+RENDER_BYTES_PER_PIXEL = 16
+# Per output pixel of a resized image: the image and Pillow's intermediate pass (RGBX).
+OUTPUT_BYTES_PER_PIXEL = 8
+_INFLATE_CHUNK = 1 << 20
+
+
+class OverBudget(Exception):  # noqa: N818 (a refusal, not a bug: named as the API says)
+    """A request refused by the resource budget, with the HTTP status that says why."""
+
+    def __init__(self, status: int, reason: str, message: str,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
+def refuse(status: int, reason: str, message: str, retry_after: int | None = None
+           ) -> OverBudget:
+    """An ``OverBudget`` to raise, logged and counted
+    (``passerelle_budget_refusals_total{reason}``)."""
+    log.warning("refused over budget (%s): %s", reason, message)
+    metrics.BUDGET_REFUSALS.labels(reason).inc()
+    return OverBudget(status, reason, message, retry_after)
+
+
+class ByteBudget:
+    """Bytes that one kind of work may hold at once across the process; thread-safe.
+
+    ``wait_seconds`` > 0 makes ``reserve`` block that long for room: use it from worker
+    threads only, never on the event loop.
+    """
+
+    def __init__(self, name: str, setting: str, capacity: int,
+                 wait_seconds: float = 0.0) -> None:
+        self.name = name
+        self.setting = setting  # named in refusals, so an operator knows what to raise
+        self.capacity = capacity
+        self.wait_seconds = wait_seconds
+        self._used = 0
+        self._room = threading.Condition()
+        metrics.BUDGET_IN_USE.labels(name).set_function(lambda: self._used)
+
+    @property
+    def in_use(self) -> int:
+        """Bytes reserved right now."""
+        return self._used
+
+    def reserve(self, size: int, what: str = "this request") -> "Reservation":
+        """Reserve ``size`` bytes for ``what`` (a context manager that releases them);
+        OverBudget 413 when it can never fit, 503 when there is no room in time."""
+        reservation = Reservation(self, what)
+        reservation.resize(size)
+        return reservation
+
+    def _take(self, size: int, held: int, what: str) -> None:
+        if held + size > self.capacity:
+            raise refuse(413, self.name, f"{what} needs {_mib(held + size)} of {self.name}, "
+                         f"more than the {_mib(self.capacity)} the service allows "
+                         f"({self.setting})")
+        deadline = time.monotonic() + self.wait_seconds
+        with self._room:
+            while self._used + size > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._room.wait(left):
+                    if self._used + size <= self.capacity:
+                        break
+                    raise refuse(503, f"{self.name}_busy",
+                                 f"the service is busy ({self.name}: {_mib(self._used)} of "
+                                 f"{_mib(self.capacity)} in use); retry shortly",
+                                 retry_after=1)
+            self._used += size
+
+    def _give_back(self, size: int) -> None:
+        with self._room:
+            self._used -= size
+            self._room.notify_all()
+
+
+class Reservation:
+    """Bytes held from a ``ByteBudget`` until ``release`` (or the end of a ``with``)."""
+
+    def __init__(self, budget: ByteBudget, what: str) -> None:
+        self.budget = budget
+        self.what = what
+        self.size = 0
+
+    def resize(self, size: int) -> None:
+        """Hold ``size`` bytes in all (grow: may raise OverBudget; shrink: gives back)."""
+        if size > self.size:
+            self.budget._take(size - self.size, self.size, self.what)
+        elif size < self.size:
+            self.budget._give_back(self.size - size)
+        self.size = size
+
+    def release(self) -> None:
+        """Give everything back (idempotent)."""
+        self.resize(0)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __del__(self) -> None:
+        # A reservation dropped unreleased (a streamed response that never started) must
+        # not shrink the budget for good.
+        if self.size:
+            self.release()
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.release()
+
+
+class DecodePool:
+    """The bounded pool every decode runs in, off the event loop."""
+
+    def __init__(self, workers: int, wait_seconds: float) -> None:
+        self.workers = workers
+        self.wait_seconds = wait_seconds
+        # Admission is waited for with a deadline; the thread limiter, of the same size,
+        # is then always free (anyio's run_sync cannot wait for its limiter with one).
+        self._admission = anyio.Semaphore(workers)
+        self._threads = anyio.CapacityLimiter(workers)
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` in a pool thread; OverBudget 503 when no worker is free
+        within ``wait_seconds``."""
+        try:
+            self._admission.acquire_nowait()  # a free worker, even with no time to wait
+            admitted = True
+        except anyio.WouldBlock:
+            admitted = False
+            with anyio.move_on_after(self.wait_seconds):
+                await self._admission.acquire()
+                admitted = True
+        if not admitted:
+            raise refuse(503, "decode_workers_busy",
+                         f"the service is busy (decode_workers: {self.workers} of "
+                         f"{self.workers} in use); retry shortly", retry_after=1)
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(function, *args),
+                                                  limiter=self._threads)
+        finally:
+            self._admission.release()
+
+
+class ResourceBudget:
+    """The process's budget: decode pool and memory, ingest bytes, per-request bounds."""
+
+    def __init__(self, decode_workers: int, decode_memory_bytes: int,
+                 decode_wait_seconds: float, max_output_pixels: int,
+                 ingest_bytes_in_flight: int, max_parts_per_request: int,
+                 part_overhead_bytes: int) -> None:
+        self.decode = DecodePool(decode_workers, decode_wait_seconds)
+        self.memory = ByteBudget("decode_memory", "decode_memory_bytes", decode_memory_bytes,
+                                 decode_wait_seconds)
+        # Receptions never wait for room: the event loop (STOW-RS) and the DICOM threads
+        # refuse at once, and the sender retries.
+        self.ingest = ByteBudget("ingest_bytes", "ingest_bytes_in_flight",
+                                 ingest_bytes_in_flight)
+        self.max_output_pixels = max_output_pixels
+        self.max_parts_per_request = max_parts_per_request
+        self.part_overhead_bytes = part_overhead_bytes
+
+    def reserve_header_read(self, path: Path) -> "Reservation":
+        """Reserve the decode memory a header-only read (``stop_before_pixels``) of ``path``
+        holds beyond the header itself: the whole inflated data set of a deflated file
+        (pydicom inflates it whole), else nothing (the header's own size was bounded when
+        the instance was received). Blocking: call it in the decode pool."""
+        if is_deflated(path):
+            return self.memory.reserve(inflated_size(path, self.memory.capacity),
+                                       "inflating this deflated data set")
+        return self.memory.reserve(0, "reading this header")
+
+    def whole_read_bytes(self, path: Path) -> int:
+        """``whole_read_bytes`` of ``path``, measured up to the decode memory."""
+        return whole_read_bytes(path, self.memory.capacity)
+
+
+def _mib(size: int) -> str:
+    return f"{size / MIB:.1f} MiB" if size < 10 * MIB else f"{size // MIB} MiB"
+
+
+def frame_bytes(ds: Dataset) -> int:
+    """Decoded bytes of one frame, from the header: Rows x Columns x SamplesPerPixel x
+    the bytes of a sample once decoded (1-bit samples decode to one byte each)."""
+    sample = max(1, (int(ds.get("BitsAllocated") or 8) + 7) // 8)
+    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * sample
+
+
+def render_bytes(ds: Dataset, resized_pixels: int) -> int:
+    """Memory the rendering of one frame of ``ds`` holds at its peak; ``resized_pixels``:
+    the output's pixels when it is resized, else 0."""
+    pixels = int(ds.Rows) * int(ds.Columns)
+    return frame_bytes(ds) + pixels * RENDER_BYTES_PER_PIXEL + \
+        resized_pixels * OUTPUT_BYTES_PER_PIXEL
+
+
+def is_deflated(path: Path) -> bool:
+    """True when the file's data set is deflated (pydicom inflates it whole to read any
+    of it, even the header)."""
+    return read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+
+
+def inflated_size(path: Path, cap: int) -> int:
+    """Bytes of the deflated data set of ``path`` once inflated, measured as a stream;
+    stops counting past ``cap`` (returns a value above it)."""
+    meta = read_file_meta_info(path)
+    # The data set starts after the preamble (128), the prefix (4) and the file meta group,
+    # whose length is its Group Length element (12 bytes, PS3.10 7.1).
+    start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate (PS3.5 A.5)
+    total = 0
+    with path.open("rb") as stored:
+        stored.seek(start)
+        while total <= cap and (chunk := stored.read(_INFLATE_CHUNK)):
+            while chunk and total <= cap:
+                total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                chunk = inflater.unconsumed_tail
+    return total
+
+
+def whole_read_bytes(path: Path, cap: int) -> int:
+    """Bytes a read of the whole data set of ``path`` holds: the file's size, or for a
+    deflated one twice its inflated size (the inflated bytes and the values parsed from
+    them); above ``cap`` means: more than ``cap``."""
+    return 2 * inflated_size(path, cap) if is_deflated(path) else path.stat().st_size
+
+
+def reserve_conversion(budget: ResourceBudget, path: Path, what: str) -> "Reservation":
+    """Reserve what converting the whole object of ``path`` holds (transcoding,
+    de-identification): its bytes and the data set parsed from them (twice a whole read),
+    its frames decoded and re-encoded (four times the decoded pixels). Blocking: call it in
+    the decode pool; release the reservation when the result is sent."""
+    held = budget.reserve_header_read(path)
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        pixels = frame_bytes(ds) * int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
+        held.what = what
+        held.resize(2 * budget.whole_read_bytes(path) + 4 * pixels)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def check_output_pixels(source: tuple[int, int], output: tuple[int, int], limit: int) -> None:
+    """OverBudget 400 when ``output`` (width, height) upscales ``source`` past ``limit``
+    pixels. The viewport is where the client shows the image (PS3.18 8.3.5.1.3); it may
+    be filled at the client's side as well, so a larger image is never made here."""
+    pixels = output[0] * output[1]
+    if pixels > limit and pixels > source[0] * source[1]:
+        raise refuse(400, "output_pixels",
+                     f"the requested size {output[0]}x{output[1]} scales the "
+                     f"{source[0]}x{source[1]} image up past {limit} pixels "
+                     "(max_output_pixels): ask for a smaller viewport")
+
+
+def check_frame_list(numbers: list[int], count: int) -> None:
+    """OverBudget 400 when a frame list names a frame twice or more frames than the
+    instance has (NumberOfFrames): each part is sent once."""
+    if len(numbers) > count:
+        raise refuse(400, "frames", f"{len(numbers)} frames asked of an instance that has "
+                     f"{count}")
+    if len(set(numbers)) != len(numbers):
+        repeated = next(n for i, n in enumerate(numbers) if n in numbers[:i])
+        raise refuse(400, "frames", f"frame {repeated} is asked more than once")

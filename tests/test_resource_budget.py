@@ -1,0 +1,377 @@
+"""The resource budget under attack (issue 14, findings 1-4, 6 and 7).
+
+Each attack test attacks a running ``passerelle serve`` over loopback with the budget lowered so
+that the inputs stay small, and watches the service meanwhile: the peak RSS of its process
+(psutil, sampled every 20 ms) is asserted under a bound above its RSS before the attack,
+``/health`` must answer throughout (its latency is printed, not asserted), and each refusal
+is checked for its status and reason. The last tests check the budget's own rules.
+"""
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anyio
+import httpx
+import numpy as np
+import psutil
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
+
+from gateway.imaging.budget import ByteBudget, DecodePool, OverBudget
+from tests.processes import PasserelleProcess
+from tests.synthetic import ct_slice, part10
+
+MIB = 1 << 20
+NATIVE = {"Accept": f'multipart/related; type="application/octet-stream"; '
+                    f'transfer-syntax={ExplicitVRLittleEndian}'}
+
+
+class Watch:
+    """Peak RSS of the service and ``/health`` latency while the ``with`` block runs."""
+
+    def __init__(self, server: PasserelleProcess, what: str) -> None:
+        assert server.proc is not None
+        self.server = server
+        self.what = what
+        self.process = psutil.Process(server.proc.pid)
+        self.baseline = self.peak = 0
+        self.latencies: list[float] = []
+        self.health_failures: list[str] = []
+        self._done = threading.Event()
+        self._probed = threading.Event()  # one probe answered (or failed) since the start
+        self._threads = [threading.Thread(target=self._sample),
+                         threading.Thread(target=self._probe)]
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._done.wait(0.02)
+
+    def _probe(self) -> None:
+        with httpx.Client(base_url=self.server.base_url, timeout=30) as client:
+            while not self._done.is_set():
+                start = time.monotonic()
+                try:
+                    status = client.get("/health").status_code
+                    if status != 200:
+                        self.health_failures.append(str(status))
+                except httpx.HTTPError as exc:
+                    self.health_failures.append(repr(exc))
+                self.latencies.append(time.monotonic() - start)
+                self._probed.set()
+                self._done.wait(0.05)
+
+    def __enter__(self) -> "Watch":
+        self.baseline = self.peak = self.process.memory_info().rss
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._probed.wait(60)  # a short attack: /health answers right after it
+        self._done.set()
+        for thread in self._threads:
+            thread.join()
+        latencies = sorted(self.latencies) or [0.0]
+        print(f"\n{self.what}: RSS {self.baseline / MIB:.0f} MiB before, peak "
+              f"{self.peak / MIB:.0f} MiB (+{self.growth / MIB:.0f} MiB); /health "
+              f"{len(self.latencies)} probes, median {latencies[len(latencies) // 2]:.3f} s,"
+              f" max {latencies[-1]:.3f} s")
+
+    @property
+    def growth(self) -> int:
+        """Peak RSS above the RSS before the attack."""
+        return self.peak - self.baseline
+
+    def check(self, bound: int) -> None:
+        """The RSS stayed within ``bound`` above its start, and /health answered."""
+        assert self.latencies, "no /health probe completed"
+        assert not self.health_failures, self.health_failures
+        assert self.growth < bound, f"RSS grew by {self.growth / MIB:.0f} MiB"
+
+
+def concurrently(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
+    """Every call at once, each in a thread of its own."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+def serve(tmp_path: Path, objects: list[Dataset], **settings: str) -> PasserelleProcess:
+    """A started service with ``objects`` imported (as C-STORE would store them)."""
+    export = tmp_path / "export"
+    export.mkdir()
+    for number, ds in enumerate(objects):
+        ds.save_as(export / f"{number}.dcm", enforce_file_format=True)
+    server = PasserelleProcess(tmp_path / "data", render_cache_bytes="0", **settings)
+    imported = server.cli("import", "--quiet", str(export))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    return server
+
+
+def stored_path(server: PasserelleProcess, ds: Dataset) -> Path:
+    """Where the service keeps the file of ``ds``."""
+    return (server.data_dir / "studies" / ds.StudyInstanceUID / ds.SeriesInstanceUID /
+            f"{ds.SOPInstanceUID}.dcm")
+
+
+def instance_url(ds: Dataset) -> str:
+    """The WADO-RS URL of ``ds``."""
+    return (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+
+
+def wado_uri(ds: Dataset, **params: str) -> str:
+    """The WADO-URI URL of ``ds`` with ``params``."""
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return (f"/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID="
+            f"{ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}&{query}")
+
+
+def _ct(side: int = 64, frames: int = 1, **attributes: object) -> Dataset:
+    """A CT of ``frames`` frames of ``side`` x ``side`` 16-bit pixels."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4,
+                  **{"Rows": side, "Columns": side, **attributes})
+    ds.PixelData = np.arange(side * side * frames, dtype=np.uint16).tobytes()
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    return ds
+
+
+@pytest.fixture
+def running() -> Iterator[list[PasserelleProcess]]:
+    """Services started by a test, stopped after it."""
+    servers: list[PasserelleProcess] = []
+    yield servers
+    for server in servers:
+        assert "Traceback" not in server.log()
+        server.stop()
+
+
+def start(servers: list[PasserelleProcess], server: PasserelleProcess) -> httpx.Client:
+    """Start ``server`` (stopped after the test) and a client of it."""
+    servers.append(server.start())
+    return httpx.Client(base_url=server.base_url, timeout=120)
+
+
+def test_deflate_bomb_already_stored_is_refused_on_every_read_path(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Finding 1 (read side): a stored deflated object inflating to 128 MiB; the decode
+    memory is 64 MiB. Render, frames, metadata, WADO-URI: 413 from a streamed measure."""
+    small = _ct()
+    small.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    server = serve(tmp_path, [small], decode_memory_bytes=str(64 * MIB))
+    # The bomb replaces the stored file, as an object received before ingest had a bound.
+    small.add_new(0x60003000, "OW", bytes(128 * MIB))  # Overlay Data
+    bomb = part10(small)
+    del small[0x60003000]
+    assert len(bomb) < 1 * MIB
+    stored_path(server, small).write_bytes(bomb)
+    client = start(running, server)
+    url = instance_url(small)
+    attacks = [f"{url}/rendered", f"{url}/frames/1", f"{url}/metadata",
+               wado_uri(small, contentType="application/dicom")]
+    with Watch(server, "deflate bomb x4") as watch:
+        responses = concurrently([lambda u=u: client.get(u, headers={"Accept": "*/*"})
+                                  for u in attacks])
+    for response in responses:
+        assert response.status_code == 413, (response.request.url, response.text)
+        assert "decode_memory_bytes" in response.text
+    watch.check(100 * MIB)
+    assert server.metric("passerelle_budget_refusals_total", reason="decode_memory") == 4
+
+
+def test_upscaling_past_the_output_pixels_is_refused(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Finding 2: a viewport (rendered) or rows and columns (WADO-URI) of 8000 on a 64x64
+    image; max_output_pixels is 1 M: 400 naming the setting. Smaller sizes still render."""
+    ds = _ct()
+    client = start(running, serve(tmp_path, [ds], max_output_pixels=str(1_000_000)))
+    url = instance_url(ds)
+    attacks = [f"{url}/rendered?viewport=8000,8000",
+               wado_uri(ds, rows="8000", columns="8000")] * 3
+    with Watch(running[0], "upscale to 8000x8000 x6") as watch:
+        responses = concurrently([lambda u=u: client.get(u) for u in attacks])
+    for response in responses:
+        assert response.status_code == 400, (response.request.url, response.text)
+        assert "max_output_pixels" in response.text
+    watch.check(100 * MIB)
+    fitting = client.get(f"{url}/rendered?viewport=1000,1000")
+    assert fitting.status_code == 200
+    assert fitting.headers["content-type"] == "image/jpeg"
+
+
+def test_frame_lists_are_bounded_and_frames_streamed(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Finding 3: frames/1,1,1,... (2 000 times a 128 KiB frame) is a 400 at once; a
+    multi-frame of 64 MiB is streamed a frame at a time; more frames than the instance
+    has is a 400."""
+    single = _ct(256)
+    multi = _ct(512, frames=128)
+    client = start(running, serve(tmp_path, [single, multi]))
+    repeated = f"{instance_url(single)}/frames/{','.join(['1'] * 2000)}"
+    with Watch(running[0], "frames/1,1,1,... x4") as watch:
+        responses = concurrently([lambda: client.get(repeated, headers=NATIVE)] * 4)
+    for response in responses:
+        assert response.status_code == 400, response.text
+        assert "2000 frames asked of an instance that has 1" in response.text
+    watch.check(64 * MIB)
+    twice = client.get(f"{instance_url(multi)}/frames/1,2,1", headers=NATIVE)
+    assert twice.status_code == 400 and "frame 1 is asked more than once" in twice.text
+    every = ",".join(str(n) for n in range(1, 129))
+    with Watch(running[0], "128 frames of 512 KiB, streamed") as watch, client.stream(
+            "GET", f"{instance_url(multi)}/frames/{every}", headers=NATIVE) as response:
+        assert response.status_code == 200
+        received = sum(len(chunk) for chunk in response.iter_raw(1 << 20))
+    assert received > 128 * 512 * 512 * 2
+    watch.check(48 * MIB)
+
+
+def test_decoded_size_is_checked_from_the_header_before_decoding(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Finding 4: a JPEG 2000 object of about 1 KiB declaring 2896x2896 16-bit (16 MiB a
+    frame, a render of about 150 MiB); the decode memory is 24 MiB: four renders and four
+    frame decodes at once are 413, without decoding."""
+    side = 2896
+    ds = _ct(side, BitsStored=16, HighBit=15)
+    ds.PixelData = bytes(side * side * 2)
+    ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    assert len(part10(ds)) < 4096
+    client = start(running, serve(tmp_path, [ds], decode_memory_bytes=str(24 * MIB)))
+    url = instance_url(ds)
+    with Watch(running[0], "JPEG 2000 of 2896x2896 x8") as watch:
+        responses = concurrently([lambda: client.get(f"{url}/rendered")] * 4 +
+                                 [lambda: client.get(f"{url}/frames/1", headers=NATIVE)] * 4)
+    for response in responses:
+        assert response.status_code == 413, (response.request.url, response.text)
+        assert "decode_memory_bytes" in response.text
+    watch.check(64 * MIB)
+
+
+def _stow_body(ds: Dataset, boundary: str, pace: float) -> Iterator[bytes]:
+    """A one-part STOW-RS body, sent in 1 MiB chunks ``pace`` seconds apart."""
+    data = part10(ds)
+    yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    for offset in range(0, len(data), MIB):
+        yield data[offset:offset + MIB]
+        time.sleep(pace)
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_concurrent_stow_parts_share_one_ingest_budget(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Finding 6: four STOW-RS requests at once, each of one 32 MiB part (under
+    max_instance_bytes), sent slowly; ingest_bytes_in_flight is 96 MiB (a part counts
+    twice): some are 503 with Retry-After, and the RSS stays bounded."""
+    client = start(running, serve(tmp_path, [], ingest_bytes_in_flight=str(96 * MIB)))
+    side = 4096  # 4096 x 4096 x 16 bits = 32 MiB
+    boundary = "b0undary"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
+                               f'boundary={boundary}'}
+    parts = [_ct(side) for _ in range(4)]
+
+    def post(ds: Dataset) -> httpx.Response:
+        return client.post("/dicom-web/studies", headers=headers,
+                           content=_stow_body(ds, boundary, 0.03))
+
+    with Watch(running[0], "4 concurrent STOW-RS of 32 MiB") as watch:
+        responses = concurrently([lambda ds=ds: post(ds) for ds in parts])
+    statuses = sorted(response.status_code for response in responses)
+    assert 200 in statuses and 503 in statuses, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert "ingest_bytes" in response.text
+    watch.check(150 * MIB)
+
+
+def test_stow_of_tiny_parts_is_bounded_in_parts(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Finding 7: a 4 MiB STOW-RS body of 80 000 tiny parts; max_parts_per_request is
+    1 000: 413 naming the setting after 1 000 parts, RSS bounded."""
+    client = start(running, serve(tmp_path, [], max_parts_per_request="1000"))
+    part = b"--b\r\nContent-Type: application/dicom\r\n\r\nX\r\n"
+    body = part * (4 * MIB // len(part)) + b"--b--\r\n"
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    with Watch(running[0], "STOW-RS of 4 MiB of tiny parts") as watch:
+        response = client.post("/dicom-web/studies", headers=headers, content=body)
+    assert response.status_code == 413, response.text[:200]
+    assert "max_parts_per_request" in response.text
+    watch.check(64 * MIB)
+    assert running[0].metric("passerelle_budget_refusals_total", reason="parts") == 1
+
+
+@pytest.mark.parametrize("settings, reason", [
+    ({"decode_workers": "1"}, "decode_workers"),
+    ({"decode_workers": "8", "decode_memory_bytes": str(100 * MIB)}, "decode_memory"),
+])
+def test_busy_decoding_is_503_with_retry_after(
+        tmp_path: Path, running: list[PasserelleProcess], settings: dict[str, str],
+        reason: str) -> None:
+    """Every decode: one bounded pool and one memory budget. Eight renders at once of a
+    2048x2048 image (about 72 MiB each) wait 0.1 s for a worker (one) or for memory (100
+    MiB for eight workers), then are 503 with Retry-After; /health answers meanwhile."""
+    ds = _ct(2048)
+    client = start(running, serve(tmp_path, [ds], decode_wait_seconds="0.1", **settings))
+    url = f"{instance_url(ds)}/rendered"
+    with Watch(running[0], f"8 renders at once, {reason} busy") as watch:
+        responses = concurrently([lambda q=q: client.get(f"{url}?quality={q}")
+                                  for q in range(90, 98)])
+    statuses = [response.status_code for response in responses]
+    assert 200 in statuses and 503 in statuses, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert f"busy ({reason}" in response.text
+    watch.check(200 * MIB)
+
+
+def test_byte_budget_rules() -> None:
+    """Alone too large: 413 at once; no room in time: 503 after the wait; room made by a
+    release in time: granted; a reservation dropped unreleased gives its bytes back."""
+    budget = ByteBudget("test_bytes", "test_setting", 100, wait_seconds=0.2)
+    with pytest.raises(OverBudget) as alone:
+        budget.reserve(101)
+    assert alone.value.status == 413 and "test_setting" in alone.value.message
+    held = budget.reserve(80)
+    start = time.monotonic()
+    with pytest.raises(OverBudget) as busy:
+        budget.reserve(30)
+    assert busy.value.status == 503 and busy.value.retry_after == 1
+    assert time.monotonic() - start >= 0.2
+    threading.Timer(0.05, held.release).start()
+    with budget.reserve(30) as granted:
+        assert budget.in_use == 30
+        granted.resize(10)
+        assert budget.in_use == 10
+    assert budget.in_use == 0
+    budget.reserve(50)  # dropped at once
+    assert budget.in_use == 0
+
+
+def test_decode_pool_rules() -> None:
+    """A free worker is taken even with no time to wait; a busy one is 503 past the wait."""
+    async def attempt(pool: DecodePool) -> list[object]:
+        results: list[object] = []
+
+        async def one() -> None:
+            try:
+                results.append(await pool.run(time.sleep, 0.2))
+            except OverBudget as refusal:
+                results.append(refusal.status)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(one)
+            group.start_soon(one)
+        return results
+
+    assert sorted(anyio.run(attempt, DecodePool(1, 0)), key=str) == [503, None]
+    assert anyio.run(attempt, DecodePool(2, 0)) == [None, None]
