@@ -61,15 +61,17 @@ class BlobStore:
         """Absolute path of a stored file from its relative path."""
         return self.root / relative
 
+    def temporary_path(self) -> Path:
+        """A new name for a temporary file, in ``<root>/tmp`` (purged at start-up)."""
+        return self.tmp_dir / f"{uuid.uuid4().hex}.part"
+
     def put(self, relative: str, chunks: Iterable[bytes]) -> None:
         """Write ``chunks`` as the file ``relative``, atomically replacing any previous one.
 
         Returns only once the data and the directory entry are on stable storage. On any
         error the temporary file is removed and the previous content, if any, is untouched.
         """
-        target = self.root / relative
-        self._make_dir_durable(target.parent)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self.temporary_path()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             try:
@@ -78,6 +80,23 @@ class BlobStore:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        self.adopt(tmp, relative)
+
+    def adopt(self, tmp: Path, relative: str) -> None:
+        """Make the complete temporary file ``tmp`` the file ``relative``, as ``put`` does:
+        fsynced, renamed over any previous one, its directory fsynced. On any error ``tmp``
+        is removed and the previous content, if any, is untouched."""
+        target = self.root / relative
+        try:
+            self._make_dir_durable(target.parent)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
                 os.fsync(fd)
             finally:
                 os.close(fd)

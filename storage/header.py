@@ -1,9 +1,17 @@
-"""What the index keeps of an instance, read from its header without decoding pixels."""
+"""What the index keeps of an instance, read from its header without decoding pixels, once
+its structure is known to be within the ingest limits."""
 
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
+from pydicom.datadict import DicomDictionary, keyword_dict
 from pydicom.dataset import Dataset
 
 from storage.identifiers import Issuer, OtherPatientId, encode
@@ -11,6 +19,25 @@ from storage.identifiers import Issuer, OtherPatientId, encode
 
 class UnreadableDatasetError(ValueError):
     """The bytes are not a DICOM data set pydicom can parse."""
+
+
+class DatasetTooLargeError(ValueError):
+    """The data set is longer than accepted (inflated, for a deflated transfer syntax)."""
+
+
+class DatasetTooComplexError(ValueError):
+    """The data set has more items, nesting or elements than accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestLimits:
+    """What one received instance may be: its size, and the structure of its data set
+    (every reader materialises a sequence item as an object, about 1 KiB each in pydicom)."""
+
+    max_instance_bytes: int = 1 << 30  # as received; a deflated data set also once inflated
+    max_sequence_items: int = 50_000
+    max_sequence_depth: int = 32
+    max_dataset_elements: int = 1_000_000  # data elements and items, at every level
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +134,39 @@ def _request_identifiers(ds: Dataset) -> tuple[str, str]:
     return encode(procedures), encode(orders)
 
 
-def read_header(data: bytes) -> InstanceRecord:
-    """Parse a Part 10 file's header (never its pixel data) into an InstanceRecord."""
+# What read_header reads; pydicom skips the value of any other element of defined length.
+_HEADER_TAGS = [keyword_dict[keyword] for keyword in (
+    "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientName",
+    "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "RequestAttributesSequence", "RequestedProcedureID",
+    "PlacerOrderNumberImagingServiceRequest", "SeriesInstanceUID", "Modality", "SeriesNumber",
+    "SeriesDescription", "BodyPartExamined", "SeriesDate", "SeriesTime", "SOPClassUID",
+    "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames")]
+
+
+@contextmanager
+def _opened(source: bytes | Path) -> Iterator[BinaryIO]:
+    if isinstance(source, Path):
+        with source.open("rb", buffering=1 << 16) as file:
+            yield file
+    else:
+        yield io.BytesIO(source)
+
+
+def read_header(source: bytes | Path, limits: IngestLimits | None = None) -> InstanceRecord:
+    """Parse a Part 10 file's header (never its pixel data) into an InstanceRecord; with
+    ``limits``, only once ``check_structure`` found the data set within them."""
+    with _opened(source) as file:
+        if limits is not None:
+            check_structure(file, limits)
+            file.seek(0)
+        return _record(file)
+
+
+def _record(file: BinaryIO) -> InstanceRecord:
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         procedures, orders = _request_identifiers(ds)
         rows = _int(ds, "Rows")
         frames = _int(ds, "NumberOfFrames") or (1 if rows else None)
@@ -148,3 +204,288 @@ def read_header(data: bytes) -> InstanceRecord:
         )
     except Exception as exc:  # pydicom raises many types on malformed input
         raise UnreadableDatasetError(f"cannot parse data set: {exc}") from exc
+
+
+# --- Structure check ------------------------------------------------------------------------
+# A walk over the encoded data set that reads it as pydicom does (same transfer syntax rules,
+# same implicit/explicit VR heuristics, same sequence and item boundaries) but keeps nothing:
+# it counts, and stops at the first limit passed, before any reader builds the data set.
+
+_PREFIX_END = 132  # 128-byte preamble + "DICM" (PS3.10 7.1)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+# Explicit VR elements whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_CHUNK = 1 << 20
+
+
+class _Inflating(io.RawIOBase):
+    """The inflated bytes of a deflated data set (PS3.5 A.5), at most ``limit`` of them."""
+
+    def __init__(self, compressed: BinaryIO, limit: int) -> None:
+        self._compressed = compressed
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._pending = b""
+        self._limit = limit
+        self._produced = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._pending:
+            data = self._inflater.unconsumed_tail or self._compressed.read(1 << 16)
+            if not data:
+                self._pending = self._inflater.flush()
+                if not self._pending:
+                    return 0
+                break
+            self._pending = self._inflater.decompress(data, _CHUNK)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        self._produced += size
+        if self._produced > self._limit:
+            raise DatasetTooLargeError(f"inflates to more than {self._limit} bytes")
+        return size
+
+
+class _Reader:
+    """Forward reads over the data set; ``end`` stops reads where a value parsed on its own
+    ends (pydicom parses a sequence of defined length from that value's bytes alone)."""
+
+    def __init__(self, stream: BinaryIO, seekable: bool) -> None:
+        self.stream = stream
+        self.seekable = seekable
+        self.pos = 0
+        self.end = float("inf")
+        self._back = b""
+
+    def read(self, size: int) -> bytes:
+        size = max(0, int(min(size, self.end - self.pos)))
+        if self._back:
+            data, self._back = self._back[:size], self._back[size:]
+            if len(data) < size:
+                data += self.stream.read(size - len(data))
+        else:
+            data = self.stream.read(size)
+        self.pos += len(data)
+        return data
+
+    def peek(self, size: int) -> bytes:
+        data = self.read(size)
+        self._back = data + self._back
+        self.pos -= len(data)
+        return data
+
+    def skip(self, size: int) -> None:
+        size = int(min(size, self.end - self.pos))
+        if size <= 0:
+            return
+        if self._back:
+            taken = min(size, len(self._back))
+            self._back = self._back[taken:]
+            self.pos += taken
+            size -= taken
+        if self.seekable:
+            self.stream.seek(size, io.SEEK_CUR)  # past the end of file: reads find nothing
+            self.pos += size
+            return
+        while size and (data := self.stream.read(min(size, _CHUNK))):
+            self.pos += len(data)
+            size -= len(data)
+
+    def rewind_to(self, position: int) -> None:
+        """Back to an earlier position (seekable streams only)."""
+        self.stream.seek(position - self.pos - len(self._back), io.SEEK_CUR)
+        self._back = b""
+        self.pos = position
+
+
+def _is_sequence_tag(tag: int) -> bool:
+    entry = DicomDictionary.get(tag)
+    return entry is not None and entry[0] == "SQ"
+
+
+class _Walk:
+    """Counts what pydicom would build from the data set; raises at the first limit."""
+
+    def __init__(self, reader: _Reader, little: bool, limits: IngestLimits) -> None:
+        self.reader = reader
+        self.limits = limits
+        self.endian = "<" if little else ">"
+        self.elements = 0
+
+    def _count(self) -> None:
+        self.elements += 1
+        if self.elements > self.limits.max_dataset_elements:
+            raise DatasetTooComplexError(f"more than {self.limits.max_dataset_elements} "
+                                         "elements and items (max_dataset_elements)")
+
+    def _implicit_here(self, implicit: bool, in_item: bool) -> bool:
+        """pydicom's check of the first element of a data set (filereader._is_implicit_vr):
+        the VR found wins, except that an item of an implicit VR data set stays implicit."""
+        if in_item and implicit:
+            return True
+        head = self.reader.peek(6)
+        if len(head) < 6:
+            return implicit
+        return not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
+
+    def dataset(self, implicit: bool, length: int | None, in_item: bool, depth: int) -> None:
+        """The elements of the top level data set (to the end), of an item of ``length``
+        bytes, or of an item of undefined length (``None``: to its delimiter)."""
+        reader, endian = self.reader, self.endian
+        implicit = self._implicit_here(implicit, in_item)
+        start = reader.pos
+        while length is None or reader.pos - start < length:
+            head = reader.read(8)
+            if len(head) < 8:
+                return
+            vr: bytes | None
+            if implicit:
+                group, element, value_length = struct.unpack(endian + "HHL", head)
+                vr = None
+            else:
+                group, element, vr, value_length = struct.unpack(endian + "HH2sH", head)
+                if vr in _LONG_VRS:
+                    extra = reader.read(4)
+                    if len(extra) < 4:
+                        return
+                    value_length, = struct.unpack(endian + "L", extra)
+                elif not b"AA" <= vr <= b"ZZ":  # an implicit VR element amid explicit ones
+                    group, element, value_length = struct.unpack(endian + "HHL", head)
+                    vr = None
+            tag = group << 16 | element
+            if tag == _ITEM_END:
+                return
+            self._count()
+            self._value(tag, vr, value_length, implicit, depth)
+
+    def _value(self, tag: int, vr: bytes | None, length: int, implicit: bool,
+               depth: int) -> None:
+        reader = self.reader
+        private = bool(tag >> 16 & 1) and tag & 0xFFFF > 0xFF
+        if length == _UNDEFINED:
+            # PS3.5 6.2.2: a UN of undefined length is a sequence; pydicom also takes an
+            # unknown tag whose value starts with an item for one.
+            if vr == b"UN" or (vr is None and _is_sequence_tag(tag)) or (
+                    vr is None and tag not in DicomDictionary and self._item_follows()):
+                vr = b"SQ"
+            if vr == b"SQ":
+                self._sequence(implicit, None, depth + 1)
+            else:
+                self._fragments()
+            return
+        # A value of defined length is parsed as a sequence when it is first used: by the VR
+        # of its tag in pydicom's dictionary, or its private dictionary for a private tag
+        # (told here by the item its value starts with).
+        if vr == b"SQ" or (vr in (None, b"UN") and private and self._item_follows()) or (
+                _is_sequence_tag(tag) and (vr is None or (vr == b"UN" and length < 0xFFFF))):
+            end, outer = reader.pos + length, reader.end
+            reader.end = min(end, outer)
+            try:
+                self._sequence(implicit, length, depth + 1)
+            finally:
+                reader.skip(end - reader.pos)
+                reader.end = outer
+            return
+        reader.skip(length)
+
+    def _item_follows(self) -> bool:
+        return self.reader.peek(4) == struct.pack(self.endian + "HH", 0xFFFE, 0xE000)
+
+    def _sequence(self, implicit: bool, length: int | None, depth: int) -> None:
+        limits, reader = self.limits, self.reader
+        if depth > limits.max_sequence_depth:
+            raise DatasetTooComplexError(f"sequences nested over {limits.max_sequence_depth}"
+                                         " deep (max_sequence_depth)")
+        start, items = reader.pos, 0
+        while length is None or reader.pos - start < length:
+            head = reader.read(8)
+            if len(head) < 8:
+                return
+            group, element, item_length = struct.unpack(self.endian + "HHL", head)
+            if group << 16 | element == _SEQUENCE_END:
+                return
+            items += 1  # pydicom takes whatever tag comes here for an item
+            if items > limits.max_sequence_items:
+                raise DatasetTooComplexError(f"more than {limits.max_sequence_items} items "
+                                             "in a sequence (max_sequence_items)")
+            self._count()
+            self.dataset(implicit, None if item_length == _UNDEFINED else item_length,
+                         in_item=True, depth=depth)
+
+    def _fragments(self) -> None:
+        """An undefined-length value that is not a sequence (encapsulated pixel data,
+        PS3.5 A.4): items up to a sequence delimiter, else, as pydicom does, up to the
+        first delimiter found in the bytes."""
+        reader, endian = self.reader, self.endian
+        start = reader.pos
+        item, delimiter = (struct.pack(endian + "HH", 0xFFFE, element)
+                           for element in (0xE000, 0xE0DD))
+        while len(head := reader.read(8)) == 8:
+            if head[:4] == delimiter:
+                return
+            if head[:4] != item:
+                break
+            self._count()
+            reader.skip(struct.unpack(endian + "L", head[4:])[0])
+        if not reader.seekable:
+            raise UnreadableDatasetError("malformed encapsulated value in a deflated data set")
+        reader.rewind_to(start)
+        tail = b""
+        while chunk := reader.read(_CHUNK):
+            found = (tail + chunk).find(delimiter)
+            if found >= 0:
+                reader.rewind_to(reader.pos - len(tail) - len(chunk) + found + 8)
+                return
+            tail = chunk[-3:]
+
+
+def _transfer_syntax(file: BinaryIO) -> str | None:
+    """Read the File Meta group (explicit VR little endian) from just after the prefix; its
+    Transfer Syntax UID, or None. The file is left at the first data set element."""
+    syntax = None
+    while len(head := file.read(8)) == 8:
+        group, element, vr, length = struct.unpack("<HH2sH", head)
+        if group != 0x0002:
+            file.seek(-8, io.SEEK_CUR)
+            break
+        if vr in _LONG_VRS:
+            length, = struct.unpack("<L", file.read(4).ljust(4, b"\0"))
+        if element == 0x0010 and length <= 64:
+            syntax = file.read(length).rstrip(b"\0 ").decode("ascii", "replace")
+        else:
+            file.seek(length, io.SEEK_CUR)
+    return syntax
+
+
+def check_structure(file: BinaryIO, limits: IngestLimits) -> None:
+    """Walk the data set of the Part 10 file ``file`` (at its start) without building it:
+    DatasetTooComplexError past a limit on items per sequence, nesting depth or elements,
+    DatasetTooLargeError for a deflated data set inflating past max_instance_bytes."""
+    if file.read(_PREFIX_END)[128:] != b"DICM":
+        return  # not Part 10: pydicom refuses it
+    syntax = _transfer_syntax(file)
+    implicit, little = syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
+    stream, seekable = file, True
+    if syntax == _DEFLATED:
+        stream = io.BufferedReader(_Inflating(file, limits.max_instance_bytes), _CHUNK)
+        seekable = False
+    elif syntax is None:  # pydicom guesses from the first element
+        head = file.read(6)
+        file.seek(-len(head), io.SEEK_CUR)
+        if len(head) == 6 and head[4:6].isalpha() and head[4:6].isupper():
+            implicit = False
+            little = struct.unpack("<H", head[:2])[0] < 1024
+        else:
+            implicit = True
+    try:
+        _Walk(_Reader(stream, seekable), little, limits).dataset(implicit, None, False, 0)
+    except zlib.error as exc:
+        raise UnreadableDatasetError(f"cannot inflate the data set: {exc}") from exc

@@ -1,22 +1,33 @@
 """The ingest path shared by C-STORE, STOW-RS and ``passerelle import``.
 
-``Store.ingest`` takes one Part 10 file as bytes and either stores it durably (file fsynced,
-index committed) or rejects it leaving nothing behind. Callers turn the outcome into a DIMSE
-status, an HTTP answer or a line of the import summary.
+``Store.ingest`` takes one Part 10 file as bytes, ``Store.ingest_file`` as a temporary file
+(a C-STORE data set streamed to disk), and either stores it durably (file fsynced, index
+committed) or rejects it leaving nothing behind. Both first bound it by the ingest limits:
+its size, then the structure of its data set, walked before anything parses it. Callers turn
+the outcome into a DIMSE status, an HTTP answer or a line of the import summary.
 """
 
 import enum
 import errno
+import io
 import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from storage.blobs import BlobStore, InvalidUIDError
-from storage.header import InstanceRecord, UnreadableDatasetError, read_header
+from storage.header import (
+    DatasetTooComplexError,
+    DatasetTooLargeError,
+    IngestLimits,
+    InstanceRecord,
+    UnreadableDatasetError,
+    read_header,
+)
 from storage.index import Index
-from storage.part10 import dataset_bytes, with_preamble
+from storage.part10 import dataset_offset, is_part10, with_preamble
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,8 @@ class Rejection(enum.StrEnum):
     MISSING_UID = "missing-uid"
     INVALID_UID = "invalid-uid"
     UID_MISMATCH = "uid-mismatch"
+    TOO_LARGE = "too-large"  # over max_instance_bytes
+    TOO_COMPLEX = "too-complex"  # over max_sequence_items, _depth or max_dataset_elements
     DISK_FULL = "disk-full"
     IO_ERROR = "io-error"
 
@@ -75,15 +88,63 @@ def _rejected(reason: Rejection, message: str,
     return IngestResult(outcome, message, reason, record)
 
 
+def too_large(limit: int) -> IngestResult:
+    """The rejection of an instance over ``limit`` bytes (max_instance_bytes)."""
+    return _rejected(Rejection.TOO_LARGE, f"larger than {limit} bytes (max_instance_bytes)")
+
+
+def io_failure(error: OSError, record: InstanceRecord | None = None) -> IngestResult:
+    """The rejection for an error writing an instance."""
+    if error.errno == errno.ENOSPC:
+        return _rejected(Rejection.DISK_FULL, "out of disk space", record)
+    return _rejected(Rejection.IO_ERROR, f"I/O error: {error.strerror or error}", record)
+
+
+_COMPARE_CHUNK = 1 << 20
+
+
+def _size(source: bytes | Path) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+
+def _open(source: bytes | Path) -> BinaryIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else source.open("rb")
+
+
+def _to_dataset(file: BinaryIO) -> None:
+    """Move ``file`` (a Part 10 file) to the first byte after its meta group."""
+    head = file.read(_COMPARE_CHUNK)
+    offset = dataset_offset(head)
+    while offset == len(head) and (more := file.read(len(head))):
+        head += more  # a meta group longer than what was read
+        offset = dataset_offset(head)
+    file.seek(offset)
+
+
+def _same_dataset(a: bytes | Path, b: bytes | Path) -> bool:
+    """True when two Part 10 files hold the same encoded data set (their meta may differ)."""
+    with _open(a) as left, _open(b) as right:
+        _to_dataset(left)
+        _to_dataset(right)
+        while True:
+            chunk = left.read(_COMPARE_CHUNK)
+            if chunk != right.read(_COMPARE_CHUNK):
+                return False
+            if not chunk:
+                return True
+
+
 class Store:
     """Files plus index under one data directory."""
 
     def __init__(self, data_dir: Path,
-                 duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST) -> None:
+                 duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST,
+                 limits: IngestLimits | None = None) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(data_dir)
         self.index = Index(data_dir / "index.sqlite")
         self.duplicate_policy = duplicate_policy
+        self.limits = limits or IngestLimits()
         # Held from the duplicate re-check to the index commit, so two associations sending
         # the same SOP Instance UID at once cannot both write it. Striped by UID: writers of
         # different instances fsync in parallel instead of queueing on one lock.
@@ -105,12 +166,37 @@ class Store:
         if normalised is None:
             return _rejected(Rejection.NOT_PART10,
                              "not a DICOM Part 10 file (no 'DICM' prefix after the preamble)")
-        data = normalised
+        return self._ingest(normalised, source, expected or {})
+
+    def ingest_file(self, path: Path, source: str,
+                    expected: Mapping[str, str] | None = None) -> IngestResult:
+        """``ingest`` for a complete Part 10 file in ``blobs.tmp_dir``, which this takes
+        over: it becomes the stored file (no copy), or is deleted."""
         try:
-            record = read_header(data)
+            with path.open("rb") as file:
+                if not is_part10(file.read(132)):
+                    return _rejected(Rejection.NOT_PART10, "not a DICOM Part 10 file")
+            return self._ingest(path, source, expected or {})
+        except OSError as exc:
+            return io_failure(exc)
+        finally:
+            path.unlink(missing_ok=True)  # stored: already renamed away
+
+    def _ingest(self, received: bytes | Path, source: str,
+                expected: Mapping[str, str]) -> IngestResult:
+        if _size(received) > self.limits.max_instance_bytes:
+            return too_large(self.limits.max_instance_bytes)
+        try:
+            record = read_header(received, self.limits)
+        except OSError as exc:  # reading the temporary file
+            return io_failure(exc)
         except UnreadableDatasetError as exc:
             return _rejected(Rejection.UNREADABLE, str(exc))
-        problem = _check_identity(record, expected or {})
+        except DatasetTooLargeError:
+            return too_large(self.limits.max_instance_bytes)
+        except DatasetTooComplexError as exc:
+            return _rejected(Rejection.TOO_COMPLEX, str(exc))
+        problem = _check_identity(record, expected)
         if problem:
             return problem
         try:
@@ -121,36 +207,39 @@ class Store:
 
         existing = self.index.find_instance(record.sop_uid)
         if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-            return self._compare_with_stored(record, data, existing.path)
+            return self._compare_with_stored(record, received, existing.path)
         try:
-            return self._write(record, relative, data, source)
+            return self._write(record, relative, received, source)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                return _rejected(Rejection.DISK_FULL, "out of disk space", record)
-            log.exception("I/O error while storing %s", record.sop_uid)
-            return _rejected(Rejection.IO_ERROR, f"I/O error: {exc.strerror or exc}", record)
+            if exc.errno != errno.ENOSPC:
+                log.exception("I/O error while storing %s", record.sop_uid)
+            return io_failure(exc, record)
 
-    def _compare_with_stored(self, record: InstanceRecord, data: bytes,
+    def _compare_with_stored(self, record: InstanceRecord, received: bytes | Path,
                              stored_path: str) -> IngestResult:
         # File meta differs between senders (source AE, implementation UID): compare the
         # data sets only.
-        if dataset_bytes(self.blobs.read(stored_path)) == dataset_bytes(data):
+        if _same_dataset(self.blobs.absolute(stored_path), received):
             return IngestResult(Outcome.DUPLICATE, "already stored", record=record)
         return IngestResult(Outcome.CONFLICT,
                             "a different object is already stored under this SOP Instance UID;"
                             " kept the first one", record=record)
 
-    def _write(self, record: InstanceRecord, relative: str, data: bytes,
+    def _write(self, record: InstanceRecord, relative: str, received: bytes | Path,
                source: str) -> IngestResult:
         with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-                return self._compare_with_stored(record, data, existing.path)
-            replaced = bool(existing) and (
-                dataset_bytes(self.blobs.read(existing.path)) != dataset_bytes(data))
-            self.blobs.put(relative, [data])
+                return self._compare_with_stored(record, received, existing.path)
+            replaced = bool(existing) and not _same_dataset(
+                self.blobs.absolute(existing.path), received)
+            size = _size(received)
+            if isinstance(received, bytes):
+                self.blobs.put(relative, [received])
+            else:
+                self.blobs.adopt(received, relative)
             try:
-                self.index.add_instance(record, relative, len(data), source,
+                self.index.add_instance(record, relative, size, source,
                                         replacing=bool(existing))
             except BaseException:
                 if not existing:
