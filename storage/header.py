@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
-from pydicom.datadict import DicomDictionary, keyword_dict
+from pydicom.datadict import keyword_dict
+
+try:  # the lookup pydicom's reader makes for the VR of an implicit VR element
+    from pydicom.datadict import _dictionary_vr_fast as _pydicom_vr
+except ImportError:  # pragma: no cover - same result, pydicom's public spelling
+    from pydicom.datadict import dictionary_VR as _pydicom_vr
 from pydicom.dataset import Dataset
 
 from storage.identifiers import Issuer, OtherPatientId, encode
@@ -306,9 +311,18 @@ class _Reader:
         self.pos = position
 
 
+def _dictionary_vr(tag: int) -> str | None:
+    """The VR pydicom's reader gives an element whose VR is not encoded: its entry in the
+    DICOM dictionary or, outside odd (private) groups, in the repeaters dictionary (50xx,
+    60xx...); None where pydicom finds none (filereader.data_element_generator)."""
+    try:
+        return _pydicom_vr(tag)
+    except KeyError:
+        return None
+
+
 def _is_sequence_tag(tag: int) -> bool:
-    entry = DicomDictionary.get(tag)
-    return entry is not None and entry[0] == "SQ"
+    return _dictionary_vr(tag) == "SQ"
 
 
 class _Walk:
@@ -373,8 +387,13 @@ class _Walk:
         if length == _UNDEFINED:
             # PS3.5 6.2.2: a UN of undefined length is a sequence; pydicom also takes an
             # unknown tag whose value starts with an item for one.
-            if vr == b"UN" or (vr is None and _is_sequence_tag(tag)) or (
-                    vr is None and tag not in DicomDictionary and self._item_follows()):
+            # As pydicom: the dictionary VR (repeating groups included) decides, and only a
+            # tag it does not know is a sequence by the item its value starts with.
+            if vr is None:
+                known = _dictionary_vr(tag)
+                if known == "SQ" or (known is None and self._item_follows()):
+                    vr = b"SQ"
+            elif vr == b"UN":
                 vr = b"SQ"
             if vr == b"SQ":
                 self._sequence(implicit, None, depth + 1)
@@ -465,12 +484,13 @@ def _transfer_syntax(file: BinaryIO) -> str | None:
     return syntax
 
 
-def check_structure(file: BinaryIO, limits: IngestLimits) -> None:
+def check_structure(file: BinaryIO, limits: IngestLimits) -> int:
     """Walk the data set of the Part 10 file ``file`` (at its start) without building it:
     DatasetTooComplexError past a limit on items per sequence, nesting depth or elements,
-    DatasetTooLargeError for a deflated data set inflating past max_instance_bytes."""
+    DatasetTooLargeError for a deflated data set inflating past max_instance_bytes. Returns
+    the elements and items counted (never fewer than pydicom builds from the data set)."""
     if file.read(_PREFIX_END)[128:] != b"DICM":
-        return  # not Part 10: pydicom refuses it
+        return 0  # not Part 10: pydicom refuses it
     syntax = _transfer_syntax(file)
     implicit, little = syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
     stream, seekable = file, True
@@ -485,7 +505,9 @@ def check_structure(file: BinaryIO, limits: IngestLimits) -> None:
             little = struct.unpack("<H", head[:2])[0] < 1024
         else:
             implicit = True
+    walk = _Walk(_Reader(stream, seekable), little, limits)
     try:
-        _Walk(_Reader(stream, seekable), little, limits).dataset(implicit, None, False, 0)
+        walk.dataset(implicit, None, False, 0)
     except zlib.error as exc:
         raise UnreadableDatasetError(f"cannot inflate the data set: {exc}") from exc
+    return walk.elements
