@@ -3,8 +3,9 @@ its structure is known to be within the ingest limits."""
 
 import io
 import struct
+import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,11 @@ try:  # the lookup pydicom's reader makes for the VR of an implicit VR element
     from pydicom.datadict import _dictionary_vr_fast as _pydicom_vr
 except ImportError:  # pragma: no cover - same result, pydicom's public spelling
     from pydicom.datadict import dictionary_VR as _pydicom_vr
+import pydicom.filereader
 from pydicom.dataset import Dataset
 
 from storage.identifiers import Issuer, OtherPatientId, encode
+from storage.part10 import LONG_LENGTH_VRS, is_part10, read_file_meta
 
 
 class UnreadableDatasetError(ValueError):
@@ -148,6 +151,7 @@ _HEADER_TAGS = [keyword_dict[keyword] for keyword in (
     "PlacerOrderNumberImagingServiceRequest", "SeriesInstanceUID", "Modality", "SeriesNumber",
     "SeriesDescription", "BodyPartExamined", "SeriesDate", "SeriesTime", "SOPClassUID",
     "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames")]
+_PIXEL_DATA_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))  # float, double, pixels
 
 
 @contextmanager
@@ -159,56 +163,75 @@ def _opened(source: bytes | Path) -> Iterator[BinaryIO]:
         yield io.BytesIO(source)
 
 
-def read_header(source: bytes | Path, limits: IngestLimits | None = None) -> InstanceRecord:
+def read_header(source: bytes | Path, limits: IngestLimits | None = None,
+                scratch: Callable[[], BinaryIO] | None = None) -> InstanceRecord:
     """Parse a Part 10 file's header (never its pixel data) into an InstanceRecord; with
-    ``limits``, only once ``check_structure`` found the data set within them."""
-    with _opened(source) as file:
+    ``limits``, only once ``check_structure`` found the data set within them.
+
+    A deflated data set (PS3.5 A.5) is inflated as a stream into a ``scratch()`` file
+    (default: an anonymous temporary file), never whole in memory: with ``limits``, it is
+    refused past max_instance_bytes inflated before pydicom reads any of it.
+    """
+    with _opened(source) as file, _dataset(file, limits, scratch) as (dataset, syntax):
         if limits is not None:
-            check_structure(file, limits)
-            file.seek(0)
-        return _record(file)
+            start = dataset.tell()
+            _walk(dataset, syntax, limits)
+            dataset.seek(start)
+        try:
+            if dataset is file:
+                file.seek(0)
+                ds = pydicom.dcmread(file, stop_before_pixels=True,
+                                     specific_tags=_HEADER_TAGS)
+            else:  # inflated: what pydicom would have read from memory
+                ds = pydicom.filereader.read_dataset(
+                    dataset, is_implicit_VR=False, is_little_endian=True,
+                    stop_when=_at_pixel_data, specific_tags=_HEADER_TAGS)
+            return _record(ds, syntax or "")
+        except Exception as exc:  # pydicom raises many types on malformed input
+            raise UnreadableDatasetError(f"cannot parse data set: {exc}") from exc
 
 
-def _record(file: BinaryIO) -> InstanceRecord:
-    try:
-        ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        procedures, orders = _request_identifiers(ds)
-        rows = _int(ds, "Rows")
-        frames = _int(ds, "NumberOfFrames") or (1 if rows else None)
-        return InstanceRecord(
-            patient_id=_text(ds, "PatientID"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-            other_patient_ids=_other_patient_ids(ds),
-            patient_name=_text(ds, "PatientName"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_uid=_text(ds, "StudyInstanceUID"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            accession_number=_text(ds, "AccessionNumber"),
-            accession_issuer=_accession_issuer(ds),
-            study_id=_text(ds, "StudyID"),
-            study_description=_text(ds, "StudyDescription"),
-            referring_physician=_text(ds, "ReferringPhysicianName"),
-            requested_procedure_ids=procedures,
-            placer_order_numbers=orders,
-            series_uid=_text(ds, "SeriesInstanceUID"),
-            modality=_text(ds, "Modality"),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            body_part=_text(ds, "BodyPartExamined"),
-            series_date=_text(ds, "SeriesDate"),
-            series_time=_text(ds, "SeriesTime"),
-            sop_class_uid=_text(ds, "SOPClassUID"),
-            sop_uid=_text(ds, "SOPInstanceUID"),
-            instance_number=_int(ds, "InstanceNumber"),
-            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
-            rows=rows,
-            columns=_int(ds, "Columns"),
-            frames=frames,
-        )
-    except Exception as exc:  # pydicom raises many types on malformed input
-        raise UnreadableDatasetError(f"cannot parse data set: {exc}") from exc
+def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    """The ``stop_when`` of pydicom's ``stop_before_pixels``."""
+    return tag in _PIXEL_DATA_TAGS
+
+
+def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
+    procedures, orders = _request_identifiers(ds)
+    rows = _int(ds, "Rows")
+    frames = _int(ds, "NumberOfFrames") or (1 if rows else None)
+    return InstanceRecord(
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        other_patient_ids=_other_patient_ids(ds),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        accession_issuer=_accession_issuer(ds),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        requested_procedure_ids=procedures,
+        placer_order_numbers=orders,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        series_date=_text(ds, "SeriesDate"),
+        series_time=_text(ds, "SeriesTime"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        instance_number=_int(ds, "InstanceNumber"),
+        transfer_syntax=transfer_syntax,
+        rows=rows,
+        columns=_int(ds, "Columns"),
+        frames=frames,
+    )
 
 
 # --- Structure check ------------------------------------------------------------------------
@@ -220,52 +243,18 @@ _PREFIX_END = 132  # 128-byte preamble + "DICM" (PS3.10 7.1)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM_END = 0xFFFEE00D
 _SEQUENCE_END = 0xFFFEE0DD
-# Explicit VR elements whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2).
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _CHUNK = 1 << 20
 
 
-class _Inflating(io.RawIOBase):
-    """The inflated bytes of a deflated data set (PS3.5 A.5), at most ``limit`` of them."""
-
-    def __init__(self, compressed: BinaryIO, limit: int) -> None:
-        self._compressed = compressed
-        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._pending = b""
-        self._limit = limit
-        self._produced = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            data = self._inflater.unconsumed_tail or self._compressed.read(1 << 16)
-            if not data:
-                self._pending = self._inflater.flush()
-                if not self._pending:
-                    return 0
-                break
-            self._pending = self._inflater.decompress(data, _CHUNK)
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        self._produced += size
-        if self._produced > self._limit:
-            raise DatasetTooLargeError(f"inflates to more than {self._limit} bytes")
-        return size
-
-
 class _Reader:
     """Forward reads over the data set; ``end`` stops reads where a value parsed on its own
     ends (pydicom parses a sequence of defined length from that value's bytes alone)."""
 
-    def __init__(self, stream: BinaryIO, seekable: bool) -> None:
+    def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.seekable = seekable
         self.pos = 0
         self.end = float("inf")
         self._back = b""
@@ -296,16 +285,11 @@ class _Reader:
             self._back = self._back[taken:]
             self.pos += taken
             size -= taken
-        if self.seekable:
-            self.stream.seek(size, io.SEEK_CUR)  # past the end of file: reads find nothing
-            self.pos += size
-            return
-        while size and (data := self.stream.read(min(size, _CHUNK))):
-            self.pos += len(data)
-            size -= len(data)
+        self.stream.seek(size, io.SEEK_CUR)  # past the end of file: reads find nothing
+        self.pos += size
 
     def rewind_to(self, position: int) -> None:
-        """Back to an earlier position (seekable streams only)."""
+        """Back to an earlier position."""
         self.stream.seek(position - self.pos - len(self._back), io.SEEK_CUR)
         self._back = b""
         self.pos = position
@@ -366,7 +350,7 @@ class _Walk:
                 vr = None
             else:
                 group, element, vr, value_length = struct.unpack(endian + "HH2sH", head)
-                if vr in _LONG_VRS:
+                if vr in LONG_LENGTH_VRS:
                     extra = reader.read(4)
                     if len(extra) < 4:
                         return
@@ -454,8 +438,6 @@ class _Walk:
                 break
             self._count()
             reader.skip(struct.unpack(endian + "L", head[4:])[0])
-        if not reader.seekable:
-            raise UnreadableDatasetError("malformed encapsulated value in a deflated data set")
         reader.rewind_to(start)
         tail = b""
         while chunk := reader.read(_CHUNK):
@@ -466,48 +448,69 @@ class _Walk:
             tail = chunk[-3:]
 
 
-def _transfer_syntax(file: BinaryIO) -> str | None:
-    """Read the File Meta group (explicit VR little endian) from just after the prefix; its
-    Transfer Syntax UID, or None. The file is left at the first data set element."""
-    syntax = None
-    while len(head := file.read(8)) == 8:
-        group, element, vr, length = struct.unpack("<HH2sH", head)
-        if group != 0x0002:
-            file.seek(-8, io.SEEK_CUR)
-            break
-        if vr in _LONG_VRS:
-            length, = struct.unpack("<L", file.read(4).ljust(4, b"\0"))
-        if element == 0x0010 and length <= 64:
-            syntax = file.read(length).rstrip(b"\0 ").decode("ascii", "replace")
-        else:
-            file.seek(length, io.SEEK_CUR)
-    return syntax
+@contextmanager
+def _dataset(file: BinaryIO, limits: IngestLimits | None,
+             scratch: Callable[[], BinaryIO] | None) -> Iterator[tuple[BinaryIO, str | None]]:
+    """The encoded data set of the Part 10 file ``file`` as a seekable stream at its first
+    byte (``file`` itself, or its inflated bytes in a scratch file), with its Transfer
+    Syntax UID. Not Part 10: ``file`` at its end (nothing to walk; pydicom refuses it)."""
+    file.seek(0)
+    if not is_part10(file.read(_PREFIX_END)):
+        file.seek(0, io.SEEK_END)
+        yield file, None
+        return
+    syntax = read_file_meta(file).transfer_syntax
+    if syntax != _DEFLATED:
+        yield file, syntax
+        return
+    with (scratch or tempfile.TemporaryFile)() as inflated:
+        inflate(file, inflated, limits.max_instance_bytes if limits else None)
+        inflated.seek(0)
+        yield inflated, syntax
 
 
-def check_structure(file: BinaryIO, limits: IngestLimits) -> int:
-    """Walk the data set of the Part 10 file ``file`` (at its start) without building it:
-    DatasetTooComplexError past a limit on items per sequence, nesting depth or elements,
-    DatasetTooLargeError for a deflated data set inflating past max_instance_bytes. Returns
-    the elements and items counted (never fewer than pydicom builds from the data set)."""
-    if file.read(_PREFIX_END)[128:] != b"DICM":
-        return 0  # not Part 10: pydicom refuses it
-    syntax = _transfer_syntax(file)
+def inflate(compressed: BinaryIO, inflated: BinaryIO, limit: int | None) -> None:
+    """Write the inflated bytes of the deflated data set ``compressed`` (PS3.5 A.5) to
+    ``inflated`` a chunk at a time: DatasetTooLargeError as soon as they pass ``limit``
+    bytes, before they are written; UnreadableDatasetError if they cannot be inflated."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    produced = 0
+    try:
+        while not inflater.eof:
+            data = inflater.unconsumed_tail or compressed.read(_CHUNK)
+            if not data:
+                break  # truncated: pydicom reads what there is
+            chunk = inflater.decompress(data, _CHUNK)
+            produced += len(chunk)
+            if limit is not None and produced > limit:
+                raise DatasetTooLargeError(f"inflates to more than {limit} bytes")
+            inflated.write(chunk)
+    except zlib.error as exc:
+        raise UnreadableDatasetError(f"cannot inflate the data set: {exc}") from exc
+
+
+def _walk(dataset: BinaryIO, syntax: str | None, limits: IngestLimits) -> int:
+    """Walk the encoded data set ``dataset`` (at its first byte) in ``syntax``."""
     implicit, little = syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
-    stream, seekable = file, True
-    if syntax == _DEFLATED:
-        stream = io.BufferedReader(_Inflating(file, limits.max_instance_bytes), _CHUNK)
-        seekable = False
-    elif syntax is None:  # pydicom guesses from the first element
-        head = file.read(6)
-        file.seek(-len(head), io.SEEK_CUR)
+    if syntax is None:  # pydicom guesses from the first element
+        head = dataset.read(6)
+        dataset.seek(-len(head), io.SEEK_CUR)
         if len(head) == 6 and head[4:6].isalpha() and head[4:6].isupper():
             implicit = False
             little = struct.unpack("<H", head[:2])[0] < 1024
         else:
             implicit = True
-    walk = _Walk(_Reader(stream, seekable), little, limits)
-    try:
-        walk.dataset(implicit, None, False, 0)
-    except zlib.error as exc:
-        raise UnreadableDatasetError(f"cannot inflate the data set: {exc}") from exc
+    walk = _Walk(_Reader(dataset), little, limits)
+    walk.dataset(implicit, None, False, 0)
     return walk.elements
+
+
+def check_structure(file: BinaryIO, limits: IngestLimits,
+                    scratch: Callable[[], BinaryIO] | None = None) -> int:
+    """Walk the data set of the Part 10 file ``file`` without building it:
+    DatasetTooComplexError past a limit on items per sequence, nesting depth or elements,
+    DatasetTooLargeError for a deflated data set inflating past max_instance_bytes (inflated
+    into a ``scratch()`` file, as ``read_header`` does). Returns the elements and items
+    counted (never fewer than pydicom builds from the data set)."""
+    with _dataset(file, limits, scratch) as (dataset, syntax):
+        return _walk(dataset, syntax, limits)

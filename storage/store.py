@@ -1,10 +1,11 @@
 """The ingest path shared by C-STORE, STOW-RS and ``passerelle import``.
 
 ``Store.ingest`` takes one Part 10 file as bytes, ``Store.ingest_file`` as a temporary file
-(a C-STORE data set streamed to disk), and either stores it durably (file fsynced, index
-committed) or rejects it leaving nothing behind. Both first bound it by the ingest limits:
-its size, then the structure of its data set, walked before anything parses it. Callers turn
-the outcome into a DIMSE status, an HTTP answer or a line of the import summary.
+of the blob store (a C-STORE data set streamed to disk), and either stores it durably (file
+fsynced, index committed) or rejects it leaving nothing behind. Both first bound it by the
+ingest limits: its size (a deflated data set also once inflated, as a stream), then the
+structure of its data set, walked before anything parses it. Callers turn the outcome into a
+DIMSE status, an HTTP answer or a line of the import summary.
 """
 
 import enum
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.blobs import BlobStore, InvalidUIDError
+from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, TemporaryBlob
 from storage.header import (
     DatasetTooComplexError,
     DatasetTooLargeError,
@@ -27,7 +28,7 @@ from storage.header import (
     read_header,
 )
 from storage.index import Index
-from storage.part10 import dataset_offset, is_part10, with_preamble
+from storage.part10 import is_part10, read_file_meta, with_preamble
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,11 @@ def _open(source: bytes | Path) -> BinaryIO:
     return io.BytesIO(source) if isinstance(source, bytes) else source.open("rb")
 
 
-def _to_dataset(file: BinaryIO) -> None:
-    """Move ``file`` (a Part 10 file) to the first byte after its meta group."""
-    head = file.read(_COMPARE_CHUNK)
-    offset = dataset_offset(head)
-    while offset == len(head) and (more := file.read(len(head))):
-        head += more  # a meta group longer than what was read
-        offset = dataset_offset(head)
-    file.seek(offset)
-
-
 def _same_dataset(a: bytes | Path, b: bytes | Path) -> bool:
     """True when two Part 10 files hold the same encoded data set (their meta may differ)."""
     with _open(a) as left, _open(b) as right:
-        _to_dataset(left)
-        _to_dataset(right)
+        read_file_meta(left)
+        read_file_meta(right)
         while True:
             chunk = left.read(_COMPARE_CHUNK)
             if chunk != right.read(_COMPARE_CHUNK):
@@ -168,26 +159,58 @@ class Store:
                              "not a DICOM Part 10 file (no 'DICM' prefix after the preamble)")
         return self._ingest(normalised, source, expected or {})
 
-    def ingest_file(self, path: Path, source: str,
+    def ingest_file(self, blob: TemporaryBlob, source: str,
                     expected: Mapping[str, str] | None = None) -> IngestResult:
-        """``ingest`` for a complete Part 10 file in ``blobs.tmp_dir``, which this takes
-        over: it becomes the stored file (no copy), or is deleted."""
+        """``ingest`` for a complete Part 10 file written to ``blob`` (from
+        ``blobs.temporary()``), which this takes over: it becomes the stored file (no
+        copy), or is discarded."""
         try:
-            with path.open("rb") as file:
+            blob.close()
+            with blob.path.open("rb") as file:
                 if not is_part10(file.read(132)):
                     return _rejected(Rejection.NOT_PART10, "not a DICOM Part 10 file")
-            return self._ingest(path, source, expected or {})
+            return self._ingest(blob, source, expected or {})
         except OSError as exc:
             return io_failure(exc)
         finally:
-            path.unlink(missing_ok=True)  # stored: already renamed away
+            blob.discard()  # stored: adopted, nothing to delete
 
-    def _ingest(self, received: bytes | Path, source: str,
+    def ingest_path(self, path: Path, source: str) -> IngestResult:
+        """``ingest`` for a Part 10 file outside the store (``passerelle import``), copied
+        a chunk at a time into a temporary file (never whole in memory), at most
+        max_instance_bytes of it; OSError if ``path`` cannot be read."""
+        limit = self.limits.max_instance_bytes
+        with path.open("rb") as file:
+            chunk = with_preamble(file.read(132))
+            if chunk is None:
+                return _rejected(Rejection.NOT_PART10, "not a DICOM Part 10 file")
+            try:
+                blob = self.blobs.temporary(limit)
+            except OSError as exc:
+                return io_failure(exc)
+            try:
+                while chunk:
+                    try:
+                        blob.write(chunk)
+                    except OSError as exc:  # writing; reading errors go to the caller
+                        blob.discard()
+                        return io_failure(exc)
+                    chunk = file.read(_COMPARE_CHUNK)
+            except BlobTooLargeError:
+                blob.discard()
+                return too_large(limit)
+            except BaseException:
+                blob.discard()
+                raise
+        return self.ingest_file(blob, source)
+
+    def _ingest(self, blob: bytes | TemporaryBlob, source: str,
                 expected: Mapping[str, str]) -> IngestResult:
+        received = blob if isinstance(blob, bytes) else blob.path
         if _size(received) > self.limits.max_instance_bytes:
             return too_large(self.limits.max_instance_bytes)
         try:
-            record = read_header(received, self.limits)
+            record = read_header(received, self.limits, self.blobs.scratch)
         except OSError as exc:  # reading the temporary file
             return io_failure(exc)
         except UnreadableDatasetError as exc:
@@ -209,7 +232,7 @@ class Store:
         if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
             return self._compare_with_stored(record, received, existing.path)
         try:
-            return self._write(record, relative, received, source)
+            return self._write(record, relative, blob, source)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 log.exception("I/O error while storing %s", record.sop_uid)
@@ -225,8 +248,9 @@ class Store:
                             "a different object is already stored under this SOP Instance UID;"
                             " kept the first one", record=record)
 
-    def _write(self, record: InstanceRecord, relative: str, received: bytes | Path,
+    def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:
+        received = blob if isinstance(blob, bytes) else blob.path
         with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
@@ -234,10 +258,10 @@ class Store:
             replaced = bool(existing) and not _same_dataset(
                 self.blobs.absolute(existing.path), received)
             size = _size(received)
-            if isinstance(received, bytes):
-                self.blobs.put(relative, [received])
+            if isinstance(blob, bytes):
+                self.blobs.put(relative, [blob])
             else:
-                self.blobs.adopt(received, relative)
+                self.blobs.adopt(blob, relative)
             try:
                 self.index.add_instance(record, relative, size, source,
                                         replacing=bool(existing))

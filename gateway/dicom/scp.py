@@ -20,6 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
 from gateway.config import DicomSettings
+from gateway.dicom.pynetdicom_adapter import register_server
 from gateway.dicom.server import (
     ConnectionLimits,
     GuardedAssociationServer,
@@ -111,13 +112,13 @@ class DicomService:
                 settings.max_associations_per_client, settings.max_associations,
                 settings.max_pending_connections, settings.artim_timeout,
                 pdu_limit(settings.max_pdu)),
-            new_path=self.store.blobs.temporary_path,
+            new_blob=self.store.blobs.temporary,
             max_instance_bytes=self.store.limits.max_instance_bytes,
             on_refused=self._on_over_limit, on_flooded=self._on_flooded)
         self._acceptor = threading.Thread(target=self._server.serve_forever,
                                           name="dicom-acceptor", daemon=True)
         self._acceptor.start()
-        self.ae._servers.append(self._server)  # as start_server does; shutdown() removes it
+        register_server(self.ae, self._server)
         log.info("DICOM SCP %s listening on %s:%d%s", self.settings.ae_title, address[0],
                  self.port, " (TLS)" if self.ssl_context else "")
 
@@ -150,7 +151,7 @@ class DicomService:
     def _on_store(self, event: evt.Event) -> Dataset:
         calling = event.assoc.requestor.ae_title
         request = event.request
-        received = received_dataset(request)
+        received = received_dataset(event)
         # Refused while arriving (too large, disk full): its rest was read and dropped, since
         # the C-STORE indication comes with the last fragment only (PS3.8 E.2), and the
         # response after it; the association goes on.

@@ -1,48 +1,59 @@
-"""pynetdicom's association server with the limits a hostile network needs.
+"""pynetdicom's association server with the limits a hostile network needs (the pynetdicom
+internals this takes are all in ``pynetdicom_adapter``).
 
 - TLS handshakes happen in each association's own thread: pynetdicom does them in its single
   accept thread, where one client that connects and stays silent would stall every peer.
-- At most ``per_client`` connections at once from one address; the next one has its
-  A-ASSOCIATE-RQ read (not decoded) and answered with an A-ASSOCIATE-RJ, transient,
-  local-limit-exceeded (PS3.8 9.3.4), and the server waits briefly for the peer to close.
+- At most ``per_client`` connections at once from one address; the next one gives up its
+  pending slot at once, has its A-ASSOCIATE-RQ read (not decoded) and answered with an
+  A-ASSOCIATE-RJ, transient, local-limit-exceeded (PS3.8 9.3.4), and the server waits
+  briefly for the peer to close; at most ``_COURTESY_REJECTIONS`` such answers at a time,
+  past them the connection is closed at once.
 - At most ``max_associations`` associations served at once, counted from their
   A-ASSOCIATE-RQ: pynetdicom counts every connection's thread, so silent connections from a
   few addresses would lock everyone else out. At most ``max_pending`` connections still
   negotiating; each must send its whole A-ASSOCIATE-RQ within the ARTIM time (PS3.8 9.1.5),
-  pynetdicom's timer only runs between PDUs. A slot is free again the moment the connection
-  closes: pynetdicom's association thread, left waiting for an A-ASSOCIATE-RQ that will not
-  come, is woken then instead of at the end of acse_timeout.
+  pynetdicom's timer only runs between PDUs. A connection's slots are free again the moment
+  it closes, and in any case when its association thread ends (pynetdicom reports no close
+  when its reader thread dies of an error).
 - Each PDU header is checked as it arrives (PS3.8 9.3.1): an unknown PDU type or a length
   over ``max_pdu_bytes`` closes the connection at once. pynetdicom would buffer whatever
   length the peer announces (up to 4 GiB), and after garbage it keeps reading, logging an
   error every 6 bytes, until its ARTIM timer expires.
-- Each C-STORE data set is written to a temporary file as its fragments arrive, at most
-  ``max_instance_bytes`` of it; the command set and the data set of any other message are
-  kept in memory, a few of their bytes only.
+- Each C-STORE data set is written to a temporary file of the blob store as its fragments
+  arrive, at most ``max_instance_bytes`` of it; the command set of every message (64 KiB)
+  and the data set of any other message (1 MiB) are bounded in memory, past them, or for a
+  message that cannot be decoded (a C-STORE-RQ without its UIDs), the association is
+  aborted.
 """
 
 import contextlib
 import errno
 import logging
-import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from gateway.dicom.pynetdicom_adapter import (
+    AdaptedRequestHandler,
+    StreamingDimse,
+    announce_close,
+    call_when_ended,
+    dataset_sink,
+    guard_receive,
+    reject_association,
+    use_dimse,
+    wake_if_negotiating,
+)
 from gateway.security.client_counts import ClientCounts
+from storage.blobs import BlobTooLargeError, TemporaryBlob
 from storage.part10 import file_preamble_and_meta
 from storage.store import IngestResult, io_failure, too_large
 
@@ -54,6 +65,9 @@ log = logging.getLogger(__name__)
 _LIMIT_EXCEEDED = struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 2, 3, 2)
 _PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ .. A-ABORT
 _REJECT_PAUSE_SECONDS = 0.1
+# Connections over their client's limit answered A-ASSOCIATE-RJ at once, all addresses
+# together (each holds a thread up to twice the ARTIM time); the others are closed at once.
+_COURTESY_REJECTIONS = 16
 # Bytes kept in memory of a DIMSE command set, and of the data set of a message other than
 # C-STORE (this SCP serves none that has one); past them the association is aborted.
 _COMMAND_BYTES = 64 << 10
@@ -81,10 +95,10 @@ class PduGuard:
     then the announced length in one call, alternately; every header is checked, and the
     first PDU (the A-ASSOCIATE-RQ) must be complete by ``deadline``."""
 
-    def __init__(self, connection: AssociationSocket, limit: int, peer: str,
-                 deadline: float) -> None:
+    def __init__(self, receive: Callable[[int], bytearray], connection: AssociationSocket,
+                 limit: int, peer: str, deadline: float) -> None:
         self.connection = connection
-        self.receive = connection.recv
+        self.receive = receive
         self.limit = limit
         self.peer = peer
         self.deadline: float | None = deadline  # None once the first PDU is in
@@ -134,27 +148,24 @@ class PduGuard:
 
 
 class ReceivedDataset:
-    """A C-STORE data set written to ``path`` as its fragments arrive, after the preamble and
-    File Meta ``header``, up to ``limit`` bytes in all. Past the limit, or on a write error,
-    the file is deleted and the rest dropped as it comes: ``refusal`` says why.
+    """A C-STORE data set written to a temporary blob as its fragments arrive, after the
+    preamble and File Meta ``header``, up to ``limit`` bytes in all. Past the limit, or on
+    a write error, the file is deleted and the rest counted and dropped as it comes:
+    ``refusal`` says why. The sink pynetdicom writes to (``pynetdicom_adapter``)."""
 
-    pynetdicom writes it as the file of its STORE_RECV_CHUNKED_DATASET mode (``write``,
-    ``file.flush``, and ``close`` then an unlink of ``name`` after the EVT_C_STORE handler).
-    """
-
-    def __init__(self, path: Path, header: bytes, limit: int) -> None:
-        self.path = path
-        self.name = str(path)
+    def __init__(self, new_blob: Callable[[int], TemporaryBlob], header: bytes,
+                 limit: int) -> None:
         self.limit = limit
         self.size = 0
         self.refusal: IngestResult | None = None
         self._lock = threading.Lock()
-        self._claimed = False
-        self._fd: int | None = None
+        self._closed = False
+        self._blob: TemporaryBlob | None = None
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            self._blob = new_blob(limit)
         except OSError as exc:
             self._refuse(io_failure(exc))
+        self.name = str(self._blob.path) if self._blob else ""
         self.write(header)
 
     @property
@@ -162,154 +173,115 @@ class ReceivedDataset:
         """What pynetdicom flushes after each fragment."""
         return self
 
+    @property
+    def closed(self) -> bool:
+        """True once claimed, closed or refused."""
+        return self._closed
+
     def flush(self) -> None:
         """Nothing to do: fragments are written unbuffered."""
 
     def write(self, data: bytes) -> None:
         """Append one fragment, or count it only, once refused."""
-        self.size += len(data)
-        if self.refusal is not None or self._fd is None:
-            return
-        if self.size > self.limit:
-            self._refuse(too_large(self.limit))
-            return
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]  # type: ignore[arg-type]
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                log.error("cannot write a received data set to %s: %s", self.path, exc)
-            self._refuse(io_failure(exc))
-
-    def claim(self) -> Path:
-        """The complete file, now the caller's to store or delete."""
         with self._lock:
-            self._close()
-            self._claimed = True
-            return self.path
+            self.size += len(data)
+            if self._closed or self._blob is None:
+                return
+            try:
+                self._blob.write(data)
+            except BlobTooLargeError:
+                self._refuse(too_large(self.limit))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    log.error("cannot write a received data set to %s: %s", self.name, exc)
+                self._refuse(io_failure(exc))
+
+    def claim(self) -> TemporaryBlob:
+        """The complete file, now the caller's to store or discard."""
+        with self._lock:
+            if self._closed or self._blob is None:
+                raise ValueError("the received data set is closed")
+            self._closed = True
+            return self._blob
 
     def close(self) -> None:
-        """Close the file; delete it unless claimed."""
+        """Close the file and delete it, unless claimed."""
         with self._lock:
             self._close()
-            if not self._claimed:
-                self.path.unlink(missing_ok=True)
 
     def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if not self._closed:
+            self._closed = True
+            if self._blob is not None:
+                self._blob.discard()
 
     def _refuse(self, why: IngestResult) -> None:
         self.refusal = why
-        self.close()
+        self._close()
 
 
-def received_dataset(request: C_STORE) -> ReceivedDataset:
-    """The data set of a C-STORE request received by a GuardedAssociationServer."""
-    received = request._dataset_file
+def received_dataset(event: evt.Event) -> ReceivedDataset:
+    """The data set of the EVT_C_STORE ``event`` of a GuardedAssociationServer."""
+    received = dataset_sink(event)
     if not isinstance(received, ReceivedDataset):
         raise TypeError("C-STORE data set not received by GuardedAssociationServer")
     return received
 
 
-class StreamingDimse(DIMSEServiceProvider):
-    """The DIMSE provider of an association of the server: the data set of a C-STORE-RQ goes
-    to a ReceivedDataset in ``new_path()``; what other messages hold in memory is bounded."""
-
-    def __init__(self, assoc: Association, new_path: Callable[[], Path], limit: int) -> None:
-        super().__init__(assoc)
-        self._new_path = new_path
-        self._limit = limit
-        self._received: ReceivedDataset | None = None
-        self._refused = False
-
-    def receive_primitive(self, primitive: P_DATA) -> None:
-        """Decode one P-DATA, a presentation data value at a time, so that a C-STORE's file
-        is open before its first data set fragment (PS3.8 E.2: the command comes first)."""
-        if self._refused:
-            return  # the association is being aborted
-        for value in primitive.presentation_data_value_list:
-            single = P_DATA()
-            single.presentation_data_value_list = [list(value)]
-            super().receive_primitive(single)
-            message = self.message
-            if message is None:
-                continue
-            if isinstance(message, C_STORE_RQ):
-                if message._data_set_file is None:
-                    received = self._open(message)
-                    message._data_set_file = received  # type: ignore[assignment]
-                    message._data_set_path = received.path
-            elif (message.encoded_command_set.tell() > _COMMAND_BYTES
-                    or message.data_set.tell() > _OTHER_DATASET_BYTES):
-                log.warning("aborting the association with %s: a DIMSE message too long",
-                            self.assoc.requestor.address)
-                self.message = None
-                self._refused = True
-                self.dul.event_queue.put("Evt19")  # as for an invalid PDU: A-ABORT (PS3.8 9.2)
-                return
-
-    def _open(self, message: C_STORE_RQ) -> ReceivedDataset:
-        # One operation outstanding at a time (the default asynchronous operations window,
-        # PS3.7 D.3.3.3): an earlier data set no handler has taken yet never will be.
-        self.discard()
-        command = message.command_set
-        context = self.assoc._accepted_cx.get(message.context_id)  # type: ignore[arg-type]
-        header = file_preamble_and_meta(
-            command.AffectedSOPClassUID, command.AffectedSOPInstanceUID,
-            context.transfer_syntax[0] if context else "", self.assoc.requestor.ae_title)
-        self._received = ReceivedDataset(self._new_path(), header, self._limit)
-        return self._received
-
-    def discard(self) -> None:
-        """Delete the data set received and not handed over, if any."""
-        if self._received is not None:
-            self._received.close()
-            self._received = None
-
-
-class GuardedRequestHandler(RequestHandler):
-    """Refuses a client over its connection limit; guards the PDUs of the others."""
+class GuardedRequestHandler(AdaptedRequestHandler):
+    """Refuses a client over its connection limit; guards the association of the others."""
 
     server: "GuardedAssociationServer"
+    _assoc: Association | None = None
 
     def handle(self) -> None:
         """Start the association, or answer A-ASSOCIATE-RJ if the client has too many."""
         server, host = self.server, self.client_address[0]
         if not server.clients.admit(host):
+            # Its pending slot first: held while the rejection waits up to twice the ARTIM
+            # time, it would let one address fill max_pending and deny everyone else.
+            server.settle_unassociated()
             log.warning("association from %s refused: %d already open (limit per client)",
                         host, server.clients.limit)
             server.on_refused(host)
-            try:
-                with contextlib.suppress(OSError):  # the peer left, went silent, failed TLS
-                    _reject(self.request, server.limits)
-                server.shutdown_request(self.request)
-            finally:
-                server.settle_pending(None)
+            if server.courtesy.acquire(blocking=False):
+                try:
+                    with contextlib.suppress(OSError):  # the peer left, silent, failed TLS
+                        _reject(self.request, server.limits)
+                finally:
+                    server.courtesy.release()
+            server.shutdown_request(self.request)
             return
         try:
             super().handle()
         except BaseException:
-            server.clients.release(host)
-            server.settle_pending(None)
+            if self._assoc is None:
+                server.clients.release(host)
+                server.settle_unassociated()
+            else:
+                server.release(self._assoc)
             raise
 
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        server = self.server
+    def configure(self, assoc: Association) -> None:
+        """Guard the PDUs of ``assoc``, stream its C-STORE data sets, track its slots."""
+        server, host = self.server, self.client_address[0]
         limits = server.limits
-        association_socket = assoc.dul.socket
-        association_socket.recv = PduGuard(  # type: ignore[method-assign]
-            association_socket, limits.max_pdu_bytes, self.client_address[0],
-            time.monotonic() + limits.artim_seconds)
-        # pynetdicom's ARTIM is its acse_timeout; it also bounds the wait for a rejected or
-        # released peer to close (Sta13).
-        assoc.dul.artim_timer.timeout = limits.artim_seconds
-        assoc.dimse = StreamingDimse(assoc, server.new_path, server.max_instance_bytes)
-        server.negotiating(assoc)
-        return assoc
+        deadline = time.monotonic() + limits.artim_seconds
+        connection = assoc.dul.socket
+        guard_receive(assoc, lambda receive: PduGuard(
+            receive, connection, limits.max_pdu_bytes, host, deadline), limits.artim_seconds)
+
+        def open_dataset(sop_class: str, sop_instance: str,
+                         transfer_syntax: str) -> ReceivedDataset:
+            header = file_preamble_and_meta(sop_class, sop_instance, transfer_syntax,
+                                            assoc.requestor.ae_title)
+            return ReceivedDataset(server.new_blob, header, server.max_instance_bytes)
+
+        use_dimse(assoc, StreamingDimse(assoc, open_dataset, _COMMAND_BYTES,
+                                        _OTHER_DATASET_BYTES))
+        call_when_ended(assoc, server.association_ended)
+        server.track(assoc, host)
+        self._assoc = assoc
 
 
 def _reject(connection: socket.socket, limits: ConnectionLimits) -> None:
@@ -359,25 +331,36 @@ def _receive_exactly(connection: socket.socket, size: int, deadline: float) -> b
     return b"".join(chunks)
 
 
+@dataclass(slots=True)
+class _Connection:
+    """The slots one connection holds."""
+
+    host: str  # counted in ClientCounts
+    pending: bool = True  # a max_pending slot: no A-ASSOCIATE-RQ yet
+    served: bool = False  # a max_associations slot
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """A ThreadedAssociationServer with the limits above, made by ``AE.make_server``.
     ``on_refused(host)`` is called for each association refused over the per-client limit,
     ``on_flooded()`` for each connection closed over ``max_pending``; C-STORE data sets go
-    to files named by ``new_path()``, ``max_instance_bytes`` of each at most."""
+    to blobs from ``new_blob(limit)``, ``max_instance_bytes`` of each at most."""
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, new_path: Callable[[], Path],
-                 max_instance_bytes: int, on_refused: Callable[[str], None],
-                 on_flooded: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: ConnectionLimits,
+                 new_blob: Callable[[int], TemporaryBlob], max_instance_bytes: int,
+                 on_refused: Callable[[str], None], on_flooded: Callable[[], None],
+                 **kwargs: Any) -> None:
         self.limits = limits
         self.clients = ClientCounts(limits.per_client)
-        self.new_path = new_path
+        self.courtesy = threading.BoundedSemaphore(_COURTESY_REJECTIONS)
+        self.new_blob = new_blob
         self.max_instance_bytes = max_instance_bytes
         self.on_refused = on_refused
         self.on_flooded = on_flooded
         self._slots = threading.Lock()
         self._pending = 0  # connections without an A-ASSOCIATE-RQ yet
-        self._negotiating: set[int] = set()  # their associations (id), once made
-        self._served: set[int] = set()  # associations counted against max_associations
+        self._served = 0  # associations counted against max_associations
+        self._connections: dict[int, _Connection] = {}  # by id() of their association
         self._flood = 0  # connections closed over max_pending since the last log line
         self._flood_logged = 0.0
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
@@ -409,48 +392,61 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.on_flooded()
         return False
 
-    def negotiating(self, assoc: Association) -> None:
-        """``assoc`` holds the pending slot of its connection."""
+    def settle_unassociated(self) -> None:
+        """A pending connection that will have no association (refused, or failed)."""
         with self._slots:
-            self._negotiating.add(id(assoc))
+            self._pending -= 1
 
-    def settle_pending(self, assoc: Association | None) -> None:
-        """A pending connection sent its request, or is gone (``None``: it never had an
-        association)."""
+    def track(self, assoc: Association, host: str) -> None:
+        """``assoc`` holds the pending slot and the client count of its connection."""
         with self._slots:
-            if assoc is None:
-                self._pending -= 1
-            elif id(assoc) in self._negotiating:
-                self._negotiating.discard(id(assoc))
-                self._pending -= 1
+            self._connections[id(assoc)] = _Connection(host)
+
+    def release(self, assoc: Association) -> bool:
+        """Free the slots of ``assoc``'s connection; False if already free."""
+        with self._slots:
+            connection = self._connections.pop(id(assoc), None)
+            if connection is None:
+                return False
+            self._pending -= connection.pending
+            self._served -= connection.served
+        self.clients.release(connection.host)
+        return True
+
+    def association_ended(self, assoc: Association) -> None:
+        """The thread of ``assoc`` ended: its connection is closed, reported or not."""
+        with self._slots:
+            unreported = id(assoc) in self._connections
+        if unreported:
+            log.warning("the connection from %s ended without a close from pynetdicom",
+                        assoc.requestor.address)
+            announce_close(assoc, self)
+        self.release(assoc)
+        if isinstance(assoc.dimse, StreamingDimse):
+            assoc.dimse.discard()  # data sets received and never handled
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        self.settle_pending(assoc)
         with self._slots:
-            admitted = len(self._served) < self.limits.max_associations
-            if admitted:
-                self._served.add(id(assoc))
+            connection = self._connections.get(id(assoc))
+            admitted = self._served < self.limits.max_associations
+            if connection is not None:
+                self._pending -= connection.pending
+                connection.pending = False
+                connection.served = admitted
+                self._served += admitted
         if admitted:
             return
         log.warning("association from %s refused: %d associations served (max_associations)",
                     assoc.requestor.address, self.limits.max_associations)
-        assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, local-limit-exceeded (9.3.4)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()  # as pynetdicom's own rejections: until the peer closes, or ARTIM
+        reject_association(assoc)
 
     def _on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
-        self.clients.release(assoc.requestor.address)
-        self.settle_pending(assoc)
-        with self._slots:
-            self._served.discard(id(assoc))
-        if isinstance(assoc.dimse, StreamingDimse):
-            assoc.dimse.discard()
-        if assoc.dul.state_machine.current_state == "Sta2":
-            # Closed (AA-5) or timed out (AA-2) before any A-ASSOCIATE-RQ: the association
-            # thread waits for one until acse_timeout; an empty answer ends it now.
-            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+        self.release(assoc)  # its data sets are left to association_ended: a handler may run
+        # Closed (AA-5) or timed out (AA-2) before any A-ASSOCIATE-RQ: the association
+        # thread waits for one until acse_timeout.
+        wake_if_negotiating(assoc)
 
 
 def pdu_limit(max_pdu: int) -> int:
