@@ -1,7 +1,10 @@
 """The DICOM port under resource attacks, against a running ``passerelle serve``: a large
 C-STORE is streamed to disk (RSS measured on the server process), max_instance_bytes bounds
-every C-STORE, the structure of a data set is bounded before it is parsed, and connections
-that close or stay silent free their association slots at once or within ARTIM."""
+every C-STORE (a deflated one once inflated, inflated as a stream), the structure of a data
+set is bounded before it is parsed, malformed or endless DIMSE messages abort their
+association and free its slots, pipelined C-STOREs are all stored, and connections that
+close, stay silent or are over their client's limit leave room for everyone else. Times are
+measured and printed, not asserted; RSS bounds are."""
 
 import contextlib
 import math
@@ -9,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -21,9 +25,10 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
-from storage.part10 import dataset_bytes, dataset_offset
+from storage.part10 import dataset_bytes, dataset_offset, file_preamble_and_meta
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import associate, send
 from tests.synthetic import ct_slice, part10
@@ -165,23 +170,75 @@ def test_max_instance_bytes_bounds_c_store_as_it_arrives(tmp_path: Path) -> None
                              reason="too-large") == 1
 
 
-def test_a_deflated_data_set_is_bounded_once_inflated(tmp_path: Path) -> None:
-    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8,
-                  LongCodeValue="X" * 4_000_000)  # 4 MB inflated, a few KB deflated
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    path = tmp_path / "deflated.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    assert path.stat().st_size < 100_000
-    with PasserelleProcess(tmp_path / "data", max_instance_bytes="1000000") as server:
-        status, comment = send(server.dicom_port, path)
+def _deflated(path: Path, side: int) -> tuple[Path, str]:
+    """A CT slice of ``side`` x ``side`` 16-bit zero pixels written to ``path`` in Deflated
+    Explicit VR Little Endian (PS3.5 A.5), compressed as it is written (never held whole);
+    and its study."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4, Rows=side, Columns=side)
+    del ds.PixelData
+    length = side * side * 2
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = bytes(1 << 24)
+    with path.open("wb") as file:
+        file.write(file_preamble_and_meta(ds.SOPClassUID, ds.SOPInstanceUID,
+                                          DeflatedExplicitVRLittleEndian))
+        file.write(deflater.compress(bytes(dataset_bytes(part10(ds))) + b"\xe0\x7f\x10\x00OW"
+                                     + struct.pack("<HL", 0, length)))
+        for _ in range(length // len(chunk)):
+            file.write(deflater.compress(chunk))
+        file.write(deflater.compress(bytes(length % len(chunk))) + deflater.flush())
+    return path, ds.StudyInstanceUID
+
+
+def _stow(server: PasserelleProcess, path: Path) -> httpx.Response:
+    body = (b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + path.read_bytes()
+            + b"\r\n--b0undary--\r\n")
+    return httpx.post(f"{server.base_url}/dicom-web/studies", content=body, timeout=60,
+                      headers={"Content-Type": 'multipart/related; '
+                               'type="application/dicom"; boundary=b0undary'})
+
+
+def _failure_reasons(response: httpx.Response) -> list[int]:
+    return [item["00081197"]["Value"][0] for item in response.json()["00081198"]["Value"]]
+
+
+def test_a_deflate_bomb_is_refused_as_it_inflates(tmp_path: Path) -> None:
+    path, study = _deflated(tmp_path / "bomb.dcm", 14_500)  # 420 MB inflated
+    print(f"deflate bomb: {path.stat().st_size / 1e3:.0f} KB inflating to 420 MB")
+    with PasserelleProcess(tmp_path / "data", max_instance_bytes=str(10 << 20)) as server:
+        with _PeakRss(server) as rss, _echo_latency(server) as echoes:
+            started = time.monotonic()
+            status, comment = send(server.dicom_port, path)
+            refused_in = time.monotonic() - started
+            response = _stow(server, path)
+        print(f"C-STORE answered 0x{status:04X} in {refused_in:.2f} s; RSS growth "
+              f"{rss.growth / 1e6:.1f} MB; slowest C-ECHO meanwhile {max(echoes):.2f} s")
         assert (status, "max_instance_bytes" in comment) == (0xA700, True)
-        assert _stored(server, ds.StudyInstanceUID) == []
+        assert rss.growth < 50 << 20, f"RSS grew by {rss.growth / 1e6:.0f} MB"
+        assert echoes and math.inf not in echoes
+        assert response.status_code == 409
+        assert _failure_reasons(response) == [0xA700]
+        assert _stored(server, study) == []
+        result = server.cli("import", "--quiet", str(path))
+        assert result.returncode == 1
+        assert f"{path}: too-large:" in result.stdout
 
 
-def _c_store_pdus(assoc: Association, ds: Dataset) -> list[bytes]:
+def test_a_deflated_data_set_within_the_limits_is_inflated_as_a_stream(
+        gateway: PasserelleProcess, tmp_path: Path) -> None:
+    path, study = _deflated(tmp_path / "deflated.dcm", SIDE)  # 200 MB inflated
+    with _PeakRss(gateway) as rss:
+        assert send(gateway.dicom_port, path) == (0x0000, "")
+    print(f"deflated C-STORE of 200 MB inflated: RSS growth {rss.growth / 1e6:.1f} MB")
+    assert rss.growth < 50 << 20, f"RSS grew by {rss.growth / 1e6:.0f} MB"
+    [stored] = _stored(gateway, study)
+    assert _same_after_meta(stored, path)
+
+
+def _c_store_pdus(assoc: Association, ds: Dataset, message_id: int = 1) -> list[bytes]:
     """The P-DATA-TF PDUs of a C-STORE-RQ of ``ds``, as ``assoc`` would send them."""
     request = C_STORE()
-    request.MessageID, request.Priority = 1, 2
+    request.MessageID, request.Priority = message_id, 2
     request.AffectedSOPClassUID = ds.SOPClassUID
     request.AffectedSOPInstanceUID = ds.SOPInstanceUID
     request.DataSet = BytesIO(bytes(dataset_bytes(part10(ds))))
@@ -194,6 +251,120 @@ def _c_store_pdus(assoc: Association, ds: Dataset) -> list[bytes]:
         pdu.from_primitive(primitive)
         pdus.append(pdu.encode())
     return pdus
+
+
+def _pdu(context_id: int, control: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU of one presentation data value (PS3.8 9.3.5, E.2: ``control`` 01 a
+    command fragment, 03 the last one, 02 the last data set fragment)."""
+    value = bytes([context_id, control]) + fragment
+    return (b"\x04\x00" + struct.pack(">L", len(value) + 4) + struct.pack(">L", len(value))
+            + value)
+
+
+def _command(**elements: object) -> bytes:
+    """A DIMSE command set (implicit VR little endian, PS3.7 6.3.1) with its group length."""
+    command = Dataset()
+    for keyword, value in elements.items():
+        setattr(command, keyword, value)
+    body = encode(command, True, True)
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def _context(assoc: Association, sop_class: str) -> int:
+    [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class]
+    return context.context_id
+
+
+def _ended(assoc: Association) -> None:
+    """Wait for the server to end ``assoc`` (A-ABORT or a closed connection)."""
+    wait_for(lambda: not assoc.is_established, 10, "the server to abort the association")
+    assoc.abort()
+
+
+def _echo(server: PasserelleProcess) -> float:
+    """One C-ECHO over a fresh association from 127.0.0.1: how long it took; fails if
+    refused."""
+    started = time.monotonic()
+    assoc = associate(server.dicom_port, timeout=10)
+    assert assoc.is_established, "association refused"
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    return time.monotonic() - started
+
+
+def _accepted(server: PasserelleProcess) -> bool:
+    """True when an association from 127.0.0.1 is accepted (then released)."""
+    assoc = associate(server.dicom_port, timeout=10)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return False
+
+
+def test_malformed_c_store_requests_abort_and_free_their_slots(
+        gateway: PasserelleProcess) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    # A C-STORE-RQ without its Affected SOP Class UID (mandatory, PS3.7 9.3.1.1).
+    command = _command(CommandField=0x0001, MessageID=1, Priority=0,
+                       CommandDataSetType=0x0000, AffectedSOPInstanceUID=ds.SOPInstanceUID)
+    for _ in range(20):  # more than max_associations (16) and the 8 of one client
+        assoc = associate(gateway.dicom_port, [ds], timeout=10)
+        assert assoc.is_established, "association refused: slots leaked"
+        context = _context(assoc, ds.SOPClassUID)
+        connection = assoc.dul.socket.socket
+        connection.sendall(_pdu(context, 0x03, command) + _pdu(context, 0x02, b"\0" * 64))
+        _ended(assoc)
+    waited = _echo(gateway)
+    print(f"C-ECHO answered in {waited:.2f} s after 20 malformed C-STORE-RQs")
+    wait_for(lambda: gateway.metric("passerelle_dicom_associations_open") == 0, 10,
+             "every connection to be counted as closed")
+    assert "aborting the association with 127.0.0.1: a C-STORE-RQ without" in gateway.log()
+
+
+def test_command_fragments_after_a_c_store_request_are_cut_off(
+        gateway: PasserelleProcess) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    assoc = associate(gateway.dicom_port, [ds])
+    assert assoc.is_established
+    context = _context(assoc, ds.SOPClassUID)
+    command = _command(CommandField=0x0001, MessageID=1, Priority=0,
+                       CommandDataSetType=0x0000, AffectedSOPClassUID=ds.SOPClassUID,
+                       AffectedSOPInstanceUID=ds.SOPInstanceUID)
+    fragment = _pdu(context, 0x01, bytes(200_000))
+    connection = assoc.dul.socket.socket
+    with _PeakRss(gateway) as rss, contextlib.suppress(OSError):  # aborted while sending
+        connection.sendall(_pdu(context, 0x03, command))
+        for _ in range(100):  # 20 MB of command fragments after the last one
+            connection.sendall(fragment)
+    print(f"RSS growth under 20 MB of command fragments: {rss.growth / 1e6:.1f} MB")
+    _ended(assoc)
+    assert rss.growth < 5 << 20, f"RSS grew by {rss.growth / 1e6:.0f} MB"
+    _echo(gateway)
+
+
+def test_pipelined_c_stores_are_all_stored(gateway: PasserelleProcess) -> None:
+    study = generate_uid()
+    instances = [ct_slice(study, generate_uid(), 1, n, size=256) for n in range(1, 6)]
+    assoc = associate(gateway.dicom_port, instances[:1])
+    assert assoc.is_established
+    try:
+        # Keep the requestor's reactor off its DIMSE queue, as its send_c_store does.
+        assoc._reactor_checkpoint.clear()
+        wait_for(lambda: assoc._is_paused, 5, "the requestor's reactor to pause")
+        pdus = [pdu for n, ds in enumerate(instances, 1) for pdu in _c_store_pdus(assoc, ds, n)]
+        assoc.dul.socket.socket.sendall(b"".join(pdus))  # all five before any answer
+        answers = {}
+        for _ in instances:
+            _, response = assoc.dimse.get_msg(block=True)
+            assert response is not None, "a C-STORE-RSP missing"
+            answers[response.MessageIDBeingRespondedTo] = response.Status
+        assoc._reactor_checkpoint.set()
+    finally:
+        assoc.release()
+    assert answers == dict.fromkeys(range(1, 6), 0x0000)
+    assert len(_stored(gateway, study)) == 5
 
 
 def test_an_interrupted_c_store_leaves_no_temporary_file(gateway: PasserelleProcess) -> None:
@@ -256,7 +427,7 @@ def _echo_latency(server: PasserelleProcess) -> Iterator[list[float]]:
         thread.join()
 
 
-def test_a_sequence_of_200001_items_is_refused_quickly(gateway: PasserelleProcess,
+def test_a_sequence_of_200001_items_is_refused_before_it_is_parsed(gateway: PasserelleProcess,
                                                        tmp_path: Path) -> None:
     server = gateway
     path, study = _instance_with(tmp_path, _sequence((ITEM + _reference() + ITEM_END) * 200_001))
@@ -267,23 +438,18 @@ def test_a_sequence_of_200001_items_is_refused_quickly(gateway: PasserelleProces
         status, comment = send(server.dicom_port, path)
         refused_in = time.monotonic() - started
         time.sleep(0.5)  # an echo after the refusal too
+    print(f"answered 0x{status:04X} in {refused_in:.2f} s, slowest echo {max(echoes):.2f} s,"
+          f" RSS growth {rss.growth / 1e6:.1f} MB")
     assert (status, "max_sequence_items" in comment) == (0xA900, True)
-    print(f"refused in {refused_in:.2f} s, slowest echo {max(echoes):.2f} s, "
-          f"RSS growth {rss.growth / 1e6:.1f} MB")
-    assert refused_in < 5
-    assert echoes and max(echoes) < 2
+    assert rss.growth < 100 << 20, f"RSS grew by {rss.growth / 1e6:.0f} MB"
+    assert echoes and math.inf not in echoes
     assert _stored(server, study) == []
     assert server.metric("passerelle_ingest_failures_total", protocol="dimse",
                          reason="too-complex") == failures + 1
     # STOW-RS takes the same path.
-    body = (b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + path.read_bytes()
-            + b"\r\n--b0undary--\r\n")
-    response = httpx.post(f"{server.base_url}/dicom-web/studies", content=body, timeout=30,
-                          headers={"Content-Type": 'multipart/related; '
-                                   'type="application/dicom"; boundary=b0undary'})
+    response = _stow(server, path)
     assert response.status_code == 409
-    [failed] = response.json()["00081198"]["Value"]
-    assert failed["00081197"]["Value"] == [0xA900]
+    assert _failure_reasons(response) == [0xA900]
     assert _stored(server, study) == []
 
 
@@ -330,22 +496,6 @@ def _flood(port: int, count: int = 16) -> list[socket.socket]:
     return [_connect_from(f"127.0.0.{2 + n % 2}", port) for n in range(count)]
 
 
-def _associates_within(server: PasserelleProcess, seconds: float) -> float:
-    """How long until an association from 127.0.0.1 answers C-ECHO; fails after
-    ``seconds``."""
-    started = time.monotonic()
-    while True:
-        assoc = associate(server.dicom_port, timeout=5)
-        if assoc.is_established:
-            try:
-                assert assoc.send_c_echo().Status == 0x0000
-            finally:
-                assoc.release()
-            return time.monotonic() - started
-        assert time.monotonic() - started < seconds, "still refused"
-        time.sleep(0.1)
-
-
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
     sock.settimeout(within)
     try:
@@ -360,9 +510,9 @@ def test_closed_connections_free_their_slots_at_once(gateway: PasserelleProcess)
     for _ in range(3):  # and again: nothing accumulates
         for sock in _flood(gateway.dicom_port):
             sock.close()
-        waited = _associates_within(gateway, 3)
-        print(f"C-ECHO answered {waited:.2f} s after the flood closed")
-    wait_for(lambda: gateway.metric("passerelle_dicom_associations_open") == 0, 5,
+        waited = _echo(gateway)
+        print(f"C-ECHO answered in {waited:.2f} s right after the flood closed")
+    wait_for(lambda: gateway.metric("passerelle_dicom_associations_open") == 0, 10,
              "every connection to be counted as closed")
 
 
@@ -371,11 +521,12 @@ def test_silent_connections_from_two_addresses_leave_room_for_others(
     flood = _flood(gateway.dicom_port)
     try:
         started = time.monotonic()
-        waited = _associates_within(gateway, 3)
-        print(f"C-ECHO answered {waited:.2f} s into a flood of 16 silent connections")
+        waited = _echo(gateway)
+        print(f"C-ECHO answered in {waited:.2f} s into a flood of 16 silent connections")
         # Each silent connection is closed by the server once ARTIM (2 s) expires.
-        assert all(_closed_by_server(sock, within=5) for sock in flood)
-        assert time.monotonic() - started < 5
+        assert all(_closed_by_server(sock, within=15) for sock in flood)
+        print(f"the silent connections closed {time.monotonic() - started:.2f} s in "
+              "(artim_timeout 2 s)")
     finally:
         for sock in flood:
             sock.close()
@@ -387,10 +538,11 @@ def test_a_trickled_association_request_is_cut_off_at_artim(
         sock.sendall(b"\x01\x00" + struct.pack(">L", 1000))  # A-ASSOCIATE-RQ of 1000 bytes
         started = time.monotonic()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # A byte every half second; 60 s is the liveness bound, for a 2 s ARTIM.
             while not _closed_by_server(sock, within=0.5):
-                sock.sendall(b"\x00")  # a byte every half second
-                assert time.monotonic() - started < 10, "not cut off"
-        assert time.monotonic() - started < 6
+                sock.sendall(b"\x00")
+                assert time.monotonic() - started < 60, "never cut off"
+        print(f"cut off after {time.monotonic() - started:.2f} s (artim_timeout 2 s)")
 
 
 def test_connections_past_max_pending_are_closed_at_once(tmp_path: Path) -> None:
@@ -398,8 +550,27 @@ def test_connections_past_max_pending_are_closed_at_once(tmp_path: Path) -> None
         flood = _flood(server.dicom_port, 4)
         try:
             with _connect_from("127.0.0.4", server.dicom_port) as surplus:
-                assert _closed_by_server(surplus, within=2)
+                assert _closed_by_server(surplus, within=10)
         finally:
             for sock in flood:
                 sock.close()
-        assert _associates_within(server, 3) < 3
+        # Their slots are freed as the server sees each close: a moment after the client's.
+        wait_for(lambda: _accepted(server), 10, "an association to be accepted again")
+
+
+def test_one_address_over_its_limit_cannot_fill_max_pending(tmp_path: Path) -> None:
+    with PasserelleProcess(tmp_path / "data", max_pending_connections="4",
+                           max_associations_per_client="2", artim_timeout="10") as server:
+        # Two silent connections within 127.0.0.2's limit, ten over it: those wait (up to
+        # ARTIM) for an A-ASSOCIATE-RQ to answer with A-ASSOCIATE-RJ, holding no slot.
+        flood = [_connect_from("127.0.0.2", server.dicom_port) for _ in range(12)]
+        try:
+            wait_for(lambda: server.metric("passerelle_dicom_associations_total",
+                                           outcome="refused-over-limit") == 10, 10,
+                     "the ten connections over the limit to be seen")
+            waited = _echo(server)
+            print(f"C-ECHO from 127.0.0.1 answered in {waited:.2f} s with 127.0.0.2 holding "
+                  "12 connections (limit 2 per client, max_pending_connections 4)")
+        finally:
+            for sock in flood:
+                sock.close()

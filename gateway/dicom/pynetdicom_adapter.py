@@ -130,8 +130,8 @@ class StreamingDimse(DIMSEServiceProvider):
         sop_class = command.get("AffectedSOPClassUID")
         sop_instance = command.get("AffectedSOPInstanceUID")
         if not sop_class or not sop_instance:  # PS3.7 9.3.1.1: both mandatory
-            raise MessageRefusedError("a C-STORE-RQ without Affected SOP Class and Instance "
-                                      "UIDs")
+            raise MessageRefusedError("a C-STORE-RQ without its Affected SOP Class or Instance "
+                                      "UID")
         context = self.assoc._accepted_cx.get(message.context_id)  # type: ignore[arg-type]
         if context is None:
             raise MessageRefusedError(f"a C-STORE-RQ on presentation context "
