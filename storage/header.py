@@ -1,5 +1,6 @@
 """What the index keeps of an instance, read from its header without decoding pixels, once
-its structure is known to be within the ingest limits."""
+its structure is known to be within the ingest limits. A deflated data set is inflated as a
+stream into a scratch file, bounded, never whole in memory."""
 
 import io
 import struct
