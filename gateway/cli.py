@@ -58,7 +58,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     # Creates a missing data dir: importing an archive into a new data dir, then serving
     # it, is a legitimate first step.
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits())
     try:
         summary = import_paths(store, args.paths, jobs=args.jobs,
                                progress=not args.quiet and sys.stderr.isatty())

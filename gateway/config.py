@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from gateway.publication.confidentiality import Confidentiality
+from storage.header import IngestLimits
 from storage.store import DuplicatePolicy
 from storage.uids import oid_of, uid_from_digest
 
@@ -89,6 +90,8 @@ class DicomSettings(_Section):
     max_pdu: int = Field(262144, ge=0)
     max_associations: int = Field(16, ge=1)
     max_associations_per_client: int = Field(8, ge=1)
+    max_pending_connections: int = Field(128, ge=1)
+    artim_timeout: float = Field(10, gt=0)
     acse_timeout: float = Field(30, gt=0)
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(120, gt=0)
@@ -127,6 +130,15 @@ class IngestSettings(_Section):
 
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     max_instance_bytes: int = Field(1 << 30, gt=0)
+    max_sequence_items: int = Field(50_000, ge=1)
+    # Each level costs a few stack frames in every reader: well under Python's 1000.
+    max_sequence_depth: int = Field(32, ge=1, le=100)
+    max_dataset_elements: int = Field(1_000_000, ge=1)
+
+    def limits(self) -> IngestLimits:
+        """The limits every way in applies to an instance."""
+        return IngestLimits(self.max_instance_bytes, self.max_sequence_items,
+                            self.max_sequence_depth, self.max_dataset_elements)
 
 
 class ImagingSettings(_Section):

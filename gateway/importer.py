@@ -67,10 +67,9 @@ def import_paths(store: Store, paths: list[Path], jobs: int = 4,
 
     def ingest(path: Path) -> tuple[Path, IngestResult | OSError]:
         try:
-            data = path.read_bytes()
+            return path, store.ingest_path(path, source="import")
         except OSError as exc:
             return path, exc
-        return path, store.ingest(data, source="import")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool, \
             tqdm(total=len(files), unit="file", disable=not progress) as bar:

@@ -119,7 +119,7 @@ def serve(settings: Settings) -> None:
     with contextlib.ExitStack() as stop:
         stop.callback(log.info, "stopped")
         stop.callback(lock.release)
-        store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+        store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits())
         stop.callback(store.close)
         # Only the lock holder may purge: an import running beside the service has its own
         # temporary files in flight.

@@ -9,10 +9,12 @@ the directory), so a reader never sees a partial file and a power cut never lose
 
 import contextlib
 import os
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from storage.uids import is_valid_uid
 
@@ -29,6 +31,54 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class BlobTooLargeError(ValueError):
+    """A temporary file would pass its limit."""
+
+
+class TemporaryBlob:
+    """A file being written at ``path``, at most ``limit`` bytes (None: no limit): it
+    becomes a stored file through ``BlobStore.adopt``, or is deleted by ``discard``.
+    Writes go straight to the file (no buffer): what was written is what a reader sees."""
+
+    def __init__(self, path: Path, limit: int | None = None) -> None:
+        self.path = path
+        self.limit = limit
+        self.size = 0
+        self.adopted = False
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``; BlobTooLargeError (nothing written) past ``limit``."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise BlobTooLargeError(f"more than {self.limit} bytes")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self.size += len(data)
+
+    def sync_and_close(self) -> None:
+        """Flush the file to stable storage and close it (what ``adopt`` needs first)."""
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            finally:
+                self.close()
+
+    def close(self) -> None:
+        """Close the file, keeping it (to be read, then adopted or discarded)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Close and delete the file unless it was adopted; safe to call again."""
+        self.close()
+        if not self.adopted:
+            self.path.unlink(missing_ok=True)
 
 
 class BlobStore:
@@ -61,31 +111,43 @@ class BlobStore:
         """Absolute path of a stored file from its relative path."""
         return self.root / relative
 
+    def temporary(self, limit: int | None = None) -> "TemporaryBlob":
+        """A new temporary file in ``<root>/tmp`` (purged at start-up), to write then
+        ``adopt`` or ``discard``; ``limit`` bytes at most."""
+        return TemporaryBlob(self.tmp_dir / f"{uuid.uuid4().hex}.part", limit)
+
+    def scratch(self) -> BinaryIO:
+        """An anonymous read-write file in ``<root>/tmp``, gone once closed (or on a crash)."""
+        return tempfile.TemporaryFile(dir=self.tmp_dir)
+
     def put(self, relative: str, chunks: Iterable[bytes]) -> None:
         """Write ``chunks`` as the file ``relative``, atomically replacing any previous one.
 
         Returns only once the data and the directory entry are on stable storage. On any
         error the temporary file is removed and the previous content, if any, is untouched.
         """
-        target = self.root / relative
-        self._make_dir_durable(target.parent)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        blob = self.temporary()
         try:
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            tmp.replace(target)
+            for chunk in chunks:
+                blob.write(chunk)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            blob.discard()
             raise
+        self.adopt(blob, relative)
+
+    def adopt(self, blob: "TemporaryBlob", relative: str) -> None:
+        """Make the complete temporary file ``blob`` the file ``relative``: fsynced, renamed
+        over any previous one, its directory fsynced. On any error ``blob`` is discarded and
+        the previous content, if any, is untouched."""
+        target = self.root / relative
+        try:
+            self._make_dir_durable(target.parent)
+            blob.sync_and_close()
+            blob.path.replace(target)
+        except BaseException:
+            blob.discard()
+            raise
+        blob.adopted = True
         _fsync_dir(target.parent)
 
     def read(self, relative: str) -> bytes:

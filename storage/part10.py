@@ -1,12 +1,24 @@
 """Byte-level helpers for DICOM Part 10 files (PS3.10 7.1): preamble, prefix, meta group."""
 
+import io
 import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 PREAMBLE_LENGTH = 128
 PREFIX = b"DICM"
-# VRs whose explicit-VR header has a 4-byte length after two reserved bytes (PS3.5 7.1.2).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
+# VRs whose explicit VR header has a 4-byte length after two reserved bytes (PS3.5 7.1.2).
+LONG_LENGTH_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    """Where a Part 10 file's data set starts, and its Transfer Syntax UID (None if absent)."""
+
+    dataset_offset: int
+    transfer_syntax: str | None
 
 
 def is_part10(data: bytes) -> bool:
@@ -28,25 +40,35 @@ def with_preamble(data: bytes) -> bytes | None:
     return None
 
 
-def dataset_offset(data: bytes) -> int:
-    """Offset of the first byte after the File Meta group (always explicit VR little endian).
+def read_file_meta(file: BinaryIO) -> FileMeta:
+    """Walk the File Meta group (explicit VR little endian) of the Part 10 file ``file``
+    (seekable, at any position); ``file`` is left at the first byte of the data set.
 
     Walks the group-2 elements instead of trusting (0002,0000), which some writers omit or
     get wrong.
     """
-    pos = PREAMBLE_LENGTH + len(PREFIX)
-    while pos + 8 <= len(data):
-        group, = struct.unpack_from("<H", data, pos)
+    size = file.seek(0, io.SEEK_END)
+    file.seek(PREAMBLE_LENGTH + len(PREFIX))
+    syntax = None
+    while len(head := file.read(8)) == 8:
+        group, element, vr, length = struct.unpack("<HH2sH", head)
         if group != 0x0002:
+            file.seek(-8, io.SEEK_CUR)
             break
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            length, = struct.unpack_from("<I", data, pos + 8)
-            pos += 12 + length
+        if vr in LONG_LENGTH_VRS:
+            length, = struct.unpack("<L", file.read(4).ljust(4, b"\0"))
+        if element == 0x0010 and length <= 64:
+            syntax = file.read(length).rstrip(b"\0 ").decode("ascii", "replace")
         else:
-            length, = struct.unpack_from("<H", data, pos + 6)
-            pos += 8 + length
-    return min(pos, len(data))
+            file.seek(length, io.SEEK_CUR)
+    offset = min(file.tell(), size)
+    file.seek(offset)
+    return FileMeta(offset, syntax)
+
+
+def dataset_offset(data: bytes) -> int:
+    """Offset of the first byte after the File Meta group of the Part 10 file ``data``."""
+    return read_file_meta(io.BytesIO(data)).dataset_offset
 
 
 def dataset_bytes(data: bytes) -> memoryview:

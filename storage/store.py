@@ -1,22 +1,34 @@
 """The ingest path shared by C-STORE, STOW-RS and ``passerelle import``.
 
-``Store.ingest`` takes one Part 10 file as bytes and either stores it durably (file fsynced,
-index committed) or rejects it leaving nothing behind. Callers turn the outcome into a DIMSE
-status, an HTTP answer or a line of the import summary.
+``Store.ingest`` takes one Part 10 file as bytes, ``Store.ingest_file`` as a temporary file
+of the blob store (a C-STORE data set streamed to disk), and either stores it durably (file
+fsynced, index committed) or rejects it leaving nothing behind. Both first bound it by the
+ingest limits: its size (a deflated data set also once inflated, as a stream), then the
+structure of its data set, walked before anything parses it. Callers turn the outcome into a
+DIMSE status, an HTTP answer or a line of the import summary.
 """
 
 import enum
 import errno
+import io
 import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from storage.blobs import BlobStore, InvalidUIDError
-from storage.header import InstanceRecord, UnreadableDatasetError, read_header
+from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, TemporaryBlob
+from storage.header import (
+    DatasetTooComplexError,
+    DatasetTooLargeError,
+    IngestLimits,
+    InstanceRecord,
+    UnreadableDatasetError,
+    read_header,
+)
 from storage.index import Index
-from storage.part10 import dataset_bytes, with_preamble
+from storage.part10 import is_part10, read_file_meta, with_preamble
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,8 @@ class Rejection(enum.StrEnum):
     MISSING_UID = "missing-uid"
     INVALID_UID = "invalid-uid"
     UID_MISMATCH = "uid-mismatch"
+    TOO_LARGE = "too-large"  # over max_instance_bytes
+    TOO_COMPLEX = "too-complex"  # over max_sequence_items, _depth or max_dataset_elements
     DISK_FULL = "disk-full"
     IO_ERROR = "io-error"
 
@@ -75,15 +89,53 @@ def _rejected(reason: Rejection, message: str,
     return IngestResult(outcome, message, reason, record)
 
 
+def too_large(limit: int) -> IngestResult:
+    """The rejection of an instance over ``limit`` bytes (max_instance_bytes)."""
+    return _rejected(Rejection.TOO_LARGE, f"larger than {limit} bytes (max_instance_bytes)")
+
+
+def io_failure(error: OSError, record: InstanceRecord | None = None) -> IngestResult:
+    """The rejection for an error writing an instance."""
+    if error.errno == errno.ENOSPC:
+        return _rejected(Rejection.DISK_FULL, "out of disk space", record)
+    return _rejected(Rejection.IO_ERROR, f"I/O error: {error.strerror or error}", record)
+
+
+_COMPARE_CHUNK = 1 << 20
+
+
+def _size(source: bytes | Path) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+
+def _open(source: bytes | Path) -> BinaryIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else source.open("rb")
+
+
+def _same_dataset(a: bytes | Path, b: bytes | Path) -> bool:
+    """True when two Part 10 files hold the same encoded data set (their meta may differ)."""
+    with _open(a) as left, _open(b) as right:
+        read_file_meta(left)
+        read_file_meta(right)
+        while True:
+            chunk = left.read(_COMPARE_CHUNK)
+            if chunk != right.read(_COMPARE_CHUNK):
+                return False
+            if not chunk:
+                return True
+
+
 class Store:
     """Files plus index under one data directory."""
 
     def __init__(self, data_dir: Path,
-                 duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST) -> None:
+                 duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST,
+                 limits: IngestLimits | None = None) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(data_dir)
         self.index = Index(data_dir / "index.sqlite")
         self.duplicate_policy = duplicate_policy
+        self.limits = limits or IngestLimits()
         # Held from the duplicate re-check to the index commit, so two associations sending
         # the same SOP Instance UID at once cannot both write it. Striped by UID: writers of
         # different instances fsync in parallel instead of queueing on one lock.
@@ -105,12 +157,69 @@ class Store:
         if normalised is None:
             return _rejected(Rejection.NOT_PART10,
                              "not a DICOM Part 10 file (no 'DICM' prefix after the preamble)")
-        data = normalised
+        return self._ingest(normalised, source, expected or {})
+
+    def ingest_file(self, blob: TemporaryBlob, source: str,
+                    expected: Mapping[str, str] | None = None) -> IngestResult:
+        """``ingest`` for a complete Part 10 file written to ``blob`` (from
+        ``blobs.temporary()``), which this takes over: it becomes the stored file (no
+        copy), or is discarded."""
         try:
-            record = read_header(data)
+            blob.close()
+            with blob.path.open("rb") as file:
+                if not is_part10(file.read(132)):
+                    return _rejected(Rejection.NOT_PART10, "not a DICOM Part 10 file")
+            return self._ingest(blob, source, expected or {})
+        except OSError as exc:
+            return io_failure(exc)
+        finally:
+            blob.discard()  # stored: adopted, nothing to delete
+
+    def ingest_path(self, path: Path, source: str) -> IngestResult:
+        """``ingest`` for a Part 10 file outside the store (``passerelle import``), copied
+        a chunk at a time into a temporary file (never whole in memory), at most
+        max_instance_bytes of it; OSError if ``path`` cannot be read."""
+        limit = self.limits.max_instance_bytes
+        with path.open("rb") as file:
+            chunk = with_preamble(file.read(132))
+            if chunk is None:
+                return _rejected(Rejection.NOT_PART10, "not a DICOM Part 10 file")
+            try:
+                blob = self.blobs.temporary(limit)
+            except OSError as exc:
+                return io_failure(exc)
+            try:
+                while chunk:
+                    try:
+                        blob.write(chunk)
+                    except OSError as exc:  # writing; reading errors go to the caller
+                        blob.discard()
+                        return io_failure(exc)
+                    chunk = file.read(_COMPARE_CHUNK)
+            except BlobTooLargeError:
+                blob.discard()
+                return too_large(limit)
+            except BaseException:
+                blob.discard()
+                raise
+        return self.ingest_file(blob, source)
+
+    def _ingest(self, blob: bytes | TemporaryBlob, source: str,
+                expected: Mapping[str, str]) -> IngestResult:
+        received = blob if isinstance(blob, bytes) else blob.path
+        if _size(received) > self.limits.max_instance_bytes:
+            return too_large(self.limits.max_instance_bytes)
+        try:
+            record = read_header(received, self.limits, self.blobs.scratch)
+        except OSError as exc:  # reading the temporary file
+            return io_failure(exc)
         except UnreadableDatasetError as exc:
             return _rejected(Rejection.UNREADABLE, str(exc))
-        problem = _check_identity(record, expected or {})
+        except DatasetTooLargeError:
+            return too_large(self.limits.max_instance_bytes)
+        except DatasetTooComplexError as exc:
+            return _rejected(Rejection.TOO_COMPLEX, str(exc))
+        problem = _check_identity(record, expected)
         if problem:
             return problem
         try:
@@ -121,36 +230,40 @@ class Store:
 
         existing = self.index.find_instance(record.sop_uid)
         if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-            return self._compare_with_stored(record, data, existing.path)
+            return self._compare_with_stored(record, received, existing.path)
         try:
-            return self._write(record, relative, data, source)
+            return self._write(record, relative, blob, source)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                return _rejected(Rejection.DISK_FULL, "out of disk space", record)
-            log.exception("I/O error while storing %s", record.sop_uid)
-            return _rejected(Rejection.IO_ERROR, f"I/O error: {exc.strerror or exc}", record)
+            if exc.errno != errno.ENOSPC:
+                log.exception("I/O error while storing %s", record.sop_uid)
+            return io_failure(exc, record)
 
-    def _compare_with_stored(self, record: InstanceRecord, data: bytes,
+    def _compare_with_stored(self, record: InstanceRecord, received: bytes | Path,
                              stored_path: str) -> IngestResult:
         # File meta differs between senders (source AE, implementation UID): compare the
         # data sets only.
-        if dataset_bytes(self.blobs.read(stored_path)) == dataset_bytes(data):
+        if _same_dataset(self.blobs.absolute(stored_path), received):
             return IngestResult(Outcome.DUPLICATE, "already stored", record=record)
         return IngestResult(Outcome.CONFLICT,
                             "a different object is already stored under this SOP Instance UID;"
                             " kept the first one", record=record)
 
-    def _write(self, record: InstanceRecord, relative: str, data: bytes,
+    def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:
+        received = blob if isinstance(blob, bytes) else blob.path
         with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-                return self._compare_with_stored(record, data, existing.path)
-            replaced = bool(existing) and (
-                dataset_bytes(self.blobs.read(existing.path)) != dataset_bytes(data))
-            self.blobs.put(relative, [data])
+                return self._compare_with_stored(record, received, existing.path)
+            replaced = bool(existing) and not _same_dataset(
+                self.blobs.absolute(existing.path), received)
+            size = _size(received)
+            if isinstance(blob, bytes):
+                self.blobs.put(relative, [blob])
+            else:
+                self.blobs.adopt(blob, relative)
             try:
-                self.index.add_instance(record, relative, len(data), source,
+                self.index.add_instance(record, relative, size, source,
                                         replacing=bool(existing))
             except BaseException:
                 if not existing:

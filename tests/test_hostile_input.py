@@ -192,11 +192,12 @@ def test_data_set_with_an_absurd_length(target: PasserelleProcess, tmp_path: Pat
 def test_deeply_nested_sequences(target: PasserelleProcess, tmp_path: Path) -> None:
     ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
     data = bytearray(part10(ds))
-    # 50 000 nested undefined-length sequence items, inserted after the file meta.
+    # 40 000 nested undefined-length sequence items (800 KB: under max_instance_bytes),
+    # inserted after the file meta.
     item = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
     at = data.index(b"\x08\x00\x16\x00")  # SOP Class UID, first data set element
     path = tmp_path / "deep.dcm"
-    path.write_bytes(bytes(data[:at]) + item * 50_000 + bytes(data[at:]))
+    path.write_bytes(bytes(data[:at]) + item * 40_000 + bytes(data[at:]))
     status, _ = send(target.dicom_port, path)
     assert status in (0xC000, 0xA900), hex(status)
     assert echo(target)

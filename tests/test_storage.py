@@ -1,20 +1,23 @@
 """The storage package on real files and a real SQLite database."""
 
+import dataclasses
 import io
 import json
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore, InvalidUIDError
+from storage.header import IngestLimits, read_header
 from storage.index import MIGRATIONS, Index
-from storage.part10 import dataset_offset
+from storage.part10 import dataset_offset, read_file_meta
 from storage.search import Level, Match, fold_name
-from storage.store import Outcome, Store
+from storage.store import Outcome, Rejection, Store
 from storage.uids import is_valid_uid
 from tests.synthetic import ct_slice, part10
 
@@ -197,3 +200,52 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path) -> None:
         assert stored in versions
     assert list(store.blobs.tmp_dir.iterdir()) == []
     store.close()
+
+
+def _deflated_part10(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_deflated_header_is_read_as_pydicom_reads_it() -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 7, size=16, PatientName="Deflated^Dora")
+    explicit = read_header(part10(ds))
+    deflated = read_header(_deflated_part10(ds), IngestLimits())
+    assert deflated == dataclasses.replace(explicit,
+                                           transfer_syntax=DeflatedExplicitVRLittleEndian)
+    assert (deflated.patient_name, deflated.instance_number) == ("Deflated^Dora", 7)
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated_in_memory(tmp_path: Path) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    ds.EncapsulatedDocument = bytes(64 << 20)  # 64 MiB of zeros: 64 KB deflated
+    bomb = _deflated_part10(ds)
+    del ds
+    store = Store(tmp_path, limits=IngestLimits(max_instance_bytes=1 << 20))
+    try:
+        tracemalloc.start()
+        result = store.ingest(bomb, "test")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert result.reason is Rejection.TOO_LARGE
+        assert peak < 8 << 20, f"{peak / 1e6:.0f} MB allocated"
+        # Within the limit, it is inflated into a scratch file, not in memory, either.
+        store.limits = IngestLimits()
+        tracemalloc.start()
+        result = store.ingest(bomb, "test")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert result.outcome is Outcome.STORED
+        assert peak < 8 << 20, f"{peak / 1e6:.0f} MB allocated"
+        assert list(store.blobs.tmp_dir.iterdir()) == []
+    finally:
+        store.close()
+
+
+def test_one_file_meta_walker_finds_the_transfer_syntax(tmp_path: Path) -> None:
+    raw = _deflated_part10(ct_slice(generate_uid(), generate_uid(), 1, 1, size=4))
+    meta = read_file_meta(io.BytesIO(raw))
+    assert meta.transfer_syntax == DeflatedExplicitVRLittleEndian
+    assert meta.dataset_offset == dataset_offset(raw)

@@ -1,8 +1,9 @@
 """DICOM upper-layer service: C-ECHO and C-STORE SCP (PS3.4 Annex A and B, PS3.7 9.1.1).
 
 Received data sets are stored exactly as encoded by the peer (no transcoding), through
-``storage.Store``; the C-STORE response is sent only once the file and its index row are on
-stable storage.
+``storage.Store``: each is written to a temporary file as it arrives (``server``), which
+becomes the stored file. The C-STORE response is sent only once the file and its index row
+are on stable storage.
 """
 
 import logging
@@ -19,11 +20,16 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
 from gateway.config import DicomSettings
-from gateway.dicom.server import GuardedAssociationServer, pdu_limit
+from gateway.dicom.pynetdicom_adapter import register_server
+from gateway.dicom.server import (
+    ConnectionLimits,
+    GuardedAssociationServer,
+    pdu_limit,
+    received_dataset,
+)
 from gateway.dicom.statuses import SUCCESS, failure_status
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
 from gateway.security.audit import Outcome as AuditOutcome
-from storage.part10 import file_preamble_and_meta
 from storage.store import Outcome, Store
 
 log = logging.getLogger(__name__)
@@ -66,7 +72,9 @@ class DicomService:
         self.ssl_context = ssl_context  # DICOM over TLS (PS3.15 B.1) when set
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu
-        self.ae.maximum_associations = settings.max_associations
+        # pynetdicom counts the thread of every connection, negotiating or not, against this;
+        # GuardedAssociationServer counts served associations against max_associations.
+        self.ae.maximum_associations = settings.max_associations + settings.max_pending_connections
         self.ae.acse_timeout = settings.acse_timeout
         self.ae.dimse_timeout = settings.dimse_timeout
         self.ae.network_timeout = settings.network_timeout
@@ -95,16 +103,22 @@ class DicomService:
 
     def start(self) -> None:
         """Bind and start accepting associations in a background thread."""
-        address = (self.settings.host, self.settings.port)
+        settings = self.settings
+        address = (settings.host, settings.port)
         self._server = self.ae.make_server(
             address, evt_handlers=self._handlers, ssl_context=self.ssl_context,
             server_class=GuardedAssociationServer,
-            per_client=self.settings.max_associations_per_client,
-            max_pdu_bytes=pdu_limit(self.settings.max_pdu), on_refused=self._on_over_limit)
+            limits=ConnectionLimits(
+                settings.max_associations_per_client, settings.max_associations,
+                settings.max_pending_connections, settings.artim_timeout,
+                pdu_limit(settings.max_pdu)),
+            new_blob=self.store.blobs.temporary,
+            max_instance_bytes=self.store.limits.max_instance_bytes,
+            on_refused=self._on_over_limit, on_flooded=self._on_flooded)
         self._acceptor = threading.Thread(target=self._server.serve_forever,
                                           name="dicom-acceptor", daemon=True)
         self._acceptor.start()
-        self.ae._servers.append(self._server)  # as start_server does; shutdown() removes it
+        register_server(self.ae, self._server)
         log.info("DICOM SCP %s listening on %s:%d%s", self.settings.ae_title, address[0],
                  self.port, " (TLS)" if self.ssl_context else "")
 
@@ -137,13 +151,15 @@ class DicomService:
     def _on_store(self, event: evt.Event) -> Dataset:
         calling = event.assoc.requestor.ae_title
         request = event.request
-        data = file_preamble_and_meta(
-            request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
-            event.context.transfer_syntax, calling) + event.encoded_dataset(include_meta=False)
-        result = self.store.ingest(data, source=calling, expected={
-            "SOPInstanceUID": str(request.AffectedSOPInstanceUID),
-            "SOPClassUID": str(request.AffectedSOPClassUID)})
-        metrics.record_ingest(result, "dimse", len(data))
+        received = received_dataset(event)
+        # Refused while arriving (too large, disk full): its rest was read and dropped, since
+        # the C-STORE indication comes with the last fragment only (PS3.8 E.2), and the
+        # response after it; the association goes on.
+        result = received.refusal or self.store.ingest_file(
+            received.claim(), source=calling, expected={
+                "SOPInstanceUID": str(request.AffectedSOPInstanceUID),
+                "SOPClassUID": str(request.AffectedSOPClassUID)})
+        metrics.record_ingest(result, "dimse", received.size)
         self._count(event.assoc, result.record.study_uid if result.record else "",
                     result.accepted)
         if result.accepted:
@@ -182,6 +198,10 @@ class DicomService:
         self.audit.record(AuditEvent(EventType.USER_AUTHENTICATION, "E",
                                      AuditOutcome.MINOR_FAILURE, "", host,
                                      detail="association refused: too many from this client"))
+
+    def _on_flooded(self) -> None:
+        # Not audited: a flood of connections must not flush the audit trail.
+        metrics.ASSOCIATIONS.labels("refused-over-limit").inc()
 
     def _count(self, assoc: Association, study_uid: str, accepted: bool) -> None:
         with self._received_lock:

@@ -1,29 +1,61 @@
-"""pynetdicom's association server with the limits a hostile network needs.
+"""pynetdicom's association server with the limits a hostile network needs (the pynetdicom
+internals this takes are all in ``pynetdicom_adapter``).
 
 - TLS handshakes happen in each association's own thread: pynetdicom does them in its single
   accept thread, where one client that connects and stays silent would stall every peer.
-- At most ``per_client`` connections at once from one address; the next one has its
-  A-ASSOCIATE-RQ read (not decoded) and answered with an A-ASSOCIATE-RJ, transient,
-  local-limit-exceeded (PS3.8 9.3.4), and the server waits briefly for the peer to close.
+- At most ``per_client`` connections at once from one address; the next one gives up its
+  pending slot at once, has its A-ASSOCIATE-RQ read (not decoded) and answered with an
+  A-ASSOCIATE-RJ, transient, local-limit-exceeded (PS3.8 9.3.4), and the server waits
+  briefly for the peer to close; at most ``_COURTESY_REJECTIONS`` such answers at a time,
+  past them the connection is closed at once.
+- At most ``max_associations`` associations served at once, counted from their
+  A-ASSOCIATE-RQ: pynetdicom counts every connection's thread, so silent connections from a
+  few addresses would lock everyone else out. At most ``max_pending`` connections still
+  negotiating; each must send its whole A-ASSOCIATE-RQ within the ARTIM time (PS3.8 9.1.5),
+  pynetdicom's timer only runs between PDUs. A connection's slots are free again the moment
+  it closes, and in any case when its association thread ends (pynetdicom reports no close
+  when its reader thread dies of an error).
 - Each PDU header is checked as it arrives (PS3.8 9.3.1): an unknown PDU type or a length
   over ``max_pdu_bytes`` closes the connection at once. pynetdicom would buffer whatever
   length the peer announces (up to 4 GiB), and after garbage it keeps reading, logging an
   error every 6 bytes, until its ARTIM timer expires.
+- Each C-STORE data set is written to a temporary file of the blob store as its fragments
+  arrive, at most ``max_instance_bytes`` of it; the command set of every message (64 KiB)
+  and the data set of any other message (1 MiB) are bounded in memory, past them, or for a
+  message that cannot be decoded (a C-STORE-RQ without its UIDs), the association is
+  aborted.
 """
 
 import contextlib
+import errno
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from gateway.dicom.pynetdicom_adapter import (
+    AdaptedRequestHandler,
+    StreamingDimse,
+    announce_close,
+    call_when_ended,
+    dataset_sink,
+    guard_receive,
+    reject_association,
+    use_dimse,
+    wake_if_negotiating,
+)
 from gateway.security.client_counts import ClientCounts
+from storage.blobs import BlobTooLargeError, TemporaryBlob
+from storage.part10 import file_preamble_and_meta
+from storage.store import IngestResult, io_failure, too_large
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +64,26 @@ log = logging.getLogger(__name__)
 # (local-limit-exceeded).
 _LIMIT_EXCEEDED = struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 2, 3, 2)
 _PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ .. A-ABORT
-_ARTIM_SECONDS = 5  # each wait of a rejection (PS3.8 9.1.5)
 _REJECT_PAUSE_SECONDS = 0.1
+# Connections over their client's limit answered A-ASSOCIATE-RJ at once, all addresses
+# together (each holds a thread up to twice the ARTIM time); the others are closed at once.
+_COURTESY_REJECTIONS = 16
+# Bytes kept in memory of a DIMSE command set, and of the data set of a message other than
+# C-STORE (this SCP serves none that has one); past them the association is aborted.
+_COMMAND_BYTES = 64 << 10
+_OTHER_DATASET_BYTES = 1 << 20
+_FLOOD_LOG_SECONDS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What the server allows (the [dicom] settings of the same names)."""
+
+    per_client: int
+    max_associations: int
+    max_pending: int
+    artim_seconds: float
+    max_pdu_bytes: int
 
 
 class RefusedPduError(OSError):
@@ -41,20 +91,26 @@ class RefusedPduError(OSError):
 
 
 class PduGuard:
-    """Wraps an association socket's ``recv``: the DUL reads each PDU as its 6-byte header,
-    then the announced length in one call, alternately; every header is checked."""
+    """Replaces an association socket's ``recv``: the DUL reads each PDU as its 6-byte header,
+    then the announced length in one call, alternately; every header is checked, and the
+    first PDU (the A-ASSOCIATE-RQ) must be complete by ``deadline``."""
 
-    def __init__(self, receive: Callable[[int], bytearray], limit: int, peer: str) -> None:
+    def __init__(self, receive: Callable[[int], bytearray], connection: AssociationSocket,
+                 limit: int, peer: str, deadline: float) -> None:
+        self.connection = connection
         self.receive = receive
         self.limit = limit
         self.peer = peer
+        self.deadline: float | None = deadline  # None once the first PDU is in
         self._header_next = True
 
     def __call__(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes``; RefusedPduError for a header that must not be followed."""
-        data = self.receive(nr_bytes)
+        data = (self.receive(nr_bytes) if self.deadline is None
+                else self._by_deadline(nr_bytes, self.deadline))
         if not self._header_next:
             self._header_next = True
+            self.deadline = None
             return data
         self._header_next = False
         if len(data) == 6:  # shorter: the peer left, the DUL sees it
@@ -66,57 +122,188 @@ class PduGuard:
                                       f"most {self.limit} accepted")
         return data
 
+    def _by_deadline(self, nr_bytes: int, deadline: float) -> bytearray:
+        """``nr_bytes`` (fewer if the peer closes); TimeoutError at ``deadline``, however
+        slowly the peer trickles them."""
+        sock = cast(socket.socket, self.connection.socket)  # set: the DUL is reading
+        timeout = sock.gettimeout()
+        data = bytearray()
+        try:
+            while len(data) < nr_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the ARTIM time is over")
+                sock.settimeout(left if timeout is None else min(left, timeout))
+                chunk = sock.recv(min(nr_bytes - len(data), 65536))
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            log.warning("closing the connection from %s: no whole A-ASSOCIATE-RQ within "
+                        "artim_timeout", self.peer)
+            raise
+        finally:
+            sock.settimeout(timeout)
+        return data
 
-class GuardedRequestHandler(RequestHandler):
-    """Refuses a client over its connection limit; guards the PDUs of the others."""
+
+class ReceivedDataset:
+    """A C-STORE data set written to a temporary blob as its fragments arrive, after the
+    preamble and File Meta ``header``, up to ``limit`` bytes in all. Past the limit, or on
+    a write error, the file is deleted and the rest counted and dropped as it comes:
+    ``refusal`` says why. The sink pynetdicom writes to (``pynetdicom_adapter``)."""
+
+    def __init__(self, new_blob: Callable[[int], TemporaryBlob], header: bytes,
+                 limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.refusal: IngestResult | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._blob: TemporaryBlob | None = None
+        try:
+            self._blob = new_blob(limit)
+        except OSError as exc:
+            self._refuse(io_failure(exc))
+        self.name = str(self._blob.path) if self._blob else ""
+        self.write(header)
+
+    @property
+    def file(self) -> "ReceivedDataset":
+        """What pynetdicom flushes after each fragment."""
+        return self
+
+    @property
+    def closed(self) -> bool:
+        """True once claimed, closed or refused."""
+        return self._closed
+
+    def flush(self) -> None:
+        """Nothing to do: fragments are written unbuffered."""
+
+    def write(self, data: bytes) -> None:
+        """Append one fragment, or count it only, once refused."""
+        with self._lock:
+            self.size += len(data)
+            if self._closed or self._blob is None:
+                return
+            try:
+                self._blob.write(data)
+            except BlobTooLargeError:
+                self._refuse(too_large(self.limit))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    log.error("cannot write a received data set to %s: %s", self.name, exc)
+                self._refuse(io_failure(exc))
+
+    def claim(self) -> TemporaryBlob:
+        """The complete file, now the caller's to store or discard."""
+        with self._lock:
+            if self._closed or self._blob is None:
+                raise ValueError("the received data set is closed")
+            self._closed = True
+            return self._blob
+
+    def close(self) -> None:
+        """Close the file and delete it, unless claimed."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._blob is not None:
+                self._blob.discard()
+
+    def _refuse(self, why: IngestResult) -> None:
+        self.refusal = why
+        self._close()
+
+
+def received_dataset(event: evt.Event) -> ReceivedDataset:
+    """The data set of the EVT_C_STORE ``event`` of a GuardedAssociationServer."""
+    received = dataset_sink(event)
+    if not isinstance(received, ReceivedDataset):
+        raise TypeError("C-STORE data set not received by GuardedAssociationServer")
+    return received
+
+
+class GuardedRequestHandler(AdaptedRequestHandler):
+    """Refuses a client over its connection limit; guards the association of the others."""
 
     server: "GuardedAssociationServer"
+    _assoc: Association | None = None
 
     def handle(self) -> None:
         """Start the association, or answer A-ASSOCIATE-RJ if the client has too many."""
-        host = self.client_address[0]
-        if not self.server.clients.admit(host):
+        server, host = self.server, self.client_address[0]
+        if not server.clients.admit(host):
+            # Its pending slot first: held while the rejection waits up to twice the ARTIM
+            # time, it would let one address fill max_pending and deny everyone else.
+            server.settle_unassociated()
             log.warning("association from %s refused: %d already open (limit per client)",
-                        host, self.server.clients.limit)
-            self.server.on_refused(host)
-            with contextlib.suppress(OSError):  # the peer left, went silent, failed TLS
-                _reject(self.request, self.server.max_pdu_bytes)
-            self.server.shutdown_request(self.request)
+                        host, server.clients.limit)
+            server.on_refused(host)
+            if server.courtesy.acquire(blocking=False):
+                try:
+                    with contextlib.suppress(OSError):  # the peer left, silent, failed TLS
+                        _reject(self.request, server.limits)
+                finally:
+                    server.courtesy.release()
+            server.shutdown_request(self.request)
             return
         try:
             super().handle()
         except BaseException:
-            self.server.clients.release(host)
+            if self._assoc is None:
+                server.clients.release(host)
+                server.settle_unassociated()
+            else:
+                server.release(self._assoc)
             raise
 
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        association_socket = assoc.dul.socket
-        association_socket.recv = PduGuard(association_socket.recv, self.server.max_pdu_bytes,
-                                           self.client_address[0])
-        return assoc
+    def configure(self, assoc: Association) -> None:
+        """Guard the PDUs of ``assoc``, stream its C-STORE data sets, track its slots."""
+        server, host = self.server, self.client_address[0]
+        limits = server.limits
+        deadline = time.monotonic() + limits.artim_seconds
+        connection = assoc.dul.socket
+        guard_receive(assoc, lambda receive: PduGuard(
+            receive, connection, limits.max_pdu_bytes, host, deadline), limits.artim_seconds)
+
+        def open_dataset(sop_class: str, sop_instance: str,
+                         transfer_syntax: str) -> ReceivedDataset:
+            header = file_preamble_and_meta(sop_class, sop_instance, transfer_syntax,
+                                            assoc.requestor.ae_title)
+            return ReceivedDataset(server.new_blob, header, server.max_instance_bytes)
+
+        use_dimse(assoc, StreamingDimse(assoc, open_dataset, _COMMAND_BYTES,
+                                        _OTHER_DATASET_BYTES))
+        call_when_ended(assoc, server.association_ended)
+        server.track(assoc, host)
+        self._assoc = assoc
 
 
-def _reject(connection: socket.socket, max_pdu_bytes: int) -> None:
+def _reject(connection: socket.socket, limits: ConnectionLimits) -> None:
     """Read the peer's A-ASSOCIATE-RQ, answer A-ASSOCIATE-RJ, wait for the peer to close.
 
     The PS3.8 9.2 sequence (Sta2 -> Sta3 -> Sta13). Answering before the request arrives, or
     closing the connection before the requestor does, makes clients such as pynetdicom
     report an abort instead of the rejection and its reason. Each wait (for the request,
-    for the close) is bounded as by an ARTIM timer; the request is read, not kept.
+    for the close) is bounded by the ARTIM time; the request is read, not kept.
     """
-    deadline = time.monotonic() + _ARTIM_SECONDS
+    deadline = time.monotonic() + limits.artim_seconds
     pdu_type, _, length = struct.unpack(">BBL", _receive_exactly(connection, 6, deadline))
-    if pdu_type != 0x01 or length > max_pdu_bytes:
+    if pdu_type != 0x01 or length > limits.max_pdu_bytes:
         return  # not an association request: nothing to answer
     while length:
         length -= len(_receive_exactly(connection, min(length, 65536), deadline))
     # pynetdicom requestors (3.0.4) take an A-ASSOCIATE-RJ that arrives within a few
     # milliseconds of their request for a lost connection, and report an abort.
     time.sleep(_REJECT_PAUSE_SECONDS)
-    connection.settimeout(_ARTIM_SECONDS)
+    connection.settimeout(limits.artim_seconds)
     connection.sendall(_LIMIT_EXCEEDED)
-    deadline = time.monotonic() + _ARTIM_SECONDS
+    deadline = time.monotonic() + limits.artim_seconds
     while _receive(connection, 65536, deadline):  # Sta13: the requestor closes
         pass
 
@@ -144,20 +331,41 @@ def _receive_exactly(connection: socket.socket, size: int, deadline: float) -> b
     return b"".join(chunks)
 
 
+@dataclass(slots=True)
+class _Connection:
+    """The slots one connection holds."""
+
+    host: str  # counted in ClientCounts
+    pending: bool = True  # a max_pending slot: no A-ASSOCIATE-RQ yet
+    served: bool = False  # a max_associations slot
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
-    """A ThreadedAssociationServer with per-client limits; ``on_refused(host)`` is called
-    for each association refused over the limit. Made by ``AE.make_server``."""
+    """A ThreadedAssociationServer with the limits above, made by ``AE.make_server``.
+    ``on_refused(host)`` is called for each association refused over the per-client limit,
+    ``on_flooded()`` for each connection closed over ``max_pending``; C-STORE data sets go
+    to blobs from ``new_blob(limit)``, ``max_instance_bytes`` of each at most."""
 
-    def __init__(self, *args: Any, per_client: int, max_pdu_bytes: int,
-                 on_refused: Callable[[str], None], **kwargs: Any) -> None:
-        self.clients = ClientCounts(per_client)
-        self.max_pdu_bytes = max_pdu_bytes
+    def __init__(self, *args: Any, limits: ConnectionLimits,
+                 new_blob: Callable[[int], TemporaryBlob], max_instance_bytes: int,
+                 on_refused: Callable[[str], None], on_flooded: Callable[[], None],
+                 **kwargs: Any) -> None:
+        self.limits = limits
+        self.clients = ClientCounts(limits.per_client)
+        self.courtesy = threading.BoundedSemaphore(_COURTESY_REJECTIONS)
+        self.new_blob = new_blob
+        self.max_instance_bytes = max_instance_bytes
         self.on_refused = on_refused
+        self.on_flooded = on_flooded
+        self._slots = threading.Lock()
+        self._pending = 0  # connections without an A-ASSOCIATE-RQ yet
+        self._served = 0  # associations counted against max_associations
+        self._connections: dict[int, _Connection] = {}  # by id() of their association
+        self._flood = 0  # connections closed over max_pending since the last log line
+        self._flood_logged = 0.0
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+        self.bind(evt.EVT_REQUESTED, self._on_requested)
         self.bind(evt.EVT_CONN_CLOSE, self._on_close)
-
-    def _on_close(self, event: evt.Event) -> None:
-        self.clients.release(event.assoc.requestor.address)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; a TLS handshake is left to the association's thread."""
@@ -166,6 +374,79 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)
         return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Count the connection as pending, or close it (no thread) over max_pending."""
+        with self._slots:
+            if self._pending < self.limits.max_pending:
+                self._pending += 1
+                return True
+            self._flood += 1
+            now = time.monotonic()
+            if now - self._flood_logged >= _FLOOD_LOG_SECONDS:
+                # One line per period: a flood must not flood the log.
+                log.warning("%d connection(s) closed at once, the last from %s: %d still "
+                            "negotiating (max_pending_connections)", self._flood,
+                            client_address[0], self._pending)
+                self._flood, self._flood_logged = 0, now
+        self.on_flooded()
+        return False
+
+    def settle_unassociated(self) -> None:
+        """A pending connection that will have no association (refused, or failed)."""
+        with self._slots:
+            self._pending -= 1
+
+    def track(self, assoc: Association, host: str) -> None:
+        """``assoc`` holds the pending slot and the client count of its connection."""
+        with self._slots:
+            self._connections[id(assoc)] = _Connection(host)
+
+    def release(self, assoc: Association) -> bool:
+        """Free the slots of ``assoc``'s connection; False if already free."""
+        with self._slots:
+            connection = self._connections.pop(id(assoc), None)
+            if connection is None:
+                return False
+            self._pending -= connection.pending
+            self._served -= connection.served
+        self.clients.release(connection.host)
+        return True
+
+    def association_ended(self, assoc: Association) -> None:
+        """The thread of ``assoc`` ended: its connection is closed, reported or not."""
+        with self._slots:
+            unreported = id(assoc) in self._connections
+        if unreported:
+            log.warning("the connection from %s ended without a close from pynetdicom",
+                        assoc.requestor.address)
+            announce_close(assoc, self)
+        self.release(assoc)
+        if isinstance(assoc.dimse, StreamingDimse):
+            assoc.dimse.discard()  # data sets received and never handled
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._slots:
+            connection = self._connections.get(id(assoc))
+            admitted = self._served < self.limits.max_associations
+            if connection is not None:
+                self._pending -= connection.pending
+                connection.pending = False
+                connection.served = admitted
+                self._served += admitted
+        if admitted:
+            return
+        log.warning("association from %s refused: %d associations served (max_associations)",
+                    assoc.requestor.address, self.limits.max_associations)
+        reject_association(assoc)
+
+    def _on_close(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        self.release(assoc)  # its data sets are left to association_ended: a handler may run
+        # Closed (AA-5) or timed out (AA-2) before any A-ASSOCIATE-RQ: the association
+        # thread waits for one until acse_timeout.
+        wake_if_negotiating(assoc)
 
 
 def pdu_limit(max_pdu: int) -> int:
