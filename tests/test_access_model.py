@@ -342,3 +342,27 @@ def test_the_audit_names_what_was_served(scoped_web: tuple[InProcessService, Stu
     [head] = _events(web.data_dir, f"HEAD /dicom-web/studies/{s.b}/series/{s.b_series} via KOS")
     assert _studies_of(head) == [s.b]
     assert head["EventIdentification"]["EventOutcomeIndicator"] == "4"
+
+
+def test_a_refusal_before_any_access_names_no_patient(
+        scoped_web: tuple[InProcessService, Studies]) -> None:
+    """A 405 or a repeated parameter is refused before credentials or data are read: the
+    audit trail records the attempt, but as an access to no study (and no patient)."""
+    web, s = scoped_web
+    assert web.request("PUT", f"/dicom-web/studies/{s.b}").status_code == 405
+    assert web.get(f"/dicom-web/studies/{s.b}?limit=1&limit=2", headers=JSON).status_code == 400
+    web.close()
+    for detail in (f"PUT /dicom-web/studies/{s.b}", f"GET /dicom-web/studies/{s.b}"):
+        [refused] = _events(web.data_dir, detail)
+        assert refused["EventIdentification"]["EventOutcomeIndicator"] == "4"
+        assert refused.get("ParticipantObjectIdentification", []) == [], detail
+
+
+def test_require_kos_reference_closes_the_admin_api_to_anonymous_readers(
+        make_web: Callable[..., InProcessService]) -> None:
+    """Without an issuer, the admin listing of every patient would defeat a deployment that
+    confines reads to manifests; the control socket (the CLI) still serves it."""
+    strict = make_web("strict-admin", require_kos_reference="true")
+    for path in ("/admin/studies", "/admin/outbox", f"/admin/studies/{generate_uid()}"):
+        response = strict.get(path)
+        assert response.status_code == 403 and "administrator" in response.text, path

@@ -65,10 +65,14 @@ class AccessAuditMiddleware:
         target = find_target(scope)
         if target is None or (kind := _event(target)) is None:
             return
+        # A method no route serves, a parameter repeated: refused before any credential or
+        # data was read, an attempt on no study, so none (and no patient) is named.
+        refused_early = not target.method_allowed or bool(target.problem)
         event, action = kind
         # Which manifest opened (or failed to open) the door belongs in the trail.
         through = f" via KOS {target.manifest[:64]}" if target.manifest else ""
         self.trail.record(AuditEvent(
-            event, action, _outcome(status), user, address, target.study or "",
+            event, action, _outcome(status), user, address,
+            "" if refused_early else target.study or "",
             detail=f"{method} {path}{through} -> {status}",
             query=query if event is EventType.QUERY else ""))

@@ -113,13 +113,19 @@ class ManifestScopeMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = target_of(scope) if scope["type"] == "http" else None
-        if target is None or not (target.operation.reads_studies
-                                  or target.operation is Operation.STORE):
+        if target is None or not (target.operation.reads_studies or target.operation in
+                                  (Operation.STORE, Operation.ADMIN)):
             await self.app(scope, receive, send)
             return
         kos_uid = target.manifest
         try:
-            if kos_uid:
+            if target.operation is Operation.ADMIN:
+                # The admin API lists every patient: with reads confined to manifests, only
+                # an authenticated administrator (or the control socket) may list them.
+                if self.required and not scope.get("user"):
+                    raise ManifestDeniedError("with require_kos_reference, the admin API "
+                                              "needs an authenticated administrator")
+            elif kos_uid:
                 references = await self._check(target, kos_uid)
                 scope["state"][_SCOPED_KEY] = references.sop_uids
             elif self.required and target.operation.reads_studies:
@@ -131,7 +137,7 @@ class ManifestScopeMiddleware:
                         client[0], scope.get("user", "anonymous"), exc)
             await error_response(scope["path"], 403, str(exc))(scope, receive, send)
             return
-        if kos_uid:
+        if kos_uid and target.operation is not Operation.ADMIN:
             MANIFEST_ACCESS.labels("allowed").inc()
         await self.app(scope, receive, send)
 
