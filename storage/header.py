@@ -470,10 +470,11 @@ def _dataset(file: BinaryIO, limits: IngestLimits | None,
         yield inflated, syntax
 
 
-def inflate(compressed: BinaryIO, inflated: BinaryIO, limit: int | None) -> None:
-    """Write the inflated bytes of the deflated data set ``compressed`` (PS3.5 A.5) to
-    ``inflated`` a chunk at a time: DatasetTooLargeError as soon as they pass ``limit``
-    bytes, before they are written; UnreadableDatasetError if they cannot be inflated."""
+def inflate(compressed: BinaryIO, inflated: BinaryIO | None, limit: int | None) -> int:
+    """Inflate the deflated data set ``compressed`` (PS3.5 A.5) a chunk at a time into
+    ``inflated`` (None: only count); return the bytes it inflates to.
+    DatasetTooLargeError as soon as they pass ``limit`` bytes, before they are written;
+    UnreadableDatasetError if they cannot be inflated."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     produced = 0
     try:
@@ -485,9 +486,11 @@ def inflate(compressed: BinaryIO, inflated: BinaryIO, limit: int | None) -> None
             produced += len(chunk)
             if limit is not None and produced > limit:
                 raise DatasetTooLargeError(f"inflates to more than {limit} bytes")
-            inflated.write(chunk)
+            if inflated is not None:
+                inflated.write(chunk)
     except zlib.error as exc:
         raise UnreadableDatasetError(f"cannot inflate the data set: {exc}") from exc
+    return produced
 
 
 def _walk(dataset: BinaryIO, syntax: str | None, limits: IngestLimits) -> int:

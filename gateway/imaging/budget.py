@@ -22,7 +22,6 @@ import functools
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -32,10 +31,11 @@ import anyio
 import anyio.to_thread
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from gateway import metrics
+from storage.header import DatasetTooLargeError, UnreadableDatasetError, inflate
+from storage.part10 import read_file_meta
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ MIB = 1 << 20
 RENDER_BYTES_PER_PIXEL = 16
 # Per output pixel of a resized image: the image and Pillow's intermediate pass (RGBX).
 OUTPUT_BYTES_PER_PIXEL = 8
-_INFLATE_CHUNK = 1 << 20
 
 
 class OverBudget(Exception):  # noqa: N818 (a refusal, not a bug: named as the API says)
@@ -247,25 +246,21 @@ def render_bytes(ds: Dataset, resized_pixels: int) -> int:
 def is_deflated(path: Path) -> bool:
     """True when the file's data set is deflated (pydicom inflates it whole to read any
     of it, even the header)."""
-    return read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    with path.open("rb") as stored:
+        return read_file_meta(stored).transfer_syntax == DeflatedExplicitVRLittleEndian
 
 
 def inflated_size(path: Path, cap: int) -> int:
     """Bytes of the deflated data set of ``path`` once inflated, measured as a stream;
     stops counting past ``cap`` (returns a value above it)."""
-    meta = read_file_meta_info(path)
-    # The data set starts after the preamble (128), the prefix (4) and the file meta group,
-    # whose length is its Group Length element (12 bytes, PS3.10 7.1).
-    start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate (PS3.5 A.5)
-    total = 0
     with path.open("rb") as stored:
-        stored.seek(start)
-        while total <= cap and (chunk := stored.read(_INFLATE_CHUNK)):
-            while chunk and total <= cap:
-                total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
-                chunk = inflater.unconsumed_tail
-    return total
+        read_file_meta(stored)
+        try:
+            return inflate(stored, None, cap)
+        except DatasetTooLargeError:
+            return cap + 1
+        except UnreadableDatasetError:
+            return 0  # pydicom reads what there is, no more than the file holds
 
 
 def whole_read_bytes(path: Path, cap: int) -> int:
