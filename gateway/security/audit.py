@@ -8,8 +8,9 @@ up there too, so auditing costs a request nothing but a queue put.
 
 Repeated authentication failures are aggregated so that a flood of refused requests cannot
 rotate the trail away: per period, the first failure of each client address and reason is
-written in full, the others are counted and written at the period's end as one Security
-Alert per client (PS3.15 A.5.3.11) with their count, first and last time and reasons. At
+written in full, the others are counted and written at the period's end (or early, at
+100, 1 000... failures) as one Security Alert per client (PS3.15 A.5.3.11) with their
+count, first and last time and reasons. At
 most ``failure_clients`` addresses are tracked per period; the failures of any further one
 are counted together, under ``OTHER_CLIENTS``. Rotated files older than ``max_age_days``
 are removed, as are those past ``backups``.
@@ -42,6 +43,7 @@ ANONYMOUS = "anonymous"  # the UserID of a request that showed no credential
 OTHER_CLIENTS = "other clients"  # the failures of addresses past the aggregation table's bound
 _MAX_REASONS = 8  # per client and period; further ones are counted as "other"
 _MAX_USERS = 8  # user names kept per client and period (a calling AE title is the peer's choice)
+_EARLY_ALERTS = frozenset(10 ** k for k in range(2, 13))  # counts that write an alert at once
 _SWEEP_SECONDS = 3600  # how often rotated files are checked for age on a quiet trail
 
 
@@ -194,10 +196,11 @@ class ClientFailures:
     users: set[str] = field(default_factory=set)
     first: float = math.inf
     last: float = -math.inf
+    total: int = 0  # counted in the period, including those already taken
 
     @property
     def count(self) -> int:
-        """Failures counted (not written one by one)."""
+        """Failures counted and not taken yet."""
         return sum(self.reasons.values())
 
     def add(self, event: AuditEvent) -> None:
@@ -209,16 +212,27 @@ class ClientFailures:
         if len(self.users) < _MAX_USERS:
             self.users.add(user_id(event.user))
         self.first, self.last = min(self.first, event.at), max(self.last, event.at)
+        self.total += 1
+
+    def take(self) -> "ClientFailures":
+        """The failures counted so far, as a record of their own; counting starts again."""
+        taken = ClientFailures(reasons=self.reasons, users=self.users, first=self.first,
+                               last=self.last)
+        self.reasons, self.users, self.first, self.last = Counter(), set(), math.inf, -math.inf
+        return taken
 
 
 class FailureAggregator:
     """Repeated authentication failures per client address and period (``period``
-    seconds, on the monotonic clock, from the first failure after a drain)."""
+    seconds, on the monotonic clock, from the first failure after the last one ended). A
+    client whose count in the period reaches 100, 1 000, 10 000... has its alert written
+    at once, then counting goes on: a flood shows before the period ends."""
 
     def __init__(self, period: float, clients: int) -> None:
         self.period = period
         self.clients = clients  # addresses tracked per period, OTHER_CLIENTS aside
         self._table: dict[str, ClientFailures] = {}
+        self._ready: list[tuple[str, ClientFailures]] = []  # alerts due before the period ends
         self.ends = math.inf  # monotonic time at which the current period ends
 
     def admit(self, event: AuditEvent) -> bool:
@@ -227,30 +241,39 @@ class FailureAggregator:
             return True
         if not self._table:
             self.ends = time.monotonic() + self.period
-        failures = self._table.get(event.address)
+        address = event.address
+        failures = self._table.get(address)
         if failures is None:
             if len(self._table) - (OTHER_CLIENTS in self._table) >= self.clients:
-                self._table.setdefault(OTHER_CLIENTS, ClientFailures()).add(event)
-                AUDIT_FAILURES_AGGREGATED.labels("other_clients").inc()
-                return False
-            failures = self._table[event.address] = ClientFailures()
-        if event.reason not in failures.written and len(failures.written) < _MAX_REASONS:
+                address = OTHER_CLIENTS
+                failures = self._table.setdefault(OTHER_CLIENTS, ClientFailures())
+            else:
+                failures = self._table[address] = ClientFailures()
+        if address != OTHER_CLIENTS and event.reason not in failures.written \
+                and len(failures.written) < _MAX_REASONS:
             failures.written.add(event.reason)
             return True
         failures.add(event)
-        AUDIT_FAILURES_AGGREGATED.labels("client").inc()
+        AUDIT_FAILURES_AGGREGATED.labels(
+            "other_clients" if address == OTHER_CLIENTS else "client").inc()
+        if failures.total in _EARLY_ALERTS:
+            self._ready.append((address, failures.take()))
         return False
 
     def due(self) -> bool:
         """Whether the current period has ended."""
         return time.monotonic() >= self.ends
 
-    def drain(self) -> list[tuple[str, ClientFailures]]:
-        """The clients with counted failures, by address; the next period starts empty."""
-        counted = [(address, failures) for address, failures in self._table.items()
-                   if failures.count]
-        self._table.clear()
-        self.ends = math.inf
+    def drain(self, ended: bool) -> list[tuple[str, ClientFailures]]:
+        """The counted failures to write, by client address: those of the clients whose
+        count crossed a threshold and, when ``ended`` (the period is over, or the trail
+        closes), every client's; the next period then starts empty."""
+        counted, self._ready = self._ready, []
+        if ended:
+            counted += [(address, failures) for address, failures in self._table.items()
+                        if failures.count]
+            self._table.clear()
+            self.ends = math.inf
         return counted
 
 
@@ -346,7 +369,7 @@ class AuditTrail:
                 batch.append(self._queue.get_nowait())
             running = None not in batch
             events = [e for e in batch if e is not None and self._failures.admit(e)]
-            counted = self._failures.drain() if self._failures.due() or not running else []
+            counted = self._failures.drain(self._failures.due() or not running)
             try:  # a full disk must not kill the audit thread
                 if events or counted:
                     self._write(events, counted)
