@@ -101,8 +101,12 @@ def test_the_trail_rotates_and_reads_back_in_order(tmp_path: Path) -> None:
     # In-process: the rotation is the trail's, whatever carried the requests.
     with InProcessService(tmp_path / "data", audit_max_bytes="2000",
                           audit_backups="50") as service:
+        audit = tmp_path / "data" / "audit"
         for n in range(40):
             service.get(f"/dicom-web/studies?AccessionNumber=A{n}")
+            # One event a batch (a batch is appended whole, then the file rotated), however
+            # slow fsync is today.
+            wait_for(lambda n=n: len(list(read_events(audit))) == n + 1, 10, f"event {n}")
     files = sorted((tmp_path / "data" / "audit").glob("audit.jsonl*"))
     assert len(files) > 3
     assert [_query(m) for m in read_events(tmp_path / "data" / "audit")] == [
