@@ -284,6 +284,9 @@ class AuditSettings(_Section):
 
     max_bytes: int = Field(64 << 20, gt=0, alias="audit_max_bytes")
     backups: int = Field(10, ge=1, alias="audit_backups")
+    max_age_days: int = Field(365, ge=1, alias="audit_max_age_days")
+    failure_period_seconds: float = Field(300, gt=0, alias="audit_failure_period_seconds")
+    failure_clients: int = Field(256, ge=1, alias="audit_failure_clients")
     syslog: str = Field("", alias="audit_syslog")
     syslog_transport: Literal["udp", "tls"] = Field("udp", alias="audit_syslog_transport")
     syslog_ca_file: str = Field("", alias="audit_syslog_ca_file")

@@ -72,6 +72,20 @@ BUDGET_IN_USE = Gauge(
 AUDIT_SYSLOG_DROPPED = Counter(
     "passerelle_audit_syslog_dropped_total",
     "Audit messages never copied to the syslog collector (backlog full)")
+AUDIT_FAILURES_AGGREGATED = Counter(
+    "passerelle_audit_failures_aggregated_total",
+    "Authentication failures counted in a Security Alert audit message instead of written one"
+    " by one (the first of each client and reason in a period is written in full), by bucket"
+    " (client: the client's own; other_clients: past audit_failure_clients addresses in the"
+    " period)", ["bucket"])
+AUDIT_SECURITY_ALERTS = Counter(
+    "passerelle_audit_security_alerts_total",
+    "Security Alert audit messages written, one per client and period with counted"
+    " authentication failures")
+AUDIT_FILES_REMOVED = Counter(
+    "passerelle_audit_files_removed_total",
+    "Rotated audit files removed, by reason (age: last written more than audit_max_age_days"
+    " ago; size: past audit_backups)", ["reason"])
 
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:

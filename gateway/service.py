@@ -131,8 +131,7 @@ def serve(settings: Settings) -> None:
             for kind, found in recover(store.blobs, store.index).counts().items():
                 metrics.RECOVERY.labels(kind).set(found)
         audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
-                           store.index.patient_id_of, settings.audit.max_bytes,
-                           settings.audit.backups, syslog)
+                           store.index.patient_id_of, settings.audit, syslog)
         stop.callback(audit.close)
         budget = resource_budget(settings)
         dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)

@@ -72,8 +72,7 @@ class InProcessService:
         # As gateway.service.serve composes them (minus the lock, the DICOM side and syslog).
         self.store = Store(self.data_dir, self.settings.ingest.duplicate_policy)
         self.audit = AuditTrail(self.data_dir / "audit", self.settings.dicom.ae_title,
-                                self.store.index.patient_id_of, self.settings.audit.max_bytes,
-                                self.settings.audit.backups, None)
+                                self.store.index.patient_id_of, self.settings.audit)
         self.services = http_services(self.settings, self.store, self.audit,
                                       dicom_serving=lambda: True)
         self.app = create_app(self.services, self.settings.http, self.settings.auth)

@@ -1,6 +1,7 @@
 """The audit trail after a scripted session against a running service: exactly the expected
 DICOM audit messages (PS3.15 A.5), durable in the JSON lines file, copied to syslog, and
-listed by ``passerelle audit --study``; its rotation (in-process)."""
+listed by ``passerelle audit --study``; its rotation (in-process); user IDs that tell each kind
+of identity apart."""
 
 import base64
 import json
@@ -12,7 +13,8 @@ from pathlib import Path
 import httpx
 from pydicom.uid import generate_uid
 
-from gateway.security.audit import read_events
+from gateway.security.audit import AuditEvent, EventType, Outcome, audit_message, read_events
+from gateway.web.middleware.auth import Principal
 from tests.certificates import make_pki
 from tests.inprocess import InProcessService
 from tests.issuer import LocalIssuer
@@ -99,8 +101,12 @@ def test_the_trail_rotates_and_reads_back_in_order(tmp_path: Path) -> None:
     # In-process: the rotation is the trail's, whatever carried the requests.
     with InProcessService(tmp_path / "data", audit_max_bytes="2000",
                           audit_backups="50") as service:
+        audit = tmp_path / "data" / "audit"
         for n in range(40):
             service.get(f"/dicom-web/studies?AccessionNumber=A{n}")
+            # One event a batch (a batch is appended whole, then the file rotated), however
+            # slow fsync is today.
+            wait_for(lambda n=n: len(list(read_events(audit))) == n + 1, 10, f"event {n}")
     files = sorted((tmp_path / "data" / "audit").glob("audit.jsonl*"))
     assert len(files) > 3
     assert [_query(m) for m in read_events(tmp_path / "data" / "audit")] == [
@@ -148,3 +154,19 @@ def test_admin_listings_are_audited_as_queries(tmp_path: Path) -> None:
                 if o["ParticipantObjectIDTypeCode"].get("csd-code") == "110180"]
                for m in events]
     assert studies[1] == [study]
+
+
+def test_user_ids_tell_a_certificate_from_a_token_subject() -> None:
+    # A token whose subject reads like another kind of identity never shows as that kind.
+    def shown(principal: Principal | str) -> str:
+        event = AuditEvent(EventType.QUERY, "E", Outcome.SUCCESS, principal, "127.0.0.1")
+        return audit_message(event, "PASSERELLE", "")["ActiveParticipant"][0]["UserID"]
+
+    assert shown(Principal("certificate", "x")) == "certificate:x"
+    assert shown(Principal("token", "certificate:x")) == "token:certificate:x"
+    assert shown(Principal("token", "token:x")) == "token:token:x"
+    assert shown(Principal("token", "anonymous")) == "token:anonymous"
+    assert shown(Principal("token", "")) == "token:"
+    assert shown(Principal("token", "899700367909")) == "899700367909"
+    assert shown("") == "anonymous"  # no credential shown
+    assert shown("MODALITY") == "MODALITY"  # a calling AE title
