@@ -66,7 +66,7 @@ class Rights:
 
 class AuthMiddleware:
     """Refuses requests without the right token (401 / 403 with ``WWW-Authenticate``); who
-    the request speaks for is put in ``scope["user"]`` (as text) for the handlers and the
+    the request speaks for is put in ``scope["user"]`` (its Principal) for the handlers and the
     audit."""
 
     def __init__(self, app: ASGIApp, verifier: TokenVerifier | None, rights: Rights) -> None:
@@ -102,7 +102,7 @@ class AuthMiddleware:
             scopes = self.rights.certificates[certificate]
         else:
             raise AuthError(401, "", "a bearer token is required", "missing")
-        scope["user"] = str(principal)  # known from here on, refused or not (audit)
+        scope["user"] = principal  # known from here on, refused or not (audit)
         if not self.rights.admits(principal):
             raise AuthError(403, "insufficient_scope", f"{principal.name!r} is not allowed here",
                             "subject")
