@@ -6,6 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.security.audit import AuditEvent, AuditTrail, EventType, Outcome
 from gateway.web.http.request_target import Operation, RequestTarget, find_target
+from gateway.web.middleware.auth import CREDENTIALS_REFUSED
 
 _EVENTS = {Operation.SEARCH: (EventType.QUERY, "E"),
            Operation.TRANSFER: (EventType.INSTANCES_TRANSFERRED, "R"),
@@ -57,10 +58,11 @@ class AccessAuditMiddleware:
         query = scope.get("query_string", b"").decode("latin-1")
         address = (scope.get("client") or ("", 0))[0]
         user = scope.get("user") or "anonymous"
-        if status == 401:
+        if refused := scope.get("state", {}).get(CREDENTIALS_REFUSED):
+            # The detail's last part is what the trail aggregates repeated failures by.
             self.trail.record(AuditEvent(EventType.USER_AUTHENTICATION, "E",
                                          Outcome.MINOR_FAILURE, user, address,
-                                         detail=f"{method} {path}: no valid token"))
+                                         detail=f"{method} {path}: no valid token ({refused})"))
             return
         target = find_target(scope)
         if target is None or (kind := _event(target)) is None:

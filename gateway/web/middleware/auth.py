@@ -64,6 +64,10 @@ class Rights:
             or principal.name in self.allowed_subjects
 
 
+# Key of the scope's state naming why no credential was accepted, for the audit.
+CREDENTIALS_REFUSED = "passerelle.credentials_refused"
+
+
 class AuthMiddleware:
     """Refuses requests without the right token (401 / 403 with ``WWW-Authenticate``); who
     the request speaks for is put in ``scope["user"]`` (its Principal) for the handlers and the
@@ -113,6 +117,8 @@ class AuthMiddleware:
     @staticmethod
     def _refuse(scope: Scope, exc: AuthError, needed: str) -> Response:
         AUTH_FAILURES.labels(exc.reason).inc()
+        if exc.status != 403:  # no credential accepted (401, or 503: keys unavailable)
+            scope.setdefault("state", {})[CREDENTIALS_REFUSED] = exc.reason
         client = scope.get("client") or ("?", 0)
         log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client[0], exc)
         challenge = 'Bearer realm="passerelle"'
