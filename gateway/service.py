@@ -75,9 +75,9 @@ def _audit_syslog(audit: AuditSettings, tls: TlsSettings) -> UdpSyslog | TlsSysl
         _optional_path(tls.key_file)))
 
 
-def resource_budget(settings: Settings) -> ResourceBudget:
+def resource_budget(settings: Settings, store: Store) -> ResourceBudget:
     """The process's one resource budget, shared by HTTP and DICOM."""
-    return ResourceBudget(**settings.budget.model_dump())
+    return ResourceBudget(**settings.budget.model_dump(), scratch=store.blobs.scratch)
 
 
 def http_services(settings: Settings, store: Store, audit: AuditTrail,
@@ -89,7 +89,7 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         store=store, outbox=Outbox(store.index), audit=audit,
         render_cache=RenderCache(settings.data_dir / "cache" / "rendered",
                                  settings.imaging.render_cache_bytes),
-        budget=budget or resource_budget(settings),
+        budget=budget or resource_budget(settings, store),
         deidentify_key=load_or_create_key(settings.data_dir),
         public_url=settings.http.public_url,
         max_instance_bytes=settings.ingest.max_instance_bytes,
@@ -133,7 +133,7 @@ def serve(settings: Settings) -> None:
         audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                            store.index.patient_id_of, settings.audit, syslog)
         stop.callback(audit.close)
-        budget = resource_budget(settings)
+        budget = resource_budget(settings, store)
         dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)
         outbox = Outbox(store.index)
         watch_outbox(outbox)

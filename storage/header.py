@@ -50,6 +50,17 @@ class IngestLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class DatasetShape:
+    """What pydicom builds from a data set, as a walk counts it without building it."""
+
+    elements: int  # data elements and items, at every level (max_dataset_elements)
+    items: int
+    values: int  # of multi-valued text elements: one object each once parsed
+    text_bytes: int  # values of text VRs (decoded, then inlined in DICOM JSON)
+    binary_bytes: int  # other values (pixel data included unless the walk stops there)
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """Patient, study, series and instance attributes of one received instance."""
 
@@ -248,6 +259,10 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _CHUNK = 1 << 20
+# PS3.5 6.2: the VRs whose values are text; a backslash separates the values of the first.
+_MULTI_VALUED_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH",
+                                    "TM", "UC", "UI"))
+_TEXT_VRS = _MULTI_VALUED_TEXT_VRS | {"LT", "ST", "UR", "UT"}
 
 
 class _Reader:
@@ -313,11 +328,18 @@ def _is_sequence_tag(tag: int) -> bool:
 class _Walk:
     """Counts what pydicom would build from the data set; raises at the first limit."""
 
-    def __init__(self, reader: _Reader, little: bool, limits: IngestLimits) -> None:
+    def __init__(self, reader: _Reader, little: bool, limits: IngestLimits,
+                 stop_at_pixels: bool = False) -> None:
         self.reader = reader
         self.limits = limits
         self.endian = "<" if little else ">"
-        self.elements = 0
+        self.stop_at_pixels = stop_at_pixels
+        self.elements = self.items = self.values = self.text_bytes = self.binary_bytes = 0
+
+    def shape(self) -> DatasetShape:
+        """What was counted so far."""
+        return DatasetShape(self.elements, self.items, self.values, self.text_bytes,
+                            self.binary_bytes)
 
     def _count(self) -> None:
         self.elements += 1
@@ -360,7 +382,8 @@ class _Walk:
                     group, element, value_length = struct.unpack(endian + "HHL", head)
                     vr = None
             tag = group << 16 | element
-            if tag == _ITEM_END:
+            if tag == _ITEM_END or (self.stop_at_pixels and not in_item
+                                    and tag in _PIXEL_DATA_TAGS):
                 return
             self._count()
             self._value(tag, vr, value_length, implicit, depth)
@@ -398,7 +421,24 @@ class _Walk:
                 reader.skip(end - reader.pos)
                 reader.end = outer
             return
-        reader.skip(length)
+        self._tally(tag, vr, length)
+
+    def _tally(self, tag: int, vr: bytes | None, length: int) -> None:
+        """Count a value that is not a sequence, and pass it: the values of a multi-valued
+        text element (pydicom makes an object of each, ~500 bytes), the bytes of the rest."""
+        name = vr.decode("latin-1") if vr is not None else _dictionary_vr(tag)
+        if name in _MULTI_VALUED_TEXT_VRS:
+            self.text_bytes += length
+            while length > 0 and (chunk := self.reader.read(min(length, _CHUNK))):
+                self.values += chunk.count(b"\\")
+                length -= len(chunk)
+            self.values += 1
+            return
+        if name in _TEXT_VRS:
+            self.text_bytes += length
+        else:
+            self.binary_bytes += length
+        self.reader.skip(length)
 
     def _item_follows(self) -> bool:
         return self.reader.peek(4) == struct.pack(self.endian + "HH", 0xFFFE, 0xE000)
@@ -421,6 +461,7 @@ class _Walk:
                 raise DatasetTooComplexError(f"more than {limits.max_sequence_items} items "
                                              "in a sequence (max_sequence_items)")
             self._count()
+            self.items += 1
             self.dataset(implicit, None if item_length == _UNDEFINED else item_length,
                          in_item=True, depth=depth)
 
@@ -493,7 +534,8 @@ def inflate(compressed: BinaryIO, inflated: BinaryIO | None, limit: int | None) 
     return produced
 
 
-def _walk(dataset: BinaryIO, syntax: str | None, limits: IngestLimits) -> int:
+def _walk(dataset: BinaryIO, syntax: str | None, limits: IngestLimits,
+          stop_at_pixels: bool = False) -> DatasetShape:
     """Walk the encoded data set ``dataset`` (at its first byte) in ``syntax``."""
     implicit, little = syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
     if syntax is None:  # pydicom guesses from the first element
@@ -504,17 +546,18 @@ def _walk(dataset: BinaryIO, syntax: str | None, limits: IngestLimits) -> int:
             little = struct.unpack("<H", head[:2])[0] < 1024
         else:
             implicit = True
-    walk = _Walk(_Reader(dataset), little, limits)
+    walk = _Walk(_Reader(dataset), little, limits, stop_at_pixels)
     walk.dataset(implicit, None, False, 0)
-    return walk.elements
+    return walk.shape()
 
 
 def check_structure(file: BinaryIO, limits: IngestLimits,
-                    scratch: Callable[[], BinaryIO] | None = None) -> int:
+                    scratch: Callable[[], BinaryIO] | None = None,
+                    stop_at_pixels: bool = False) -> DatasetShape:
     """Walk the data set of the Part 10 file ``file`` without building it:
     DatasetTooComplexError past a limit on items per sequence, nesting depth or elements,
     DatasetTooLargeError for a deflated data set inflating past max_instance_bytes (inflated
-    into a ``scratch()`` file, as ``read_header`` does). Returns the elements and items
-    counted (never fewer than pydicom builds from the data set)."""
+    into a ``scratch()`` file, as ``read_header`` does). Returns what it counted (never
+    fewer elements than pydicom builds), up to the pixel data with ``stop_at_pixels``."""
     with _dataset(file, limits, scratch) as (dataset, syntax):
-        return _walk(dataset, syntax, limits)
+        return _walk(dataset, syntax, limits, stop_at_pixels)

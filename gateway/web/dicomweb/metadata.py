@@ -27,30 +27,29 @@ _BATCH = 16
 _BASE_TOKEN = "urn:passerelle:dicomweb-root"
 
 
-def instance_json(path: Path, url: str, has_pixels: bool,
-                  budget: ResourceBudget) -> dict[str, object]:
-    """The DICOM JSON object of one stored instance, bulk data as BulkDataURI."""
-    with budget.reserve_header_read(path):
+def instance_json(path: Path, url: str, has_pixels: bool, budget: ResourceBudget) -> str:
+    """The DICOM JSON object of one stored instance as text, bulk data as BulkDataURI; the
+    decode memory it takes is held until the text is made."""
+    with budget.reserve_header_read(path, as_json=True):
         ds = dcmread(path, stop_before_pixels=True)
 
-    def bulk_uri(element: DataElement) -> str:
-        return f"{url}/bulkdata/{element.tag:08X}"
+        def bulk_uri(element: DataElement) -> str:
+            return f"{url}/bulkdata/{element.tag:08X}"
 
-    body = ds.to_json_dict(BULK_DATA_THRESHOLD, bulk_uri)
-    if has_pixels:
-        # Read with stop_before_pixels, so never inlined: always a BulkDataURI.
-        vr = "OB" if ds.file_meta.TransferSyntaxUID.is_encapsulated else "OW"
-        body["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
-    return body
+        body = ds.to_json_dict(BULK_DATA_THRESHOLD, bulk_uri)
+        if has_pixels:
+            # Read with stop_before_pixels, so never inlined: always a BulkDataURI.
+            vr = "OB" if ds.file_meta.TransferSyntaxUID.is_encapsulated else "OW"
+            body["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
 def _missing_json(store: Store, missing: list[StoredInstance],
                   budget: ResourceBudget) -> dict[str, str]:
     """Compute and cache the JSON text of instances not cached yet."""
-    texts = {i.sop_uid: json.dumps(
-        instance_json(store.blobs.absolute(i.path),
-                      retrieve_url(_BASE_TOKEN, i.study_uid, i.series_uid, i.sop_uid),
-                      i.frames is not None, budget), ensure_ascii=False, separators=(",", ":"))
+    texts = {i.sop_uid: instance_json(
+        store.blobs.absolute(i.path), retrieve_url(_BASE_TOKEN, i.study_uid, i.series_uid,
+                                                   i.sop_uid), i.frames is not None, budget)
         for i in missing}
     store.index.cache_metadata(list(texts.items()))
     return texts

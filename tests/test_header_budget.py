@@ -1,0 +1,71 @@
+"""Header reads under the resource budget (issue 14, finding 1 and the review after it): what
+pydicom builds from a header, and the DICOM JSON made of it, is estimated by a walk of the
+data set (elements, items, values of multi-valued text, bytes) and reserved before the read.
+A 1 MB object of 500 000 DS values builds about 250 MiB; one of 60 000 empty items about
+85 MiB. Each test attacks a running service with the decode memory lowered, asserts the peak
+RSS and that ``/health`` answered, and that an ordinary instance is still served."""
+
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ImplicitVRLittleEndian
+
+from tests.processes import PasserelleProcess
+from tests.test_resource_budget import (
+    MIB,
+    Watch,
+    _ct,
+    concurrently,
+    instance_url,
+    running,  # noqa: F401 (the fixture)
+    serve,
+    start,
+)
+
+JSON = {"Accept": "application/dicom+json"}
+
+
+def _values_bomb() -> Dataset:
+    """500 000 values in one DS element (Slice Thickness): implicit VR gives it 32 bits of
+    length; 1 MB on disk."""
+    ds = _ct()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.add_new(0x00180088, "DS", "\\".join(["0"] * 500_000))
+    return ds
+
+
+def _items_bomb() -> Dataset:
+    """Two sequences of 30 000 empty items each: within the ingest limits."""
+    ds = _ct()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    for tag in (0x00081115, 0x00081140):  # Referenced Series, Referenced Image Sequences
+        ds.add_new(tag, "SQ", Sequence([Dataset() for _ in range(30_000)]))
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_header_that_builds_more_than_the_decode_memory_is_413(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:  # noqa: F811
+    values, items, plain = _values_bomb(), _items_bomb(), _ct()
+    server = serve(tmp_path, [values, items, plain], decode_memory_bytes=str(64 * MIB))
+    client = start(running, server)
+    attacks = [f"{instance_url(ds)}/metadata" for ds in (values, values, items, items)]
+    with Watch(server, "header bombs x4") as watch:
+        responses = concurrently([lambda u=u: client.get(u, headers=JSON) for u in attacks])
+    for response in responses:
+        assert response.status_code == 413, (response.request.url, response.text[:200])
+        assert "decode_memory_bytes" in response.text
+    watch.check(100 * MIB)
+    # The study's metadata holds the bombs too; an ordinary instance is served.
+    assert client.get(f"/dicom-web/studies/{values.StudyInstanceUID}/metadata",
+                      headers=JSON).status_code == 413
+    served = client.get(f"{instance_url(plain)}/metadata", headers=JSON)
+    assert served.status_code == 200
+    assert served.json()[0]["00080018"]["Value"] == [plain.SOPInstanceUID]
+    # Within the budget, the same kind of object is served: the estimate is no refusal of
+    # everything large.
+    assert client.get(f"{instance_url(values)}/frames/1",
+                      headers={"Accept": "multipart/related; "
+                                         'type="application/octet-stream"'}).status_code == 200
