@@ -5,6 +5,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -78,6 +79,25 @@ async def metadata(request: Request) -> Response:
                                                 missing[start:start + _BATCH], budget)
     except OverBudget as refusal:
         return over_budget(refusal)
-    body = "[" + ",".join(text or computed[instance.sop_uid] for instance, text in rows) + "]"
-    base = services_of(request).dicomweb_root
-    return json_bytes_response(request, body.replace(f'"{_BASE_TOKEN}/', f'"{base}/').encode())
+    texts = [text or computed[instance.sop_uid] for instance, text in rows]
+    try:
+        return await budget.decode.run(_response, request, texts,
+                                       services_of(request).dicomweb_root, budget)
+    except OverBudget as refusal:
+        return over_budget(refusal)
+
+
+def _response(request: Request, texts: list[str], base: str,
+              budget: ResourceBudget) -> Response:
+    """The JSON array of ``texts`` with ``base`` for the root URL, made under a reservation
+    of what it holds (the texts joined, the URLs replaced, the bytes, the gzip of them) that
+    is released once it is sent."""
+    held = budget.memory.reserve(4 * sum(map(len, texts)), "this metadata response")
+    try:
+        body = ("[" + ",".join(texts) + "]").replace(f'"{_BASE_TOKEN}/', f'"{base}/')
+        response = json_bytes_response(request, body.encode())
+    except BaseException:
+        held.release()
+        raise
+    response.background = BackgroundTask(held.release)
+    return response
