@@ -375,3 +375,32 @@ def test_decode_pool_rules() -> None:
 
     assert sorted(anyio.run(attempt, DecodePool(1, 0)), key=str) == [503, None]
     assert anyio.run(attempt, DecodePool(2, 0)) == [None, None]
+
+
+def test_a_decode_waits_decode_wait_seconds_in_all() -> None:
+    """The wait for a worker and the wait for memory share one deadline: with the memory
+    taken for 1.5 s and 0.5 s to wait, the second decode is refused, not served after 1.5 s
+    (each wait alone would have let it through)."""
+    pool, memory = DecodePool(2, 0.5), ByteBudget("test_memory", "test_setting", 10, 5.0)
+
+    def hold(size: int, seconds: float) -> str:
+        with memory.reserve(size):
+            time.sleep(seconds)
+        return "served"
+
+    async def both() -> list[object]:
+        results: list[object] = []
+
+        async def one(size: int, seconds: float, delay: float) -> None:
+            await anyio.sleep(delay)
+            try:
+                results.append(await pool.run(hold, size, seconds))
+            except OverBudget as refusal:
+                results.append(refusal.status)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(one, 10, 1.5, 0)
+            group.start_soon(one, 5, 0, 0.1)
+        return results
+
+    assert anyio.run(both) == [503, "served"]

@@ -120,6 +120,9 @@ class ByteBudget:
                          f"more than the {_mib(self.capacity)} the service allows "
                          f"({self.setting})")
         deadline = time.monotonic() + self.wait_seconds
+        # In the decode pool, the wait for a worker and the wait for room share one
+        # deadline: a request waits decode_wait_seconds in all, never twice that.
+        deadline = min(deadline, getattr(_JOB, "deadline", deadline))
         with self._room:
             while self._used + size > self.capacity:
                 left = deadline - time.monotonic()
@@ -185,7 +188,8 @@ class DecodePool:
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """``function(*args)`` in a pool thread; OverBudget 503 when no worker is free
-        within ``wait_seconds``."""
+        within ``wait_seconds`` (the reservations it makes wait no longer in all)."""
+        deadline = time.monotonic() + self.wait_seconds
         try:
             self._admission.acquire_nowait()  # a free worker, even with no time to wait
             admitted = True
@@ -199,10 +203,22 @@ class DecodePool:
                          f"the service is busy (decode_workers: {self.workers} of "
                          f"{self.workers} in use); retry shortly", retry_after=1)
         try:
-            return await anyio.to_thread.run_sync(functools.partial(function, *args),
+            return await anyio.to_thread.run_sync(functools.partial(_job, deadline, function,
+                                                                    *args),
                                                   limiter=self._threads)
         finally:
             self._admission.release()
+
+
+_JOB = threading.local()  # the deadline of the decode a pool thread runs
+
+
+def _job(deadline: float, function: Callable[..., T], *args: object) -> T:
+    _JOB.deadline = deadline
+    try:
+        return function(*args)
+    finally:
+        del _JOB.deadline
 
 
 class ResourceBudget:
