@@ -135,7 +135,8 @@ def serve(settings: Settings) -> None:
                            settings.audit.backups, syslog)
         stop.callback(audit.close)
         budget = resource_budget(settings)
-        dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)
+        dicom = DicomService(settings.dicom, store, audit, budget.ingest,
+                             tls if settings.dicom.tls else None)
         outbox = Outbox(store.index)
         watch_outbox(outbox)
         watcher = StableStudyWatcher(outbox, publication.stable_seconds)
