@@ -1,10 +1,11 @@
 """STOW-RS (PS3.18 10.5): dicomweb-client against a running service over a socket, and the
 validation of bodies and parts in-process (raw HTTP on the application)."""
 
+import errno
 import hashlib
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -16,6 +17,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
+from storage.blobs import TemporaryBlob
 from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
 from tests.synthetic import ct_slice
@@ -194,3 +196,38 @@ def test_a_part_is_spooled_to_disk_never_held_in_memory(tmp_path: Path) -> None:
     with stored.open("rb") as file:
         assert hashlib.file_digest(file, "sha256").digest() == digest.digest()
     assert peak - before < 24 << 20, f"RSS grew by {(peak - before) >> 20} MiB"
+
+
+def test_a_disk_full_while_spooling_fails_the_part_not_the_request(
+        web: InProcessService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC midway through writing a part to disk: that part fails with 0xA700 (Out of
+    Resources), its rest is read and dropped, the next part is stored, no temporary file is
+    left."""
+    study = generate_uid()
+    first, second = (ct_slice(study, generate_uid(), 1, n, size=256) for n in (1, 2))
+    write = TemporaryBlob.write
+    calls = 0
+
+    def full_once(blob: TemporaryBlob, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second write of the first part (128 KB: written in pieces)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(blob, data)
+
+    monkeypatch.setattr(TemporaryBlob, "write", full_once)
+    body = multipart([part10(first), part10(second)])
+
+    async def chunks() -> AsyncIterator[bytes]:  # as a socket delivers them
+        for offset in range(0, len(body), 16384):
+            yield body[offset:offset + 16384]
+
+    response = web.post(f"/dicom-web/studies/{study}", content=chunks(), headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b0undary'})
+    assert response.status_code == 202, response.text
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA700]
+    [stored] = response.json()["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [second.SOPInstanceUID]
+    assert not list((web.data_dir / "tmp").iterdir())
+    assert web.services.budget.ingest.in_use == 0

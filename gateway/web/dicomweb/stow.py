@@ -8,9 +8,11 @@ failed, 409 none stored, with the Store Instances Response Module (PS3.18 Table 
 in DICOM JSON.
 """
 
+import errno
+import functools
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import cast
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -31,7 +33,6 @@ from storage.store import IncomingFile, IngestResult, Store, io_failure
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
-T = TypeVar("T")
 
 
 def _uid(value: str) -> dict[str, object]:
@@ -50,32 +51,55 @@ def _boundary(content_type: str) -> str | None:
 
 class _SpooledPart:
     """A DICOM part written to a temporary file of the store as it arrives, its bytes held
-    in the request's ingest reservation (``held``, above ``base``) until it is ingested."""
+    in the request's ingest reservation (``held``, above ``base``) until it is ingested. On
+    a write error (disk full) the file is deleted and the rest of the part read and
+    dropped, as C-STORE does: ``complete`` then gives the rejection."""
 
-    def __init__(self, store: Store, limit: int, held: Reservation, base: int) -> None:
-        self.incoming = IncomingFile(store.blobs.temporary(limit))
+    def __init__(self, new_blob: Callable[[], TemporaryBlob], held: Reservation,
+                 base: int) -> None:
         self.held = held
         self.base = base
         self.size = 0
+        self._incoming: IncomingFile | None = None
+        self._refusal: IngestResult | None = None
+        try:
+            self._incoming = IncomingFile(new_blob())
+        except OSError as exc:
+            self._refuse(exc)
 
     async def write(self, data: bytes) -> None:
-        self.held.resize(self.base + self.size + len(data))  # before a byte is written
-        await self._spool(self.incoming.write, data)
         self.size += len(data)
+        if self._incoming is not None:
+            self.held.resize(self.base + self.size)  # before a byte is written
+            await self._spool(self._incoming.write, data)
 
-    async def complete(self) -> TemporaryBlob:
-        """The part's whole file, for ``Store.ingest_file``."""
-        return await self._spool(self.incoming.complete)
-
-    @staticmethod
-    async def _spool(write: Callable[..., T], *args: bytes) -> T:
-        try:
-            return await run_in_threadpool(write, *args)
-        except BlobTooLargeError as exc:  # a preamble added past the limit
-            raise PartTooLargeError(str(exc)) from exc
+    async def complete(self) -> TemporaryBlob | IngestResult:
+        """The part's whole file, for ``Store.ingest_file``, or why it was refused."""
+        if self._incoming is not None:
+            await self._spool(self._incoming.complete)
+        if self._incoming is None:
+            return cast(IngestResult, self._refusal)
+        return self._incoming.blob
 
     def discard(self) -> None:
-        self.incoming.blob.discard()
+        """Delete the file, unless stored."""
+        if self._incoming is not None:
+            self._incoming.blob.discard()
+
+    async def _spool(self, write: Callable[..., object], *args: bytes) -> None:
+        try:
+            await run_in_threadpool(write, *args)
+        except BlobTooLargeError as exc:  # a preamble added past the limit
+            raise PartTooLargeError(str(exc)) from exc
+        except OSError as exc:
+            self._refuse(exc)
+
+    def _refuse(self, error: OSError) -> None:
+        if error.errno != errno.ENOSPC:
+            log.error("cannot write a STOW-RS part to disk: %s", error)
+        self._refusal = io_failure(error)
+        self.discard()
+        self._incoming = None
 
 
 class _SkippedPart:
@@ -119,7 +143,8 @@ async def store_instances(request: Request) -> Response:
                          "in one STOW-RS request (max_parts_per_request)")
         if headers.get("content-type", DICOM).split(";")[0].strip().lower() != DICOM:
             return _SkippedPart()
-        spooling = _SpooledPart(store, limit, held, budget.part_overhead_bytes * parts)
+        spooling = _SpooledPart(functools.partial(store.blobs.temporary, limit), held,
+                                budget.part_overhead_bytes * parts)
         return spooling
 
     try:
@@ -127,9 +152,9 @@ async def store_instances(request: Request) -> Response:
             if not isinstance(part, _SpooledPart):
                 failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
                 continue
-            blob = await part.complete()
-            result: IngestResult = await run_in_threadpool(store.ingest_file, blob, source,
-                                                           expected)
+            spooled = await part.complete()
+            result = spooled if isinstance(spooled, IngestResult) else \
+                await run_in_threadpool(store.ingest_file, spooled, source, expected)
             spooling = None  # stored or deleted by ingest_file
             held.resize(budget.part_overhead_bytes * (len(stored) + len(failed) + 1))
             metrics.record_ingest(result, "stow", part.size)
@@ -150,13 +175,6 @@ async def store_instances(request: Request) -> Response:
         log.info("STOW-RS from %s: the client left mid-body after %d stored", source,
                  len(stored))
         return error(400, "the client disconnected")  # nobody to read it; ends the request
-    except OSError as exc:  # spooling a part
-        log.error("STOW-RS from %s: cannot write a part: %s", source, exc)
-        result = io_failure(exc)
-        metrics.record_ingest(result, "stow", 0)
-        if not stored:
-            return error(503, f"cannot store the part now ({result.message})")
-        failed.append({"00081197": {"vr": "US", "Value": [failure_status(result.reason)]}})
     except (MultipartError, OverBudget) as exc:
         if not stored:
             if isinstance(exc, OverBudget):
