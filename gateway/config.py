@@ -154,7 +154,8 @@ class BudgetSettings(_Section):
     decode_memory_bytes: int = Field(512 << 20, gt=0)
     decode_wait_seconds: float = Field(5, ge=0)
     max_output_pixels: int = Field(4096 * 4096, gt=0)
-    ingest_bytes_in_flight: int = Field(1 << 30, gt=0)
+    # Temporary disk bytes of the receptions in progress (STOW-RS and C-STORE).
+    ingest_bytes_in_flight: int = Field(4 << 30, gt=0)
     max_parts_per_request: int = Field(10000, ge=1)
     part_overhead_bytes: int = Field(4096, ge=0)
 

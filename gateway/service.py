@@ -134,7 +134,8 @@ def serve(settings: Settings) -> None:
                            store.index.patient_id_of, settings.audit, syslog)
         stop.callback(audit.close)
         budget = resource_budget(settings, store)
-        dicom = DicomService(settings.dicom, store, audit, tls if settings.dicom.tls else None)
+        dicom = DicomService(settings.dicom, store, audit, budget.ingest,
+                             tls if settings.dicom.tls else None)
         outbox = Outbox(store.index)
         watch_outbox(outbox)
         watcher = StableStudyWatcher(outbox, publication.stable_seconds)

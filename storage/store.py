@@ -1,7 +1,8 @@
 """The ingest path shared by C-STORE, STOW-RS and ``passerelle import``.
 
 ``Store.ingest`` takes one Part 10 file as bytes, ``Store.ingest_file`` as a temporary file
-of the blob store (a C-STORE data set streamed to disk), and either stores it durably (file
+of the blob store (a C-STORE data set or a STOW-RS part streamed to disk, written through
+``IncomingFile`` when it may lack its preamble), and either stores it durably (file
 fsynced, index committed) or rejects it leaving nothing behind. Both first bound it by the
 ingest limits: its size (a deflated data set also once inflated, as a stream), then the
 structure of its data set, walked before anything parses it. Callers turn the outcome into a
@@ -123,6 +124,38 @@ def _same_dataset(a: bytes | Path, b: bytes | Path) -> bool:
                 return False
             if not chunk:
                 return True
+
+
+_PREFIX_BYTES = 132  # preamble and "DICM" (PS3.10 7.1)
+
+
+class IncomingFile:
+    """A Part 10 file received a chunk at a time into ``blob`` (from ``blobs.temporary``),
+    read as ``Store.ingest`` reads bytes: a file meta group without the preamble and prefix
+    gets them (``with_preamble``). Only its first 132 bytes are ever held."""
+
+    def __init__(self, blob: TemporaryBlob) -> None:
+        self.blob = blob
+        self._head: bytes | None = b""  # None once written
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``; BlobTooLargeError past the blob's limit, OSError."""
+        if self._head is not None:
+            self._head += data
+            if len(self._head) < _PREFIX_BYTES:
+                return
+            data = self._take_head()
+        self.blob.write(data)
+
+    def complete(self) -> TemporaryBlob:
+        """The whole file, for ``Store.ingest_file`` (which rejects what is not Part 10)."""
+        if self._head is not None:
+            self.blob.write(self._take_head())
+        return self.blob
+
+    def _take_head(self) -> bytes:
+        head, self._head = self._head or b"", None
+        return with_preamble(head) or head
 
 
 class Store:

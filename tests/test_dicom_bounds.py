@@ -7,6 +7,7 @@ close, stay silent or are over their client's limit leave room for everyone else
 measured and printed, not asserted; RSS bounds are."""
 
 import contextlib
+import functools
 import math
 import socket
 import struct
@@ -384,6 +385,47 @@ def test_an_interrupted_c_store_leaves_no_temporary_file(gateway: PasserelleProc
     finally:
         assoc.abort()
     assert _stored(gateway, ds.StudyInstanceUID) == []
+
+
+def test_the_ingest_budget_bounds_c_store_and_is_given_back(tmp_path: Path) -> None:
+    """C-STORE counts in ingest_bytes_in_flight (1.5 MB here) as its data set arrives: a
+    2 MB data set is refused with 0xA700 (Out of Resources) and its rest dropped, five in a
+    row; three C-STOREs cut off mid-data-set give their bytes back. The budget then reads 0,
+    no temporary file is left and a data set that fits is stored."""
+    with PasserelleProcess(tmp_path / "data", ingest_bytes_in_flight="1500000") as server:
+        in_flight = functools.partial(server.metric, "passerelle_budget_bytes_in_use",
+                                      budget="ingest_bytes")
+        big = [ct_slice(generate_uid(), generate_uid(), 1, 1, size=1024) for _ in range(5)]
+        assoc = associate(server.dicom_port, big[:1])
+        assert assoc.is_established
+        try:
+            for ds in big:
+                refused = assoc.send_c_store(ds)
+                assert refused.Status == 0xA700
+                assert "ingest_bytes" in refused.ErrorComment
+        finally:
+            assoc.release()
+        tmp = server.data_dir / "tmp"
+        for _ in range(3):
+            ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=600)  # 720 KB
+            assoc = associate(server.dicom_port, [ds])
+            assert assoc.is_established
+            try:
+                connection = assoc.dul.socket.socket
+                for pdu in _c_store_pdus(assoc, ds)[:-1]:
+                    connection.sendall(pdu)
+                wait_for(lambda: in_flight() > 500_000, 10, "the data set to be in flight")
+                connection.shutdown(socket.SHUT_RDWR)
+            finally:
+                assoc.abort()
+            wait_for(lambda: in_flight() == 0, 10, "the reservation to be given back")
+        assert not list(tmp.iterdir())
+        assert server.metric("passerelle_budget_refusals_total", reason="ingest_bytes") == 5
+        fits = ct_slice(generate_uid(), generate_uid(), 1, 1, size=600)
+        assert send(server.dicom_port, fits) == (0x0000, "")
+        assert in_flight() == 0
+        print(f"C-ECHO after: {_echo(server):.3f} s")
+        assert [_stored(server, ds.StudyInstanceUID) for ds in big] == [[]] * 5
 
 
 def test_an_endless_dimse_command_is_cut_off(gateway: PasserelleProcess) -> None:

@@ -23,6 +23,7 @@ from storage.header import read_header
 from storage.index import Index
 from storage.search import ATTRIBUTES, Level, QueryError
 from tests.synthetic import ct_slice, part10
+from tests.test_multipart_reader import Collected
 
 # --- Accept ---------------------------------------------------------------------------
 
@@ -98,7 +99,8 @@ async def _chunks(body: bytes, sizes: list[int]) -> AsyncIterator[bytes]:
 
 def _read(body: bytes, sizes: list[int], boundary: str, limit: int) -> list:
     async def collect() -> list:
-        return [part async for part in iter_parts(_chunks(body, sizes), boundary, limit)]
+        return [(headers, bytes(part.data)) async for headers, part in
+                iter_parts(_chunks(body, sizes), boundary, limit, lambda headers: Collected())]
 
     return asyncio.run(collect())
 

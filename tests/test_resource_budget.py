@@ -7,10 +7,12 @@ that the inputs stay small, and watches the service meanwhile: the peak RSS of i
 is checked for its status and reason. The last tests check the budget's own rules.
 """
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import anyio
@@ -25,9 +27,14 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 
 from gateway.imaging.budget import ByteBudget, DecodePool, OverBudget
-from tests.processes import PasserelleProcess
+from storage.part10 import dataset_bytes
+from tests.processes import PasserelleProcess, wait_for
+from tests.scu import associate
 from tests.synthetic import ct_slice, part10
 
 MIB = 1 << 20
@@ -269,8 +276,9 @@ def _stow_body(ds: Dataset, boundary: str, pace: float) -> Iterator[bytes]:
 def test_concurrent_stow_parts_share_one_ingest_budget(
         tmp_path: Path, running: list[PasserelleProcess]) -> None:
     """Finding 6: four STOW-RS requests at once, each of one 32 MiB part (under
-    max_instance_bytes), sent slowly; ingest_bytes_in_flight is 96 MiB (a part counts
-    twice): some are 503 with Retry-After, and the RSS stays bounded."""
+    max_instance_bytes), sent slowly; ingest_bytes_in_flight is 96 MiB (a part counts once,
+    as it is spooled to disk): some are 503 with Retry-After, and the RSS stays a few MiB
+    above its start (no part is held in memory)."""
     client = start(running, serve(tmp_path, [], ingest_bytes_in_flight=str(96 * MIB)))
     side = 4096  # 4096 x 4096 x 16 bits = 32 MiB
     boundary = "b0undary"
@@ -290,7 +298,121 @@ def test_concurrent_stow_parts_share_one_ingest_budget(
         if response.status_code == 503:
             assert response.headers["retry-after"] == "1"
             assert "ingest_bytes" in response.text
-    watch.check(150 * MIB)
+    watch.check(32 * MIB)
+    assert running[0].metric("passerelle_budget_bytes_in_use", budget="ingest_bytes") == 0
+
+
+def _held_stow(client: httpx.Client, ds: Dataset, hold: threading.Event) -> httpx.Response:
+    """A one-part STOW-RS whose part is sent at once, its closing boundary only once
+    ``hold`` is set: the part stays in flight meanwhile."""
+    boundary = "b0undary"
+
+    def body() -> Iterator[bytes]:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        yield part10(ds)
+        hold.wait(60)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    return client.post("/dicom-web/studies", content=body(), headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+
+
+def _held_c_store(port: int, ds: Dataset, hold: threading.Event) -> int:
+    """A C-STORE of ``ds`` whose data set is sent at once but for its last fragment, sent
+    once ``hold`` is set: the status of its C-STORE-RSP."""
+    assoc = associate(port, [ds])
+    assert assoc.is_established
+    try:
+        request = C_STORE()
+        request.MessageID, request.Priority = 1, 2
+        request.AffectedSOPClassUID = ds.SOPClassUID
+        request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        request.DataSet = BytesIO(bytes(dataset_bytes(part10(ds))))
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID]
+        pdus = []
+        for primitive in message.encode_msg(context.context_id, 1 << 20):
+            pdu = P_DATA_TF()
+            pdu.from_primitive(primitive)
+            pdus.append(pdu.encode())
+        # The requestor's reactor kept off its DIMSE queue, as its send_c_store does.
+        assoc._reactor_checkpoint.clear()
+        wait_for(lambda: assoc._is_paused, 5, "the requestor's reactor to pause")
+        connection = assoc.dul.socket.socket
+        connection.sendall(b"".join(pdus[:-1]))
+        hold.wait(60)
+        connection.sendall(pdus[-1])
+        _, response = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert response is not None, "no C-STORE-RSP"
+        return int(response.Status)
+    finally:
+        assoc.release()
+
+
+def _echo_seconds(server: PasserelleProcess) -> float:
+    started = time.monotonic()
+    assoc = associate(server.dicom_port, timeout=30)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    return time.monotonic() - started
+
+
+def _same_data_set(stored: Path, ds: Dataset) -> bool:
+    return dataset_bytes(stored.read_bytes()) == dataset_bytes(part10(ds))
+
+
+def test_stow_and_c_store_share_one_ingest_budget(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Findings 5 and 6: C-STORE and STOW-RS receptions count in one ingest budget (40 MiB
+    here) as their bytes arrive. Two 16 MiB STOW-RS parts in flight: two C-STOREs of 16 MiB
+    are refused with 0xA700 (Out of Resources) as they arrive, the STOW-RS parts stored;
+    then the reverse: two C-STOREs in flight, two STOW-RS refused 503 with Retry-After.
+    Everything acknowledged is stored byte for byte, nothing refused is, the RSS stays a few
+    MiB above its start, /health and C-ECHO answer, and the budget ends at 0."""
+    server = serve(tmp_path, [], ingest_bytes_in_flight=str(40 * MIB))
+    client = start(running, server)
+    in_flight = functools.partial(server.metric, "passerelle_budget_bytes_in_use",
+                                  budget="ingest_bytes")
+    echoes: list[float] = []
+    outcomes: list[tuple[Dataset, str, int]] = []  # (object, way in, status)
+    with Watch(server, "STOW-RS and C-STORE over one 40 MiB ingest budget") as watch, \
+            ThreadPoolExecutor(4) as pool:
+        for first, then in (("stow", "dimse"), ("dimse", "stow")):
+            hold = threading.Event()
+            held = [_ct(2896) for _ in range(2)]  # 2896 x 2896 x 16 bits = 16 MiB
+            sends = {"stow": lambda ds, hold: _held_stow(client, ds, hold).status_code,
+                     "dimse": lambda ds, hold: _held_c_store(server.dicom_port, ds, hold)}
+            futures = [pool.submit(sends[first], ds, hold) for ds in held]
+            # All but their last MiB in flight: 30 of the 40 MiB.
+            wait_for(lambda: in_flight() >= 28 * MIB, 30, "both receptions in flight")
+            echoes.append(_echo_seconds(server))
+            refused = [_ct(2896) for _ in range(2)]
+            now = threading.Event()
+            now.set()
+            refusals = [sends[then](ds, now) for ds in refused]
+            hold.set()
+            statuses = [future.result() for future in futures] + refusals
+            outcomes += [(ds, way, status) for ds, way, status in zip(
+                held + refused, [first] * 2 + [then] * 2, statuses, strict=True)]
+            echoes.append(_echo_seconds(server))
+    print(f"C-ECHO during and after: {', '.join(f'{s:.3f} s' for s in echoes)}")
+    assert [status for _, _, status in outcomes] == [200, 200, 0xA700, 0xA700,
+                                                     0x0000, 0x0000, 503, 503], outcomes
+    for ds, _, status in outcomes:
+        path = stored_path(server, ds)
+        if status in (200, 0x0000):
+            assert _same_data_set(path, ds)
+        else:
+            assert not path.exists()
+    watch.check(48 * MIB)
+    wait_for(lambda: in_flight() == 0, 10, "every reservation to be given back")
+    assert server.metric("passerelle_budget_refusals_total", reason="ingest_bytes_busy") == 4
+    assert not list((server.data_dir / "tmp").iterdir())
 
 
 def test_stow_of_tiny_parts_is_bounded_in_parts(

@@ -1,15 +1,23 @@
 """STOW-RS (PS3.18 10.5): dicomweb-client against a running service over a socket, and the
 validation of bodies and parts in-process (raw HTTP on the application)."""
 
-from collections.abc import Callable
+import errno
+import hashlib
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
+from storage.blobs import TemporaryBlob
 from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
 from tests.synthetic import ct_slice
@@ -112,7 +120,7 @@ def test_large_part_over_the_limit_is_refused(make_web: Callable[..., InProcessS
 
 def test_a_part_over_the_ingest_budget_is_refused_while_read(
         make_web: Callable[..., InProcessService]) -> None:
-    web = make_web(ingest_bytes_in_flight="600000")  # a part counts twice while read
+    web = make_web(ingest_bytes_in_flight="400000")  # its bytes count as they are spooled
     big = ct_slice(generate_uid(), generate_uid(), 1, 1, size=512)  # 512 KB
     response = post(web, "/studies", multipart([part10(big)]))
     assert response.status_code == 413
@@ -133,3 +141,93 @@ def test_parts_past_the_limit_end_the_request(make_web: Callable[..., InProcessS
     assert len(body["00081198"]["Value"]) == 1
     refused = post(web, "/studies", multipart([b"x"] * 3))
     assert refused.status_code == 413 and "max_parts_per_request" in refused.text
+
+
+SIDE = 6000  # 6000 x 6000 x 16 bits: a 72 MB part
+
+
+def _large_part() -> Iterator[bytes]:
+    """A 72 MB Part 10 CT slice, a MiB at a time (never whole in this process either)."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4, Rows=SIDE, Columns=SIDE)
+    del ds.PixelData
+    length = SIDE * SIDE * 2
+    yield part10(ds) + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<L", length)
+    pattern = bytes(range(256)) * 4096  # 1 MiB
+    for offset in range(0, length, len(pattern)):
+        yield pattern[:length - offset]
+
+
+def test_a_part_is_spooled_to_disk_never_held_in_memory(tmp_path: Path) -> None:
+    """Issue 14, findings 5 and 6: a 72 MB part, more than twice the decode memory, goes to
+    disk as it arrives: the service's RSS grows by a few MiB, not by the part, and the part
+    is stored byte for byte."""
+    digest = hashlib.sha256()
+    boundary = "b0undary"
+
+    def body() -> Iterator[bytes]:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        for chunk in _large_part():
+            digest.update(chunk)
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    with PasserelleProcess(tmp_path / "data", decode_memory_bytes=str(32 << 20),
+                           ingest_bytes_in_flight=str(80 << 20)) as server:
+        assert server.proc is not None
+        process = psutil.Process(server.proc.pid)
+        before = peak = process.memory_info().rss
+        with httpx.Client(base_url=server.base_url, timeout=120) as client:
+            with ThreadPoolExecutor(1) as pool:
+                posted = pool.submit(client.post, "/dicom-web/studies", content=body(),
+                                     headers={"Content-Type": 'multipart/related; type='
+                                              f'"application/dicom"; boundary={boundary}'})
+                while not posted.done():
+                    peak = max(peak, process.memory_info().rss)
+                    time.sleep(0.02)
+            response = posted.result()
+            started = time.monotonic()
+            assert client.get("/health").status_code == 200
+            print(f"\nSTOW-RS of a {SIDE * SIDE * 2 / 1e6:.0f} MB part: RSS {before >> 20} MiB"
+                  f" before, peak +{(peak - before) / (1 << 20):.1f} MiB; /health after it "
+                  f"{time.monotonic() - started:.3f} s")
+        assert response.status_code == 200, response.text
+        assert server.metric("passerelle_budget_bytes_in_use", budget="ingest_bytes") == 0
+        [stored] = (server.data_dir / "studies").rglob("*.dcm")
+    with stored.open("rb") as file:
+        assert hashlib.file_digest(file, "sha256").digest() == digest.digest()
+    assert peak - before < 24 << 20, f"RSS grew by {(peak - before) >> 20} MiB"
+
+
+def test_a_disk_full_while_spooling_fails_the_part_not_the_request(
+        web: InProcessService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC midway through writing a part to disk: that part fails with 0xA700 (Out of
+    Resources), its rest is read and dropped, the next part is stored, no temporary file is
+    left."""
+    study = generate_uid()
+    first, second = (ct_slice(study, generate_uid(), 1, n, size=256) for n in (1, 2))
+    write = TemporaryBlob.write
+    calls = 0
+
+    def full_once(blob: TemporaryBlob, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second write of the first part (128 KB: written in pieces)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(blob, data)
+
+    monkeypatch.setattr(TemporaryBlob, "write", full_once)
+    body = multipart([part10(first), part10(second)])
+
+    async def chunks() -> AsyncIterator[bytes]:  # as a socket delivers them
+        for offset in range(0, len(body), 16384):
+            yield body[offset:offset + 16384]
+
+    response = web.post(f"/dicom-web/studies/{study}", content=chunks(), headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b0undary'})
+    assert response.status_code == 202, response.text
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA700]
+    [stored] = response.json()["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [second.SOPInstanceUID]
+    assert not list((web.data_dir / "tmp").iterdir())
+    assert web.services.budget.ingest.in_use == 0

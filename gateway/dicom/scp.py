@@ -27,7 +27,8 @@ from gateway.dicom.server import (
     pdu_limit,
     received_dataset,
 )
-from gateway.dicom.statuses import SUCCESS, failure_status
+from gateway.dicom.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
+from gateway.imaging.budget import ByteBudget
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
 from gateway.security.audit import Outcome as AuditOutcome
 from storage.store import Outcome, Store
@@ -61,10 +62,11 @@ class DicomService:
     """The C-ECHO / C-STORE SCP, run in background threads."""
 
     def __init__(self, settings: DicomSettings, store: Store, audit: AuditTrail,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ingest: ByteBudget, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.store = store
         self.audit = audit
+        self.ingest = ingest  # bytes in flight, shared with STOW-RS
         # Per association: study UID -> [instances stored, instances refused], audited when
         # the association ends (one event per study, not per instance).
         self._received: dict[int, dict[str, list[int]]] = {}
@@ -113,7 +115,7 @@ class DicomService:
                 settings.max_pending_connections, settings.artim_timeout,
                 pdu_limit(settings.max_pdu)),
             new_blob=self.store.blobs.temporary,
-            max_instance_bytes=self.store.limits.max_instance_bytes,
+            max_instance_bytes=self.store.limits.max_instance_bytes, ingest=self.ingest,
             on_refused=self._on_over_limit, on_flooded=self._on_flooded)
         self._acceptor = threading.Thread(target=self._server.serve_forever,
                                           name="dicom-acceptor", daemon=True)
@@ -152,13 +154,22 @@ class DicomService:
         calling = event.assoc.requestor.ae_title
         request = event.request
         received = received_dataset(event)
-        # Refused while arriving (too large, disk full): its rest was read and dropped, since
-        # the C-STORE indication comes with the last fragment only (PS3.8 E.2), and the
-        # response after it; the association goes on.
-        result = received.refusal or self.store.ingest_file(
-            received.claim(), source=calling, expected={
-                "SOPInstanceUID": str(request.AffectedSOPInstanceUID),
-                "SOPClassUID": str(request.AffectedSOPClassUID)})
+        # Refused while arriving (too large, disk full, over the ingest budget): its rest was
+        # read and dropped, since the C-STORE indication comes with the last fragment only
+        # (PS3.8 E.2), and the response after it; the association goes on.
+        if received.over_budget is not None:
+            self._count(event.assoc, "", False)
+            log.warning("C-STORE from %s refused (0x%04X %s): %s", calling, OUT_OF_RESOURCES,
+                        received.over_budget.reason, received.over_budget.message)
+            # Out of Resources (PS3.4 Table B.2-1): the sender may try again later.
+            return _status(OUT_OF_RESOURCES, received.over_budget.message)
+        try:
+            result = received.refusal or self.store.ingest_file(
+                received.claim(), source=calling, expected={
+                    "SOPInstanceUID": str(request.AffectedSOPInstanceUID),
+                    "SOPClassUID": str(request.AffectedSOPClassUID)})
+        finally:
+            received.close()  # stored or deleted: out of the ingest bytes in flight
         metrics.record_ingest(result, "dimse", received.size)
         self._count(event.assoc, result.record.study_uid if result.record else "",
                     result.accepted)

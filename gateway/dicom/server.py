@@ -52,6 +52,7 @@ from gateway.dicom.pynetdicom_adapter import (
     use_dimse,
     wake_if_negotiating,
 )
+from gateway.imaging.budget import ByteBudget, OverBudget
 from gateway.security.client_counts import ClientCounts
 from storage.blobs import BlobTooLargeError, TemporaryBlob
 from storage.part10 import file_preamble_and_meta
@@ -149,18 +150,23 @@ class PduGuard:
 
 class ReceivedDataset:
     """A C-STORE data set written to a temporary blob as its fragments arrive, after the
-    preamble and File Meta ``header``, up to ``limit`` bytes in all. Past the limit, or on
-    a write error, the file is deleted and the rest counted and dropped as it comes:
-    ``refusal`` says why. The sink pynetdicom writes to (``pynetdicom_adapter``)."""
+    preamble and File Meta ``header``, up to ``limit`` bytes in all, each byte reserved in
+    ``ingest`` (the ingest bytes in flight) before it is written. Past the limit, or on a
+    write error, the file is deleted and the rest counted and dropped as it comes:
+    ``refusal`` says why; past the ingest budget the same, ``over_budget`` says why. The
+    reservation is given back once the file is deleted or, claimed, closed again after it
+    was stored. The sink pynetdicom writes to (``pynetdicom_adapter``)."""
 
     def __init__(self, new_blob: Callable[[int], TemporaryBlob], header: bytes,
-                 limit: int) -> None:
+                 limit: int, ingest: ByteBudget) -> None:
         self.limit = limit
         self.size = 0
         self.refusal: IngestResult | None = None
+        self.over_budget: OverBudget | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._blob: TemporaryBlob | None = None
+        self._held = ingest.reserve(0, "this C-STORE data set")
         try:
             self._blob = new_blob(limit)
         except OSError as exc:
@@ -188,6 +194,12 @@ class ReceivedDataset:
             if self._closed or self._blob is None:
                 return
             try:
+                self._held.resize(self.size)
+            except OverBudget as exc:  # logged and counted where refused
+                self.over_budget = exc
+                self._close()
+                return
+            try:
                 self._blob.write(data)
             except BlobTooLargeError:
                 self._refuse(too_large(self.limit))
@@ -205,15 +217,18 @@ class ReceivedDataset:
             return self._blob
 
     def close(self) -> None:
-        """Close the file and delete it, unless claimed."""
+        """Close the file and delete it, unless claimed; once claimed, call it when the
+        file is stored or deleted: its bytes are no longer in flight."""
         with self._lock:
             self._close()
+            self._held.release()
 
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
             if self._blob is not None:
                 self._blob.discard()
+            self._held.release()
 
     def _refuse(self, why: IngestResult) -> None:
         self.refusal = why
@@ -275,7 +290,8 @@ class GuardedRequestHandler(AdaptedRequestHandler):
                          transfer_syntax: str) -> ReceivedDataset:
             header = file_preamble_and_meta(sop_class, sop_instance, transfer_syntax,
                                             assoc.requestor.ae_title)
-            return ReceivedDataset(server.new_blob, header, server.max_instance_bytes)
+            return ReceivedDataset(server.new_blob, header, server.max_instance_bytes,
+                                   server.ingest)
 
         use_dimse(assoc, StreamingDimse(assoc, open_dataset, _COMMAND_BYTES,
                                         _OTHER_DATASET_BYTES))
@@ -344,17 +360,19 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """A ThreadedAssociationServer with the limits above, made by ``AE.make_server``.
     ``on_refused(host)`` is called for each association refused over the per-client limit,
     ``on_flooded()`` for each connection closed over ``max_pending``; C-STORE data sets go
-    to blobs from ``new_blob(limit)``, ``max_instance_bytes`` of each at most."""
+    to blobs from ``new_blob(limit)``, ``max_instance_bytes`` of each at most, within the
+    ``ingest`` bytes in flight."""
 
     def __init__(self, *args: Any, limits: ConnectionLimits,
                  new_blob: Callable[[int], TemporaryBlob], max_instance_bytes: int,
-                 on_refused: Callable[[str], None], on_flooded: Callable[[], None],
-                 **kwargs: Any) -> None:
+                 ingest: ByteBudget, on_refused: Callable[[str], None],
+                 on_flooded: Callable[[], None], **kwargs: Any) -> None:
         self.limits = limits
         self.clients = ClientCounts(limits.per_client)
         self.courtesy = threading.BoundedSemaphore(_COURTESY_REJECTIONS)
         self.new_blob = new_blob
         self.max_instance_bytes = max_instance_bytes
+        self.ingest = ingest
         self.on_refused = on_refused
         self.on_flooded = on_flooded
         self._slots = threading.Lock()

@@ -1,13 +1,18 @@
 """STOW-RS (PS3.18 10.5): store instances POSTed as multipart/related application/dicom.
 
-Parts go through the same ingest path and rejection rules as C-STORE, one part in memory at
-a time, within the ingest bytes in flight of the resource budget (shared with C-STORE) and
-at most ``max_parts_per_request`` parts. Response: 200 all stored, 202 some stored and some
+Each part is written to a temporary file as it arrives (never held in memory), then goes
+through the same ingest path and rejection rules as a C-STORE data set (``Store.ingest_file``),
+within the ingest bytes in flight of the resource budget (shared with C-STORE) and at most
+``max_parts_per_request`` parts. Response: 200 all stored, 202 some stored and some
 failed, 409 none stored, with the Store Instances Response Module (PS3.18 Table 10.5.3-3)
 in DICOM JSON.
 """
 
+import errno
+import functools
 import logging
+from collections.abc import Callable
+from typing import cast
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -15,14 +20,15 @@ from starlette.responses import Response
 
 from gateway import metrics
 from gateway.dicom.statuses import failure_status
-from gateway.imaging.budget import OverBudget, ResourceBudget, refuse
+from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget, refuse
 from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.accept import parse_media_type
 from gateway.web.http.multipart import MultipartError, PartTooLargeError, iter_parts
 from gateway.web.http.responses import error, json_response, over_budget
 from gateway.web.services import services_of
-from storage.store import IngestResult, Store
+from storage.blobs import BlobTooLargeError, TemporaryBlob
+from storage.store import IncomingFile, IngestResult, Store, io_failure
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,66 @@ def _boundary(content_type: str) -> str | None:
     return media.params.get("boundary") or None
 
 
+class _SpooledPart:
+    """A DICOM part written to a temporary file of the store as it arrives, its bytes held
+    in the request's ingest reservation (``held``, above ``base``) until it is ingested. On
+    a write error (disk full) the file is deleted and the rest of the part read and
+    dropped, as C-STORE does: ``complete`` then gives the rejection."""
+
+    def __init__(self, new_blob: Callable[[], TemporaryBlob], held: Reservation,
+                 base: int) -> None:
+        self.held = held
+        self.base = base
+        self.size = 0
+        self._incoming: IncomingFile | None = None
+        self._refusal: IngestResult | None = None
+        try:
+            self._incoming = IncomingFile(new_blob())
+        except OSError as exc:
+            self._refuse(exc)
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._incoming is not None:
+            self.held.resize(self.base + self.size)  # before a byte is written
+            await self._spool(self._incoming.write, data)
+
+    async def complete(self) -> TemporaryBlob | IngestResult:
+        """The part's whole file, for ``Store.ingest_file``, or why it was refused."""
+        if self._incoming is not None:
+            await self._spool(self._incoming.complete)
+        if self._incoming is None:
+            return cast(IngestResult, self._refusal)
+        return self._incoming.blob
+
+    def discard(self) -> None:
+        """Delete the file, unless stored."""
+        if self._incoming is not None:
+            self._incoming.blob.discard()
+
+    async def _spool(self, write: Callable[..., object], *args: bytes) -> None:
+        try:
+            await run_in_threadpool(write, *args)
+        except BlobTooLargeError as exc:  # a preamble added past the limit
+            raise PartTooLargeError(str(exc)) from exc
+        except OSError as exc:
+            self._refuse(exc)
+
+    def _refuse(self, error: OSError) -> None:
+        if error.errno != errno.ENOSPC:
+            log.error("cannot write a STOW-RS part to disk: %s", error)
+        self._refusal = io_failure(error)
+        self.discard()
+        self._incoming = None
+
+
+class _SkippedPart:
+    """A part that is not application/dicom: read, not kept (a failed item)."""
+
+    async def write(self, data: bytes) -> None:
+        pass
+
+
 async def store_instances(request: Request) -> Response:
     """POST /studies[/{study}]."""
     if problem := check_uids(request):
@@ -57,34 +123,41 @@ async def store_instances(request: Request) -> Response:
     store: Store = services_of(request).store
     budget: ResourceBudget = services_of(request).budget
     root = services_of(request).dicomweb_root
+    limit = services_of(request).max_instance_bytes
     expected = {"StudyInstanceUID": request.path_params["study"]} \
         if "study" in request.path_params else None
     source = f"STOW-RS {request.client.host if request.client else '?'}"
     stored: list[dict[str, object]] = []
     failed: list[dict[str, object]] = []
     study_uids: set[str] = set()
-    # Ingest bytes in flight: twice the part being read (its buffer, then its copy) and
-    # the response items of the parts already read.
+    # Ingest bytes in flight: the part being spooled (until its file is stored or deleted)
+    # and the response items of the parts already read.
     held = budget.ingest.reserve(0, "this STOW-RS part")
+    spooling: _SpooledPart | None = None
 
-    def hold(part_bytes: int) -> None:
-        held.resize(2 * part_bytes + budget.part_overhead_bytes * (len(stored) + len(failed)))
+    def open_part(headers: dict[str, str]) -> _SpooledPart | _SkippedPart:
+        nonlocal spooling
+        parts = len(stored) + len(failed)
+        if parts == budget.max_parts_per_request:
+            raise refuse(413, "parts", f"more than {budget.max_parts_per_request} parts "
+                         "in one STOW-RS request (max_parts_per_request)")
+        if headers.get("content-type", DICOM).split(";")[0].strip().lower() != DICOM:
+            return _SkippedPart()
+        spooling = _SpooledPart(functools.partial(store.blobs.temporary, limit), held,
+                                budget.part_overhead_bytes * parts)
+        return spooling
 
     try:
-        async for headers, content in iter_parts(request.stream(), boundary,
-                                                 services_of(request).max_instance_bytes,
-                                                 hold):
-            if len(stored) + len(failed) == budget.max_parts_per_request:
-                raise refuse(413, "parts", f"more than {budget.max_parts_per_request} parts "
-                             "in one STOW-RS request (max_parts_per_request)")
-            hold(len(content))
-            part_type = headers.get("content-type", DICOM).split(";")[0].strip().lower()
-            if part_type != DICOM:
+        async for _, part in iter_parts(request.stream(), boundary, limit, open_part):
+            if not isinstance(part, _SpooledPart):
                 failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
                 continue
-            result: IngestResult = await run_in_threadpool(store.ingest, content, source,
-                                                           expected)
-            metrics.record_ingest(result, "stow", len(content))
+            spooled = await part.complete()
+            result = spooled if isinstance(spooled, IngestResult) else \
+                await run_in_threadpool(store.ingest_file, spooled, source, expected)
+            spooling = None  # stored or deleted by ingest_file
+            held.resize(budget.part_overhead_bytes * (len(stored) + len(failed) + 1))
+            metrics.record_ingest(result, "stow", part.size)
             record = result.record
             item = {"00081150": _uid(record.sop_class_uid if record else ""),
                     "00081155": _uid(record.sop_uid if record else "")}
@@ -107,13 +180,14 @@ async def store_instances(request: Request) -> Response:
             if isinstance(exc, OverBudget):
                 return over_budget(exc)
             if isinstance(exc, PartTooLargeError):
-                limit = services_of(request).max_instance_bytes
                 return error(413, f"a part is larger than the {limit} bytes accepted"
                                   f" (max_instance_bytes): {exc}")
             return error(400, f"malformed multipart body: {exc}")
         log.warning("STOW-RS from %s cut short: %s", source, exc)
         failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
     finally:
+        if spooling is not None:  # refused, or the request ended, while it arrived
+            spooling.discard()
         held.release()
     if not stored and not failed:
         return error(400, "the body holds no instance")

@@ -2,6 +2,7 @@
 
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol, TypeVar
 
 
 def new_boundary() -> str:
@@ -35,6 +36,20 @@ class PartTooLargeError(MultipartError):
 
 
 _MAX_HEADERS = 16384
+# Body bytes gathered before they are handed to the part's writer: one write (one thread hop
+# for a file) per this many bytes, whatever the size of the chunks the client sends; with a
+# chunk (uvicorn's 64 KiB at most) what one request holds.
+_WRITE_BYTES = 64 << 10
+
+
+class PartWriter(Protocol):
+    """Where the body of a part goes as it arrives (a file being spooled)."""
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; may raise to stop the reading (a budget, a write error)."""
+
+
+W = TypeVar("W", bound=PartWriter)
 
 
 def _part_headers(block: bytes) -> dict[str, str]:
@@ -48,13 +63,15 @@ def _part_headers(block: bytes) -> dict[str, str]:
 
 
 async def iter_parts(chunks: AsyncIterator[bytes], boundary: str, max_part_size: int,
-                     on_buffer: Callable[[int], None] = lambda size: None,
-                     ) -> AsyncIterator[tuple[dict[str, str], bytes]]:
-    """Parts of a multipart body read from ``chunks``: (lower-cased headers, content).
+                     open_part: Callable[[dict[str, str]], W],
+                     ) -> AsyncIterator[tuple[dict[str, str], W]]:
+    """Parts of a multipart body read from ``chunks``: (lower-cased headers, the writer
+    ``open_part(headers)`` made for the part), each yielded once its whole body was
+    written to that writer.
 
-    Holds one part at a time; a part larger than ``max_part_size`` is an error.
-    ``on_buffer(size)`` is told the bytes held each time they grow (a chunk at a time); it
-    may raise to stop the reading (a memory budget).
+    Holds a bounded window of the body, never a part: the bytes that cannot be the start of
+    the next boundary go to the writer as they arrive. A part larger than ``max_part_size``
+    is refused (PartTooLargeError) as soon as it is known to be.
     """
     buffer = bytearray()
     source = chunks.__aiter__()
@@ -66,21 +83,41 @@ async def iter_parts(chunks: AsyncIterator[bytes], boundary: str, max_part_size:
             buffer.extend(await source.__anext__())
         except StopAsyncIteration:
             ended = True
-        on_buffer(len(buffer))
 
-    async def find(token: bytes, limit: int, what: str,
-                   too_long: type[MultipartError] = MultipartError) -> int:
+    async def find(token: bytes, limit: int, what: str) -> int:
         start = 0
         while (index := buffer.find(token, start)) < 0:
             if ended:
                 raise MultipartError(f"body ended before {what}")
             if len(buffer) > limit:
-                raise too_long(f"{what} not found within {limit} bytes")
+                raise MultipartError(f"{what} not found within {limit} bytes")
             start = max(0, len(buffer) - len(token) + 1)
             await more()
         if index > limit:  # found, but further than allowed (it came in one large chunk)
-            raise too_long(f"{what} not found within {limit} bytes")
+            raise MultipartError(f"{what} not found within {limit} bytes")
         return index
+
+    async def copy_body(writer: W) -> None:
+        """Write the body up to the next boundary to ``writer``, consuming the boundary."""
+        written, start = 0, 0
+        while (index := buffer.find(separator, start)) < 0:
+            if ended:
+                raise MultipartError("body ended before the next boundary")
+            # All but the last bytes, which may be the start of a boundary split across
+            # chunks, belong to the body.
+            start = max(0, len(buffer) - len(separator) + 1)
+            if written + start > max_part_size:
+                raise PartTooLargeError(f"a part of more than {max_part_size} bytes")
+            if start >= _WRITE_BYTES:
+                await writer.write(bytes(buffer[:start]))
+                del buffer[:start]
+                written, start = written + start, 0
+            await more()
+        if written + index > max_part_size:
+            raise PartTooLargeError(f"a part of more than {max_part_size} bytes")
+        if index:
+            await writer.write(bytes(buffer[:index]))
+        del buffer[:index + len(separator)]
 
     delimiter = b"--" + boundary.encode("latin-1")
     first = await find(delimiter, max_part_size, "the first boundary")
@@ -102,7 +139,6 @@ async def iter_parts(chunks: AsyncIterator[bytes], boundary: str, max_part_size:
             end = await find(b"\r\n\r\n", _MAX_HEADERS, "the end of the part headers")
             headers = _part_headers(bytes(buffer[:end]))
             del buffer[:end + 4]
-        end = await find(separator, max_part_size, "the next boundary", PartTooLargeError)
-        content = bytes(buffer[:end])
-        del buffer[:end + len(separator)]  # before the part is used: one copy of it is held
-        yield headers, content
+        writer = open_part(headers)
+        await copy_body(writer)
+        yield headers, writer
