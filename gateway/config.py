@@ -120,6 +120,7 @@ class HttpSettings(_Section):
     max_connections: int = Field(1024, ge=1, alias="http_max_connections")
     max_connections_per_client: int = Field(128, ge=1, alias="http_max_connections_per_client")
     head_timeout_seconds: float = Field(10, gt=0, alias="http_head_timeout_seconds")
+    body_timeout_seconds: float = Field(60, gt=0, alias="http_body_timeout_seconds")
     keep_alive_seconds: float = Field(30, gt=0, alias="http_keep_alive_seconds")
 
     _split = field_validator("cors_allow_origins", mode="before")(_words)

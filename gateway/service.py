@@ -93,6 +93,7 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         deidentify_key=load_or_create_key(settings.data_dir),
         public_url=settings.http.public_url,
         max_instance_bytes=settings.ingest.max_instance_bytes,
+        body_timeout_seconds=settings.http.body_timeout_seconds,
         dicom_serving=dicom_serving, wake_publisher=wake_publisher,
         registry_url=settings.publication.registry_url)
 

@@ -3,6 +3,7 @@ validation of bodies and parts in-process (raw HTTP on the application)."""
 
 import errno
 import hashlib
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -231,3 +232,29 @@ def test_a_disk_full_while_spooling_fails_the_part_not_the_request(
     assert stored["00081155"]["Value"] == [second.SOPInstanceUID]
     assert not list((web.data_dir / "tmp").iterdir())
     assert web.services.budget.ingest.in_use == 0
+
+
+def test_a_stalled_body_is_408_and_gives_its_ingest_bytes_back(tmp_path: Path) -> None:
+    """A client that sends half a part then nothing would hold the part's ingest bytes (and
+    its temporary file) for as long as it keeps the connection: after
+    http_body_timeout_seconds of silence it gets 408 and the part is deleted."""
+    head_of_part = (b"--x\r\nContent-Type: application/dicom\r\n\r\n" + bytes(128)
+                    + b"DICM" + bytes(2 << 20))
+    with PasserelleProcess(tmp_path / "data", http_body_timeout_seconds="2") as server:
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as peer:
+            peer.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+                         b'Content-Type: multipart/related; type="application/dicom"; '
+                         b"boundary=x\r\nContent-Length: 50000000\r\n\r\n" + head_of_part)
+            deadline = time.monotonic() + 10
+            while server.metric("passerelle_budget_bytes_in_use", budget="ingest_bytes") == 0:
+                assert time.monotonic() < deadline, "the part was never spooled"
+                time.sleep(0.05)
+            started = time.monotonic()
+            answer = peer.recv(4096)  # nothing more is sent
+            print(f"\nanswered after {time.monotonic() - started:.1f} s of silence")
+            while b"timeout" not in answer and (more := peer.recv(4096)):
+                answer += more
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"http_body_timeout_seconds" in answer
+        assert server.metric("passerelle_budget_bytes_in_use", budget="ingest_bytes") == 0
+        assert list((server.data_dir / "tmp").iterdir()) == []

@@ -26,6 +26,7 @@ class Services:
     deidentify_key: bytes  # secret of WADO-URI anonymize=yes
     public_url: str  # base URL consumers reach us by, without a trailing slash
     max_instance_bytes: int  # largest STOW-RS part
+    body_timeout_seconds: float  # longest silence of a STOW-RS body
     dicom_serving: Callable[[], bool]  # is the DICOM listener up (health)
     wake_publisher: Callable[[], None]  # something was queued: send it now
     registry_url: str  # where queued publications are sent; empty: they stay queued

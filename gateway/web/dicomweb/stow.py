@@ -11,9 +11,10 @@ in DICOM JSON.
 import errno
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
+import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -109,6 +110,25 @@ class _SkippedPart:
         pass
 
 
+class BodyStalledError(Exception):
+    """The client sent nothing of its body for longer than allowed."""
+
+
+async def _without_stalls(chunks: AsyncIterator[bytes], seconds: float
+                          ) -> AsyncIterator[bytes]:
+    """``chunks``, each within ``seconds`` of the one before: BodyStalledError past it."""
+    iterator = aiter(chunks)
+    while True:
+        with anyio.move_on_after(seconds) as waited:
+            chunk = await anext(iterator, None)
+        if waited.cancelled_caught:
+            raise BodyStalledError(f"no byte of the body for {seconds:g} s "
+                                   "(http_body_timeout_seconds)")
+        if chunk is None:
+            return
+        yield chunk
+
+
 async def store_instances(request: Request) -> Response:
     """POST /studies[/{study}]."""
     if problem := check_uids(request):
@@ -148,7 +168,8 @@ async def store_instances(request: Request) -> Response:
         return spooling
 
     try:
-        async for _, part in iter_parts(request.stream(), boundary, limit, open_part):
+        body = _without_stalls(request.stream(), services_of(request).body_timeout_seconds)
+        async for _, part in iter_parts(body, boundary, limit, open_part):
             if not isinstance(part, _SpooledPart):
                 failed.append({"00081197": {"vr": "US", "Value": [failure_status(None)]}})
                 continue
@@ -171,6 +192,9 @@ async def store_instances(request: Request) -> Response:
                             result.message)
                 item["00081197"] = {"vr": "US", "Value": [failure_status(result.reason)]}
                 failed.append(item)
+    except BodyStalledError as exc:
+        log.warning("STOW-RS from %s: %s, after %d stored", source, exc, len(stored))
+        return error(408, str(exc))  # the rest of the body is not read: the connection ends
     except ClientDisconnect:
         log.info("STOW-RS from %s: the client left mid-body after %d stored", source,
                  len(stored))
