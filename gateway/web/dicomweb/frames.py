@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiofiles
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
@@ -21,7 +22,7 @@ from gateway.imaging.budget import (
     is_deflated,
 )
 from gateway.imaging.frame_reader import FrameDecodeError, FrameRangeError, FrameReader
-from gateway.web.dicomweb.wado import addressed_instances, check_uids, slices
+from gateway.web.dicomweb.wado import READ_CHUNK, addressed_instances, check_uids, slices
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error, over_budget
@@ -196,14 +197,14 @@ async def bulkdata(request: Request) -> Response:
         return error(404, "no such instance")
     budget: ResourceBudget = services_of(request).budget
     try:
-        found = await budget.decode.run(_top_level_value, store.blobs.absolute(instance.path),
-                                        tag, budget)
+        path = store.blobs.absolute(instance.path)
+        found = await budget.decode.run(_top_level_value, path, tag, budget)
     except OverBudget as refusal:
         return over_budget(refusal)
     if found is None:
         return error(404, f"no binary value ({tag:08X}) at the top level of this instance")
     boundary = new_boundary()
-    return StreamingResponse(_value_stream(*found, boundary), headers={
+    return StreamingResponse(_value_stream(path, *found, boundary), headers={
         "Content-Type": _multipart_type(OCTET_STREAM, boundary)})
 
 
@@ -213,10 +214,11 @@ _DEFER_BYTES = 4096
 
 
 def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget
-                     ) -> tuple[bytes, Reservation] | None:
+                     ) -> tuple[bytes | tuple[int, int], Reservation] | None:
     """The binary value of the top-level element ``tag`` of ``path`` (None when there is
-    none), read within the decode memory, and the reservation that holds it until sent:
-    its length, known from the element's header, is reserved before it is read."""
+    none) and the reservation that holds it until sent: a small value (or one of a
+    deflated data set, inflated whole) read, a large one as its (offset, length) in the
+    file, found from the element's header and read in slices as it is sent."""
     held = budget.reserve_header_read(path)
     try:
         if is_deflated(path):  # the whole data set is inflated (and reserved) to read it
@@ -237,13 +239,12 @@ def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget
         if raw is None or vr not in _BINARY_VRS or raw.length == 0xFFFFFFFF:
             held.release()
             return None
-        held.what = f"the value of ({tag:08X}), {raw.length} bytes"
-        held.resize(raw.length)
+        held.what = f"the value of ({tag:08X})"
         if raw.value is not None:
+            held.resize(len(raw.value))
             return raw.value, held
-        with path.open("rb") as stored:
-            stored.seek(raw.value_tell)
-            return stored.read(raw.length), held
+        held.resize(READ_CHUNK)
+        return (raw.value_tell, raw.length), held
     except BaseException:
         held.release()
         raise
@@ -256,14 +257,26 @@ def _dictionary_vr(tag: BaseTag) -> str:
         return "UN"  # a private or unknown element read as implicit VR (PS3.5 6.2.2)
 
 
-async def _value_stream(value: bytes, held: Reservation, boundary: str
-                        ) -> AsyncIterator[bytes | memoryview]:
-    """A single-part multipart body, handed to the server in slices, ``held`` until the
-    last slice is sent."""
+async def _value_stream(path: Path, value: bytes | tuple[int, int], held: Reservation,
+                        boundary: str) -> AsyncIterator[bytes | memoryview]:
+    """A single-part multipart body, handed to the server in slices (read from ``path``
+    when ``value`` is an (offset, length) there), ``held`` until the last slice is sent."""
     try:
-        yield part_head(boundary, OCTET_STREAM, len(value), True)
-        for piece in slices(value):
-            yield piece
+        if isinstance(value, bytes):
+            yield part_head(boundary, OCTET_STREAM, len(value), True)
+            for piece in slices(value):
+                yield piece
+        else:
+            offset, length = value
+            yield part_head(boundary, OCTET_STREAM, length, True)
+            async with aiofiles.open(path, "rb") as stored:
+                await stored.seek(offset)
+                while length > 0 and (chunk := await stored.read(min(READ_CHUNK, length))):
+                    length -= len(chunk)
+                    yield chunk
+            if length:  # the file ended early: no closing boundary, the client sees it cut
+                log.warning("bulk data of %s cut: %d bytes missing", path.name, length)
+                return
         yield closing(boundary)
     finally:
         held.release()
