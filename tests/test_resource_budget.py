@@ -21,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -526,3 +527,121 @@ def test_a_decode_waits_decode_wait_seconds_in_all() -> None:
         return results
 
     assert anyio.run(both) == [503, "served"]
+
+
+# --- Codestreams, encapsulated frames and large values against the budget (review of
+# issue 14, problems 2-4): what is decoded, read or sent is never more than was reserved.
+
+def _lying_j2k(side: int) -> Dataset:
+    """A 64x64 16-bit CT whose one JPEG 2000 frame is a real ``side`` x ``side`` codestream
+    (zeros: a few KiB), so a decoder would allocate ``side``² samples."""
+    from openjpeg import encode
+
+    ds = _ct(BitsStored=16, HighBit=15)
+    codestream = encode(np.zeros((side, side), np.uint16), bits_stored=16,
+                              codec_format=0)
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    return ds
+
+
+def _slowly(client: httpx.Client, url: str, headers: dict[str, str] | None = None
+            ) -> tuple[int, int, str]:
+    """GET ``url`` read 1 MiB at a time, 20 ms apart: status, bytes received, text of a
+    refusal."""
+    with client.stream("GET", url, headers=headers or {}) as response:
+        if response.status_code != 200:
+            return response.status_code, 0, response.read().decode()
+        received = 0
+        for chunk in response.iter_raw(MIB):
+            received += len(chunk)
+            time.sleep(0.02)
+        return response.status_code, received, ""
+
+
+def test_codestream_declaring_more_than_the_header_is_refused_before_decoding(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Problem 2: the DICOM header says 64x64 (8 KiB reserved), the JPEG 2000 SIZ marker
+    4000x4000 (openjpeg would allocate 64 MiB of samples). Renders and decoded frames,
+    four each at once: 422 codestream_mismatch before any decode."""
+    ds = _lying_j2k(4000)
+    assert len(part10(ds)) < 16 * 1024
+    server = serve(tmp_path, [ds])
+    client = start(running, server)
+    url = instance_url(ds)
+    with Watch(server, "JPEG 2000 declaring 4000x4000 under a 64x64 header x8") as watch:
+        responses = concurrently([lambda: client.get(f"{url}/rendered")] * 4 +
+                                 [lambda: client.get(f"{url}/frames/1", headers=NATIVE)] * 4)
+    for response in responses:
+        assert response.status_code == 422, (response.request.url, response.text)
+        assert "codestream declares 4000x4000" in response.text
+    watch.check(24 * MIB)
+    assert server.metric("passerelle_budget_refusals_total",
+                         reason="codestream_mismatch") == 8
+
+
+def test_large_frames_are_reserved_until_sent(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Problem 3: a native frame of 16 MiB, the decode memory 32 MiB, six slow clients at
+    once: each frame is reserved until its last slice is sent, so at most two are held
+    (the others wait, then 503), and the server holds no copy of a whole frame."""
+    ds = _ct(2896)
+    client = start(running, serve(tmp_path, [ds], decode_memory_bytes=str(32 * MIB)))
+    url = f"{instance_url(ds)}/frames/1"
+    with Watch(running[0], "frames/1 of 16 MiB x6, slow readers") as watch:
+        results = concurrently([lambda: _slowly(client, url, NATIVE)] * 6)
+    statuses = [status for status, _, _ in results]
+    assert 200 in statuses and set(statuses) <= {200, 503}, results
+    assert all(received > 2896 * 2896 * 2 for status, received, _ in results if status == 200)
+    # Beyond the reservations: a slice a connection, and what the allocator keeps of
+    # freed frames.
+    watch.check(32 * MIB + 48 * MIB)
+
+
+def test_fragments_are_measured_and_reserved_before_they_are_read(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Problem 3: the header says 64x64 but the one JPEG 2000 frame is 40 MiB of 100 KB
+    fragments with no Basic Offset Table; the decode memory is 16 MiB. Frames as stored,
+    decoded and rendered, four at once: 413 from the item headers, before any is read."""
+    ds = _ct()
+    fragment = b"\xff\x4f" + bytes(100_000 - 2)
+    ds.PixelData = encapsulate([fragment * 400], fragments_per_frame=400, has_bot=False)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    client = start(running, serve(tmp_path, [ds], decode_memory_bytes=str(16 * MIB)))
+    url = instance_url(ds)
+    as_stored = {"Accept": 'multipart/related; type="image/jp2"'}
+    with Watch(running[0], "40 MiB of fragments under a 64x64 header x4") as watch:
+        responses = concurrently([lambda: client.get(f"{url}/frames/1", headers=as_stored)] * 2
+                                 + [lambda: client.get(f"{url}/frames/1", headers=NATIVE),
+                                    lambda: client.get(f"{url}/rendered")])
+    for response in responses:
+        assert response.status_code == 413, (response.request.url, response.text)
+        assert "decode_memory_bytes" in response.text
+    watch.check(12 * MIB)
+
+
+def test_large_binary_values_are_streamed_from_the_file(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:
+    """Problem 4: a private OB of 48 MiB (not Pixel Data), the decode memory 32 MiB: its
+    bulk data, four slow clients at once, is streamed from the file a slice at a time
+    (found from the element's header, never read whole); a de-identified WADO-URI copy
+    (which needs the whole object) is 413 before it is read."""
+    ds = _ct()
+    ds.add_new(0x00090010, "LO", "ATTACK")
+    ds.add_new(0x00091010, "OB", b"\x01" * (48 * MIB))
+    client = start(running, serve(tmp_path, [ds], decode_memory_bytes=str(32 * MIB)))
+    url = f"{instance_url(ds)}/bulkdata/00091010"
+    with Watch(running[0], "bulk data of 48 MiB x4, slow readers") as watch:
+        results = concurrently([lambda: _slowly(client, url)] * 4)
+    assert all(status == 200 and received > 48 * MIB for status, received, _ in results), \
+        results
+    watch.check(32 * MIB)  # a slice a connection in flight, with the server's own copies
+    anonymized = wado_uri(ds, contentType="application/dicom", anonymize="yes")
+    with Watch(running[0], "de-identified WADO-URI of 48 MiB x2") as watch:
+        responses = concurrently([lambda: client.get(anonymized)] * 2)
+    for response in responses:
+        assert response.status_code == 413, response.text
+        assert "decode_memory_bytes" in response.text
+    watch.check(16 * MIB)

@@ -334,7 +334,8 @@ def reserve_conversion(budget: ResourceBudget, path: Path, what: str) -> "Reserv
     the decode pool; release the reservation when the result is sent."""
     held = budget.reserve_header_read(path)
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        # Large values (a huge private OB) are left unread: only the image attributes count.
+        ds = dcmread(path, stop_before_pixels=True, defer_size=4096)
         pixels = frame_bytes(ds) * int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
         held.what = what
         held.resize(2 * budget.whole_read_bytes(path) + 4 * pixels)
@@ -362,6 +363,8 @@ def check_frame_list(numbers: list[int], count: int) -> None:
     if len(numbers) > count:
         raise refuse(400, "frames", f"{len(numbers)} frames asked of an instance that has "
                      f"{count}")
-    if len(set(numbers)) != len(numbers):
-        repeated = next(n for i, n in enumerate(numbers) if n in numbers[:i])
-        raise refuse(400, "frames", f"frame {repeated} is asked more than once")
+    seen: set[int] = set()
+    for number in numbers:
+        if number in seen:
+            raise refuse(400, "frames", f"frame {number} is asked more than once")
+        seen.add(number)

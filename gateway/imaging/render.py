@@ -8,18 +8,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from gateway.imaging.budget import (
+    OverBudget,
     ResourceBudget,
     check_output_pixels,
     render_bytes,
 )
-from gateway.imaging.transcode import decoding_plugin
+from gateway.imaging.frame_reader import FrameDecodeError, FrameRangeError, FrameReader
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 
@@ -181,38 +180,8 @@ def geometry(columns: int, rows: int, params: RenderParams) -> Geometry:
     return Geometry((left, top, right, bottom), flip, size)
 
 
-def frame_image(path: Path, params: RenderParams, budget: ResourceBudget) -> Image.Image:
-    """The requested frame of a stored file as a Pillow image, cropped and resized.
-
-    Reads the header, checks the output size and reserves the memory the rendering takes
-    from ``budget`` (OverBudget when it cannot), then reads only the requested frame, so a
-    huge multi-frame object is never loaded whole.
-    """
-    with budget.reserve_header_read(path) as held:
-        ds = dcmread(path, stop_before_pixels=True)
-        if "Rows" not in ds:
-            raise RenderError("this instance has no pixel data to render")
-        count = int(ds.get("NumberOfFrames") or 1)
-        if not 1 <= params.frame <= count:
-            raise RenderError(f"frame {params.frame} does not exist (the instance has {count})")
-        shape = geometry(int(ds.Columns), int(ds.Rows), params)
-        check_output_pixels(shape.source_size, shape.size, budget.max_output_pixels)
-        # pydicom cannot read single frames from a deflated file: it is inflated whole.
-        deflated = ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
-        held.what = f"rendering frame {params.frame}"
-        resized = shape.size[0] * shape.size[1] if shape.size != shape.source_size else 0
-        held.resize((budget.whole_read_bytes(path) if deflated else 0) + render_bytes(ds, resized))
-        image = _frame(ds, dcmread(path) if deflated else path, params)
-        return _shaped(image, shape)
-
-
-def _frame(ds: Dataset, source: Dataset | Path, params: RenderParams) -> Image.Image:
-    """The frame as a Pillow image, grayscale pipeline or colour applied."""
-    try:
-        frame = pixel_array(source, index=params.frame - 1,
-                            decoding_plugin=decoding_plugin(ds.file_meta.TransferSyntaxUID))
-    except Exception as exc:  # every pydicom decoder raises its own types
-        raise RenderError(f"cannot decode frame {params.frame}: {exc}") from exc
+def _frame(ds: Dataset, frame: np.ndarray, params: RenderParams) -> Image.Image:
+    """The decoded frame as a Pillow image, grayscale pipeline or colour applied."""
     if int(ds.get("SamplesPerPixel", 1)) == 1 and \
             ds.get("PhotometricInterpretation") != "PALETTE COLOR":
         if params.sixteen_bit:
@@ -249,11 +218,35 @@ def encode(image: Image.Image, params: RenderParams) -> bytes:
 
 def render(path: Path, params: RenderParams, budget: ResourceBudget) -> bytes:
     """Render one frame of a stored file within ``budget``; RenderError says why it cannot
-    be, OverBudget why it may not."""
+    be, OverBudget why it may not.
+
+    Reads the header, checks the output size and reserves the memory the rendering takes
+    (until the image is encoded), then reads and decodes only the requested frame, so a
+    huge multi-frame object is never loaded whole.
+    """
     try:
-        return encode(frame_image(path, params, budget), params)
-    except RenderError:
+        reader = FrameReader(path, budget)
+    except FrameRangeError as exc:
+        raise RenderError("this instance has no pixel data to render") from exc
+    try:
+        ds = reader.ds
+        if not 1 <= params.frame <= reader.count:
+            raise RenderError(f"frame {params.frame} does not exist (the instance has "
+                              f"{reader.count})")
+        shape = geometry(int(ds.Columns), int(ds.Rows), params)
+        check_output_pixels(shape.source_size, shape.size, budget.max_output_pixels)
+        resized = shape.size[0] * shape.size[1] if shape.size != shape.source_size else 0
+        with budget.memory.reserve(render_bytes(ds, resized)
+                                   + 2 * reader.stored_bytes(params.frame),
+                                   f"rendering frame {params.frame}"):
+            image = _frame(ds, reader.array(params.frame), params)
+            return encode(_shaped(image, shape), params)
+    except (RenderError, OverBudget):
         raise
+    except FrameDecodeError as exc:
+        raise RenderError(str(exc)) from exc
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as exc:
         # Malformed pixel attributes (e.g. a non-numeric NumberOfFrames).
         raise RenderError(f"cannot render this instance: {exc}") from exc
+    finally:
+        reader.close()

@@ -9,6 +9,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.uid import (
     UID,
@@ -23,6 +24,7 @@ from pydicom.uid import (
 )
 
 from gateway.imaging.budget import Reservation, ResourceBudget, reserve_conversion
+from gateway.imaging.codestream import check_frame
 
 ANY = "*"
 NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
@@ -75,6 +77,10 @@ def transcode(data: bytes, target: str) -> bytes:
     ds = dcmread(BytesIO(data))
     stored = ds.file_meta.TransferSyntaxUID
     if "PixelData" in ds and stored.is_compressed:
+        # The decode memory was reserved from the header: no codestream may declare more.
+        for frame in generate_frames(ds.PixelData, number_of_frames=int(ds.get(
+                "NumberOfFrames") or 1)):
+            check_frame(ds, stored, frame)
         # Also converts YBR JPEG colour to RGB (pydicom's default).
         ds.decompress(decoding_plugin=decoding_plugin(stored), generate_instance_uid=False)
     if UID(target).is_compressed:

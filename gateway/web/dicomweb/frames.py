@@ -1,22 +1,16 @@
 """Frames (PS3.18 10.4.1.1.3) and bulk data (10.4.1.1.5) of stored instances."""
 
 import logging
-import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiofiles
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
-from pydicom.pixels import pixel_array
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -25,10 +19,10 @@ from gateway.imaging.budget import (
     Reservation,
     ResourceBudget,
     check_frame_list,
-    frame_bytes,
+    is_deflated,
 )
-from gateway.imaging.transcode import decoding_plugin
-from gateway.web.dicomweb.wado import addressed_instances, check_uids
+from gateway.imaging.frame_reader import FrameDecodeError, FrameRangeError, FrameReader
+from gateway.web.dicomweb.wado import READ_CHUNK, addressed_instances, check_uids, slices
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error, over_budget
@@ -54,14 +48,6 @@ _FRAME_MEDIA_TYPES = {
 _MEDIA_TYPE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 _NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          "1.2.840.10008.1.2.1.99"}
-
-
-class FrameRangeError(LookupError):
-    """A requested frame number the instance does not have."""
-
-
-class FrameDecodeError(ValueError):
-    """A frame that the decoders cannot decode (HTTP 422)."""
 
 
 @dataclass(frozen=True)
@@ -106,128 +92,31 @@ def choose_frame_encoding(stored: str, ranges: list[MediaRange]) -> FrameEncodin
     return None
 
 
-class FrameReader:
-    """Frames of one stored instance, read one at a time from its file (never the whole
-    Pixel Data, except from a deflated file, which pydicom can only inflate whole), each
-    within a reservation of the decode memory. Blocking: call it in the decode pool."""
-
-    def __init__(self, path: Path, decode: bool, budget: ResourceBudget) -> None:
-        self.path = path
-        self.decode = decode
-        self.memory = budget.memory
-        # A deflated data set is kept whole while its frames are read: reserved until close.
-        self._whole = budget.reserve_header_read(path)
-        self._file = path.open("rb")
-        try:
-            self.ds = dcmread(self._file, stop_before_pixels=True)
-            self.syntax = self.ds.file_meta.TransferSyntaxUID
-            if "Rows" not in self.ds:
-                raise FrameRangeError("the instance has no pixel data")
-            self.count = int(self.ds.get("NumberOfFrames") or 1)
-            self.frame_size = frame_bytes(self.ds)
-            self._full: Dataset | None = None
-            if self.syntax == DeflatedExplicitVRLittleEndian:
-                self._whole.resize(budget.whole_read_bytes(path))
-                self._full = dcmread(path)
-                if "PixelData" not in self._full:
-                    raise FrameRangeError("the instance has no pixel data")
-            else:
-                self._value_start = self._pixel_data_value()
-        except BaseException:
-            self.close()
-            raise
-
-    def _pixel_data_value(self) -> int:
-        """Offset of the Pixel Data value; the file is positioned at its element (pydicom
-        stops there with ``stop_before_pixels``)."""
-        little = "<" if self.syntax.is_little_endian else ">"
-        head = self._file.read(8)
-        if len(head) < 8 or struct.unpack(f"{little}HH", head[:4]) != (0x7FE0, 0x0010):
-            raise FrameRangeError("the instance has no pixel data")
-        if self.syntax.is_implicit_VR:
-            self._length = struct.unpack(f"{little}L", head[4:8])[0]
-        else:  # OB or OW: 2 reserved bytes, then a 32-bit length (PS3.5 7.1.2)
-            self._length = struct.unpack(f"{little}L", self._file.read(4))[0]
-        return self._file.tell()
-
-    def read(self, number: int) -> tuple[bytes, Reservation]:
-        """Bytes of frame ``number`` (1-based), with the reservation that holds them:
-        release it once they are sent."""
-        if number > self.count:
-            raise FrameRangeError(f"the instance has {self.count} frame(s)")
-        held = self.memory.reserve(self.frame_size * (2 if self.decode else 1),
-                                   f"frame {number} ({self.frame_size} bytes decoded)")
-        try:
-            data = self._decoded(number) if self.decode else self._as_stored(number)
-            held.resize(len(data))
-        except BaseException:
-            held.release()
-            raise
-        return data, held
-
-    def _decoded(self, number: int) -> bytes:
-        try:
-            return pixel_array(self._full or self.path, index=number - 1,
-                               decoding_plugin=decoding_plugin(self.syntax)).tobytes()
-        except Exception as exc:  # every pydicom decoder raises its own types
-            raise FrameDecodeError(f"cannot decode frame {number}: {exc}") from exc
-
-    def _as_stored(self, number: int) -> bytes:
-        if self._full is not None:
-            if self.syntax.is_encapsulated:
-                return get_frame(self._full.PixelData, number - 1, number_of_frames=self.count)
-            return self._full.PixelData[(number - 1) * self.frame_size:number * self.frame_size]
-        self._file.seek(self._value_start)
-        if self.syntax.is_encapsulated:
-            offsets = None
-            if "ExtendedOffsetTable" in self.ds:
-                offsets = (self.ds.ExtendedOffsetTable, self.ds.ExtendedOffsetTableLengths)
-            return get_frame(self._file, number - 1, number_of_frames=self.count,
-                             extended_offsets=offsets)
-        bits = int(self.ds.Rows) * int(self.ds.Columns) * \
-            int(self.ds.get("SamplesPerPixel") or 1) * int(self.ds.BitsAllocated)
-        if bits % 8 and self.count > 1:
-            raise FrameRangeError("frames of 1-bit multi-frame pixel data are not byte aligned")
-        size = (bits + 7) // 8
-        self._file.seek(self._value_start + (number - 1) * size)
-        return self._file.read(size)
-
-    def close(self) -> None:
-        """Close the file and give the reserved memory back."""
-        self._file.close()
-        self._full = None
-        self._whole.release()
-
-
 async def _stream(reader: FrameReader, budget: ResourceBudget, numbers: list[int],
-                  first: tuple[bytes, Reservation], content_type: str,
-                  boundary: str) -> AsyncIterator[bytes]:
-    """The multipart body, one frame in memory at a time; a frame that cannot be read
-    after the status was sent ends the stream without its closing boundary."""
+                  decode: bool, first: tuple[bytes | bytearray, Reservation], content_type: str,
+                  boundary: str) -> AsyncIterator[bytes | memoryview]:
+    """The multipart body, one frame in memory at a time, each handed to the server in
+    slices and reserved until its last slice is sent; a frame that cannot be read after
+    the status was sent ends the stream without its closing boundary."""
     data, held = first
     try:
         for index, number in enumerate(numbers):
             if index:
                 try:
-                    data, held = await budget.decode.run(reader.read, number)
+                    data, held = await budget.decode.run(reader.read, number, decode)
                 except (OverBudget, FrameRangeError, FrameDecodeError) as exc:
                     log.warning("frames stream of %s cut at frame %d: %s", reader.path.name,
                                 number, exc)
                     return
             yield part_head(boundary, content_type, len(data), index == 0)
-            yield data
+            for piece in slices(data):
+                yield piece
+            del data
             held.release()
         yield closing(boundary)
     finally:  # also when the client leaves: nothing here may wait
         held.release()
         reader.close()
-
-
-def _multipart(parts: list[bytes], content_type: str) -> Response:
-    boundary = new_boundary()
-    body = b"".join(part_head(boundary, content_type, len(part), i == 0) + part
-                    for i, part in enumerate(parts)) + closing(boundary)
-    return Response(body, headers={"Content-Type": _multipart_type(content_type, boundary)})
 
 
 def _multipart_type(content_type: str, boundary: str) -> str:
@@ -260,14 +149,14 @@ async def _frames_response(request: Request, numbers: list[int] | None) -> Respo
             if instance.frames is not None and max(numbers) > instance.frames:
                 raise FrameRangeError(f"the instance has {instance.frames} frame(s)")
         reader = await budget.decode.run(FrameReader, store.blobs.absolute(instance.path),
-                                         encoding.decode, budget)
+                                         budget)
     except FrameRangeError as exc:
         return error(404, str(exc))
     except OverBudget as refusal:
         return over_budget(refusal)
     wanted = numbers or list(range(1, reader.count + 1))
     try:
-        first = await budget.decode.run(reader.read, wanted[0])
+        first = await budget.decode.run(reader.read, wanted[0], encoding.decode)
     except (FrameRangeError, FrameDecodeError, OverBudget) as exc:
         reader.close()
         if isinstance(exc, OverBudget):
@@ -275,7 +164,8 @@ async def _frames_response(request: Request, numbers: list[int] | None) -> Respo
         return error(404 if isinstance(exc, FrameRangeError) else 422, str(exc))
     boundary = new_boundary()
     return StreamingResponse(
-        _stream(reader, budget, wanted, first, encoding.content_type, boundary),
+        _stream(reader, budget, wanted, encoding.decode, first, encoding.content_type,
+                boundary),
         headers={"Content-Type": _multipart_type(encoding.content_type, boundary)})
 
 
@@ -307,16 +197,86 @@ async def bulkdata(request: Request) -> Response:
         return error(404, "no such instance")
     budget: ResourceBudget = services_of(request).budget
     try:
-        element = await budget.decode.run(_top_level_value, store.blobs.absolute(instance.path),
-                                          tag, budget)
+        path = store.blobs.absolute(instance.path)
+        found = await budget.decode.run(_top_level_value, path, tag, budget)
     except OverBudget as refusal:
         return over_budget(refusal)
-    if element is None or not isinstance(element.value, bytes):
+    if found is None:
         return error(404, f"no binary value ({tag:08X}) at the top level of this instance")
-    return _multipart([element.value], OCTET_STREAM)
+    boundary = new_boundary()
+    return StreamingResponse(_value_stream(path, *found, boundary), headers={
+        "Content-Type": _multipart_type(OCTET_STREAM, boundary)})
 
 
-def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget) -> DataElement | None:
-    """The top-level element ``tag`` of the header of ``path``, read within the budget."""
-    with budget.reserve_header_read(path):
-        return dcmread(path, stop_before_pixels=True).get(tag)
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"}
+# Values above this are left unread by the header read, and read once reserved.
+_DEFER_BYTES = 4096
+
+
+def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget
+                     ) -> tuple[bytes | tuple[int, int], Reservation] | None:
+    """The binary value of the top-level element ``tag`` of ``path`` (None when there is
+    none) and the reservation that holds it until sent: a small value (or one of a
+    deflated data set, inflated whole) read, a large one as its (offset, length) in the
+    file, found from the element's header and read in slices as it is sent."""
+    held = budget.reserve_header_read(path)
+    try:
+        if is_deflated(path):  # the whole data set is inflated (and reserved) to read it
+            element = dcmread(path, stop_before_pixels=True).get(tag)
+            if element is None or not isinstance(element.value, bytes):
+                held.release()
+                return None
+            return element.value, held
+        raw = dcmread(path, stop_before_pixels=True, defer_size=_DEFER_BYTES).get_item(
+            tag, keep_deferred=True)
+        if isinstance(raw, DataElement):  # a small value, parsed already
+            if not isinstance(raw.value, bytes):
+                held.release()
+                return None
+            held.resize(len(raw.value))
+            return raw.value, held
+        vr = (raw.VR if raw is not None else None) or _dictionary_vr(tag)
+        if raw is None or vr not in _BINARY_VRS or raw.length == 0xFFFFFFFF:
+            held.release()
+            return None
+        held.what = f"the value of ({tag:08X})"
+        if raw.value is not None:
+            held.resize(len(raw.value))
+            return raw.value, held
+        held.resize(READ_CHUNK)
+        return (raw.value_tell, raw.length), held
+    except BaseException:
+        held.release()
+        raise
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"  # a private or unknown element read as implicit VR (PS3.5 6.2.2)
+
+
+async def _value_stream(path: Path, value: bytes | tuple[int, int], held: Reservation,
+                        boundary: str) -> AsyncIterator[bytes | memoryview]:
+    """A single-part multipart body, handed to the server in slices (read from ``path``
+    when ``value`` is an (offset, length) there), ``held`` until the last slice is sent."""
+    try:
+        if isinstance(value, bytes):
+            yield part_head(boundary, OCTET_STREAM, len(value), True)
+            for piece in slices(value):
+                yield piece
+        else:
+            offset, length = value
+            yield part_head(boundary, OCTET_STREAM, length, True)
+            async with aiofiles.open(path, "rb") as stored:
+                await stored.seek(offset)
+                while length > 0 and (chunk := await stored.read(min(READ_CHUNK, length))):
+                    length -= len(chunk)
+                    yield chunk
+            if length:  # the file ended early: no closing boundary, the client sees it cut
+                log.warning("bulk data of %s cut: %d bytes missing", path.name, length)
+                return
+        yield closing(boundary)
+    finally:
+        held.release()

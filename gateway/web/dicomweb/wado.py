@@ -1,7 +1,7 @@
 """WADO-RS retrieve of studies, series and instances (PS3.18 10.4), streamed part by part."""
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiofiles
 from starlette.concurrency import run_in_threadpool
@@ -46,8 +46,16 @@ async def addressed_instances(request: Request) -> list[StoredInstance]:
                                    target.series, target.instance, scoped_instances(request))
 
 
+def slices(data: bytes | bytearray) -> Iterator[memoryview]:
+    """``data`` in views of ``READ_CHUNK`` bytes: the server copies one at a time (h11
+    joins what it sends), never a whole frame or part."""
+    view = memoryview(data)
+    for start in range(0, len(view), READ_CHUNK):
+        yield view[start:start + READ_CHUNK]
+
+
 async def _stream(store: Store, budget: ResourceBudget, plan: list[tuple[StoredInstance, str]],
-                  boundary: str) -> AsyncIterator[bytes]:
+                  boundary: str) -> AsyncIterator[bytes | memoryview]:
     first = True
     for instance, syntax in plan:
         path = store.blobs.absolute(instance.path)
@@ -65,8 +73,10 @@ async def _stream(store: Store, budget: ResourceBudget, plan: list[tuple[StoredI
                 continue
             try:
                 yield part_head(boundary, content_type, len(data), first)
-                yield data
-            finally:
+                for piece in slices(data):
+                    yield piece
+            finally:  # after the last slice was sent, or the client left
+                del data
                 held.release()
         first = False
     yield closing(boundary)
