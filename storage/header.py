@@ -57,7 +57,9 @@ class DatasetShape:
     items: int
     values: int  # of multi-valued text elements: one object each once parsed
     text_bytes: int  # values of text VRs (decoded, then inlined in DICOM JSON)
-    binary_bytes: int  # other values (pixel data included unless the walk stops there)
+    binary_bytes: int  # other values up to DEFER_SIZE bytes each
+    deferred_bytes: int  # other values longer (pixel data included unless the walk stops
+    #                      there): left on disk by a read with defer_size=DEFER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +261,9 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _CHUNK = 1 << 20
+# Values longer than this are left on disk by the readers that do not need them
+# (pydicom's defer_size): what a walk counts apart as deferred_bytes.
+DEFER_SIZE = 4096
 # PS3.5 6.2: the VRs whose values are text; a backslash separates the values of the first.
 _MULTI_VALUED_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH",
                                     "TM", "UC", "UI"))
@@ -335,11 +340,12 @@ class _Walk:
         self.endian = "<" if little else ">"
         self.stop_at_pixels = stop_at_pixels
         self.elements = self.items = self.values = self.text_bytes = self.binary_bytes = 0
+        self.deferred_bytes = 0
 
     def shape(self) -> DatasetShape:
         """What was counted so far."""
         return DatasetShape(self.elements, self.items, self.values, self.text_bytes,
-                            self.binary_bytes)
+                            self.binary_bytes, self.deferred_bytes)
 
     def _count(self) -> None:
         self.elements += 1
@@ -436,6 +442,8 @@ class _Walk:
             return
         if name in _TEXT_VRS:
             self.text_bytes += length
+        elif length > DEFER_SIZE:
+            self.deferred_bytes += length
         else:
             self.binary_bytes += length
         self.reader.skip(length)

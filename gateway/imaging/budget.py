@@ -35,6 +35,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from gateway import metrics
 from storage.header import (
+    DEFER_SIZE,
     DatasetShape,
     DatasetTooComplexError,
     DatasetTooLargeError,
@@ -243,7 +244,8 @@ class ResourceBudget:
 
     def reserve_header_read(self, path: Path, as_json: bool = False) -> "Reservation":
         """Reserve the decode memory a header-only read (``stop_before_pixels``) of ``path``
-        builds, and its DICOM JSON ``as_json``, estimated from a walk of its data set up to
+        builds (read with ``defer_size=DEFER_SIZE``), or with its DICOM JSON ``as_json``,
+    estimated from a walk of its data set up to
         the pixel data (elements, items, values, bytes: the JSON of a 9 MB object of 5
         million DS values takes 2 GiB), plus the whole inflated data set of a deflated file
         (pydicom inflates it whole). Blocking: call it in the decode pool."""
@@ -271,14 +273,15 @@ _READ_DEPTH = 100
 
 
 def header_read_bytes(shape: DatasetShape, as_json: bool) -> int:
-    """Memory a header read builds from a data set of ``shape``, and its DICOM JSON
-    ``as_json`` (a read alone leaves values as they were read, as bytes)."""
+    """Memory a header read builds from a data set of ``shape``: read with
+    ``defer_size=DEFER_SIZE`` (values as read, as bytes; long binary values left on disk),
+    or ``as_json`` (every value read and converted, DICOM JSON made of them)."""
+    structure = shape.elements * HEADER_BYTES_PER_ELEMENT + shape.items * HEADER_BYTES_PER_ITEM
     if not as_json:
-        return (shape.elements * HEADER_BYTES_PER_ELEMENT + shape.items * HEADER_BYTES_PER_ITEM
-                + shape.text_bytes + shape.binary_bytes)
-    return (shape.elements * HEADER_BYTES_PER_ELEMENT + shape.items * HEADER_BYTES_PER_ITEM
-            + shape.values * HEADER_BYTES_PER_VALUE + shape.text_bytes * HEADER_TEXT_FACTOR
-            + shape.binary_bytes * HEADER_BINARY_FACTOR)
+        return structure + shape.text_bytes + shape.binary_bytes
+    return (structure + shape.values * HEADER_BYTES_PER_VALUE
+            + shape.text_bytes * HEADER_TEXT_FACTOR
+            + (shape.binary_bytes + shape.deferred_bytes) * HEADER_BINARY_FACTOR)
 
 
 def _mib(size: int) -> str:
@@ -335,7 +338,7 @@ def reserve_conversion(budget: ResourceBudget, path: Path, what: str) -> "Reserv
     held = budget.reserve_header_read(path)
     try:
         # Large values (a huge private OB) are left unread: only the image attributes count.
-        ds = dcmread(path, stop_before_pixels=True, defer_size=4096)
+        ds = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
         pixels = frame_bytes(ds) * int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
         held.what = what
         held.resize(2 * budget.whole_read_bytes(path) + 4 * pixels)

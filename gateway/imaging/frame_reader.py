@@ -17,6 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget, frame_bytes
 from gateway.imaging.codestream import check_frame, frame_fragments, read_fragments
 from gateway.imaging.transcode import decoding_plugin
+from storage.header import DEFER_SIZE
 
 
 class FrameRangeError(LookupError):
@@ -39,7 +40,7 @@ class FrameReader:
         self._whole = budget.reserve_header_read(path)
         self._file = path.open("rb")
         try:
-            self.ds = dcmread(self._file, stop_before_pixels=True)
+            self.ds = dcmread(self._file, stop_before_pixels=True, defer_size=DEFER_SIZE)
             self.syntax = self.ds.file_meta.TransferSyntaxUID
             if "Rows" not in self.ds:
                 raise FrameRangeError("the instance has no pixel data")

@@ -27,6 +27,7 @@ from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error, over_budget
 from gateway.web.services import services_of
+from storage.header import DEFER_SIZE
 from storage.index import StoredInstance
 from storage.numbers import INT32_MAX, NumberError, parse_int
 from storage.store import Store
@@ -210,7 +211,6 @@ async def bulkdata(request: Request) -> Response:
 
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"}
 # Values above this are left unread by the header read, and read once reserved.
-_DEFER_BYTES = 4096
 
 
 def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget
@@ -227,7 +227,7 @@ def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget
                 held.release()
                 return None
             return element.value, held
-        raw = dcmread(path, stop_before_pixels=True, defer_size=_DEFER_BYTES).get_item(
+        raw = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE).get_item(
             tag, keep_deferred=True)
         if isinstance(raw, DataElement):  # a small value, parsed already
             if not isinstance(raw.value, bytes):
