@@ -1,11 +1,18 @@
 """A pynetdicom Storage SCU for the tests."""
 
+from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, Association, _config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from storage.part10 import dataset_bytes
+from tests.synthetic import part10
 
 # Send files as they are on disk (only their file meta is parsed), so the server is shown the
 # exact bytes of the test file, malformed ones included.
@@ -38,3 +45,23 @@ def send(port: int, item: Dataset | Path, calling: str = "TESTSCU") -> tuple[int
         return int(status.Status), str(status.get("ErrorComment", ""))
     finally:
         assoc.release()
+
+
+def c_store_pdus(assoc: Association, ds: Dataset, message_id: int = 1,
+                 max_pdu: int = 65536) -> list[bytes]:
+    """The P-DATA-TF PDUs of a C-STORE-RQ of ``ds``, as ``assoc`` would send them (for a
+    test that sends them itself, in pieces or out of turn)."""
+    request = C_STORE()
+    request.MessageID, request.Priority = message_id, 2
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.DataSet = BytesIO(bytes(dataset_bytes(part10(ds))))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID]
+    pdus = []
+    for primitive in message.encode_msg(context.context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    return pdus

@@ -15,7 +15,6 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import httpx
@@ -24,14 +23,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import Association
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import P_DATA_TF
 
 from storage.part10 import dataset_bytes, dataset_offset, file_preamble_and_meta
 from tests.processes import PasserelleProcess, wait_for
-from tests.scu import associate, send
+from tests.scu import associate, c_store_pdus, send
 from tests.synthetic import ct_slice, part10
 
 ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"  # item of undefined length (PS3.5 7.5)
@@ -236,24 +232,6 @@ def test_a_deflated_data_set_within_the_limits_is_inflated_as_a_stream(
     assert _same_after_meta(stored, path)
 
 
-def _c_store_pdus(assoc: Association, ds: Dataset, message_id: int = 1) -> list[bytes]:
-    """The P-DATA-TF PDUs of a C-STORE-RQ of ``ds``, as ``assoc`` would send them."""
-    request = C_STORE()
-    request.MessageID, request.Priority = message_id, 2
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.DataSet = BytesIO(bytes(dataset_bytes(part10(ds))))
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID]
-    pdus = []
-    for primitive in message.encode_msg(context.context_id, 65536):
-        pdu = P_DATA_TF()
-        pdu.from_primitive(primitive)
-        pdus.append(pdu.encode())
-    return pdus
-
-
 def _pdu(context_id: int, control: int, fragment: bytes) -> bytes:
     """A P-DATA-TF PDU of one presentation data value (PS3.8 9.3.5, E.2: ``control`` 01 a
     command fragment, 03 the last one, 02 the last data set fragment)."""
@@ -354,7 +332,7 @@ def test_pipelined_c_stores_are_all_stored(gateway: PasserelleProcess) -> None:
         # Keep the requestor's reactor off its DIMSE queue, as its send_c_store does.
         assoc._reactor_checkpoint.clear()
         wait_for(lambda: assoc._is_paused, 5, "the requestor's reactor to pause")
-        pdus = [pdu for n, ds in enumerate(instances, 1) for pdu in _c_store_pdus(assoc, ds, n)]
+        pdus = [pdu for n, ds in enumerate(instances, 1) for pdu in c_store_pdus(assoc, ds, n)]
         assoc.dul.socket.socket.sendall(b"".join(pdus))  # all five before any answer
         answers = {}
         for _ in instances:
@@ -375,7 +353,7 @@ def test_an_interrupted_c_store_leaves_no_temporary_file(gateway: PasserelleProc
     assert assoc.is_established
     try:
         connection = assoc.dul.socket.socket
-        pdus = _c_store_pdus(assoc, ds)
+        pdus = c_store_pdus(assoc, ds)
         for pdu in pdus[:-1]:  # all but the last fragment
             connection.sendall(pdu)
         wait_for(lambda: any(f.stat().st_size > 1 << 20 for f in tmp.iterdir()), 10,
@@ -412,7 +390,7 @@ def test_the_ingest_budget_bounds_c_store_and_is_given_back(tmp_path: Path) -> N
             assert assoc.is_established
             try:
                 connection = assoc.dul.socket.socket
-                for pdu in _c_store_pdus(assoc, ds)[:-1]:
+                for pdu in c_store_pdus(assoc, ds)[:-1]:
                     connection.sendall(pdu)
                 wait_for(lambda: in_flight() > 500_000, 10, "the data set to be in flight")
                 connection.shutdown(socket.SHUT_RDWR)

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 
 import anyio
@@ -28,14 +27,11 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import P_DATA_TF
 
 from gateway.imaging.budget import ByteBudget, DecodePool, OverBudget
 from storage.part10 import dataset_bytes
 from tests.processes import PasserelleProcess, wait_for
-from tests.scu import associate
+from tests.scu import associate, c_store_pdus
 from tests.synthetic import ct_slice, part10
 
 MIB = 1 << 20
@@ -324,19 +320,7 @@ def _held_c_store(port: int, ds: Dataset, hold: threading.Event) -> int:
     assoc = associate(port, [ds])
     assert assoc.is_established
     try:
-        request = C_STORE()
-        request.MessageID, request.Priority = 1, 2
-        request.AffectedSOPClassUID = ds.SOPClassUID
-        request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-        request.DataSet = BytesIO(bytes(dataset_bytes(part10(ds))))
-        message = C_STORE_RQ()
-        message.primitive_to_message(request)
-        [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID]
-        pdus = []
-        for primitive in message.encode_msg(context.context_id, 1 << 20):
-            pdu = P_DATA_TF()
-            pdu.from_primitive(primitive)
-            pdus.append(pdu.encode())
+        pdus = c_store_pdus(assoc, ds, max_pdu=1 << 20)
         # The requestor's reactor kept off its DIMSE queue, as its send_c_store does.
         assoc._reactor_checkpoint.clear()
         wait_for(lambda: assoc._is_paused, 5, "the requestor's reactor to pause")
