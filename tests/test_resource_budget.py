@@ -8,6 +8,7 @@ is checked for its status and reason. The last tests check the budget's own rule
 """
 
 import functools
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from pydicom.uid import (
 )
 
 from gateway.imaging.budget import ByteBudget, DecodePool, OverBudget
+from gateway.imaging.codestream import check_frame
 from storage.part10 import dataset_bytes
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import associate, c_store_pdus
@@ -629,3 +631,20 @@ def test_large_binary_values_are_streamed_from_the_file(
         assert response.status_code == 413, response.text
         assert "decode_memory_bytes" in response.text
     watch.check(16 * MIB)
+
+
+def test_a_jp2_file_is_checked_by_the_codestream_its_decoder_reads() -> None:
+    """A JP2 file (T.800 I.5) decoded from its Contiguous Codestream box: a 64x64 SIZ hidden
+    in an XML box before it must not stand for the 2000x2000 codestream after it."""
+    from openjpeg import encode
+
+    ds = _ct()
+    small = encode(np.zeros((64, 64), dtype=np.uint16), codec_format=0)
+    large = encode(np.zeros((2000, 2000), dtype=np.uint16), codec_format=1)  # JP2
+    decoy = struct.pack(">I4s", 8 + 64, b"xml ") + small[:64]
+    box = large.find(b"jp2c") - 4
+    with pytest.raises(OverBudget) as refused:
+        check_frame(ds, JPEG2000Lossless, large[:box] + decoy + large[box:])
+    assert refused.value.status == 422 and "2000x2000" in refused.value.message
+    check_frame(ds, JPEG2000Lossless, encode(np.zeros((64, 64), dtype=np.uint16),
+                                             codec_format=1))  # an honest JP2: no refusal

@@ -66,11 +66,12 @@ def declared_jpeg(data: bytes) -> Declared:
 
 
 def declared_j2k(data: bytes) -> Declared:
-    """The image and tile size (SIZ, T.800 A.5.1) of a JPEG 2000 / HTJ2K codestream (a JP2
-    file's codestream box too: the SIZ follows SOC)."""
-    at = data.find(b"\xff\x4f\xff\x51")
-    if at < 0 or at + 42 > len(data):
-        raise CodestreamError("the JPEG 2000 codestream has no SIZ marker")
+    """The image and tile size (SIZ, T.800 A.5.1) of a JPEG 2000 / HTJ2K codestream, or of
+    the codestream box of a JP2 file (T.800 I.5.4), where a decoder looks for it: SIZ
+    immediately follows SOC at the start of the codestream (A.4.1)."""
+    at = _codestream_start(data)
+    if data[at:at + 4] != b"\xff\x4f\xff\x51" or at + 42 > len(data):
+        raise CodestreamError("the JPEG 2000 codestream does not start with SOC and SIZ")
     xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, at + 8)
     components = struct.unpack_from(">H", data, at + 40)[0]
     depths = data[at + 42:at + 42 + 3 * components:3]
@@ -78,6 +79,29 @@ def declared_j2k(data: bytes) -> Declared:
         raise CodestreamError("the JPEG 2000 SIZ marker is truncated or inconsistent")
     return Declared(ysiz - yosiz, xsiz - xosiz, components,
                     max((d & 0x7F) + 1 for d in depths) if depths else 0)
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _codestream_start(data: bytes) -> int:
+    """Where the codestream of ``data`` starts: 0 for a bare codestream; in a JP2 file, in
+    its first top-level Contiguous Codestream box (``jp2c``), found by walking the boxes
+    (a SIZ elsewhere, in an XML box say, is not what the decoder reads)."""
+    if not data.startswith(_JP2_SIGNATURE):
+        return 0
+    at = 0
+    while at + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        header = 8
+        if length == 1:  # XLBox: a 64-bit length follows
+            length, header = struct.unpack_from(">Q", data, at + 8)[0], 16
+        if kind == b"jp2c":
+            return at + header
+        if length == 0 or length < header:  # the last box, or a malformed one
+            break
+        at += length
+    raise CodestreamError("the JP2 file has no codestream box")
 
 
 def check_frame(ds: Dataset, syntax: str, frame: bytes) -> None:
