@@ -433,7 +433,10 @@ class _Walk:
         """Count a value that is not a sequence, and pass it: the values of a multi-valued
         text element (pydicom makes an object of each, ~500 bytes), the bytes of the rest."""
         name = vr.decode("latin-1") if vr is not None else _dictionary_vr(tag)
-        if name in _MULTI_VALUED_TEXT_VRS:
+        # UN, or no VR known (implicit VR, private): pydicom may read it by a dictionary VR
+        # (a private creator's, a standard tag's UN under 64 KiB) as multi-valued text, so
+        # it is counted as such, whatever it turns out to be.
+        if name in _MULTI_VALUED_TEXT_VRS or name in (None, "UN"):
             self.text_bytes += length
             while length > 0 and (chunk := self.reader.read(min(length, _CHUNK))):
                 self.values += chunk.count(b"\\")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tests.processes import PasserelleProcess
 from tests.test_resource_budget import (
@@ -69,3 +69,30 @@ def test_a_header_that_builds_more_than_the_decode_memory_is_413(
     assert client.get(f"{instance_url(values)}/frames/1",
                       headers={"Accept": "multipart/related; "
                                          'type="application/octet-stream"'}).status_code == 200
+
+
+def _private_values_bomb(explicit_un: bool) -> Dataset:
+    """500 000 values in a private element pydicom reads as DS by its private creator's
+    dictionary (GEMS_ACQU_01 (0019,xx03), Cell Spacing): explicit UN, or implicit VR."""
+    ds = _ct()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if explicit_un \
+        else ImplicitVRLittleEndian
+    ds.add_new(0x00190010, "LO", "GEMS_ACQU_01")
+    ds.add_new(0x00191003, "UN", b"\\".join([b"0"] * 500_000))
+    return ds
+
+
+@pytest.mark.parametrize("explicit_un", [True, False], ids=["explicit UN", "implicit VR"])
+def test_values_whose_vr_the_walk_cannot_know_are_counted_as_text(
+        tmp_path: Path, running: list[PasserelleProcess],  # noqa: F811
+        explicit_un: bool) -> None:
+    """A private element pydicom converts by its private dictionary builds one object a
+    value, as a DS would: the walk, which cannot know that VR, counts it as text."""
+    bomb = _private_values_bomb(explicit_un)
+    server = serve(tmp_path, [bomb], decode_memory_bytes=str(64 * MIB))
+    client = start(running, server)
+    with Watch(server, "private DS values x2") as watch:
+        responses = concurrently([lambda: client.get(f"{instance_url(bomb)}/metadata",
+                                                     headers=JSON)] * 2)
+    assert [r.status_code for r in responses] == [413, 413], responses[0].text[:200]
+    watch.check(100 * MIB)
