@@ -159,6 +159,8 @@ class BudgetSettings(_Section):
     ingest_bytes_in_flight: int = Field(4 << 30, gt=0)
     max_parts_per_request: int = Field(10000, ge=1)
     part_overhead_bytes: int = Field(4096, ge=0)
+    # Bytes a reception must bring in each minute to keep its ingest bytes (0: no floor).
+    reception_min_bytes_per_minute: int = Field(1 << 20, ge=0)
 
 
 class PublicationSettings(_Section):

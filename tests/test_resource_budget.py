@@ -648,3 +648,27 @@ def test_a_jp2_file_is_checked_by_the_codestream_its_decoder_reads() -> None:
     assert refused.value.status == 422 and "2000x2000" in refused.value.message
     check_frame(ds, JPEG2000Lossless, encode(np.zeros((64, 64), dtype=np.uint16),
                                              codec_format=1))  # an honest JP2: no refusal
+
+
+def test_a_reception_that_trickles_gives_its_bytes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reservation that grows by less than min_bytes_per_minute in a minute is refused
+    (408) and released: a STOW-RS body or a C-STORE data set sending a byte every 50 s
+    (under every silence timeout) would hold its ingest bytes for as long as it likes."""
+    budget = ByteBudget("test_ingest", "test_setting", 100_000, min_bytes_per_minute=1_000)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    steady, trickling = budget.reserve(0, "a steady one"), budget.reserve(0, "a trickling one")
+    steady.resize(4_000)
+    trickling.resize(4_000)
+    now[0] += 61
+    steady.resize(5_500)  # the first minutes: the bursts count
+    trickling.resize(4_001)
+    now[0] += 61
+    steady.resize(7_000)  # 1 500 bytes in the minute: kept
+    with pytest.raises(OverBudget) as slow:
+        trickling.resize(4_002)  # 1 byte in the minute
+    assert slow.value.status == 408 and "reception_min_bytes_per_minute" in slow.value.message
+    assert budget.in_use == 7_000  # the trickling one's bytes are back
+    now[0] += 30
+    steady.resize(7_100)  # within the next minute: not judged yet
+    assert budget.in_use == 7_100

@@ -94,11 +94,14 @@ class ByteBudget:
     """
 
     def __init__(self, name: str, setting: str, capacity: int,
-                 wait_seconds: float = 0.0) -> None:
+                 wait_seconds: float = 0.0, min_bytes_per_minute: int = 0) -> None:
         self.name = name
         self.setting = setting  # named in refusals, so an operator knows what to raise
         self.capacity = capacity
         self.wait_seconds = wait_seconds
+        # A reservation that grows by less in a minute is refused (408): a reception that
+        # trickles a byte now and then would hold its bytes for as long as it likes.
+        self.min_bytes_per_minute = min_bytes_per_minute
         self._used = 0
         self._room = threading.Condition()
         metrics.BUDGET_IN_USE.labels(name).set_function(lambda: self._used)
@@ -149,9 +152,12 @@ class Reservation:
         self.budget = budget
         self.what = what
         self.size = 0
+        self._minute = (time.monotonic(), 0)  # start and size of the current minute
 
     def resize(self, size: int) -> None:
         """Hold ``size`` bytes in all (grow: may raise OverBudget; shrink: gives back)."""
+        if size > self.size and self.budget.min_bytes_per_minute:
+            self._check_pace(size)
         if size > self.size:
             self.budget._take(size - self.size, self.size, self.what)
         elif size < self.size:
@@ -161,6 +167,20 @@ class Reservation:
     def release(self) -> None:
         """Give everything back (idempotent)."""
         self.resize(0)
+
+    def _check_pace(self, size: int) -> None:
+        started, at_start = self._minute
+        now = time.monotonic()
+        if now - started < 60:
+            return
+        if size - at_start < self.budget.min_bytes_per_minute:
+            self.release()
+            raise refuse(408, f"{self.budget.name}_too_slow",
+                         f"{self.what} brought {_mib(size - at_start)} in "
+                         f"{now - started:.0f} s, less than the "
+                         f"{_mib(self.budget.min_bytes_per_minute)} a minute asked "
+                         "(reception_min_bytes_per_minute)")
+        self._minute = (now, size)
 
     def __enter__(self) -> "Reservation":
         return self
@@ -228,7 +248,7 @@ class ResourceBudget:
     def __init__(self, decode_workers: int, decode_memory_bytes: int,
                  decode_wait_seconds: float, max_output_pixels: int,
                  ingest_bytes_in_flight: int, max_parts_per_request: int,
-                 part_overhead_bytes: int,
+                 part_overhead_bytes: int, reception_min_bytes_per_minute: int,
                  scratch: Callable[[], BinaryIO] | None = None) -> None:
         self.scratch = scratch  # where a deflated data set is inflated to be walked
         self.decode = DecodePool(decode_workers, decode_wait_seconds)
@@ -237,7 +257,8 @@ class ResourceBudget:
         # Receptions never wait for room: the event loop (STOW-RS) and the DICOM threads
         # refuse at once, and the sender retries.
         self.ingest = ByteBudget("ingest_bytes", "ingest_bytes_in_flight",
-                                 ingest_bytes_in_flight)
+                                 ingest_bytes_in_flight,
+                                 min_bytes_per_minute=reception_min_bytes_per_minute)
         self.max_output_pixels = max_output_pixels
         self.max_parts_per_request = max_parts_per_request
         self.part_overhead_bytes = part_overhead_bytes
