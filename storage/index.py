@@ -166,6 +166,25 @@ _INSTANCE_COLUMNS = """i.sop_uid, st.study_uid, se.series_uid, i.path, i.size, i
     i.transfer_syntax, i.frames, i.received_at"""
 _INSTANCE_FROM = """FROM instances i JOIN series se ON i.series_pk = se.pk
     JOIN studies st ON se.study_pk = st.pk"""
+
+
+def _instance_filter(study_uid: str, series_uid: str | None, sop_uid: str | None,
+                     within: frozenset[str] | None) -> tuple[str, list[str]]:
+    """The WHERE clause (and its parameters) of the instances of a study, series or
+    instance, only those ``within`` when given."""
+    sql, params = " WHERE st.study_uid = ?", [study_uid]
+    if series_uid is not None:
+        sql += " AND se.series_uid = ?"
+        params.append(series_uid)
+    if sop_uid is not None:
+        sql += " AND i.sop_uid = ?"
+        params.append(sop_uid)
+    if within is not None:  # one parameter, however many UIDs
+        sql += " AND i.sop_uid IN (SELECT value FROM json_each(?))"
+        params.append(json.dumps(sorted(within)))
+    return sql, params
+
+
 _STUDY_SUMMARY = """
     SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name,
            st.study_date, st.study_time, st.accession_number, st.study_description,
@@ -287,24 +306,25 @@ class Index:
         """Like ``instances``, each with its cached DICOM JSON text (None if not cached)."""
         return self._instances(study_uid, series_uid, sop_uid, within, with_metadata=True)
 
+    def cached_metadata_size(self, study_uid: str, series_uid: str | None = None,
+                             sop_uid: str | None = None,
+                             within: frozenset[str] | None = None) -> int:
+        """Characters of the cached DICOM JSON texts of those instances, counted without
+        loading them."""
+        where, params = _instance_filter(study_uid, series_uid, sop_uid, within)
+        sql = ("SELECT COALESCE(SUM(LENGTH(m.json)), 0) " + _INSTANCE_FROM +
+               " JOIN instance_metadata m ON m.instance_pk = i.pk" + where)
+        with self._lock:
+            return int(self._db.execute(sql, params).fetchone()[0])
+
     def _instances(self, study_uid: str, series_uid: str | None, sop_uid: str | None,
                    within: frozenset[str] | None, with_metadata: bool
                    ) -> list[tuple[StoredInstance, str | None]]:
         sql = (f"SELECT {_INSTANCE_COLUMNS}, m.json {_INSTANCE_FROM}"
                " LEFT JOIN instance_metadata m ON m.instance_pk = i.pk" if with_metadata else
                f"SELECT {_INSTANCE_COLUMNS}, NULL {_INSTANCE_FROM}")
-        sql += " WHERE st.study_uid = ?"
-        params = [study_uid]
-        if series_uid is not None:
-            sql += " AND se.series_uid = ?"
-            params.append(series_uid)
-        if sop_uid is not None:
-            sql += " AND i.sop_uid = ?"
-            params.append(sop_uid)
-        if within is not None:  # one parameter, however many UIDs
-            sql += " AND i.sop_uid IN (SELECT value FROM json_each(?))"
-            params.append(json.dumps(sorted(within)))
-        sql += " ORDER BY se.series_number, se.pk, i.instance_number, i.pk"
+        where, params = _instance_filter(study_uid, series_uid, sop_uid, within)
+        sql += where + " ORDER BY se.series_number, se.pk, i.instance_number, i.pk"
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return [(StoredInstance(*row[:-1]), row[-1]) for row in rows]

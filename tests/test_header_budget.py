@@ -96,3 +96,26 @@ def test_values_whose_vr_the_walk_cannot_know_are_counted_as_text(
                                                      headers=JSON)] * 2)
     assert [r.status_code for r in responses] == [413, 413], responses[0].text[:200]
     watch.check(100 * MIB)
+
+
+def test_cached_study_metadata_is_reserved_before_it_is_loaded(
+        tmp_path: Path, running: list[PasserelleProcess]) -> None:  # noqa: F811
+    """Each instance's JSON fits the budget and is cached; the study's, 16 of them, does not:
+    refused from the cached sizes, before the texts are loaded."""
+    study = _ct()
+    instances = []
+    for number in range(16):
+        ds = _ct(StudyInstanceUID=study.StudyInstanceUID)
+        ds.InstanceNumber = number + 1
+        ds.add_new(0x0040A160, "UT", "x" * (2 << 20))  # Text Value, 2 MiB
+        instances.append(ds)
+    server = serve(tmp_path, instances, decode_memory_bytes=str(32 * MIB))
+    client = start(running, server)
+    for ds in instances:  # computed and cached one at a time
+        assert client.get(f"{instance_url(ds)}/metadata", headers=JSON).status_code == 200
+    url = f"/dicom-web/studies/{study.StudyInstanceUID}/metadata"
+    with Watch(server, "cached study metadata of 32 MiB x3") as watch:
+        responses = concurrently([lambda: client.get(url, headers=JSON)] * 3)
+    assert [r.status_code for r in responses] == [413] * 3
+    assert "this metadata response" in responses[0].text
+    watch.check(48 * MIB)

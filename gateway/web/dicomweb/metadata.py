@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.imaging.budget import OverBudget, ResourceBudget
+from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget
 from gateway.urls import retrieve_url
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.request_target import target_of
@@ -45,13 +45,16 @@ def instance_json(path: Path, url: str, has_pixels: bool, budget: ResourceBudget
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
-def _missing_json(store: Store, missing: list[StoredInstance],
-                  budget: ResourceBudget) -> dict[str, str]:
-    """Compute and cache the JSON text of instances not cached yet."""
-    texts = {i.sop_uid: instance_json(
-        store.blobs.absolute(i.path), retrieve_url(_BASE_TOKEN, i.study_uid, i.series_uid,
-                                                   i.sop_uid), i.frames is not None, budget)
-        for i in missing}
+def _missing_json(store: Store, missing: list[StoredInstance], budget: ResourceBudget,
+                  held: Reservation) -> dict[str, str]:
+    """Compute and cache the JSON text of instances not cached yet, each added to the
+    response's reservation ``held`` once made."""
+    texts: dict[str, str] = {}
+    for i in missing:
+        text = instance_json(store.blobs.absolute(i.path), retrieve_url(
+            _BASE_TOKEN, i.study_uid, i.series_uid, i.sop_uid), i.frames is not None, budget)
+        held.resize(held.size + _RESPONSE_FACTOR * len(text))
+        texts[i.sop_uid] = text
     store.index.cache_metadata(list(texts.items()))
     return texts
 
@@ -60,44 +63,57 @@ async def metadata(request: Request) -> Response:
     """GET .../metadata at study, series or instance level.
 
     Each instance's JSON is computed once, from its header, and cached in the index with a
-    placeholder for the base URL (which comes from the settings at response time).
+    placeholder for the base URL (which comes from the settings at response time). What the
+    response holds is reserved before the cached texts are loaded, from their sizes.
     """
     store: Store = services_of(request).store
     if problem := check_uids(request):
         return problem
     target = target_of(request)
-    rows = await run_in_threadpool(store.index.instances_with_metadata, target.study,
-                                   target.series, target.instance, scoped_instances(request))
-    if not rows:
-        return error(404, f"no such {target.level}")
-    missing = [instance for instance, text in rows if text is None]
+    scope = (target.study, target.series, target.instance, scoped_instances(request))
     budget = services_of(request).budget
-    computed: dict[str, str] = {}
-    try:  # in batches, so that a large study does not hold a decode worker for long
+    try:
+        held = await budget.decode.run(_reserve_cached, store, scope, budget)
+    except OverBudget as refusal:
+        return over_budget(refusal)
+    try:
+        rows = await run_in_threadpool(store.index.instances_with_metadata, *scope)
+        if not rows:
+            held.release()
+            return error(404, f"no such {target.level}")
+        missing = [instance for instance, text in rows if text is None]
+        computed: dict[str, str] = {}
+        # In batches, so that a large study does not hold a decode worker for long.
         for start in range(0, len(missing), _BATCH):
             computed |= await budget.decode.run(_missing_json, store,
-                                                missing[start:start + _BATCH], budget)
+                                                missing[start:start + _BATCH], budget, held)
+        texts = [text or computed[instance.sop_uid] for instance, text in rows]
+        response = await budget.decode.run(_response, request, texts,
+                                           services_of(request).dicomweb_root)
     except OverBudget as refusal:
+        held.release()
         return over_budget(refusal)
-    texts = [text or computed[instance.sop_uid] for instance, text in rows]
-    try:
-        return await budget.decode.run(_response, request, texts,
-                                       services_of(request).dicomweb_root, budget)
-    except OverBudget as refusal:
-        return over_budget(refusal)
-
-
-def _response(request: Request, texts: list[str], base: str,
-              budget: ResourceBudget) -> Response:
-    """The JSON array of ``texts`` with ``base`` for the root URL, made under a reservation
-    of what it holds (the texts joined, the URLs replaced, the bytes, the gzip of them) that
-    is released once it is sent."""
-    held = budget.memory.reserve(4 * sum(map(len, texts)), "this metadata response")
-    try:
-        body = ("[" + ",".join(texts) + "]").replace(f'"{_BASE_TOKEN}/', f'"{base}/')
-        response = json_bytes_response(request, body.encode())
     except BaseException:
         held.release()
         raise
     response.background = BackgroundTask(held.release)
     return response
+
+
+# What a response holds per character of the texts: the texts, joined, with the URLs
+# replaced, encoded, and the gzip of that.
+_RESPONSE_FACTOR = 5
+
+
+def _reserve_cached(store: Store, scope: tuple[str | None, str | None, str | None,
+                                               frozenset[str] | None],
+                    budget: ResourceBudget) -> Reservation:
+    study, series, instance, within = scope
+    size = store.index.cached_metadata_size(study or "", series, instance, within)
+    return budget.memory.reserve(_RESPONSE_FACTOR * size, "this metadata response")
+
+
+def _response(request: Request, texts: list[str], base: str) -> Response:
+    """The JSON array of ``texts`` with ``base`` for the root URL."""
+    body = ("[" + ",".join(texts) + "]").replace(f'"{_BASE_TOKEN}/', f'"{base}/')
+    return json_bytes_response(request, body.encode())
