@@ -33,8 +33,8 @@ from pydantic_settings import (
 )
 
 from gateway.publication.confidentiality import Confidentiality
-from storage.header import IngestLimits
 from storage.store import DuplicatePolicy
+from storage.structure import IngestLimits
 from storage.uids import oid_of, uid_from_digest
 
 ENV_PREFIX = "PASSERELLE_"

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.blobs import BlobStore
-from storage.header import UnreadableDatasetError, read_header
+from storage.header import read_header
 from storage.index import Index
+from storage.structure import UnreadableDatasetError
 
 log = logging.getLogger(__name__)
 

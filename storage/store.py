@@ -20,16 +20,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, TemporaryBlob
-from storage.header import (
+from storage.header import InstanceRecord, read_header
+from storage.index import Index
+from storage.part10 import is_part10, read_file_meta, with_preamble
+from storage.structure import (
     DatasetTooComplexError,
     DatasetTooLargeError,
     IngestLimits,
-    InstanceRecord,
     UnreadableDatasetError,
-    read_header,
 )
-from storage.index import Index
-from storage.part10 import is_part10, read_file_meta, with_preamble
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore, InvalidUIDError
-from storage.header import IngestLimits, read_header
+from storage.header import read_header
 from storage.index import MIGRATIONS, Index
 from storage.part10 import dataset_offset, read_file_meta
 from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Rejection, Store
+from storage.structure import IngestLimits
 from storage.uids import is_valid_uid
 from tests.synthetic import ct_slice, part10
 

@@ -1,4 +1,4 @@
-"""The structure walk run before anything parses a received data set (storage/header.py
+"""The structure walk run before anything parses a received data set (storage/structure.py
 ``check_structure``) against pydicom's reader: the walk must read the bytes as pydicom does,
 so that what it counts bounds what pydicom then builds. In-process, no service."""
 
@@ -13,8 +13,8 @@ from pydicom.data.download import get_data_dir
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
-from storage.header import DatasetTooComplexError, IngestLimits, check_structure
 from storage.store import Outcome, Rejection, Store
+from storage.structure import DatasetTooComplexError, IngestLimits, check_structure
 
 _UNDEFINED = 0xFFFFFFFF
 

@@ -34,7 +34,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from gateway import metrics
-from storage.header import (
+from storage.part10 import read_file_meta
+from storage.structure import (
     DEFER_SIZE,
     DatasetShape,
     DatasetTooComplexError,
@@ -44,7 +45,6 @@ from storage.header import (
     check_structure,
     inflate,
 )
-from storage.part10 import read_file_meta
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget, frame_bytes
 from gateway.imaging.codestream import check_frame, frame_fragments, read_fragments
 from gateway.imaging.transcode import decoding_plugin
-from storage.header import DEFER_SIZE
+from storage.structure import DEFER_SIZE
 
 
 class FrameRangeError(LookupError):

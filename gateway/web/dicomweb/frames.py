@@ -27,10 +27,10 @@ from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error, over_budget
 from gateway.web.services import services_of
-from storage.header import DEFER_SIZE
 from storage.index import StoredInstance
 from storage.numbers import INT32_MAX, NumberError, parse_int
 from storage.store import Store
+from storage.structure import DEFER_SIZE
 
 OCTET_STREAM = "application/octet-stream"
 log = logging.getLogger(__name__)
