@@ -10,7 +10,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 try:  # the lookup pydicom's reader makes for the VR of an implicit VR element
@@ -55,6 +55,7 @@ class DatasetShape:
     binary_bytes: int  # other values up to DEFER_SIZE bytes each
     deferred_bytes: int  # other values longer (pixel data included unless the walk stops
     #                      there): left on disk by a read with defer_size=DEFER_SIZE
+    inflated_bytes: int = 0  # the whole data set once inflated, for a deflated one
 
 
 PIXEL_DATA_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))  # float, double, pixels
@@ -382,4 +383,7 @@ def check_structure(file: BinaryIO, limits: IngestLimits,
     into a ``scratch()`` file, as ``read_header`` does). Returns what it counted (never
     fewer elements than pydicom builds), up to the pixel data with ``stop_at_pixels``."""
     with encoded_dataset(file, limits, scratch) as (dataset, syntax):
-        return walk(dataset, syntax, limits, stop_at_pixels)
+        shape = walk(dataset, syntax, limits, stop_at_pixels)
+        if dataset is file:
+            return shape
+        return replace(shape, inflated_bytes=dataset.seek(0, io.SEEK_END))

@@ -266,10 +266,10 @@ class ResourceBudget:
     def reserve_header_read(self, path: Path, as_json: bool = False) -> "Reservation":
         """Reserve the decode memory a header-only read (``stop_before_pixels``) of ``path``
         builds (read with ``defer_size=DEFER_SIZE``), or with its DICOM JSON ``as_json``,
-    estimated from a walk of its data set up to
-        the pixel data (elements, items, values, bytes: the JSON of a 9 MB object of 5
-        million DS values takes 2 GiB), plus the whole inflated data set of a deflated file
-        (pydicom inflates it whole). Blocking: call it in the decode pool."""
+        estimated from a walk of its data set up to the pixel data (elements, items,
+        values, bytes: the JSON of a 9 MB object of 5 million DS values takes 2 GiB), plus
+        the whole inflated data set of a deflated file (pydicom inflates it whole), as the
+        walk inflated it. Blocking: call it in the decode pool."""
         # Deep enough for what ingest accepts (max_sequence_depth), shallow enough for the
         # walk's recursion; no other limit: what is counted is reserved.
         limits = IngestLimits(self.memory.capacity, _UNCOUNTED, _READ_DEPTH, _UNCOUNTED)
@@ -279,9 +279,7 @@ class ResourceBudget:
         except (DatasetTooLargeError, DatasetTooComplexError) as exc:
             raise refuse(413, "decode_memory", f"reading this header: {exc}, past the "
                          "decode budget (decode_memory_bytes)") from exc
-        need = header_read_bytes(shape, as_json)
-        if is_deflated(path):
-            need += inflated_size(path, self.memory.capacity)
+        need = header_read_bytes(shape, as_json) + shape.inflated_bytes
         return self.memory.reserve(need, "reading this header")
 
     def whole_read_bytes(self, path: Path) -> int:
