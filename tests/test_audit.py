@@ -7,13 +7,23 @@ import base64
 import json
 import socket
 import ssl
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 from pydicom.uid import generate_uid
 
-from gateway.security.audit import AuditEvent, EventType, Outcome, audit_message, read_events
+from gateway.config import AuditSettings
+from gateway.security.audit import (
+    AuditEvent,
+    AuditTrail,
+    EventType,
+    Outcome,
+    audit_message,
+    read_events,
+)
 from gateway.web.middleware.auth import Principal
 from tests.certificates import make_pki
 from tests.inprocess import InProcessService
@@ -111,6 +121,31 @@ def test_the_trail_rotates_and_reads_back_in_order(tmp_path: Path) -> None:
     assert len(files) > 3
     assert [_query(m) for m in read_events(tmp_path / "data" / "audit")] == [
         f"AccessionNumber=A{n}" for n in range(40)]
+
+
+def test_a_reader_beside_the_writer_sees_each_message_once(tmp_path: Path) -> None:
+    # `passerelle audit` reads while the service writes and rotates: every read is an ordered
+    # run of the messages written, none twice, and no read fails on a file a rotation moved.
+    settings = AuditSettings(audit_max_bytes=1500, audit_backups=400)
+    trail = AuditTrail(tmp_path, "passerelle", lambda study: "", settings)
+    written = 300
+
+    def write() -> None:  # one event a batch, mostly: a batch is appended whole, then rotated
+        for n in range(written):
+            trail.record(AuditEvent(EventType.QUERY, "E", Outcome.SUCCESS, "reader-test",
+                                    "127.0.0.1", query=f"n={n}"))
+            time.sleep(0.002)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        while writer.is_alive() or len(list(read_events(tmp_path))) < written:
+            numbers = [int(_query(m)[2:]) for m in read_events(tmp_path)]
+            assert numbers == list(range(len(numbers)))
+    finally:
+        writer.join()
+        trail.close()
+    assert len(list(tmp_path.glob("audit.jsonl.*"))) > 20
 
 
 def test_syslog_over_tls_catches_up_after_the_collector_was_down(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ are removed, as are those past ``backups``.
 """
 
 import base64
+import contextlib
 import enum
+import fcntl
 import json
 import logging
 import math
@@ -30,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from gateway.config import AuditSettings
 from gateway.metrics import AUDIT_FAILURES_AGGREGATED, AUDIT_FILES_REMOVED, AUDIT_SECURITY_ALERTS
@@ -409,6 +411,10 @@ class AuditTrail:
             self.syslog.send([syslog_message(line, self.source_id) for line in lines])
 
     def _rotate(self) -> None:
+        with _rotation_lock(self.path.parent, fcntl.LOCK_EX):
+            self._shift_files()
+
+    def _shift_files(self) -> None:
         oldest = self.path.with_name(f"{AUDIT_FILE}.{self.backups}")
         if oldest.exists():
             young = oldest.stat().st_mtime > time.time() - self.max_age_seconds
@@ -429,21 +435,47 @@ class AuditTrail:
         """Remove the rotated files last written more than ``max_age_days`` ago."""
         self._next_sweep = time.monotonic() + _SWEEP_SECONDS
         cutoff = time.time() - self.max_age_seconds
-        for path in self.path.parent.glob(f"{AUDIT_FILE}.*"):
-            if path.suffix[1:].isdigit() and path.stat().st_mtime < cutoff:
-                path.unlink()
-                AUDIT_FILES_REMOVED.labels("age").inc()
-                log.info("removed %s: older than audit_max_age_days", path.name)
+        with _rotation_lock(self.path.parent, fcntl.LOCK_EX):
+            for path in self.path.parent.glob(f"{AUDIT_FILE}.*"):
+                if path.suffix[1:].isdigit() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    AUDIT_FILES_REMOVED.labels("age").inc()
+                    log.info("removed %s: older than audit_max_age_days", path.name)
 
 
 def read_events(directory: Path) -> Iterator[dict]:
-    """Every audit message under ``directory``, oldest first (rotated files included)."""
-    rotated = sorted(directory.glob(f"{AUDIT_FILE}.*"),
-                     key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0,
-                     reverse=True)
-    for path in [*rotated, directory / AUDIT_FILE]:
-        if path.exists():
-            with path.open(encoding="utf-8") as lines:
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
+    """Every audit message under ``directory``, oldest first (rotated files included).
+
+    The files are all opened before any is read, between two rotations, so a reader beside the
+    running service sees each message once.
+    """
+    files = _open_trail(directory)
+    try:
+        for lines in files:
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+    finally:
+        for lines in files:
+            lines.close()
+
+
+def _open_trail(directory: Path) -> list[TextIO]:
+    """The trail's files, opened oldest first, between two rotations (see ``_rotation_lock``)."""
+    with _rotation_lock(directory, fcntl.LOCK_SH):
+        rotated = sorted((p for p in directory.glob(f"{AUDIT_FILE}.*") if p.suffix[1:].isdigit()),
+                         key=lambda p: int(p.suffix[1:]), reverse=True)
+        live = directory / AUDIT_FILE
+        return [path.open(encoding="utf-8") for path in [*rotated, live] if path.exists()]
+
+
+@contextlib.contextmanager
+def _rotation_lock(directory: Path, operation: int) -> Iterator[None]:
+    """A lock on the audit directory: exclusive while the writer renames or removes files, shared
+    while a reader opens them, so a reader never sees a file twice or misses one mid-rotation."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
