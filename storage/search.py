@@ -41,9 +41,10 @@ class Attribute:
 ATTRIBUTES: dict[str, Attribute] = {
     "PatientID": Attribute(Level.PATIENT, "p.patient_id", "LO"),
     "IssuerOfPatientID": Attribute(Level.PATIENT, "p.issuer_of_patient_id", "LO"),
-    "PatientName": Attribute(Level.PATIENT, "p.patient_name", "PN", "p.patient_name_folded"),
-    "PatientBirthDate": Attribute(Level.PATIENT, "p.patient_birth_date", "DA"),
-    "PatientSex": Attribute(Level.PATIENT, "p.patient_sex", "CS"),
+    # The patient module of each study is its own (storage.index, v6).
+    "PatientName": Attribute(Level.PATIENT, "st.patient_name", "PN", "st.patient_name_folded"),
+    "PatientBirthDate": Attribute(Level.PATIENT, "st.patient_birth_date", "DA"),
+    "PatientSex": Attribute(Level.PATIENT, "st.patient_sex", "CS"),
     "StudyInstanceUID": Attribute(Level.STUDY, "st.study_uid", "UI"),
     "StudyDate": Attribute(Level.STUDY, "st.study_date", "DA"),
     "StudyTime": Attribute(Level.STUDY, "st.study_time", "TM"),
