@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.header import InstanceRecord
-from storage.search import Level, Match, fold_name, search
+from storage.search import Level, Match, fold_name, name_group, search
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -332,6 +332,7 @@ class Index:
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.create_function("fold_name", 1, fold_name, deterministic=True)
+        self._db.create_function("name_group", 2, name_group, deterministic=True)
         self._migrate()
 
     def close(self) -> None:
