@@ -168,6 +168,17 @@ _STUDY_UPSERT = """
     ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
     RETURNING pk
 """
+_SET_PATIENT_MODULE = """
+    UPDATE studies SET other_patient_ids = :other_patient_ids, patient_name = :patient_name,
+        patient_name_folded = fold_name(:patient_name), patient_birth_date = :patient_birth_date,
+        patient_sex = :patient_sex
+    WHERE study_uid = :study_uid
+"""
+# The first instance of a study is its oldest row (a replaced instance keeps its row).
+_IS_FIRST_OF_STUDY = """
+    SELECT min(i.pk) = (SELECT pk FROM instances WHERE sop_uid = :sop_uid)
+    FROM instances i JOIN series se ON i.series_pk = se.pk WHERE se.study_pk = :study_pk
+"""
 _SERIES_UPSERT = """
     INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
                         body_part, series_date, series_time)
@@ -437,7 +448,8 @@ class Index:
         """Insert (or, ``replacing``, update) an instance with its series, study and patient,
         in one commit; IdentityConflictError, nothing written, when ``identity_conflict``
         finds one. Returns the patient module attributes in which the instance differs from
-        its study's (which keeps those of its first instance)."""
+        its study's, which are those of its first instance (as now stored: replacing the
+        first instance replaces them)."""
         params = asdict(record)
         params.update(path=path, size=size, source=source, now=time.time())
         with self.transaction() as db:
@@ -446,7 +458,6 @@ class Index:
             conflict = _identity_conflict(db, record)
             if conflict:
                 raise IdentityConflictError(conflict)
-            differing = _differing_demographics(db, record)
             params["patient_pk"] = db.execute(_PATIENT_UPSERT, params).fetchone()[0]
             params["study_pk"] = db.execute(_STUDY_UPSERT, params).fetchone()[0]
             params["series_pk"] = db.execute(_SERIES_UPSERT, params).fetchone()[0]
@@ -454,7 +465,9 @@ class Index:
             if replacing:  # the cached metadata described the previous object
                 db.execute("DELETE FROM instance_metadata WHERE instance_pk ="
                            " (SELECT pk FROM instances WHERE sop_uid = ?)", (record.sop_uid,))
-        return differing
+                if db.execute(_IS_FIRST_OF_STUDY, params).fetchone()[0]:
+                    db.execute(_SET_PATIENT_MODULE, params)
+            return _differing_demographics(db, record)
 
     def patient_modules_to_read(self) -> list[tuple[str, str]]:
         """(study UID, path of its first instance) of each study indexed before v6, whose
@@ -462,7 +475,7 @@ class Index:
         return [tuple(row) for row in self.fetch(
             """SELECT st.study_uid, (SELECT i.path FROM instances i JOIN series se
                                      ON i.series_pk = se.pk WHERE se.study_pk = st.pk
-                                     ORDER BY i.received_at, i.pk LIMIT 1)
+                                     ORDER BY i.pk LIMIT 1)
                FROM patient_modules_to_read r JOIN studies st ON st.pk = r.study_pk""")]
 
     def set_patient_module(self, study_uid: str, record: InstanceRecord | None) -> None:
@@ -470,11 +483,7 @@ class Index:
         as it is), which ``patient_modules_to_read`` no longer lists."""
         with self.transaction() as db:
             if record is not None:
-                db.execute("""UPDATE studies SET other_patient_ids = ?, patient_name = ?,
-                              patient_name_folded = fold_name(?), patient_birth_date = ?,
-                              patient_sex = ? WHERE study_uid = ?""",
-                           (record.other_patient_ids, record.patient_name, record.patient_name,
-                            record.patient_birth_date, record.patient_sex, study_uid))
+                db.execute(_SET_PATIENT_MODULE, {**asdict(record), "study_uid": study_uid})
             db.execute("""DELETE FROM patient_modules_to_read WHERE study_pk =
                           (SELECT pk FROM studies WHERE study_uid = ?)""", (study_uid,))
 

@@ -315,8 +315,20 @@ def test_overwrite_replaces_within_the_same_series_only(tmp_path: Path) -> None:
                          sop_uid=ds.SOPInstanceUID)
         assert c_store(server, moved).Status == DUPLICATE_SOP_INSTANCE
         corrected = ct_slice(ds.StudyInstanceUID, ds.SeriesInstanceUID, 1, 1, size=4,
-                             sop_uid=ds.SOPInstanceUID, SeriesDescription="CORRECTED")
+                             sop_uid=ds.SOPInstanceUID, SeriesDescription="CORRECTED",
+                             PatientName="DUPONT^JEAN-MARC")
         assert c_store(server, corrected).Status == 0x0000
         [path] = (server.data_dir / "studies").rglob("*.dcm")
         assert dcmread(path).SeriesDescription == "CORRECTED"
         assert path.parent.name == ds.SeriesInstanceUID
+        # The study's patient module is its first instance's, as now stored.
+        [study] = qido(server.base_url, StudyInstanceUID=ds.StudyInstanceUID)
+        assert first(study, "00100010") == {"Alphabetic": "DUPONT^JEAN-MARC"}
+        second = ct_slice(ds.StudyInstanceUID, ds.SeriesInstanceUID, 1, 2, size=4,
+                          PatientName="DUPONT^J")
+        assert c_store(server, second).Status == 0x0000
+        assert c_store(server, ct_slice(ds.StudyInstanceUID, ds.SeriesInstanceUID, 1, 2,
+                                        size=4, sop_uid=second.SOPInstanceUID,
+                                        PatientName="DUPONT^JM")).Status == 0x0000
+        [study] = qido(server.base_url, StudyInstanceUID=ds.StudyInstanceUID)
+        assert first(study, "00100010") == {"Alphabetic": "DUPONT^JEAN-MARC"}
