@@ -10,6 +10,7 @@ running service (pynetdicom) and STOW-RS to the application in-process (httpx).
 
 import sqlite3
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
@@ -332,3 +333,20 @@ def test_overwrite_replaces_within_the_same_series_only(tmp_path: Path) -> None:
                                         PatientName="DUPONT^JM")).Status == 0x0000
         [study] = qido(server.base_url, StudyInstanceUID=ds.StudyInstanceUID)
         assert first(study, "00100010") == {"Alphabetic": "DUPONT^JEAN-MARC"}
+
+
+def test_two_patients_sending_one_new_study_at_once_leave_one(web: InProcessService) -> None:
+    """Two first instances of a new study with other Patient IDs, sent at the same time:
+    one stored, the other refused, whichever commits first (the check is repeated inside
+    the index transaction), and only the stored one's file remains."""
+    for _ in range(20):
+        study = generate_uid()
+        bodies = [multipart([part10(ct_slice(study, generate_uid(), 1, 1, size=4,
+                                             patient_id=patient))]) for patient in ("A", "B")]
+        with ThreadPoolExecutor(2) as pool:
+            statuses = sorted(pool.map(lambda body: post(web, "/studies", body).status_code,
+                                       bodies))
+        assert statuses == [200, 409]
+        [result] = web.get("/dicom-web/studies", params={"StudyInstanceUID": study}).json()
+        assert first(result, "00201208") == 1
+        assert len(list((web.data_dir / "studies" / study).rglob("*.dcm"))) == 1
