@@ -9,6 +9,7 @@ structure of its data set, walked before anything parses it. Callers turn the ou
 DIMSE status, an HTTP answer or a line of the import summary.
 """
 
+import dataclasses
 import enum
 import errno
 import io
@@ -21,7 +22,7 @@ from typing import BinaryIO
 
 from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, TemporaryBlob
 from storage.header import InstanceRecord, read_header
-from storage.index import IdentityConflict, IdentityConflictError, Index
+from storage.index import IdentityConflict, IdentityConflictError, Index, StoredInstance
 from storage.part10 import is_part10, read_file_meta, with_preamble
 from storage.structure import (
     DatasetTooComplexError,
@@ -296,7 +297,7 @@ class Store:
 
         existing = self.index.find_instance(record.sop_uid)
         if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-            return self._compare_with_stored(record, received, existing.path)
+            return self._compare_with_stored(record, received, existing)
         try:
             return self._write(record, relative, blob, source)
         except OSError as exc:
@@ -305,18 +306,34 @@ class Store:
             return io_failure(exc, record)
 
     def _compare_with_stored(self, record: InstanceRecord, received: bytes | Path,
-                             stored_path: str) -> IngestResult:
+                             stored: StoredInstance) -> IngestResult:
         conflict = self.index.identity_conflict(record)
         if conflict:
             return _refused(conflict, record)
         # File meta differs between senders (source AE, implementation UID): compare the
         # data sets only.
-        if _same_dataset(self.blobs.absolute(stored_path), received):
+        if _same_dataset(self.blobs.absolute(stored.path), received):
             return IngestResult(Outcome.DUPLICATE, "already stored", record=record)
+        if self._same_instance_encoded_otherwise(record, stored):
+            return IngestResult(Outcome.DUPLICATE, "already stored in transfer syntax"
+                                f" {stored.transfer_syntax}", record=record)
         return _rejected(Rejection.SOP_INSTANCE_CONFLICT,
                          "SOP Instance UID already stored with another data set (kept,"
                          f" duplicate_policy keep-first): {record.sop_uid}",
                          record, "SOPInstanceUID")
+
+    def _same_instance_encoded_otherwise(self, record: InstanceRecord,
+                                         stored: StoredInstance) -> bool:
+        """True when ``record`` is the stored instance in another transfer syntax: the same
+        instance may travel in any of them (PS3.5 10), a sender re-compressing losslessly
+        keeps its UID. Its indexed attributes must all be the same."""
+        if stored.transfer_syntax == record.transfer_syntax:
+            return False
+        try:
+            kept = read_header(self.blobs.absolute(stored.path), self.limits, self.blobs.scratch)
+        except (OSError, UnreadableDatasetError, DatasetTooLargeError, DatasetTooComplexError):
+            return False
+        return dataclasses.replace(kept, transfer_syntax=record.transfer_syntax) == record
 
     def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:
@@ -324,7 +341,7 @@ class Store:
         with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-                return self._compare_with_stored(record, received, existing.path)
+                return self._compare_with_stored(record, received, existing)
             # Before a byte is written: a replacement must not move the instance, nor
             # overwrite the file of the one it would have replaced.
             conflict = self.index.identity_conflict(record)

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore
 from storage.index import MIGRATIONS
@@ -350,3 +350,22 @@ def test_two_patients_sending_one_new_study_at_once_leave_one(web: InProcessServ
         [result] = web.get("/dicom-web/studies", params={"StudyInstanceUID": study}).json()
         assert first(result, "00201208") == 1
         assert len(list((web.data_dir / "studies" / study).rglob("*.dcm"))) == 1
+
+
+def test_the_same_instance_in_another_transfer_syntax_is_already_stored(
+        web: InProcessService) -> None:
+    """An instance may travel in any transfer syntax (PS3.5 10): re-sent re-encoded with
+    the same attributes it is already stored; re-encoded and changed, a conflict."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
+    assert post(web, "/studies", multipart([part10(ds)])).status_code == 200
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    again = post(web, "/studies", multipart([part10(ds)]))
+    assert again.status_code == 200
+    assert again.json()["00081199"]["Value"][0]["00081155"]["Value"] == [ds.SOPInstanceUID]
+    [path] = (web.data_dir / "studies").rglob(f"{ds.SOPInstanceUID}.dcm")
+    assert dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian  # the first
+    ds.PatientName = "AUTRE^NOM"
+    changed = post(web, "/studies", multipart([part10(ds)]))
+    assert changed.status_code == 409
+    assert changed.json()["00081198"]["Value"][0]["00081197"]["Value"] == [
+        DUPLICATE_SOP_INSTANCE]
