@@ -472,7 +472,7 @@ class Index:
     def patient_modules_to_read(self) -> list[tuple[str, str]]:
         """(study UID, path of its first instance) of each study indexed before v6, whose
         patient module is still that of the first study of its Patient ID."""
-        return [tuple(row) for row in self.fetch(
+        return [(row[0], row[1]) for row in self.fetch(
             """SELECT st.study_uid, (SELECT i.path FROM instances i JOIN series se
                                      ON i.series_pk = se.pk WHERE se.study_pk = st.pk
                                      ORDER BY i.pk LIMIT 1)
