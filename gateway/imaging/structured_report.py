@@ -298,7 +298,10 @@ def render_report(path: Path, media_type: str, budget: ResourceBudget) -> bytes:
             raise RenderError(f"cannot read this report: {exc}") from exc
         if ds.get("ValueType") != "CONTAINER":
             raise RenderError("this object has no SR document content to render")
-        report = read_report(ds)
+        try:
+            report = read_report(ds)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # malformed items
+            raise RenderError(f"cannot render this report: {exc}") from exc
         if media_type == "text/xml":
             return as_xml(report)
         return (as_html(report) if media_type == "text/html" else as_text(report)).encode()
