@@ -96,7 +96,12 @@ def _nested_report() -> Dataset:
     findings.ContentSequence = Sequence([
         _item("TEXT", "Constatation", TextValue="Hépatomégalie modérée.\nPas d'épanchement."),
         _item("TEXT", "Commentaire", TextValue=HOSTILE), liver])
-    return _report([findings, _item("TEXT", "Conclusion", TextValue="Contrôle à 3 mois 山田")])
+    by_reference = Dataset()  # the findings, by reference (PS3.3 C.17.3.2.5), VM 1
+    by_reference.RelationshipType, by_reference.ReferencedContentItemIdentifier = \
+        "INFERRED FROM", 1
+    conclusion = _item("TEXT", "Conclusion", TextValue="Contrôle à 3 mois 山田")
+    conclusion.ContentSequence = Sequence([by_reference])
+    return _report([findings, conclusion])
 
 
 def _deep_report(levels: int) -> Dataset:
@@ -252,6 +257,7 @@ def test_a_report_is_html_by_default_nested_escaped_and_confined(
     assert HOSTILE in text
     assert "Hépatomégalie modérée." in text and "Contrôle à 3 mois 山田" in text
     assert "23.5 mm" in text and "hétérogène" in text and "DUPONT JEAN" in text
+    assert "(inferred from) see content item 1" in text
     # The container of the liver is inside the findings': nested as in the content tree.
     assert (1, "Constatations") in page.headings and (2, "Foie") in page.headings
 

@@ -174,7 +174,9 @@ class _Walk:
                              f"{MAX_CONTENT_ITEMS} content items: not rendered")
             relationship = _clean(child.get("RelationshipType"))
             if "ReferencedContentItemIdentifier" in child:  # by-reference (C.17.3.2.5)
-                target = ".".join(_clean(n) for n in child.ReferencedContentItemIdentifier)
+                path = child.ReferencedContentItemIdentifier
+                target = ".".join(_clean(n) for n in (path if isinstance(path, MultiValue)
+                                                      else [path]))
                 out.append(ContentItem(relationship, "REFERENCE", "",
                                        f"see content item {target}"))
                 continue
