@@ -37,8 +37,9 @@ _INSTANCE_RETURN = ["SOPClassUID", "SOPInstanceUID", "InstanceAvailability",
 _IF_KNOWN = {"InstanceAvailability", "TimezoneOffsetFromUTC", "SeriesDescription",
              "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
              "RequestAttributesSequence", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
-# Request Attributes Sequence items: both keys required (Table 10.6.3-4), SH.
-_REQUEST_ITEM_TAGS = ("00400009", "00401001")  # Scheduled Procedure Step ID, Requested Pr. ID
+# A Request Attributes Sequence item: Scheduled Procedure Step ID and Requested Procedure ID,
+# both required in it (Table 10.6.3-4), both SH.
+_REQUEST_ITEM_TAGS = ("00400009", "00401001")
 _CONTROL_KEYS = {"limit", "offset", "fuzzymatching", "includefield"}
 _MAX_INCLUDEFIELDS = 200
 
@@ -115,10 +116,10 @@ def _json_value(vr: str, value: object) -> dict[str, object]:
     element: dict[str, object] = {"vr": vr}
     if value is None or value == "":
         return element
-    if vr == "SQ":  # Request Attributes: [Scheduled Procedure Step ID, Requested Procedure ID]
+    if vr == "SQ" and isinstance(value, list):  # Request Attributes items, see storage.search
         element["Value"] = [{tag: _json_value("SH", text)
                              for tag, text in zip(_REQUEST_ITEM_TAGS, item, strict=True)}
-                            for item in value]  # type: ignore[attr-defined]
+                            for item in value]
     elif vr == "PN":
         groups = str(value).split("=")
         names = {k: g for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups,
