@@ -57,6 +57,11 @@ class InstanceRecord:
     rows: int | None
     columns: int | None
     frames: int | None
+    timezone_offset: str  # Timezone Offset From UTC (0008,0201), "" when absent
+    bits_allocated: int | None
+    pps_start_date: str  # Performed Procedure Step Start Date (0040,0244)
+    pps_start_time: str  # Performed Procedure Step Start Time (0040,0245)
+    request_attributes: str  # JSON list of [Scheduled Procedure Step ID, Requested Procedure ID]
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -117,6 +122,13 @@ def _request_identifiers(ds: Dataset) -> tuple[str, str]:
     return encode(procedures), encode(orders)
 
 
+def _request_attributes(ds: Dataset) -> str:
+    """The (Scheduled Procedure Step ID, Requested Procedure ID) of each Request Attributes
+    item, as QIDO-RS returns them at the series level (PS3.18 Table 10.6.3-4)."""
+    return encode([[_text(item, "ScheduledProcedureStepID"), _text(item, "RequestedProcedureID")]
+                   for item in ds.get("RequestAttributesSequence") or []])
+
+
 # What read_header reads; pydicom skips the value of any other element of defined length.
 _HEADER_TAGS = [keyword_dict[keyword] for keyword in (
     "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientName",
@@ -125,7 +137,9 @@ _HEADER_TAGS = [keyword_dict[keyword] for keyword in (
     "ReferringPhysicianName", "RequestAttributesSequence", "RequestedProcedureID",
     "PlacerOrderNumberImagingServiceRequest", "SeriesInstanceUID", "Modality", "SeriesNumber",
     "SeriesDescription", "BodyPartExamined", "SeriesDate", "SeriesTime", "SOPClassUID",
-    "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames")]
+    "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
+    "TimezoneOffsetFromUTC", "BitsAllocated", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime")]
 
 
 @contextmanager
@@ -205,4 +219,9 @@ def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
         rows=rows,
         columns=_int(ds, "Columns"),
         frames=frames,
+        timezone_offset=_text(ds, "TimezoneOffsetFromUTC"),
+        bits_allocated=_int(ds, "BitsAllocated"),
+        pps_start_date=_text(ds, "PerformedProcedureStepStartDate"),
+        pps_start_time=_text(ds, "PerformedProcedureStepStartTime"),
+        request_attributes=_request_attributes(ds),
     )
