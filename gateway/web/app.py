@@ -13,7 +13,8 @@ from starlette.routing import Mount, Route
 from gateway.config import AuthSettings, HttpSettings
 from gateway.urls import DICOMWEB_PATH
 from gateway.web import admin
-from gateway.web.dicomweb.frames import bulkdata, frames
+from gateway.web.dicomweb.bulkdata import bulkdata
+from gateway.web.dicomweb.frames import frames
 from gateway.web.dicomweb.metadata import metadata
 from gateway.web.dicomweb.qido import search_instances, search_series, search_studies
 from gateway.web.dicomweb.rendered import rendered, thumbnail
@@ -64,7 +65,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
         *(Route(f"{level}/{resource}", handler, methods=["GET"])
           for level in _RENDERABLE for resource, handler in (("rendered", rendered),
                                                              ("thumbnail", thumbnail))),
-        Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+        Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}",
               bulkdata, methods=["GET"]),
         Route("/studies/{study}/metadata", metadata, methods=["GET"]),
         Route("/studies/{study}/series/{series}/metadata", metadata, methods=["GET"]),

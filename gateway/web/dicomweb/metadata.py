@@ -2,16 +2,18 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget
-from gateway.urls import retrieve_url
+from gateway.urls import ItemStep, bulkdata_url, retrieve_url
+from gateway.web.dicomweb.bulkdata import PIXEL_DATA
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.request_target import target_of
 from gateway.web.http.responses import error, json_bytes_response, over_budget
@@ -25,7 +27,26 @@ BULK_DATA_THRESHOLD = 1024
 # Instances whose JSON one decode worker computes at a time.
 _BATCH = 16
 # Stands for the /dicom-web root URL in cached JSON.
-_BASE_TOKEN = "urn:passerelle:dicomweb-root"
+_BASE_TOKEN = "urn:passerelle:dicomweb-root:2"
+# In the JSON cached before bulk data URIs named the elements inside sequences by their
+# path (they named a top-level tag): such a text is computed again.
+_STALE = '"urn:passerelle:dicomweb-root/'
+
+
+def dataset_json(ds: Dataset, url: str, steps: tuple[ItemStep, ...] = ()) -> dict[str, Any]:
+    """The DICOM JSON object of ``ds``, the item reached through ``steps`` (the top level when
+    none) of the instance at ``url``: each binary value longer than the threshold a
+    BulkDataURI that names its element by its whole path (``gateway.urls.bulkdata_url``)."""
+    body: dict[str, Any] = {}
+    for element in ds:
+        if element.VR == "SQ":
+            items = [dataset_json(item, url, (*steps, (element.tag, number)))
+                     for number, item in enumerate(element.value, start=1)]
+            body[f"{element.tag:08X}"] = {"vr": "SQ", "Value": items}
+        else:
+            body[f"{element.tag:08X}"] = element.to_json_dict(
+                lambda bulk: bulkdata_url(url, steps, bulk.tag), BULK_DATA_THRESHOLD)
+    return body
 
 
 def instance_json(path: Path, url: str, has_pixels: bool, budget: ResourceBudget) -> str:
@@ -33,15 +54,11 @@ def instance_json(path: Path, url: str, has_pixels: bool, budget: ResourceBudget
     decode memory it takes is held until the text is made."""
     with budget.reserve_header_read(path, as_json=True):
         ds = dcmread(path, stop_before_pixels=True)
-
-        def bulk_uri(element: DataElement) -> str:
-            return f"{url}/bulkdata/{element.tag:08X}"
-
-        body = ds.to_json_dict(BULK_DATA_THRESHOLD, bulk_uri)
+        body = dataset_json(ds, url)
         if has_pixels:
             # Read with stop_before_pixels, so never inlined: always a BulkDataURI.
             vr = "OB" if ds.file_meta.TransferSyntaxUID.is_encapsulated else "OW"
-            body["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+            body["7FE00010"] = {"vr": vr, "BulkDataURI": bulkdata_url(url, (), PIXEL_DATA)}
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -81,13 +98,13 @@ async def metadata(request: Request) -> Response:
         if not rows:
             held.release()
             return error(404, f"no such {target.level}")
-        missing = [instance for instance, text in rows if text is None]
+        missing = [instance for instance, text in rows if text is None or _STALE in text]
         computed: dict[str, str] = {}
         # In batches, so that a large study does not hold a decode worker for long.
         for start in range(0, len(missing), _BATCH):
             computed |= await budget.decode.run(_missing_json, store,
                                                 missing[start:start + _BATCH], budget, held)
-        texts = [text or computed[instance.sop_uid] for instance, text in rows]
+        texts = [computed.get(instance.sop_uid) or text or "" for instance, text in rows]
         response = await budget.decode.run(_response, request, texts,
                                            services_of(request).dicomweb_root)
     except OverBudget as refusal:
