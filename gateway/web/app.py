@@ -77,11 +77,12 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
     if http.cors_allow_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=http.cors_allow_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Accept", "Authorization", "Content-Type", "If-None-Match",
-                           "KOS-SOPInstanceUID"],
-            expose_headers=["Content-Type", "Content-Length", "ETag", "Warning",
-                            "WWW-Authenticate"],
+            # HEAD wherever GET is: every GET route serves HEAD (RequestTarget).
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_headers=["Accept", "Authorization", "Content-Type", "If-Modified-Since",
+                           "If-None-Match", "KOS-SOPInstanceUID"],
+            expose_headers=["Content-Type", "Content-Length", "ETag", "Last-Modified",
+                            "Warning", "WWW-Authenticate"],
             max_age=3600))
     routes = [
         Route("/health", health, methods=["GET"]),

@@ -24,6 +24,7 @@ from gateway.web.dicomweb.frames import (
     frames_response,
     multipart_type,
 )
+from gateway.web.dicomweb.validators import conditional, validator_headers
 from gateway.web.dicomweb.wado import READ_CHUNK, check_uids, slices
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error, over_budget
@@ -95,6 +96,8 @@ async def bulkdata(request: Request) -> Response:
     instance = await addressed_instance(request)
     if instance is None:
         return error(404, "no such instance")
+    if unchanged := conditional(request, [instance]):
+        return unchanged
     budget: ResourceBudget = services_of(request).budget
     path = store.blobs.absolute(instance.path)
     try:
@@ -108,7 +111,7 @@ async def bulkdata(request: Request) -> Response:
         return error(404, found)
     boundary = new_boundary()
     return StreamingResponse(_value_stream(path, *found, boundary), headers={
-        "Content-Type": multipart_type(OCTET_STREAM, boundary)})
+        "Content-Type": multipart_type(OCTET_STREAM, boundary), **validator_headers([instance])})
 
 
 Found = tuple[bytes | tuple[int, int], Reservation] | str

@@ -15,6 +15,7 @@ from gateway.imaging.budget import (
     check_frame_list,
 )
 from gateway.imaging.frame_reader import FrameDecodeError, FrameRangeError, FrameReader
+from gateway.web.dicomweb.validators import conditional, validator_headers
 from gateway.web.dicomweb.wado import addressed_instances, check_uids, slices
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
@@ -137,6 +138,8 @@ async def frames_response(request: Request, numbers: list[int] | None) -> Respon
         media = _FRAME_MEDIA_TYPES.get(instance.transfer_syntax, OCTET_STREAM)
         return error(406, 'frames of this instance are available as multipart/related; '
                      f'type="{OCTET_STREAM}" or type="{media}"')
+    if unchanged := conditional(request, [instance]):
+        return unchanged
     try:
         if numbers is not None:
             check_frame_list(numbers, instance.frames or 1)
@@ -160,7 +163,8 @@ async def frames_response(request: Request, numbers: list[int] | None) -> Respon
     return StreamingResponse(
         _stream(reader, budget, wanted, encoding.decode, first, encoding.content_type,
                 boundary),
-        headers={"Content-Type": multipart_type(encoding.content_type, boundary)})
+        headers={"Content-Type": multipart_type(encoding.content_type, boundary),
+                 **validator_headers([instance])})
 
 
 async def frames(request: Request) -> Response:

@@ -19,11 +19,12 @@ from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget
 from gateway.urls import ItemStep, bulkdata_url, retrieve_url
 from gateway.web.dicomweb.bulkdata import PIXEL_DATA
 from gateway.web.dicomweb.native_xml import native_xml
+from gateway.web.dicomweb.validators import conditional, validator_headers
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, part_head
 from gateway.web.http.request_target import target_of
-from gateway.web.http.responses import DICOM_JSON, entity_tag, error, not_modified, over_budget
+from gateway.web.http.responses import DICOM_JSON, entity_tag, error, over_budget
 from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.index import StoredInstance
@@ -155,7 +156,7 @@ async def metadata(request: Request) -> Response:
         make = _json_body if chosen is MetadataFormat.JSON else _xml_body
         body, content_type = await budget.decode.run(make, texts,
                                                      services_of(request).dicomweb_root)
-        response = _response(request, body, content_type)
+        response = _response(request, body, content_type, [i for i, _ in rows])
     except OverBudget as refusal:
         held.release()
         return over_budget(refusal)
@@ -199,13 +200,14 @@ def _xml_body(texts: list[str], base: str) -> tuple[bytes, str]:
     return body, f'multipart/related; type="{DICOM_XML}"; boundary={boundary}'
 
 
-def _response(request: Request, body: bytes, content_type: str) -> Response:
-    """``body`` with its ETag (304 on a matching If-None-Match), gzip-compressed when the
-    client accepts it and it is worth it."""
+def _response(request: Request, body: bytes, content_type: str,
+              instances: list[StoredInstance]) -> Response:
+    """``body`` with its validators (304 when the client's copy is current, RFC 9110 13.2.2),
+    gzip-compressed when the client accepts it and it is worth it."""
     etag = entity_tag(body)
-    if unchanged := not_modified(request, etag):
+    if unchanged := conditional(request, instances, etag):
         return unchanged
-    headers = {"Vary": "Accept, Accept-Encoding", "ETag": etag}
+    headers = {"Vary": "Accept, Accept-Encoding", **validator_headers(instances, etag)}
     if "gzip" in request.headers.get("accept-encoding", "") and len(body) > _GZIP_MIN_SIZE:
         body = gzip.compress(body, compresslevel=5)
         headers["Content-Encoding"] = "gzip"
