@@ -142,6 +142,12 @@ MIGRATIONS: tuple[str, ...] = (
             FROM json_each(m.json, '$."00400275".Value') item), '[]'), '')
     FROM instance_metadata m WHERE m.instance_pk = instances.pk;
     """,
+    # v7: what a manifest repeats as received: the requests of each series, identifiers
+    # kept paired (Request Attributes Sequence), and the character set of the study's text.
+    """
+    ALTER TABLE series ADD COLUMN requests TEXT NOT NULL DEFAULT '';
+    ALTER TABLE studies ADD COLUMN character_set TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 _PATIENT_UPSERT = """
@@ -156,19 +162,19 @@ _STUDY_UPSERT = """
     INSERT INTO studies (study_uid, patient_pk, study_date, study_time, accession_number,
                          accession_issuer, study_id, study_description, referring_physician,
                          requested_procedure_ids, placer_order_numbers, first_received_at,
-                         last_received_at, referring_physician_folded)
+                         last_received_at, referring_physician_folded, character_set)
     VALUES (:study_uid, :patient_pk, :study_date, :study_time, :accession_number,
             :accession_issuer, :study_id, :study_description, :referring_physician,
             :requested_procedure_ids, :placer_order_numbers, :now, :now,
-            fold_name(:referring_physician))
+            fold_name(:referring_physician), :character_set)
     ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
     RETURNING pk
 """
 _SERIES_UPSERT = """
     INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
-                        body_part, series_date, series_time)
+                        body_part, series_date, series_time, requests)
     VALUES (:series_uid, :study_pk, :modality, :series_number, :series_description,
-            :body_part, :series_date, :series_time)
+            :body_part, :series_date, :series_time, :requests)
     ON CONFLICT (series_uid) DO UPDATE SET series_uid = series_uid
     RETURNING pk
 """
