@@ -177,6 +177,24 @@ def _check_document(kos: Dataset, data: bytes, document: dict, problems: list[st
                         f"of the metadata ({sorted(filter(None, organizations))})")
 
 
+def _request_pairs(kos: Dataset, instances: Sequence[Path], problems: list[str]) -> None:
+    """Each request of the instances (Request Attributes Sequence: Requested Procedure ID
+    with its Placer Order Number) is one Referenced Request item of the KOS, paired the same
+    (PS3.3 C.17.6.2.1)."""
+    made = {(str(item.get("RequestedProcedureID", "")),
+             str(item.get("PlacerOrderNumberImagingServiceRequest", "")))
+            for item in kos.get("ReferencedRequestSequence", [])}
+    for path in instances:
+        ds = dcmread(path, stop_before_pixels=True)
+        for item in ds.get("RequestAttributesSequence", []):
+            pair = (str(item.get("RequestedProcedureID", "")),
+                    str(item.get("PlacerOrderNumberImagingServiceRequest", "")))
+            if pair not in made:
+                problems.append(f"request {pair} of {path.name} is not a Referenced Request "
+                                f"of the KOS ({sorted(made)})")
+                return
+
+
 def metadata_problems(document: dict, kos_data: bytes, submission_set: dict | None = None,
                       instances: Sequence[Path] = ()) -> list[str]:
     """Every disagreement between a DocumentReference (and its SubmissionSet) and its KOS."""
@@ -188,6 +206,7 @@ def metadata_problems(document: dict, kos_data: bytes, submission_set: dict | No
     if submission_set is not None and submission_set.get("subject") != document.get("subject"):
         problems.append("the SubmissionSet and the DocumentReference name different subjects")
     if instances:
+        _request_pairs(kos, instances, problems)
         modalities = {str(dcmread(path, stop_before_pixels=True).get("Modality", ""))
                       for path in instances} - {""}
         events = {c.get("code") for e in (document.get("context") or {}).get("event", [])

@@ -23,9 +23,14 @@ dcentvfy, on the KOS and its instances:
     different entities (Accession Number is Study in a KOS, Series in a CT in this release):
     not a problem;
   * "Attribute present in one instance but not the other" involving the KOS: a problem when
-    the KOS is the one without it (it lost the patient's or the study's attribute); the KOS
-    may carry more (an issuer from the settings);
+    the instance has a value and the KOS none (it lost the patient's or the study's
+    attribute); the KOS may carry more (an issuer from the settings), or an empty Type 2
+    attribute where the instance has none;
   * any other warning involving the KOS is a problem.
+  * "String attribute has different value" (an Error) is compared again on the values
+    pydicom decodes with each file's Specific Character Set: dcentvfy compares the encoded
+    bytes, so the same name in ISO_IR 100 and in ISO_IR 192 differs for it; equal decoded
+    values are not a problem (PS3.5 6.1.2.4: the encoding differs, not the value).
 """
 
 import re
@@ -73,23 +78,27 @@ def dcentvfy_problems(kos: Path, instances: Sequence[Path]) -> list[str]:
         listing.write("\n".join(str(path) for path in [kos, *instances]) + "\n")
         listing.flush()
         lines = _run(["dcentvfy", "-f", listing.name])
-    manifest = dcmread(kos, stop_before_pixels=True)
     problems = []
     for line in lines:
+        files, element = _FILES.search(line), _ELEMENT.search(line)
+        pair = [dcmread(name, stop_before_pixels=True) for name in files.groups()] \
+            if files and element else []
+        keyword = element.group(1) if element else ""
         if line.startswith("Error"):
+            if "String attribute has different value" in line and pair \
+                    and all(keyword in ds for ds in pair) \
+                    and str(pair[0][keyword].value) == str(pair[1][keyword].value):
+                continue
             problems.append(line)
             continue
-        if not line.startswith("Warning"):
-            continue
-        files = _FILES.search(line)
-        if files is None or str(kos) not in files.groups():
+        if not line.startswith("Warning") or files is None or str(kos) not in files.groups():
             continue  # between instances: the sender's data
         if "Different information entities for attribute" in line:
             continue
-        element = _ELEMENT.search(line)
-        if "present in one instance but not the other" in line and element \
-                and _present(manifest, element.group(1)):
-            continue  # the KOS has it, the instance does not
+        if "present in one instance but not the other" in line and pair:
+            manifest, other = pair if files.group(1) == str(kos) else pair[::-1]
+            if _present(manifest, keyword) or not _present(other, keyword):
+                continue  # the KOS has it, or neither has a value
         problems.append(line)
     return problems
 
