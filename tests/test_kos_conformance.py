@@ -11,6 +11,8 @@ its assigning authority: issue 15 finding 9), refused by the gateway before send
 reason in the outbox.
 """
 
+import base64
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from storage.index import Index
 from storage.outbox import Outbox, Publication, State
-from tests.conformance import DOCUMENT_PROFILE, profile_problems
+from tests.conformance import DOCUMENT_PROFILE, bundle_problems, profile_problems
 from tests.conformance.consistency import metadata_problems
 from tests.conformance.dicom3tools import kos_problems
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for
@@ -292,3 +294,44 @@ def test_two_thousand_instances(tmp_path_factory: pytest.TempPathFactory) -> Non
         _check_case(service, "2000 instances", "")
     finally:
         service.close()
+
+
+HAND_WRITTEN = Path(__file__).parent / "data" / "fixtures" / "iti65-kos-bundle.json"
+
+
+def _document(bundle: dict) -> dict:
+    return next(e["resource"] for e in bundle["entry"]
+                if e["resource"]["resourceType"] == "DocumentReference")
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda b: _document(b).pop("custodian"), "custodian: cardinality"),
+    (lambda b: b["entry"][0]["resource"].__setitem__("mode", "snapshot"), "patternCode"),
+    (lambda b: _document(b)["contained"].append({"resourceType": "Patient", "id": "x"}),
+     "dom-3"),
+    (lambda b: _document(b)["relatesTo"].__setitem__(0, {"code": "replace", "target": {
+        "reference": "DocumentReference/1"}}) if "relatesTo" in _document(b) else
+     _document(b).__setitem__("relatesTo", [{"code": "replace", "target": {
+         "reference": "DocumentReference/1"}}]), "document-relationship-type"),
+    (lambda b: next(r["identifier"] for r in _document(b)["context"]["related"]
+                    if "accession" in json.dumps(r)).pop("system"), "assigning authority"),
+])
+def test_the_checkers_find_what_they_look_for(change: Callable[[dict], object],
+                                              expected: str) -> None:
+    """Each check fails on a bundle broken in its own way (the hand-written fixture, altered)."""
+    bundle = json.loads(HAND_WRITTEN.read_text())
+    change(bundle)
+    problems = bundle_problems(bundle)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_dciodvfy_finds_an_empty_issuer_sequence() -> None:
+    bundle = json.loads(HAND_WRITTEN.read_text())
+    binary = next(e["resource"] for e in bundle["entry"]
+                  if e["resource"]["resourceType"] == "Binary")
+    kos = dcmread(BytesIO(base64.b64decode(binary["data"])))
+    kos.IssuerOfAccessionNumberSequence = Sequence()
+    out = BytesIO()
+    kos.save_as(out, enforce_file_format=True)
+    assert any("IssuerOfAccessionNumberSequence" in p and "Error" in p
+               for p in kos_problems(out.getvalue(), []))

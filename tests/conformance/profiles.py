@@ -33,7 +33,8 @@ from typing import Any
 import fhirpathpy
 from fhirpathpy.models import models
 
-PROFILES = Path(__file__).resolve().parent.parent / "data" / "pdsm" / "profiles"
+from tests.pdsm_profiles import PROFILES
+
 _FHIR_CORE_VALUE_SET = "http://hl7.org/fhir/ValueSet/"
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
                         r"(\s*;\s*[^;=\s]+=[^;]+)*")
