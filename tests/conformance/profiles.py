@@ -6,8 +6,8 @@ codes are known offline, and every constraint's FHIRPath expression evaluated wi
 the nodes of the element it is attached to (severity ``error`` = a problem; ``warning``, such
 as dom-6 "should have narrative", is not).
 
-What cannot be decided offline is collected in ``Profile.unchecked`` (and reported by the
-suite), never passed silently as checked:
+What cannot be decided offline is collected in ``Checker.unchecked`` (the list is asserted by
+tests/test_kos_conformance.py), never passed silently as checked:
 
 * a slice whose discriminator is fixed only in a profile that is not vendored (the MHD
   identifier slices ``identifier:entryUUID`` / ``identifier:uniqueId``: ``use`` is fixed in
