@@ -323,6 +323,7 @@ def _document(bundle: dict) -> dict:
 
 
 @pytest.mark.parametrize(("change", "expected"), [
+    pytest.param(*case, id=case[1]) for case in [
     (lambda b: _document(b).pop("custodian"), "custodian: cardinality"),
     (lambda b: b["entry"][0]["resource"].__setitem__("mode", "snapshot"), "patternCode"),
     (lambda b: _document(b)["contained"].append({"resourceType": "Patient", "id": "x"}),
@@ -333,7 +334,7 @@ def _document(bundle: dict) -> dict:
          "reference": "DocumentReference/1"}}]), "document-relationship-type"),
     (lambda b: next(r["identifier"] for r in _document(b)["context"]["related"]
                     if "accession" in json.dumps(r)).pop("system"), "assigning authority"),
-])
+    ]])
 def test_the_checkers_find_what_they_look_for(change: Callable[[dict], object],
                                               expected: str) -> None:
     """Each check fails on a bundle broken in its own way (the hand-written fixture, altered)."""
@@ -356,8 +357,11 @@ def test_dciodvfy_finds_an_empty_issuer_sequence() -> None:
 
 
 @pytest.mark.parametrize(("settings", "name"), [
-    ({}, "national identifiers"), (ISSUERS, "national identifiers"),
-    (ISSUERS, "no issuer at all"), (ISSUERS, "several requests")])
+    pytest.param(settings, name, id=f"{label}: {name}") for label, settings, name in [
+        ("default", {}, "national identifiers"),
+        ("issuers", ISSUERS, "national identifiers"),
+        ("issuers", ISSUERS, "no issuer at all"),
+        ("issuers", ISSUERS, "several requests")]])
 def test_the_bundle_built_in_process_passes_the_bundle_profile(
         make_web: Callable[..., InProcessService], tmp_path: Path, settings: dict[str, str],
         name: str) -> None:
