@@ -170,9 +170,13 @@ class Service:
                                         **FAST, **settings).start()
         self.index = Index(folder / "data" / "index.sqlite")
         self.outbox = Outbox(self.index)
-        for _, paths in studies.values():
-            _send(self.server.dicom_port, paths)
-        self.settle(len(studies))
+        try:
+            for _, paths in studies.values():
+                _send(self.server.dicom_port, paths)
+            self.settle(len(studies))
+        except BaseException:
+            self.close()
+            raise
 
     def rows(self, study: str) -> list[Publication]:
         return [row for row in self.outbox.listing() if row.study_uid == study]
