@@ -93,6 +93,14 @@ def _set(**attributes: object) -> Callable[[Dataset], None]:
     return change
 
 
+def _requests(ds: Dataset) -> None:
+    """Two requested procedures of one order, in the Request Attributes Sequence where a
+    modality puts them (PS3.3 C.4.10), and no placer order outside it."""
+    ds.RequestAttributesSequence = Sequence([_request("RP-1", "CMD-1"),
+                                             _request("RP-2", "CMD-1")])
+    del ds.PlacerOrderNumberImagingServiceRequest
+
+
 @dataclass(frozen=True)
 class Case:
     """A study: how its instances are made, and whether each configuration may publish it."""
@@ -115,8 +123,7 @@ CASES = [
     Case("no issuer at all", _no_issuer, refused_by_default="issuer"),
     Case("no accession number", _national, _without("AccessionNumber"),
          refused_by_default="accession", refused_with_issuers="accession"),
-    Case("several requests", _national, _set(RequestAttributesSequence=Sequence(
-        [_request("RP-1", "CMD-1"), _request("RP-2", "CMD-1")]))),
+    Case("several requests", _national, _requests),
     Case("ISO_IR 100 names", _national, _set(
         SpecificCharacterSet="ISO_IR 100", PatientName="Müller-Lüdenscheidt^Jürgen^Émile",
         StudyDescription="Thorax, coupes fines (étude)", ReferringPhysicianName="Gaël^Zoé")),
