@@ -367,17 +367,20 @@ def test_dciodvfy_finds_an_empty_issuer_sequence() -> None:
                for p in kos_problems(out.getvalue(), []))
 
 
-@pytest.mark.parametrize(("settings", "name"), [
-    pytest.param(settings, name, id=f"{label}: {name}") for label, settings, name in [
-        ("default", {}, "national identifiers"),
-        ("issuers", ISSUERS, "national identifiers"),
-        ("issuers", ISSUERS, "no issuer at all"),
-        ("issuers", ISSUERS, "several requests")]])
+@pytest.mark.parametrize(("settings", "name", "replaces"), [
+    pytest.param(settings, name, replaces, id=f"{label}: {name}{' (replacement)' * bool(replaces)}")
+    for label, settings, name, replaces in [
+        ("default", {}, "national identifiers", ""),
+        ("default", {}, "national identifiers", "DocumentReference/1"),
+        ("issuers", ISSUERS, "national identifiers", ""),
+        ("issuers", ISSUERS, "no issuer at all", ""),
+        ("issuers", ISSUERS, "several requests", "")]])
 def test_the_bundle_built_in_process_passes_the_bundle_profile(
         make_web: Callable[..., InProcessService], tmp_path: Path, settings: dict[str, str],
-        name: str) -> None:
+        name: str, replaces: str) -> None:
     """The whole ITI-65 Bundle as the publisher builds it (the registry keeps only its
-    resources): the PDSm bundle profile with its entry slices, and its KOS."""
+    resources): the PDSm bundle profile with its entry slices (a replacement's PATCH entry
+    included), and its KOS."""
     web = make_web(**settings)
     [(study, (_, paths))] = _studies(tmp_path / "studies",
                                      [c for c in CASES if c.name == name]).items()
@@ -392,7 +395,7 @@ def test_the_bundle_built_in_process_passes_the_bundle_profile(
     assert unmapped == []
     bundle = provide_document_bundle(contents, build_manifest(contents, origin),
                                      producer_from_settings(producer), events,
-                                     producer.default_confidentiality())
+                                     producer.default_confidentiality(), replaces=replaces)
     assert_bundle_conformant(bundle, paths)
 
 

@@ -349,7 +349,9 @@ def _nodes(value: Any, relative_id: str) -> list:
 
 
 def _holds(value: Any, path: str, expression: str, resource: dict) -> bool:
-    """A FHIRPath invariant on one node. fhirpathpy follows FHIRPath strictly, where
+    """A FHIRPath invariant on one node: broken only when it evaluates to false (an empty
+    result, as bdl-8 on an entry without fullUrl, is no violation: FHIRPath's three-valued
+    logic, as the HL7 validator applies it). fhirpathpy follows FHIRPath strictly, where
     ``as(T)`` on a collection of several items is an error; FHIR R4's dom-3 applies it to
     ``descendants()``, and the FHIR errata (R4B dom-3) rewrote it with ``ofType(T)``: when the
     strict evaluation raises for that reason, the expression is evaluated with ``ofType``."""
@@ -362,7 +364,7 @@ def _holds(value: Any, path: str, expression: str, resource: dict) -> bool:
             raise
         base["expression"] = expression.replace(".as(", ".ofType(")
         result = fhirpathpy.evaluate(value, base, variables, models["r4"], _OPTIONS)
-    return result == [True]
+    return result != [False]
 
 
 @functools.cache
