@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+KOS_TYPE = "IMG-KOS"
 URI = "urn:ietf:rfc:3986"
 ACCESSION = "urn:ihe:iti:xds:2013:accession"
 STUDY = "urn:ihe:iti:xds:2016:studyInstanceUID"
@@ -155,6 +156,13 @@ def _check_document(kos: Dataset, data: bytes, document: dict, problems: list[st
                         f"{kos.SOPInstanceUID}")
     if kos.SOPClassUID != KOS_SOP_CLASS:
         problems.append(f"the document is not a KOS (SOP Class {kos.SOPClassUID})")
+    title = kos.get("ConceptNameCodeSequence") or [Dataset()]
+    if (title[0].get("CodeValue"), title[0].get("CodingSchemeDesignator")) != ("113030", "DCM"):
+        problems.append("the KOS title is not (113030, DCM, Manifest) (IHE XDS-I.b)")
+    types = {c.get("code") for c in (document.get("type") or {}).get("coding", [])}
+    if KOS_TYPE not in types:
+        problems.append(f"DocumentReference.type {sorted(types)} is not {KOS_TYPE}, the type "
+                        "of an imaging manifest (TRE_A05)")
     [content] = document.get("content") or [{}]
     if (content.get("format") or {}).get("code") != str(kos.SOPClassUID):
         problems.append(f"content.format {content.get('format')} is not the KOS SOP Class")
