@@ -142,8 +142,7 @@ def serve(settings: Settings) -> None:
         watcher = StableStudyWatcher(outbox, publication.stable_seconds)
         publisher = None
         if publication.registry_url:
-            origin = RetrieveOrigin(settings.http.public_url, settings.dicom.ae_title,
-                                    settings.producer.gateway_oid,
+            origin = RetrieveOrigin(settings.http.public_url, settings.producer.gateway_oid,
                                     settings.producer.organization_name)
             publisher = Publisher(store, RegistryClient(publication.registry_url,
                                                         publication.registry_timeout, registry_tls),

@@ -18,3 +18,17 @@ def retrieve_url(root: str, study: str, series: str = "", instance: str = "") ->
         if instance:
             url += f"/instances/{instance}"
     return url
+
+
+# An attribute path (PS3.18 10.4.1.1.5 leaves the Bulk Data URI to the origin server): the
+# sequences and item numbers (from 1, as PS3.19 A.1.5 numbers items) that lead to the
+# element, then its tag, each tag as 8 hexadecimal digits:
+# ``.../bulkdata/00880200/1/7FE00010`` is the Pixel Data of the first Icon Image Sequence
+# item, ``.../bulkdata/7FE00010`` the top-level Pixel Data.
+ItemStep = tuple[int, int]  # (tag of a sequence, item number from 1)
+
+
+def bulkdata_url(instance_url: str, steps: tuple[ItemStep, ...], tag: int) -> str:
+    """The Bulk Data URI of the element ``tag`` reached through ``steps``."""
+    path = "".join(f"{sequence:08X}/{number}/" for sequence, number in steps)
+    return f"{instance_url}/bulkdata/{path}{tag:08X}"

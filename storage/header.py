@@ -13,7 +13,7 @@ import pydicom.filereader
 from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
 
-from storage.identifiers import Issuer, OtherPatientId, encode
+from storage.identifiers import Issuer, OtherPatientId, Request, encode
 from storage.structure import (
     PIXEL_DATA_TAGS,
     IngestLimits,
@@ -34,6 +34,7 @@ class InstanceRecord:
     patient_birth_date: str
     patient_sex: str
     study_uid: str
+    character_set: str  # Specific Character Set, its values joined by backslashes
     study_date: str
     study_time: str
     accession_number: str
@@ -43,6 +44,7 @@ class InstanceRecord:
     referring_physician: str
     requested_procedure_ids: str  # JSON list
     placer_order_numbers: str  # JSON list
+    requests: str  # JSON list of Request objects (of the series)
     series_uid: str
     modality: str
     series_number: int | None
@@ -57,6 +59,11 @@ class InstanceRecord:
     rows: int | None
     columns: int | None
     frames: int | None
+    timezone_offset: str  # Timezone Offset From UTC (0008,0201), "" when absent
+    bits_allocated: int | None
+    pps_start_date: str  # Performed Procedure Step Start Date (0040,0244)
+    pps_start_time: str  # Performed Procedure Step Start Time (0040,0245)
+    request_attributes: str  # JSON list of [Scheduled Procedure Step ID, Requested Procedure ID]
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -91,9 +98,13 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
     return items[0] if items else None
 
 
-def _accession_issuer(ds: Dataset) -> str:
+def _accession_issuer_of(ds: Dataset) -> Issuer:
     item = _first_item(ds, "IssuerOfAccessionNumberSequence")
-    return encode(_issuer(_text(item, "LocalNamespaceEntityID"), item).to_json()) if item else ""
+    return _issuer(_text(item, "LocalNamespaceEntityID"), item) if item else Issuer()
+
+
+def _accession_issuer(ds: Dataset) -> str:
+    return encode(_accession_issuer_of(ds).to_json())
 
 
 def _other_patient_ids(ds: Dataset) -> str:
@@ -117,15 +128,45 @@ def _request_identifiers(ds: Dataset) -> tuple[str, str]:
     return encode(procedures), encode(orders)
 
 
+def _request_attributes(ds: Dataset) -> str:
+    """The (Scheduled Procedure Step ID, Requested Procedure ID) of each Request Attributes
+    item, as QIDO-RS returns them at the series level (PS3.18 Table 10.6.3-4)."""
+    return encode([[_text(item, "ScheduledProcedureStepID"), _text(item, "RequestedProcedureID")]
+                   for item in ds.get("RequestAttributesSequence") or []])
+
+
+def _requests(ds: Dataset) -> str:
+    """The distinct requests of the instance, each kept whole (PS3.3 Table 10-9): an item's
+    accession defaults to the instance's, as the item is a request of this study."""
+    items = list(ds.get("RequestAttributesSequence") or []) or [ds]
+    found: list[Request] = []
+    for item in items:
+        request = Request(
+            _text(item, "AccessionNumber") or _text(ds, "AccessionNumber"),
+            _accession_issuer_of(item) if _text(item, "AccessionNumber")
+            else _accession_issuer_of(ds),
+            _text(item, "RequestedProcedureID"), _text(item, "RequestedProcedureDescription"),
+            _text(item, "PlacerOrderNumberImagingServiceRequest"),
+            _text(item, "FillerOrderNumberImagingServiceRequest"))
+        identifiers = (request.accession, request.procedure_id, request.placer_order,
+                       request.filler_order)
+        if any(identifiers) and request not in found:
+            found.append(request)
+    return encode([request.to_json() for request in found])
+
+
 # What read_header reads; pydicom skips the value of any other element of defined length.
 _HEADER_TAGS = [keyword_dict[keyword] for keyword in (
-    "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientName",
-    "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "SpecificCharacterSet", "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence",
+    "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
     "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", "StudyDescription",
     "ReferringPhysicianName", "RequestAttributesSequence", "RequestedProcedureID",
-    "PlacerOrderNumberImagingServiceRequest", "SeriesInstanceUID", "Modality", "SeriesNumber",
+    "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
+    "RequestedProcedureDescription", "SeriesInstanceUID", "Modality", "SeriesNumber",
     "SeriesDescription", "BodyPartExamined", "SeriesDate", "SeriesTime", "SOPClassUID",
-    "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames")]
+    "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
+    "TimezoneOffsetFromUTC", "BitsAllocated", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime")]
 
 
 @contextmanager
@@ -182,6 +223,7 @@ def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
         patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
         study_uid=_text(ds, "StudyInstanceUID"),
+        character_set=_text(ds, "SpecificCharacterSet"),
         study_date=_text(ds, "StudyDate"),
         study_time=_text(ds, "StudyTime"),
         accession_number=_text(ds, "AccessionNumber"),
@@ -191,6 +233,7 @@ def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
         referring_physician=_text(ds, "ReferringPhysicianName"),
         requested_procedure_ids=procedures,
         placer_order_numbers=orders,
+        requests=_requests(ds),
         series_uid=_text(ds, "SeriesInstanceUID"),
         modality=_text(ds, "Modality"),
         series_number=_int(ds, "SeriesNumber"),
@@ -205,4 +248,9 @@ def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
         rows=rows,
         columns=_int(ds, "Columns"),
         frames=frames,
+        timezone_offset=_text(ds, "TimezoneOffsetFromUTC"),
+        bits_allocated=_int(ds, "BitsAllocated"),
+        pps_start_date=_text(ds, "PerformedProcedureStepStartDate"),
+        pps_start_time=_text(ds, "PerformedProcedureStepStartTime"),
+        request_attributes=_request_attributes(ds),
     )

@@ -50,6 +50,35 @@ class OtherPatientId:
                    Issuer.from_json(value.get("issuer") or {}))
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request an instance was acquired for (an item of its Request Attributes Sequence,
+    PS3.3 Table 10-9, or its top-level attributes when it has none): the identifiers stay
+    paired as received."""
+
+    accession: str = ""
+    accession_issuer: Issuer = field(default_factory=Issuer)
+    procedure_id: str = ""  # Requested Procedure ID
+    procedure_description: str = ""
+    placer_order: str = ""  # Placer Order Number / Imaging Service Request
+    filler_order: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        """Its JSON object: the fields that have a value."""
+        value: dict[str, object] = {**asdict(self), "accession_issuer":
+                                    self.accession_issuer.to_json()}
+        return {name: item for name, item in value.items() if item}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Request":
+        """A request from its JSON object."""
+        texts = {name: str(value.get(name, "")) for name in (
+            "accession", "procedure_id", "procedure_description", "placer_order",
+            "filler_order")}
+        return cls(**texts, accession_issuer=Issuer.from_json(value.get("accession_issuer")
+                                                              or {}))
+
+
 def encode(value: object) -> str:
     """The index column text of a JSON value; empty for an empty value."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if value else ""
@@ -68,3 +97,8 @@ def decode_other_ids(text: str) -> list[OtherPatientId]:
 def decode_texts(text: str) -> list[str]:
     """A list of strings kept in an index column."""
     return [str(item) for item in json.loads(text)] if text else []
+
+
+def decode_requests(text: str) -> list[Request]:
+    """The requests kept in an index column."""
+    return [Request.from_json(item) for item in json.loads(text)] if text else []

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.header import InstanceRecord
-from storage.search import Level, Match, fold_name, name_group, search
+from storage.search import Level, Match, count, fold_name, name_group, search
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -121,7 +121,34 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE publications ADD COLUMN payload TEXT NOT NULL DEFAULT '';
     CREATE INDEX publications_kos ON publications(kos_uid);
     """,
-    # v6: the patient module of each study is its own (from its first instance), no longer
+    # v6: what QIDO-RS returns "if known" (PS3.18 Tables 10.6.3-3/4/5) from the instances:
+    # taken from an instance's cached DICOM JSON where it has one, empty otherwise until the
+    # instance is received again.
+    """
+    ALTER TABLE instances ADD COLUMN timezone_offset TEXT NOT NULL DEFAULT '';
+    ALTER TABLE instances ADD COLUMN bits_allocated INTEGER;
+    ALTER TABLE instances ADD COLUMN pps_start_date TEXT NOT NULL DEFAULT '';
+    ALTER TABLE instances ADD COLUMN pps_start_time TEXT NOT NULL DEFAULT '';
+    ALTER TABLE instances ADD COLUMN request_attributes TEXT NOT NULL DEFAULT '';
+    UPDATE instances SET
+        timezone_offset = COALESCE(json_extract(m.json, '$."00080201".Value[0]'), ''),
+        bits_allocated = json_extract(m.json, '$."00280100".Value[0]'),
+        pps_start_date = COALESCE(json_extract(m.json, '$."00400244".Value[0]'), ''),
+        pps_start_time = COALESCE(json_extract(m.json, '$."00400245".Value[0]'), ''),
+        request_attributes = COALESCE(NULLIF((
+            SELECT json_group_array(json_array(
+                COALESCE(json_extract(item.value, '$."00400009".Value[0]'), ''),
+                COALESCE(json_extract(item.value, '$."00401001".Value[0]'), '')))
+            FROM json_each(m.json, '$."00400275".Value') item), '[]'), '')
+    FROM instance_metadata m WHERE m.instance_pk = instances.pk;
+    """,
+    # v7: what a manifest repeats as received: the requests of each series, identifiers
+    # kept paired (Request Attributes Sequence), and the character set of the study's text.
+    """
+    ALTER TABLE series ADD COLUMN requests TEXT NOT NULL DEFAULT '';
+    ALTER TABLE studies ADD COLUMN character_set TEXT NOT NULL DEFAULT '';
+    """,
+    # v8: the patient module of each study is its own (from its first instance), no longer
     # that of the first study ever received under the Patient ID; the patient row keeps
     # only the identifier. Studies of earlier versions start from what they were shown with,
     # until Store reads the patient module of each again from its first instance.
@@ -158,12 +185,13 @@ _STUDY_UPSERT = """
     INSERT INTO studies (study_uid, patient_pk, study_date, study_time, accession_number,
                          accession_issuer, study_id, study_description, referring_physician,
                          requested_procedure_ids, placer_order_numbers, first_received_at,
-                         last_received_at, referring_physician_folded, other_patient_ids,
-                         patient_name, patient_name_folded, patient_birth_date, patient_sex)
+                         last_received_at, referring_physician_folded, character_set,
+                         other_patient_ids, patient_name, patient_name_folded, patient_birth_date,
+                         patient_sex)
     VALUES (:study_uid, :patient_pk, :study_date, :study_time, :accession_number,
             :accession_issuer, :study_id, :study_description, :referring_physician,
             :requested_procedure_ids, :placer_order_numbers, :now, :now,
-            fold_name(:referring_physician), :other_patient_ids, :patient_name,
+            fold_name(:referring_physician), :character_set, :other_patient_ids, :patient_name,
             fold_name(:patient_name), :patient_birth_date, :patient_sex)
     ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
     RETURNING pk
@@ -181,22 +209,29 @@ _IS_FIRST_OF_STUDY = """
 """
 _SERIES_UPSERT = """
     INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
-                        body_part, series_date, series_time)
+                        body_part, series_date, series_time, requests)
     VALUES (:series_uid, :study_pk, :modality, :series_number, :series_description,
-            :body_part, :series_date, :series_time)
+            :body_part, :series_date, :series_time, :requests)
     ON CONFLICT (series_uid) DO UPDATE SET series_uid = series_uid
     RETURNING pk
 """
 _INSTANCE_UPSERT = """
     INSERT INTO instances (sop_uid, series_pk, sop_class_uid, instance_number, transfer_syntax,
-                           rows, columns, frames, path, size, source, received_at)
+                           rows, columns, frames, path, size, source, received_at,
+                           timezone_offset, bits_allocated, pps_start_date, pps_start_time,
+                           request_attributes)
     VALUES (:sop_uid, :series_pk, :sop_class_uid, :instance_number, :transfer_syntax,
-            :rows, :columns, :frames, :path, :size, :source, :now)
+            :rows, :columns, :frames, :path, :size, :source, :now,
+            :timezone_offset, :bits_allocated, :pps_start_date, :pps_start_time,
+            :request_attributes)
     ON CONFLICT (sop_uid) DO UPDATE SET
         sop_class_uid = excluded.sop_class_uid, instance_number = excluded.instance_number,
         transfer_syntax = excluded.transfer_syntax, rows = excluded.rows,
         columns = excluded.columns, frames = excluded.frames, path = excluded.path,
-        size = excluded.size, source = excluded.source, received_at = excluded.received_at
+        size = excluded.size, source = excluded.source, received_at = excluded.received_at,
+        timezone_offset = excluded.timezone_offset, bits_allocated = excluded.bits_allocated,
+        pps_start_date = excluded.pps_start_date, pps_start_time = excluded.pps_start_time,
+        request_attributes = excluded.request_attributes
 """
 _INSTANCE_COLUMNS = """i.sop_uid, st.study_uid, se.series_uid, i.path, i.size, i.sop_class_uid,
     i.transfer_syntax, i.frames, i.received_at"""
@@ -502,6 +537,12 @@ class Index:
         """QIDO matching, see ``storage.search.search``."""
         with self._lock:
             return search(self._db, level, matches, returned, fuzzy, limit, offset, within)
+
+    def count(self, level: Level, matches: list[Match], fuzzy: bool,
+              within: frozenset[str] | None = None) -> int:
+        """How many results a QIDO search has in all, see ``storage.search.count``."""
+        with self._lock:
+            return count(self._db, level, matches, fuzzy, within)
 
     def patient_id_of(self, study_uid: str) -> str:
         """The Patient ID of a study ("" when the study is unknown)."""

@@ -76,6 +76,17 @@ ATTRIBUTES: dict[str, Attribute] = {
     "Rows": Attribute(Level.INSTANCE, "i.rows", "US"),
     "Columns": Attribute(Level.INSTANCE, "i.columns", "US"),
     "NumberOfFrames": Attribute(Level.INSTANCE, "i.frames", "IS"),
+    "BitsAllocated": Attribute(Level.INSTANCE, "i.bits_allocated", "US"),
+    # Known from the instances, so valued per query level by _select (the sql here is the
+    # instance's own): returned, never matched.
+    "InstanceAvailability": Attribute(Level.STUDY, "'ONLINE'", "CS"),
+    "TimezoneOffsetFromUTC": Attribute(Level.STUDY, "NULLIF(i.timezone_offset, '')", "SH"),
+    "PerformedProcedureStepStartDate": Attribute(Level.SERIES, "NULLIF(i.pps_start_date, '')",
+                                                 "DA"),
+    "PerformedProcedureStepStartTime": Attribute(Level.SERIES, "NULLIF(i.pps_start_time, '')",
+                                                 "TM"),
+    "RequestAttributesSequence": Attribute(Level.SERIES, "NULLIF(i.request_attributes, '')",
+                                           "SQ"),
 }
 
 _FROM = {
@@ -93,6 +104,15 @@ _ORDER = {
 }
 _COMPUTED_COUNTS = {"ModalitiesInStudy", "NumberOfStudyRelatedSeries",
                     "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances"}
+_FROM_INSTANCES = {"InstanceAvailability", "TimezoneOffsetFromUTC",
+                   "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+                   "RequestAttributesSequence"}
+_RETURNED_ONLY = (_COMPUTED_COUNTS - {"ModalitiesInStudy"}) | _FROM_INSTANCES
+# The instances a study or series result speaks for (x), with the study or series row.
+_INSTANCES_OF = {
+    Level.STUDY: "instances x JOIN series xs ON x.series_pk = xs.pk WHERE xs.study_pk = st.pk",
+    Level.SERIES: "instances x WHERE x.series_pk = se.pk",
+}
 
 # Confined to ``within`` (a CTE of SOP Instance UIDs): a series exists when one of its
 # instances is within, a study when one of its series does.
@@ -259,26 +279,71 @@ def search(db: sqlite3.Connection, level: Level, matches: list[Match], returned:
            ) -> list[dict[str, object]]:
     """Rows of ``level`` matching every ``Match``, with the ``returned`` keywords; only
     those of the instances ``within`` (SOP Instance UIDs) when given."""
+    columns = [k for k in returned if k in ATTRIBUTES and ATTRIBUTES[k].level <= level]
+    selected = [_select(k, level, within is not None) for k in columns]
+    where, params = _where(level, matches, fuzzy, within)
+    sql = (f"SELECT {', '.join(selected)} FROM {_FROM[level]}{where}"
+           f" ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
+    rows = db.execute(_with(sql, within), [*params, limit, offset]).fetchall()
+    return [{k: _request_items(v) if k == "RequestAttributesSequence" else v
+             for k, v in zip(columns, row, strict=True)} for row in rows]
+
+
+def count(db: sqlite3.Connection, level: Level, matches: list[Match], fuzzy: bool,
+          within: frozenset[str] | None = None) -> int:
+    """How many rows of ``level`` match every ``Match``: ``search`` without a page."""
+    where, params = _where(level, matches, fuzzy, within)
+    sql = f"SELECT count(*) FROM {_FROM[level]}{where}"
+    return int(db.execute(_with(sql, within), params).fetchone()[0])
+
+
+def _where(level: Level, matches: list[Match], fuzzy: bool, within: frozenset[str] | None
+           ) -> tuple[str, list[object]]:
+    """The WHERE clause of a search and its parameters (``within`` first, when given)."""
     for match in matches:
         attribute = ATTRIBUTES.get(match.keyword)
         if attribute is None or attribute.level > level:
             raise QueryError(f"{match.keyword} cannot be matched at the {level.name.lower()}"
                              " level")
-        if match.keyword in _COMPUTED_COUNTS - {"ModalitiesInStudy"} and match.value:
+        if match.keyword in _RETURNED_ONLY and match.value:
             raise QueryError(f"{match.keyword} is returned, not matched")
-    columns = [k for k in returned if k in ATTRIBUTES and ATTRIBUTES[k].level <= level]
     confined = within is not None
-    conditions, params = [_ROWS_WITHIN[level] if confined else "1"], []
+    conditions = [_ROWS_WITHIN[level] if confined else "1"]
+    params: list[object] = [json.dumps(sorted(within))] if within is not None else []
     for match in matches:
         sql, values = match.condition(fuzzy, confined)
         conditions.append(sql)
         params += values
-    selected = [_COUNTS_WITHIN[k] if confined and k in _COUNTS_WITHIN else ATTRIBUTES[k].sql
-                for k in columns]
-    sql = (f"SELECT {', '.join(selected)} FROM {_FROM[level]}"
-           f" WHERE {' AND '.join(conditions)} ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
-    if within is not None:
-        sql = _WITHIN + sql
-        params.insert(0, json.dumps(sorted(within)))
-    rows = db.execute(sql, [*params, limit, offset]).fetchall()
-    return [dict(zip(columns, row, strict=True)) for row in rows]
+    return f" WHERE {' AND '.join(conditions)}", params
+
+
+def _with(sql: str, within: frozenset[str] | None) -> str:
+    return sql if within is None else _WITHIN + sql
+
+
+def _select(keyword: str, level: Level, confined: bool) -> str:
+    """The SQL of a returned attribute in a result of ``level``."""
+    attribute = ATTRIBUTES[keyword]
+    if confined and keyword in _COUNTS_WITHIN:
+        return _COUNTS_WITHIN[keyword]
+    if keyword not in _FROM_INSTANCES or level is Level.INSTANCE:
+        return attribute.sql  # an instance's own value (PS3.18 10.6.3.3.3 "if present")
+    column = attribute.sql.replace("i.", "x.")  # the same expression on the instances x
+    within = " AND x.sop_uid IN within" if confined else ""
+    if keyword == "RequestAttributesSequence":  # the items of every instance, merged below
+        return (f"(SELECT group_concat({column}, char(10)) FROM {_INSTANCES_OF[level]}"
+                f"{within})")
+    # A study or series value is the one its instances carry: unknown when they disagree.
+    # InstanceAvailability: ONLINE, every indexed instance is on local disk (PS3.3
+    # C.4.23.1.1: immediately retrievable).
+    return (f"(SELECT CASE WHEN count(DISTINCT {column}) = 1 THEN max({column}) END"
+            f" FROM {_INSTANCES_OF[level]}{within})")
+
+
+def _request_items(text: object) -> list[list[str]] | None:
+    """The distinct (Scheduled Procedure Step ID, Requested Procedure ID) pairs of one or
+    more Request Attributes columns (JSON lists, one a line); None when there are none."""
+    items: list[list[str]] = []
+    for line in str(text or "").splitlines():
+        items += [item for item in json.loads(line) if item not in items]
+    return items or None

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field, fields
 from storage.identifiers import (
     Issuer,
     OtherPatientId,
+    Request,
     decode_issuer,
     decode_other_ids,
+    decode_requests,
     decode_texts,
 )
 from storage.index import Index
@@ -23,6 +25,7 @@ class SeriesContents:
     series_number: int | None
     series_date: str
     series_time: str
+    requests: list[Request]
     instances: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
 
 
@@ -48,6 +51,7 @@ class StudyContents:
     placer_order_numbers: list[str]
     first_received_at: float
     last_received_at: float
+    character_set: str  # Specific Character Set of its text, values joined by backslashes
     series: list[SeriesContents]
 
     @property
@@ -61,12 +65,12 @@ _STUDY = """
            st.patient_name, st.patient_birth_date, st.patient_sex, st.study_date, st.study_time,
            st.accession_number, st.accession_issuer, st.study_id, st.study_description,
            st.referring_physician, st.requested_procedure_ids, st.placer_order_numbers,
-           st.first_received_at, st.last_received_at
+           st.first_received_at, st.last_received_at, st.character_set
     FROM studies st JOIN patients p ON st.patient_pk = p.pk WHERE st.study_uid = ?
 """
 _INSTANCES = """
     SELECT se.series_uid, se.modality, se.body_part, se.series_number, se.series_date,
-           se.series_time, i.sop_class_uid, i.sop_uid
+           se.series_time, se.requests, i.sop_class_uid, i.sop_uid
     FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
     WHERE st.study_uid = ? ORDER BY se.series_number, se.pk, i.instance_number, i.pk
 """
@@ -85,6 +89,6 @@ def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
     series: dict[str, SeriesContents] = {}
     for *columns, sop_class, sop_uid in index.fetch(_INSTANCES, (study_uid,)):
         if columns[0] not in series:
-            series[columns[0]] = SeriesContents(*columns)
+            series[columns[0]] = SeriesContents(*columns[:-1], decode_requests(columns[-1]))
         series[columns[0]].instances.append((sop_class, sop_uid))
     return StudyContents(**values, series=list(series.values()))

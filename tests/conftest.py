@@ -27,10 +27,12 @@ settings.load_profile("ci")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Fail early and clearly when the dcmtk tools are missing."""
-    for tool in ("storescu", "echoscu"):
+    """Fail early and clearly when the dcmtk or dicom3tools programs are missing (the
+    conformance checks of tests/conformance need dciodvfy and dcentvfy)."""
+    for tool, package in (("storescu", "dcmtk"), ("echoscu", "dcmtk"),
+                          ("dciodvfy", "dicom3tools"), ("dcentvfy", "dicom3tools")):
         if shutil.which(tool) is None:
-            pytest.exit(f"{tool} not found: apt-get install dcmtk (done by .ci/run)", 2)
+            pytest.exit(f"{tool} not found: apt-get install {package} (done by .ci/run)", 2)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.conformance.registry import registry_problems
 from tests.synthetic import NATIONAL_INS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,6 +138,18 @@ class RegistryProcess(_Process):
         super().__init__(["registry", "--port", str(port), "--data", str(data_dir),
                           *tls_arguments], dict(os.environ), port,
                          data_dir.parent / f"{data_dir.name}-registry.log", tls)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop, then check everything the registry stored (tests.conformance.registry:
+        PDSm profiles, dicom3tools on each KOS, metadata against its KOS); fails the test
+        with every problem found (once: a registry already stopped returns 0)."""
+        if self.proc is None:
+            return 0
+        code = super().stop(sig, timeout)
+        problems = registry_problems(self.data_dir)
+        assert not problems, ("what the registry received is not conformant:\n  "
+                              + "\n  ".join(problems))
+        return code
 
     @property
     def fhir_url(self) -> str:

@@ -66,7 +66,7 @@ def publish(web: InProcessService, study_uid: str) -> str:
     (manifest file, outbox row acknowledged with its KOS UID); the KOS UID."""
     contents = load_study_contents(web.store.index, study_uid)
     assert contents is not None
-    manifest = build_manifest(contents, RetrieveOrigin(web.base_url, web.ae_title, "1.2.3.4"))
+    manifest = build_manifest(contents, RetrieveOrigin(web.base_url, "1.2.3.4"))
     web.store.blobs.put(web.store.blobs.manifest_path(study_uid, manifest.sop_uid),
                         [manifest.data])
     outbox = web.services.outbox

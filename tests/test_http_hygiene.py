@@ -15,6 +15,7 @@ from tests.inprocess import InProcessService
 from tests.synthetic import ct_slice
 
 EVRLE = "1.2.840.10008.1.2.1"
+DICOM_ANY = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
 
 
 @pytest.mark.parametrize("client, accept, syntaxes", [
@@ -101,3 +102,71 @@ def test_content_length_on_every_part(loaded_web: InProcessService,
     response = loaded_web.get(f"/dicom-web/studies/{ds.StudyInstanceUID}")
     assert response.status_code == 200
     assert response.content.count(b"Content-Length: ") == 15
+
+
+def _received_long_ago(web: InProcessService, when: float) -> None:
+    """Every stored instance as if received at ``when`` (an hour ago, say): a Last-Modified
+    is only sent once the second it names is settled."""
+    with web.store.index.transaction() as db:
+        db.execute("UPDATE instances SET received_at = ?", (when,))
+
+
+def test_last_modified_and_if_modified_since_on_every_retrieve(web: InProcessService) -> None:
+    """RFC 9110 8.8.2, 13.1.3: Last-Modified is when the newest instance served was received;
+    If-Modified-Since of that date is a 304, of an earlier one a 200; If-None-Match, when
+    sent, decides alone."""
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study, series, 1, 1, size=8)
+    assert web.ingest(first).outcome is Outcome.STORED
+    assert web.ingest(ct_slice(study, series, 1, 2, size=8)).outcome is Outcome.STORED
+    instance = f"/dicom-web/studies/{study}/series/{series}/instances/{first.SOPInstanceUID}"
+    urls = {f"/dicom-web/studies/{study}": DICOM_ANY, f"/dicom-web/studies/{study}/series/"
+            f"{series}": DICOM_ANY, instance: DICOM_ANY, f"{instance}/frames/1": {},
+            f"{instance}/bulkdata/7FE00010": {}, f"/dicom-web/studies/{study}/metadata": {},
+            f"{instance}/metadata": {}}
+    received = 1_700_000_000.75
+    _received_long_ago(web, received)
+    stamp = "Tue, 14 Nov 2023 22:13:20 GMT"  # the second of ``received``
+    for url, accept in urls.items():
+        response = web.get(url, headers=accept)
+        assert response.status_code == 200, url
+        assert response.headers["last-modified"] == stamp, url
+        same = web.get(url, headers={**accept, "If-Modified-Since": stamp})
+        assert (same.status_code, same.content) == (304, b""), url
+        assert same.headers["last-modified"] == stamp, url
+        earlier = "Tue, 14 Nov 2023 22:13:19 GMT"
+        assert web.get(url, headers={**accept, "If-Modified-Since": earlier}
+                       ).status_code == 200, url
+        assert web.get(url, headers={**accept, "If-Modified-Since": "yesterday"}
+                       ).status_code == 200, url  # not a date: ignored
+        assert web.get(url, headers={**accept, "If-Modified-Since": stamp,
+                                     "If-None-Match": '"other"'}).status_code == 200, url
+        if "etag" in response.headers:
+            assert web.get(url, headers={**accept, "If-None-Match": response.headers["etag"]}
+                           ).headers["last-modified"] == stamp
+    # An instance received now: the study is modified, and its second is not settled yet
+    # (a second reception within it could not be told apart): no Last-Modified.
+    assert web.ingest(ct_slice(study, series, 1, 3, size=8)).outcome is Outcome.STORED
+    fresh = web.get(f"/dicom-web/studies/{study}", headers={**DICOM_ANY,
+                                                             "If-Modified-Since": stamp})
+    assert fresh.status_code == 200
+    assert "last-modified" not in fresh.headers
+
+
+def test_cors_preflight_for_head(make_web: Callable[..., InProcessService]) -> None:
+    """HEAD is served wherever GET is: a browser's preflight for it is allowed too."""
+    web = make_web("cors", cors_allow_origins="https://viewer.example.org")
+    origin = {"Origin": "https://viewer.example.org"}
+    study, series = generate_uid(), generate_uid()
+    assert web.ingest(ct_slice(study, series, 1, 1, size=8)).outcome is Outcome.STORED
+    for url in ("/dicom-web/studies", f"/dicom-web/studies/{study}",
+                f"/dicom-web/studies/{study}/metadata"):
+        preflight = web.options(url, headers={
+            **origin, "Access-Control-Request-Method": "HEAD",
+            "Access-Control-Request-Headers": "accept, if-modified-since, if-none-match"})
+        assert preflight.status_code == 200, (url, preflight.text)
+        assert "HEAD" in preflight.headers["access-control-allow-methods"]
+        head = web.request("HEAD", url, headers={**origin, "Accept": "*/*"})
+        assert head.status_code == 200, url
+        assert head.headers["access-control-allow-origin"] == origin["Origin"]
+        assert "last-modified" in head.headers["access-control-expose-headers"].lower()

@@ -75,7 +75,7 @@ def test_a_newline_in_a_data_set_uid_cannot_forge_a_log_line(service: Passerelle
 # --- 19: files ---------------------------------------------------------------------------
 
 FAST = {"stable_seconds": "1", "publish_retry_seconds": "0.2", "publish_retry_max_seconds": "1",
-        "order_issuer_oid": "1.2.250.1.999.1.1.3"}
+        "order_issuer_oid": "1.2.250.1.999.1.1.3", "accession_issuer_oid": "1.2.250.1.999.1.1.2"}
 
 
 def _start_with_open_umask(process: PasserelleProcess | RegistryProcess) -> None:

@@ -66,7 +66,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServi
 def _manifest(service: InProcessService, study_uid: str) -> bytes:
     contents = load_study_contents(service.store.index, study_uid)
     assert contents is not None
-    origin = RetrieveOrigin(service.base_url, service.ae_title, "1.2.250.1.999.1.1.4")
+    origin = RetrieveOrigin(service.base_url, "1.2.250.1.999.1.1.4")
     return build_manifest(contents, origin).data
 
 
@@ -142,7 +142,7 @@ def test_manifest_is_stable_and_changes_with_the_study(service: InProcessService
 def test_retrieve_urls_serve_their_series(service: InProcessService) -> None:
     kos = dcmread(BytesIO(_manifest(service, STUDIES[3][0].StudyInstanceUID)))
     for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence:
-        assert series.RetrieveAETitle == service.ae_title
+        assert "RetrieveAETitle" not in series  # no C-MOVE / C-GET served to name it for
         assert series.RetrieveLocationUID == "1.2.250.1.999.1.1.4"
         assert series.RetrieveURL.startswith(f"{service.base_url}/dicom-web/studies/")
         response = service.get(series.RetrieveURL, headers={

@@ -19,25 +19,26 @@ from gateway.config import Settings
 from gateway.publication import mhd
 from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.event_codes import DCM, SNOMED, load_event_codes
-from gateway.publication.kos import RetrieveOrigin, build_manifest
+from gateway.publication.kos import Issuers, RetrieveOrigin, build_manifest
 from gateway.publication.mhd import (
     MetadataError,
-    Producer,
     document_id,
     provide_document_bundle,
 )
-from gateway.publication.publisher import producer_from_settings
+from gateway.publication.publisher import issuers_from_settings, producer_from_settings
 from gateway.registry.validate import check_provide_bundle
 from storage.store import Outcome, Store
 from storage.study_contents import StudyContents, load_study_contents
 from tests.pdsm_profiles import DOCUMENT_REFERENCE, SUBMISSION_SET, has, mandatory
 from tests.synthetic import national_ct_slice, part10
 
-PRODUCER = producer_from_settings(Settings(
+SETTINGS = Settings(
     gateway_oid="1.2.250.1.999.1.1.9", organization_name="CH Exemple",
     organization_finess="999000011", order_issuer_oid="1.2.250.1.999.1.1.3",
-    authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie").producer)
-ORIGIN = RetrieveOrigin("https://imagerie.example.org", "PASSERELLE", "1.2.250.1.999.1.1.9")
+    authenticator_idnps="810101201234", authenticator_name="LECLERC^Sophie").producer
+PRODUCER = producer_from_settings(SETTINGS)
+ISSUERS = issuers_from_settings(SETTINGS)
+ORIGIN = RetrieveOrigin("https://imagerie.example.org", "1.2.250.1.999.1.1.9")
 
 HAND_WRITTEN = Path(__file__).parent / "data" / "fixtures" / "iti65-kos-bundle.json"
 
@@ -57,12 +58,12 @@ def _stored_study(store: Store, ins: bool = True) -> StudyContents:
     return contents
 
 
-def _bundle(study: StudyContents, replaces: str = "", producer: Producer = PRODUCER) -> dict:
-    manifest = build_manifest(study, ORIGIN)
+def _bundle(study: StudyContents, replaces: str = "", issuers: Issuers = ISSUERS) -> dict:
+    manifest = build_manifest(study, ORIGIN, issuers)
     events, unknown = load_event_codes().codes([s.modality for s in study.series],
                                                [s.body_part for s in study.series])
     assert unknown == []
-    return provide_document_bundle(study, manifest, producer, events, Confidentiality(),
+    return provide_document_bundle(manifest, PRODUCER, events, Confidentiality(),
                                    replaces=replaces)
 
 
@@ -187,8 +188,8 @@ def test_a_patient_without_ins_needs_an_issuer_oid(store: Store) -> None:
     study = _stored_study(store, ins=False)
     with pytest.raises(MetadataError, match="patient_id_issuer_oid"):
         _bundle(study)
-    producer = dataclasses.replace(PRODUCER, patient_id_issuer_oid="1.2.250.1.999.1.1.1")
-    bundle = _bundle(study, producer=producer)
+    issuers = dataclasses.replace(ISSUERS, patient_id="1.2.250.1.999.1.1.1")
+    bundle = _bundle(study, issuers=issuers)
     assert bundle["entry"][1]["resource"]["subject"]["identifier"] == {
         "system": "urn:oid:1.2.250.1.999.1.1.1", "value": "PAT001"}
     assert check_provide_bundle(bundle) == []

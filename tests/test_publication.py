@@ -113,6 +113,33 @@ def test_a_refusal_fails_for_good_with_the_registry_reason(tmp_path: Path, rows:
         assert rows.all()[0].state is State.FAILED
 
 
+@pytest.mark.parametrize("attributes, reason", [
+    ({"IssuerOfAccessionNumberSequence": None},
+     "accession number 'ACC-2026-000457' has no assigning authority OID (none in the "
+     "instances): set accession_issuer_oid"),
+    ({"AccessionNumber": ""}, "the study has no Accession Number"),
+    ({"StudyDate": "", "StudyTime": ""}, "the study has no Study Date"),
+])
+def test_what_the_registry_cannot_index_is_refused_before_sending(
+        tmp_path: Path, rows: _Rows, registry: RegistryProcess, attributes: dict,
+        reason: str) -> None:
+    study = generate_uid()
+    ds = national_ct_slice(study, generate_uid(), 1, 1)
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url, **FAST) as server:
+        assert send(server.dicom_port, ds)[0] == 0x0000
+        [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "a refusal")
+        assert row.last_error.startswith(reason), row.last_error
+        assert server.metric("passerelle_publication_attempts_total", action="publish",
+                             result="rejected") == 1
+        assert reason in server.cli("outbox").stdout
+        assert registry.documents(study) == []
+
+
 def test_a_400_fails_until_retried_after_the_fix(tmp_path: Path, rows: _Rows,
                                                  registry: RegistryProcess) -> None:
     study = generate_uid()

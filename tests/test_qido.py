@@ -1,6 +1,7 @@
 """QIDO-RS (PS3.18 10.6): matching, paging and validation in-process (raw HTTP on the
 application), and dicomweb-client against a running service over a socket."""
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -198,6 +199,22 @@ def test_series_and_instances(qido: DICOMwebClient) -> None:
     assert len(every_series) == 3
     assert "00100020" in every_series[0]
     assert len(qido.search_for_instances(search_filters={"PatientID": "P2"})) == 2
+
+
+def test_return_sets_and_paging_through_dicomweb_client(
+        qido: DICOMwebClient, caplog: pytest.LogCaptureFixture) -> None:
+    """What tests/test_qido_return_sets.py checks in-process, as a client reads it over a
+    socket: the conditional attributes (PS3.18 Table 10.6.3-5) and the paging Warning."""
+    instances = qido.search_for_instances(search_filters={"PatientID": "P2"})
+    assert values(instances, "00080056") == ["ONLINE", "ONLINE"]  # Instance Availability
+    assert values(instances, "00280100") == [16, 16]  # Bits Allocated
+    with caplog.at_level(logging.WARNING, logger="dicomweb_client"):
+        page = qido.search_for_instances(search_filters={"PatientID": "P1"}, limit=3)
+    assert len(page) == 3  # P1: 4 series of 2 instances
+    assert "There are 5 additional results that can be requested" in caplog.text
+    everything = qido.search_for_instances(search_filters={"PatientID": "P1"}, limit=3,
+                                           get_remaining=True)
+    assert len({r["00080018"]["Value"][0] for r in everything}) == 8
 
 
 def test_limit_offset_and_includefield(indexed: InProcessService) -> None:

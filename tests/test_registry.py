@@ -99,6 +99,10 @@ MUTATIONS = {
                       "XDSPatientIdDoesNotMatch"),
     "no accession": (lambda b, d: d["context"]["related"].pop(0), "ReferenceIdList"),
     "no study uid": (lambda b, d: d["context"]["related"].pop(1), "ReferenceIdList"),
+    "accession without authority": (
+        lambda b, d: d["context"]["related"][0]["identifier"].pop("system"), "ReferenceIdList"),
+    "order without authority": (
+        lambda b, d: d["context"]["related"][2]["identifier"].pop("system"), "ReferenceIdList"),
     "no modality": (lambda b, d: d["context"].pop("event"), "ImagingModalityCode"),
     "wrong format": (lambda b, d: d["content"][0]["format"].update(code="urn:ihe:rad:PDF"),
                      "XDSRegistryMetadataError"),

@@ -308,7 +308,7 @@ def test_wado_uri_anonymize(imaging: InProcessService) -> None:
 
 
 @pytest.mark.parametrize("path, params, headers, status, message", [
-    ("sr", {}, {}, 422, "no pixel data"),
+    ("sr", {}, {}, 422, "no SR document content"),
     ("ct", {"window": "40"}, {}, 400, "window takes 2"),
     ("ct", {"window": "40,400,cubic"}, {}, 400, "window function"),
     ("ct", {"viewport": "0,10"}, {}, 400, "viewport sizes"),
@@ -332,7 +332,7 @@ def test_rendered_errors(imaging: InProcessService, path: str, params: dict, hea
      "seriesUID must be a valid UID"),
     ({"requestType": "WADO", "studyUID": "1.2", "seriesUID": "1.3", "objectUID": "1.4"}, 404,
      "no such object"),
-    ({"contentType": "text/html"}, 400, "contentType"),
+    ({"contentType": "text/html"}, 406, "text/html not offered"),
     ({"region": "0.5,0,0.2,1"}, 400, "region is"),
     ({"anonymize": "yes"}, 400, "anonymize=yes applies to contentType=application/dicom"),
     ({"anonymize": "maybe", "contentType": "application/dicom"}, 400, "anonymize must be"),

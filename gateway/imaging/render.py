@@ -19,6 +19,7 @@ from gateway.imaging.budget import (
     render_bytes,
 )
 from gateway.imaging.frame_reader import FrameDecodeError, FrameRangeError, FrameReader
+from gateway.imaging.presentation_state import PresentationState
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 
@@ -39,6 +40,7 @@ class RenderParams:
     media_type: str = "image/jpeg"
     quality: int = 90
     sixteen_bit: bool = False  # 16-bit grayscale PNG
+    presentation: PresentationState | None = None  # applied before region and viewport
 
 
 def _windowed(values: np.ndarray, center: float, width: float, function: str,
@@ -181,7 +183,14 @@ def geometry(columns: int, rows: int, params: RenderParams) -> Geometry:
 
 
 def _frame(ds: Dataset, frame: np.ndarray, params: RenderParams) -> Image.Image:
-    """The decoded frame as a Pillow image, grayscale pipeline or colour applied."""
+    """The decoded frame as a Pillow image, grayscale pipeline or colour applied; with a
+    presentation state, its pipeline and spatial transformation."""
+    if params.presentation is not None:
+        pipeline = params.presentation.pipeline(ds)
+        top = 65535 if params.sixteen_bit else 255
+        values = grayscale(pipeline, frame, None, top)
+        image = Image.fromarray(values.astype(np.uint16 if params.sixteen_bit else np.uint8))
+        return params.presentation.transform(image)
     if int(ds.get("SamplesPerPixel", 1)) == 1 and \
             ds.get("PhotometricInterpretation") != "PALETTE COLOR":
         if params.sixteen_bit:
@@ -233,10 +242,21 @@ def render(path: Path, params: RenderParams, budget: ResourceBudget) -> bytes:
         if not 1 <= params.frame <= reader.count:
             raise RenderError(f"frame {params.frame} does not exist (the instance has "
                               f"{reader.count})")
-        shape = geometry(int(ds.Columns), int(ds.Rows), params)
+        columns, rows = int(ds.Columns), int(ds.Rows)
+        presented = 0  # pixels of the presentation state's displayed area
+        if params.presentation is not None:
+            if int(ds.get("SamplesPerPixel", 1)) != 1 or \
+                    ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+                raise RenderError("a grayscale presentation state applies to grayscale "
+                                  "images only")
+            area = params.presentation.size(columns, rows)
+            check_output_pixels((columns, rows), area, budget.max_output_pixels)
+            columns, rows = area
+            presented = area[0] * area[1]
+        shape = geometry(columns, rows, params)
         check_output_pixels(shape.source_size, shape.size, budget.max_output_pixels)
         resized = shape.size[0] * shape.size[1] if shape.size != shape.source_size else 0
-        with budget.memory.reserve(render_bytes(ds, resized)
+        with budget.memory.reserve(render_bytes(ds, resized + 2 * presented)
                                    + 2 * reader.stored_bytes(params.frame),
                                    f"rendering frame {params.frame}"):
             image = _frame(ds, reader.array(params.frame), params)

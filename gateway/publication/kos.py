@@ -5,31 +5,45 @@ it: every instance of the study in the evidence sequence, with where to retrieve
 
 import hashlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from io import BytesIO
 
+from pydicom import dcmread
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from gateway.urls import dicomweb_root, retrieve_url
-from storage.identifiers import Issuer
+from storage.identifiers import Issuer, Request
 from storage.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from storage.study_contents import StudyContents
-from storage.uids import uid_from_digest
+from storage.uids import oid_of, uid_from_digest
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 KOS_SERIES_NUMBER = 999
+UTF8 = "ISO_IR 192"
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 
 
 @dataclass(frozen=True)
 class RetrieveOrigin:
-    """Where consumers retrieve the referenced instances (XDS-I.b, RAD TF-3 4.68.4.1.2.3)."""
+    """Where consumers retrieve the referenced instances (XDS-I.b, RAD TF-3 4.68.4.1.2.3):
+    DICOMweb only; no Retrieve AE Title, as no C-MOVE / C-GET is served to name it for."""
 
     public_url: str  # base URL of this gateway; DICOMweb lives under /dicom-web
-    ae_title: str
     location_uid: str  # Retrieve Location UID: this gateway as an imaging source
     institution_name: str = ""
+
+
+@dataclass(frozen=True)
+class Issuers:
+    """The configured assigning authorities (OIDs, "" = none), written into the manifest
+    where the instances name none: the registry metadata is read from the manifest."""
+
+    patient_id: str = ""
+    accession: str = ""
+    order: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,24 +71,40 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _issuer(issuer: Issuer) -> Sequence:
-    """An HL7 v2 HD issuer as an Issuer of ... Sequence (PS3.3 10.14), or an empty one."""
-    if not issuer:
-        return Sequence()
+def _hd(issuer: Issuer) -> Dataset:
+    """An HL7 v2 Hierarchic Designator item (PS3.3 Table 10-17): a local namespace, a
+    universal id with its type (ISO when unsaid), or both."""
     item = Dataset()
     if issuer.local:
         item.LocalNamespaceEntityID = issuer.local
     if issuer.universal:
         item.UniversalEntityID = issuer.universal
         item.UniversalEntityIDType = issuer.universal_type or "ISO"
-    return Sequence([item])
+    return item
 
 
-def _patient(ds: Dataset, study: StudyContents) -> None:
+def _completed(issuer: Issuer, configured_oid: str) -> Issuer:
+    """The instances' issuer, given the configured OID when it has no universal one."""
+    if issuer.universal or oid_of(issuer.local) or not configured_oid:
+        return issuer
+    return Issuer(issuer.local, configured_oid, "ISO")
+
+
+def _set_accession_issuer(item: Dataset, issuer: Issuer) -> None:
+    """Issuer of Accession Number Sequence (Type 3): one item, or absent, never empty
+    (an empty sequence is a zero-item error for dciodvfy)."""
+    if issuer:
+        item.IssuerOfAccessionNumberSequence = Sequence([_hd(issuer)])
+
+
+def _patient(ds: Dataset, study: StudyContents, issuers: Issuers) -> None:
     ds.PatientName = study.patient_name
     ds.PatientID = study.patient_id
     if study.issuer_of_patient_id:
         ds.IssuerOfPatientID = study.issuer_of_patient_id
+    oid = oid_of(study.issuer_of_patient_id) or issuers.patient_id
+    if oid and study.patient_id:  # PS3.3 C.7.1.1: the authority of Patient ID, as an OID
+        ds.IssuerOfPatientIDQualifiersSequence = Sequence([_hd(Issuer("", oid, "ISO"))])
     ds.PatientBirthDate = study.patient_birth_date
     ds.PatientSex = study.patient_sex
     others = []
@@ -85,28 +115,42 @@ def _patient(ds: Dataset, study: StudyContents) -> None:
         if entry.issuer.local:
             item.IssuerOfPatientID = entry.issuer.local
         if entry.issuer.universal:
-            item.IssuerOfPatientIDQualifiersSequence = _issuer(
-                replace(entry.issuer, local=""))
+            item.IssuerOfPatientIDQualifiersSequence = Sequence(
+                [_hd(Issuer("", entry.issuer.universal, entry.issuer.universal_type))])
         others.append(item)
     if others:
         ds.OtherPatientIDsSequence = Sequence(others)
 
 
-def _requests(study: StudyContents) -> Sequence:
-    """Referenced Request Sequence (PS3.3 C.17.6.2.1): one item per requested procedure /
-    placer order, paired in the order they were received."""
-    procedures, orders = study.requested_procedure_ids, study.placer_order_numbers
+def _study_requests(study: StudyContents) -> list[Request]:
+    """The distinct requests of the study's series in the order received, each as the
+    instances paired its identifiers; the study's own accession when no series has any."""
+    found: list[Request] = []
+    for series in study.series:
+        found += [request for request in series.requests if request not in found]
+    if not found and study.accession_number:
+        found.append(Request(study.accession_number, study.accession_issuer))
+    return found
+
+
+def _requests(study: StudyContents, requests: list[Request], issuers: Issuers) -> Sequence:
+    """Referenced Request Sequence (PS3.3 C.17.6.2.1): one item per distinct request."""
     items = []
-    for n in range(max(1, len(procedures), len(orders))):
+    for request in requests:
         item = Dataset()
         item.StudyInstanceUID = study.study_uid
         item.ReferencedStudySequence = Sequence()
-        item.AccessionNumber = study.accession_number
-        item.IssuerOfAccessionNumberSequence = _issuer(study.accession_issuer)
-        item.RequestedProcedureID = procedures[n] if n < len(procedures) else ""
-        item.PlacerOrderNumberImagingServiceRequest = orders[n] if n < len(orders) else ""
-        item.FillerOrderNumberImagingServiceRequest = ""
-        item.RequestedProcedureDescription = ""
+        item.AccessionNumber = request.accession
+        if request.accession:
+            _set_accession_issuer(item, _completed(request.accession_issuer,
+                                                   issuers.accession))
+        item.PlacerOrderNumberImagingServiceRequest = request.placer_order
+        if request.placer_order and issuers.order:
+            item.OrderPlacerIdentifierSequence = Sequence(
+                [_hd(Issuer("", issuers.order, "ISO"))])
+        item.FillerOrderNumberImagingServiceRequest = request.filler_order
+        item.RequestedProcedureID = request.procedure_id
+        item.RequestedProcedureDescription = request.procedure_description
         item.RequestedProcedureCodeSequence = Sequence()
         items.append(item)
     return Sequence(items)
@@ -127,7 +171,11 @@ def _reference(sop_class: str, sop_uid: str) -> Dataset:
 
 
 def _evidence(study: StudyContents, origin: RetrieveOrigin) -> Sequence:
-    """Current Requested Procedure Evidence Sequence, series-level retrieve information."""
+    """Current Requested Procedure Evidence Sequence, series-level retrieve information.
+
+    Retrieve AE Title is Type 3 in the Hierarchical Series Reference Macro (PS3.3 Table
+    C.17-3) and names a C-MOVE / C-GET SCP: left out, as none is served. Consumers find the
+    source by Retrieve Location UID (RAD TF-3 4.68.4.1.2.3) and fetch by Retrieve URL."""
     series_items = []
     for series in study.series:
         item = Dataset()
@@ -135,7 +183,6 @@ def _evidence(study: StudyContents, origin: RetrieveOrigin) -> Sequence:
         item.RetrieveURL = retrieve_url(dicomweb_root(origin.public_url), study.study_uid,
                                         series.series_uid)
         item.RetrieveLocationUID = origin.location_uid
-        item.RetrieveAETitle = origin.ae_title
         item.ReferencedSOPSequence = Sequence(
             [_reference(sop_class, sop_uid) for sop_class, sop_uid in series.instances])
         series_items.append(item)
@@ -157,9 +204,57 @@ def _content(study: StudyContents) -> Sequence:
     return Sequence(items)
 
 
-def build_manifest(study: StudyContents, origin: RetrieveOrigin, revision: int = 0) -> Manifest:
-    """The KOS manifest of ``study``; same content, same bytes (UIDs and content date
-    derive from the study, so a rebuild is identical)."""
+def _texts(ds: Dataset) -> list[str]:
+    return [str(element.value) for element in ds.iterall() if element.VR in _TEXT_VRS]
+
+
+def _holds(character_set: str, texts: list[str]) -> bool:
+    """Whether each character of ``texts`` has a code in one of the character set's
+    repertoires (PS3.3 C.12.1.1.2; none named: the default repertoire, ASCII)."""
+    try:
+        codecs = convert_encodings(character_set.split("\\")) if character_set else ["ascii"]
+    except LookupError:
+        return False
+
+    def encodable(char: str, codec: str) -> bool:
+        try:
+            char.encode(codec)
+        except UnicodeError:
+            return False
+        return True
+
+    return all(any(encodable(char, codec) for codec in codecs)
+               for text in texts for char in set(text))
+
+
+def _saved(ds: Dataset, character_set: str) -> bytes:
+    if character_set:
+        ds.SpecificCharacterSet = character_set.split("\\") if "\\" in character_set \
+            else character_set
+    elif "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _encoded(ds: Dataset, character_set: str) -> bytes:
+    """Part 10 bytes in the instances' own character set when it holds every text value, so
+    that the manifest repeats their patient and study attributes byte for byte (dcentvfy
+    compares them so); else in UTF-8."""
+    texts = _texts(ds)
+    if character_set != UTF8 and _holds(character_set, texts):
+        data = _saved(ds, character_set)
+        if _texts(dcmread(BytesIO(data))) == texts:
+            return data
+    return _saved(ds, UTF8)
+
+
+def build_manifest(study: StudyContents, origin: RetrieveOrigin, issuers: Issuers = Issuers(),
+                   revision: int = 0) -> Manifest:
+    """The KOS manifest of ``study``, with ``issuers`` where the instances name none; same
+    content, same bytes (UIDs and content date derive from the study, so a rebuild is
+    identical)."""
     if not study.series:
         raise ValueError(f"study {study.study_uid} has no instance to reference")
     sop_uid = manifest_uid(study, revision)
@@ -167,14 +262,14 @@ def build_manifest(study: StudyContents, origin: RetrieveOrigin, revision: int =
                                  .digest())
     created = time.localtime(study.last_received_at)
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = KOS_SOP_CLASS
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate, ds.StudyTime = study.study_date, study.study_time
     ds.ContentDate = time.strftime("%Y%m%d", created)
     ds.ContentTime = time.strftime("%H%M%S", created)
     ds.AccessionNumber = study.accession_number
-    ds.IssuerOfAccessionNumberSequence = _issuer(study.accession_issuer)
+    if study.accession_number:
+        _set_accession_issuer(ds, _completed(study.accession_issuer, issuers.accession))
     ds.Modality = "KO"
     ds.Manufacturer = "Passerelle"
     if origin.institution_name:
@@ -182,7 +277,7 @@ def build_manifest(study: StudyContents, origin: RetrieveOrigin, revision: int =
     ds.ReferringPhysicianName = study.referring_physician
     ds.StudyDescription = study.study_description
     ds.ReferencedPerformedProcedureStepSequence = Sequence()
-    _patient(ds, study)
+    _patient(ds, study, issuers)
     ds.StudyInstanceUID = study.study_uid
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = study.study_id
@@ -191,8 +286,9 @@ def build_manifest(study: StudyContents, origin: RetrieveOrigin, revision: int =
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = Sequence([_code("113030", "DCM", "Manifest")])
     ds.ContinuityOfContent = "SEPARATE"
-    if study.accession_number or study.placer_order_numbers or study.requested_procedure_ids:
-        ds.ReferencedRequestSequence = _requests(study)
+    requests = _study_requests(study)
+    if requests:  # Type 1C: made for these requests (PS3.3 C.17.6.2.1)
+        ds.ReferencedRequestSequence = _requests(study, requests, issuers)
     ds.CurrentRequestedProcedureEvidenceSequence = _evidence(study, origin)
     template = Dataset()
     template.MappingResource = "DCMR"
@@ -205,6 +301,5 @@ def build_manifest(study: StudyContents, origin: RetrieveOrigin, revision: int =
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return Manifest(sop_uid=sop_uid, series_uid=series_uid, data=out.getvalue())
+    return Manifest(sop_uid=sop_uid, series_uid=series_uid,
+                    data=_encoded(ds, study.character_set))

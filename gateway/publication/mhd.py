@@ -1,6 +1,11 @@
 """IHE MHD resources for the French PDSm profile: the ITI-65 "Provide Document Bundle" that
 publishes a KOS manifest (flux 1), and the patches that update it (flux 3).
 
+Every patient, study and request element is read from the manifest itself (IHE RAD TF-3
+4.68.4.1.2.4: the XDS-I.b metadata come from the KOS), so the registry metadata and the
+document cannot disagree; the event codes (the modalities and regions of the referenced
+series) and the producer's own metadata are passed in.
+
 Codes and shapes follow the PDSm 3.1.1 IG (https://interop.esante.gouv.fr/ig/fhir/pdsm; its
 profiles are vendored under tests/data/pdsm/profiles), IHE MHD 4.2.3 and the national sample
 submission (ansforge/DRIM-M_DATA).
@@ -12,11 +17,14 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.event_codes import EventCode
 from gateway.publication.kos import Manifest
-from storage.study_contents import StudyContents
 from storage.uids import oid_of, uid_from_digest
 
 PDSM = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/"
@@ -24,6 +32,8 @@ MHD = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/"
 NOS = "https://mos.esante.gouv.fr/NOS/"
 URI = "urn:ietf:rfc:3986"
 FR_CORE_0203 = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203"
+# ISO 21090 EN.representation on HumanName: which PN component group a name is (PS3.5 6.2.1).
+NAME_REPRESENTATION = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
 CONFIDENTIALITY_SYSTEMS = (f"{NOS}TRE_A08-HL7Confidentiality/FHIR/TRE-A08-HL7Confidentiality",
                            "http://terminology.hl7.org/CodeSystem/v3-Confidentiality")
 MASKING_SYSTEM = f"{NOS}TRE_A07-StatutVisibiliteDocument/FHIR/TRE-A07-StatutVisibiliteDocument"
@@ -57,9 +67,6 @@ class Producer:
     gateway_oid: str
     organization_name: str
     organization_finess: str  # empty = name only
-    patient_id_issuer_oid: str  # empty entries: none configured
-    accession_issuer_oid: str
-    order_issuer_oid: str
     facility_type: str  # TRE_R02
     practice_setting: str  # TRE_A01
     designation_type: str  # TRE_R209
@@ -127,21 +134,36 @@ def _fhir_datetime(date: str, time: str) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def _timestamp(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+def _text(item: Dataset, keyword: str) -> str:
+    value = item.get(keyword)
+    return "" if value is None else str(value).strip()
 
 
-def _patient_identifiers(study: StudyContents, producer: Producer) -> tuple[dict | None, dict]:
+def _issuer_oid(item: Dataset, keyword: str) -> str:
+    """The OID of the first item of an HL7 v2 HD sequence (PS3.3 10.14): its ISO universal
+    id, else a local namespace that is an OID; "" when none."""
+    items = item.get(keyword) or []
+    if not items:
+        return ""
+    universal = _text(items[0], "UniversalEntityID") \
+        if _text(items[0], "UniversalEntityIDType") in ("", "ISO") else ""
+    return oid_of(universal) or oid_of(_text(items[0], "LocalNamespaceEntityID"))
+
+
+def _patient_identifiers(kos: Dataset) -> tuple[dict | None, dict]:
     """(INS identifier or None, local identifier {} when its issuer is unknown)."""
     ins = None
-    for other in study.other_patient_ids:
-        oid = oid_of(other.issuer.universal) or oid_of(other.issuer.local)
-        if oid in INS_TYPES and other.id and ins is None:
-            ins = _identifier(f"urn:oid:{oid}", other.id, INS_TYPES[oid])
-    issuer = oid_of(study.issuer_of_patient_id) or producer.patient_id_issuer_oid
-    local = _identifier(f"urn:oid:{issuer}", study.patient_id, "PI", use="usual",
+    for other in kos.get("OtherPatientIDsSequence") or []:
+        oid = _issuer_oid(other, "IssuerOfPatientIDQualifiersSequence") or \
+            oid_of(_text(other, "IssuerOfPatientID"))
+        if oid in INS_TYPES and _text(other, "PatientID") and ins is None:
+            ins = _identifier(f"urn:oid:{oid}", _text(other, "PatientID"), INS_TYPES[oid])
+    issuer = _issuer_oid(kos, "IssuerOfPatientIDQualifiersSequence") or \
+        oid_of(_text(kos, "IssuerOfPatientID"))
+    patient_id = _text(kos, "PatientID")
+    local = _identifier(f"urn:oid:{issuer}", patient_id, "PI", use="usual",
                         code_system="http://terminology.hl7.org/CodeSystem/v2-0203") \
-        if issuer and study.patient_id else {}
+        if issuer and patient_id else {}
     return ins, local
 
 
@@ -152,18 +174,41 @@ def _subject(ins: dict | None, local: dict) -> dict:
                                               "value": chosen["value"]}}
 
 
-def _source_patient(study: StudyContents, ins: dict | None, local: dict) -> dict:
+def _human_names(value: str) -> list[dict]:
+    """FHIR HumanNames of a DICOM PN (PS3.5 6.2.1): the alphabetic component group is the
+    official name; an ideographic or phonetic group is a name of its own, marked with its
+    ISO 21090 representation (IDE, SYL). Components: family^given^middle^prefix^suffix."""
+    names = []
+    for group, representation in zip(value.split("="), ("ABC", "IDE", "SYL"), strict=False):
+        family, given, middle, prefix, suffix = (group.split("^") + [""] * 5)[:5]
+        name: dict = {}
+        if representation == "ABC":
+            name["use"] = "official"
+        else:
+            name["extension"] = [{"url": NAME_REPRESENTATION, "valueCode": representation}]
+        if family.strip():
+            name["family"] = family.strip()
+        if given.strip() or middle.strip():
+            name["given"] = [part.strip() for part in (given, middle) if part.strip()]
+        if prefix.strip():
+            name["prefix"] = [prefix.strip()]
+        if suffix.strip():
+            name["suffix"] = [suffix.strip()]
+        if set(name) - {"use", "extension"}:
+            names.append(name)
+    return names
+
+
+def _source_patient(kos: Dataset, ins: dict | None, local: dict) -> dict:
     patient: dict = {"resourceType": "Patient", "id": "patient",
                      "identifier": [i for i in (local, ins) if i]}
-    family, _, rest = study.patient_name.partition("^")
-    given = [part for part in rest.split("^")[:2] if part]
-    if family or given:
-        patient["name"] = [{"use": "official", **({"family": family} if family else {}),
-                            **({"given": given} if given else {})}]
-    patient["gender"] = _GENDERS.get(study.patient_sex.strip().upper(), "unknown")
-    if len(study.patient_birth_date) == 8 and study.patient_birth_date.isdigit():
-        date = study.patient_birth_date
-        patient["birthDate"] = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    names = _human_names(_text(kos, "PatientName"))
+    if names:
+        patient["name"] = names
+    patient["gender"] = _GENDERS.get(_text(kos, "PatientSex").upper(), "unknown")
+    birth = _text(kos, "PatientBirthDate")
+    if len(birth) == 8 and birth.isdigit():
+        patient["birthDate"] = f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"
     return patient
 
 
@@ -200,9 +245,12 @@ def _authenticator(producer: Producer) -> dict | None:
     return practitioner
 
 
-def _related(study: StudyContents, producer: Producer) -> list[dict]:
-    """referenceIdList (PDSm 3.1.1, ``context.related`` slice referenceIdList): accession,
-    study UID, placer orders, with their issuers."""
+def _related(kos: Dataset) -> list[dict]:
+    """referenceIdList (PDSm 3.1.1, ``context.related`` slice referenceIdList): each
+    distinct accession and placer order of the manifest with its assigning authority, and
+    the study UID. Raises MetadataError for an accession or order without an authority: a
+    bare number names nothing outside the RIS (the slice's system is absent only for the
+    study UID)."""
 
     def entry(kind: str, value: str, issuer: str) -> dict:
         identifier: dict = {"type": {"coding": [{"system": URI,
@@ -212,27 +260,43 @@ def _related(study: StudyContents, producer: Producer) -> list[dict]:
         identifier["value"] = value
         return {"identifier": identifier}
 
-    related = []
-    if study.accession_number:
-        issuer = study.accession_issuer
-        oid = oid_of(issuer.universal) or oid_of(issuer.local) \
-            or producer.accession_issuer_oid
-        related.append(entry("accession", study.accession_number, oid))
-    related.append(entry("study", study.study_uid, ""))
-    related += [entry("order", number, producer.order_issuer_oid)
-                for number in study.placer_order_numbers if number]
-    return related
+    requests = list(kos.get("ReferencedRequestSequence") or [])
+    accessions: list[tuple[str, str]] = []
+    orders: list[tuple[str, str]] = []
+    for item in [kos, *requests]:
+        accession = (_text(item, "AccessionNumber"),
+                     _issuer_oid(item, "IssuerOfAccessionNumberSequence"))
+        if accession[0] and accession not in accessions:
+            accessions.append(accession)
+    for item in requests:
+        order = (_text(item, "PlacerOrderNumberImagingServiceRequest"),
+                 _issuer_oid(item, "OrderPlacerIdentifierSequence"))
+        if order[0] and order not in orders:
+            orders.append(order)
+    if not accessions:
+        raise MetadataError("the study has no Accession Number: the registry needs one to "
+                            "link the manifest to its report (referenceIdList)")
+    for kind, values, setting in (("accession", accessions, "accession_issuer_oid"),
+                                  ("order", orders, "order_issuer_oid")):
+        unscoped = [value for value, issuer in values if not issuer]
+        if unscoped:
+            raise MetadataError(
+                f"{kind} number {unscoped[0]!r} has no assigning authority OID (none in the "
+                f"instances): set {setting}")
+    return [*(entry("accession", value, issuer) for value, issuer in accessions),
+            entry("study", _text(kos, "StudyInstanceUID"), ""),
+            *(entry("order", value, issuer) for value, issuer in orders)]
 
 
-def _period(study: StudyContents) -> dict:
-    start = _fhir_datetime(study.study_date, study.study_time) or \
-        _timestamp(study.first_received_at)
-    ends = sorted(filter(None, (_fhir_datetime(s.series_date, s.series_time)
-                                for s in study.series)))
-    period = {"start": start}
-    if ends and len(ends[-1]) == len(start) and ends[-1] > start:
-        period["end"] = ends[-1]
-    return period
+def _period(kos: Dataset) -> dict:
+    """context.period: the service start is the study's date and time (RAD TF-3
+    4.68.4.1.2.4, serviceStartTime), never invented; PDSm makes it 1..1, so a study without
+    Study Date cannot be published (MetadataError)."""
+    start = _fhir_datetime(_text(kos, "StudyDate"), _text(kos, "StudyTime"))
+    if not start:
+        raise MetadataError("the study has no Study Date: the registry needs the service "
+                            "start time (context.period.start)")
+    return {"start": start}
 
 
 def _concept(system: str, code: str, display: str = "", text: str = "") -> dict:
@@ -245,24 +309,28 @@ def _full_url(kos_uid: str, role: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, f'{kos_uid}/{role}')}"
 
 
-def provide_document_bundle(study: StudyContents, manifest: Manifest, producer: Producer,
-                            events: list[EventCode], confidentiality: Confidentiality,
-                            replaces: str = "", now: datetime | None = None) -> dict:
+def provide_document_bundle(manifest: Manifest, producer: Producer, events: list[EventCode],
+                            confidentiality: Confidentiality, replaces: str = "",
+                            now: datetime | None = None) -> dict:
     """The ITI-65 transaction Bundle publishing ``manifest`` (PDSm 3.1.1
-    PDSm_ComprehensiveProvideDocumentBundle); with ``replaces`` (``DocumentReference/<id>``
-    of the current version) it also supersedes that document (``relatesTo replaces`` and an
-    IHE.MHD.Patch.Parameters entry). Raises MetadataError when the patient cannot be
-    identified."""
-    ins, local = _patient_identifiers(study, producer)
+    PDSm_ComprehensiveProvideDocumentBundle), its metadata read from the manifest; with
+    ``replaces`` (``DocumentReference/<id>`` of the current version) it also supersedes that
+    document (``relatesTo replaces`` and an IHE.MHD.Patch.Parameters entry). Raises
+    MetadataError when the manifest lacks what the registry requires: a patient identifier
+    with its authority, an accession number with its authority, a study date."""
+    kos = dcmread(BytesIO(manifest.data))
+    ins, local = _patient_identifiers(kos)
     if ins is None and not local:
         raise MetadataError(
-            f"patient {study.patient_id!r} has no INS and no assigning authority OID "
+            f"patient {_text(kos, 'PatientID')!r} has no INS and no assigning authority OID "
             "(IssuerOfPatientID is not an OID): set patient_id_issuer_oid")
+    related, period = _related(kos), _period(kos)
     submitted = (now or datetime.now()).astimezone().isoformat(timespec="seconds")
     list_url, document_url, binary_url = (_full_url(manifest.sop_uid, role)
                                           for role in ("list", "document", "binary"))
     subject = _subject(ins, local)
-    title = f"{TITLE} - {study.study_description}" if study.study_description else TITLE
+    description = _text(kos, "StudyDescription")
+    title = f"{TITLE} - {description}" if description else TITLE
     authenticator = _authenticator(producer)
     submission_uid = uid_from_digest(hashlib.sha256(
         f"submission\n{manifest.sop_uid}\n{replaces}".encode()).digest())
@@ -294,7 +362,7 @@ def provide_document_bundle(study: StudyContents, manifest: Manifest, producer: 
         "resourceType": "DocumentReference",
         "meta": {"profile": [f"{PDSM}pdsm-comprehensive-document-reference"]},
         "contained": [_organization(producer), _device(producer),
-                      _source_patient(study, ins, local),
+                      _source_patient(kos, ins, local),
                       *([authenticator] if authenticator else [])],
         "masterIdentifier": {"use": "usual", "system": URI,
                              "value": f"urn:oid:{manifest.sop_uid}"},
@@ -318,13 +386,14 @@ def provide_document_bundle(study: StudyContents, manifest: Manifest, producer: 
                 "size": len(manifest.data),
                 "hash": base64.b64encode(hashlib.sha1(manifest.data).digest()).decode(),
                 "title": title,
-                "creation": _timestamp(study.last_received_at),
+                "creation": _fhir_datetime(_text(kos, "ContentDate"),
+                                           _text(kos, "ContentTime")),
             },
             "format": FORMAT,
         }],
         "context": {
             "event": [_concept(e.system, e.code, text=e.text) for e in events],
-            "period": _period(study),
+            "period": period,
             "facilityType": _concept(
                 f"{NOS}TRE_R02-SecteurActivite/FHIR/TRE-R02-SecteurActivite",
                 producer.facility_type),
@@ -332,7 +401,7 @@ def provide_document_bundle(study: StudyContents, manifest: Manifest, producer: 
                 f"{NOS}TRE_A01-CadreExercice/FHIR/TRE-A01-CadreExercice",
                 producer.practice_setting),
             "sourcePatientInfo": {"reference": "#patient"},
-            "related": _related(study, producer),
+            "related": related,
         },
     }
     if not document["context"]["event"]:

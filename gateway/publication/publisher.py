@@ -14,7 +14,7 @@ from gateway.config import ProducerSettings, PublicationSettings
 from gateway.metrics import PUBLICATION_ATTEMPTS, UNMAPPED_EVENT_CODES
 from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.event_codes import EventCodeTable
-from gateway.publication.kos import Manifest, RetrieveOrigin, build_manifest
+from gateway.publication.kos import Issuers, Manifest, RetrieveOrigin, build_manifest
 from gateway.publication.mhd import (
     MetadataError,
     Producer,
@@ -47,6 +47,12 @@ def producer_from_settings(settings: ProducerSettings) -> Producer:
     return Producer(**settings.model_dump(include=set(Producer.__dataclass_fields__)))
 
 
+def issuers_from_settings(settings: ProducerSettings) -> Issuers:
+    """The assigning authorities the settings give to manifests."""
+    return Issuers(settings.patient_id_issuer_oid, settings.accession_issuer_oid,
+                   settings.order_issuer_oid)
+
+
 class Publisher(PeriodicWorker):
     """A thread working through the outbox of ``store`` until stopped."""
 
@@ -59,6 +65,7 @@ class Publisher(PeriodicWorker):
         self.outbox = Outbox(store.index)
         self.client = client
         self.producer = producer_from_settings(producer)
+        self.issuers = issuers_from_settings(producer)
         self.origin = origin
         self.event_codes = event_codes
         self.default_confidentiality = producer.default_confidentiality()
@@ -117,7 +124,7 @@ class Publisher(PeriodicWorker):
                         row.study_uid, value)
         try:
             bundle = provide_document_bundle(
-                study, manifest, self.producer, events, self._confidentiality(row.study_uid),
+                manifest, self.producer, events, self._confidentiality(row.study_uid),
                 replaces=previous.document_id if previous else "")
         except MetadataError as exc:
             raise _RefusedError(str(exc)) from exc
@@ -138,7 +145,8 @@ class Publisher(PeriodicWorker):
     def _manifest(self, study: StudyContents) -> Manifest:
         """The study's manifest, kept under ``manifests/``: the bytes first sent under a
         uniqueId are the ones sent again (a settings change must not alter its hash)."""
-        manifest = build_manifest(study, self.origin, self.outbox.withdrawals(study.study_uid))
+        manifest = build_manifest(study, self.origin, self.issuers,
+                                  self.outbox.withdrawals(study.study_uid))
         relative = self.store.blobs.manifest_path(study.study_uid, manifest.sop_uid)
         path = self.store.blobs.absolute(relative)
         if path.exists():

@@ -72,6 +72,10 @@ SNOMED = "http://snomed.info/sct"
 # accession and its study).
 ACCESSION = "urn:ihe:iti:xds:2013:accession"
 STUDY_INSTANCE_UID = "urn:ihe:iti:xds:2016:studyInstanceUID"
+ORDER = "urn:ihe:iti:xds:2013:order"
+# Identifiers of the slice that need their assigning authority (identifier.system: "absent
+# notably for studyInstanceUID" in the profile; XDS CXi.4).
+SCOPED_REFERENCE_IDS = frozenset({ACCESSION, ORDER})
 
 # IHE.MHD.Patch.Parameters (ITI-65 UpdateDocumentRefs): the one patch a replacement carries.
 SUPERSEDE_PATH = "DocumentReference.status"

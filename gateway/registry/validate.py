@@ -240,9 +240,19 @@ def _check_imaging_context(check: _Checker, doc: dict, where: str) -> None:
     if pdsm.SNOMED not in systems:
         check.warn(f"{where}.context.event", "ImagingRegionCode",
                    "no anatomic region code (SNOMED CT, JDV_RegionAnatomique-CISIS)")
-    kinds = {c.get("code") for r in context.get("related", [])
-             for c in _codings((r.get("identifier") or {}).get("type"))
-             if c.get("system") == pdsm.URI}
+    kinds = set()
+    for n, related in enumerate(context.get("related", [])):
+        identifier = related.get("identifier") or {}
+        codes = {c.get("code") for c in _codings(identifier.get("type"))
+                 if c.get("system") == pdsm.URI}
+        kinds |= codes
+        # CXi.4: an accession or order number is scoped by its assigning authority; the
+        # referenceIdList slice leaves the system out only for the study UID.
+        if codes & pdsm.SCOPED_REFERENCE_IDS and not _OID.fullmatch(
+                str(identifier.get("system", ""))):
+            check.fail(f"{where}.context.related[{n}].identifier.system", "ReferenceIdList",
+                       f"{identifier.get('value', '')!r} ({', '.join(sorted(codes))}) needs "
+                       "its assigning authority as system urn:oid:...", "required")
     for kind in (pdsm.ACCESSION, pdsm.STUDY_INSTANCE_UID):
         if kind not in kinds:
             check.fail(f"{where}.context.related", "ReferenceIdList",

@@ -13,7 +13,8 @@ from starlette.routing import Mount, Route
 from gateway.config import AuthSettings, HttpSettings
 from gateway.urls import DICOMWEB_PATH
 from gateway.web import admin
-from gateway.web.dicomweb.frames import bulkdata, frames
+from gateway.web.dicomweb.bulkdata import bulkdata
+from gateway.web.dicomweb.frames import frames
 from gateway.web.dicomweb.metadata import metadata
 from gateway.web.dicomweb.qido import search_instances, search_series, search_studies
 from gateway.web.dicomweb.rendered import rendered, thumbnail
@@ -64,7 +65,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
         *(Route(f"{level}/{resource}", handler, methods=["GET"])
           for level in _RENDERABLE for resource, handler in (("rendered", rendered),
                                                              ("thumbnail", thumbnail))),
-        Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+        Route("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}",
               bulkdata, methods=["GET"]),
         Route("/studies/{study}/metadata", metadata, methods=["GET"]),
         Route("/studies/{study}/series/{series}/metadata", metadata, methods=["GET"]),
@@ -76,11 +77,12 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
     if http.cors_allow_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=http.cors_allow_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Accept", "Authorization", "Content-Type", "If-None-Match",
-                           "KOS-SOPInstanceUID"],
-            expose_headers=["Content-Type", "Content-Length", "ETag", "Warning",
-                            "WWW-Authenticate"],
+            # HEAD wherever GET is: every GET route serves HEAD (RequestTarget).
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_headers=["Accept", "Authorization", "Content-Type", "If-Modified-Since",
+                           "If-None-Match", "KOS-SOPInstanceUID"],
+            expose_headers=["Content-Type", "Content-Length", "ETag", "Last-Modified",
+                            "Warning", "WWW-Authenticate"],
             max_age=3600))
     routes = [
         Route("/health", health, methods=["GET"]),

@@ -1,15 +1,9 @@
-"""Frames (PS3.18 10.4.1.1.3) and bulk data (10.4.1.1.5) of stored instances."""
+"""Frames (PS3.18 10.4.1.1.3) of stored instances."""
 
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import aiofiles
-from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
-from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -19,23 +13,21 @@ from gateway.imaging.budget import (
     Reservation,
     ResourceBudget,
     check_frame_list,
-    is_deflated,
 )
 from gateway.imaging.frame_reader import FrameDecodeError, FrameRangeError, FrameReader
-from gateway.web.dicomweb.wado import READ_CHUNK, addressed_instances, check_uids, slices
+from gateway.web.dicomweb.validators import conditional, validator_headers
+from gateway.web.dicomweb.wado import addressed_instances, check_uids, slices
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.responses import error, over_budget
 from gateway.web.services import services_of
 from storage.index import StoredInstance
-from storage.numbers import INT32_MAX, NumberError, parse_int
+from storage.numbers import INT32_MAX, parse_int
 from storage.store import Store
-from storage.structure import DEFER_SIZE
 
 OCTET_STREAM = "application/octet-stream"
 log = logging.getLogger(__name__)
 
-PIXEL_DATA = 0x7FE00010
 # Media type of a compressed frame by transfer syntax (PS3.18 Table 8.7.3-2).
 _FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
@@ -120,19 +112,21 @@ async def _stream(reader: FrameReader, budget: ResourceBudget, numbers: list[int
         reader.close()
 
 
-def _multipart_type(content_type: str, boundary: str) -> str:
+def multipart_type(content_type: str, boundary: str) -> str:
     return f'multipart/related; type="{content_type.split(";")[0]}"; boundary={boundary}'
 
 
-async def _instance(request: Request) -> StoredInstance | None:
+async def addressed_instance(request: Request) -> StoredInstance | None:
     found = await addressed_instances(request)
     return found[0] if found else None
 
 
-async def _frames_response(request: Request, numbers: list[int] | None) -> Response:
+async def frames_response(request: Request, numbers: list[int] | None) -> Response:
+    """The frames ``numbers`` (every frame when None) of the instance the request names, as
+    a multipart body in the encoding its Accept header asks for."""
     store: Store = services_of(request).store
     budget: ResourceBudget = services_of(request).budget
-    instance = await _instance(request)
+    instance = await addressed_instance(request)
     if instance is None:
         return error(404, "no such instance")
     try:
@@ -144,6 +138,8 @@ async def _frames_response(request: Request, numbers: list[int] | None) -> Respo
         media = _FRAME_MEDIA_TYPES.get(instance.transfer_syntax, OCTET_STREAM)
         return error(406, 'frames of this instance are available as multipart/related; '
                      f'type="{OCTET_STREAM}" or type="{media}"')
+    if unchanged := conditional(request, [instance]):
+        return unchanged
     try:
         if numbers is not None:
             check_frame_list(numbers, instance.frames or 1)
@@ -167,7 +163,8 @@ async def _frames_response(request: Request, numbers: list[int] | None) -> Respo
     return StreamingResponse(
         _stream(reader, budget, wanted, encoding.decode, first, encoding.content_type,
                 boundary),
-        headers={"Content-Type": _multipart_type(encoding.content_type, boundary)})
+        headers={"Content-Type": multipart_type(encoding.content_type, boundary),
+                 **validator_headers([instance])})
 
 
 async def frames(request: Request) -> Response:
@@ -178,105 +175,4 @@ async def frames(request: Request) -> Response:
         numbers = parse_frame_list(request.path_params["frames"])
     except ValueError:
         return error(400, "frame list must be comma-separated numbers from 1, e.g. 1,3,5")
-    return await _frames_response(request, numbers)
-
-
-async def bulkdata(request: Request) -> Response:
-    """GET .../instances/{instance}/bulkdata/{tag}: a top-level binary value, or, for
-    Pixel Data, every frame."""
-    if problem := check_uids(request):
-        return problem
-    try:
-        tag = Tag(parse_int(request.path_params["tag"], "bulk data tag", 0, 0xFFFFFFFF, base=16))
-    except NumberError:
-        return error(400, "bulk data tag must be 8 hexadecimal digits, e.g. 7FE00010")
-    if tag == PIXEL_DATA:
-        return await _frames_response(request, None)
-    store: Store = services_of(request).store
-    instance = await _instance(request)
-    if instance is None:
-        return error(404, "no such instance")
-    budget: ResourceBudget = services_of(request).budget
-    try:
-        path = store.blobs.absolute(instance.path)
-        found = await budget.decode.run(_top_level_value, path, tag, budget)
-    except OverBudget as refusal:
-        return over_budget(refusal)
-    if found is None:
-        return error(404, f"no binary value ({tag:08X}) at the top level of this instance")
-    boundary = new_boundary()
-    return StreamingResponse(_value_stream(path, *found, boundary), headers={
-        "Content-Type": _multipart_type(OCTET_STREAM, boundary)})
-
-
-_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"}
-# Values above this are left unread by the header read, and read once reserved.
-
-
-def _top_level_value(path: Path, tag: BaseTag, budget: ResourceBudget
-                     ) -> tuple[bytes | tuple[int, int], Reservation] | None:
-    """The binary value of the top-level element ``tag`` of ``path`` (None when there is
-    none) and the reservation that holds it until sent: a small value (or one of a
-    deflated data set, inflated whole) read, a large one as its (offset, length) in the
-    file, found from the element's header and read in slices as it is sent."""
-    held = budget.reserve_header_read(path)
-    try:
-        if is_deflated(path):  # the whole data set is inflated (and reserved) to read it
-            element = dcmread(path, stop_before_pixels=True).get(tag)
-            if element is None or not isinstance(element.value, bytes):
-                held.release()
-                return None
-            return element.value, held
-        raw = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE).get_item(
-            tag, keep_deferred=True)
-        if isinstance(raw, DataElement):  # a small value, parsed already
-            if not isinstance(raw.value, bytes):
-                held.release()
-                return None
-            held.resize(len(raw.value))
-            return raw.value, held
-        vr = (raw.VR if raw is not None else None) or _dictionary_vr(tag)
-        if raw is None or vr not in _BINARY_VRS or raw.length == 0xFFFFFFFF:
-            held.release()
-            return None
-        held.what = f"the value of ({tag:08X})"
-        if raw.value is not None:
-            held.resize(len(raw.value))
-            return raw.value, held
-        held.resize(READ_CHUNK)
-        return (raw.value_tell, raw.length), held
-    except BaseException:
-        held.release()
-        raise
-
-
-def _dictionary_vr(tag: BaseTag) -> str:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return "UN"  # a private or unknown element read as implicit VR (PS3.5 6.2.2)
-
-
-async def _value_stream(path: Path, value: bytes | tuple[int, int], held: Reservation,
-                        boundary: str) -> AsyncIterator[bytes | memoryview]:
-    """A single-part multipart body, handed to the server in slices (read from ``path``
-    when ``value`` is an (offset, length) there), ``held`` until the last slice is sent."""
-    try:
-        if isinstance(value, bytes):
-            yield part_head(boundary, OCTET_STREAM, len(value), True)
-            for piece in slices(value):
-                yield piece
-        else:
-            offset, length = value
-            yield part_head(boundary, OCTET_STREAM, length, True)
-            async with aiofiles.open(path, "rb") as stored:
-                await stored.seek(offset)
-                while length > 0 and (chunk := await stored.read(min(READ_CHUNK, length))):
-                    length -= len(chunk)
-                    yield chunk
-            if length:  # the file ended early: no closing boundary, the client sees it cut
-                log.warning("bulk data of %s cut: %d bytes missing", path.name, length)
-                return
-        yield closing(boundary)
-    finally:
-        held.release()
+    return await frames_response(request, numbers)

@@ -1,5 +1,7 @@
 """QIDO-RS search (PS3.18 10.6), answered from the index, never by opening files."""
 
+from urllib.parse import urlsplit
+
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -16,16 +18,28 @@ from storage.search import ATTRIBUTES, Level, Match, QueryError
 from storage.store import Store
 
 DEFAULT_LIMIT = 1000
-MAX_LIMIT = 10000
-# Attributes returned by default (PS3.18 Tables 10.6.3-3 to -5, those the index holds).
-_STUDY_RETURN = ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
-                 "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
-                 "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
+MAX_LIMIT = 10000  # maxResults of PS3.18 8.3.4.4.1: a larger limit is cut to it
+# What every result carries (PS3.18 Tables 10.6.3-3 to -5, with Study Description and Body
+# Part Examined besides), and, of those, what is sent only when known (the table's type C
+# "Shall be present if known"); the others are sent empty when unknown (PS3.4 C.2.2.1.2).
+_STUDY_RETURN = ["StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
+                 "ModalitiesInStudy", "ReferringPhysicianName", "TimezoneOffsetFromUTC",
+                 "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                 "StudyInstanceUID", "StudyID", "StudyDescription",
                  "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
-_SERIES_RETURN = ["Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
-                  "BodyPartExamined", "NumberOfSeriesRelatedInstances"]
-_INSTANCE_RETURN = ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
-                    "NumberOfFrames"]
+_SERIES_RETURN = ["Modality", "TimezoneOffsetFromUTC", "SeriesDescription",
+                  "SeriesInstanceUID", "SeriesNumber", "BodyPartExamined",
+                  "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
+                  "PerformedProcedureStepStartTime", "RequestAttributesSequence"]
+_INSTANCE_RETURN = ["SOPClassUID", "SOPInstanceUID", "InstanceAvailability",
+                    "TimezoneOffsetFromUTC", "InstanceNumber", "Rows", "Columns",
+                    "BitsAllocated", "NumberOfFrames"]
+_IF_KNOWN = {"InstanceAvailability", "TimezoneOffsetFromUTC", "SeriesDescription",
+             "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+             "RequestAttributesSequence", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
+# A Request Attributes Sequence item: Scheduled Procedure Step ID and Requested Procedure ID,
+# both required in it (Table 10.6.3-4), both SH.
+_REQUEST_ITEM_TAGS = ("00400009", "00401001")
 _CONTROL_KEYS = {"limit", "offset", "fuzzymatching", "includefield"}
 _MAX_INCLUDEFIELDS = 200
 
@@ -45,13 +59,16 @@ def _keyword(key: str) -> str:
     return keyword
 
 
-def _default_return(level: Level, scoped_to_study: bool) -> list[str]:
-    if level is Level.STUDY:
-        return list(_STUDY_RETURN)
-    study = ["StudyInstanceUID"] if scoped_to_study else list(_STUDY_RETURN)
-    if level is Level.SERIES:
-        return [*study, *_SERIES_RETURN]
-    return [*study, "SeriesInstanceUID", *_INSTANCE_RETURN]
+def _default_return(level: Level, scope: dict[str, str]) -> list[str]:
+    """The attributes of PS3.18 10.6.3.3: those of the level, and those of the study (of the
+    series) when the target is not one study (one series)."""
+    returned = ["StudyInstanceUID"] if "StudyInstanceUID" in scope else list(_STUDY_RETURN)
+    if level >= Level.SERIES:
+        returned += (["SeriesInstanceUID"] if level is Level.INSTANCE and
+                     "SeriesInstanceUID" in scope else _SERIES_RETURN)
+    if level is Level.INSTANCE:
+        returned += _INSTANCE_RETURN
+    return list(dict.fromkeys(returned))
 
 
 def _int_param(name: str, text: str, maximum: int) -> int:
@@ -65,12 +82,12 @@ def parse_query(items: list[tuple[str, str]], level: Level, scope: dict[str, str
                 ) -> tuple[list[Match], list[str], bool, int, int]:
     """Matches, returned keywords, fuzzy flag, limit and offset of a QIDO query string."""
     matches = [Match(keyword, uid) for keyword, uid in scope.items()]
-    returned = _default_return(level, "StudyInstanceUID" in scope)
+    returned = _default_return(level, scope)
     fuzzy, limit, offset = False, DEFAULT_LIMIT, 0
     includes = 0
     for key, value in items:
-        if key == "limit":
-            limit = _int_param("limit", value, MAX_LIMIT)
+        if key == "limit":  # any uint; the server returns at most MAX_LIMIT
+            limit = min(_int_param("limit", value, INT32_MAX), MAX_LIMIT)
         elif key == "offset":
             offset = _int_param("offset", value, INT32_MAX)
         elif key == "fuzzymatching":
@@ -99,7 +116,11 @@ def _json_value(vr: str, value: object) -> dict[str, object]:
     element: dict[str, object] = {"vr": vr}
     if value is None or value == "":
         return element
-    if vr == "PN":
+    if vr == "SQ" and isinstance(value, list):  # Request Attributes items, see storage.search
+        element["Value"] = [{tag: _json_value("SH", text)
+                             for tag, text in zip(_REQUEST_ITEM_TAGS, item, strict=True)}
+                            for item in value]
+    elif vr == "PN":
         groups = str(value).split("=")
         names = {k: g for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups,
                                       strict=False) if g}
@@ -116,7 +137,7 @@ def _json_value(vr: str, value: object) -> dict[str, object]:
 def dicom_json(row: dict[str, object], level: Level, dicomweb_root: str) -> dict[str, object]:
     """One result as a DICOM JSON object, with its RetrieveURL (0008,1190)."""
     result = {f"{tag_for_keyword(k):08X}": _json_value(ATTRIBUTES[k].vr, v)
-              for k, v in row.items()}
+              for k, v in row.items() if not (k in _IF_KNOWN and v in (None, ""))}
     url = retrieve_url(dicomweb_root, str(row["StudyInstanceUID"]),
                        str(row["SeriesInstanceUID"]) if level >= Level.SERIES else "",
                        str(row["SOPInstanceUID"]) if level is Level.INSTANCE else "")
@@ -137,13 +158,24 @@ async def _search(request: Request, level: Level) -> Response:
                 returned.append(needed)
         store: Store = services_of(request).store
         # Under a manifest: what it references, and nothing else, exists.
+        within = scoped_instances(request)
         rows = await run_in_threadpool(store.index.search, level, matches, returned, fuzzy,
-                                       limit, offset, scoped_instances(request))
+                                       limit, offset, within)
+        # A full page may not be the last one: how many matches are left after it.
+        remaining = (await run_in_threadpool(store.index.count, level, matches, fuzzy, within)
+                     - offset - len(rows) if len(rows) == limit else 0)
     except (BadQueryError, QueryError) as exc:
         return error(400, str(exc))
     root = services_of(request).dicomweb_root
     # 200 with an empty array when nothing matches (CP-2473, RFC 9110 15.3.5).
-    return json_response(request, [dicom_json(row, level, root) for row in rows])
+    response = json_response(request, [dicom_json(row, level, root) for row in rows])
+    if remaining > 0:
+        # PS3.18 8.3.4.4.1: "299 <service>: There are <remaining> additional results that
+        # can be requested", in the syntax of RFC 7234 5.5 (warn-agent host[:port], quoted
+        # warn-text), as dcm4chee sends it.
+        response.headers["Warning"] = (f'299 {urlsplit(root).netloc} "There are {remaining}'
+                                       ' additional results that can be requested"')
+    return response
 
 
 async def search_studies(request: Request) -> Response:

@@ -1,16 +1,30 @@
 """Rendering parameters of HTTP requests: WADO-RS query parameters (PS3.18 8.3.5.1) and
-WADO-URI parameters (PS3.18 9.1.2), validated into ``RenderParams``."""
+WADO-URI parameters (PS3.18 9.1.2, 9.5.1.2), validated into ``RenderParams``, and the
+rendered media type negotiated from what the instance's Resource Category offers
+(PS3.18 8.7.2, Table 8.7.4-1)."""
+
+from dataclasses import dataclass
 
 from starlette.datastructures import QueryParams
 
+from gateway.imaging.encapsulated import DOCUMENT_MEDIA_TYPES
 from gateway.imaging.render import MEDIA_TYPES, RenderParams
-from gateway.web.http.accept import BadAcceptError, parse_accept
+from gateway.imaging.structured_report import TEXT_MEDIA_TYPES, is_structured_report
+from gateway.web.http.accept import BadAcceptError, MediaRange, NotAcceptableError, parse_accept
+from storage.index import StoredInstance
 from storage.numbers import INT32_MAX, parse_decimal, parse_int
 from storage.uids import is_valid_uid
 
 _VOI_FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
 THUMBNAIL_VIEWPORT = (128, 128)
 MAX_IMAGE_SIDE = 0xFFFF  # Rows and Columns are US: no image side, asked or stored, is longer
+IMAGE_MEDIA_TYPES = tuple(MEDIA_TYPES)  # image/jpeg, the default, first
+# Parameters that apply to images only (PS3.18 8.3.5.1, 9.5.1.2: "only ... if the
+# Resource Category ... is Single Frame, Multi-Frame, or Video").
+RS_IMAGE_PARAMETERS = ("window", "viewport", "quality", "bitdepth")
+URI_IMAGE_PARAMETERS = ("windowCenter", "windowWidth", "rows", "columns", "region",
+                        "frameNumber", "imageQuality", "presentationUID",
+                        "presentationSeriesUID")
 
 
 class BadRenderRequestError(ValueError):
@@ -33,13 +47,44 @@ def _integer(query: QueryParams, name: str, default: int, low: int, high: int) -
     return parse_int(query.get(name, str(default)), name, low, high)
 
 
-def media_type(accept: str | None, requested: str | None = None) -> str:
-    """The image media type asked for by WADO-URI ``contentType`` or else by Accept."""
-    if requested is not None:
-        if requested not in MEDIA_TYPES:
-            raise BadRenderRequestError(f"contentType {requested[:40]!r} is not one of "
-                                        f"{', '.join(MEDIA_TYPES)} or application/dicom")
-        return requested
+def offered_media_types(instance: StoredInstance) -> tuple[str, ...]:
+    """The rendered media types of the instance's Resource Category (PS3.18 8.7.2), its
+    default first: images, SR documents (Text: text/html, text/plain, text/xml), and the
+    encapsulated documents served as themselves (PDF, CDA); none for the others."""
+    if instance.frames is not None:
+        return IMAGE_MEDIA_TYPES
+    if is_structured_report(instance.sop_class_uid):
+        return TEXT_MEDIA_TYPES
+    document = DOCUMENT_MEDIA_TYPES.get(instance.sop_class_uid)
+    return (document,) if document else ()
+
+
+def negotiate(ranges: list[MediaRange], offered: tuple[str, ...]) -> str:
+    """The first of ``offered`` the ranges (by preference) accept, ``*/*`` and ``type/*``
+    taking the first offered that matches; NotAcceptableError (406) when none."""
+    for media in ranges:
+        if media.media_type in offered:
+            return media.media_type
+        if media.media_type == "*/*" and offered:
+            return offered[0]
+        if media.media_type.endswith("/*"):
+            kind = media.media_type[:-1]
+            match = next((o for o in offered if o.startswith(kind)), None)
+            if match is not None:
+                return match
+    asked = ", ".join(m.media_type for m in ranges)[:200]
+    raise NotAcceptableError(f"{asked} not offered: this is rendered as "
+                             f"{', '.join(offered)}")
+
+
+def check_image_parameters(query: QueryParams, names: tuple[str, ...], media: str) -> None:
+    """BadRenderRequestError when an image parameter comes with a non-image rendering."""
+    if media not in MEDIA_TYPES and (given := [name for name in names if name in query]):
+        raise BadRenderRequestError(f"{', '.join(given)} apply to images, not to {media}")
+
+
+def media_type(accept: str | None) -> str:
+    """The image media type of a thumbnail asked for by Accept."""
     for media in parse_accept(accept):
         if media.media_type in MEDIA_TYPES:
             return media.media_type
@@ -64,8 +109,7 @@ def _viewport(text: str) -> tuple[tuple[int, int], tuple[int, int, int, int] | N
     return (width, height), (sx, sy, sw, sh)
 
 
-def rendered_params(query: QueryParams, accept: str | None,
-                    thumbnail: bool = False) -> RenderParams:
+def rendered_params(query: QueryParams, media: str, thumbnail: bool = False) -> RenderParams:
     """RenderParams of a WADO-RS rendered or thumbnail request (PS3.18 8.3.5.1).
 
     ``bitdepth=16`` (with image/png) is an extension of ours: 16-bit grayscale PNG for
@@ -83,7 +127,6 @@ def rendered_params(query: QueryParams, accept: str | None,
     if "viewport" in query:
         viewport, source = _viewport(query["viewport"])
     quality = _integer(query, "quality", 90, 1, 100)
-    media = media_type(accept)
     bitdepth = query.get("bitdepth", "8")
     if bitdepth not in ("8", "16"):
         raise BadRenderRequestError("bitdepth must be 8 or 16")
@@ -94,17 +137,43 @@ def rendered_params(query: QueryParams, accept: str | None,
                         quality=quality, sixteen_bit=sixteen_bit)
 
 
-def uri_params(query: QueryParams) -> tuple[dict[str, str], RenderParams | None]:
-    """Identifiers and, for an image contentType, the RenderParams of a WADO-URI request."""
+@dataclass(frozen=True)
+class UriRendering:
+    """A WADO-URI Retrieve Rendered Instance request (PS3.18 9.5), before the object's
+    Resource Category is known: its acceptable media types, its image parameters, the
+    presentation state it names (series, instance)."""
+
+    accepted: list[MediaRange]
+    params: RenderParams
+    presentation: tuple[str, str] | None
+
+
+def uri_params(query: QueryParams) -> tuple[dict[str, str], UriRendering | None]:
+    """Identifiers and, unless contentType is application/dicom, the rendering of a
+    WADO-URI request."""
     if query.get("requestType") != "WADO":
         raise BadRenderRequestError("requestType must be WADO")
     uids = {key: query.get(key, "") for key in ("studyUID", "seriesUID", "objectUID")}
     for key, value in uids.items():
         if not is_valid_uid(value):
             raise BadRenderRequestError(f"{key} must be a valid UID")
-    content_type = query.get("contentType", "image/jpeg").split(",")[0].strip()
-    if content_type == "application/dicom":
+    # contentType: media types in order of preference (9.1.2.2.1); none, the default of
+    # the object's category (Table 8.7.4-1).
+    accepted = parse_accept(query.get("contentType"))
+    if accepted and accepted[0].media_type == "application/dicom":
         return uids, None
+    presentation = None
+    if "presentationUID" in query or "presentationSeriesUID" in query:
+        # 9.5.1.2.7: both name the presentation state, of the study of the image.
+        presentation = (query.get("presentationSeriesUID", ""), query.get("presentationUID", ""))
+        for key, value in zip(("presentationSeriesUID", "presentationUID"), presentation,
+                              strict=True):
+            if not is_valid_uid(value):
+                raise BadRenderRequestError(f"{key} must be a valid UID when a presentation "
+                                            "state is asked for (both are needed)")
+        if "windowCenter" in query or "windowWidth" in query:
+            raise BadRenderRequestError("windowCenter and windowWidth cannot be used with "
+                                        "a presentation state, which has its own")
     window = None
     if "windowCenter" in query or "windowWidth" in query:
         center = _numbers(query.get("windowCenter", ""), "windowCenter", (1,))[0]
@@ -120,7 +189,7 @@ def uri_params(query: QueryParams) -> tuple[dict[str, str], RenderParams | None]
         if not 0 <= x1 < x2 <= 1 or not 0 <= y1 < y2 <= 1:
             raise BadRenderRequestError("region is x1,y1,x2,y2 with 0 <= x1 < x2 <= 1")
         region = (x1, y1, x2, y2)
-    return uids, RenderParams(frame=_integer(query, "frameNumber", 1, 1, INT32_MAX),
-                              window=window, viewport=viewport, region=region,
-                              media_type=media_type(None, content_type),
-                              quality=_integer(query, "imageQuality", 90, 1, 100))
+    params = RenderParams(frame=_integer(query, "frameNumber", 1, 1, INT32_MAX),
+                          window=window, viewport=viewport, region=region,
+                          quality=_integer(query, "imageQuality", 90, 1, 100))
+    return uids, UriRendering(accepted, params, presentation)

@@ -10,10 +10,11 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.transcode import choose_syntax, transcode_file
+from gateway.web.dicomweb.validators import conditional, validator_headers
 from gateway.web.http.accept import BadAcceptError, dicom_transfer_syntaxes, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
 from gateway.web.http.request_target import target_of
-from gateway.web.http.responses import entity_tag, error, not_modified
+from gateway.web.http.responses import entity_tag, error
 from gateway.web.middleware.manifest_scope import scoped_instances
 from gateway.web.services import services_of
 from storage.index import StoredInstance
@@ -105,14 +106,15 @@ async def retrieve(request: Request) -> Response:
         return error(406, "cannot convert the stored transfer syntax "
                      f"({', '.join(stored)}) to any acceptable one ({', '.join(acceptable)})")
     etag = entity_tag(*((i.sop_uid, i.received_at, syntax) for i, syntax in sendable))
-    if unchanged := not_modified(request, etag):
+    if unchanged := conditional(request, [i for i, _ in sendable], etag):
         return unchanged
     boundary = new_boundary()
     content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
     syntaxes = {syntax for _, syntax in sendable}
     if len(syntaxes) == 1:
         content_type += f"; transfer-syntax={syntaxes.pop()}"
-    headers = {"Content-Type": content_type, "ETag": etag}
+    headers = {"Content-Type": content_type,
+               **validator_headers([i for i, _ in sendable], etag)}
     if len(sendable) < len(plan):
         headers["Warning"] = (f'299 passerelle "{len(plan) - len(sendable)} instance(s) '
                               'not available in an acceptable transfer syntax"')

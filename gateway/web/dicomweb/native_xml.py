@@ -1,0 +1,92 @@
+"""The Native DICOM Model (PS3.19 A.1) of an instance, written from its DICOM JSON (PS3.18
+Annex F): both models carry the same things (VR, values, person name groups, sequence
+items, inline binary, bulk data references), so the metadata cached as JSON serves both."""
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+from xml.sax.saxutils import escape
+
+from pydicom.datadict import keyword_for_tag
+
+NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>\n'
+_NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+_NAME_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+# Characters XML 1.0 cannot carry, not even as references (XML 1.0 2.2): a DICOM text
+# value holding one (a stray control code) gets U+FFFD in their place.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# A CR in text would be read back as LF (XML 1.0 2.11); in an attribute, white space as a
+# space (3.3.3): as references, they stay what they are.
+_TEXT_ENTITIES = {"\r": "&#13;"}
+_ATTRIBUTE_ENTITIES = {'"': "&quot;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
+
+
+def _text(value: str) -> str:
+    return escape(_NOT_XML.sub("\ufffd", value), _TEXT_ENTITIES)
+
+
+def _attribute(value: str) -> str:
+    return escape(_NOT_XML.sub("\ufffd", value), _ATTRIBUTE_ENTITIES)
+
+
+def native_xml(instance_json: str, bulk_uri: Callable[[str], str]) -> str:
+    """The NativeDicomModel document of the DICOM JSON object ``instance_json``, each
+    BulkDataURI passed through ``bulk_uri``. Numbers are written as the JSON spells them."""
+    body = json.loads(instance_json, parse_int=str, parse_float=str)
+    out = [_DECLARATION, f'<NativeDicomModel xmlns="{NAMESPACE}">']
+    _dataset(body, out, bulk_uri)
+    out.append("</NativeDicomModel>\n")
+    return "".join(out)
+
+
+def _dataset(body: dict[str, Any], out: list[str], bulk_uri: Callable[[str], str]) -> None:
+    for key, element in body.items():
+        tag = int(key, 16)
+        group, number = tag >> 16, tag & 0xFFFF
+        vr = element["vr"]
+        if group % 2:
+            if number < 0x1000:
+                # Private creators (and group lengths): the creator is carried by the
+                # elements of its block, whose tag leaves the block out (PS3.19 A.1.5).
+                continue
+            creator = body.get(f"{group:04X}00{number >> 8:02X}", {}).get("Value") or [""]
+            out.append(f'<DicomAttribute tag="{group:04X}00{number & 0xFF:02X}" vr="{vr}" '
+                       f'privateCreator="{_attribute(creator[0] or "")}"')
+        else:
+            keyword = keyword_for_tag(tag)
+            out.append(f'<DicomAttribute tag="{key.upper()}" vr="{vr}"' +
+                       (f' keyword="{keyword}"' if keyword else ""))
+        out.append(">")
+        _value(element, vr, out, bulk_uri)
+        out.append("</DicomAttribute>")
+
+
+def _value(element: dict[str, Any], vr: str, out: list[str],
+           bulk_uri: Callable[[str], str]) -> None:
+    if "BulkDataURI" in element:
+        out.append(f'<BulkData uri="{_attribute(bulk_uri(element["BulkDataURI"]))}"/>')
+        return
+    if "InlineBinary" in element:
+        out.append(f"<InlineBinary>{element['InlineBinary']}</InlineBinary>")
+        return
+    for number, value in enumerate(element.get("Value", ()), start=1):
+        if vr == "SQ":
+            out.append(f'<Item number="{number}">')
+            _dataset(value or {}, out, bulk_uri)
+            out.append("</Item>")
+        elif vr == "PN":
+            out.append(f'<PersonName number="{number}">')
+            for group in _NAME_GROUPS:
+                if text := (value or {}).get(group):
+                    out.append(f"<{group}>")
+                    for name, component in zip(_NAME_COMPONENTS, text.split("^"), strict=False):
+                        if component:
+                            out.append(f"<{name}>{_text(component)}</{name}>")
+                    out.append(f"</{group}>")
+            out.append("</PersonName>")
+        elif value is None:
+            out.append(f'<Value number="{number}"/>')
+        else:
+            out.append(f'<Value number="{number}">{_text(value)}</Value>')
