@@ -36,7 +36,7 @@ class ImportSummary:
     def report(self) -> str:
         """Human-readable summary, one line per rejected file."""
         lines = [f"imported: {self.imported}", f"duplicates: {self.duplicates}",
-                 f"conflicts (kept the stored object): {self.conflicts}",
+                 f"conflicts (replaced the stored object): {self.conflicts}",
                  f"skipped (DICOMDIR): {self.skipped}", f"rejected: {len(self.rejected)}"]
         reasons = Counter(reason.split(":", 1)[0] for _, reason in self.rejected)
         lines += [f"  {count} {reason}" for reason, count in reasons.most_common()]

@@ -21,7 +21,8 @@ INGEST_FAILURES = Counter(
 DUPLICATES = Counter(
     "passerelle_duplicate_instances_total",
     "Instances received again under a stored SOP Instance UID, by kind (duplicate: same data"
-    " set; conflict: different data set)", ["kind"])
+    " set; conflict: different data set, replaced under duplicate_policy overwrite; refused"
+    " ones count as ingest failures, reason sop-instance-conflict)", ["kind"])
 ASSOCIATIONS_OPEN = Gauge(
     "passerelle_dicom_associations_open", "DICOM connections (associations) currently open")
 ASSOCIATIONS = Counter(

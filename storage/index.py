@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.header import InstanceRecord
-from storage.search import Level, Match, count, fold_name, search
+from storage.search import Level, Match, count, fold_name, name_group, search
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -148,27 +148,64 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE series ADD COLUMN requests TEXT NOT NULL DEFAULT '';
     ALTER TABLE studies ADD COLUMN character_set TEXT NOT NULL DEFAULT '';
     """,
+    # v8: the patient module of each study is its own (from its first instance), no longer
+    # that of the first study ever received under the Patient ID; the patient row keeps
+    # only the identifier. Studies of earlier versions start from what they were shown with,
+    # until Store reads the patient module of each again from its first instance.
+    """
+    ALTER TABLE studies ADD COLUMN other_patient_ids TEXT NOT NULL DEFAULT '';
+    ALTER TABLE studies ADD COLUMN patient_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE studies ADD COLUMN patient_name_folded TEXT NOT NULL DEFAULT '';
+    ALTER TABLE studies ADD COLUMN patient_birth_date TEXT NOT NULL DEFAULT '';
+    ALTER TABLE studies ADD COLUMN patient_sex TEXT NOT NULL DEFAULT '';
+    UPDATE studies SET (other_patient_ids, patient_name, patient_name_folded, patient_birth_date,
+                        patient_sex) =
+        (SELECT p.other_patient_ids, p.patient_name, p.patient_name_folded,
+                p.patient_birth_date, p.patient_sex
+         FROM patients p WHERE p.pk = studies.patient_pk);
+    ALTER TABLE patients DROP COLUMN other_patient_ids;
+    ALTER TABLE patients DROP COLUMN patient_name;
+    ALTER TABLE patients DROP COLUMN patient_name_folded;
+    ALTER TABLE patients DROP COLUMN patient_birth_date;
+    ALTER TABLE patients DROP COLUMN patient_sex;
+    CREATE TABLE patient_modules_to_read (study_pk INTEGER PRIMARY KEY REFERENCES studies(pk));
+    INSERT INTO patient_modules_to_read SELECT pk FROM studies;
+    """,
 )
 
 _PATIENT_UPSERT = """
-    INSERT INTO patients (patient_id, issuer_of_patient_id, other_patient_ids, patient_name,
-                          patient_birth_date, patient_sex, patient_name_folded)
-    VALUES (:patient_id, :issuer_of_patient_id, :other_patient_ids, :patient_name,
-            :patient_birth_date, :patient_sex, fold_name(:patient_name))
+    INSERT INTO patients (patient_id, issuer_of_patient_id)
+    VALUES (:patient_id, :issuer_of_patient_id)
     ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET patient_id = patient_id
     RETURNING pk
 """
+# The patient module of a study is written by its first instance and kept (one truth per
+# study: its QIDO answers and its manifest agree whatever arrives later).
 _STUDY_UPSERT = """
     INSERT INTO studies (study_uid, patient_pk, study_date, study_time, accession_number,
                          accession_issuer, study_id, study_description, referring_physician,
                          requested_procedure_ids, placer_order_numbers, first_received_at,
-                         last_received_at, referring_physician_folded, character_set)
+                         last_received_at, referring_physician_folded, character_set,
+                         other_patient_ids, patient_name, patient_name_folded, patient_birth_date,
+                         patient_sex)
     VALUES (:study_uid, :patient_pk, :study_date, :study_time, :accession_number,
             :accession_issuer, :study_id, :study_description, :referring_physician,
             :requested_procedure_ids, :placer_order_numbers, :now, :now,
-            fold_name(:referring_physician), :character_set)
+            fold_name(:referring_physician), :character_set, :other_patient_ids, :patient_name,
+            fold_name(:patient_name), :patient_birth_date, :patient_sex)
     ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
     RETURNING pk
+"""
+_SET_PATIENT_MODULE = """
+    UPDATE studies SET other_patient_ids = :other_patient_ids, patient_name = :patient_name,
+        patient_name_folded = fold_name(:patient_name), patient_birth_date = :patient_birth_date,
+        patient_sex = :patient_sex
+    WHERE study_uid = :study_uid
+"""
+# The first instance of a study is its oldest row (a replaced instance keeps its row).
+_IS_FIRST_OF_STUDY = """
+    SELECT min(i.pk) = (SELECT pk FROM instances WHERE sop_uid = :sop_uid)
+    FROM instances i JOIN series se ON i.series_pk = se.pk WHERE se.study_pk = :study_pk
 """
 _SERIES_UPSERT = """
     INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
@@ -220,7 +257,7 @@ def _instance_filter(study_uid: str, series_uid: str | None, sop_uid: str | None
 
 
 _STUDY_SUMMARY = """
-    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name,
+    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, st.patient_name,
            st.study_date, st.study_time, st.accession_number, st.study_description,
            (SELECT group_concat(DISTINCT se.modality) FROM series se
              WHERE se.study_pk = st.pk AND se.modality != '') AS modalities,
@@ -230,6 +267,70 @@ _STUDY_SUMMARY = """
     FROM studies st JOIN patients p ON st.patient_pk = p.pk {where}
     ORDER BY st.study_date DESC, st.study_time DESC, st.pk DESC
 """
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConflict:
+    """Why an instance cannot be indexed where its data set puts it: the index knows
+    ``keyword`` (SOPInstanceUID, SeriesInstanceUID, PatientID) with another parent."""
+
+    keyword: str
+    message: str
+
+
+class IdentityConflictError(Exception):
+    """``add_instance`` refused an instance that would move across studies or patients."""
+
+    def __init__(self, conflict: IdentityConflict) -> None:
+        super().__init__(conflict.message)
+        self.conflict = conflict
+
+
+def _qualified(patient_id: str, issuer: str) -> str:
+    """A Patient ID with its issuer, in the HL7 CX shape dcm4che logs (ID^^^issuer)."""
+    return f"{patient_id}^^^{issuer}" if issuer else patient_id
+
+
+def _identity_conflict(db: sqlite3.Connection, record: InstanceRecord
+                       ) -> IdentityConflict | None:
+    """The first way ``record`` contradicts the index: its SOP Instance UID stored in
+    another series or study, its study under another Patient ID or issuer, its series in
+    another study. The messages name only what the sender sent (not the other patient)."""
+    row = db.execute(f"SELECT se.series_uid, st.study_uid {_INSTANCE_FROM}"
+                     " WHERE i.sop_uid = ?", (record.sop_uid,)).fetchone()
+    if row and tuple(row) != (record.series_uid, record.study_uid):
+        return IdentityConflict("SOPInstanceUID", "SOP Instance UID already stored in another"
+                                f" series or study: {record.sop_uid}")
+    row = db.execute("""SELECT p.patient_id, p.issuer_of_patient_id FROM studies st
+                        JOIN patients p ON st.patient_pk = p.pk WHERE st.study_uid = ?""",
+                     (record.study_uid,)).fetchone()
+    if row and tuple(row) != (record.patient_id, record.issuer_of_patient_id):
+        return IdentityConflict("PatientID", "Study Instance UID already of another patient"
+                                " than Patient ID "
+                                f"{_qualified(record.patient_id, record.issuer_of_patient_id)}:"
+                                f" {record.study_uid}")
+    row = db.execute("""SELECT st.study_uid FROM series se JOIN studies st
+                        ON se.study_pk = st.pk WHERE se.series_uid = ?""",
+                     (record.series_uid,)).fetchone()
+    if row and row[0] != record.study_uid:
+        return IdentityConflict("SeriesInstanceUID", "Series Instance UID already in another"
+                                f" study than {record.study_uid}: {record.series_uid}")
+    return None
+
+
+# The patient module a study keeps from its first instance: column -> keyword.
+_DEMOGRAPHICS = {"patient_name": "PatientName", "patient_birth_date": "PatientBirthDate",
+                 "patient_sex": "PatientSex", "other_patient_ids": "OtherPatientIDsSequence"}
+
+
+def _differing_demographics(db: sqlite3.Connection, record: InstanceRecord) -> list[str]:
+    """The patient module attributes in which ``record`` differs from its (known) study."""
+    row = db.execute(f"SELECT {', '.join(_DEMOGRAPHICS)} FROM studies WHERE study_uid = ?",
+                     (record.study_uid,)).fetchone()
+    if row is None:
+        return []
+    return [keyword for (column, keyword), kept in zip(_DEMOGRAPHICS.items(), row, strict=True)
+            if getattr(record, column) != kept]
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +378,7 @@ class Index:
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.create_function("fold_name", 1, fold_name, deterministic=True)
+        self._db.create_function("name_group", 2, name_group, deterministic=True)
         self._migrate()
 
     def close(self) -> None:
@@ -371,13 +473,26 @@ class Index:
                    SELECT pk, ? FROM instances WHERE sop_uid = ?""",
                 [(text, sop_uid) for sop_uid, text in items])
 
+    def identity_conflict(self, record: InstanceRecord) -> IdentityConflict | None:
+        """How ``record`` contradicts the index (None: it can be indexed as it says)."""
+        with self._lock:
+            return _identity_conflict(self._db, record)
+
     def add_instance(self, record: InstanceRecord, path: str, size: int, source: str,
-                     replacing: bool = False) -> None:
+                     replacing: bool = False) -> list[str]:
         """Insert (or, ``replacing``, update) an instance with its series, study and patient,
-        in one commit."""
+        in one commit; IdentityConflictError, nothing written, when ``identity_conflict``
+        finds one. Returns the patient module attributes in which the instance differs from
+        its study's, which are those of its first instance (as now stored: replacing the
+        first instance replaces them)."""
         params = asdict(record)
         params.update(path=path, size=size, source=source, now=time.time())
         with self.transaction() as db:
+            # Checked again inside the write transaction: two instances of one new study
+            # with different Patient IDs may pass the check before either commits.
+            conflict = _identity_conflict(db, record)
+            if conflict:
+                raise IdentityConflictError(conflict)
             params["patient_pk"] = db.execute(_PATIENT_UPSERT, params).fetchone()[0]
             params["study_pk"] = db.execute(_STUDY_UPSERT, params).fetchone()[0]
             params["series_pk"] = db.execute(_SERIES_UPSERT, params).fetchone()[0]
@@ -385,6 +500,27 @@ class Index:
             if replacing:  # the cached metadata described the previous object
                 db.execute("DELETE FROM instance_metadata WHERE instance_pk ="
                            " (SELECT pk FROM instances WHERE sop_uid = ?)", (record.sop_uid,))
+                if db.execute(_IS_FIRST_OF_STUDY, params).fetchone()[0]:
+                    db.execute(_SET_PATIENT_MODULE, params)
+            return _differing_demographics(db, record)
+
+    def patient_modules_to_read(self) -> list[tuple[str, str]]:
+        """(study UID, path of its first instance) of each study indexed before v6, whose
+        patient module is still that of the first study of its Patient ID."""
+        return [(row[0], row[1]) for row in self.fetch(
+            """SELECT st.study_uid, (SELECT i.path FROM instances i JOIN series se
+                                     ON i.series_pk = se.pk WHERE se.study_pk = st.pk
+                                     ORDER BY i.pk LIMIT 1)
+               FROM patient_modules_to_read r JOIN studies st ON st.pk = r.study_pk""")]
+
+    def set_patient_module(self, study_uid: str, record: InstanceRecord | None) -> None:
+        """The patient module of a study from ``record`` (its first instance; None: keep it
+        as it is), which ``patient_modules_to_read`` no longer lists."""
+        with self.transaction() as db:
+            if record is not None:
+                db.execute(_SET_PATIENT_MODULE, {**asdict(record), "study_uid": study_uid})
+            db.execute("""DELETE FROM patient_modules_to_read WHERE study_pk =
+                          (SELECT pk FROM studies WHERE study_uid = ?)""", (study_uid,))
 
     def study_paths(self, study_uid: str) -> set[str]:
         """Relative paths of every indexed instance of a study."""

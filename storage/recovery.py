@@ -15,7 +15,7 @@ from pathlib import Path
 
 from storage.blobs import BlobStore
 from storage.header import read_header
-from storage.index import Index
+from storage.index import IdentityConflictError, Index
 from storage.structure import UnreadableDatasetError
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,22 @@ def _reindex(blobs: BlobStore, index: Index, relative: str, report: RecoveryRepo
         if expected != relative:
             raise UnreadableDatasetError(f"file content belongs at {expected}")
     except (UnreadableDatasetError, ValueError) as exc:
-        target = blobs.root / "quarantine" / Path(relative).name
-        target.parent.mkdir(exist_ok=True)
-        path.replace(target)
-        log.error("quarantined %s: %s", relative, exc)
-        report.quarantined.append(relative)
+        _quarantine(blobs, relative, str(exc), report)
         return
-    index.add_instance(record, relative, len(data), source="recovery")
+    try:
+        index.add_instance(record, relative, len(data), source="recovery")
+    except IdentityConflictError as exc:  # never acknowledged: its ingest was refused
+        _quarantine(blobs, relative, str(exc), report)
+        return
     report.reindexed += 1
+
+
+def _quarantine(blobs: BlobStore, relative: str, why: str, report: RecoveryReport) -> None:
+    target = blobs.root / "quarantine" / Path(relative).name
+    target.parent.mkdir(exist_ok=True)
+    blobs.absolute(relative).replace(target)
+    log.error("quarantined %s: %s", relative, why)
+    report.quarantined.append(relative)
 
 
 class DataDirBusyError(RuntimeError):

@@ -41,9 +41,10 @@ class Attribute:
 ATTRIBUTES: dict[str, Attribute] = {
     "PatientID": Attribute(Level.PATIENT, "p.patient_id", "LO"),
     "IssuerOfPatientID": Attribute(Level.PATIENT, "p.issuer_of_patient_id", "LO"),
-    "PatientName": Attribute(Level.PATIENT, "p.patient_name", "PN", "p.patient_name_folded"),
-    "PatientBirthDate": Attribute(Level.PATIENT, "p.patient_birth_date", "DA"),
-    "PatientSex": Attribute(Level.PATIENT, "p.patient_sex", "CS"),
+    # The patient module of each study is its own (storage.index, v6).
+    "PatientName": Attribute(Level.PATIENT, "st.patient_name", "PN", "st.patient_name_folded"),
+    "PatientBirthDate": Attribute(Level.PATIENT, "st.patient_birth_date", "DA"),
+    "PatientSex": Attribute(Level.PATIENT, "st.patient_sex", "CS"),
     "StudyInstanceUID": Attribute(Level.STUDY, "st.study_uid", "UI"),
     "StudyDate": Attribute(Level.STUDY, "st.study_date", "DA"),
     "StudyTime": Attribute(Level.STUDY, "st.study_time", "TM"),
@@ -178,6 +179,45 @@ def _glob(value: str) -> str:
     return value.replace("[", "[[]")
 
 
+_NAME_GROUPS = 3  # alphabetic, ideographic, phonetic (PS3.5 6.2.1)
+
+
+def _trimmed(group: str) -> str:
+    """A component group without padding nor trailing empty components (PS3.5 6.2.1:
+    "Doe^John" and "Doe^John^^^" are the same name)."""
+    return group.strip(" ").rstrip("^ ")
+
+
+def name_group(name: str, group: int) -> str:
+    """Component group ``group`` (0 alphabetic, 1 ideographic, 2 phonetic) of a PN value,
+    "" when absent; registered as the SQL function ``name_group`` by the index."""
+    groups = name.split("=")
+    return _trimmed(groups[group]) if group < len(groups) else ""
+
+
+def _group_condition(column: str, group: int, key: str) -> tuple[str, str]:
+    if "*" in key or "?" in key:
+        return f"name_group({column}, {group}) GLOB ?", _glob(key)
+    return f"name_group({column}, {group}) = ?", key
+
+
+def _name_condition(column: str, value: str) -> tuple[str, list[object]]:
+    """Single value or wild card matching of a PN key on the component groups of the
+    names (PS3.4 C.2.2.2.1, PS3.18 8.3.4): a key with "=" matches group by group, its
+    empty groups matching anything ("=山田^太郎" is a key on the ideographic group); a key
+    of one group matches a name whose alphabetic, ideographic or phonetic group it matches
+    ("Yamada^Tarou" and "山田^太郎" both find "Yamada^Tarou=山田^太郎=やまだ^たろう")."""
+    keys = [_trimmed(key) for key in value.split("=")[:_NAME_GROUPS]]
+    if len(keys) == 1:
+        alternatives = [_group_condition(column, group, keys[0])
+                        for group in range(_NAME_GROUPS)]
+        return ("(" + " OR ".join(sql for sql, _ in alternatives) + ")",
+                [param for _, param in alternatives])
+    conditions = [_group_condition(column, group, key) for group, key in enumerate(keys)
+                  if key]
+    return " AND ".join(sql for sql, _ in conditions) or "1", [p for _, p in conditions]
+
+
 @dataclass(frozen=True)
 class Match:
     """One matching key: a keyword and the value from the query (PS3.18 8.3.4)."""
@@ -227,6 +267,8 @@ class Match:
             # A component that starts with the folded value (PS3.18 8.3.4.6: implementation
             # defined); wildcards still work inside it.
             return f"{attribute.folded_sql} GLOB ?", ["*^" + _glob(fold_name(value)[1:]) + "*"]
+        if attribute.vr == "PN":
+            return _name_condition(attribute.sql, value)
         if "*" in value or "?" in value:
             return f"{attribute.sql} GLOB ?", [_glob(value)]
         return f"{attribute.sql} = ?", [value]

@@ -9,6 +9,7 @@ structure of its data set, walked before anything parses it. Callers turn the ou
 DIMSE status, an HTTP answer or a line of the import summary.
 """
 
+import dataclasses
 import enum
 import errno
 import io
@@ -21,7 +22,7 @@ from typing import BinaryIO
 
 from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, TemporaryBlob
 from storage.header import InstanceRecord, read_header
-from storage.index import Index
+from storage.index import IdentityConflict, IdentityConflictError, Index, StoredInstance
 from storage.part10 import is_part10, read_file_meta, with_preamble
 from storage.structure import (
     DatasetTooComplexError,
@@ -47,7 +48,7 @@ class Outcome(enum.StrEnum):
 
     STORED = "stored"
     DUPLICATE = "duplicate"  # same SOP Instance UID, same data set: nothing to do
-    CONFLICT = "conflict"  # same SOP Instance UID, different data set
+    CONFLICT = "conflict"  # same SOP Instance UID, different data set: replaced (overwrite)
     REJECTED = "rejected"  # invalid input: nothing stored
     OUT_OF_RESOURCES = "out-of-resources"  # disk full or I/O error: nothing stored
 
@@ -64,6 +65,12 @@ class Rejection(enum.StrEnum):
     TOO_COMPLEX = "too-complex"  # over max_sequence_items, _depth or max_dataset_elements
     DISK_FULL = "disk-full"
     IO_ERROR = "io-error"
+    # The index knows the instance otherwise (PS3.4 B.2.2: success means stored, so a
+    # conflict is never one). SOP Instance UID stored with another data set (keep-first)
+    # or in another series or study (any policy):
+    SOP_INSTANCE_CONFLICT = "sop-instance-conflict"
+    STUDY_OF_OTHER_PATIENT = "study-of-other-patient"  # another Patient ID or issuer
+    SERIES_OF_OTHER_STUDY = "series-of-other-study"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,7 @@ class IngestResult:
     reason: Rejection | None = None
     record: InstanceRecord | None = None
     replaced: bool = False  # a conflicting instance was overwritten
+    offending: str = ""  # keyword of the attribute a rejection is about (0000,0901)
 
     @property
     def accepted(self) -> bool:
@@ -82,11 +90,21 @@ class IngestResult:
         return self.outcome in (Outcome.STORED, Outcome.DUPLICATE, Outcome.CONFLICT)
 
 
-def _rejected(reason: Rejection, message: str,
-              record: InstanceRecord | None = None) -> IngestResult:
+def _rejected(reason: Rejection, message: str, record: InstanceRecord | None = None,
+              offending: str = "") -> IngestResult:
     outcome = (Outcome.OUT_OF_RESOURCES if reason in (Rejection.DISK_FULL, Rejection.IO_ERROR)
                else Outcome.REJECTED)
-    return IngestResult(outcome, message, reason, record)
+    return IngestResult(outcome, message, reason, record, offending=offending)
+
+
+_CONFLICT_REASONS = {"SOPInstanceUID": Rejection.SOP_INSTANCE_CONFLICT,
+                     "PatientID": Rejection.STUDY_OF_OTHER_PATIENT,
+                     "SeriesInstanceUID": Rejection.SERIES_OF_OTHER_STUDY}
+
+
+def _refused(conflict: IdentityConflict, record: InstanceRecord) -> IngestResult:
+    return _rejected(_CONFLICT_REASONS[conflict.keyword], conflict.message, record,
+                     conflict.keyword)
 
 
 def too_large(limit: int) -> IngestResult:
@@ -172,6 +190,23 @@ class Store:
         # the same SOP Instance UID at once cannot both write it. Striped by UID: writers of
         # different instances fsync in parallel instead of queueing on one lock.
         self._uid_locks = tuple(threading.Lock() for _ in range(_UID_LOCK_STRIPES))
+        self._read_patient_modules()
+
+    def _read_patient_modules(self) -> None:
+        """Once after the v6 migration: the patient module of each study read again from
+        the file of its first instance (earlier versions showed every study of a Patient ID
+        with the demographics of the first study received)."""
+        for study_uid, path in self.index.patient_modules_to_read():
+            record = None
+            if path:
+                try:
+                    record = read_header(self.blobs.absolute(path), self.limits,
+                                         self.blobs.scratch)
+                except (OSError, UnreadableDatasetError, DatasetTooLargeError,
+                        DatasetTooComplexError) as exc:
+                    log.warning("study %s keeps its patient module: %s unreadable (%s)",
+                                study_uid, path, exc)
+            self.index.set_patient_module(study_uid, record)
 
     def close(self) -> None:
         """Release the index."""
@@ -262,7 +297,7 @@ class Store:
 
         existing = self.index.find_instance(record.sop_uid)
         if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-            return self._compare_with_stored(record, received, existing.path)
+            return self._compare_with_stored(record, received, existing)
         try:
             return self._write(record, relative, blob, source)
         except OSError as exc:
@@ -271,14 +306,34 @@ class Store:
             return io_failure(exc, record)
 
     def _compare_with_stored(self, record: InstanceRecord, received: bytes | Path,
-                             stored_path: str) -> IngestResult:
+                             stored: StoredInstance) -> IngestResult:
+        conflict = self.index.identity_conflict(record)
+        if conflict:
+            return _refused(conflict, record)
         # File meta differs between senders (source AE, implementation UID): compare the
         # data sets only.
-        if _same_dataset(self.blobs.absolute(stored_path), received):
+        if _same_dataset(self.blobs.absolute(stored.path), received):
             return IngestResult(Outcome.DUPLICATE, "already stored", record=record)
-        return IngestResult(Outcome.CONFLICT,
-                            "a different object is already stored under this SOP Instance UID;"
-                            " kept the first one", record=record)
+        if self._same_instance_encoded_otherwise(record, stored):
+            return IngestResult(Outcome.DUPLICATE, "already stored in transfer syntax"
+                                f" {stored.transfer_syntax}", record=record)
+        return _rejected(Rejection.SOP_INSTANCE_CONFLICT,
+                         "SOP Instance UID already stored with another data set (kept,"
+                         f" duplicate_policy keep-first): {record.sop_uid}",
+                         record, "SOPInstanceUID")
+
+    def _same_instance_encoded_otherwise(self, record: InstanceRecord,
+                                         stored: StoredInstance) -> bool:
+        """True when ``record`` is the stored instance in another transfer syntax: the same
+        instance may travel in any of them (PS3.5 10), a sender re-compressing losslessly
+        keeps its UID. Its indexed attributes must all be the same."""
+        if stored.transfer_syntax == record.transfer_syntax:
+            return False
+        try:
+            kept = read_header(self.blobs.absolute(stored.path), self.limits, self.blobs.scratch)
+        except (OSError, UnreadableDatasetError, DatasetTooLargeError, DatasetTooComplexError):
+            return False
+        return dataclasses.replace(kept, transfer_syntax=record.transfer_syntax) == record
 
     def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:
@@ -286,7 +341,12 @@ class Store:
         with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-                return self._compare_with_stored(record, received, existing.path)
+                return self._compare_with_stored(record, received, existing)
+            # Before a byte is written: a replacement must not move the instance, nor
+            # overwrite the file of the one it would have replaced.
+            conflict = self.index.identity_conflict(record)
+            if conflict:
+                return _refused(conflict, record)
             replaced = bool(existing) and not _same_dataset(
                 self.blobs.absolute(existing.path), received)
             size = _size(received)
@@ -295,14 +355,22 @@ class Store:
             else:
                 self.blobs.adopt(blob, relative)
             try:
-                self.index.add_instance(record, relative, size, source,
-                                        replacing=bool(existing))
+                differing = self.index.add_instance(record, relative, size, source,
+                                                    replacing=bool(existing))
+            except IdentityConflictError as exc:  # a concurrent first instance of its study
+                if not existing:  # a replacement's rows were committed and checked above
+                    self.blobs.delete(relative)
+                return _refused(exc.conflict, record)
             except BaseException:
                 if not existing:
                     self.blobs.delete(relative)
                 raise
             if existing and existing.path != relative:
                 self.blobs.delete(existing.path)
+        if differing:
+            log.warning("%s from %s differs from its study %s in %s: the study keeps the"
+                        " patient module of its first instance", record.sop_uid, source,
+                        record.study_uid, ", ".join(differing))
         if existing:
             outcome = Outcome.CONFLICT if replaced else Outcome.DUPLICATE
             return IngestResult(outcome, "replaced the stored object" if replaced

@@ -61,8 +61,8 @@ class StudyContents:
 
 
 _STUDY = """
-    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, p.other_patient_ids,
-           p.patient_name, p.patient_birth_date, p.patient_sex, st.study_date, st.study_time,
+    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, st.other_patient_ids,
+           st.patient_name, st.patient_birth_date, st.patient_sex, st.study_date, st.study_time,
            st.accession_number, st.accession_issuer, st.study_id, st.study_description,
            st.referring_physician, st.requested_procedure_ids, st.placer_order_numbers,
            st.first_received_at, st.last_received_at, st.character_set

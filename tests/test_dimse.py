@@ -170,18 +170,20 @@ def test_bad_input_is_refused_and_leaves_nothing(shared: PasserelleProcess, tmp_
 def test_duplicates_keep_first_and_are_counted(shared: PasserelleProcess) -> None:
     server = shared
     files, log = stored_files(server), len(server.log())
-    duplicates, conflicts = (server.metric("passerelle_duplicate_instances_total", kind=kind)
-                             for kind in ("duplicate", "conflict"))
+    duplicates = server.metric("passerelle_duplicate_instances_total", kind="duplicate")
+    conflicts = server.metric("passerelle_ingest_failures_total", protocol="dimse",
+                              reason="sop-instance-conflict")
     ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
     assert send(server.dicom_port, ds)[0] == 0x0000
     assert send(server.dicom_port, ds)[0] == 0x0000
     assert server.metric("passerelle_duplicate_instances_total",
                          kind="duplicate") == duplicates + 1
     ds.PatientName = "OTHER^NAME"
-    assert send(server.dicom_port, ds)[0] == 0x0000
-    assert server.metric("passerelle_duplicate_instances_total",
-                         kind="conflict") == conflicts + 1
-    assert "conflict" in server.log()[log:]
+    # Another data set under a stored UID is refused, Duplicate SOP Instance (PS3.7 C.4).
+    assert send(server.dicom_port, ds)[0] == 0x0111
+    assert server.metric("passerelle_ingest_failures_total", protocol="dimse",
+                         reason="sop-instance-conflict") == conflicts + 1
+    assert "sop-instance-conflict" in server.log()[log:]
     [path] = [f for f in stored_files(server) if f not in files]
     assert dcmread(path).PatientName == "DUPONT^JEAN"
 

@@ -12,7 +12,8 @@ from pydicom.uid import generate_uid
 from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
 from tests.scu import send
-from tests.synthetic import ct_slice
+from tests.synthetic import ct_slice, part10
+from tests.test_stow_rs import multipart, post
 
 STUDIES = [
     # patient id, name, date, time, accession, modality per series
@@ -117,6 +118,56 @@ def test_study_matching(indexed: InProcessService, filters: dict, accessions: se
 def test_fuzzy_person_names(indexed: InProcessService, name: str, accessions: set) -> None:
     results = search(indexed, PatientName=name, fuzzymatching="true")
     assert set(values(results, "00080050")) == accessions
+
+
+# Person names with component groups (PS3.5 6.2.1, the Japanese example of PS3.5 H.3).
+NAMES = {"JP": "Yamada^Tarou=山田^太郎=やまだ^たろう", "LATIN": "Yamada^Tarou",
+         "OTHER": "Suzuki^Hanako=鈴木^花子=すずき^はなこ"}
+
+
+@pytest.fixture(scope="module")
+def named(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+    """One study per name of NAMES (accession = its key), received by STOW-RS, the name also
+    as Referring Physician's Name."""
+    with InProcessService(tmp_path_factory.mktemp("qido-pn") / "data") as service:
+        parts = [ct_slice(generate_uid(), generate_uid(), 1, 1, size=4, patient_id=key,
+                          accession=key, PatientName=name, ReferringPhysicianName=name,
+                          SpecificCharacterSet="ISO_IR 192")
+                 for key, name in NAMES.items()]
+        response = post(service, "/studies", multipart([part10(ds) for ds in parts]))
+        assert response.status_code == 200, response.text
+        yield service
+
+
+@pytest.mark.parametrize("name, accessions", [
+    ("Yamada^Tarou", {"JP", "LATIN"}),  # alphabetic key: also the name with other groups
+    ("Yamada^Tarou^^", {"JP", "LATIN"}),  # trailing empty components are no difference
+    ("=山田^太郎", {"JP"}),  # a key on the ideographic group
+    ("山田^太郎", {"JP"}),  # one group, found in whichever group of the name holds it
+    ("==やまだ^たろう", {"JP"}),  # a key on the phonetic group
+    ("Yamada^Tarou=山田^太郎", {"JP"}),
+    ("Yamada^Tarou=鈴木^花子", set()),  # every group of the key must match
+    ("=山田*", {"JP"}),
+    ("*^Tarou", {"JP", "LATIN"}),
+    ("*^花子", {"OTHER"}),
+    ("yamada^tarou", set()),  # exact matching is case-sensitive
+])
+@pytest.mark.parametrize("keyword", ["PatientName", "ReferringPhysicianName"])
+def test_person_names_match_on_their_component_groups(named: InProcessService, keyword: str,
+                                                      name: str, accessions: set) -> None:
+    results = search(named, **{keyword: name})
+    assert set(values(results, "00080050")) == accessions
+
+
+def test_person_name_groups_are_returned_and_fuzzy_matching_still_works(
+        named: InProcessService) -> None:
+    [jp] = search(named, AccessionNumber="JP")
+    assert jp["00100010"]["Value"] == [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎",
+                                        "Phonetic": "やまだ^たろう"}]
+    for name, accessions in (("yamada", {"JP", "LATIN"}), ("山田", {"JP"}),
+                             ("たろう", {"JP"}), ("suzu", {"OTHER"})):
+        results = search(named, PatientName=name, fuzzymatching="true")
+        assert set(values(results, "00080050")) == accessions, name
 
 
 def test_study_uid_list(indexed: InProcessService) -> None:

@@ -23,8 +23,7 @@ from tests.processes import PasserelleProcess
 from tests.scu import send
 from tests.synthetic import ct_slice
 
-SAMPLES = ["RG1_UNCI.dcm", "OBXXXX1A.dcm", "SC_rgb.dcm", "emri_small_RLE.dcm",
-           "SC_rgb_rle_16bit_2frame.dcm"]
+SAMPLES = ["RG1_UNCI.dcm", "OBXXXX1A.dcm", "SC_rgb.dcm", "emri_small_RLE.dcm"]
 
 
 def sample(name: str) -> Path:
@@ -46,8 +45,11 @@ def imaging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServi
     (no pixels)."""
     with InProcessService(tmp_path_factory.mktemp("render") / "data") as service:
         service.ingest_all(sample(name) for name in SAMPLES)
+        # SC_rgb_rle_16bit_2frame.dcm has the SOP Instance UID of SC_rgb.dcm, another data
+        # set: under its own UID, or it is refused (keep-first).
         service.ingest_all(stored(name) for name in
-                           sorted({*GRAY, *(name for pair in COLOUR for name in pair[:2])}))
+                           sorted({*GRAY, *(name for pair in COLOUR for name in pair[:2]),
+                                   "SC_rgb_rle_16bit_2frame.dcm"}))
         service.ingest_all(SYNTHETIC)
         service.ingest_all([_ct()])
         report = _ct(SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", Modality="SR")

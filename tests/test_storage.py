@@ -157,6 +157,8 @@ def test_migration_from_v1_folds_existing_names(tmp_path: Path) -> None:
     for statement in MIGRATIONS[0].split(";"):
         db.execute(statement)
     db.execute("INSERT INTO patients VALUES (1, 'P1', '', '', 'MÜLLER^Hélène', '', 'F')")
+    db.execute("INSERT INTO studies VALUES (1, '1.2.3', 1, '', '', '', '', '', '', '', '', '',"
+               " 0, 0)")
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -164,9 +166,7 @@ def test_migration_from_v1_folds_existing_names(tmp_path: Path) -> None:
     assert index.schema_version == len(MIGRATIONS) >= 2
     rows = index.search(Level.STUDY, [Match("PatientName", "helene")], ["PatientID"],
                         fuzzy=True, limit=10, offset=0)
-    assert rows == []  # the patient has no study: nothing at study level, but no error
-    folded = index._db.execute("SELECT patient_name_folded FROM patients").fetchone()[0]
-    assert folded == "^muller^helene"
+    assert rows == [{"PatientID": "P1"}]  # folded in v2, the study's own since v6
     index.close()
 
 
@@ -177,7 +177,7 @@ def test_fold_name() -> None:
 
 
 def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path) -> None:
-    """Keep-first under a race: one object stored, the other reported as a conflict, and
+    """Keep-first under a race: one object stored, the other refused as a conflict, and
     the file on disk is the one the index describes."""
     store = Store(tmp_path / "data")
     barrier = threading.Barrier(2)
@@ -196,7 +196,7 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path) -> None:
             thread.start()
         for thread in threads:
             thread.join()
-        assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.CONFLICT])
+        assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.REJECTED])
         stored = store.blobs.read(store.index.find_instance(sop_uid).path)
         assert stored in versions
     assert list(store.blobs.tmp_dir.iterdir()) == []

@@ -258,3 +258,24 @@ def test_a_stalled_body_is_408_and_gives_its_ingest_bytes_back(tmp_path: Path) -
         assert b"http_body_timeout_seconds" in answer
         assert server.metric("passerelle_budget_bytes_in_use", budget="ingest_bytes") == 0
         assert list((server.data_dir / "tmp").iterdir()) == []
+
+
+def test_the_top_level_retrieve_url_is_present_even_without_one_study(
+        web: InProcessService) -> None:
+    """Retrieve URL (0008,1190) is Type 2 in the Store Instances Response Module (PS3.18
+    Table I.1-1): the study's URL for one study, present and empty for several or none."""
+    study = generate_uid()
+    one = post(web, "/studies", multipart([part10(ct_slice(study, generate_uid(), 1, n, size=4))
+                                          for n in (1, 2)]))
+    assert one.status_code == 200
+    assert one.json()["00081190"] == {"vr": "UR", "Value": [
+        f"{web.base_url}/dicom-web/studies/{study}"]}
+    several = post(web, "/studies", multipart([part10(ct_slice(generate_uid(), generate_uid(),
+                                                               1, 1, size=4))
+                                               for _ in (1, 2)]))
+    assert several.status_code == 200
+    assert several.json()["00081190"] == {"vr": "UR"}
+    assert len(several.json()["00081199"]["Value"]) == 2
+    failed = post(web, "/studies", multipart([b"not dicom at all"]))
+    assert failed.status_code == 409
+    assert failed.json()["00081190"] == {"vr": "UR"}

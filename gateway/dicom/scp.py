@@ -11,6 +11,7 @@ import ssl
 import threading
 import time
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, UID_dictionary
 from pynetdicom import AE, AllStoragePresentationContexts, Association, evt, sop_class
@@ -36,9 +37,11 @@ from storage.store import Outcome, Store
 log = logging.getLogger(__name__)
 
 
-def _status(code: int, comment: str = "") -> Dataset:
+def _status(code: int, comment: str = "", offending: str = "") -> Dataset:
     status = Dataset()
     status.Status = code
+    if offending:  # Offending Element (0000,0901): the attribute the failure is about
+        status.OffendingElement = [tag_for_keyword(offending)]
     if comment:
         # ErrorComment is LO: 64 characters at most (PS3.7 C.4).
         status.ErrorComment = comment[:64]
@@ -181,7 +184,7 @@ class DicomService:
         code = failure_status(result.reason)
         log.warning("C-STORE from %s refused (0x%04X %s): %s", calling, code,
                     result.reason, result.message)
-        return _status(code, result.message)
+        return _status(code, result.message, result.offending)
 
     def _on_connection(self, event: evt.Event, change: int) -> None:
         # Counted on the TCP connection, which opens and closes exactly once whatever the

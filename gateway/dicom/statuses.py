@@ -7,6 +7,13 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # A7xx
 DATASET_MISMATCH = 0xA900  # A9xx: data set does not match SOP class
 CANNOT_UNDERSTAND = 0xC000  # Cxxx
+# PS3.7 C.4 general status: the SOP Instance UID is already registered, with another data
+# set or elsewhere in the hierarchy.
+DUPLICATE_SOP_INSTANCE = 0x0111
+# Implementation-specific Cxxx codes (PS3.4 B.2.3 "cannot understand", with Offending
+# Element and Error Comment; PS3.18 I.2.2 lets the FailureReason use them too).
+STUDY_OF_OTHER_PATIENT = 0xC510  # the study is indexed under another Patient ID or issuer
+SERIES_OF_OTHER_STUDY = 0xC511  # the series is indexed in another study
 
 _BY_REJECTION = {
     Rejection.NOT_PART10: CANNOT_UNDERSTAND,
@@ -18,6 +25,9 @@ _BY_REJECTION = {
     Rejection.TOO_COMPLEX: DATASET_MISMATCH,
     Rejection.DISK_FULL: OUT_OF_RESOURCES,
     Rejection.IO_ERROR: OUT_OF_RESOURCES,
+    Rejection.SOP_INSTANCE_CONFLICT: DUPLICATE_SOP_INSTANCE,
+    Rejection.STUDY_OF_OTHER_PATIENT: STUDY_OF_OTHER_PATIENT,
+    Rejection.SERIES_OF_OTHER_STUDY: SERIES_OF_OTHER_STUDY,
 }
 
 

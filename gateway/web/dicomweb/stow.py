@@ -215,9 +215,10 @@ async def store_instances(request: Request) -> Response:
         held.release()
     if not stored and not failed:
         return error(400, "the body holds no instance")
-    body: dict[str, object] = {}
-    if len(study_uids) == 1:
-        body["00081190"] = {"vr": "UR", "Value": [retrieve_url(root, study_uids.pop())]}
+    # Retrieve URL (0008,1190) is Type 2 (PS3.18 Table I.1-1): the study's when what was
+    # stored is of one study, present and empty when of several or when nothing was.
+    body: dict[str, object] = {"00081190": {"vr": "UR", "Value": [
+        retrieve_url(root, study_uids.pop())]} if len(study_uids) == 1 else {"vr": "UR"}}
     if failed:
         body["00081198"] = {"vr": "SQ", "Value": failed}
     if stored:
