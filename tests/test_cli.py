@@ -28,6 +28,9 @@ from tests.synthetic import national_ct_slice, part10
 MANUAL = {"stable_seconds": "3600", "publish_retry_seconds": "0.2",
           "publish_retry_max_seconds": "1", "registry_timeout": "2",
           "order_issuer_oid": "1.2.250.1.999.1.1.3"}
+# PATH, and PYTHONPATH when set: a worktree sharing another checkout's editable .venv runs its
+# own code only through it.
+_PYTHON_ENV = {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
 COMMANDS = ("serve", "import", "studies", "outbox", "publish", "unpublish", "confidentiality",
             "audit", "registry")
 
@@ -35,7 +38,7 @@ COMMANDS = ("serve", "import", "studies", "outbox", "publish", "unpublish", "con
 def cli(*args: str, cwd: Path, **settings: str) -> subprocess.CompletedProcess[str]:
     """``passerelle ARGS`` in ``cwd`` with only the given settings (flat names) in its
     environment: none of the test runner's PASSERELLE_* variables."""
-    env = {"PATH": os.environ["PATH"],
+    env = {**_PYTHON_ENV,
            **{f"PASSERELLE_{name.upper()}": value for name, value in settings.items()}}
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=120, check=False)
@@ -127,7 +130,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path, args: tuple[str]) -> None:
     (tmp_path / "data").mkdir()
     command = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={"PATH": os.environ["PATH"]})
+        stderr=subprocess.PIPE, env=_PYTHON_ENV)
     assert command.stdout is not None and command.stderr is not None
     command.stdout.close()  # the reader is gone before the command writes (`| head -0`)
     stderr = command.stderr.read()

@@ -7,8 +7,10 @@ Two services, one per configuration, each receiving every study at once: the emb
 (no issuer configured) and every issuer configured (patient_id_issuer_oid,
 accession_issuer_oid, order_issuer_oid). A study is either published with zero problems or,
 where the registry metadata cannot be complete (no Accession Number, an accession without
-its assigning authority: issue 15 finding 9), refused by the gateway before sending, with the
-reason in the outbox.
+its assigning authority: issue 15 finding 9; no Study Date for PDSm's context.period.start
+1..1, which finding 10 forbids inventing), refused by the gateway before sending, with the
+reason in the outbox. A placer order without its assigning authority does not hold a study
+back: it stays in the KOS and is left out of the registry metadata.
 """
 
 import base64
@@ -27,13 +29,12 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin, build_manifest
 from gateway.publication.mhd import provide_document_bundle
-from gateway.publication.publisher import producer_from_settings
+from gateway.publication.publisher import issuers_from_settings, producer_from_settings
 from storage.index import Index
 from storage.outbox import Outbox, Publication, State
 from storage.study_contents import load_study_contents
@@ -111,9 +112,6 @@ class Case:
     count: int = 3
     refused_by_default: str = ""  # the reason's keyword when the embedded default refuses it
     refused_with_issuers: str = ""
-    # Either refused for this reason or published conformant: PDSm makes context.period.start
-    # 1..1 and the study has no date to put there (a reception time would be invented).
-    may_be_refused: str = ""
 
 
 CASES = [
@@ -132,7 +130,9 @@ CASES = [
         StudyDescription="胸部CT")),
     Case("no dates, no demographics", _national, _without(
         "StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "PatientBirthDate",
-        "PatientSex", "ReferringPhysicianName", "StudyDescription"), may_be_refused="date"),
+        "PatientSex", "ReferringPhysicianName", "StudyDescription"),
+         # PDSm context.period.start is 1..1 and the study has no date to put there.
+         refused_by_default="study date", refused_with_issuers="study date"),
 ]
 
 
@@ -239,11 +239,9 @@ def _problems(document: dict, kos: bytes, instances: list[Path]) -> list[str]:
 
 
 def _check_case(service: Service, name: str, refused: str) -> None:
-    [(study, (case, paths))] = [(uid, entry) for uid, entry in service.studies.items()
-                                if entry[0].name == name]
+    [(study, (_, paths))] = [(uid, entry) for uid, entry in service.studies.items()
+                             if entry[0].name == name]
     rows, documents = service.rows(study), service.documents(study)
-    if not refused and case.may_be_refused and [r.state for r in rows] == [State.FAILED]:
-        refused = case.may_be_refused
     if refused:
         assert [row.state for row in rows] == [State.FAILED], rows
         reason = rows[0].last_error
@@ -291,27 +289,46 @@ def test_a_late_instance_is_published_as_a_conformant_replacement(default: Servi
     assert not problems, "replacement:\n  " + "\n  ".join(problems)
 
 
-def test_the_retrieve_ae_title_of_the_kos_answers_query_and_retrieve(default: Service) -> None:
-    """A Retrieve AE Title in the KOS promises C-FIND / C-MOVE there (finding 7)."""
+def test_the_kos_names_no_ae_title_as_none_serves_query_retrieve(default: Service) -> None:
+    """The KOS advertises only what exists (finding 7): no Retrieve AE Title, and the
+    service's AE indeed refuses a C-FIND (until issue 18 adds query/retrieve)."""
     [(study, _)] = [(uid, entry) for uid, entry in default.studies.items()
                     if entry[0].name == "national identifiers"]
     kos = dcmread(BytesIO(default.documents(study)[0][1]))
-    titles = {series.get("RetrieveAETitle", "")
-              for item in kos.CurrentRequestedProcedureEvidenceSequence
-              for series in item.ReferencedSeriesSequence} - {""}
-    for title in titles:
-        ae = AE(ae_title="CHECKS")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate("127.0.0.1", default.server.dicom_port, ae_title=title)
-        try:
-            accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        assert {StudyRootQueryRetrieveInformationModelFind,
-                StudyRootQueryRetrieveInformationModelMove} <= accepted, (
-            f"the KOS names Retrieve AE Title {title!r}, which serves no C-FIND / C-MOVE")
+    series = [item for study_item in kos.CurrentRequestedProcedureEvidenceSequence
+              for item in study_item.ReferencedSeriesSequence]
+    assert series and all("RetrieveAETitle" not in item and item.RetrieveURL
+                          for item in series)
+    assert "RetrieveAETitle" not in kos
+    ae = AE(ae_title="CHECKS")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", default.server.dicom_port, ae_title="PASSERELLE")
+    try:
+        accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert StudyRootQueryRetrieveInformationModelFind not in accepted
+
+
+def test_an_order_without_its_authority_is_left_out_of_the_metadata_with_a_warning(
+        default: Service) -> None:
+    """The embedded default names no order authority: the study is published all the same,
+    its KOS keeps the order as the instances carry it, the registry metadata leave it out,
+    and each publication warns once, naming the setting."""
+    [(study, _)] = [(uid, entry) for uid, entry in default.studies.items()
+                    if entry[0].name == "national identifiers"]
+    published = [row for row in default.rows(study) if row.state is State.ACKNOWLEDGED]
+    assert published
+    for document, data in default.documents(study):
+        [request] = dcmread(BytesIO(data)).ReferencedRequestSequence
+        assert request.PlacerOrderNumberImagingServiceRequest == "CMD-2026-88812"
+        assert "OrderPlacerIdentifierSequence" not in request
+        assert "CMD-2026-88812" not in json.dumps(document["context"]["related"])
+    warnings = [line for line in default.server.log().splitlines()
+                if study in line and "order_issuer_oid" in line]
+    assert len(warnings) == len(published), warnings
+    assert all("WARNING" in line and "'CMD-2026-88812'" in line for line in warnings), warnings
 
 
 @pytest.mark.slow
@@ -345,6 +362,12 @@ def _document(bundle: dict) -> dict:
          "reference": "DocumentReference/1"}}]), "document-relationship-type"),
     (lambda b: next(r["identifier"] for r in _document(b)["context"]["related"]
                     if "accession" in json.dumps(r)).pop("system"), "assigning authority"),
+    # The KOS gives the order with its OrderPlacerIdentifierSequence: the metadata must too.
+    (lambda b: next(r["identifier"] for r in _document(b)["context"]["related"]
+                    if "xds:2013:order" in json.dumps(r)).pop("system"),
+     "referenceIdList orders [('', 'CMD-2026-88812')]"),
+    (lambda b: _document(b)["context"]["related"].pop(),
+     "referenceIdList orders [] != the KOS's"),
     ]])
 def test_the_checkers_find_what_they_look_for(change: Callable[[dict], object],
                                               expected: str) -> None:
@@ -388,14 +411,15 @@ def test_the_bundle_built_in_process_passes_the_bundle_profile(
     contents = load_study_contents(web.store.index, study)
     assert contents is not None
     producer = web.settings.producer
-    origin = RetrieveOrigin(web.settings.http.public_url, web.settings.dicom.ae_title,
-                            producer.gateway_oid, producer.organization_name)
+    origin = RetrieveOrigin(web.settings.http.public_url, producer.gateway_oid,
+                            producer.organization_name)
     events, unmapped = load_event_codes().codes([s.modality for s in contents.series],
                                                 [s.body_part for s in contents.series])
     assert unmapped == []
-    bundle = provide_document_bundle(contents, build_manifest(contents, origin),
-                                     producer_from_settings(producer), events,
-                                     producer.default_confidentiality(), replaces=replaces)
+    bundle = provide_document_bundle(
+        build_manifest(contents, origin, issuers_from_settings(producer)),
+        producer_from_settings(producer), events, producer.default_confidentiality(),
+        replaces=replaces)
     assert_bundle_conformant(bundle, paths)
 
 

@@ -27,6 +27,7 @@ from gateway.publication.mhd import (
     NAME_REPRESENTATION,
     MetadataError,
     Producer,
+    orders_without_authority,
     provide_document_bundle,
 )
 from gateway.registry.validate import check_provide_bundle
@@ -255,12 +256,25 @@ def test_what_the_registry_cannot_index_is_refused_before_sending(
         _bundle(manifest, study)
 
 
-def test_an_order_without_authority_is_refused(store: Store) -> None:
+@DICOM3TOOLS
+def test_an_order_without_authority_stays_in_the_kos_and_out_of_the_metadata(
+        store: Store, tmp_path: Path) -> None:
+    """A placer order number without its assigning authority does not hold the study back:
+    the KOS keeps it as the instances carry it, referenceIdList leaves it out (a bare
+    number the registry would refuse), and the bundle is one the registry accepts."""
     study = _stored(store, [_plain_slice(generate_uid(), generate_uid(), 1,
                                          PlacerOrderNumberImagingServiceRequest="CMD-9")])
-    manifest = build_manifest(study, ORIGIN, dataclasses.replace(CONFIGURED, order=""))
-    with pytest.raises(MetadataError, match=r"order number 'CMD-9' .* set order_issuer_oid"):
-        _bundle(manifest, study)
+    manifest, kos = _verified(store, study, tmp_path, dataclasses.replace(CONFIGURED, order=""))
+    [request] = kos.ReferencedRequestSequence
+    assert request.PlacerOrderNumberImagingServiceRequest == "CMD-9"
+    assert "OrderPlacerIdentifierSequence" not in request
+    assert orders_without_authority(manifest) == ["CMD-9"]
+    bundle = _bundle(manifest, study)
+    assert check_provide_bundle(bundle) == []
+    related = {r["identifier"]["value"]: r["identifier"].get("system")
+               for r in bundle["entry"][1]["resource"]["context"]["related"]}
+    assert related == {"ACC001": "urn:oid:1.2.250.1.999.1.1.2", study.study_uid: None}
+    assert orders_without_authority(build_manifest(study, ORIGIN, CONFIGURED)) == []
 
 
 def test_the_service_start_is_the_study_date_only(store: Store) -> None:

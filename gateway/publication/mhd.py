@@ -245,12 +245,35 @@ def _authenticator(producer: Producer) -> dict | None:
     return practitioner
 
 
+def _orders(kos: Dataset) -> list[tuple[str, str]]:
+    """(placer order number, its assigning authority OID or "") of each distinct order of
+    the manifest's Referenced Request Sequence."""
+    orders: list[tuple[str, str]] = []
+    for item in kos.get("ReferencedRequestSequence") or []:
+        order = (_text(item, "PlacerOrderNumberImagingServiceRequest"),
+                 _issuer_oid(item, "OrderPlacerIdentifierSequence"))
+        if order[0] and order not in orders:
+            orders.append(order)
+    return orders
+
+
+def orders_without_authority(manifest: Manifest) -> list[str]:
+    """The placer order numbers of ``manifest`` that name no assigning authority: the
+    bundle leaves them out of referenceIdList (the publisher warns about them)."""
+    return [value for value, issuer in _orders(dcmread(BytesIO(manifest.data)))
+            if not issuer]
+
+
 def _related(kos: Dataset) -> list[dict]:
     """referenceIdList (PDSm 3.1.1, ``context.related`` slice referenceIdList): each
     distinct accession and placer order of the manifest with its assigning authority, and
-    the study UID. Raises MetadataError for an accession or order without an authority: a
-    bare number names nothing outside the RIS (the slice's system is absent only for the
-    study UID)."""
+    the study UID (the slice's system is absent only for the study UID: a bare number names
+    nothing outside the RIS).
+
+    Raises MetadataError for a study without an accession, or an accession without an
+    authority: the registry links the manifest to its report by it (issue 15 finding 9). A
+    placer order without an authority is left out instead: the accession already identifies
+    the request, and an order number alone must not hold back the whole study."""
 
     def entry(kind: str, value: str, issuer: str) -> dict:
         identifier: dict = {"type": {"coding": [{"system": URI,
@@ -260,32 +283,23 @@ def _related(kos: Dataset) -> list[dict]:
         identifier["value"] = value
         return {"identifier": identifier}
 
-    requests = list(kos.get("ReferencedRequestSequence") or [])
     accessions: list[tuple[str, str]] = []
-    orders: list[tuple[str, str]] = []
-    for item in [kos, *requests]:
+    for item in [kos, *(kos.get("ReferencedRequestSequence") or [])]:
         accession = (_text(item, "AccessionNumber"),
                      _issuer_oid(item, "IssuerOfAccessionNumberSequence"))
         if accession[0] and accession not in accessions:
             accessions.append(accession)
-    for item in requests:
-        order = (_text(item, "PlacerOrderNumberImagingServiceRequest"),
-                 _issuer_oid(item, "OrderPlacerIdentifierSequence"))
-        if order[0] and order not in orders:
-            orders.append(order)
     if not accessions:
         raise MetadataError("the study has no Accession Number: the registry needs one to "
                             "link the manifest to its report (referenceIdList)")
-    for kind, values, setting in (("accession", accessions, "accession_issuer_oid"),
-                                  ("order", orders, "order_issuer_oid")):
-        unscoped = [value for value, issuer in values if not issuer]
-        if unscoped:
-            raise MetadataError(
-                f"{kind} number {unscoped[0]!r} has no assigning authority OID (none in the "
-                f"instances): set {setting}")
+    unscoped = [value for value, issuer in accessions if not issuer]
+    if unscoped:
+        raise MetadataError(
+            f"accession number {unscoped[0]!r} has no assigning authority OID (none in the "
+            "instances): set accession_issuer_oid")
     return [*(entry("accession", value, issuer) for value, issuer in accessions),
             entry("study", _text(kos, "StudyInstanceUID"), ""),
-            *(entry("order", value, issuer) for value, issuer in orders)]
+            *(entry("order", value, issuer) for value, issuer in _orders(kos) if issuer)]
 
 
 def _period(kos: Dataset) -> dict:

@@ -19,6 +19,7 @@ from gateway.publication.mhd import (
     MetadataError,
     Producer,
     document_id,
+    orders_without_authority,
     provide_document_bundle,
     security_label_patch,
     status_patch,
@@ -128,6 +129,12 @@ class Publisher(PeriodicWorker):
                 replaces=previous.document_id if previous else "")
         except MetadataError as exc:
             raise _RefusedError(str(exc)) from exc
+        orders = orders_without_authority(manifest)
+        if orders:
+            log.warning("publication %d (study %s): placer order number %s has no assigning "
+                        "authority OID (none in the instances): left out of the registry "
+                        "metadata (referenceIdList); set order_issuer_oid to include it",
+                        row.id, row.study_uid, ", ".join(repr(o) for o in orders))
         self.outbox.mark_sent(row, manifest.sop_uid, previous.kos_uid if previous else "")
         try:
             response = self.client.provide(bundle)

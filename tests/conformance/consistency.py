@@ -143,10 +143,14 @@ def _check_requests(kos: Dataset, document: dict, problems: list[str]) -> None:
     if {value for _, value in studies} != {str(kos.StudyInstanceUID)}:
         problems.append(f"referenceIdList study {sorted(studies)} != KOS StudyInstanceUID "
                         f"{kos.StudyInstanceUID}")
-    orders, related_orders = _orders(kos), _related(document, ORDER)
+    # An order the KOS gives without its authority (no OrderPlacerIdentifierSequence) is left
+    # out of the metadata: a bare number names nothing outside the RIS, and an order must not
+    # hold back the study (the accession identifies the request). That omission only.
+    orders = {(system, value) for system, value in _orders(kos) if system}
+    related_orders = _related(document, ORDER)
     if related_orders != orders:
-        problems.append(f"referenceIdList orders {sorted(related_orders)} != the KOS's "
-                        f"(PlacerOrderNumber + OrderPlacerIdentifierSequence) {sorted(orders)}")
+        problems.append(f"referenceIdList orders {sorted(related_orders)} != the KOS's with "
+                        f"their OrderPlacerIdentifierSequence {sorted(orders)}")
 
 
 def _check_document(kos: Dataset, data: bytes, document: dict, problems: list[str]) -> None:
