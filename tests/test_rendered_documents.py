@@ -4,10 +4,12 @@ WADO-URI, and WADO-URI ``presentationUID`` applying a Grayscale Softcopy Present
 State, checked pixel by pixel against pydicom's own Modality LUT and windowing."""
 
 import copy
+import tracemalloc
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from io import BytesIO
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,8 +20,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from gateway.imaging.structured_report import MAX_CONTENT_DEPTH, MAX_CONTENT_ITEMS
-from tests.inprocess import InProcessService
+from gateway.config import Settings
+from gateway.imaging.budget import ResourceBudget
+from gateway.imaging.structured_report import (
+    MAX_CONTENT_DEPTH,
+    MAX_CONTENT_ITEMS,
+    render_report,
+)
+from tests.inprocess import InProcessService, received
 from tests.multipart import parts_of
 from tests.synthetic import ct_slice
 from tests.test_access_model import publish
@@ -407,3 +415,78 @@ def test_a_presentation_state_outside_the_manifest_is_unknown(tmp_path_factory:
         outside = web.get("/wado", params={**query, "presentationUID": AREA.SOPInstanceUID},
                           headers=scoped)
         assert outside.status_code == 404 and "no presentation state" in outside.text
+
+
+# --- review of findings 15 and 16: hostile documents, presentation states, reports --------
+
+def test_a_report_as_xml_is_well_formed_whatever_its_characters(
+        service: InProcessService) -> None:
+    """U+FFFE, U+FFFF (and C0 controls) are no XML 1.0 characters (2.2): replaced by U+FFFD
+    as in the Native DICOM Model, so that the document still parses."""
+    report = _report([_item("TEXT", "Bad\uffff", TextValue="a\uffffb\ufffe c\x85d\x01")],
+                     number=71)
+    report.StudyDescription = "\ufffe"
+    assert service.ingest(report).accepted
+    root = ET.fromstring(rendered(service, report, "text/xml").content)
+    item = root.find("./item")
+    assert item is not None and item.get("concept") == "Bad\ufffd"
+    assert item.find("value").text == "a\ufffdb\ufffd c\x85d"
+    assert root.find("./header/field[@name='Study']").text == "\ufffd"
+
+
+MIB = 1 << 20
+
+
+def _escaping_report(unit: str, size: int, depth: int) -> Dataset:
+    """A report of ``size`` bytes of ``unit`` in 40 text items, ``depth`` containers deep:
+    what escaping (or plain text's indentation) makes several bytes of."""
+    text = unit * (size // 40 // len(unit))
+    items = [_item("TEXT", "Texte", TextValue=text) for _ in range(40)]
+    for level in range(depth):
+        container = _item("CONTAINER", f"Niveau {level}")
+        container.ContentSequence = Sequence(items)
+        items = [container]
+    return _report(items, HUGE_SERIES, 70)
+
+
+@pytest.mark.parametrize("media, unit, depth", [
+    ("text/html", '"', 0),  # &quot;: six bytes of one
+    ("text/plain", "\n.", 6),  # each line break indented by the item's depth
+    ("text/xml", "<", 0),  # &lt;
+])
+def test_a_report_is_rendered_within_the_memory_it_reserves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, media: str, unit: str,
+        depth: int) -> None:
+    path = tmp_path / "report.dcm"
+    path.write_bytes(received(_escaping_report(unit, 4 * MIB, depth)))
+    settings = Settings(data_dir=tmp_path / "data").budget.model_dump()
+    budget = ResourceBudget(**{**settings, "decode_memory_bytes": 4 << 30})
+    held = [0]
+    take = budget.memory._take
+
+    def recorded(size: int, already: int, what: str) -> None:  # the high-water mark
+        take(size, already, what)
+        held[0] = max(held[0], budget.memory.in_use)
+
+    monkeypatch.setattr(budget.memory, "_take", recorded)
+    tracemalloc.start()
+    try:
+        out = render_report(path, media, budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out) > 12 * MIB  # escaped (or indented) into several times the text
+    assert peak <= held[0], f"{peak / MIB:.0f} MiB built, {held[0] / MIB:.0f} MiB reserved"
+    assert budget.memory.in_use == 0
+
+
+def test_a_report_whose_rendering_outgrows_the_budget_is_413(tmp_path: Path) -> None:
+    quoted = _escaping_report('"', 6 * MIB, 0)
+    with InProcessService(tmp_path / "data", decode_memory_bytes=64 * MIB) as web:
+        web.ingest_all([quoted, REPORT])
+        response = rendered(web, quoted)
+        assert response.status_code == 413, response.status_code
+        assert "rendering this report" in response.text
+        assert "decode_memory_bytes" in response.text
+        assert rendered(web, quoted, "text/plain").status_code == 200  # no escaping there
+        assert rendered(web, REPORT).status_code == 200
