@@ -419,6 +419,64 @@ def test_a_presentation_state_outside_the_manifest_is_unknown(tmp_path_factory:
 
 # --- review of findings 15 and 16: hostile documents, presentation states, reports --------
 
+CDA = "1.2.840.10008.5.1.4.1.1.104.2"
+SCRIPTED_CDA = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ClinicalDocument xmlns="urn:hl7-org:v3">'
+                b'<html:script xmlns:html="http://www.w3.org/1999/xhtml">fetch("/dicom-web/studies")'
+                b"</html:script></ClinicalDocument>\n")
+
+
+def _cda(document: bytes) -> Dataset:
+    return _object(CDA, PDF_SERIES, 40, "DOC", BurnedInAnnotation="NO", DocumentTitle="CDA",
+                   MIMETypeOfEncapsulatedDocument="text/xml", EncapsulatedDocument=document,
+                   EncapsulatedDocumentLength=len(document),
+                   ConceptNameCodeSequence=_code("18748-4", "Compte rendu", "LN"))
+
+
+def test_an_encapsulated_cda_runs_nothing_on_the_gateway_origin(
+        service: InProcessService) -> None:
+    cda = _cda(SCRIPTED_CDA)
+    assert service.ingest(cda).accepted
+    for response in (rendered(service, cda), wado(service, cda, contentType="text/xml")):
+        assert response.status_code == 200, response.text
+        assert response.content == SCRIPTED_CDA
+        # The XML declaration names the encoding: no charset parameter overrides it.
+        assert response.headers["content-type"] == "text/xml"
+        assert response.headers["content-security-policy"] == "default-src 'none'; sandbox"
+        assert response.headers["x-content-type-options"] == "nosniff"
+    # The text/xml of an SR: the same confinement.
+    xml = rendered(service, REPORT, "text/xml")
+    assert xml.headers["content-security-policy"] == "default-src 'none'; sandbox"
+
+
+def test_a_pdf_is_named_inline_and_never_sniffed(service: InProcessService) -> None:
+    response = rendered(service, DOCUMENT)
+    assert response.headers["content-disposition"] == \
+        f'inline; filename="{DOCUMENT.SOPInstanceUID}.pdf"'
+    assert response.headers["x-content-type-options"] == "nosniff"
+    # No sandbox: the browsers' PDF viewers would not start (see gateway.web.dicomweb.rendered).
+    assert "sandbox" not in response.headers.get("content-security-policy", "")
+
+
+@pytest.mark.parametrize("pdf", [SMALL_PDF, PDF], ids=["read with the header", "streamed"])
+@pytest.mark.parametrize("vr, value", [("LO", "abc"), ("UL", [5, 6]), ("SL", -5),
+                                       ("UL", 1 << 30)],
+                         ids=["text", "two values", "negative", "past the value"])
+def test_a_hostile_encapsulated_document_length_is_ignored(
+        service: InProcessService, pdf: bytes, vr: str, value: object) -> None:
+    ds = _encapsulated(pdf, 41)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    del ds.EncapsulatedDocumentLength
+    ds.add_new(0x00420015, vr, value)
+    assert service.ingest(ds).accepted
+    response = rendered(service, ds)
+    assert response.status_code == 200, response.text
+    assert response.content == pdf + b"\0"  # the stored value whole, padding and all
+    assert int(response.headers["content-length"]) == len(pdf) + 1
+    head = service.request("HEAD", f"/dicom-web/studies/{STUDY}/series/{PDF_SERIES}/"
+                                   f"instances/{ds.SOPInstanceUID}/rendered")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(pdf) + 1)
+
+
 def test_a_report_as_xml_is_well_formed_whatever_its_characters(
         service: InProcessService) -> None:
     """U+FFFE, U+FFFF (and C0 controls) are no XML 1.0 characters (2.2): replaced by U+FFFD
