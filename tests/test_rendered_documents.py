@@ -477,6 +477,109 @@ def test_a_hostile_encapsulated_document_length_is_ignored(
     assert head.status_code == 200 and head.headers["content-length"] == str(len(pdf) + 1)
 
 
+def _lut_item(descriptor: list[int], data: list[int]) -> Dataset:
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", descriptor)  # LUT Descriptor
+    lut.add_new(0x00283006, "US", data)  # LUT Data
+    return lut
+
+
+def _voi(**attributes: object) -> Sequence:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return Sequence([item])
+
+
+def _frame_text(ps: Dataset) -> None:
+    reference = ps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    reference.add_new(0x00081160, "LO", "x")  # Referenced Frame Number, not a number
+
+
+def _hostile(label: str, change: object) -> Dataset:
+    ps = _presentation(IMAGE, rotation=0, flip="N", number=50)
+    ps.SOPInstanceUID = ps.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ps.ContentLabel = label
+    if callable(change):
+        change(ps)
+    else:
+        for keyword, value in change.items():
+            setattr(ps, keyword, value)
+    return ps
+
+
+def _area(corners: tuple[int, int, int, int]) -> object:
+    def change(ps: Dataset) -> None:
+        selection = Dataset()
+        selection.DisplayedAreaTopLeftHandCorner = list(corners[:2])
+        selection.DisplayedAreaBottomRightHandCorner = list(corners[2:])
+        selection.PresentationSizeMode = "SCALE TO FIT"
+        ps.DisplayedAreaSelectionSequence = Sequence([selection])
+    return change
+
+
+def _modality_lut(ps: Dataset) -> None:
+    del ps.RescaleSlope, ps.RescaleIntercept, ps.RescaleType
+    item = _lut_item([3, 0, 0], [1, 2, 3])
+    item.ModalityLUTType = "HU"
+    ps.ModalityLUTSequence = Sequence([item])
+
+
+SL_MIN = -(1 << 31)
+
+
+@pytest.mark.parametrize("ps, message", [
+    (_hostile("AREA_MIN", _area((SL_MIN, SL_MIN, SL_MIN + 1, SL_MIN + 1))),
+     "Displayed Area corner past 131070"),
+    (_hostile("AREA_MAX", _area(((1 << 31) - 1,) * 4)),
+     "Displayed Area corner past 131070"),
+    (_hostile("VOI_BITS", {"SoftcopyVOILUTSequence": _voi(
+        VOILUTSequence=Sequence([_lut_item([3, 0, 0], [1, 2, 3])]))}),
+     "VOI LUT declares 0 bits an entry, not 8 to 16"),
+    (_hostile("VOI_SHORT", {"SoftcopyVOILUTSequence": _voi(
+        VOILUTSequence=Sequence([_lut_item([4096, 0, 12], [1, 2, 3])]))}),
+     "VOI LUT declares 4096 entries and has 3"),
+    (_hostile("VOI_WIDE", {"SoftcopyVOILUTSequence": _voi(
+        VOILUTSequence=Sequence([_lut_item([2, 0, 8], [1, 300])]))}),
+     "VOI LUT has entries past its 8 bits"),
+    (_hostile("MODALITY", _modality_lut), "Modality LUT declares 0 bits an entry, not 8 or 16"),
+    (_hostile("FRAME", _frame_text), "cannot be read"),
+    (_hostile("SIGMOID", {"SoftcopyVOILUTSequence": _voi(
+        WindowCenter=100, WindowWidth=0, VOILUTFunction="SIGMOID")}),
+     "window width must be greater than 0 for a SIGMOID"),
+    (_hostile("EXACT", {"SoftcopyVOILUTSequence": _voi(
+        WindowCenter=100, WindowWidth=0, VOILUTFunction="LINEAR_EXACT")}),
+     "window width must be greater than 0 for a LINEAR_EXACT"),
+], ids=lambda value: value.ContentLabel if isinstance(value, Dataset) else None)
+def test_a_malformed_presentation_state_is_a_clear_422(
+        service: InProcessService, ps: Dataset, message: str) -> None:
+    assert service.ingest(ps).accepted
+    response = wado(service, IMAGE, contentType="image/png", presentationUID=ps.SOPInstanceUID,
+                    presentationSeriesUID=PR_SERIES)
+    assert response.status_code == 422, response.text
+    assert message in response.text
+
+
+def _own_voi_lut(descriptor: list[int], data: list[int], number: int) -> Dataset:
+    """The image with a VOI LUT of its own in place of its window."""
+    ds = ct_slice(STUDY, IMAGE_SERIES, 1, number, size=16)
+    del ds.WindowCenter, ds.WindowWidth
+    ds.VOILUTSequence = Sequence([_lut_item(descriptor, data)])
+    return ds
+
+
+def test_an_image_voi_lut_past_its_bits_is_clipped_or_refused(
+        service: InProcessService) -> None:
+    # 12 bits declared, 16 used: as white as can be, not wrapped around by the cast.
+    loud = _own_voi_lut([4096, 0, 12], [65535] * 4096, 60)
+    # 8 bits declared, a value pydicom cannot hold in them: refused, not a 500.
+    wide = _own_voi_lut([2, 0, 8], [1, 300], 61)
+    assert service.ingest(loud).accepted and service.ingest(wide).accepted
+    assert (_png(wado(service, loud, contentType="image/png")) == 255).all()
+    refused = wado(service, wide, contentType="image/png")
+    assert refused.status_code == 422 and "cannot render this instance" in refused.text
+
+
 def test_a_report_as_xml_is_well_formed_whatever_its_characters(
         service: InProcessService) -> None:
     """U+FFFE, U+FFFF (and C0 controls) are no XML 1.0 characters (2.2): replaced by U+FFFD
