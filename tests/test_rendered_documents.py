@@ -4,10 +4,12 @@ WADO-URI, and WADO-URI ``presentationUID`` applying a Grayscale Softcopy Present
 State, checked pixel by pixel against pydicom's own Modality LUT and windowing."""
 
 import copy
+import tracemalloc
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from io import BytesIO
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,8 +20,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from gateway.imaging.structured_report import MAX_CONTENT_DEPTH, MAX_CONTENT_ITEMS
-from tests.inprocess import InProcessService
+from gateway.config import Settings
+from gateway.imaging.budget import ResourceBudget
+from gateway.imaging.structured_report import (
+    MAX_CONTENT_DEPTH,
+    MAX_CONTENT_ITEMS,
+    render_report,
+)
+from tests.inprocess import InProcessService, received
 from tests.multipart import parts_of
 from tests.synthetic import ct_slice
 from tests.test_access_model import publish
@@ -407,3 +415,239 @@ def test_a_presentation_state_outside_the_manifest_is_unknown(tmp_path_factory:
         outside = web.get("/wado", params={**query, "presentationUID": AREA.SOPInstanceUID},
                           headers=scoped)
         assert outside.status_code == 404 and "no presentation state" in outside.text
+
+
+# --- review of findings 15 and 16: hostile documents, presentation states, reports --------
+
+CDA = "1.2.840.10008.5.1.4.1.1.104.2"
+SCRIPTED_CDA = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ClinicalDocument xmlns="urn:hl7-org:v3">'
+                b'<html:script xmlns:html="http://www.w3.org/1999/xhtml">fetch("/dicom-web/studies")'
+                b"</html:script></ClinicalDocument>\n")
+
+
+def _cda(document: bytes) -> Dataset:
+    return _object(CDA, PDF_SERIES, 40, "DOC", BurnedInAnnotation="NO", DocumentTitle="CDA",
+                   MIMETypeOfEncapsulatedDocument="text/xml", EncapsulatedDocument=document,
+                   EncapsulatedDocumentLength=len(document),
+                   ConceptNameCodeSequence=_code("18748-4", "Compte rendu", "LN"))
+
+
+def test_an_encapsulated_cda_runs_nothing_on_the_gateway_origin(
+        service: InProcessService) -> None:
+    cda = _cda(SCRIPTED_CDA)
+    assert service.ingest(cda).accepted
+    for response in (rendered(service, cda), wado(service, cda, contentType="text/xml")):
+        assert response.status_code == 200, response.text
+        assert response.content == SCRIPTED_CDA
+        # The XML declaration names the encoding: no charset parameter overrides it.
+        assert response.headers["content-type"] == "text/xml"
+        assert response.headers["content-security-policy"] == "default-src 'none'; sandbox"
+        assert response.headers["x-content-type-options"] == "nosniff"
+    # The text/xml of an SR: the same confinement.
+    xml = rendered(service, REPORT, "text/xml")
+    assert xml.headers["content-security-policy"] == "default-src 'none'; sandbox"
+
+
+def test_a_pdf_is_named_inline_and_never_sniffed(service: InProcessService) -> None:
+    response = rendered(service, DOCUMENT)
+    assert response.headers["content-disposition"] == \
+        f'inline; filename="{DOCUMENT.SOPInstanceUID}.pdf"'
+    assert response.headers["x-content-type-options"] == "nosniff"
+    # No sandbox: the browsers' PDF viewers would not start (see gateway.web.dicomweb.rendered).
+    assert "sandbox" not in response.headers.get("content-security-policy", "")
+
+
+@pytest.mark.parametrize("pdf", [SMALL_PDF, PDF], ids=["read with the header", "streamed"])
+@pytest.mark.parametrize("vr, value", [("LO", "abc"), ("UL", [5, 6]), ("SL", -5),
+                                       ("UL", 1 << 30)],
+                         ids=["text", "two values", "negative", "past the value"])
+def test_a_hostile_encapsulated_document_length_is_ignored(
+        service: InProcessService, pdf: bytes, vr: str, value: object) -> None:
+    ds = _encapsulated(pdf, 41)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    del ds.EncapsulatedDocumentLength
+    ds.add_new(0x00420015, vr, value)
+    assert service.ingest(ds).accepted
+    response = rendered(service, ds)
+    assert response.status_code == 200, response.text
+    assert response.content == pdf + b"\0"  # the stored value whole, padding and all
+    assert int(response.headers["content-length"]) == len(pdf) + 1
+    head = service.request("HEAD", f"/dicom-web/studies/{STUDY}/series/{PDF_SERIES}/"
+                                   f"instances/{ds.SOPInstanceUID}/rendered")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(pdf) + 1)
+
+
+def _lut_item(descriptor: list[int], data: list[int]) -> Dataset:
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", descriptor)  # LUT Descriptor
+    lut.add_new(0x00283006, "US", data)  # LUT Data
+    return lut
+
+
+def _voi(**attributes: object) -> Sequence:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return Sequence([item])
+
+
+def _frame_text(ps: Dataset) -> None:
+    reference = ps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    reference.add_new(0x00081160, "LO", "x")  # Referenced Frame Number, not a number
+
+
+def _hostile(label: str, change: object) -> Dataset:
+    ps = _presentation(IMAGE, rotation=0, flip="N", number=50)
+    ps.SOPInstanceUID = ps.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ps.ContentLabel = label
+    if callable(change):
+        change(ps)
+    else:
+        for keyword, value in change.items():
+            setattr(ps, keyword, value)
+    return ps
+
+
+def _area(corners: tuple[int, int, int, int]) -> object:
+    def change(ps: Dataset) -> None:
+        selection = Dataset()
+        selection.DisplayedAreaTopLeftHandCorner = list(corners[:2])
+        selection.DisplayedAreaBottomRightHandCorner = list(corners[2:])
+        selection.PresentationSizeMode = "SCALE TO FIT"
+        ps.DisplayedAreaSelectionSequence = Sequence([selection])
+    return change
+
+
+def _modality_lut(ps: Dataset) -> None:
+    del ps.RescaleSlope, ps.RescaleIntercept, ps.RescaleType
+    item = _lut_item([3, 0, 0], [1, 2, 3])
+    item.ModalityLUTType = "HU"
+    ps.ModalityLUTSequence = Sequence([item])
+
+
+SL_MIN = -(1 << 31)
+
+
+@pytest.mark.parametrize("ps, message", [
+    (_hostile("AREA_MIN", _area((SL_MIN, SL_MIN, SL_MIN + 1, SL_MIN + 1))),
+     "Displayed Area corner past 131070"),
+    (_hostile("AREA_MAX", _area(((1 << 31) - 1,) * 4)),
+     "Displayed Area corner past 131070"),
+    (_hostile("VOI_BITS", {"SoftcopyVOILUTSequence": _voi(
+        VOILUTSequence=Sequence([_lut_item([3, 0, 0], [1, 2, 3])]))}),
+     "VOI LUT declares 0 bits an entry, not 8 to 16"),
+    (_hostile("VOI_SHORT", {"SoftcopyVOILUTSequence": _voi(
+        VOILUTSequence=Sequence([_lut_item([4096, 0, 12], [1, 2, 3])]))}),
+     "VOI LUT declares 4096 entries and has 3"),
+    (_hostile("VOI_WIDE", {"SoftcopyVOILUTSequence": _voi(
+        VOILUTSequence=Sequence([_lut_item([2, 0, 8], [1, 300])]))}),
+     "VOI LUT has entries past its 8 bits"),
+    (_hostile("MODALITY", _modality_lut), "Modality LUT declares 0 bits an entry, not 8 or 16"),
+    (_hostile("FRAME", _frame_text), "cannot be read"),
+    (_hostile("SIGMOID", {"SoftcopyVOILUTSequence": _voi(
+        WindowCenter=100, WindowWidth=0, VOILUTFunction="SIGMOID")}),
+     "window width must be greater than 0 for a SIGMOID"),
+    (_hostile("EXACT", {"SoftcopyVOILUTSequence": _voi(
+        WindowCenter=100, WindowWidth=0, VOILUTFunction="LINEAR_EXACT")}),
+     "window width must be greater than 0 for a LINEAR_EXACT"),
+], ids=lambda value: value.ContentLabel if isinstance(value, Dataset) else None)
+def test_a_malformed_presentation_state_is_a_clear_422(
+        service: InProcessService, ps: Dataset, message: str) -> None:
+    assert service.ingest(ps).accepted
+    response = wado(service, IMAGE, contentType="image/png", presentationUID=ps.SOPInstanceUID,
+                    presentationSeriesUID=PR_SERIES)
+    assert response.status_code == 422, response.text
+    assert message in response.text
+
+
+def _own_voi_lut(descriptor: list[int], data: list[int], number: int) -> Dataset:
+    """The image with a VOI LUT of its own in place of its window."""
+    ds = ct_slice(STUDY, IMAGE_SERIES, 1, number, size=16)
+    del ds.WindowCenter, ds.WindowWidth
+    ds.VOILUTSequence = Sequence([_lut_item(descriptor, data)])
+    return ds
+
+
+def test_an_image_voi_lut_past_its_bits_is_clipped_or_refused(
+        service: InProcessService) -> None:
+    # 12 bits declared, 16 used: as white as can be, not wrapped around by the cast.
+    loud = _own_voi_lut([4096, 0, 12], [65535] * 4096, 60)
+    # 8 bits declared, a value pydicom cannot hold in them: refused, not a 500.
+    wide = _own_voi_lut([2, 0, 8], [1, 300], 61)
+    assert service.ingest(loud).accepted and service.ingest(wide).accepted
+    assert (_png(wado(service, loud, contentType="image/png")) == 255).all()
+    refused = wado(service, wide, contentType="image/png")
+    assert refused.status_code == 422 and "cannot render this instance" in refused.text
+
+
+def test_a_report_as_xml_is_well_formed_whatever_its_characters(
+        service: InProcessService) -> None:
+    """U+FFFE, U+FFFF (and C0 controls) are no XML 1.0 characters (2.2): replaced by U+FFFD
+    as in the Native DICOM Model, so that the document still parses."""
+    report = _report([_item("TEXT", "Bad\uffff", TextValue="a\uffffb\ufffe c\x85d\x01")],
+                     number=71)
+    report.StudyDescription = "\ufffe"
+    assert service.ingest(report).accepted
+    root = ET.fromstring(rendered(service, report, "text/xml").content)
+    item = root.find("./item")
+    assert item is not None and item.get("concept") == "Bad\ufffd"
+    assert item.find("value").text == "a\ufffdb\ufffd c\x85d"
+    assert root.find("./header/field[@name='Study']").text == "\ufffd"
+
+
+MIB = 1 << 20
+
+
+def _escaping_report(unit: str, size: int, depth: int) -> Dataset:
+    """A report of ``size`` bytes of ``unit`` in 40 text items, ``depth`` containers deep:
+    what escaping (or plain text's indentation) makes several bytes of."""
+    text = unit * (size // 40 // len(unit))
+    items = [_item("TEXT", "Texte", TextValue=text) for _ in range(40)]
+    for level in range(depth):
+        container = _item("CONTAINER", f"Niveau {level}")
+        container.ContentSequence = Sequence(items)
+        items = [container]
+    return _report(items, HUGE_SERIES, 70)
+
+
+@pytest.mark.parametrize("media, unit, depth", [
+    ("text/html", '"', 0),  # &quot;: six bytes of one
+    ("text/plain", "\n.", 6),  # each line break indented by the item's depth
+    ("text/xml", "<", 0),  # &lt;
+])
+def test_a_report_is_rendered_within_the_memory_it_reserves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, media: str, unit: str,
+        depth: int) -> None:
+    path = tmp_path / "report.dcm"
+    path.write_bytes(received(_escaping_report(unit, 4 * MIB, depth)))
+    settings = Settings(data_dir=tmp_path / "data").budget.model_dump()
+    budget = ResourceBudget(**{**settings, "decode_memory_bytes": 4 << 30})
+    held = [0]
+    take = budget.memory._take
+
+    def recorded(size: int, already: int, what: str) -> None:  # the high-water mark
+        take(size, already, what)
+        held[0] = max(held[0], budget.memory.in_use)
+
+    monkeypatch.setattr(budget.memory, "_take", recorded)
+    tracemalloc.start()
+    try:
+        out = render_report(path, media, budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out) > 12 * MIB  # escaped (or indented) into several times the text
+    assert peak <= held[0], f"{peak / MIB:.0f} MiB built, {held[0] / MIB:.0f} MiB reserved"
+    assert budget.memory.in_use == 0
+
+
+def test_a_report_whose_rendering_outgrows_the_budget_is_413(tmp_path: Path) -> None:
+    quoted = _escaping_report('"', 6 * MIB, 0)
+    with InProcessService(tmp_path / "data", decode_memory_bytes=64 * MIB) as web:
+        web.ingest_all([quoted, REPORT])
+        response = rendered(web, quoted)
+        assert response.status_code == 413, response.status_code
+        assert "rendering this report" in response.text
+        assert "decode_memory_bytes" in response.text
+        assert rendered(web, quoted, "text/plain").status_code == 200  # no escaping there
+        assert rendered(web, REPORT).status_code == 200

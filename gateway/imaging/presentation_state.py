@@ -27,6 +27,12 @@ _ROTATIONS = {0: None, 90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTA
               270: Image.Transpose.ROTATE_90}  # clockwise in DICOM, counter in Pillow
 
 Lut = tuple[tuple[int, int, int], tuple[int, ...]]  # LUT Descriptor, LUT Data
+# Bits of a LUT entry (LUT Descriptor's third value): 8 or 16 for a Modality LUT (PS3.3
+# C.11.1.1.1), 8 to 16 for a VOI LUT (C.11.2.1.1).
+_LUT_BITS = {"Modality LUT": ((8, 16), "8 or 16"), "VOI LUT": (tuple(range(8, 17)), "8 to 16")}
+# Displayed Area corners (SL) may lie outside the image (C.10.4), not without bound: past
+# twice the largest image (Rows and Columns are US), no area is meant.
+_MAX_CORNER = 2 * 0xFFFF
 
 
 class PresentationStateError(ValueError):
@@ -107,6 +113,8 @@ def _lut_item(lut: Lut) -> Dataset:
 
 
 def _lut(item: Dataset, name: str) -> Lut:
+    """The LUT Descriptor and LUT Data of ``item``, checked against each other (PS3.3
+    C.11.1.1.1: 0 entries means 2^16)."""
     try:
         descriptor = tuple(int(v) for v in item.LUTDescriptor)
         data = item.LUTData
@@ -120,7 +128,20 @@ def _lut(item: Dataset, name: str) -> Lut:
     if len(descriptor) != 3:
         raise PresentationStateError(422, f"the presentation state's {name} has a bad "
                                      "LUT Descriptor")
-    return (descriptor[0], descriptor[1], descriptor[2]), values
+    entries, first, bits = descriptor
+    entries = entries or 1 << 16
+    problem = None
+    if not 1 <= entries <= 1 << 16:
+        problem = f"declares {entries} entries, not 1 to 65536"
+    elif bits not in _LUT_BITS[name][0]:
+        problem = f"declares {bits} bits an entry, not {_LUT_BITS[name][1]}"
+    elif len(values) != entries:
+        problem = f"declares {entries} entries and has {len(values)}"
+    elif values and not 0 <= min(values) <= max(values) < 1 << bits:
+        problem = f"has entries past its {bits} bits"
+    if problem is not None:
+        raise PresentationStateError(422, f"the presentation state's {name} {problem}")
+    return (descriptor[0], first, bits), values
 
 
 def _numbers(value: object) -> list[float]:
@@ -159,7 +180,12 @@ def for_image(ps: Dataset, series_uid: str, sop_uid: str, frame: int) -> Present
     if ps.get("SOPClassUID") != GRAYSCALE_SOFTCOPY_PRESENTATION_STATE:
         raise PresentationStateError(422, f"{uid} is not a Grayscale Softcopy Presentation "
                                      "State, the only kind applied here")
-    if not _references(ps, series_uid, sop_uid, frame):
+    try:
+        applies = _references(ps, series_uid, sop_uid, frame)
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. a frame number "x"
+        raise PresentationStateError(422, f"presentation state {uid} cannot be read: "
+                                     f"{exc}") from exc
+    if not applies:
         raise PresentationStateError(400, f"presentation state {uid} does not apply to "
                                      f"frame {frame} of {sop_uid}")
     if "PresentationLUTSequence" in ps:
@@ -188,9 +214,14 @@ def for_image(ps: Dataset, series_uid: str, sop_uid: str, frame: int) -> Present
                 break
         rotation = int(ps.get("ImageRotation") or 0)
         flip = str(ps.get("ImageHorizontalFlip") or "N").upper() == "Y"
-    except (AttributeError, TypeError, ValueError) as exc:
+    except PresentationStateError:
+        raise
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
         raise PresentationStateError(422, f"presentation state {uid} cannot be read: "
                                      f"{exc}") from exc
+    if area is not None and max(abs(corner) for corner in area) > _MAX_CORNER:
+        raise PresentationStateError(422, f"presentation state {uid} has a Displayed Area "
+                                     f"corner past {_MAX_CORNER} pixels: {area}")
     if rotation not in _ROTATIONS:
         raise PresentationStateError(422, f"presentation state {uid} has Image Rotation "
                                      f"{rotation}, not 0, 90, 180 or 270")

@@ -46,6 +46,12 @@ class RenderParams:
 def _windowed(values: np.ndarray, center: float, width: float, function: str,
               top: float) -> np.ndarray:
     """VOI windowing to [0, top] (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3 LINEAR_EXACT, SIGMOID)."""
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise RenderError("window center and width must be finite numbers")
+    if function in ("SIGMOID", "LINEAR_EXACT") and width <= 0:
+        # C.11.2.1.3: the width is greater than 0 for these functions (1 or more for LINEAR)
+        raise RenderError(f"window width must be greater than 0 for a {function} VOI "
+                          "function")
     values = values.astype(np.float64)
     if function == "SIGMOID":
         return top / (1 + np.exp(-4 * (values - center) / width))
@@ -104,7 +110,8 @@ def _display(ds: Dataset, values: np.ndarray, value_range: tuple[float, float],
         inverse = not inverse
     if inverse:
         out = top - out
-    return np.rint(out)
+    # A LUT's entries may pass its declared bits: clipped, not wrapped by the integer cast.
+    return np.clip(np.rint(out), 0, top)
 
 
 def grayscale(ds: Dataset, frame: np.ndarray, window: tuple[float, float, str] | None,
@@ -265,8 +272,10 @@ def render(path: Path, params: RenderParams, budget: ResourceBudget) -> bytes:
         raise
     except FrameDecodeError as exc:
         raise RenderError(str(exc)) from exc
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as exc:
-        # Malformed pixel attributes (e.g. a non-numeric NumberOfFrames).
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError,
+            ArithmeticError, NotImplementedError) as exc:
+        # Malformed pixel attributes (e.g. a non-numeric NumberOfFrames, LUT entries past
+        # their bits, a LUT of bits pydicom does not apply).
         raise RenderError(f"cannot render this instance: {exc}") from exc
     finally:
         reader.close()

@@ -4,18 +4,21 @@ concept name and its value by Value Type (PS3.3 Table C.17.3-7), into text/html 
 default), text/plain or text/xml.
 
 Everything in an SR is outside input: every string is stripped of control characters
-and escaped for the output it goes to; the HTML has no script, no link, no URL, and is
-served with a Content-Security-Policy that forbids everything but its own style sheet.
-The content tree is bounded (items, depth) before anything is rendered.
+(what XML cannot carry replaced) and escaped for the output it goes to; the HTML has no
+script, no link, no URL, and is served with a Content-Security-Policy that forbids
+everything but its own style sheet.
+The content tree is bounded (items, depth) before anything is rendered, and the output,
+whose escaping makes up to six bytes of one, is reserved from its size as counted before
+it is written, in one buffer.
 """
 
 import base64
 import hashlib
 import html
 import re
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
@@ -26,6 +29,7 @@ from pydicom.uid import UID
 
 from gateway.imaging.budget import ResourceBudget, refuse
 from gateway.imaging.render import RenderError
+from gateway.xml_text import xml_attribute, xml_characters, xml_text
 
 # SR Storage SOP Classes (PS3.4 B.5: 1.2.840.10008.5.1.4.1.1.88.x, Key Object Selection
 # included): the instances whose SR Document Content Module is rendered.
@@ -75,8 +79,12 @@ class Report:
 
 
 def _clean(value: object) -> str:
-    """Text of a value, control characters (but tab and line ends) removed."""
-    return _CONTROL.sub("", str(value)).strip() if value is not None else ""
+    """Text of a value, control characters (but tab and line ends) removed, and what XML
+    cannot carry (U+FFFE, U+FFFF, a lone surrogate) replaced: the same text in every
+    output."""
+    if value is None:
+        return ""
+    return xml_characters(_CONTROL.sub("", str(value))).strip()
 
 
 def _code(item: Dataset, keyword: str) -> str:
@@ -214,86 +222,190 @@ def _relationship(item: ContentItem) -> str:
     return "" if item.relationship in ("CONTAINS", "") else item.relationship.lower()
 
 
-def as_html(report: Report) -> str:
-    """The report as a standalone HTML5 document, every value escaped."""
+def as_html(report: Report) -> Iterator[str]:
+    """The report as a standalone HTML5 document, every value escaped: its pieces."""
     esc = html.escape
-    out = ['<!DOCTYPE html>\n<html><head><meta charset="utf-8">',
-           f"<title>{esc(report.title)}</title><style>{_STYLE}</style></head><body>",
-           f"<h1>{esc(report.title)}</h1>", '<dl class="header">']
-    out += [f"<dt>{esc(name)}</dt><dd>{esc(value)}</dd>" for name, value in report.header]
-    out.append("</dl>")
+    yield '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>'
+    yield esc(report.title)
+    yield f"</title><style>{_STYLE}</style></head><body><h1>"
+    yield esc(report.title)
+    yield '</h1><dl class="header">'
+    for name, value in report.header:
+        yield f"<dt>{esc(name)}</dt><dd>"
+        yield esc(value)
+        yield "</dd>"
+    yield "</dl>"
+
+    def label(item: ContentItem) -> Iterator[str]:
+        if relationship := _relationship(item):
+            yield '<span class="relationship">('
+            yield esc(relationship)
+            yield ")</span> "
 
     def items(content: list[ContentItem], level: int) -> Iterator[str]:
         for item in content:
-            relationship = _relationship(item)
-            label = f'<span class="relationship">({esc(relationship)})</span> ' \
-                if relationship else ""
             if item.value_type == "CONTAINER":
                 heading = min(level, 6)
-                yield (f"<section><h{heading}>{label}{esc(item.concept or 'Section')}"
-                       f"</h{heading}>")
+                yield f"<section><h{heading}>"
+                yield from label(item)
+                yield esc(item.concept or "Section")
+                yield f"</h{heading}>"
                 yield from items(item.children, level + 1)
                 yield "</section>"
                 continue
-            concept = f'<span class="concept">{esc(item.concept)}:</span> ' \
-                if item.concept else ""
-            css = "text" if item.value_type == "TEXT" else "value"
-            yield (f'<div class="item">{label}{concept}'
-                   f'<span class="{css}">{esc(item.value)}</span>')
+            yield '<div class="item">'
+            yield from label(item)
+            if item.concept:
+                yield '<span class="concept">'
+                yield esc(item.concept)
+                yield ":</span> "
+            yield f'<span class="{"text" if item.value_type == "TEXT" else "value"}">'
+            yield esc(item.value)
+            yield "</span>"
             yield from items(item.children, level + 1)
             yield "</div>"
 
-    out += items(report.content, 2)
-    out.append("</body></html>\n")
-    return "".join(out)
+    yield from items(report.content, 2)
+    yield "</body></html>\n"
 
 
-def as_text(report: Report) -> str:
-    """The report as indented plain text."""
-    lines = [report.title, "=" * len(report.title)]
-    lines += [f"{name}: {value}" for name, value in report.header]
-    lines.append("")
-
-    def items(content: list[ContentItem], indent: str) -> None:
-        for item in content:
-            relationship = _relationship(item)
-            prefix = f"{indent}({relationship}) " if relationship else indent
-            if item.value_type == "CONTAINER":
-                lines.append(f"{prefix}{(item.concept or 'Section').upper()}")
-            else:
-                text = f"{item.concept}: {item.value}" if item.concept else item.value
-                lines.append(prefix + text.replace("\n", "\n" + indent + "  "))
-            items(item.children, indent + "  ")
-
-    items(report.content, "")
-    return "\n".join(lines) + "\n"
-
-
-def as_xml(report: Report) -> bytes:
-    """The report as XML: <report><title/><header><field name=""/></header><item/>...."""
-    root = ET.Element("report")
-    ET.SubElement(root, "title").text = report.title
-    head = ET.SubElement(root, "header")
+def as_text(report: Report) -> Iterator[str]:
+    """The report as indented plain text: its pieces."""
+    yield f"{report.title}\n"
+    yield "=" * len(report.title) + "\n"
     for name, value in report.header:
-        ET.SubElement(head, "field", name=name).text = value
+        yield f"{name}: "
+        yield value
+        yield "\n"
+    yield "\n"
 
-    def items(parent: ET.Element, content: list[ContentItem]) -> None:
+    def items(content: list[ContentItem], indent: str) -> Iterator[str]:
         for item in content:
-            node = ET.SubElement(parent, "item", relationship=item.relationship,
-                                 type=item.value_type, concept=item.concept)
-            if item.value:
-                ET.SubElement(node, "value").text = item.value
-            items(node, item.children)
+            yield indent
+            if relationship := _relationship(item):
+                yield "("
+                yield relationship
+                yield ") "
+            if item.value_type == "CONTAINER":
+                yield (item.concept or "Section").upper()
+            else:
+                if item.concept:
+                    yield item.concept.replace("\n", "\n" + indent + "  ")
+                    yield ": "
+                yield item.value.replace("\n", "\n" + indent + "  ")
+            yield "\n"
+            yield from items(item.children, indent + "  ")
 
-    items(root, report.content)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    yield from items(report.content, "")
+
+
+def as_xml(report: Report) -> Iterator[str]:
+    """The report as XML, <report><title/><header><field name=""/></header><item/>...:
+    its pieces."""
+    yield '<?xml version="1.0" encoding="UTF-8"?>\n<report><title>'
+    yield xml_text(report.title)
+    yield "</title><header>"
+    for name, value in report.header:
+        yield f'<field name="{xml_attribute(name)}">'
+        yield xml_text(value)
+        yield "</field>"
+    yield "</header>"
+
+    def items(content: list[ContentItem]) -> Iterator[str]:
+        for item in content:
+            yield '<item relationship="'
+            yield xml_attribute(item.relationship)
+            yield '" type="'
+            yield xml_attribute(item.value_type)
+            yield '" concept="'
+            yield xml_attribute(item.concept)
+            yield '">'
+            if item.value:
+                yield "<value>"
+                yield xml_text(item.value)
+                yield "</value>"
+            yield from items(item.children)
+            yield "</item>"
+
+    yield from items(report.content)
+    yield "</report>\n"
+
+
+_WRITERS = {"text/html": as_html, "text/plain": as_text, "text/xml": as_xml}
+# What writing in each media type makes of one character, in bytes more at most: HTML's
+# and XML's character references (&quot;: six bytes for one), a line break in an XML
+# attribute (&#10;); in plain text, a line break indented to the item's depth, and case
+# mapping of relationships and section titles (three bytes of one at most, SpecialCasing:
+# U+0390 to three characters of two bytes).
+_ESCAPE_GROWTH = {
+    "text/html": (("&", 4), ("<", 3), (">", 3), ('"', 5), ("'", 5)),
+    "text/xml": (("&", 4), ("<", 3), (">", 3), ('"', 5), ("\t", 4), ("\n", 4), ("\r", 4)),
+    "text/plain": (),
+}
+_CASE_GROWTH = 3
+# The markup around what is counted, in bytes at most: a document's (style sheet and
+# all), a header field's, a content item's (a plain text item's indentation aside).
+_DOCUMENT_MARKUP = 512 + len(_STYLE)
+_FIELD_MARKUP, _ITEM_MARKUP = 64, 192
+
+
+def _utf8_bound(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 at most: its length times that of its widest character;
+    as much as the ``str`` itself holds (1, 2 or 4 bytes a character)."""
+    if text.isascii():
+        return len(text)
+    widest = ord(max(text))
+    return len(text) * (2 if widest < 0x800 else 3 if widest < 0x10000 else 4)
+
+
+def _written_bound(text: str, media_type: str, depth: int, case_mapped: bool = False) -> int:
+    """Bytes of ``text`` at most once written in ``media_type``, at ``depth`` in the
+    content tree."""
+    size = _utf8_bound(text)
+    if media_type == "text/plain":
+        size *= _CASE_GROWTH if case_mapped else 1
+        size += (2 * depth + 2) * text.count("\n")
+    return size + sum(growth * text.count(char) for char, growth in _ESCAPE_GROWTH[media_type])
+
+
+def _output_bound(report: Report, media_type: str) -> tuple[int, int]:
+    """Bytes at most of the report in ``media_type``, and of the largest of its written
+    values (one piece of the output, held twice while it is encoded)."""
+    title = _written_bound(report.title, media_type, 0)  # twice: a title and a heading
+    fields = [_written_bound(value, media_type, 0) for _, value in report.header]
+    size = _DOCUMENT_MARKUP + 2 * title + sum(fields) + _FIELD_MARKUP * len(fields)
+    largest = max([title, *fields])
+
+    def items(content: list[ContentItem], depth: int) -> None:
+        nonlocal size, largest
+        for item in content:
+            pieces = (_written_bound(item.relationship, media_type, depth, case_mapped=True),
+                      _written_bound(item.value_type, media_type, depth),
+                      _written_bound(item.concept, media_type, depth,
+                                     case_mapped=item.value_type == "CONTAINER"),
+                      _written_bound(item.value, media_type, depth))
+            size += _ITEM_MARKUP + 2 * depth + sum(pieces)
+            largest = max(largest, *pieces)
+            items(item.children, depth + 1)
+
+    items(report.content, 0)
+    return size, largest
+
+
+def _encoded(pieces: Iterator[str]) -> bytes:
+    """The pieces in UTF-8, one buffer: no list of them, no second copy of the whole."""
+    out = BytesIO()
+    for piece in pieces:
+        out.write(piece.encode())
+    return out.getvalue()
 
 
 def render_report(path: Path, media_type: str, budget: ResourceBudget) -> bytes:
     """The SR document of ``path`` in ``media_type`` (one of TEXT_MEDIA_TYPES), read
-    within the decode budget (its whole header, the output, reserved first). Blocking:
-    call it in the decode pool."""
-    with budget.reserve_header_read(path, as_json=True):
+    within the decode budget: its whole header reserved first, then what its output
+    takes at most (escaping makes up to six bytes of one). Blocking: call it in the
+    decode pool."""
+    with budget.reserve_header_read(path, as_json=True) as held:
         try:
             ds = dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, ValueError, OSError) as exc:
@@ -304,6 +416,10 @@ def render_report(path: Path, media_type: str, budget: ResourceBudget) -> bytes:
             report = read_report(ds)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # malformed items
             raise RenderError(f"cannot render this report: {exc}") from exc
-        if media_type == "text/xml":
-            return as_xml(report)
-        return (as_html(report) if media_type == "text/html" else as_text(report)).encode()
+        size, largest = _output_bound(report, media_type)
+        # The output grows in one buffer (by an eighth past what it holds), and one piece
+        # of it, escaped then encoded, is held twice meanwhile; the header stays read. One
+        # reservation grown: one that could never fit is a 413, not a wait for room.
+        held.what = "rendering this report"
+        held.resize(held.size + size + size // 8 + 2 * largest)
+        return _encoded(_WRITERS[media_type](report))

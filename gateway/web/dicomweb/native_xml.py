@@ -3,32 +3,17 @@ Annex F): both models carry the same things (VR, values, person name groups, seq
 items, inline binary, bulk data references), so the metadata cached as JSON serves both."""
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
-from xml.sax.saxutils import escape
 
 from pydicom.datadict import keyword_for_tag
+
+from gateway.xml_text import xml_attribute, xml_text
 
 NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 _DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>\n'
 _NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 _NAME_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
-# Characters XML 1.0 cannot carry, not even as references (XML 1.0 2.2): a DICOM text
-# value holding one (a stray control code) gets U+FFFD in their place.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-# A CR in text would be read back as LF (XML 1.0 2.11); in an attribute, white space as a
-# space (3.3.3): as references, they stay what they are.
-_TEXT_ENTITIES = {"\r": "&#13;"}
-_ATTRIBUTE_ENTITIES = {'"': "&quot;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
-
-
-def _text(value: str) -> str:
-    return escape(_NOT_XML.sub("\ufffd", value), _TEXT_ENTITIES)
-
-
-def _attribute(value: str) -> str:
-    return escape(_NOT_XML.sub("\ufffd", value), _ATTRIBUTE_ENTITIES)
 
 
 def native_xml(instance_json: str, bulk_uri: Callable[[str], str]) -> str:
@@ -53,7 +38,7 @@ def _dataset(body: dict[str, Any], out: list[str], bulk_uri: Callable[[str], str
                 continue
             creator = body.get(f"{group:04X}00{number >> 8:02X}", {}).get("Value") or [""]
             out.append(f'<DicomAttribute tag="{group:04X}00{number & 0xFF:02X}" vr="{vr}" '
-                       f'privateCreator="{_attribute(creator[0] or "")}"')
+                       f'privateCreator="{xml_attribute(creator[0] or "")}"')
         else:
             keyword = keyword_for_tag(tag)
             out.append(f'<DicomAttribute tag="{key.upper()}" vr="{vr}"' +
@@ -66,7 +51,7 @@ def _dataset(body: dict[str, Any], out: list[str], bulk_uri: Callable[[str], str
 def _value(element: dict[str, Any], vr: str, out: list[str],
            bulk_uri: Callable[[str], str]) -> None:
     if "BulkDataURI" in element:
-        out.append(f'<BulkData uri="{_attribute(bulk_uri(element["BulkDataURI"]))}"/>')
+        out.append(f'<BulkData uri="{xml_attribute(bulk_uri(element["BulkDataURI"]))}"/>')
         return
     if "InlineBinary" in element:
         out.append(f"<InlineBinary>{element['InlineBinary']}</InlineBinary>")
@@ -83,10 +68,10 @@ def _value(element: dict[str, Any], vr: str, out: list[str],
                     out.append(f"<{group}>")
                     for name, component in zip(_NAME_COMPONENTS, text.split("^"), strict=False):
                         if component:
-                            out.append(f"<{name}>{_text(component)}</{name}>")
+                            out.append(f"<{name}>{xml_text(component)}</{name}>")
                     out.append(f"</{group}>")
             out.append("</PersonName>")
         elif value is None:
             out.append(f'<Value number="{number}"/>')
         else:
-            out.append(f'<Value number="{number}">{_text(value)}</Value>')
+            out.append(f'<Value number="{number}">{xml_text(value)}</Value>')
