@@ -389,3 +389,24 @@ def test_series_indexed_before_v7_take_the_requests_the_study_row_kept(store: St
     kos = dcmread(BytesIO(build_manifest(study, ORIGIN, CONFIGURED).data))
     assert [(r.RequestedProcedureID, r.PlacerOrderNumberImagingServiceRequest)
             for r in kos.ReferencedRequestSequence] == [("RP-1", "CMD-1"), ("RP-2", "CMD-1")]
+
+
+def test_an_index_of_v8_reads_the_patient_id_authority_of_its_studies_again(
+        tmp_path: Path) -> None:
+    """The v9 upgrade reads Issuer of Patient ID Qualifiers Sequence again from the first
+    instance of each study indexed before it, so their manifests name the authority too."""
+    store = Store(tmp_path / "data")
+    study = _stored(store, [_plain_slice(generate_uid(), generate_uid(), 1,
+                                         IssuerOfPatientIDQualifiersSequence=_qualifier(
+                                             "1.2.250.1.555.1"))])
+    with store.index.transaction() as db:  # the index as v8 left it
+        db.execute("ALTER TABLE studies DROP COLUMN patient_id_qualifiers")
+        db.execute("PRAGMA user_version = 8")
+    store.close()
+    store = Store(tmp_path / "data")
+    upgraded = load_study_contents(store.index, study.study_uid)
+    assert upgraded is not None
+    kos = dcmread(BytesIO(build_manifest(upgraded, ORIGIN, CONFIGURED).data))
+    assert _universal(kos, "IssuerOfPatientIDQualifiersSequence") == [("1.2.250.1.555.1",
+                                                                       "ISO")]
+    store.close()
