@@ -29,6 +29,8 @@ class InstanceRecord:
 
     patient_id: str
     issuer_of_patient_id: str
+    # JSON {"universal", "universal_type"} of Issuer of Patient ID Qualifiers Sequence, or ""
+    patient_id_qualifiers: str
     other_patient_ids: str  # JSON list of {"id", "type", "issuer"}: the INS lives here
     patient_name: str
     patient_birth_date: str
@@ -107,6 +109,13 @@ def _accession_issuer(ds: Dataset) -> str:
     return encode(_accession_issuer_of(ds).to_json())
 
 
+def _patient_id_qualifiers(ds: Dataset) -> str:
+    """The universal id of the Patient ID's authority (PS3.3 Table 10-18: the same authority
+    as Issuer of Patient ID, named universally)."""
+    return encode(_issuer("", _first_item(ds, "IssuerOfPatientIDQualifiersSequence"))
+                  .to_json())
+
+
 def _other_patient_ids(ds: Dataset) -> str:
     return encode([OtherPatientId(
         _text(item, "PatientID"), _text(item, "TypeOfPatientID"),
@@ -157,7 +166,8 @@ def _requests(ds: Dataset) -> str:
 
 # What read_header reads; pydicom skips the value of any other element of defined length.
 _HEADER_TAGS = [keyword_dict[keyword] for keyword in (
-    "SpecificCharacterSet", "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence",
+    "SpecificCharacterSet", "PatientID", "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
     "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
     "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", "StudyDescription",
     "ReferringPhysicianName", "RequestAttributesSequence", "RequestedProcedureID",
@@ -218,6 +228,7 @@ def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
     return InstanceRecord(
         patient_id=_text(ds, "PatientID"),
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_id_qualifiers=_patient_id_qualifiers(ds),
         other_patient_ids=_other_patient_ids(ds),
         patient_name=_text(ds, "PatientName"),
         patient_birth_date=_text(ds, "PatientBirthDate"),

@@ -171,6 +171,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE patient_modules_to_read (study_pk INTEGER PRIMARY KEY REFERENCES studies(pk));
     INSERT INTO patient_modules_to_read SELECT pk FROM studies;
     """,
+    # v9: the universal id of each study's Patient ID authority (Issuer of Patient ID
+    # Qualifiers Sequence), read again from the first instance of each study.
+    """
+    ALTER TABLE studies ADD COLUMN patient_id_qualifiers TEXT NOT NULL DEFAULT '';
+    INSERT OR IGNORE INTO patient_modules_to_read SELECT pk FROM studies;
+    """,
 )
 
 _PATIENT_UPSERT = """
@@ -187,19 +193,20 @@ _STUDY_UPSERT = """
                          requested_procedure_ids, placer_order_numbers, first_received_at,
                          last_received_at, referring_physician_folded, character_set,
                          other_patient_ids, patient_name, patient_name_folded, patient_birth_date,
-                         patient_sex)
+                         patient_sex, patient_id_qualifiers)
     VALUES (:study_uid, :patient_pk, :study_date, :study_time, :accession_number,
             :accession_issuer, :study_id, :study_description, :referring_physician,
             :requested_procedure_ids, :placer_order_numbers, :now, :now,
             fold_name(:referring_physician), :character_set, :other_patient_ids, :patient_name,
-            fold_name(:patient_name), :patient_birth_date, :patient_sex)
+            fold_name(:patient_name), :patient_birth_date, :patient_sex,
+            :patient_id_qualifiers)
     ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
     RETURNING pk
 """
 _SET_PATIENT_MODULE = """
     UPDATE studies SET other_patient_ids = :other_patient_ids, patient_name = :patient_name,
         patient_name_folded = fold_name(:patient_name), patient_birth_date = :patient_birth_date,
-        patient_sex = :patient_sex
+        patient_sex = :patient_sex, patient_id_qualifiers = :patient_id_qualifiers
     WHERE study_uid = :study_uid
 """
 # The first instance of a study is its oldest row (a replaced instance keeps its row).

@@ -36,6 +36,7 @@ class StudyContents:
     study_uid: str
     patient_id: str
     issuer_of_patient_id: str
+    patient_id_qualifiers: Issuer  # its universal id only (Issuer of Patient ID Qualifiers)
     other_patient_ids: list[OtherPatientId]
     patient_name: str
     patient_birth_date: str
@@ -55,13 +56,20 @@ class StudyContents:
     series: list[SeriesContents]
 
     @property
+    def patient_id_issuer(self) -> Issuer:
+        """The authority of Patient ID: Issuer of Patient ID and its universal id."""
+        return Issuer(self.issuer_of_patient_id, self.patient_id_qualifiers.universal,
+                      self.patient_id_qualifiers.universal_type)
+
+    @property
     def sop_uids(self) -> list[str]:
         """Every SOP Instance UID of the study."""
         return [sop for series in self.series for _, sop in series.instances]
 
 
 _STUDY = """
-    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, st.other_patient_ids,
+    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, st.patient_id_qualifiers,
+           st.other_patient_ids,
            st.patient_name, st.patient_birth_date, st.patient_sex, st.study_date, st.study_time,
            st.accession_number, st.accession_issuer, st.study_id, st.study_description,
            st.referring_physician, st.requested_procedure_ids, st.placer_order_numbers,
@@ -74,12 +82,39 @@ _INSTANCES = """
     FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
     WHERE st.study_uid = ? ORDER BY se.series_number, se.pk, i.instance_number, i.pk
 """
-_DECODERS = {"other_patient_ids": decode_other_ids, "accession_issuer": decode_issuer,
+_DECODERS = {"patient_id_qualifiers": decode_issuer, "other_patient_ids": decode_other_ids,
+             "accession_issuer": decode_issuer,
              "requested_procedure_ids": decode_texts, "placer_order_numbers": decode_texts}
 
 
+def _indexed_before_v7(values: dict) -> list[Request]:
+    """The requests of a series indexed before v7 (which kept none), from what the study row
+    kept of its first instance: its Requested Procedure IDs and Placer Order Numbers, each
+    list deduplicated. Paired by position when the lists are as long (one per request item),
+    each with the one order (or procedure) when there is one; unpaired otherwise, as the
+    pairing was not kept. Each is a request of the study's accession."""
+    procedures, orders = values["requested_procedure_ids"], values["placer_order_numbers"]
+    if len(procedures) == len(orders):
+        pairs = list(zip(procedures, orders, strict=True))
+    elif len(orders) <= 1 or len(procedures) <= 1:
+        pairs = [(procedure, order) for procedure in procedures or [""]
+                 for order in orders or [""]]
+    else:
+        pairs = [(procedure, "") for procedure in procedures] + \
+            [("", order) for order in orders]
+    return [Request(values["accession_number"], values["accession_issuer"],
+                    procedure_id=procedure, placer_order=order) for procedure, order in pairs]
+
+
+def _identifiers(request: Request) -> tuple[str, str, str]:
+    return request.accession, request.procedure_id, request.placer_order
+
+
 def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
-    """The study with every series and instance, or None when it is not indexed."""
+    """The study with every series and instance, or None when it is not indexed. A series
+    without stored requests (indexed before v7, or whose instances named none) is given
+    those of the study row (``_indexed_before_v7``), each as a series states it if one does
+    (with its description and filler order)."""
     rows = index.fetch(_STUDY, (study_uid,))
     if not rows:
         return None
@@ -91,4 +126,11 @@ def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
         if columns[0] not in series:
             series[columns[0]] = SeriesContents(*columns[:-1], decode_requests(columns[-1]))
         series[columns[0]].instances.append((sop_class, sop_uid))
+    stated = {_identifiers(request): request for item in series.values()
+              for request in item.requests}
+    fallback = [stated.get(_identifiers(request), request)
+                for request in _indexed_before_v7(values)]
+    for item in series.values():
+        if not item.requests:
+            item.requests.extend(fallback)
     return StudyContents(**values, series=list(series.values()))

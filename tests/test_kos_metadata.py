@@ -31,7 +31,7 @@ from gateway.publication.mhd import (
     provide_document_bundle,
 )
 from gateway.registry.validate import check_provide_bundle
-from storage.store import Outcome, Store
+from storage.store import DuplicatePolicy, Outcome, Store
 from storage.study_contents import StudyContents, load_study_contents
 from tests.synthetic import ct_slice, national_ct_slice, part10
 
@@ -281,3 +281,132 @@ def test_the_service_start_is_the_study_date_only(store: Store) -> None:
     study = _stored(store, [_plain_slice(generate_uid(), generate_uid(), 1, StudyTime="")])
     bundle = _bundle(build_manifest(study, ORIGIN, CONFIGURED), study)
     assert bundle["entry"][1]["resource"]["context"]["period"] == {"start": "2026-01-10"}
+
+
+def _qualifier(universal: str, kind: str = "ISO") -> Sequence:
+    item = Dataset()
+    item.UniversalEntityID, item.UniversalEntityIDType = universal, kind
+    return Sequence([item])
+
+
+@DICOM3TOOLS
+def test_the_instances_own_patient_id_authority_wins_over_the_configured_one(
+        store: Store, tmp_path: Path) -> None:
+    """Issuer of Patient ID Qualifiers Sequence names the authority of Patient ID (PS3.3
+    Table 10-18): the document is filed under it, the configured OID is for instances that
+    name none."""
+    study = _stored(store, [_plain_slice(
+        generate_uid(), generate_uid(), 1, IssuerOfPatientID="HOSP",
+        IssuerOfPatientIDQualifiersSequence=_qualifier("1.2.250.1.555.1"))])
+    manifest, kos = _verified(store, study, tmp_path, CONFIGURED)
+    assert (kos.IssuerOfPatientID, _universal(kos, "IssuerOfPatientIDQualifiersSequence")) == \
+        ("HOSP", [("1.2.250.1.555.1", "ISO")])
+    document = _bundle(manifest, study)["entry"][1]["resource"]
+    assert document["subject"]["identifier"] == {"system": "urn:oid:1.2.250.1.555.1",
+                                                 "value": "PAT001"}
+
+
+@pytest.mark.parametrize("keyword, universal, reason", [
+    ("IssuerOfAccessionNumberSequence", "ris.example.org",
+     "accession number 'ACC001' is issued by 'ris.example.org' (DNS), not an ISO OID, which "
+     "the registry needs (referenceIdList): the instances' Issuer of Accession Number "
+     "Sequence must name its OID (accession_issuer_oid applies only where they name no "
+     "universal issuer)"),
+    ("IssuerOfPatientIDQualifiersSequence", "hosp.example.org",
+     "patient 'PAT001' has no INS, and the instances name its assigning authority "
+     "'hosp.example.org' (DNS), not an ISO OID"),
+])
+def test_a_universal_issuer_that_is_no_oid_is_kept_and_refused_for_what_it_is(
+        store: Store, keyword: str, universal: str, reason: str) -> None:
+    """The configured OID does not replace the instances' own universal issuer (it would
+    state another authority); the refusal says what would fix it, not the setting."""
+    study = _stored(store, [_plain_slice(generate_uid(), generate_uid(), 1,
+                                         **{keyword: _qualifier(universal, "DNS")})])
+    manifest = build_manifest(study, ORIGIN, CONFIGURED)
+    assert _universal(dcmread(BytesIO(manifest.data)), keyword) == [(universal, "DNS")]
+    with pytest.raises(MetadataError) as refused:
+        _bundle(manifest, study)
+    assert str(refused.value).startswith(reason)
+
+
+def test_a_local_accession_namespace_takes_the_configured_oid_as_its_universal_id(
+        store: Store) -> None:
+    """accession_issuer_oid is the OID of the authority the instances name locally (PS3.3
+    Table 10-17: both fields identify one entity), so the KOS keeps both in one item."""
+    local = Dataset()
+    local.LocalNamespaceEntityID = "RIS_X"
+    study = _stored(store, [_plain_slice(generate_uid(), generate_uid(), 1,
+                                         IssuerOfAccessionNumberSequence=Sequence([local]))])
+    kos = dcmread(BytesIO(build_manifest(study, ORIGIN, CONFIGURED).data))
+    [item] = kos.IssuerOfAccessionNumberSequence
+    assert (item.LocalNamespaceEntityID, item.UniversalEntityID, item.UniversalEntityIDType) \
+        == ("RIS_X", "1.2.250.1.999.1.1.2", "ISO")
+
+
+@DICOM3TOOLS
+def test_a_corrected_study_gets_a_manifest_of_its_own(tmp_path: Path) -> None:
+    """The manifest UID follows what the manifest states, not only which instances it
+    references: a study resent corrected (overwrite) gets a new manifest, which replaces
+    the published one; the same study, received again later, keeps its manifest UID."""
+    store = Store(tmp_path / "data", DuplicatePolicy.OVERWRITE)
+    study_uid, series_uid, sop_uid = generate_uid(), generate_uid(), generate_uid()
+    first = _stored(store, [_plain_slice(study_uid, series_uid, 1, sop_uid=sop_uid,
+                                         PatientName="ERREUR^NOM")])
+    before = build_manifest(first, ORIGIN, CONFIGURED)
+    later = dataclasses.replace(first, last_received_at=first.last_received_at + 3600)
+    assert build_manifest(later, ORIGIN, CONFIGURED).sop_uid == before.sop_uid
+    assert store.ingest(part10(_plain_slice(study_uid, series_uid, 1, sop_uid=sop_uid,
+                                            PatientName="BON^NOM")), "test").replaced
+    corrected = load_study_contents(store.index, study_uid)
+    assert corrected is not None
+    after, kos = _verified(store, corrected, tmp_path, CONFIGURED)
+    assert after.sop_uid != before.sop_uid and kos.PatientName == "BON^NOM"
+    assert build_manifest(corrected, ORIGIN, NONE).sop_uid != after.sop_uid  # issuers too
+
+
+def test_series_indexed_before_v7_take_the_requests_the_study_row_kept(store: Store) -> None:
+    """Series indexed before v7 kept no requests (the v7 column starts empty): the manifest
+    takes the Requested Procedure IDs and Placer Order Numbers of the study row, paired by
+    position when the lists are as long, with the one order when there is one."""
+    study_uid = generate_uid()
+    _stored(store, [_plain_slice(study_uid, generate_uid(), 1, RequestAttributesSequence=Sequence(
+        [_requested("RP-1", "CMD-1"), _requested("RP-2", "CMD-1")]))])
+    with store.index.transaction() as db:  # what the v7 migration leaves
+        db.execute("UPDATE series SET requests = ''")
+    study = load_study_contents(store.index, study_uid)
+    assert study is not None
+    kos = dcmread(BytesIO(build_manifest(study, ORIGIN, CONFIGURED).data))
+    assert [(r.AccessionNumber, r.RequestedProcedureID, r.PlacerOrderNumberImagingServiceRequest,
+             _universal(r, "OrderPlacerIdentifierSequence"))
+            for r in kos.ReferencedRequestSequence] == [
+        ("ACC001", procedure, "CMD-1", [("1.2.250.1.999.1.1.3", "ISO")])
+        for procedure in ("RP-1", "RP-2")]
+    # A series received since then states its own requests; the old one keeps the study's.
+    _stored(store, [_plain_slice(study_uid, generate_uid(), 2, RequestedProcedureID="RP-1",
+                                 PlacerOrderNumberImagingServiceRequest="CMD-1")])
+    study = load_study_contents(store.index, study_uid)
+    assert study is not None
+    kos = dcmread(BytesIO(build_manifest(study, ORIGIN, CONFIGURED).data))
+    assert [(r.RequestedProcedureID, r.PlacerOrderNumberImagingServiceRequest)
+            for r in kos.ReferencedRequestSequence] == [("RP-1", "CMD-1"), ("RP-2", "CMD-1")]
+
+
+def test_an_index_of_v8_reads_the_patient_id_authority_of_its_studies_again(
+        tmp_path: Path) -> None:
+    """The v9 upgrade reads Issuer of Patient ID Qualifiers Sequence again from the first
+    instance of each study indexed before it, so their manifests name the authority too."""
+    store = Store(tmp_path / "data")
+    study = _stored(store, [_plain_slice(generate_uid(), generate_uid(), 1,
+                                         IssuerOfPatientIDQualifiersSequence=_qualifier(
+                                             "1.2.250.1.555.1"))])
+    with store.index.transaction() as db:  # the index as v8 left it
+        db.execute("ALTER TABLE studies DROP COLUMN patient_id_qualifiers")
+        db.execute("PRAGMA user_version = 8")
+    store.close()
+    store = Store(tmp_path / "data")
+    upgraded = load_study_contents(store.index, study.study_uid)
+    assert upgraded is not None
+    kos = dcmread(BytesIO(build_manifest(upgraded, ORIGIN, CONFIGURED).data))
+    assert _universal(kos, "IssuerOfPatientIDQualifiersSequence") == [("1.2.250.1.555.1",
+                                                                       "ISO")]
+    store.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from storage.index import Index
@@ -138,6 +139,34 @@ def test_what_the_registry_cannot_index_is_refused_before_sending(
                              result="rejected") == 1
         assert reason in server.cli("outbox").stdout
         assert registry.documents(study) == []
+
+
+@pytest.mark.parametrize("setting, keyword", [
+    ("accession_issuer_oid", "IssuerOfAccessionNumberSequence"),
+    ("patient_id_issuer_oid", "IssuerOfPatientIDQualifiersSequence"),
+])
+def test_a_refusal_fixed_in_the_settings_is_published_on_retry(
+        tmp_path: Path, rows: _Rows, registry: RegistryProcess, setting: str,
+        keyword: str) -> None:
+    """Refused for an issuer the settings can give; the operator sets it, restarts and
+    retries: what is sent is the manifest built with it (a refused one is never kept)."""
+    study, oid = generate_uid(), "1.2.250.1.999.1.1.7"
+    ds = national_ct_slice(study, generate_uid(), 1, 1, ins=setting != "patient_id_issuer_oid")
+    if setting == "accession_issuer_oid":
+        del ds.IssuerOfAccessionNumberSequence
+    manifests = tmp_path / "data" / "manifests"
+    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url, **FAST) as server:
+        assert send(server.dicom_port, ds)[0] == 0x0000
+        [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "the refusal")
+        assert row.last_error.endswith(f"set {setting}"), row.last_error
+    assert list(manifests.rglob("*.dcm")) == []
+    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url,
+                           **{**FAST, setting: oid}) as server:
+        assert server.cli("outbox", "retry", str(row.id)).returncode == 0
+        [row] = rows.wait(_acknowledged(1), "the publication after the fix")
+    [kept] = manifests.rglob("*.dcm")
+    assert kept.name == f"{row.kos_uid}.dcm"
+    assert dcmread(kept)[keyword][0].UniversalEntityID == oid
 
 
 def test_a_400_fails_until_retried_after_the_fix(tmp_path: Path, rows: _Rows,

@@ -4,6 +4,7 @@ it: every instance of the study in the evidence sequence, with where to retrieve
 """
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -55,14 +56,23 @@ class Manifest:
     data: bytes
 
 
-def manifest_uid(study: StudyContents, revision: int = 0) -> str:
-    """The KOS SOP Instance UID: the same for the same study content, new when it changes.
+# What the manifest states that does not identify it: its own UIDs (derived from the rest)
+# and its content date and time (the last reception, which a resent identical study moves).
+_NOT_DIGESTED = ("00080018", "00080023", "00080033")
+
+
+def manifest_uid(ds: Dataset, revision: int = 0) -> str:
+    """The KOS SOP Instance UID of the manifest ``ds`` (every attribute but its SOP Instance
+    UID, content date and time): the same for the same content, new whenever what the
+    manifest states changes (a study corrected and resent, an issuer configured), so that
+    the new manifest replaces the published one instead of being taken for it.
 
     ``revision`` counts withdrawals: a study published again after being withdrawn gets a
     new uniqueId: a registry refuses one it already holds (XDSDuplicateUniqueIdInRegistry)."""
-    lines = [study.study_uid, *sorted(study.sop_uids), *([f"revision {revision}"] if revision
-                                                          else [])]
-    return uid_from_digest(hashlib.sha256(b"kos\n" + "\n".join(lines).encode()).digest())
+    content = {tag: value for tag, value in ds.to_json_dict().items()
+               if tag not in _NOT_DIGESTED}
+    text = json.dumps([content, revision], sort_keys=True, ensure_ascii=False)
+    return uid_from_digest(hashlib.sha256(b"kos\n" + text.encode()).digest())
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -84,10 +94,22 @@ def _hd(issuer: Issuer) -> Dataset:
 
 
 def _completed(issuer: Issuer, configured_oid: str) -> Issuer:
-    """The instances' issuer, given the configured OID when it has no universal one."""
+    """The instances' issuer, given the configured OID as its universal id when it has none
+    (PS3.3 Table 10-17: Local Namespace Entity ID and Universal Entity ID name the same
+    entity; the setting is the OID of the authority the instances name locally, or not at
+    all). A universal id of the instances, of any type, is theirs to state: never replaced."""
     if issuer.universal or oid_of(issuer.local) or not configured_oid:
         return issuer
     return Issuer(issuer.local, configured_oid, "ISO")
+
+
+def _patient_id_authority(issuer: Issuer, configured_oid: str) -> Issuer:
+    """The universal id of the Patient ID's authority (Issuer of Patient ID Qualifiers
+    Sequence, PS3.3 C.7.1.1 and Table 10-18, "the same as that of Issuer of Patient ID"):
+    the instances' own, else Issuer of Patient ID when it is an OID, else the configured one."""
+    if issuer.universal:
+        return Issuer("", issuer.universal, issuer.universal_type)
+    return Issuer("", oid_of(issuer.local) or configured_oid, "ISO")
 
 
 def _set_accession_issuer(item: Dataset, issuer: Issuer) -> None:
@@ -102,9 +124,9 @@ def _patient(ds: Dataset, study: StudyContents, issuers: Issuers) -> None:
     ds.PatientID = study.patient_id
     if study.issuer_of_patient_id:
         ds.IssuerOfPatientID = study.issuer_of_patient_id
-    oid = oid_of(study.issuer_of_patient_id) or issuers.patient_id
-    if oid and study.patient_id:  # PS3.3 C.7.1.1: the authority of Patient ID, as an OID
-        ds.IssuerOfPatientIDQualifiersSequence = Sequence([_hd(Issuer("", oid, "ISO"))])
+    authority = _patient_id_authority(study.patient_id_issuer, issuers.patient_id)
+    if authority and study.patient_id:
+        ds.IssuerOfPatientIDQualifiersSequence = Sequence([_hd(authority)])
     ds.PatientBirthDate = study.patient_birth_date
     ds.PatientSex = study.patient_sex
     others = []
@@ -252,18 +274,16 @@ def _encoded(ds: Dataset, character_set: str) -> bytes:
 
 def build_manifest(study: StudyContents, origin: RetrieveOrigin, issuers: Issuers = Issuers(),
                    revision: int = 0) -> Manifest:
-    """The KOS manifest of ``study``, with ``issuers`` where the instances name none; same
-    content, same bytes (UIDs and content date derive from the study, so a rebuild is
-    identical)."""
+    """The KOS manifest of ``study``, with ``issuers`` where the instances name none. Its
+    UID derives from what it states (``manifest_uid``), its content date from the last
+    reception: the same study as indexed rebuilds to the same bytes."""
     if not study.series:
         raise ValueError(f"study {study.study_uid} has no instance to reference")
-    sop_uid = manifest_uid(study, revision)
     series_uid = uid_from_digest(hashlib.sha256(f"kos-series\n{study.study_uid}".encode())
                                  .digest())
     created = time.localtime(study.last_received_at)
     ds = Dataset()
     ds.SOPClassUID = KOS_SOP_CLASS
-    ds.SOPInstanceUID = sop_uid
     ds.StudyDate, ds.StudyTime = study.study_date, study.study_time
     ds.ContentDate = time.strftime("%Y%m%d", created)
     ds.ContentTime = time.strftime("%H%M%S", created)
@@ -295,6 +315,8 @@ def build_manifest(study: StudyContents, origin: RetrieveOrigin, issuers: Issuer
     template.TemplateIdentifier = "2010"
     ds.ContentTemplateSequence = Sequence([template])
     ds.ContentSequence = _content(study)
+    sop_uid = manifest_uid(ds, revision)
+    ds.SOPInstanceUID = sop_uid
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = KOS_SOP_CLASS
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid

@@ -150,6 +150,16 @@ def _issuer_oid(item: Dataset, keyword: str) -> str:
     return oid_of(universal) or oid_of(_text(items[0], "LocalNamespaceEntityID"))
 
 
+def _not_an_oid(item: Dataset, keyword: str) -> str:
+    """The universal id of the first item of an HD sequence, with its type, when it is not
+    an ISO OID (a DNS name, a URI...); "" otherwise."""
+    items = item.get(keyword) or []
+    universal = _text(items[0], "UniversalEntityID") if items else ""
+    if not universal or _issuer_oid(item, keyword):
+        return ""
+    return f"{universal!r} ({_text(items[0], 'UniversalEntityIDType') or 'no type'})"
+
+
 def _patient_identifiers(kos: Dataset) -> tuple[dict | None, dict]:
     """(INS identifier or None, local identifier {} when its issuer is unknown)."""
     ins = None
@@ -287,19 +297,32 @@ def _related(kos: Dataset) -> list[dict]:
     for item in [kos, *(kos.get("ReferencedRequestSequence") or [])]:
         accession = (_text(item, "AccessionNumber"),
                      _issuer_oid(item, "IssuerOfAccessionNumberSequence"))
+        if accession[0] and not accession[1]:
+            _refuse_unscoped_accession(accession[0], item)
         if accession[0] and accession not in accessions:
             accessions.append(accession)
     if not accessions:
         raise MetadataError("the study has no Accession Number: the registry needs one to "
                             "link the manifest to its report (referenceIdList)")
-    unscoped = [value for value, issuer in accessions if not issuer]
-    if unscoped:
-        raise MetadataError(
-            f"accession number {unscoped[0]!r} has no assigning authority OID (none in the "
-            "instances): set accession_issuer_oid")
     return [*(entry("accession", value, issuer) for value, issuer in accessions),
             entry("study", _text(kos, "StudyInstanceUID"), ""),
             *(entry("order", value, issuer) for value, issuer in _orders(kos) if issuer)]
+
+
+def _refuse_unscoped_accession(accession: str, item: Dataset) -> None:
+    """MetadataError for an accession number without an OID for its authority, saying what
+    would give it one: the setting, or (when the instances name a non-OID universal issuer,
+    which the setting does not override) the instances themselves."""
+    named = _not_an_oid(item, "IssuerOfAccessionNumberSequence")
+    if named:
+        raise MetadataError(
+            f"accession number {accession!r} is issued by {named}, not an ISO OID, which the "
+            "registry needs (referenceIdList): the instances' Issuer of Accession Number "
+            "Sequence must name its OID (accession_issuer_oid applies only where they name "
+            "no universal issuer)")
+    raise MetadataError(
+        f"accession number {accession!r} has no assigning authority OID (none in the "
+        "instances): set accession_issuer_oid")
 
 
 def _period(kos: Dataset) -> dict:
@@ -335,6 +358,13 @@ def provide_document_bundle(manifest: Manifest, producer: Producer, events: list
     kos = dcmread(BytesIO(manifest.data))
     ins, local = _patient_identifiers(kos)
     if ins is None and not local:
+        named = _not_an_oid(kos, "IssuerOfPatientIDQualifiersSequence")
+        if named:  # the configured OID applies only where the instances name no authority
+            raise MetadataError(
+                f"patient {_text(kos, 'PatientID')!r} has no INS, and the instances name its "
+                f"assigning authority {named}, not an ISO OID, which the registry needs: "
+                "the instances' Issuer of Patient ID Qualifiers Sequence must name its OID "
+                "(patient_id_issuer_oid applies only where they name no universal issuer)")
         raise MetadataError(
             f"patient {_text(kos, 'PatientID')!r} has no INS and no assigning authority OID "
             "(IssuerOfPatientID is not an OID): set patient_id_issuer_oid")

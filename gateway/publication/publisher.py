@@ -135,6 +135,7 @@ class Publisher(PeriodicWorker):
                         "authority OID (none in the instances): left out of the registry "
                         "metadata (referenceIdList); set order_issuer_oid to include it",
                         row.id, row.study_uid, ", ".join(repr(o) for o in orders))
+        self._keep(manifest, row.study_uid)
         self.outbox.mark_sent(row, manifest.sop_uid, previous.kos_uid if previous else "")
         try:
             response = self.client.provide(bundle)
@@ -150,16 +151,23 @@ class Publisher(PeriodicWorker):
                           json.dumps(response), kos_uid=manifest.sop_uid)
 
     def _manifest(self, study: StudyContents) -> Manifest:
-        """The study's manifest, kept under ``manifests/``: the bytes first sent under a
-        uniqueId are the ones sent again (a settings change must not alter its hash)."""
+        """The study's manifest: the bytes kept under ``manifests/`` when this uniqueId was
+        sent before (a rebuild may differ in its content time, or after an upgrade), else
+        the one built now, kept only once sent (``_keep``): a manifest refused before
+        sending leaves nothing behind, so the fix of the refusal is what is sent next."""
         manifest = build_manifest(study, self.origin, self.issuers,
                                   self.outbox.withdrawals(study.study_uid))
-        relative = self.store.blobs.manifest_path(study.study_uid, manifest.sop_uid)
-        path = self.store.blobs.absolute(relative)
+        path = self.store.blobs.absolute(self.store.blobs.manifest_path(study.study_uid,
+                                                                         manifest.sop_uid))
         if path.exists():
             return Manifest(manifest.sop_uid, manifest.series_uid, path.read_bytes())
-        self.store.blobs.put(relative, [manifest.data])
         return manifest
+
+    def _keep(self, manifest: Manifest, study_uid: str) -> None:
+        """Keep the bytes about to be sent, once: those sent again under this uniqueId."""
+        relative = self.store.blobs.manifest_path(study_uid, manifest.sop_uid)
+        if not self.store.blobs.absolute(relative).exists():
+            self.store.blobs.put(relative, [manifest.data])
 
     def _confidentiality(self, study_uid: str) -> Confidentiality:
         payload = self.outbox.confidentiality(study_uid)
