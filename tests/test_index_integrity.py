@@ -8,6 +8,7 @@ running service (pynetdicom) and STOW-RS to the application in-process (httpx).
 - an identical re-send stays a success whose RetrieveURL serves that object.
 """
 
+import copy
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +18,20 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
 
 from storage.blobs import BlobStore
 from storage.index import MIGRATIONS
+from storage.sameness import FixedBudget
 from storage.search import fold_name
+from storage.store import Outcome, Rejection, Store
 from storage.study_contents import load_study_contents
 from tests.inprocess import InProcessService
 from tests.multipart import parts_of
@@ -369,3 +379,70 @@ def test_the_same_instance_in_another_transfer_syntax_is_already_stored(
     assert changed.status_code == 409
     assert changed.json()["00081198"]["Value"][0]["00081197"]["Value"] == [
         DUPLICATE_SOP_INSTANCE]
+
+
+# --- re-sent in another transfer syntax: compared decoded (review 3, finding 4) -----------
+
+def _encapsulated(ds: Dataset, syntax: str, fragment: bytes) -> Dataset:
+    """``ds`` re-encoded (as a sender would claim) in ``syntax`` with one frame ``fragment``."""
+    again = copy.deepcopy(ds)
+    again.file_meta.TransferSyntaxUID = syntax
+    again.PixelData = encapsulate([fragment])
+    return again
+
+
+def test_a_re_sent_instance_in_another_syntax_is_compared_decoded(scp: PasserelleProcess
+                                                                  ) -> None:
+    """Keep-first: the stored instance re-sent re-encoded is already stored only if it
+    decodes to the same data set; other pixels, window or position in another syntax are a
+    conflict (0x0111), never a success that drops them."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    assert c_store(scp, ds).Status == 0x0000
+    rle = copy.deepcopy(ds)
+    rle.compress(RLELossless, generate_instance_uid=False)
+    assert c_store(scp, rle).Status == 0x0000  # losslessly re-compressed: the same
+    for change in ({"PixelData": bytes(len(ds.PixelData))}, {"WindowCenter": 50},
+                   {"ImagePositionPatient": [0, 0, 2]}):
+        other = copy.deepcopy(ds)
+        for keyword, value in change.items():
+            setattr(other, keyword, value)
+        other.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        status = c_store(scp, other)
+        assert status.Status == DUPLICATE_SOP_INSTANCE, change
+        assert "another data set" in status.ErrorComment, change
+        other.compress(RLELossless, generate_instance_uid=False)
+        assert c_store(scp, other).Status == DUPLICATE_SOP_INSTANCE, change
+    [path] = (scp.data_dir / "studies").rglob(f"{ds.SOPInstanceUID}.dcm")
+    assert dcmread(path).PixelData == ds.PixelData
+
+
+def test_a_lossy_or_undecodable_re_encoding_is_never_already_stored(web: InProcessService
+                                                                     ) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    assert post(web, "/studies", multipart([part10(ds)])).status_code == 200
+    for syntax, why in ((JPEGBaseline8Bit, "another data set"),  # lossy: other pixels
+                        (RLELossless, "could not be compared")):  # not RLE at all
+        response = post(web, "/studies",
+                        multipart([part10(_encapsulated(ds, syntax, b"\x00" * 16))]))
+        assert response.status_code == 409, syntax
+        failed = response.json()["00081198"]["Value"][0]
+        assert failed["00081197"]["Value"] == [DUPLICATE_SOP_INSTANCE], syntax
+        assert why in web.store.ingest(part10(_encapsulated(ds, syntax, b"\x00" * 16)),
+                                       "test").message, syntax
+
+
+def test_a_comparison_over_the_decode_budget_is_refused(tmp_path: Path) -> None:
+    """Decoding is reserved before it is done: past the budget, refused (not stored, not
+    called stored)."""
+    store = Store(tmp_path / "data", decode_memory=FixedBudget(1000))
+    try:
+        ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=32)
+        assert store.ingest(part10(ds), "test").outcome is Outcome.STORED
+        ds.compress(RLELossless, generate_instance_uid=False)
+        result = store.ingest(part10(ds), "test")
+        assert (result.outcome, result.reason) == (Outcome.REJECTED,
+                                                   Rejection.SOP_INSTANCE_CONFLICT)
+        assert "could not be compared" in result.message
+        assert "more than the" in result.message
+    finally:
+        store.close()
