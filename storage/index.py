@@ -202,10 +202,33 @@ _SET_PATIENT_MODULE = """
         patient_sex = :patient_sex
     WHERE study_uid = :study_uid
 """
-# The first instance of a study is its oldest row (a replaced instance keeps its row).
+# The study and series modules are those of their first instance too; replacing it (a
+# corrected re-send under duplicate_policy overwrite, fixed at the RIS) replaces them.
+_SET_STUDY_MODULE = """
+    UPDATE studies SET study_date = :study_date, study_time = :study_time,
+        accession_number = :accession_number, accession_issuer = :accession_issuer,
+        study_id = :study_id, study_description = :study_description,
+        referring_physician = :referring_physician,
+        referring_physician_folded = fold_name(:referring_physician),
+        requested_procedure_ids = :requested_procedure_ids,
+        placer_order_numbers = :placer_order_numbers, character_set = :character_set
+    WHERE pk = :study_pk
+"""
+_SET_SERIES_MODULE = """
+    UPDATE series SET modality = :modality, series_number = :series_number,
+        series_description = :series_description, body_part = :body_part,
+        series_date = :series_date, series_time = :series_time, requests = :requests
+    WHERE pk = :series_pk
+"""
+# The first instance of a study (of a series) is its oldest row (a replaced instance keeps
+# its row).
 _IS_FIRST_OF_STUDY = """
     SELECT min(i.pk) = (SELECT pk FROM instances WHERE sop_uid = :sop_uid)
     FROM instances i JOIN series se ON i.series_pk = se.pk WHERE se.study_pk = :study_pk
+"""
+_IS_FIRST_OF_SERIES = """
+    SELECT min(pk) = (SELECT pk FROM instances WHERE sop_uid = :sop_uid)
+    FROM instances WHERE series_pk = :series_pk
 """
 _SERIES_UPSERT = """
     INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
@@ -482,9 +505,10 @@ class Index:
                      replacing: bool = False) -> list[str]:
         """Insert (or, ``replacing``, update) an instance with its series, study and patient,
         in one commit; IdentityConflictError, nothing written, when ``identity_conflict``
-        finds one. Returns the patient module attributes in which the instance differs from
-        its study's, which are those of its first instance (as now stored: replacing the
-        first instance replaces them)."""
+        finds one. The patient and study modules of a study are those of its first instance,
+        a series' attributes those of its first: replacing that instance replaces them.
+        Returns the patient module attributes in which the instance differs from its
+        study's."""
         params = asdict(record)
         params.update(path=path, size=size, source=source, now=time.time())
         with self.transaction() as db:
@@ -502,6 +526,9 @@ class Index:
                            " (SELECT pk FROM instances WHERE sop_uid = ?)", (record.sop_uid,))
                 if db.execute(_IS_FIRST_OF_STUDY, params).fetchone()[0]:
                     db.execute(_SET_PATIENT_MODULE, params)
+                    db.execute(_SET_STUDY_MODULE, params)
+                if db.execute(_IS_FIRST_OF_SERIES, params).fetchone()[0]:
+                    db.execute(_SET_SERIES_MODULE, params)
             return _differing_demographics(db, record)
 
     def patient_modules_to_read(self) -> list[tuple[str, str]]:

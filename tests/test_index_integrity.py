@@ -446,3 +446,39 @@ def test_a_comparison_over_the_decode_budget_is_refused(tmp_path: Path) -> None:
         assert "more than the" in result.message
     finally:
         store.close()
+
+
+def test_a_corrected_re_send_under_overwrite_refreshes_the_study_and_series(
+        make_web: Callable[..., InProcessService]) -> None:
+    """Overwrite: a study re-sent corrected at the RIS (accession, date, description,
+    referring physician, series description) is then shown, and published, as corrected:
+    replacing the first instance of a study replaces its study module, that of a series
+    its attributes and requests (review 3, finding 6)."""
+    web = make_web("overwrite", duplicate_policy="overwrite")
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid(), generate_uid()]
+    for number, sop in enumerate(sops, 1):
+        wrong = ct_slice(study, series, 1, number, size=4, accession="", sop_uid=sop,
+                         StudyDate="", PatientName="ERREUR^NOM", SeriesDescription="?")
+        assert post(web, "/studies", multipart([part10(wrong)])).status_code == 200
+    for number, sop in enumerate(sops, 1):
+        fixed = ct_slice(study, series, 1, number, size=4, accession="ACC-FIXED", sop_uid=sop,
+                         StudyDate="20260111", PatientName="BON^NOM",
+                         StudyDescription="CT ABDOMEN", ReferringPhysicianName="DURAND^LUC",
+                         SeriesDescription="ABDOMEN")
+        assert post(web, "/studies", multipart([part10(fixed)])).status_code == 200
+    [result] = web.get("/dicom-web/studies", params={"StudyInstanceUID": study}).json()
+    assert (first(result, "00080050"), first(result, "00080020")) == ("ACC-FIXED", "20260111")
+    assert first(result, "00081030") == "CT ABDOMEN"
+    assert first(result, "00080090") == {"Alphabetic": "DURAND^LUC"}
+    assert first(result, "00100010") == {"Alphabetic": "BON^NOM"}
+    [found] = web.get("/dicom-web/studies", params={"ReferringPhysicianName": "durand^luc",
+                                                    "fuzzymatching": "true"}).json()
+    assert first(found, "0020000D") == study
+    [one] = web.get(f"/dicom-web/studies/{study}/series").json()
+    assert first(one, "0008103E") == "ABDOMEN"
+    contents = load_study_contents(web.store.index, study)
+    assert contents is not None
+    assert contents.accession_number == "ACC-FIXED"
+    assert [request.accession for request in contents.series[0].requests] == [
+        "ACC-FIXED"]
