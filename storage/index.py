@@ -5,6 +5,7 @@ single writer anyway, and a commit is far shorter than receiving an instance.
 """
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from storage.header import InstanceRecord
 from storage.search import Level, Match, count, fold_name, name_group, search
+
+log = logging.getLogger(__name__)
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -171,7 +174,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE patient_modules_to_read (study_pk INTEGER PRIMARY KEY REFERENCES studies(pk));
     INSERT INTO patient_modules_to_read SELECT pk FROM studies;
     """,
+    # v9: instances looked up by path (recovery skips a file indexed under another study
+    # than its directory's, as versions before v8 could file it).
+    """
+    CREATE INDEX instances_path ON instances(path);
+    """,
 )
+# The first version whose paths always follow the indexed study and series.
+_PATHS_FOLLOW_INDEX = 9
 
 _PATIENT_UPSERT = """
     INSERT INTO patients (patient_id, issuer_of_patient_id)
@@ -341,6 +351,24 @@ def _identity_conflict(db: sqlite3.Connection, record: InstanceRecord
     return None
 
 
+def _report_misfiled(db: sqlite3.Connection) -> None:
+    """Log the instances whose file is not where their indexed study and series put it:
+    versions before v8 filed an instance under the study it was sent in while indexing it
+    under the study its series was known in. Their rows and files are kept as they are (the
+    file is served from its indexed path; recovery leaves it alone)."""
+    rows = db.execute(f"""SELECT i.sop_uid, st.study_uid, se.series_uid, i.path {_INSTANCE_FROM}
+                          WHERE i.path != 'studies/' || st.study_uid || '/' || se.series_uid
+                                          || '/' || i.sop_uid || '.dcm'""").fetchall()
+    for sop_uid, study_uid, series_uid, path in rows:
+        log.warning("index upgrade: instance %s is indexed in study %s, series %s, but its"
+                    " file is %s (filed by an earlier version under the study it was sent"
+                    " in): check that study with its sender", sop_uid, study_uid, series_uid,
+                    path)
+    if rows:
+        log.warning("index upgrade: %d instance(s) filed under another study than their"
+                    " indexed one", len(rows))
+
+
 # The patient module a study keeps from its first instance: column -> keyword.
 _DEMOGRAPHICS = {"patient_name": "PatientName", "patient_birth_date": "PatientBirthDate",
                  "patient_sex": "PatientSex", "other_patient_ids": "OtherPatientIDsSequence"}
@@ -424,6 +452,8 @@ class Index:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
+            if 0 < version < _PATHS_FOLLOW_INDEX:
+                _report_misfiled(db)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -548,6 +578,10 @@ class Index:
                 db.execute(_SET_PATIENT_MODULE, {**asdict(record), "study_uid": study_uid})
             db.execute("""DELETE FROM patient_modules_to_read WHERE study_pk =
                           (SELECT pk FROM studies WHERE study_uid = ?)""", (study_uid,))
+
+    def has_path(self, path: str) -> bool:
+        """True when an indexed instance, of any study, has its file at ``path``."""
+        return bool(self.fetch("SELECT 1 FROM instances WHERE path = ?", (path,)))
 
     def study_paths(self, study_uid: str) -> set[str]:
         """Relative paths of every indexed instance of a study."""
