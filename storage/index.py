@@ -561,18 +561,20 @@ class Index:
                     db.execute(_SET_SERIES_MODULE, params)
             return _differing_demographics(db, record)
 
-    def patient_modules_to_read(self) -> list[tuple[str, str]]:
-        """(study UID, path of its first instance) of each study indexed before v6, whose
-        patient module is still that of the first study of its Patient ID."""
-        return [(row[0], row[1]) for row in self.fetch(
-            """SELECT st.study_uid, (SELECT i.path FROM instances i JOIN series se
-                                     ON i.series_pk = se.pk WHERE se.study_pk = st.pk
-                                     ORDER BY i.pk LIMIT 1)
+    def patient_modules_to_read(self) -> list[tuple[str, list[str]]]:
+        """(study UID, paths of its instances, first received first) of each study indexed
+        before v8, whose patient module is still that of the first study of its Patient
+        ID."""
+        return [(row[0], json.loads(row[1])) for row in self.fetch(
+            """SELECT st.study_uid, (SELECT json_group_array(path) FROM
+                                     (SELECT i.path FROM instances i JOIN series se
+                                      ON i.series_pk = se.pk WHERE se.study_pk = st.pk
+                                      ORDER BY i.pk))
                FROM patient_modules_to_read r JOIN studies st ON st.pk = r.study_pk""")]
 
     def set_patient_module(self, study_uid: str, record: InstanceRecord | None) -> None:
-        """The patient module of a study from ``record`` (its first instance; None: keep it
-        as it is), which ``patient_modules_to_read`` no longer lists."""
+        """The patient module of a study from ``record`` (its first readable instance; None:
+        keep it as it is), which ``patient_modules_to_read`` no longer lists."""
         with self.transaction() as db:
             if record is not None:
                 db.execute(_SET_PATIENT_MODULE, {**asdict(record), "study_uid": study_uid})

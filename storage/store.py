@@ -200,19 +200,29 @@ class Store:
         self._read_patient_modules()
 
     def _read_patient_modules(self) -> None:
-        """Once after the v6 migration: the patient module of each study read again from
-        the file of its first instance (earlier versions showed every study of a Patient ID
-        with the demographics of the first study received)."""
-        for study_uid, path in self.index.patient_modules_to_read():
+        """Once after the v8 migration: the patient module of each study read again from
+        the file of its first instance, or the next one when that is unreadable (earlier
+        versions showed every study of a Patient ID with the demographics of the first
+        study received)."""
+        for study_uid, paths in self.index.patient_modules_to_read():
             record = None
-            if path:
+            for path in paths:
                 try:
-                    record = read_header(self.blobs.absolute(path), self.limits,
-                                         self.blobs.scratch)
+                    found = read_header(self.blobs.absolute(path), self.limits,
+                                        self.blobs.scratch)
                 except (OSError, UnreadableDatasetError, DatasetTooLargeError,
                         DatasetTooComplexError) as exc:
-                    log.warning("study %s keeps its patient module: %s unreadable (%s)",
-                                study_uid, path, exc)
+                    log.warning("study %s: %s unreadable (%s), its patient module read from"
+                                " the next instance", study_uid, path, exc)
+                    continue
+                if found.study_uid == study_uid:  # not a truncated file read as empty
+                    record = found
+                    break
+                log.warning("study %s: %s holds no instance of it, its patient module read"
+                            " from the next instance", study_uid, path)
+            if record is None:
+                log.warning("study %s keeps the patient module it was shown with: none of"
+                            " its %d instance(s) is readable", study_uid, len(paths))
             self.index.set_patient_module(study_uid, record)
 
     def close(self) -> None:

@@ -482,3 +482,47 @@ def test_a_corrected_re_send_under_overwrite_refreshes_the_study_and_series(
     assert contents.accession_number == "ACC-FIXED"
     assert [request.accession for request in contents.series[0].requests] == [
         "ACC-FIXED"]
+
+
+def test_an_index_of_v5_reads_the_patient_module_from_the_next_readable_instance(
+        tmp_path: Path) -> None:
+    """The first instance of a migrated study unreadable: its patient module is read from
+    the next one, not left as the first study of its Patient ID showed it (review 3,
+    finding 10)."""
+    data = tmp_path / "data"
+    blobs = BlobStore(data)
+    db = sqlite3.connect(data / "index.sqlite")
+    db.create_function("fold_name", 1, fold_name)
+    for script in MIGRATIONS[:5]:
+        for statement in script.split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute("INSERT INTO patients VALUES (1, 'P6', 'HOSP', '', 'NOIR^MARC', '19600606',"
+               " 'M', '^noir^marc')")
+    study, series = generate_uid(), generate_uid()
+    db.execute("INSERT INTO studies (pk, study_uid, patient_pk, study_date, study_time,"
+               " accession_number, accession_issuer, study_id, study_description,"
+               " referring_physician, requested_procedure_ids, placer_order_numbers,"
+               " first_received_at, last_received_at) VALUES"
+               " (1, ?, 1, '', '', '', '', '', '', '', '', '', 0, 0)", (study,))
+    db.execute("INSERT INTO series (pk, series_uid, study_pk, modality, series_description,"
+               " body_part, series_date, series_time) VALUES (1, ?, 1, 'CT', '', '', '', '')",
+               (series,))
+    for number in (1, 2):
+        ds = ct_slice(study, series, 1, number, size=4, patient_id="P6",
+                      PatientName="NOIR^MARCELLE", PatientSex="F")
+        relative = blobs.relative_path(study, series, ds.SOPInstanceUID)
+        raw = part10(ds)
+        blobs.put(relative, [raw[:200] if number == 1 else raw])  # the first: truncated
+        db.execute("INSERT INTO instances (sop_uid, series_pk, sop_class_uid, transfer_syntax,"
+                   " path, size, source, received_at) VALUES (?, 1, ?, ?, ?, ?, 'old', 0)",
+                   (ds.SOPInstanceUID, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID,
+                    relative, len(raw)))
+    db.execute("PRAGMA user_version = 5")
+    db.commit()
+    db.close()
+    with InProcessService(data) as service:
+        [result] = service.get("/dicom-web/studies", params={"StudyInstanceUID": study}).json()
+        assert first(result, "00100010") == {"Alphabetic": "NOIR^MARCELLE"}
+        assert first(result, "00100040") == "F"
+        assert service.store.index.patient_modules_to_read() == []

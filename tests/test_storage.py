@@ -169,7 +169,7 @@ def test_migration_from_v1_folds_existing_names(tmp_path: Path) -> None:
     assert index.schema_version == len(MIGRATIONS) >= 2
     rows = index.search(Level.STUDY, [Match("PatientName", "helene")], ["PatientID"],
                         fuzzy=True, limit=10, offset=0)
-    assert rows == [{"PatientID": "P1"}]  # folded in v2, the study's own since v6
+    assert rows == [{"PatientID": "P1"}]  # folded in v2, the study's own since v8
     index.close()
 
 
