@@ -5,8 +5,8 @@ losslessly keeps its UID. It is the same instance when its data set decodes to t
 every element but the file meta group (0002), which describes the encoding, and the
 encoding's own details (group lengths, trailing padding, VR of an implicit encoding), with
 pixel data compared decoded. A lossy syntax changes the pixels, so an object re-encoded
-lossily is never the same (PS3.5 8.2: the Lossy Image Compression attribute must then say
-so, which the comparison of the elements would catch anyway).
+lossily is never the same (its Lossy Image Compression (0028,2110) must then say 01,
+PS3.3 C.7.6.1.1.5).
 
 Decoding is bounded before anything is allocated: the memory a comparison holds is
 estimated from the headers and reserved from a ``MemoryBudget`` (the service's decode
@@ -162,10 +162,13 @@ def same_instance(stored: Path, received: bytes | Path, budget: MemoryBudget) ->
     except Exception as exc:  # the budget's refusal (the service's OverBudget), a bad header
         raise NotComparableError(str(exc)) from exc
     with reservation:
-        kept, again = dcmread(_open(stored)), dcmread(_open(received))
-        if not _same_elements(kept, again):
-            return False
-        return _same_pixels(kept, again)
+        try:
+            kept, again = dcmread(_open(stored)), dcmread(_open(received))
+            return _same_elements(kept, again) and _same_pixels(kept, again)
+        except NotComparableError:
+            raise
+        except Exception as exc:  # a value pydicom cannot convert, in either object
+            raise NotComparableError(f"not readable as a whole: {exc}") from exc
 
 
 def _same_elements(a: Dataset, b: Dataset) -> bool:
