@@ -76,8 +76,11 @@ def _audit_syslog(audit: AuditSettings, tls: TlsSettings) -> UdpSyslog | TlsSysl
 
 
 def resource_budget(settings: Settings, store: Store) -> ResourceBudget:
-    """The process's one resource budget, shared by HTTP and DICOM."""
-    return ResourceBudget(**settings.budget.model_dump(), scratch=store.blobs.scratch)
+    """The process's one resource budget, shared by HTTP and DICOM (and by ``store``, which
+    compares a re-sent instance with the stored one within its decode memory)."""
+    budget = ResourceBudget(**settings.budget.model_dump(), scratch=store.blobs.scratch)
+    store.decode_memory = budget.memory
+    return budget
 
 
 def http_services(settings: Settings, store: Store, audit: AuditTrail,

@@ -5,6 +5,7 @@ single writer anyway, and a commit is far shorter than receiving an instance.
 """
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from storage.header import InstanceRecord
 from storage.search import Level, Match, count, fold_name, name_group, search
+
+log = logging.getLogger(__name__)
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -177,7 +180,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE studies ADD COLUMN patient_id_qualifiers TEXT NOT NULL DEFAULT '';
     INSERT OR IGNORE INTO patient_modules_to_read SELECT pk FROM studies;
     """,
+    # v10: instances looked up by path (recovery skips a file indexed under another study
+    # than its directory's, as versions before v8 could file it).
+    """
+    CREATE INDEX instances_path ON instances(path);
+    """,
 )
+# An upgrade from before the path index (v10) reports the rows whose path and study disagree,
+# as versions before v8 could file them.
+_PATH_INDEX_VERSION = 10
 
 _PATIENT_UPSERT = """
     INSERT INTO patients (patient_id, issuer_of_patient_id)
@@ -209,10 +220,33 @@ _SET_PATIENT_MODULE = """
         patient_sex = :patient_sex, patient_id_qualifiers = :patient_id_qualifiers
     WHERE study_uid = :study_uid
 """
-# The first instance of a study is its oldest row (a replaced instance keeps its row).
+# The study and series modules are those of their first instance too; replacing it (a
+# corrected re-send under duplicate_policy overwrite, fixed at the RIS) replaces them.
+_SET_STUDY_MODULE = """
+    UPDATE studies SET study_date = :study_date, study_time = :study_time,
+        accession_number = :accession_number, accession_issuer = :accession_issuer,
+        study_id = :study_id, study_description = :study_description,
+        referring_physician = :referring_physician,
+        referring_physician_folded = fold_name(:referring_physician),
+        requested_procedure_ids = :requested_procedure_ids,
+        placer_order_numbers = :placer_order_numbers, character_set = :character_set
+    WHERE pk = :study_pk
+"""
+_SET_SERIES_MODULE = """
+    UPDATE series SET modality = :modality, series_number = :series_number,
+        series_description = :series_description, body_part = :body_part,
+        series_date = :series_date, series_time = :series_time, requests = :requests
+    WHERE pk = :series_pk
+"""
+# The first instance of a study (of a series) is its oldest row (a replaced instance keeps
+# its row).
 _IS_FIRST_OF_STUDY = """
     SELECT min(i.pk) = (SELECT pk FROM instances WHERE sop_uid = :sop_uid)
     FROM instances i JOIN series se ON i.series_pk = se.pk WHERE se.study_pk = :study_pk
+"""
+_IS_FIRST_OF_SERIES = """
+    SELECT min(pk) = (SELECT pk FROM instances WHERE sop_uid = :sop_uid)
+    FROM instances WHERE series_pk = :series_pk
 """
 _SERIES_UPSERT = """
     INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
@@ -325,6 +359,24 @@ def _identity_conflict(db: sqlite3.Connection, record: InstanceRecord
     return None
 
 
+def _report_misfiled(db: sqlite3.Connection) -> None:
+    """Log the instances whose file is not where their indexed study and series put it:
+    versions before v8 filed an instance under the study it was sent in while indexing it
+    under the study its series was known in. Their rows and files are kept as they are (the
+    file is served from its indexed path; recovery leaves it alone)."""
+    rows = db.execute(f"""SELECT i.sop_uid, st.study_uid, se.series_uid, i.path {_INSTANCE_FROM}
+                          WHERE i.path != 'studies/' || st.study_uid || '/' || se.series_uid
+                                          || '/' || i.sop_uid || '.dcm'""").fetchall()
+    for sop_uid, study_uid, series_uid, path in rows:
+        log.warning("index upgrade: instance %s is indexed in study %s, series %s, but its"
+                    " file is %s (filed by an earlier version under the study it was sent"
+                    " in): check that study with its sender", sop_uid, study_uid, series_uid,
+                    path)
+    if rows:
+        log.warning("index upgrade: %d instance(s) filed under another study than their"
+                    " indexed one", len(rows))
+
+
 # The patient module a study keeps from its first instance: column -> keyword.
 _DEMOGRAPHICS = {"patient_name": "PatientName", "patient_birth_date": "PatientBirthDate",
                  "patient_sex": "PatientSex", "other_patient_ids": "OtherPatientIDsSequence"}
@@ -408,6 +460,8 @@ class Index:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
+            if 0 < version < _PATH_INDEX_VERSION:
+                _report_misfiled(db)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -489,9 +543,10 @@ class Index:
                      replacing: bool = False) -> list[str]:
         """Insert (or, ``replacing``, update) an instance with its series, study and patient,
         in one commit; IdentityConflictError, nothing written, when ``identity_conflict``
-        finds one. Returns the patient module attributes in which the instance differs from
-        its study's, which are those of its first instance (as now stored: replacing the
-        first instance replaces them)."""
+        finds one. The patient and study modules of a study are those of its first instance,
+        a series' attributes those of its first: replacing that instance replaces them.
+        Returns the patient module attributes in which the instance differs from its
+        study's."""
         params = asdict(record)
         params.update(path=path, size=size, source=source, now=time.time())
         with self.transaction() as db:
@@ -509,25 +564,34 @@ class Index:
                            " (SELECT pk FROM instances WHERE sop_uid = ?)", (record.sop_uid,))
                 if db.execute(_IS_FIRST_OF_STUDY, params).fetchone()[0]:
                     db.execute(_SET_PATIENT_MODULE, params)
+                    db.execute(_SET_STUDY_MODULE, params)
+                if db.execute(_IS_FIRST_OF_SERIES, params).fetchone()[0]:
+                    db.execute(_SET_SERIES_MODULE, params)
             return _differing_demographics(db, record)
 
-    def patient_modules_to_read(self) -> list[tuple[str, str]]:
-        """(study UID, path of its first instance) of each study indexed before v6, whose
-        patient module is still that of the first study of its Patient ID."""
-        return [(row[0], row[1]) for row in self.fetch(
-            """SELECT st.study_uid, (SELECT i.path FROM instances i JOIN series se
-                                     ON i.series_pk = se.pk WHERE se.study_pk = st.pk
-                                     ORDER BY i.pk LIMIT 1)
+    def patient_modules_to_read(self) -> list[tuple[str, list[str]]]:
+        """(study UID, paths of its instances, first received first) of each study indexed
+        before v8, whose patient module is still that of the first study of its Patient
+        ID."""
+        return [(row[0], json.loads(row[1])) for row in self.fetch(
+            """SELECT st.study_uid, (SELECT json_group_array(path) FROM
+                                     (SELECT i.path FROM instances i JOIN series se
+                                      ON i.series_pk = se.pk WHERE se.study_pk = st.pk
+                                      ORDER BY i.pk))
                FROM patient_modules_to_read r JOIN studies st ON st.pk = r.study_pk""")]
 
     def set_patient_module(self, study_uid: str, record: InstanceRecord | None) -> None:
-        """The patient module of a study from ``record`` (its first instance; None: keep it
-        as it is), which ``patient_modules_to_read`` no longer lists."""
+        """The patient module of a study from ``record`` (its first readable instance; None:
+        keep it as it is), which ``patient_modules_to_read`` no longer lists."""
         with self.transaction() as db:
             if record is not None:
                 db.execute(_SET_PATIENT_MODULE, {**asdict(record), "study_uid": study_uid})
             db.execute("""DELETE FROM patient_modules_to_read WHERE study_pk =
                           (SELECT pk FROM studies WHERE study_uid = ?)""", (study_uid,))
+
+    def has_path(self, path: str) -> bool:
+        """True when an indexed instance, of any study, has its file at ``path``."""
+        return bool(self.fetch("SELECT 1 FROM instances WHERE path = ?", (path,)))
 
     def study_paths(self, study_uid: str) -> set[str]:
         """Relative paths of every indexed instance of a study."""

@@ -42,7 +42,10 @@ def recover(blobs: BlobStore, index: Index) -> RecoveryReport:
         indexed = index.study_paths(study_dir.name)
         on_disk = {str(f.relative_to(blobs.root)) for f in study_dir.glob("*/*.dcm")}
         for relative in sorted(on_disk - indexed):
-            _reindex(blobs, index, relative, report)
+            # Indexed under another study: filed under the study it was sent in by versions
+            # before v8 (reported by the index upgrade), not a file the index lost.
+            if not index.has_path(relative):
+                _reindex(blobs, index, relative, report)
         report.missing += sorted(p for p in indexed if not (blobs.root / p).exists())
     for relative in report.missing:
         log.error("indexed instance has no file: %s", relative)
@@ -72,11 +75,23 @@ def _reindex(blobs: BlobStore, index: Index, relative: str, report: RecoveryRepo
 
 
 def _quarantine(blobs: BlobStore, relative: str, why: str, report: RecoveryReport) -> None:
-    target = blobs.root / "quarantine" / Path(relative).name
-    target.parent.mkdir(exist_ok=True)
+    folder = blobs.root / "quarantine"
+    folder.mkdir(exist_ok=True)
+    target = _free_name(folder, Path(relative).name)
     blobs.absolute(relative).replace(target)
-    log.error("quarantined %s: %s", relative, why)
+    log.error("quarantined %s as %s: %s", relative, target.relative_to(blobs.root), why)
     report.quarantined.append(relative)
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    """``folder / name``, or with a numbered suffix when taken: the files of an identity
+    conflict share their SOP Instance UID, hence their name, and none may overwrite another.
+    Recovery runs alone (under the service lock), so a free name stays free."""
+    target, number = folder / name, 0
+    while target.exists():
+        number += 1
+        target = folder / f"{Path(name).stem}.{number}{Path(name).suffix}"
+    return target
 
 
 class DataDirBusyError(RuntimeError):

@@ -41,7 +41,7 @@ class Attribute:
 ATTRIBUTES: dict[str, Attribute] = {
     "PatientID": Attribute(Level.PATIENT, "p.patient_id", "LO"),
     "IssuerOfPatientID": Attribute(Level.PATIENT, "p.issuer_of_patient_id", "LO"),
-    # The patient module of each study is its own (storage.index, v6).
+    # The patient module of each study is its own (storage.index, v8).
     "PatientName": Attribute(Level.PATIENT, "st.patient_name", "PN", "st.patient_name_folded"),
     "PatientBirthDate": Attribute(Level.PATIENT, "st.patient_birth_date", "DA"),
     "PatientSex": Attribute(Level.PATIENT, "st.patient_sex", "CS"),

@@ -9,7 +9,6 @@ structure of its data set, walked before anything parses it. Callers turn the ou
 DIMSE status, an HTTP answer or a line of the import summary.
 """
 
-import dataclasses
 import enum
 import errno
 import io
@@ -24,6 +23,7 @@ from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, Tempora
 from storage.header import InstanceRecord, read_header
 from storage.index import IdentityConflict, IdentityConflictError, Index, StoredInstance
 from storage.part10 import is_part10, read_file_meta, with_preamble
+from storage.sameness import FixedBudget, MemoryBudget, NotComparableError, same_instance
 from storage.structure import (
     DatasetTooComplexError,
     DatasetTooLargeError,
@@ -34,6 +34,9 @@ from storage.structure import (
 log = logging.getLogger(__name__)
 
 _UID_LOCK_STRIPES = 64
+# Memory a process without the service's decode budget (``passerelle import``) may hold to
+# compare a re-sent instance with the stored one: the service's default decode_memory_bytes.
+_OWN_COMPARISON_BYTES = 512 << 20
 
 
 class DuplicatePolicy(enum.StrEnum):
@@ -180,12 +183,16 @@ class Store:
 
     def __init__(self, data_dir: Path,
                  duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST,
-                 limits: IngestLimits | None = None) -> None:
+                 limits: IngestLimits | None = None,
+                 decode_memory: MemoryBudget | None = None) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(data_dir)
         self.index = Index(data_dir / "index.sqlite")
         self.duplicate_policy = duplicate_policy
         self.limits = limits or IngestLimits()
+        # Where comparing a re-sent instance decoded takes its memory from (the service sets
+        # its decode memory budget here).
+        self.decode_memory: MemoryBudget = decode_memory or FixedBudget(_OWN_COMPARISON_BYTES)
         # Held from the duplicate re-check to the index commit, so two associations sending
         # the same SOP Instance UID at once cannot both write it. Striped by UID: writers of
         # different instances fsync in parallel instead of queueing on one lock.
@@ -193,19 +200,29 @@ class Store:
         self._read_patient_modules()
 
     def _read_patient_modules(self) -> None:
-        """Once after the v6 migration: the patient module of each study read again from
-        the file of its first instance (earlier versions showed every study of a Patient ID
-        with the demographics of the first study received)."""
-        for study_uid, path in self.index.patient_modules_to_read():
+        """Once after the v8 migration: the patient module of each study read again from
+        the file of its first instance, or the next one when that is unreadable (earlier
+        versions showed every study of a Patient ID with the demographics of the first
+        study received)."""
+        for study_uid, paths in self.index.patient_modules_to_read():
             record = None
-            if path:
+            for path in paths:
                 try:
-                    record = read_header(self.blobs.absolute(path), self.limits,
-                                         self.blobs.scratch)
+                    found = read_header(self.blobs.absolute(path), self.limits,
+                                        self.blobs.scratch)
                 except (OSError, UnreadableDatasetError, DatasetTooLargeError,
                         DatasetTooComplexError) as exc:
-                    log.warning("study %s keeps its patient module: %s unreadable (%s)",
-                                study_uid, path, exc)
+                    log.warning("study %s: %s unreadable (%s), its patient module read from"
+                                " the next instance", study_uid, path, exc)
+                    continue
+                if found.study_uid == study_uid:  # not a truncated file read as empty
+                    record = found
+                    break
+                log.warning("study %s: %s holds no instance of it, its patient module read"
+                            " from the next instance", study_uid, path)
+            if record is None:
+                log.warning("study %s keeps the patient module it was shown with: none of"
+                            " its %d instance(s) is readable", study_uid, len(paths))
             self.index.set_patient_module(study_uid, record)
 
     def close(self) -> None:
@@ -314,26 +331,22 @@ class Store:
         # data sets only.
         if _same_dataset(self.blobs.absolute(stored.path), received):
             return IngestResult(Outcome.DUPLICATE, "already stored", record=record)
-        if self._same_instance_encoded_otherwise(record, stored):
+        try:
+            same = same_instance(self.blobs.absolute(stored.path), received, self.decode_memory)
+        except NotComparableError as exc:
+            # Never "success" for what may be another object (PS3.4 B.2.2: success means
+            # stored); the sender sees why and may send it again, in the stored syntax.
+            return _rejected(Rejection.SOP_INSTANCE_CONFLICT,
+                             f"SOP Instance UID already stored in transfer syntax"
+                             f" {stored.transfer_syntax}; the re-sent object could not be"
+                             f" compared with it ({exc}): not stored", record, "SOPInstanceUID")
+        if same:
             return IngestResult(Outcome.DUPLICATE, "already stored in transfer syntax"
                                 f" {stored.transfer_syntax}", record=record)
         return _rejected(Rejection.SOP_INSTANCE_CONFLICT,
                          "SOP Instance UID already stored with another data set (kept,"
                          f" duplicate_policy keep-first): {record.sop_uid}",
                          record, "SOPInstanceUID")
-
-    def _same_instance_encoded_otherwise(self, record: InstanceRecord,
-                                         stored: StoredInstance) -> bool:
-        """True when ``record`` is the stored instance in another transfer syntax: the same
-        instance may travel in any of them (PS3.5 10), a sender re-compressing losslessly
-        keeps its UID. Its indexed attributes must all be the same."""
-        if stored.transfer_syntax == record.transfer_syntax:
-            return False
-        try:
-            kept = read_header(self.blobs.absolute(stored.path), self.limits, self.blobs.scratch)
-        except (OSError, UnreadableDatasetError, DatasetTooLargeError, DatasetTooComplexError):
-            return False
-        return dataclasses.replace(kept, transfer_syntax=record.transfer_syntax) == record
 
     def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:

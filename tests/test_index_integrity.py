@@ -8,6 +8,7 @@ running service (pynetdicom) and STOW-RS to the application in-process (httpx).
 - an identical re-send stays a success whose RetrieveURL serves that object.
 """
 
+import copy
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +18,20 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
 
 from storage.blobs import BlobStore
 from storage.index import MIGRATIONS
+from storage.sameness import FixedBudget
 from storage.search import fold_name
+from storage.store import Outcome, Rejection, Store
 from storage.study_contents import load_study_contents
 from tests.inprocess import InProcessService
 from tests.multipart import parts_of
@@ -369,3 +379,150 @@ def test_the_same_instance_in_another_transfer_syntax_is_already_stored(
     assert changed.status_code == 409
     assert changed.json()["00081198"]["Value"][0]["00081197"]["Value"] == [
         DUPLICATE_SOP_INSTANCE]
+
+
+# --- re-sent in another transfer syntax: compared decoded (review 3, finding 4) -----------
+
+def _encapsulated(ds: Dataset, syntax: str, fragment: bytes) -> Dataset:
+    """``ds`` re-encoded (as a sender would claim) in ``syntax`` with one frame ``fragment``."""
+    again = copy.deepcopy(ds)
+    again.file_meta.TransferSyntaxUID = syntax
+    again.PixelData = encapsulate([fragment])
+    return again
+
+
+def test_a_re_sent_instance_in_another_syntax_is_compared_decoded(scp: PasserelleProcess
+                                                                  ) -> None:
+    """Keep-first: the stored instance re-sent re-encoded is already stored only if it
+    decodes to the same data set; other pixels, window or position in another syntax are a
+    conflict (0x0111), never a success that drops them."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    assert c_store(scp, ds).Status == 0x0000
+    rle = copy.deepcopy(ds)
+    rle.compress(RLELossless, generate_instance_uid=False)
+    assert c_store(scp, rle).Status == 0x0000  # losslessly re-compressed: the same
+    for change in ({"PixelData": bytes(len(ds.PixelData))}, {"WindowCenter": 50},
+                   {"ImagePositionPatient": [0, 0, 2]}):
+        other = copy.deepcopy(ds)
+        for keyword, value in change.items():
+            setattr(other, keyword, value)
+        other.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        status = c_store(scp, other)
+        assert status.Status == DUPLICATE_SOP_INSTANCE, change
+        assert "another data set" in status.ErrorComment, change
+        other.compress(RLELossless, generate_instance_uid=False)
+        assert c_store(scp, other).Status == DUPLICATE_SOP_INSTANCE, change
+    [path] = (scp.data_dir / "studies").rglob(f"{ds.SOPInstanceUID}.dcm")
+    assert dcmread(path).PixelData == ds.PixelData
+
+
+def test_a_lossy_or_undecodable_re_encoding_is_never_already_stored(web: InProcessService
+                                                                     ) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    assert post(web, "/studies", multipart([part10(ds)])).status_code == 200
+    for syntax, why in ((JPEGBaseline8Bit, "another data set"),  # lossy: other pixels
+                        (RLELossless, "could not be compared")):  # not RLE at all
+        response = post(web, "/studies",
+                        multipart([part10(_encapsulated(ds, syntax, b"\x00" * 16))]))
+        assert response.status_code == 409, syntax
+        failed = response.json()["00081198"]["Value"][0]
+        assert failed["00081197"]["Value"] == [DUPLICATE_SOP_INSTANCE], syntax
+        assert why in web.store.ingest(part10(_encapsulated(ds, syntax, b"\x00" * 16)),
+                                       "test").message, syntax
+
+
+def test_a_comparison_over_the_decode_budget_is_refused(tmp_path: Path) -> None:
+    """Decoding is reserved before it is done: past the budget, refused (not stored, not
+    called stored)."""
+    store = Store(tmp_path / "data", decode_memory=FixedBudget(1000))
+    try:
+        ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=32)
+        assert store.ingest(part10(ds), "test").outcome is Outcome.STORED
+        ds.compress(RLELossless, generate_instance_uid=False)
+        result = store.ingest(part10(ds), "test")
+        assert (result.outcome, result.reason) == (Outcome.REJECTED,
+                                                   Rejection.SOP_INSTANCE_CONFLICT)
+        assert "could not be compared" in result.message
+        assert "more than the" in result.message
+    finally:
+        store.close()
+
+
+def test_a_corrected_re_send_under_overwrite_refreshes_the_study_and_series(
+        make_web: Callable[..., InProcessService]) -> None:
+    """Overwrite: a study re-sent corrected at the RIS (accession, date, description,
+    referring physician, series description) is then shown, and published, as corrected:
+    replacing the first instance of a study replaces its study module, that of a series
+    its attributes and requests (review 3, finding 6)."""
+    web = make_web("overwrite", duplicate_policy="overwrite")
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid(), generate_uid()]
+    for number, sop in enumerate(sops, 1):
+        wrong = ct_slice(study, series, 1, number, size=4, accession="", sop_uid=sop,
+                         StudyDate="", PatientName="ERREUR^NOM", SeriesDescription="?")
+        assert post(web, "/studies", multipart([part10(wrong)])).status_code == 200
+    for number, sop in enumerate(sops, 1):
+        fixed = ct_slice(study, series, 1, number, size=4, accession="ACC-FIXED", sop_uid=sop,
+                         StudyDate="20260111", PatientName="BON^NOM",
+                         StudyDescription="CT ABDOMEN", ReferringPhysicianName="DURAND^LUC",
+                         SeriesDescription="ABDOMEN")
+        assert post(web, "/studies", multipart([part10(fixed)])).status_code == 200
+    [result] = web.get("/dicom-web/studies", params={"StudyInstanceUID": study}).json()
+    assert (first(result, "00080050"), first(result, "00080020")) == ("ACC-FIXED", "20260111")
+    assert first(result, "00081030") == "CT ABDOMEN"
+    assert first(result, "00080090") == {"Alphabetic": "DURAND^LUC"}
+    assert first(result, "00100010") == {"Alphabetic": "BON^NOM"}
+    [found] = web.get("/dicom-web/studies", params={"ReferringPhysicianName": "durand^luc",
+                                                    "fuzzymatching": "true"}).json()
+    assert first(found, "0020000D") == study
+    [one] = web.get(f"/dicom-web/studies/{study}/series").json()
+    assert first(one, "0008103E") == "ABDOMEN"
+    contents = load_study_contents(web.store.index, study)
+    assert contents is not None
+    assert contents.accession_number == "ACC-FIXED"
+    assert [request.accession for request in contents.series[0].requests] == [
+        "ACC-FIXED"]
+
+
+def test_an_index_of_v5_reads_the_patient_module_from_the_next_readable_instance(
+        tmp_path: Path) -> None:
+    """The first instance of a migrated study unreadable: its patient module is read from
+    the next one, not left as the first study of its Patient ID showed it (review 3,
+    finding 10)."""
+    data = tmp_path / "data"
+    blobs = BlobStore(data)
+    db = sqlite3.connect(data / "index.sqlite")
+    db.create_function("fold_name", 1, fold_name)
+    for script in MIGRATIONS[:5]:
+        for statement in script.split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute("INSERT INTO patients VALUES (1, 'P6', 'HOSP', '', 'NOIR^MARC', '19600606',"
+               " 'M', '^noir^marc')")
+    study, series = generate_uid(), generate_uid()
+    db.execute("INSERT INTO studies (pk, study_uid, patient_pk, study_date, study_time,"
+               " accession_number, accession_issuer, study_id, study_description,"
+               " referring_physician, requested_procedure_ids, placer_order_numbers,"
+               " first_received_at, last_received_at) VALUES"
+               " (1, ?, 1, '', '', '', '', '', '', '', '', '', 0, 0)", (study,))
+    db.execute("INSERT INTO series (pk, series_uid, study_pk, modality, series_description,"
+               " body_part, series_date, series_time) VALUES (1, ?, 1, 'CT', '', '', '', '')",
+               (series,))
+    for number in (1, 2):
+        ds = ct_slice(study, series, 1, number, size=4, patient_id="P6",
+                      PatientName="NOIR^MARCELLE", PatientSex="F")
+        relative = blobs.relative_path(study, series, ds.SOPInstanceUID)
+        raw = part10(ds)
+        blobs.put(relative, [raw[:200] if number == 1 else raw])  # the first: truncated
+        db.execute("INSERT INTO instances (sop_uid, series_pk, sop_class_uid, transfer_syntax,"
+                   " path, size, source, received_at) VALUES (?, 1, ?, ?, ?, ?, 'old', 0)",
+                   (ds.SOPInstanceUID, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID,
+                    relative, len(raw)))
+    db.execute("PRAGMA user_version = 5")
+    db.commit()
+    db.close()
+    with InProcessService(data) as service:
+        [result] = service.get("/dicom-web/studies", params={"StudyInstanceUID": study}).json()
+        assert first(result, "00100010") == {"Alphabetic": "NOIR^MARCELLE"}
+        assert first(result, "00100040") == "F"
+        assert service.store.index.patient_modules_to_read() == []

@@ -401,6 +401,7 @@ def test_an_index_of_v8_reads_the_patient_id_authority_of_its_studies_again(
                                              "1.2.250.1.555.1"))])
     with store.index.transaction() as db:  # the index as v8 left it
         db.execute("ALTER TABLE studies DROP COLUMN patient_id_qualifiers")
+        db.execute("DROP INDEX instances_path")  # v10, after
         db.execute("PRAGMA user_version = 8")
     store.close()
     store = Store(tmp_path / "data")

@@ -3,6 +3,8 @@
 import dataclasses
 import io
 import json
+import logging
+import sqlite3
 import threading
 import tracemalloc
 from pathlib import Path
@@ -16,6 +18,7 @@ from storage.blobs import BlobStore, InvalidUIDError
 from storage.header import read_header
 from storage.index import MIGRATIONS, Index
 from storage.part10 import dataset_offset, read_file_meta
+from storage.recovery import recover
 from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Rejection, Store
 from storage.structure import IngestLimits
@@ -166,7 +169,7 @@ def test_migration_from_v1_folds_existing_names(tmp_path: Path) -> None:
     assert index.schema_version == len(MIGRATIONS) >= 2
     rows = index.search(Level.STUDY, [Match("PatientName", "helene")], ["PatientID"],
                         fuzzy=True, limit=10, offset=0)
-    assert rows == [{"PatientID": "P1"}]  # folded in v2, the study's own since v6
+    assert rows == [{"PatientID": "P1"}]  # folded in v2, the study's own since v8
     index.close()
 
 
@@ -250,3 +253,72 @@ def test_one_file_meta_walker_finds_the_transfer_syntax(tmp_path: Path) -> None:
     meta = read_file_meta(io.BytesIO(raw))
     assert meta.transfer_syntax == DeflatedExplicitVRLittleEndian
     assert meta.dataset_offset == dataset_offset(raw)
+
+
+# --- recovery over an index of earlier versions (review 3, findings 8 and 9) --------------
+
+def _drop(store: Store, ds: Dataset) -> Path:
+    """Write ``ds`` where its UIDs file it, unindexed (a file the index lost)."""
+    path = store.blobs.absolute(store.blobs.relative_path(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(part10(ds))
+    return path
+
+
+def test_recovery_leaves_a_file_indexed_under_another_study_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before v8 an instance of series A.1 sent in study B was filed under studies/B/A.1/
+    but indexed in study A. The upgrade reports it; recovery, seeing a file under study B
+    that study B does not index, must not quarantine it (study A's row would point to no
+    file)."""
+    data = tmp_path / "data"
+    store = Store(data)
+    study_a, study_b, series = generate_uid(), generate_uid(), generate_uid()
+    assert store.ingest(part10(ct_slice(study_a, series, 1, 1, size=4)), "t").accepted
+    sent = ct_slice(study_b, series, 1, 2, size=4)
+    misfiled = _drop(store, sent)
+    relative = str(misfiled.relative_to(data))
+    store.close()
+    db = sqlite3.connect(data / "index.sqlite")  # as the version before v8 left it
+    db.execute("INSERT INTO instances (sop_uid, series_pk, sop_class_uid, transfer_syntax,"
+               " path, size, source, received_at) VALUES (?, 1, ?, ?, ?, ?, 'old', 0)",
+               (sent.SOPInstanceUID, sent.SOPClassUID, sent.file_meta.TransferSyntaxUID,
+                relative, misfiled.stat().st_size))
+    db.execute("DROP INDEX IF EXISTS instances_path")
+    db.execute("PRAGMA user_version = 9")  # before the path index
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="storage.index"):
+        store = Store(data)
+    try:
+        assert f"instance {sent.SOPInstanceUID} is indexed in study {study_a}" in caplog.text
+        assert relative in caplog.text
+        report = recover(store.blobs, store.index)
+        assert report.counts() == {"reindexed": 0, "quarantined": 0, "missing": 0}
+        assert misfiled.exists()
+        assert store.index.find_instance(sent.SOPInstanceUID).path == relative
+        assert recover(store.blobs, store.index).counts()["missing"] == 0
+    finally:
+        store.close()
+
+
+def test_quarantined_files_of_one_sop_instance_uid_are_all_kept(tmp_path: Path) -> None:
+    """Files of an identity conflict share their SOP Instance UID, hence their name: each
+    is kept in quarantine/, none overwrites another."""
+    store = Store(tmp_path / "data")
+    try:
+        study, series, sop = generate_uid(), generate_uid(), generate_uid()
+        assert store.ingest(part10(ct_slice(study, series, 1, 1, size=4, patient_id="P1")),
+                            "t").accepted
+        dropped = [_drop(store, ct_slice(study, other, 1, 2, size=4, patient_id="P2",
+                                         sop_uid=sop, SeriesDescription=other))
+                   for other in (generate_uid(), generate_uid(), generate_uid())]
+        report = recover(store.blobs, store.index)
+        assert report.counts()["quarantined"] == 3
+        kept = sorted((tmp_path / "data" / "quarantine").iterdir())
+        assert [path.name for path in kept] == [f"{sop}.1.dcm", f"{sop}.2.dcm", f"{sop}.dcm"]
+        assert {dcmread(path).SeriesDescription for path in kept} == {
+            path.parent.name for path in dropped}
+    finally:
+        store.close()

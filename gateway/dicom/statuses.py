@@ -7,8 +7,11 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # A7xx
 DATASET_MISMATCH = 0xA900  # A9xx: data set does not match SOP class
 CANNOT_UNDERSTAND = 0xC000  # Cxxx
-# PS3.7 C.4 general status: the SOP Instance UID is already registered, with another data
-# set or elsewhere in the hierarchy.
+# "Duplicate SOP Instance", a general status of PS3.7 Annex C (it is defined for
+# N-CREATE): the SOP Instance UID is already registered, with another data set or elsewhere
+# in the hierarchy. It is NOT in the C-STORE status table of PS3.4 Table B.2-1, which has no
+# failure for a duplicate; the conformance statement says so, and a peer that does not
+# know the code still reads a failure (neither 0000 nor Bxxx).
 DUPLICATE_SOP_INSTANCE = 0x0111
 # Implementation-specific Cxxx codes (PS3.4 B.2.3 "cannot understand", with Offending
 # Element and Error Comment; PS3.18 I.2.2 lets the FailureReason use them too).
