@@ -126,15 +126,15 @@ def _other_patient_ids(ds: Dataset) -> str:
 
 def _request_identifiers(ds: Dataset) -> tuple[str, str]:
     """Requested Procedure IDs and Placer Order Numbers, top level and Request Attributes."""
-    procedures: list[str] = []
-    orders: list[str] = []
+    # Dicts as ordered sets: distinct values in linear time (thousands of items are allowed).
+    procedures: dict[str, None] = {}
+    orders: dict[str, None] = {}
     for item in [ds, *(ds.get("RequestAttributesSequence") or [])]:
         for keyword, bucket in (("RequestedProcedureID", procedures),
                                 ("PlacerOrderNumberImagingServiceRequest", orders)):
-            value = _text(item, keyword)
-            if value and value not in bucket:
-                bucket.append(value)
-    return encode(procedures), encode(orders)
+            if value := _text(item, keyword):
+                bucket.setdefault(value)
+    return encode(list(procedures)), encode(list(orders))
 
 
 def _request_attributes(ds: Dataset) -> str:
@@ -148,7 +148,7 @@ def _requests(ds: Dataset) -> str:
     """The distinct requests of the instance, each kept whole (PS3.3 Table 10-9): an item's
     accession defaults to the instance's, as the item is a request of this study."""
     items = list(ds.get("RequestAttributesSequence") or []) or [ds]
-    found: list[Request] = []
+    found: dict[Request, None] = {}  # an ordered set: linear in the number of items
     for item in items:
         request = Request(
             _text(item, "AccessionNumber") or _text(ds, "AccessionNumber"),
@@ -159,8 +159,8 @@ def _requests(ds: Dataset) -> str:
             _text(item, "FillerOrderNumberImagingServiceRequest"))
         identifiers = (request.accession, request.procedure_id, request.placer_order,
                        request.filler_order)
-        if any(identifiers) and request not in found:
-            found.append(request)
+        if any(identifiers):
+            found.setdefault(request)
     return encode([request.to_json() for request in found])
 
 

@@ -15,7 +15,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.header import InstanceRecord
-from storage.search import Level, Match, count, fold_name, name_group, search
+from storage.identifiers import encode
+from storage.search import (
+    Level,
+    Match,
+    count,
+    fold_name,
+    name_group,
+    request_items,
+    search,
+    with_request_items,
+)
+
+# The oldest SQLite the statements here run on: RETURNING and ALTER TABLE DROP COLUMN
+# (3.35.0), UPDATE ... FROM (3.33.0), window functions (3.25.0), JSON functions built in.
+# Debian 12 has 3.40.1, Debian 13 3.46.1.
+MIN_SQLITE = (3, 35, 0)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +141,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # v6: what QIDO-RS returns "if known" (PS3.18 Tables 10.6.3-3/4/5) from the instances:
     # taken from an instance's cached DICOM JSON where it has one, empty otherwise until the
-    # instance is received again.
+    # instance is received again. UPDATE ... FROM: SQLite 3.33 (MIN_SQLITE, checked by Index).
     """
     ALTER TABLE instances ADD COLUMN timezone_offset TEXT NOT NULL DEFAULT '';
     ALTER TABLE instances ADD COLUMN bits_allocated INTEGER;
@@ -184,6 +199,12 @@ MIGRATIONS: tuple[str, ...] = (
     # than its directory's, as versions before v8 could file it).
     """
     CREATE INDEX instances_path ON instances(path);
+    """,
+    # v11: the Request Attributes of an instance kept as its distinct items, at most
+    # storage.search.MAX_REQUEST_ITEMS of them (as ingest now keeps them).
+    """
+    UPDATE instances SET request_attributes = request_items_text(request_attributes)
+    WHERE request_attributes != '';
     """,
 )
 # An upgrade from before the path index (v10) reports the rows whose path and study disagree,
@@ -424,10 +445,24 @@ class StudySummary:
     instance_count: int
 
 
+class UnsupportedSQLiteError(ValueError):
+    """The SQLite library Python runs with is older than MIN_SQLITE."""
+
+
+def _request_items_text(text: str) -> str:
+    """A Request Attributes column (a JSON list of items) as its distinct items, bounded."""
+    return encode(request_items([text]))
+
+
 class Index:
     """The SQL index. Safe to share between threads."""
 
     def __init__(self, path: Path) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise UnsupportedSQLiteError(
+                f"SQLite {sqlite3.sqlite_version} is older than"
+                f" {'.'.join(map(str, MIN_SQLITE))}, the oldest the index runs on: run"
+                " Python with a newer SQLite library (Debian 12 or later has one)")
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
@@ -438,6 +473,8 @@ class Index:
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.create_function("fold_name", 1, fold_name, deterministic=True)
         self._db.create_function("name_group", 2, name_group, deterministic=True)
+        self._db.create_function("request_items_text", 1, _request_items_text,
+                                 deterministic=True)
         self._migrate()
 
     def close(self) -> None:
@@ -548,7 +585,8 @@ class Index:
         Returns the patient module attributes in which the instance differs from its
         study's."""
         params = asdict(record)
-        params.update(path=path, size=size, source=source, now=time.time())
+        params.update(path=path, size=size, source=source, now=time.time(),
+                      request_attributes=_request_items_text(record.request_attributes))
         with self.transaction() as db:
             # Checked again inside the write transaction: two instances of one new study
             # with different Patient IDs may pass the check before either commits.
@@ -607,7 +645,8 @@ class Index:
                ) -> list[dict[str, object]]:
         """QIDO matching, see ``storage.search.search``."""
         with self._lock:
-            return search(self._db, level, matches, returned, fuzzy, limit, offset, within)
+            rows = search(self._db, level, matches, returned, fuzzy, limit, offset, within)
+        return with_request_items(rows)  # JSON decoding, once the lock is released
 
     def count(self, level: Level, matches: list[Match], fuzzy: bool,
               within: frozenset[str] | None = None) -> int:

@@ -53,14 +53,12 @@ ATTRIBUTES: dict[str, Attribute] = {
     "StudyDescription": Attribute(Level.STUDY, "st.study_description", "LO"),
     "ReferringPhysicianName": Attribute(Level.STUDY, "st.referring_physician", "PN",
                                         "st.referring_physician_folded"),
-    "ModalitiesInStudy": Attribute(
-        Level.STUDY, "(SELECT group_concat(DISTINCT m.modality) FROM series m"
-                     " WHERE m.study_pk = st.pk AND m.modality != '')", "CS"),
-    "NumberOfStudyRelatedSeries": Attribute(
-        Level.STUDY, "(SELECT count(*) FROM series m WHERE m.study_pk = st.pk)", "IS"),
-    "NumberOfStudyRelatedInstances": Attribute(
-        Level.STUDY, "(SELECT count(*) FROM instances mi JOIN series m ON mi.series_pk = m.pk"
-                     " WHERE m.study_pk = st.pk)", "IS"),
+    # Computed per study or series by its grouped query (_groups), over its series m or its
+    # instances x: returned, never matched (but Modalities in Study, see Match.condition).
+    "ModalitiesInStudy": Attribute(Level.STUDY, "group_concat(DISTINCT NULLIF(m.modality, ''))",
+                                   "CS"),
+    "NumberOfStudyRelatedSeries": Attribute(Level.STUDY, "count(*)", "IS"),
+    "NumberOfStudyRelatedInstances": Attribute(Level.STUDY, "count(*)", "IS"),
     "SeriesInstanceUID": Attribute(Level.SERIES, "se.series_uid", "UI"),
     "Modality": Attribute(Level.SERIES, "se.modality", "CS"),
     "SeriesNumber": Attribute(Level.SERIES, "se.series_number", "IS"),
@@ -68,8 +66,7 @@ ATTRIBUTES: dict[str, Attribute] = {
     "BodyPartExamined": Attribute(Level.SERIES, "se.body_part", "CS"),
     "SeriesDate": Attribute(Level.SERIES, "se.series_date", "DA"),
     "SeriesTime": Attribute(Level.SERIES, "se.series_time", "TM"),
-    "NumberOfSeriesRelatedInstances": Attribute(
-        Level.SERIES, "(SELECT count(*) FROM instances mi WHERE mi.series_pk = se.pk)", "IS"),
+    "NumberOfSeriesRelatedInstances": Attribute(Level.SERIES, "count(*)", "IS"),
     "SOPInstanceUID": Attribute(Level.INSTANCE, "i.sop_uid", "UI"),
     "SOPClassUID": Attribute(Level.INSTANCE, "i.sop_class_uid", "UI"),
     "InstanceNumber": Attribute(Level.INSTANCE, "i.instance_number", "IS"),
@@ -77,8 +74,8 @@ ATTRIBUTES: dict[str, Attribute] = {
     "Columns": Attribute(Level.INSTANCE, "i.columns", "US"),
     "NumberOfFrames": Attribute(Level.INSTANCE, "i.frames", "IS"),
     "BitsAllocated": Attribute(Level.INSTANCE, "i.bits_allocated", "US"),
-    # Known from the instances, so valued per query level by _select (the sql here is the
-    # instance's own): returned, never matched.
+    # Known from the instances: the sql here is an instance's own value; a study or series
+    # result has the one its instances carry (_grouped). Returned, never matched.
     "InstanceAvailability": Attribute(Level.STUDY, "'ONLINE'", "CS"),
     "TimezoneOffsetFromUTC": Attribute(Level.STUDY, "NULLIF(i.timezone_offset, '')", "SH"),
     "PerformedProcedureStepStartDate": Attribute(Level.SERIES, "NULLIF(i.pps_start_date, '')",
@@ -108,12 +105,6 @@ _FROM_INSTANCES = {"InstanceAvailability", "TimezoneOffsetFromUTC",
                    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
                    "RequestAttributesSequence"}
 _RETURNED_ONLY = (_COMPUTED_COUNTS - {"ModalitiesInStudy"}) | _FROM_INSTANCES
-# The instances a study or series result speaks for (x), with the study or series row.
-_INSTANCES_OF = {
-    Level.STUDY: "instances x JOIN series xs ON x.series_pk = xs.pk WHERE xs.study_pk = st.pk",
-    Level.SERIES: "instances x WHERE x.series_pk = se.pk",
-}
-
 # Confined to ``within`` (a CTE of SOP Instance UIDs): a series exists when one of its
 # instances is within, a study when one of its series does.
 _WITHIN = "WITH within(sop_uid) AS (SELECT value FROM json_each(?)) "
@@ -125,19 +116,6 @@ _ROWS_WITHIN = {
     Level.SERIES: _SERIES_WITHIN.format("se.pk"),
     Level.INSTANCE: "i.sop_uid IN within",
 }
-_COUNTS_WITHIN = {
-    "ModalitiesInStudy": "(SELECT group_concat(DISTINCT m.modality) FROM series m WHERE"
-                         " m.study_pk = st.pk AND m.modality != '' AND "
-                         + _SERIES_WITHIN.format("m.pk") + ")",
-    "NumberOfStudyRelatedSeries": "(SELECT count(*) FROM series m WHERE m.study_pk = st.pk"
-                                  " AND " + _SERIES_WITHIN.format("m.pk") + ")",
-    "NumberOfStudyRelatedInstances": "(SELECT count(*) FROM instances mi JOIN series m ON"
-                                     " mi.series_pk = m.pk WHERE m.study_pk = st.pk AND"
-                                     " mi.sop_uid IN within)",
-    "NumberOfSeriesRelatedInstances": "(SELECT count(*) FROM instances mi WHERE"
-                                      " mi.series_pk = se.pk AND mi.sop_uid IN within)",
-}
-
 
 # PS3.5 6.2: DA is YYYYMMDD; TM is HH[MM[SS[.F{1,6}]]]. A range is "low-high", either open.
 _DATE_TIME = {"DA": re.compile(r"[0-9]{8}"),
@@ -278,15 +256,43 @@ def search(db: sqlite3.Connection, level: Level, matches: list[Match], returned:
            fuzzy: bool, limit: int, offset: int, within: frozenset[str] | None = None
            ) -> list[dict[str, object]]:
     """Rows of ``level`` matching every ``Match``, with the ``returned`` keywords; only
-    those of the instances ``within`` (SOP Instance UIDs) when given."""
+    those of the instances ``within`` (SOP Instance UIDs) when given. The Request
+    Attributes Sequence comes as read, JSON lists one a line: ``with_request_items`` makes
+    it items (the index calls it once its lock is released)."""
     columns = [k for k in returned if k in ATTRIBUTES and ATTRIBUTES[k].level <= level]
-    selected = [_select(k, level, within is not None) for k in columns]
+    groups = _groups(level, columns)
+    own = [k for k in columns if not any(k in keywords for _, keywords in groups)]
     where, params = _where(level, matches, fuzzy, within)
-    sql = (f"SELECT {', '.join(selected)} FROM {_FROM[level]}{where}"
-           f" ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
-    rows = db.execute(_with(sql, within), [*params, limit, offset]).fetchall()
-    return [{k: _request_items(v) if k == "RequestAttributesSequence" else v
-             for k, v in zip(columns, row, strict=True)} for row in rows]
+    keys = "st.pk, se.pk" if level >= Level.SERIES else "st.pk, NULL"
+    sql = (f"SELECT {', '.join([keys, *(ATTRIBUTES[k].sql for k in own)])}"
+           f" FROM {_FROM[level]}{where} ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
+    page = db.execute(_with(sql, within), [*params, limit, offset]).fetchall()
+    rows = [dict(zip(own, row[2:], strict=True)) for row in page]
+    # A study's or series' values computed once for each distinct one on the page (an
+    # instance result carries its series' and its study's), not once per row.
+    for group, keywords in groups:
+        pks = sorted({row[group.key] for row in page})
+        if not pks:
+            continue
+        sql = group.sql.format(values=", ".join(_grouped(k) for k in keywords),
+                               within=group.within if within is not None else "")
+        group_params = [*params[:1 if within is not None else 0], json.dumps(pks)]
+        if group is _SERIES_REQUESTS:
+            group_params.append(MAX_REQUEST_LINES)
+        found = {pk: values for pk, *values in db.execute(_with(sql, within), group_params)}
+        unknown = [None] * len(keywords)
+        for row, keyed in zip(rows, page, strict=True):
+            row.update(zip(keywords, found.get(keyed[group.key], unknown), strict=True))
+    return [{k: row[k] for k in columns} for row in rows]
+
+
+def with_request_items(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """``search`` rows with their Request Attributes Sequence as distinct items."""
+    for row in rows:
+        if "RequestAttributesSequence" in row:
+            row["RequestAttributesSequence"] = request_items(
+                str(row["RequestAttributesSequence"] or "").splitlines()) or None
+    return rows
 
 
 def count(db: sqlite3.Connection, level: Level, matches: list[Match], fuzzy: bool,
@@ -299,7 +305,8 @@ def count(db: sqlite3.Connection, level: Level, matches: list[Match], fuzzy: boo
 
 def _where(level: Level, matches: list[Match], fuzzy: bool, within: frozenset[str] | None
            ) -> tuple[str, list[object]]:
-    """The WHERE clause of a search and its parameters (``within`` first, when given)."""
+    """The WHERE clause of a search and its parameters (``within`` first, when given: the
+    parameter of the ``_with`` CTE)."""
     for match in matches:
         attribute = ATTRIBUTES.get(match.keyword)
         if attribute is None or attribute.level > level:
@@ -321,29 +328,88 @@ def _with(sql: str, within: frozenset[str] | None) -> str:
     return sql if within is None else _WITHIN + sql
 
 
-def _select(keyword: str, level: Level, confined: bool) -> str:
-    """The SQL of a returned attribute in a result of ``level``."""
-    attribute = ATTRIBUTES[keyword]
-    if confined and keyword in _COUNTS_WITHIN:
-        return _COUNTS_WITHIN[keyword]
-    if keyword not in _FROM_INSTANCES or level is Level.INSTANCE:
-        return attribute.sql  # an instance's own value (PS3.18 10.6.3.3.3 "if present")
-    column = attribute.sql.replace("i.", "x.")  # the same expression on the instances x
-    within = " AND x.sop_uid IN within" if confined else ""
-    if keyword == "RequestAttributesSequence":  # the items of every instance, merged below
-        return (f"(SELECT group_concat({column}, char(10)) FROM {_INSTANCES_OF[level]}"
-                f"{within})")
-    # A study or series value is the one its instances carry: unknown when they disagree.
-    # InstanceAvailability: ONLINE, every indexed instance is on local disk (PS3.3
-    # C.4.23.1.1: immediately retrievable).
-    return (f"(SELECT CASE WHEN count(DISTINCT {column}) = 1 THEN max({column}) END"
-            f" FROM {_INSTANCES_OF[level]}{within})")
+@dataclass(frozen=True)
+class _Group:
+    """A query computing values of the studies (key 0) or series (key 1) of a page, one row
+    per pk of those given (a JSON list), with {values}, and {within} when confined."""
+
+    key: int
+    sql: str
+    within: str
+    keywords: frozenset[str]
 
 
-def _request_items(text: object) -> list[list[str]] | None:
-    """The distinct (Scheduled Procedure Step ID, Requested Procedure ID) pairs of one or
-    more Request Attributes columns (JSON lists, one a line); None when there are none."""
-    items: list[list[str]] = []
-    for line in str(text or "").splitlines():
-        items += [item for item in json.loads(line) if item not in items]
-    return items or None
+_STUDY_SERIES = _Group(
+    0, "SELECT m.study_pk, {values} FROM series m WHERE m.study_pk IN"
+       " (SELECT value FROM json_each(?)){within} GROUP BY m.study_pk",
+    " AND " + _SERIES_WITHIN.format("m.pk"),
+    frozenset({"ModalitiesInStudy", "NumberOfStudyRelatedSeries"}))
+_STUDY_INSTANCES = _Group(
+    0, "SELECT xs.study_pk, {values} FROM instances x JOIN series xs ON x.series_pk = xs.pk"
+       " WHERE xs.study_pk IN (SELECT value FROM json_each(?)){within} GROUP BY xs.study_pk",
+    " AND x.sop_uid IN within", frozenset({"NumberOfStudyRelatedInstances"}))
+_SERIES_INSTANCES = _Group(
+    1, "SELECT x.series_pk, {values} FROM instances x WHERE x.series_pk IN"
+       " (SELECT value FROM json_each(?)){within} GROUP BY x.series_pk",
+    " AND x.sop_uid IN within", frozenset({"NumberOfSeriesRelatedInstances"}))
+# The Request Attributes of a series: the distinct values (JSON lists) of its instances, the
+# first MAX_REQUEST_LINES received, one a line (merged by request_items).
+_SERIES_REQUESTS = _Group(
+    1, "SELECT series_pk, {values} FROM (SELECT x.series_pk, x.request_attributes,"
+       " row_number() OVER (PARTITION BY x.series_pk ORDER BY min(x.pk)) AS n FROM instances x"
+       " WHERE x.series_pk IN (SELECT value FROM json_each(?)) AND x.request_attributes != ''"
+       "{within} GROUP BY x.series_pk, x.request_attributes ORDER BY x.series_pk, n)"
+       " WHERE n <= ? GROUP BY series_pk",
+    " AND x.sop_uid IN within", frozenset({"RequestAttributesSequence"}))
+
+
+def _groups(level: Level, columns: list[str]) -> list[tuple[_Group, list[str]]]:
+    """The grouped queries the ``columns`` of a ``level`` result need, each with the
+    keywords it computes there (in the order of ``columns``)."""
+    from_instances = _FROM_INSTANCES - {"RequestAttributesSequence"}
+    computes = [
+        (_STUDY_SERIES, _STUDY_SERIES.keywords),
+        (_STUDY_INSTANCES, _STUDY_INSTANCES.keywords
+         | (from_instances if level is Level.STUDY else frozenset())),
+        (_SERIES_INSTANCES, _SERIES_INSTANCES.keywords
+         | (from_instances if level is Level.SERIES else frozenset())),
+        (_SERIES_REQUESTS, _SERIES_REQUESTS.keywords if level is Level.SERIES
+         else frozenset()),
+    ]
+    return [(group, [k for k in columns if k in keywords]) for group, keywords in computes
+            if keywords & set(columns)]
+
+
+def _grouped(keyword: str) -> str:
+    """The SQL of ``keyword`` in its grouped query."""
+    if keyword == "RequestAttributesSequence":
+        return "group_concat(request_attributes, char(10))"
+    if keyword not in _FROM_INSTANCES:
+        return ATTRIBUTES[keyword].sql  # a count, or the modalities of the series m
+    # A study or series value is the one its instances carry (those without one aside):
+    # unknown when they disagree. InstanceAvailability: ONLINE, every indexed instance is on
+    # local disk (PS3.3 C.4.23.1.1: immediately retrievable).
+    column = ATTRIBUTES[keyword].sql.replace("i.", "x.")  # the expression on the instances x
+    return f"CASE WHEN min({column}) = max({column}) THEN max({column}) END"
+
+
+# PS3.18 Table 10.6.3-4 lists the Request Attributes Sequence of a series "if known" with no
+# bound; a series is acquired for one request or a few, so a bound far above that costs a
+# real series nothing and keeps a crafted one (thousands of items in each instance, which
+# the structure limits allow) from making every search of it slow and its answer
+# unbounded: the first MAX_REQUEST_ITEMS distinct items, in the order received, are the
+# series' value (each a request the series was made for; any further one is not listed).
+MAX_REQUEST_ITEMS = 100
+MAX_REQUEST_LINES = 100  # distinct instance values read for one series
+
+
+def request_items(lines: list[str]) -> list[list[str]]:
+    """The distinct (Scheduled Procedure Step ID, Requested Procedure ID) pairs of
+    Request Attributes values (JSON lists), in order, at most MAX_REQUEST_ITEMS."""
+    seen: dict[tuple[str, ...], None] = {}
+    for line in lines:
+        for item in json.loads(line) if line else []:
+            seen.setdefault(tuple(item))
+            if len(seen) == MAX_REQUEST_ITEMS:
+                return [list(item) for item in seen]
+    return [list(item) for item in seen]

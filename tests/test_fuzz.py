@@ -73,7 +73,7 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
 def test_qido_query_parser_and_search(index: Index, items: list[tuple[str, str]],
                                       level: Level) -> None:
     try:
-        matches, returned, fuzzy, limit, offset = parse_query(items, level, {})
+        matches, returned, fuzzy, limit, offset, _ = parse_query(items, level, {})
         rows = index.search(level, matches, returned, fuzzy, limit, offset)
     except (BadQueryError, QueryError):
         return

@@ -13,10 +13,14 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from storage.index import MIGRATIONS, Index
-from storage.search import Level, fold_name
+import storage.index
+from storage.header import read_header
+from storage.identifiers import Request
+from storage.index import MIGRATIONS, Index, UnsupportedSQLiteError
+from storage.search import MAX_REQUEST_ITEMS, Level, fold_name
 from tests.inprocess import InProcessService
-from tests.synthetic import ct_slice
+from tests.synthetic import ct_slice, part10
+from tests.test_access_model import publish
 
 # (tag, Type, Condition) rows of PS3.18 Tables 10.6.3-3 (study), 10.6.3-4 (series) and
 # 10.6.3-5 (instance). Type: R required, U unique key, C conditional; "known": "Shall be
@@ -206,6 +210,28 @@ def test_required_attributes_and_nothing_empty_when_unknown(
         assert result["00080056"]["Value"] == ["ONLINE"]
 
 
+@pytest.mark.parametrize("params, tag", [
+    ({"includefield": "SeriesDescription"}, "0008103E"),
+    ({"includefield": "0008103E"}, "0008103E"),
+    ({"includefield": "TimezoneOffsetFromUTC"}, "00080201"),
+    ({"includefield": "RequestAttributesSequence"}, "00400275"),
+    ({"SeriesDescription": ""}, "0008103E"),  # a matching key, universal matching
+    ({"SeriesDescription": "*"}, "0008103E"),
+])
+def test_an_attribute_the_query_names_is_returned_empty_when_unknown(
+        web: Held, params: dict, tag: str) -> None:
+    """PS3.18 8.3.4.3: an includefield is C-FIND universal matching (the attribute is to be
+    returned, PS3.4 C.2.2.2.3); 10.6.3.3.2: the response shall contain the attributes passed
+    as match or includefield parameters. Unknown, it is there without a Value (F.2.5)."""
+    [result] = _results(web, f"/studies/{web.study_u}/series", **params)
+    assert "Value" not in result[tag] and result[tag]["vr"] == ATTRIBUTE_VR[tag]
+    [unnamed] = _results(web, f"/studies/{web.study_u}/series")
+    assert tag not in unnamed  # only named: "if known" otherwise (Table 10.6.3-4)
+
+
+ATTRIBUTE_VR = {"0008103E": "LO", "00080201": "SH", "00400275": "SQ"}
+
+
 def test_a_time_zone_the_instances_disagree_on_is_not_the_study_s(
         web: Held) -> None:
     [study] = _results(web, "/studies", PatientID="PM")
@@ -276,11 +302,36 @@ def test_an_index_of_a_previous_version_takes_the_values_from_cached_metadata(
         tmp_path: Path) -> None:
     """The migration that adds the columns fills them from an instance's cached DICOM JSON;
     an instance without one has them empty (absent from QIDO) until received again."""
-    position = next(n for n, script in enumerate(MIGRATIONS)
-                    if "ADD COLUMN timezone_offset" in script)
-    db = sqlite3.connect(tmp_path / "index.sqlite")
+    cached = {"00080201": {"vr": "SH", "Value": ["-0500"]},
+              "00280100": {"vr": "US", "Value": [8]},
+              "00400244": {"vr": "DA", "Value": ["20250101"]},
+              "00400245": {"vr": "TM", "Value": ["0800"]},
+              "00400275": {"vr": "SQ", "Value": [
+                  {"00400009": {"vr": "SH", "Value": ["S1"]},
+                   "00401001": {"vr": "SH", "Value": ["R1"]}},
+                  {"00401001": {"vr": "SH", "Value": ["R2"]}}]}}
+    _index_at_v5(tmp_path / "index.sqlite", cached)
+    index = Index(tmp_path / "index.sqlite")
+    try:
+        returned = ["SOPInstanceUID", "TimezoneOffsetFromUTC", "BitsAllocated",
+                    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+                    "RequestAttributesSequence"]
+        first, second = index.search(Level.INSTANCE, [], returned, False, 10, 0)
+    finally:
+        index.close()
+    assert first == {"SOPInstanceUID": "1.2.3.1", "TimezoneOffsetFromUTC": "-0500",
+                     "BitsAllocated": 8, "PerformedProcedureStepStartDate": "20250101",
+                     "PerformedProcedureStepStartTime": "0800",
+                     "RequestAttributesSequence": [["S1", "R1"], ["", "R2"]]}
+    assert second == {"SOPInstanceUID": "1.2.3.2", **dict.fromkeys(returned[1:])}
+
+
+def _index_at_v5(path: Path, cached: dict) -> None:
+    """An index of schema v5 holding one study, one series and instances 1.2.3.1 and
+    1.2.3.2, the first with ``cached`` as its cached DICOM JSON."""
+    db = sqlite3.connect(path)
     db.create_function("fold_name", 1, fold_name)
-    for script in MIGRATIONS[:position]:
+    for script in MIGRATIONS[:5]:
         for statement in filter(str.strip, script.split(";")):
             db.execute(statement)
     db.execute("INSERT INTO patients (pk, patient_id, issuer_of_patient_id, other_patient_ids,"
@@ -299,28 +350,136 @@ def test_an_index_of_a_previous_version_takes_the_values_from_cached_metadata(
                    " instance_number, transfer_syntax, rows, columns, frames, path, size,"
                    " source, received_at) VALUES (?, ?, 1, '1.2.840.10008.5.1.4.1.1.2', ?,"
                    " '1.2.840.10008.1.2.1', 4, 4, 1, 'x', 1, 'T', 0)", (pk, f"1.2.3.{pk}", pk))
-    cached = {"00080201": {"vr": "SH", "Value": ["-0500"]},
-              "00280100": {"vr": "US", "Value": [8]},
-              "00400244": {"vr": "DA", "Value": ["20250101"]},
-              "00400245": {"vr": "TM", "Value": ["0800"]},
-              "00400275": {"vr": "SQ", "Value": [
-                  {"00400009": {"vr": "SH", "Value": ["S1"]},
-                   "00401001": {"vr": "SH", "Value": ["R1"]}},
-                  {"00401001": {"vr": "SH", "Value": ["R2"]}}]}}
     db.execute("INSERT INTO instance_metadata VALUES (1, ?)", (json.dumps(cached),))
-    db.execute(f"PRAGMA user_version = {position}")
+    db.execute("PRAGMA user_version = 5")
     db.commit()
     db.close()
+
+
+def _request_item(sps: str, rp: str) -> dict:
+    return {"00400009": {"vr": "SH", "Value": [sps]}, "00401001": {"vr": "SH", "Value": [rp]}}
+
+
+def test_request_items_an_earlier_index_kept_unbounded_are_bounded_on_migration(
+        tmp_path: Path) -> None:
+    """v6 copied every item of the cached metadata; v11 keeps the distinct ones, at most
+    MAX_REQUEST_ITEMS, as ingest does."""
+    items = [_request_item(f"S{n}", f"R{n}") for n in range(MAX_REQUEST_ITEMS + 50)]
+    _index_at_v5(tmp_path / "index.sqlite", {"00400275": {"vr": "SQ", "Value": items * 2}})
     index = Index(tmp_path / "index.sqlite")
     try:
-        returned = ["SOPInstanceUID", "TimezoneOffsetFromUTC", "BitsAllocated",
-                    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
-                    "RequestAttributesSequence"]
-        first, second = index.search(Level.INSTANCE, [], returned, False, 10, 0)
+        [first, _] = index.search(Level.INSTANCE, [], ["RequestAttributesSequence"], False,
+                                  10, 0)
+        [series] = index.search(Level.SERIES, [], ["RequestAttributesSequence"], False, 10, 0)
     finally:
         index.close()
-    assert first == {"SOPInstanceUID": "1.2.3.1", "TimezoneOffsetFromUTC": "-0500",
-                     "BitsAllocated": 8, "PerformedProcedureStepStartDate": "20250101",
-                     "PerformedProcedureStepStartTime": "0800",
-                     "RequestAttributesSequence": [["S1", "R1"], ["", "R2"]]}
-    assert second == {"SOPInstanceUID": "1.2.3.2", **dict.fromkeys(returned[1:])}
+    expected = [[f"S{n}", f"R{n}"] for n in range(MAX_REQUEST_ITEMS)]
+    assert first["RequestAttributesSequence"] == expected
+    assert series["RequestAttributesSequence"] == expected
+
+
+def test_a_series_of_thousands_of_request_items_answers_a_bounded_summary(
+        tmp_path: Path) -> None:
+    """Two instances of 5 000 distinct Request Attributes items each (the structure limits
+    allow far more): the series and each instance answer the first MAX_REQUEST_ITEMS
+    distinct items received, and the index serves other queries (the merge is linear and
+    bounded, where it was quadratic under the index lock)."""
+    with InProcessService(tmp_path / "data") as web:
+        study, series = generate_uid(), generate_uid()
+        for k in (1, 2):
+            result = web.ingest(ct_slice(
+                study, series, 1, k, size=4, patient_id="PX",
+                RequestAttributesSequence=[_requested(f"S{k}-{n}", f"R{k}-{n}")
+                                           for n in range(5000)] * 2))
+            assert result.accepted, result.message
+        other = generate_uid()
+        web.ingest(ct_slice(other, generate_uid(), 1, 1, size=4, patient_id="PY"))
+        [found] = _results(web, "/series", PatientID="PX")
+        items = found["00400275"]["Value"]
+        assert len(items) == MAX_REQUEST_ITEMS
+        assert [(i["00400009"]["Value"][0], i["00401001"]["Value"][0]) for i in items] == \
+            [(f"S1-{n}", f"R1-{n}") for n in range(MAX_REQUEST_ITEMS)]
+        for instance in _results(web, "/instances", PatientID="PX"):
+            assert len(instance["00400275"]["Value"]) == MAX_REQUEST_ITEMS
+        assert len(_results(web, f"/studies/{other}/series")) == 1
+
+
+def _vm_steps(web: InProcessService, path: str, params: dict, headers: dict) -> int:
+    """SQLite virtual machine steps (in thousands) the index runs to answer ``path``: a
+    deterministic measure of the work a query does, not a time."""
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    db = web.store.index._db  # the index's own connection, where the search runs
+    db.set_progress_handler(step, 1000)
+    try:
+        response = web.get(f"/dicom-web{path}", params=params, headers=headers)
+        assert response.status_code == 200, response.text
+    finally:
+        db.set_progress_handler(None, 0)
+    return steps
+
+
+def test_series_values_are_computed_once_per_series_not_once_per_row(
+        crowded: InProcessService) -> None:
+    """The instances of one series of 1 002 carry its Number of Series Related Instances
+    and the study's counts; under a manifest's scope too. A page of 200 costs far less than
+    200 pages of 1 (the series values were computed for each row: 1 000 rows x 1 002
+    instances under a manifest took seconds)."""
+    [study] = _results_of(crowded, "/studies")
+    study_uid = study["0020000D"]["Value"][0]
+    scoped = {**JSON, "KOS-SOPInstanceUID": publish(crowded, study_uid)}
+    for headers in (JSON, scoped):
+        path = f"/studies/{study_uid}/instances"
+        one = _vm_steps(crowded, path, {"limit": 1}, headers)
+        page = _vm_steps(crowded, path, {"limit": 200}, headers)
+        assert page < 20 * max(one, 1), (headers, one, page)
+        [first] = crowded.get(f"/dicom-web{path}", params={"limit": 1},
+                              headers=headers).json()
+        assert first["00201209"]["Value"] == [1002]
+
+
+def _results_of(service: InProcessService, path: str) -> list[dict]:
+    response = service.get(f"/dicom-web{path}", headers=JSON)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_an_sqlite_older_than_the_index_needs_is_refused_clearly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index runs UPDATE ... FROM, RETURNING and DROP COLUMN (SQLite 3.35): an older
+    library is refused when the index opens, naming both versions, as a ValueError
+    (`passerelle serve` reports it as "cannot serve: ...")."""
+    monkeypatch.setattr(storage.index.sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(storage.index.sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(UnsupportedSQLiteError, match=r"SQLite 3\.34\.1 is older than 3\.35\.0"):
+        Index(tmp_path / "index.sqlite")
+    assert issubclass(UnsupportedSQLiteError, ValueError)
+    assert not (tmp_path / "index.sqlite").exists()
+
+
+def test_the_requests_of_an_instance_are_made_distinct_in_linear_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the header of an instance of 2 000 distinct Request Attributes items (each
+    twice) compares requests about as many times as there are items, not once per pair of
+    items (4 000 items took minutes; the structure limits allow 50 000)."""
+    comparisons = 0
+    compare = Request.__eq__
+
+    def counted(self: Request, other: object) -> bool:
+        nonlocal comparisons
+        comparisons += 1
+        return compare(self, other)
+
+    monkeypatch.setattr(Request, "__eq__", counted)
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4,
+                  RequestAttributesSequence=[_requested(f"S{n}", f"R{n}")
+                                             for n in range(2000)] * 2)
+    record = read_header(part10(ds))
+    assert len(json.loads(record.requests)) == 2000
+    assert len(json.loads(record.requested_procedure_ids)) == 2000
+    assert comparisons <= 2 * 2000, comparisons

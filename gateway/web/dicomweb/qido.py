@@ -21,7 +21,8 @@ DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000  # maxResults of PS3.18 8.3.4.4.1: a larger limit is cut to it
 # What every result carries (PS3.18 Tables 10.6.3-3 to -5, with Study Description and Body
 # Part Examined besides), and, of those, what is sent only when known (the table's type C
-# "Shall be present if known"); the others are sent empty when unknown (PS3.4 C.2.2.1.2).
+# "Shall be present if known", unless the query names them: dicom_json); the others are sent
+# empty when unknown (PS3.4 C.2.2.1.2).
 _STUDY_RETURN = ["StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
                  "ModalitiesInStudy", "ReferringPhysicianName", "TimezoneOffsetFromUTC",
                  "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
@@ -79,10 +80,12 @@ def _int_param(name: str, text: str, maximum: int) -> int:
 
 
 def parse_query(items: list[tuple[str, str]], level: Level, scope: dict[str, str]
-                ) -> tuple[list[Match], list[str], bool, int, int]:
-    """Matches, returned keywords, fuzzy flag, limit and offset of a QIDO query string."""
+                ) -> tuple[list[Match], list[str], bool, int, int, set[str]]:
+    """Matches, returned keywords, fuzzy flag, limit, offset of a QIDO query string, and
+    the keywords it names (matching keys, includefield other than "all")."""
     matches = [Match(keyword, uid) for keyword, uid in scope.items()]
     returned = _default_return(level, scope)
+    named: set[str] = set()
     fuzzy, limit, offset = False, DEFAULT_LIMIT, 0
     includes = 0
     for key, value in items:
@@ -99,17 +102,21 @@ def parse_query(items: list[tuple[str, str]], level: Level, scope: dict[str, str
                 includes += 1
                 if includes > _MAX_INCLUDEFIELDS:
                     raise BadQueryError(f"more than {_MAX_INCLUDEFIELDS} includefield values")
-                wanted = ([k for k, a in ATTRIBUTES.items() if a.level <= level]
-                          if field == "all" else [_keyword(field)])
+                if field == "all":
+                    wanted = [k for k, a in ATTRIBUTES.items() if a.level <= level]
+                else:
+                    wanted = [_keyword(field)]
+                    named.add(wanted[0])
                 returned += [k for k in wanted if k not in returned]
         else:
             keyword = _keyword(key)
             if any(m.keyword == keyword for m in matches):
                 raise BadQueryError(f"{keyword} is given more than once")
             matches.append(Match(keyword, value))
+            named.add(keyword)
             if keyword not in returned:
                 returned.append(keyword)
-    return matches, returned, fuzzy, limit, offset
+    return matches, returned, fuzzy, limit, offset, named
 
 
 def _json_value(vr: str, value: object) -> dict[str, object]:
@@ -134,10 +141,17 @@ def _json_value(vr: str, value: object) -> dict[str, object]:
     return element
 
 
-def dicom_json(row: dict[str, object], level: Level, dicomweb_root: str) -> dict[str, object]:
-    """One result as a DICOM JSON object, with its RetrieveURL (0008,1190)."""
+def dicom_json(row: dict[str, object], level: Level, dicomweb_root: str,
+               named: set[str]) -> dict[str, object]:
+    """One result as a DICOM JSON object, with its RetrieveURL (0008,1190). An attribute
+    the query ``named`` is there even without a value: an includefield is a return key,
+    C-FIND universal matching (PS3.18 8.3.4.3, PS3.4 C.2.2.2.3: the attribute "be returned"),
+    and the response "shall contain" the attributes passed as match or includefield
+    parameters (PS3.18 10.6.3.3.1, 10.6.3.3.2); an empty value is an element without
+    "Value" (PS3.18 F.2.5)."""
     result = {f"{tag_for_keyword(k):08X}": _json_value(ATTRIBUTES[k].vr, v)
-              for k, v in row.items() if not (k in _IF_KNOWN and v in (None, ""))}
+              for k, v in row.items()
+              if not (k in _IF_KNOWN and k not in named and v in (None, ""))}
     url = retrieve_url(dicomweb_root, str(row["StudyInstanceUID"]),
                        str(row["SeriesInstanceUID"]) if level >= Level.SERIES else "",
                        str(row["SOPInstanceUID"]) if level is Level.INSTANCE else "")
@@ -152,7 +166,8 @@ async def _search(request: Request, level: Level) -> Response:
     scope = {keyword: uid for keyword, uid in (("StudyInstanceUID", target.study),
                                                ("SeriesInstanceUID", target.series)) if uid}
     try:
-        matches, returned, fuzzy, limit, offset = parse_query(list(target.query), level, scope)
+        matches, returned, fuzzy, limit, offset, named = parse_query(list(target.query), level,
+                                                                     scope)
         for needed in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             if ATTRIBUTES[needed].level <= level and needed not in returned:
                 returned.append(needed)
@@ -168,7 +183,8 @@ async def _search(request: Request, level: Level) -> Response:
         return error(400, str(exc))
     root = services_of(request).dicomweb_root
     # 200 with an empty array when nothing matches (CP-2473, RFC 9110 15.3.5).
-    response = json_response(request, [dicom_json(row, level, root) for row in rows])
+    response = json_response(request, [dicom_json(row, level, root, named)
+                                               for row in rows])
     if remaining > 0:
         # PS3.18 8.3.4.4.1: "299 <service>: There are <remaining> additional results that
         # can be requested", in the syntax of RFC 7234 5.5 (warn-agent host[:port], quoted
