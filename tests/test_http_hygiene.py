@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import RLELossless, generate_uid
 
 from gateway.web.dicomweb.frames import choose_frame_encoding
 from gateway.web.http.accept import dicom_transfer_syntaxes, parse_accept
@@ -170,3 +170,59 @@ def test_cors_preflight_for_head(make_web: Callable[..., InProcessService]) -> N
         assert head.status_code == 200, url
         assert head.headers["access-control-allow-origin"] == origin["Origin"]
         assert "last-modified" in head.headers["access-control-expose-headers"].lower()
+
+
+def test_cache_headers_and_conditionals_on_every_wado_answer(web: InProcessService) -> None:
+    """Every WADO-RS 200 and 304 says ``Cache-Control: private, no-cache`` (no heuristic
+    freshness, RFC 9111 4.2.2) and what it varies with, the 304 as its 200 (RFC 9110
+    15.4.5); an asctime If-Modified-Since is GMT; If-None-Match: * is a 304 for an existing
+    resource and nothing else (13.1.2, 13.2.1)."""
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study, series, 1, 1, size=8)
+    assert web.ingest(first).outcome is Outcome.STORED
+    _received_long_ago(web, 1_700_000_000.75)
+    instance = f"/dicom-web/studies/{study}/series/{series}/instances/{first.SOPInstanceUID}"
+    urls = {f"/dicom-web/studies/{study}": DICOM_ANY, f"{instance}/frames/1": {},
+            f"{instance}/bulkdata/7FE00010": {}, f"/dicom-web/studies/{study}/metadata": {},
+            f"{study}/metadata xml": {}}
+    xml = {"Accept": 'multipart/related; type="application/dicom+xml"'}
+    for url, accept in urls.items():
+        if url.endswith(" xml"):
+            url, accept = f"/dicom-web/studies/{study}/metadata", xml
+        response = web.get(url, headers=accept)
+        assert response.status_code == 200, url
+        vary = response.headers["vary"]
+        assert response.headers["cache-control"] == "private, no-cache", url
+        assert {"Accept", "KOS-SOPInstanceUID"} <= {v.strip() for v in vary.split(",")}, url
+        for condition in ({"If-Modified-Since": "Tue Nov 14 22:13:20 2023"},
+                          {"If-None-Match": "*"}):
+            same = web.get(url, headers={**accept, **condition})
+            assert same.status_code == 304, (url, condition)
+            assert same.headers["cache-control"] == "private, no-cache", url
+            assert same.headers["vary"] == vary, url
+    missing = {f"{instance}/frames/2", f"{instance}/bulkdata/00880200/1/7FE00010",
+               f"{instance}/bulkdata/00100020"}
+    for url in missing:
+        for condition in ({"If-Modified-Since": "Tue, 14 Nov 2023 22:13:20 GMT"},
+                          {"If-None-Match": "*"}):
+            assert web.get(url, headers=condition).status_code == 404, (url, condition)
+
+
+def test_frames_etag_names_the_media_type(web: InProcessService) -> None:
+    """Frames as stored and decoded are two representations: a copy of one is no 304 for
+    the other."""
+    study, series = generate_uid(), generate_uid()
+    ds = ct_slice(study, series, 1, 1, size=8)
+    ds.compress(RLELossless)
+    assert web.ingest(ds).outcome is Outcome.STORED
+    frame = (f"/dicom-web/studies/{study}/series/{series}/instances/{ds.SOPInstanceUID}"
+             "/frames/1")
+    rle = web.get(frame, headers={"Accept": 'multipart/related; type="image/dicom-rle"'})
+    native = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    decoded = web.get(frame, headers=native)
+    assert (rle.status_code, decoded.status_code) == (200, 200)
+    assert rle.headers["etag"] != decoded.headers["etag"]
+    assert web.get(frame, headers={**native, "If-None-Match": rle.headers["etag"]}
+                   ).status_code == 200
+    assert web.get(frame, headers={**native, "If-None-Match": decoded.headers["etag"]}
+                   ).status_code == 304

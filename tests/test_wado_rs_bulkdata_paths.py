@@ -7,8 +7,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 from pydicom import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import RLELossless, generate_uid
 
 from tests.inprocess import InProcessService
 from tests.multipart import parts_of
@@ -85,6 +86,11 @@ def test_each_bulk_data_uri_serves_its_own_element(
     ("00880200/99999999999/7FE00010", 400, "item number must be a number from 1"),
     ("00880200/1", 400, "must alternate tags and item numbers"),
     ("00880200/1/zz", 400, "8 hexadecimal digits"),
+    # One URL per element (one entry in a cache): its tags and numbers spelled one way.
+    ("00880200/01/7FE00010", 400, "without leading zeros"),
+    ("00880200/+1/7FE00010", 400, "without leading zeros"),
+    ("0000000000880200/1/00007FE00010", 400, "8 hexadecimal digits"),
+    ("0880200/1/7FE00010", 400, "8 hexadecimal digits"),
     ("/".join(["00880200/1"] * 101) + "/7FE00010", 400, "more than 100 sequences"),
 ])
 def test_a_path_that_names_nothing_is_refused_clearly(
@@ -129,3 +135,44 @@ def test_metadata_cached_by_an_earlier_version_is_made_again(
     icon_uri = item["00880200"]["Value"][0]["7FE00010"]["BulkDataURI"]
     assert icon_uri == f"{web.base_url}{url}/bulkdata/00880200/1/7FE00010"
     assert _value(web, icon_uri) == ICON
+
+
+def test_nested_encapsulated_pixel_data_is_refused_clearly(web: InProcessService) -> None:
+    """The icon of a compressed object is encapsulated too (PS3.5 A.4): its fragments are
+    no octet-stream value, so the path is refused with a reason, not served raw."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=16)
+    ds.compress(RLELossless)
+    icon = _icon(b"")
+    icon.PixelData = encapsulate([ICON])
+    icon["PixelData"].is_undefined_length = True
+    ds.IconImageSequence = Sequence([icon])
+    assert web.ingest(ds).accepted
+    url = (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+           f"/instances/{ds.SOPInstanceUID}/bulkdata/00880200/1/7FE00010")
+    response = web.get(url)
+    assert response.status_code == 422, response.text
+    assert "encapsulated pixel data" in response.text
+
+
+def test_patient_text_like_the_url_placeholder_is_left_alone(web: InProcessService) -> None:
+    """Only bulk data URIs get the base URL, and only their old form makes a cached text
+    stale: a description holding either placeholder is served as stored, from the cache."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    ds.StudyDescription = '"urn:passerelle:dicomweb-root/x'
+    ds.SeriesDescription = '"urn:passerelle:dicomweb-root:2/studies/evil'
+    assert web.ingest(ds).accepted
+    cached: list[int] = []
+    cache = web.store.index.cache_metadata
+
+    def counting(rows: list[tuple[str, str]]) -> None:
+        cached.append(len(rows))
+        cache(rows)
+
+    web.store.index.cache_metadata = counting  # type: ignore[method-assign]
+    url = (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+           f"/instances/{ds.SOPInstanceUID}/metadata")
+    for _ in range(3):
+        [item] = web.get(url, headers=JSON).json()
+        assert item["00081030"]["Value"] == [ds.StudyDescription]
+        assert item["0008103E"]["Value"] == [ds.SeriesDescription]
+    assert cached == [1]

@@ -5,15 +5,19 @@ below as no RELAX NG validator is installed) and of Table A.1.5-2, and against t
 objects read back with pydicom."""
 
 import base64
+import gc
 import gzip
+import json
 import re
+import tracemalloc
 import xml.etree.ElementTree as ET
 
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
+from gateway.imaging.budget import ByteBudget
 from tests.inprocess import InProcessService
 from tests.multipart import parts_of
 from tests.synthetic import ct_slice
@@ -64,10 +68,12 @@ def _check_attribute(attribute: ET.Element) -> None:
     assert re.fullmatch("[0-9A-F]{8}", tag), tag
     assert vr in VRS, vr
     private = int(tag[:4], 16) % 2 == 1
-    # Table A.1.5-2: privateCreator for private elements only, whose tag is gggg00ee.
-    assert ("privateCreator" in attribute.attrib) == private, tag
-    if private:
-        assert tag[4:6] == "00", tag
+    # Table A.1.5-2: privateCreator for private elements only, whose tag is gggg00ee; a
+    # private element stored without a creator (PS3.5 7.8.1 forbids it) keeps its tag.
+    if "privateCreator" in attribute.attrib:
+        assert private and tag[4:6] == "00", tag
+    elif private:
+        assert int(tag[4:], 16) >= 0x1000, tag
     else:
         assert attribute.get("keyword"), tag  # every standard element is known here
     assert not (attribute.text or "").strip()
@@ -257,3 +263,70 @@ def test_characters_xml_cannot_carry_are_replaced(web: InProcessService) -> None
     [root] = _documents(web, f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata")
     check_native_model(root)
     assert _values(root, "StudyDescription") == ["CT\ufffdTHORAX\ufffd"]
+
+
+@pytest.mark.parametrize("instances", [1, 3])
+def test_memory_of_a_study_of_many_small_values_stays_within_its_reservations(
+        web: InProcessService, monkeypatch: pytest.MonkeyPatch, instances: int) -> None:
+    """Values of a few JSON characters each take far more as XML: the parts are made one at
+    a time as they are sent, each under a reservation from its count of values, so what the
+    response holds at its peak (tracemalloc) is never more than what it reserved, beyond
+    the body the test client gathers."""
+    study, series = generate_uid(), generate_uid()
+    for number in range(1, instances + 1):
+        ds = ct_slice(study, series, 1, number, size=8)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian  # for an IS of 360 kB
+        ds.add_new(0x00081160, "IS", [10] * 120_000)  # ReferencedFrameNumber
+        assert web.ingest(ds).accepted
+    url = f"/dicom-web/studies/{study}/metadata"
+    assert web.get(url).status_code == 200  # the JSON is computed and cached
+    memory = web.services.budget.memory
+    most = [0]
+    take = ByteBudget._take
+
+    def taking(budget: ByteBudget, size: int, held: int, what: str) -> None:
+        take(budget, size, held, what)
+        most[0] = max(most[0], memory.in_use)
+
+    monkeypatch.setattr(ByteBudget, "_take", taking)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        response = web.get(url, headers=XML)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 200
+    assert len(parts_of(response)) == instances
+    assert memory.in_use == 0
+    client_copies = 2 * len(response.content)  # its chunks, then the body they make
+    assert peak <= most[0] + client_copies, (peak, most[0], client_copies)
+
+
+def test_non_finite_numbers_and_odd_private_creators(web: InProcessService) -> None:
+    """NaN and infinities of FD, FL and DS are written as dcm4che writes them ("NaN",
+    "Infinity", "-Infinity"), in XML and in JSON (a string: a bare NaN is no JSON, RFC 8259
+    6); a private element whose creator is missing or is no text keeps its whole tag and
+    has no privateCreator (as dcm4che)."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+    ds.add_new(0x00189087, "FD", [float("nan"), float("inf"), float("-inf")])  # DiffusionBValue
+    ds.add_new(0x00090010, "PN", "NOT^A^CREATOR")
+    ds.add_new(0x00091001, "LO", "under a PN creator")
+    ds.add_new(0x00110010, "SQ", Sequence([Dataset()]))
+    ds.add_new(0x00111001, "LO", "under an SQ creator")
+    ds.add_new(0x00131001, "LO", "without a creator")
+    assert web.ingest(ds).accepted
+    url = f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata"
+    [root] = _documents(web, url)
+    check_native_model(root)
+    assert _values(root, "DiffusionBValue") == ["NaN", "Infinity", "-Infinity"]
+    private = {a.get("tag"): a.get("privateCreator")
+               for a in root.findall(f"{{{NS}}}DicomAttribute") if a.get("keyword") is None}
+    assert private == {"00091001": None, "00111001": None, "00131001": None}
+    answer = web.get(url)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    [instance] = json.loads(answer.text, parse_constant=refuse)
+    assert instance["00189087"]["Value"] == ["NaN", "Infinity", "-Infinity"]

@@ -19,7 +19,7 @@ from gateway.web.dicomweb.validators import conditional, validator_headers
 from gateway.web.dicomweb.wado import addressed_instances, check_uids, slices
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, new_boundary, part_head
-from gateway.web.http.responses import error, over_budget
+from gateway.web.http.responses import entity_tag, error, over_budget
 from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.numbers import INT32_MAX, parse_int
@@ -112,6 +112,12 @@ async def _stream(reader: FrameReader, budget: ResourceBudget, numbers: list[int
         reader.close()
 
 
+def frames_etag(instance: StoredInstance, content_type: str) -> str:
+    """A weak ETag (RFC 9110 8.8.3: each body has its own random boundary) of frames or bulk
+    data of ``instance`` sent as ``content_type`` (the URL names which)."""
+    return "W/" + entity_tag(instance.sop_uid, instance.received_at, content_type)
+
+
 def multipart_type(content_type: str, boundary: str) -> str:
     return f'multipart/related; type="{content_type.split(";")[0]}"; boundary={boundary}'
 
@@ -138,8 +144,6 @@ async def frames_response(request: Request, numbers: list[int] | None) -> Respon
         media = _FRAME_MEDIA_TYPES.get(instance.transfer_syntax, OCTET_STREAM)
         return error(406, 'frames of this instance are available as multipart/related; '
                      f'type="{OCTET_STREAM}" or type="{media}"')
-    if unchanged := conditional(request, [instance]):
-        return unchanged
     try:
         if numbers is not None:
             check_frame_list(numbers, instance.frames or 1)
@@ -151,6 +155,12 @@ async def frames_response(request: Request, numbers: list[int] | None) -> Respon
         return error(404, str(exc))
     except OverBudget as refusal:
         return over_budget(refusal)
+    # Evaluated once the frames are known to exist (RFC 9110 13.2.1); the ETag names the
+    # encoding, so that a copy in one is never taken for the other.
+    etag = frames_etag(instance, encoding.content_type)
+    if unchanged := conditional(request, [instance], etag):
+        reader.close()
+        return unchanged
     wanted = numbers or list(range(1, reader.count + 1))
     try:
         first = await budget.decode.run(reader.read, wanted[0], encoding.decode)
@@ -164,7 +174,7 @@ async def frames_response(request: Request, numbers: list[int] | None) -> Respon
         _stream(reader, budget, wanted, encoding.decode, first, encoding.content_type,
                 boundary),
         headers={"Content-Type": multipart_type(encoding.content_type, boundary),
-                 **validator_headers([instance])})
+                 **validator_headers([instance], etag)})
 
 
 async def frames(request: Request) -> Response:

@@ -5,6 +5,10 @@ import enum
 import gzip
 import hashlib
 import json
+import logging
+import sys
+import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +17,13 @@ from pydicom.dataset import Dataset
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget
 from gateway.urls import ItemStep, bulkdata_url, retrieve_url
 from gateway.web.dicomweb.bulkdata import PIXEL_DATA
 from gateway.web.dicomweb.native_xml import native_xml
-from gateway.web.dicomweb.validators import conditional, validator_headers
+from gateway.web.dicomweb.validators import VARY, conditional, validator_headers
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
 from gateway.web.http.multipart import closing, part_head
@@ -30,6 +34,8 @@ from gateway.web.services import services_of
 from storage.index import StoredInstance
 from storage.store import Store
 
+log = logging.getLogger(__name__)
+
 # Binary values (OB, OW, UN, ...) longer than this are sent as BulkDataURI (Annex F.2.6).
 BULK_DATA_THRESHOLD = 1024
 # Instances whose JSON one decode worker computes at a time.
@@ -37,9 +43,11 @@ _BATCH = 16
 DICOM_XML = "application/dicom+xml"
 # Stands for the /dicom-web root URL in cached JSON.
 _BASE_TOKEN = "urn:passerelle:dicomweb-root:2"
+_BULK_URI_KEY = '"BulkDataURI":"'
 # In the JSON cached before bulk data URIs named the elements inside sequences by their
-# path (they named a top-level tag): such a text is computed again.
-_STALE = '"urn:passerelle:dicomweb-root/'
+# path (they named a top-level tag): such a text is computed again. Anchored on the key, so
+# that a value holding the old placeholder does not make its text stale forever.
+_STALE = _BULK_URI_KEY + "urn:passerelle:dicomweb-root/"
 # Bodies shorter than this are sent as they are (gzip would save little).
 _GZIP_MIN_SIZE = 1024
 
@@ -70,7 +78,7 @@ def instance_json(path: Path, url: str, has_pixels: bool, budget: ResourceBudget
             # Read with stop_before_pixels, so never inlined: always a BulkDataURI.
             vr = "OB" if ds.file_meta.TransferSyntaxUID.is_encapsulated else "OW"
             body["7FE00010"] = {"vr": vr, "BulkDataURI": bulkdata_url(url, (), PIXEL_DATA)}
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        return strict_json(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
 
 
 class MetadataFormat(enum.Enum):
@@ -81,11 +89,21 @@ class MetadataFormat(enum.Enum):
     XML = DICOM_XML
 
 
-# What a response holds per character of the cached JSON texts, once loaded: as JSON, the
-# texts, joined, with the URLs replaced, encoded, and the gzip of that; as XML, the texts,
-# the parts written from them (about three times as long), encoded, joined, and the gzip
-# of that (tracemalloc: a peak of 8.7 per character to make the body, the texts aside).
-_RESPONSE_FACTORS = {MetadataFormat.JSON: 5, MetadataFormat.XML: 12}
+# What a JSON response holds per character of the cached texts, once loaded: the texts,
+# joined, with the URLs replaced, encoded, and the gzip of that.
+_JSON_FACTOR = 5
+# What the cached texts of an XML response hold while it is sent, per character, until
+# measured once loaded (sys.getsizeof): a str takes up to 4 bytes a character.
+_TEXT_FACTOR = 4
+# What making one XML part holds at its peak (tracemalloc, measured on long texts and on
+# many tiny values, tests/test_wado_rs_native_xml.py), with a margin: per character of its
+# JSON text, per character the XML escapes (a reference up to 5 long), and per value, item
+# or name component (its parsed object and its XML strings, however few characters it takes
+# in JSON; a private element's with its creator, at most 64 characters); all times the
+# bytes a character of the text takes in a str (1, 2 or 4).
+_XML_CHAR_COST = 4
+_XML_ESCAPED_COST = 16
+_XML_VALUE_COST = 320
 _OFFERED = f'{DICOM_JSON} or multipart/related; type="{DICOM_XML}"'
 
 
@@ -120,8 +138,8 @@ async def metadata(request: Request) -> Response:
 
     Each instance's JSON is computed once, from its header, and cached in the index with a
     placeholder for the base URL (which comes from the settings at response time); the XML
-    is written from it. What the response holds is reserved before the cached texts are
-    loaded, from their sizes.
+    is written from it, one part at a time as it is sent. What the response holds is
+    reserved before the cached texts are loaded, from their sizes.
     """
     store: Store = services_of(request).store
     if problem := check_uids(request):
@@ -132,7 +150,7 @@ async def metadata(request: Request) -> Response:
         return error(400, str(exc))
     if chosen is None:
         return error(406, f"metadata is available as {_OFFERED}")
-    factor = _RESPONSE_FACTORS[chosen]
+    factor = _JSON_FACTOR if chosen is MetadataFormat.JSON else _TEXT_FACTOR
     target = target_of(request)
     scope = (target.study, target.series, target.instance, scoped_instances(request))
     budget = services_of(request).budget
@@ -153,17 +171,25 @@ async def metadata(request: Request) -> Response:
                                                 missing[start:start + _BATCH], budget, held,
                                                 factor)
         texts = [computed.get(instance.sop_uid) or text or "" for instance, text in rows]
-        make = _json_body if chosen is MetadataFormat.JSON else _xml_body
-        body, content_type = await budget.decode.run(make, texts,
-                                                     services_of(request).dicomweb_root)
-        response = _response(request, body, content_type, [i for i, _ in rows])
+        instances = [i for i, _ in rows]
+        base = services_of(request).dicomweb_root
+        if chosen is MetadataFormat.JSON:
+            body = await budget.decode.run(_json_body, texts, base)
+            response = _json_response(request, body, instances)
+        else:
+            # What the texts take, now they are loaded (growing may wait: not on the loop).
+            await budget.decode.run(held.resize, sum(sys.getsizeof(text) for text in texts))
+            response = await _xml_response(request, texts, base, instances, held)
     except OverBudget as refusal:
         held.release()
         return over_budget(refusal)
     except BaseException:
         held.release()
         raise
-    response.background = BackgroundTask(held.release)
+    if response.status_code == 304:
+        held.release()
+    else:  # (an XML stream also gives it back as soon as it ends)
+        response.background = BackgroundTask(held.release)
     return response
 
 
@@ -175,40 +201,126 @@ def _reserve_cached(store: Store, scope: tuple[str | None, str | None, str | Non
     return budget.memory.reserve(factor * size, "this metadata response")
 
 
-def _json_body(texts: list[str], base: str) -> tuple[bytes, str]:
+def _with_base(text: str, base: str) -> str:
+    """``text`` with ``base`` for the root URL in its bulk data URIs: only there, never in a
+    value that happens to hold the placeholder (inside a JSON string, the quotes around a
+    key are escaped, so this sequence cannot be part of one)."""
+    return text.replace(_BULK_URI_KEY + _BASE_TOKEN + "/", _BULK_URI_KEY + base + "/")
+
+
+def strict_json(text: str) -> str:
+    """``text`` with NaN, Infinity and -Infinity (which json.dumps writes for a non-finite
+    FD, FL or DS, and which are not JSON, RFC 8259 6) as the strings "NaN", "Infinity" and
+    "-Infinity", as dcm4che writes them; other texts as they are."""
+    if "NaN" not in text and "Infinity" not in text:
+        return text
+    return json.dumps(json.loads(text, parse_constant=str), ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+def _json_body(texts: list[str], base: str) -> bytes:
     """The JSON array of ``texts`` with ``base`` for the root URL."""
-    body = ("[" + ",".join(texts) + "]").replace(f'"{_BASE_TOKEN}/', f'"{base}/')
-    return body.encode(), DICOM_JSON
+    return _with_base("[" + ",".join(strict_json(text) for text in texts) + "]", base).encode()
 
 
-def _xml_body(texts: list[str], base: str) -> tuple[bytes, str]:
-    """A multipart/related body of one NativeDicomModel part per text, ``base`` for the root
-    URL. Its boundary is a digest of the parts, so that the same metadata is the same
-    bytes (its ETag is strong) and the boundary is in none of them."""
+def _json_response(request: Request, body: bytes, instances: list[StoredInstance]) -> Response:
+    """``body`` with its validators (304 when the client's copy is current, RFC 9110 13.2.2),
+    gzip-compressed when the client accepts it and it is worth it."""
+    etag = entity_tag(body)
+    vary = f"{VARY}, Accept-Encoding"
+    if unchanged := conditional(request, instances, etag, vary):
+        return unchanged
+    headers = validator_headers(instances, etag, vary)
+    if "gzip" in request.headers.get("accept-encoding", "") and len(body) > _GZIP_MIN_SIZE:
+        body = gzip.compress(body, compresslevel=5)
+        headers["Content-Encoding"] = "gzip"
+    return Response(body, headers={"Content-Type": DICOM_JSON, **headers})
+
+
+def xml_part_cost(text: str) -> int:
+    """Bytes making the XML part of the JSON ``text`` holds at its peak: an upper bound
+    from its length, the width of its characters, the characters the XML escapes, and how
+    many values, items and name components it may have (each follows one of ``,[{^``)."""
+    widest = ord(max(text, default=" "))
+    width = 1 if widest < 0x100 else 2 if widest < 0x10000 else 4
+    escaped = text.count("&") + text.count("<") + text.count(">") + text.count("\\r")
+    values = text.count(",") + text.count("[") + text.count("{") + text.count("^")
+    return width * (_XML_CHAR_COST * len(text) + _XML_ESCAPED_COST * escaped +
+                    _XML_VALUE_COST * (values + 1))
+
+
+def xml_part(text: str, base: str, budget: ResourceBudget) -> tuple[bytes, Reservation]:
+    """The NativeDicomModel document of the JSON ``text``, ``base`` for the root URL, and
+    the reservation that holds it until sent (made under ``xml_part_cost``)."""
 
     def bulk_uri(uri: str) -> str:
         return base + uri[len(_BASE_TOKEN):] if uri.startswith(_BASE_TOKEN + "/") else uri
 
-    parts = [native_xml(text, bulk_uri).encode() for text in texts]
+    held = budget.memory.reserve(xml_part_cost(text), "the XML metadata of an instance")
+    try:
+        part = native_xml(text, bulk_uri).encode()
+        held.resize(len(part))
+        return part, held
+    except BaseException:
+        held.release()
+        raise
+
+
+async def _xml_response(request: Request, texts: list[str], base: str,
+                        instances: list[StoredInstance], held: Reservation) -> Response:
+    """A multipart/related body of one NativeDicomModel part per text, ``base`` for the root
+    URL, each part made as the previous one is sent; ``held`` (the texts) until the end.
+    Its ETag and boundary are a digest of the texts and ``base`` (all the body depends on),
+    so that the same metadata is the same bytes and the boundary is in none of them."""
+    compress = "gzip" in request.headers.get("accept-encoding", "")
     digest = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        digest.update(part)
+    for text in (base, *texts):
+        digest.update(text.encode())
+        digest.update(b"\0")
     boundary = digest.hexdigest()
-    part_type = f"{DICOM_XML}; charset=utf-8"
-    body = b"".join(part_head(boundary, part_type, len(part), index == 0) + part
-                    for index, part in enumerate(parts)) + closing(boundary)
-    return body, f'multipart/related; type="{DICOM_XML}"; boundary={boundary}'
-
-
-def _response(request: Request, body: bytes, content_type: str,
-              instances: list[StoredInstance]) -> Response:
-    """``body`` with its validators (304 when the client's copy is current, RFC 9110 13.2.2),
-    gzip-compressed when the client accepts it and it is worth it."""
-    etag = entity_tag(body)
-    if unchanged := conditional(request, instances, etag):
+    # Each content coding its own strong ETag (RFC 9110 8.8.3.3).
+    etag = f'"{boundary}{"-gzip" if compress else ""}"'
+    vary = f"{VARY}, Accept-Encoding"
+    if unchanged := conditional(request, instances, etag, vary):
         return unchanged
-    headers = {"Vary": "Accept, Accept-Encoding", **validator_headers(instances, etag)}
-    if "gzip" in request.headers.get("accept-encoding", "") and len(body) > _GZIP_MIN_SIZE:
-        body = gzip.compress(body, compresslevel=5)
-        headers["Content-Encoding"] = "gzip"
-    return Response(body, headers={"Content-Type": content_type, **headers})
+    budget: ResourceBudget = services_of(request).budget
+    first = await budget.decode.run(xml_part, texts[0], base, budget)
+    part_type = f"{DICOM_XML}; charset=utf-8"
+
+    async def parts() -> AsyncIterator[bytes]:
+        part, part_held = first
+        try:
+            for index, text in enumerate(texts):
+                if index:
+                    try:
+                        part, part_held = await budget.decode.run(xml_part, text, base, budget)
+                    except OverBudget as refusal:  # the status is sent: end unclosed
+                        log.warning("XML metadata stream cut at part %d: %s", index + 1,
+                                    refusal)
+                        return
+                yield part_head(boundary, part_type, len(part), index == 0) + part
+                del part
+                part_held.release()
+            yield closing(boundary)
+        finally:  # also when the client leaves
+            part_held.release()
+            held.release()
+
+    headers = {"Content-Type": f'multipart/related; type="{DICOM_XML}"; boundary={boundary}',
+               **validator_headers(instances, etag, vary)}
+    if not compress:
+        return StreamingResponse(parts(), headers=headers)
+    headers["Content-Encoding"] = "gzip"
+    return StreamingResponse(_gzip_stream(parts()), headers=headers)
+
+
+async def _gzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``chunks`` as one gzip member (RFC 1952), compressed as they come."""
+    compressor = zlib.compressobj(5, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    try:
+        async for chunk in chunks:
+            if compressed := compressor.compress(chunk):
+                yield compressed
+        yield compressor.flush()
+    finally:
+        await chunks.aclose()
