@@ -11,9 +11,9 @@ registry had accepted it (nothing is sent anywhere). The last two rows call
 ``Index.search`` (the default page of 1 000 instances) and ``Index.count`` (the Warning's
 total) directly, within the manifest's instances. Each row is the median of ``--runs``.
 
-Imports only the repository's code and its dependencies (not ``tests/``), so it also runs
-against another checkout: ``PYTHONPATH=<checkout> python bench/qido_large_study.py`` (the
-checkout on PYTHONPATH comes before this repository).
+It also runs against another checkout (its ``gateway``, ``storage`` and ``tests.synthetic``):
+``PYTHONPATH=<checkout> python bench/qido_large_study.py`` (the checkout on PYTHONPATH comes
+before this repository).
 
 Usage: python bench/qido_large_study.py [--series 10] [--instances 1000] [--runs 3] [--size 4]
                                          [--quick]
@@ -27,21 +27,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from io import BytesIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # after PYTHONPATH: a checkout given there is the one measured
 
 import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import (  # noqa: E402
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
 
 import gateway  # noqa: E402
 from gateway.config import Settings  # noqa: E402
@@ -54,74 +47,25 @@ from storage.outbox import Action, Outbox  # noqa: E402
 from storage.search import Level  # noqa: E402
 from storage.store import Store  # noqa: E402
 from storage.study_contents import load_study_contents  # noqa: E402
+from tests.synthetic import ct_slice, part10  # noqa: E402
 
 BASE_URL = "http://passerelle.bench"  # no such host: nothing leaves the process
 JSON = {"Accept": "application/dicom+json"}
 SOURCE = "BENCHSCU"
 
 
-def ct_slice(study_uid: str, series_uid: str, series_number: int, instance_number: int,
-             size: int) -> Dataset:
-    """One small 16-bit CT slice, with the attributes of the review's data set (a request
-    attributes item, a timezone offset, performed procedure step date and time)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "DUPONT^JEAN"
-    ds.PatientID = "P0"
-    ds.IssuerOfPatientID = "HOSP"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "M"
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = "20260110"
-    ds.StudyTime = "101500"
-    ds.AccessionNumber = "A0"
-    ds.StudyID = "1"
-    ds.StudyDescription = "CT THORAX"
-    ds.ReferringPhysicianName = "MARTIN^PAUL"
-    ds.TimezoneOffsetFromUTC = "+0100"
-    ds.PerformedProcedureStepStartDate = "20260110"
-    ds.PerformedProcedureStepStartTime = "101000"
+def review_slice(study_uid: str, series_uid: str, series_number: int, instance_number: int,
+                 size: int) -> Dataset:
+    """One small CT slice with the attributes of the review's data set (a request attributes
+    item, a timezone offset, performed procedure step date and time)."""
     request = Dataset()
     request.ScheduledProcedureStepID = "SPS0"
     request.RequestedProcedureID = "RP0"
-    ds.RequestAttributesSequence = [request]
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = f"SERIES {series_number}"
-    ds.Modality = "CT"
-    ds.BodyPartExamined = "CHEST"
-    ds.InstanceNumber = instance_number
-    ds.ImagePositionPatient = [0, 0, instance_number]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.SliceThickness = 1.0
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    ds.WindowCenter = 40
-    ds.WindowWidth = 400
-    rng = np.random.default_rng(instance_number + 1000 * series_number)
-    ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
-    return ds
-
-
-def part10(ds: Dataset) -> bytes:
-    """The Part 10 bytes of a data set."""
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return ct_slice(study_uid, series_uid, series_number, instance_number, size=size,
+                    patient_id="P0", accession="A0", TimezoneOffsetFromUTC="+0100",
+                    PerformedProcedureStepStartDate="20260110",
+                    PerformedProcedureStepStartTime="101000",
+                    RequestAttributesSequence=[request])
 
 
 def build_study(store: Store, series: int, instances: int, size: int) -> str:
@@ -130,7 +74,7 @@ def build_study(store: Store, series: int, instances: int, size: int) -> str:
     for series_number in range(1, series + 1):
         series_uid = generate_uid()
         for number in range(1, instances + 1):
-            result = store.ingest(part10(ct_slice(study_uid, series_uid, series_number,
+            result = store.ingest(part10(review_slice(study_uid, series_uid, series_number,
                                                   number, size)), source=SOURCE)
             if not result.accepted:
                 raise RuntimeError(f"instance refused: {result.message}")
