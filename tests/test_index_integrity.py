@@ -9,7 +9,6 @@ running service (pynetdicom) and STOW-RS to the application in-process (httpx).
 """
 
 import copy
-import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -28,13 +27,12 @@ from pydicom.uid import (
 )
 
 from storage.blobs import BlobStore
-from storage.index import MIGRATIONS
 from storage.sameness import FixedBudget
-from storage.search import fold_name
 from storage.store import Outcome, Rejection, Store
 from storage.study_contents import load_study_contents
 from tests.inprocess import InProcessService
 from tests.multipart import parts_of
+from tests.old_index import index_at_version
 from tests.processes import PasserelleProcess
 from tests.scu import associate
 from tests.synthetic import ct_slice, part10
@@ -145,12 +143,7 @@ def test_an_index_of_v5_gets_each_studys_own_patient_module(tmp_path: Path) -> N
     each study reads its own again from its first instance's file."""
     data = tmp_path / "data"
     blobs = BlobStore(data)
-    db = sqlite3.connect(data / "index.sqlite")
-    db.create_function("fold_name", 1, fold_name)
-    for script in MIGRATIONS[:5]:
-        for statement in script.split(";"):
-            if statement.strip():
-                db.execute(statement)
+    db = index_at_version(data / "index.sqlite", 5)
     db.execute("INSERT INTO patients VALUES (1, 'P5', 'HOSP', '', 'BLANC^PAUL', '19500505',"
                " 'M', '^blanc^paul')")
     studies = []
@@ -491,12 +484,7 @@ def test_an_index_of_v5_reads_the_patient_module_from_the_next_readable_instance
     finding 10)."""
     data = tmp_path / "data"
     blobs = BlobStore(data)
-    db = sqlite3.connect(data / "index.sqlite")
-    db.create_function("fold_name", 1, fold_name)
-    for script in MIGRATIONS[:5]:
-        for statement in script.split(";"):
-            if statement.strip():
-                db.execute(statement)
+    db = index_at_version(data / "index.sqlite", 5)
     db.execute("INSERT INTO patients VALUES (1, 'P6', 'HOSP', '', 'NOIR^MARC', '19600606',"
                " 'M', '^noir^marc')")
     study, series = generate_uid(), generate_uid()

@@ -3,7 +3,6 @@
 through the application in-process."""
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,10 @@ from pydicom.uid import generate_uid
 import storage.index
 from storage.header import read_header
 from storage.identifiers import Request
-from storage.index import MIGRATIONS, Index, UnsupportedSQLiteError
-from storage.search import MAX_REQUEST_ITEMS, Level, fold_name
+from storage.index import Index, UnsupportedSQLiteError
+from storage.search import MAX_REQUEST_ITEMS, Level
 from tests.inprocess import InProcessService
+from tests.old_index import index_at_version
 from tests.synthetic import ct_slice, part10
 from tests.test_access_model import publish
 
@@ -329,11 +329,7 @@ def test_an_index_of_a_previous_version_takes_the_values_from_cached_metadata(
 def _index_at_v5(path: Path, cached: dict) -> None:
     """An index of schema v5 holding one study, one series and instances 1.2.3.1 and
     1.2.3.2, the first with ``cached`` as its cached DICOM JSON."""
-    db = sqlite3.connect(path)
-    db.create_function("fold_name", 1, fold_name)
-    for script in MIGRATIONS[:5]:
-        for statement in filter(str.strip, script.split(";")):
-            db.execute(statement)
+    db = index_at_version(path, 5)
     db.execute("INSERT INTO patients (pk, patient_id, issuer_of_patient_id, other_patient_ids,"
                " patient_name, patient_birth_date, patient_sex) VALUES (1, 'P', '', '', '',"
                " '', '')")

@@ -1,0 +1,19 @@
+"""An index as an earlier version of Passerelle left it, to test the upgrades from it."""
+
+import sqlite3
+from pathlib import Path
+
+from storage.index import MIGRATIONS
+from storage.search import fold_name
+
+
+def index_at_version(path: Path, version: int) -> sqlite3.Connection:
+    """A new SQLite index at ``path`` with the schema of ``version`` (its first ``version``
+    migrations, user_version left at 0 as those versions' code then sets it: the caller
+    inserts its rows and sets ``PRAGMA user_version``)."""
+    db = sqlite3.connect(path)
+    db.create_function("fold_name", 1, fold_name)
+    for script in MIGRATIONS[:version]:
+        for statement in filter(str.strip, script.split(";")):
+            db.execute(statement)
+    return db
