@@ -368,6 +368,10 @@ def _document(bundle: dict) -> dict:
      "referenceIdList orders [('', 'CMD-2026-88812')]"),
     (lambda b: _document(b)["context"]["related"].pop(),
      "referenceIdList orders [] != the KOS's"),
+    (lambda b: _document(b)["content"][0]["attachment"].__setitem__("hash", "AAAA"),
+     "attachment.hash is not the SHA-1"),
+    (lambda b: _document(b)["subject"].__setitem__("identifier", {
+        "system": "urn:oid:1.2.250.1.999.1.1.1", "value": "PAT001"}), "is not the INS"),
     ]])
 def test_the_checkers_find_what_they_look_for(change: Callable[[dict], object],
                                               expected: str) -> None:
@@ -378,16 +382,32 @@ def test_the_checkers_find_what_they_look_for(change: Callable[[dict], object],
     assert any(expected in problem for problem in problems), problems
 
 
-def test_dciodvfy_finds_an_empty_issuer_sequence() -> None:
+def _hand_written_kos() -> Dataset:
     bundle = json.loads(HAND_WRITTEN.read_text())
     binary = next(e["resource"] for e in bundle["entry"]
                   if e["resource"]["resourceType"] == "Binary")
-    kos = dcmread(BytesIO(base64.b64decode(binary["data"])))
-    kos.IssuerOfAccessionNumberSequence = Sequence()
+    return dcmread(BytesIO(base64.b64decode(binary["data"])))
+
+
+def _encoded(kos: Dataset) -> bytes:
     out = BytesIO()
     kos.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_dciodvfy_finds_an_empty_issuer_sequence() -> None:
+    kos = _hand_written_kos()
+    kos.IssuerOfAccessionNumberSequence = Sequence()
     assert any("IssuerOfAccessionNumberSequence" in p and "Error" in p
-               for p in kos_problems(out.getvalue(), []))
+               for p in kos_problems(_encoded(kos), []))
+
+
+def test_a_retrieve_url_is_accepted_in_the_series_items_only() -> None:
+    """The accepted "not in the IOD" warning is the Referenced Series items' Retrieve URL
+    (XDS-I.b), not the same attribute anywhere else."""
+    kos = _hand_written_kos()
+    kos.RetrieveURL = "https://imagerie.example.org/dicom-web/studies/1.2.3"
+    assert any("RetrieveURL" in p for p in kos_problems(_encoded(kos), []))
 
 
 @pytest.mark.parametrize(("settings", "name", "replaces"), [

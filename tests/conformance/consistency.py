@@ -4,6 +4,8 @@ DocumentReference carries or references): the metadata is derived from the KOS (
 issuer. The instances, when given, add what a KOS does not carry: the modalities.
 """
 
+import base64
+import hashlib
 import re
 from collections.abc import Sequence
 from io import BytesIO
@@ -21,6 +23,10 @@ STUDY = "urn:ihe:iti:xds:2016:studyInstanceUID"
 ORDER = "urn:ihe:iti:xds:2013:order"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 _GENDERS = {"M": "male", "F": "female", "O": "other"}
+# The INS assigning authorities (ANS, fr-core-patient-ins): the national identifier, which a
+# DocumentReference subject must be when the KOS carries it.
+_INS_AUTHORITIES = {"1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9", "1.2.250.1.213.1.4.10",
+                    "1.2.250.1.213.1.4.11"}
 
 
 def _oids(sequence: object) -> set[str]:
@@ -100,6 +106,10 @@ def _check_patient(kos: Dataset, document: dict, problems: list[str]) -> None:
     if (subject.get("system"), subject.get("value")) not in known:
         problems.append(f"subject {subject.get('system')}|{subject.get('value')} is not a "
                         f"patient identifier of the KOS with its issuer ({sorted(known)})")
+    ins = sorted(i for i in known if i[0].removeprefix("urn:oid:") in _INS_AUTHORITIES)
+    if ins and (subject.get("system"), subject.get("value")) not in ins:
+        problems.append(f"subject {subject.get('system')}|{subject.get('value')} is not the "
+                        f"INS the KOS carries ({ins})")
     patient = _contained(document, (document.get("context") or {}).get("sourcePatientInfo"))
     for identifier in patient.get("identifier", []):
         if (identifier.get("system"), identifier.get("value")) not in known:
@@ -170,8 +180,11 @@ def _check_document(kos: Dataset, data: bytes, document: dict, problems: list[st
     [content] = document.get("content") or [{}]
     if (content.get("format") or {}).get("code") != str(kos.SOPClassUID):
         problems.append(f"content.format {content.get('format')} is not the KOS SOP Class")
-    if (content.get("attachment") or {}).get("size") != len(data):
+    attachment = content.get("attachment") or {}
+    if attachment.get("size") != len(data):
         problems.append("attachment.size is not the size of the KOS")
+    if attachment.get("hash") != base64.b64encode(hashlib.sha1(data).digest()).decode():
+        problems.append("attachment.hash is not the SHA-1 of the KOS (FHIR Attachment.hash)")
     period = (document.get("context") or {}).get("period") or {}
     expected = _expected_date(str(kos.get("StudyDate", "")), str(kos.get("StudyTime", "")))
     start = period.get("start", "")

@@ -8,13 +8,15 @@ What counts as a problem (every ``Error`` line, and warnings chosen deliberately
 dciodvfy, on the KOS (the file we produce, so every warning is ours to explain):
   accepted
   * "Attribute is not present in standard DICOM IOD" for Retrieve URL (0008,1190) in the
-    Referenced Series items, and the "Standard Extended SOP Class" line it implies: IHE RAD
+    Referenced Series items only (anywhere else it is a problem), and the "Standard
+    Extended SOP Class" line it implies: IHE RAD
     XDS-I.b (RAD TF-3 4.68.4.1.2.3) puts the WADO-RS Retrieve URL there, which the IOD
     tables of this dicom3tools release do not list;
-  * "Missing attribute or value that would be needed to build DICOMDIR": the media directory
-    (PS3.11) does not apply to a manifest sent to a registry, and these values (Study Date,
-    Patient ID...) are the study's own: whether the KOS carries them as the instances do is
-    what dcentvfy and the registry consistency check verify.
+  * "Missing attribute or value that would be needed to build DICOMDIR" for Study Date, Study
+    Time and Study ID only: the media directory (PS3.11) does not apply to a manifest sent to
+    a registry, and these Type 2 values are empty when the instances have none (whether the
+    KOS carries them as the instances do is what dcentvfy and the consistency check verify).
+    Any other attribute so reported (an empty Patient ID) is a problem.
   every other warning is a problem.
   Errors are problems, but one:
   * "Missing attribute for Type 1 Required" for Retrieve AE Title (0008,0054) in the Referenced
@@ -51,10 +53,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 _DCIODVFY_ACCEPTED = (
-    re.compile(r"/RetrieveURL\(0008,1190\)> - Attribute is not present in standard DICOM IOD"),
-    re.compile(r"Dicom dataset contains attributes not present in standard DICOM IOD - "
-               r"this is a Standard Extended SOP Class"),
-    re.compile(r"Missing attribute or value that would be needed to build DICOMDIR"),
+    re.compile(r"^Warning - </CurrentRequestedProcedureEvidenceSequence\(0040,a375\)\[[0-9]+\]"
+               r"/ReferencedSeriesSequence\(0008,1115\)\[[0-9]+\]/RetrieveURL\(0008,1190\)> "
+               r"- Attribute is not present in standard DICOM IOD$"),
+    re.compile(r"^Warning - Dicom dataset contains attributes not present in standard DICOM IOD"
+               r" - this is a Standard Extended SOP Class$"),
+    re.compile(r"^Warning - </(StudyDate\(0008,0020\)|StudyTime\(0008,0030\)"
+               r"|StudyID\(0020,0010\))> "
+               r"- Missing attribute or value that would be needed to build DICOMDIR$"),
 )
 # Issue 15 finding 7 / issue 18: no Retrieve AE Title until query/retrieve is served.
 _DCIODVFY_ACCEPTED_ERRORS = (

@@ -4,11 +4,12 @@ against its metadata. Read from the registry's own store (``registry.sqlite`` in
 dir, the file gateway.registry.documents writes), after the registry has stopped.
 
 What a test's services published is told apart from what a test posted itself (the
-registry's own tests post hand-written and deliberately altered bundles): a KOS is Passerelle's
-when a service of the test stores its study beside the registry's data dir
-(``<sibling>/studies/<study>/<series>/<sop>.dcm``, the layout of storage.blobs), which is also
-where dcentvfy finds the instances it references (one missing there is a problem). Documents
-no service of the test produced are not checked.
+registry's own tests post hand-written and deliberately altered bundles) by the KOS itself:
+Manufacturer "Passerelle". Its instances are those a service of the test stores beside the
+registry's data dir (``<sibling>/studies/<study>/<series>/<sop>.dcm``, the layout of
+storage.blobs), where dcentvfy reads them: a Passerelle KOS whose study no service beside the
+registry stores is a problem (the check would otherwise check nothing), as is a registry
+that left no store.
 """
 
 import json
@@ -17,6 +18,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from tests.conformance import (
     DICOM,
@@ -28,10 +30,9 @@ from tests.conformance.consistency import metadata_problems
 from tests.conformance.dicom3tools import kos_problems
 
 
-def _instances(data_dir: Path, kos: bytes) -> tuple[list[Path], list[str]] | None:
+def _instances(data_dir: Path, manifest: Dataset) -> tuple[list[Path], list[str]] | None:
     """The referenced instance files found beside ``data_dir`` and the ones missing there;
-    None when no service beside it stores the study (not a KOS of this test's services)."""
-    manifest = dcmread(BytesIO(kos), stop_before_pixels=True)
+    None when no service beside it stores the study."""
     roots = sorted(data_dir.parent.glob(f"*/studies/{manifest.StudyInstanceUID}"))
     if not roots:
         return None
@@ -49,7 +50,7 @@ def registry_problems(data_dir: Path) -> list[str]:
     """Every problem of every document the registry on ``data_dir`` holds."""
     path = data_dir / "registry.sqlite"
     if not path.exists():
-        return []
+        return [f"no {path}: the registry stored nothing that could be checked"]
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         resources = [(kind, json.loads(text)) for kind, text in db.execute(
             "SELECT type, json FROM resources WHERE version > 0 ORDER BY id")]
@@ -65,8 +66,16 @@ def registry_problems(data_dir: Path) -> list[str]:
         for content in resource.get("content", []):
             binary_id = content.get("attachment", {}).get("url", "").rpartition("/Binary/")[2]
             content_type, data = binaries.get(binary_id, ("", b""))
-            found = _instances(data_dir, data) if content_type == DICOM else None
+            if content_type != DICOM:
+                continue
+            manifest = dcmread(BytesIO(data), stop_before_pixels=True)
+            if manifest.get("Manufacturer") != "Passerelle":
+                continue  # posted by a test, not published by a service
+            found = _instances(data_dir, manifest)
             if found is None:
+                problems.append(f"{name}: a Passerelle KOS of study "
+                                f"{manifest.StudyInstanceUID} that no service beside "
+                                f"{data_dir} stores: its instances cannot be checked")
                 continue
             instances, missing = found
             problems += [f"{name}: profile: {p}" for p in profile_problems(resource,
