@@ -62,9 +62,11 @@ FAST = {"stable_seconds": "1", "publish_retry_seconds": "0.2",
 LARGE = 2000
 
 
-def _request(procedure: str, order: str) -> Dataset:
+def _request(procedure: str, order: str, description: str = "") -> Dataset:
     item = Dataset()
     item.RequestedProcedureID = procedure
+    if description:
+        item.RequestedProcedureDescription = description
     item.PlacerOrderNumberImagingServiceRequest = order
     item.ScheduledProcedureStepID = f"SPS-{procedure}"
     return item
@@ -95,10 +97,11 @@ def _set(**attributes: object) -> Callable[[Dataset], None]:
 
 
 def _requests(ds: Dataset) -> None:
-    """Two requested procedures of one order, in the Request Attributes Sequence where a
+    """Three requested procedures of two orders, in the Request Attributes Sequence where a
     modality puts them (PS3.3 C.4.10), and no placer order outside it."""
-    ds.RequestAttributesSequence = Sequence([_request("RP-1", "CMD-1"),
-                                             _request("RP-2", "CMD-1")])
+    ds.RequestAttributesSequence = Sequence([_request("RP-1", "CMD-1", "THORAX"),
+                                             _request("RP-2", "CMD-1", "ABDOMEN"),
+                                             _request("RP-3", "CMD-2", "PELVIS")])
     del ds.PlacerOrderNumberImagingServiceRequest
 
 

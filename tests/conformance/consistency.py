@@ -202,21 +202,24 @@ def _check_document(kos: Dataset, data: bytes, document: dict, problems: list[st
                         f"of the metadata ({sorted(filter(None, organizations))})")
 
 
+_REQUEST_KEYS = ("RequestedProcedureID", "RequestedProcedureDescription",
+                 "PlacerOrderNumberImagingServiceRequest",
+                 "FillerOrderNumberImagingServiceRequest")
+
+
 def _request_pairs(kos: Dataset, instances: Sequence[Path], problems: list[str]) -> None:
-    """Each request of the instances (Request Attributes Sequence: Requested Procedure ID
-    with its Placer Order Number) is one Referenced Request item of the KOS, paired the same
-    (PS3.3 C.17.6.2.1)."""
-    made = {(str(item.get("RequestedProcedureID", "")),
-             str(item.get("PlacerOrderNumberImagingServiceRequest", "")))
+    """Each request of the instances (Request Attributes Sequence: Requested Procedure ID and
+    Description with their placer and filler orders) is one Referenced Request item of the
+    KOS, paired the same (PS3.3 C.17.6.2.1)."""
+    made = {tuple(str(item.get(key, "")) for key in _REQUEST_KEYS)
             for item in kos.get("ReferencedRequestSequence", [])}
     for path in instances:
         ds = dcmread(path, stop_before_pixels=True)
         for item in ds.get("RequestAttributesSequence", []):
-            pair = (str(item.get("RequestedProcedureID", "")),
-                    str(item.get("PlacerOrderNumberImagingServiceRequest", "")))
-            if pair not in made:
-                problems.append(f"request {pair} of {path.name} is not a Referenced Request "
-                                f"of the KOS ({sorted(made)})")
+            request = tuple(str(item.get(key, "")) for key in _REQUEST_KEYS)
+            if request not in made:
+                problems.append(f"request {request} of {path.name} is not a Referenced "
+                                f"Request of the KOS ({sorted(made)})")
                 return
 
 
