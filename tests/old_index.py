@@ -3,7 +3,7 @@
 import sqlite3
 from pathlib import Path
 
-from storage.index import MIGRATIONS
+from storage.schema import MIGRATIONS
 from storage.search import fold_name
 
 

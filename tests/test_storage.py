@@ -16,9 +16,10 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore, InvalidUIDError
 from storage.header import read_header
-from storage.index import MIGRATIONS, Index
+from storage.index import Index
 from storage.part10 import dataset_offset, read_file_meta
 from storage.recovery import recover
+from storage.schema import MIGRATIONS
 from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Rejection, Store
 from storage.structure import IngestLimits
@@ -289,7 +290,7 @@ def test_recovery_leaves_a_file_indexed_under_another_study_alone(
     db.execute("PRAGMA user_version = 9")  # before the path index
     db.commit()
     db.close()
-    with caplog.at_level(logging.WARNING, logger="storage.index"):
+    with caplog.at_level(logging.WARNING, logger="storage.schema"):
         store = Store(data)
     try:
         assert f"instance {sent.SOPInstanceUID} is indexed in study {study_a}" in caplog.text
