@@ -5,15 +5,10 @@ number of source addresses, legitimate access is still written in full, and rota
 are removed by age as well as by number."""
 
 import base64
-import math
 import os
-import statistics
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,6 +17,7 @@ import psutil
 from gateway.security.audit import OTHER_CLIENTS, read_events
 from tests.issuer import LocalIssuer
 from tests.processes import PasserelleProcess, wait_for
+from tests.service_watch import Watch
 
 QIDO = "/dicom-web/studies"
 FLOOD = 5000
@@ -52,27 +48,6 @@ def _counted(audit: Path) -> int:
 
 def _trail_bytes(audit: Path) -> int:
     return sum(path.stat().st_size for path in audit.glob("audit.jsonl*"))
-
-
-@contextmanager
-def _health_watch(server: PasserelleProcess) -> Iterator[list[float]]:
-    """/health latencies (seconds) measured every 0.2 s while the block runs."""
-    latencies: list[float] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(0.2):
-            start = time.monotonic()
-            answered = httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200
-            latencies.append(time.monotonic() - start if answered else math.inf)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        yield latencies
-    finally:
-        done.set()
-        watcher.join()
 
 
 def _refused(base_url: str, count: int, local_address: str = "127.0.0.1") -> None:
@@ -112,7 +87,7 @@ def test_a_flood_of_refused_tokens_writes_a_bounded_trail(tmp_path: Path) -> Non
         process = psutil.Process(server.proc.pid)
         rss_before = process.memory_info().rss
         started = time.monotonic()
-        with _health_watch(server) as latencies, ThreadPoolExecutor(4) as pool:
+        with Watch(server, "refused requests") as watch, ThreadPoolExecutor(4) as pool:
             for done in [pool.submit(_refused, server.base_url, FLOOD // 4) for _ in range(4)]:
                 done.result()
         flood_seconds = time.monotonic() - started
@@ -135,12 +110,11 @@ def test_a_flood_of_refused_tokens_writes_a_bounded_trail(tmp_path: Path) -> Non
     periods = flood_seconds / PERIOD + 2
     print(f"\n{FLOOD} refused requests in {flood_seconds:.1f} s: the trail grew by {grown} bytes"
           f" ({len(_alerts(audit))} Security Alerts counting {counted}); RSS +"
-          f"{rss_growth / 2**20:.1f} MiB; /health median {statistics.median(latencies):.3f} s,"
-          f" max {max(latencies):.3f} s")
+          f"{rss_growth / 2**20:.1f} MiB after it")
     # Per period: the first failure in full, alerts at 100 and 1 000 and at the end (~1 KB each).
     assert grown < periods * 8192
     assert rss_growth < MAX_RSS_GROWTH
-    assert latencies and math.inf not in latencies  # /health answered throughout
+    assert watch.latencies and not watch.health_failures  # /health answered throughout
     alert = _alerts(audit)[0]
     identification = alert["EventIdentification"]
     assert identification["EventOutcomeIndicator"] == "4"

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
@@ -28,6 +27,7 @@ from pynetdicom.dsutils import encode
 from storage.part10 import dataset_bytes, dataset_offset, file_preamble_and_meta
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import associate, c_store_pdus, send
+from tests.service_watch import PeakRss
 from tests.synthetic import ct_slice, part10
 
 ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"  # item of undefined length (PS3.5 7.5)
@@ -76,34 +76,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProc
         yield server
 
 
-class _PeakRss:
-    """The server's RSS sampled every 20 ms in a thread, from its value at entry."""
-
-    def __init__(self, server: PasserelleProcess) -> None:
-        assert server.proc is not None
-        self.process = psutil.Process(server.proc.pid)
-        self.start = self.peak = self.process.memory_info().rss
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self._done.wait(0.02)
-
-    def __enter__(self) -> "_PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-
 # --- C-STORE streamed to disk, max_instance_bytes ----------------------------------------
 
 SIDE = 10_000  # 10 000 x 10 000 x 16 bits: a 200 MB instance
@@ -139,7 +111,7 @@ def test_a_large_c_store_is_streamed_to_disk(gateway: PasserelleProcess,
                                              tmp_path: Path) -> None:
     source, study = _large_instance(tmp_path / "large.dcm")
     size = source.stat().st_size
-    with _PeakRss(gateway) as rss:
+    with PeakRss(gateway) as rss:
         assert send(gateway.dicom_port, source) == (0x0000, "")
     [stored] = _stored(gateway, study)
     print(f"RSS growth receiving {size / 1e6:.0f} MB: {rss.growth / 1e6:.1f} MB")
@@ -203,7 +175,7 @@ def test_a_deflate_bomb_is_refused_as_it_inflates(tmp_path: Path) -> None:
     path, study = _deflated(tmp_path / "bomb.dcm", 14_500)  # 420 MB inflated
     print(f"deflate bomb: {path.stat().st_size / 1e3:.0f} KB inflating to 420 MB")
     with PasserelleProcess(tmp_path / "data", max_instance_bytes=str(10 << 20)) as server:
-        with _PeakRss(server) as rss, _echo_latency(server) as echoes:
+        with PeakRss(server) as rss, _echo_latency(server) as echoes:
             started = time.monotonic()
             status, comment = send(server.dicom_port, path)
             refused_in = time.monotonic() - started
@@ -224,7 +196,7 @@ def test_a_deflate_bomb_is_refused_as_it_inflates(tmp_path: Path) -> None:
 def test_a_deflated_data_set_within_the_limits_is_inflated_as_a_stream(
         gateway: PasserelleProcess, tmp_path: Path) -> None:
     path, study = _deflated(tmp_path / "deflated.dcm", SIDE)  # 200 MB inflated
-    with _PeakRss(gateway) as rss:
+    with PeakRss(gateway) as rss:
         assert send(gateway.dicom_port, path) == (0x0000, "")
     print(f"deflated C-STORE of 200 MB inflated: RSS growth {rss.growth / 1e6:.1f} MB")
     assert rss.growth < 50 << 20, f"RSS grew by {rss.growth / 1e6:.0f} MB"
@@ -313,7 +285,7 @@ def test_command_fragments_after_a_c_store_request_are_cut_off(
                        AffectedSOPInstanceUID=ds.SOPInstanceUID)
     fragment = _pdu(context, 0x01, bytes(200_000))
     connection = assoc.dul.socket.socket
-    with _PeakRss(gateway) as rss, contextlib.suppress(OSError):  # aborted while sending
+    with PeakRss(gateway) as rss, contextlib.suppress(OSError):  # aborted while sending
         connection.sendall(_pdu(context, 0x03, command))
         for _ in range(100):  # 20 MB of command fragments after the last one
             connection.sendall(fragment)
@@ -414,7 +386,7 @@ def test_an_endless_dimse_command_is_cut_off(gateway: PasserelleProcess) -> None
     value = bytes([context, 0x01]) + bytes(200_000)
     pdu = b"\x04\x00" + struct.pack(">L", len(value) + 4) + struct.pack(">L", len(value)) + value
     connection = assoc.dul.socket.socket
-    with _PeakRss(gateway) as rss, contextlib.suppress(OSError):  # aborted while sending
+    with PeakRss(gateway) as rss, contextlib.suppress(OSError):  # aborted while sending
         for _ in range(50):  # 10 MB
             connection.sendall(pdu)
     wait_for(lambda: assoc.is_aborted, 10, "the server to abort the association")
@@ -453,7 +425,7 @@ def test_a_sequence_of_200001_items_is_refused_before_it_is_parsed(gateway: Pass
     path, study = _instance_with(tmp_path, _sequence((ITEM + _reference() + ITEM_END) * 200_001))
     failures = server.metric("passerelle_ingest_failures_total", protocol="dimse",
                              reason="too-complex")
-    with _PeakRss(server) as rss, _echo_latency(server) as echoes:
+    with PeakRss(server) as rss, _echo_latency(server) as echoes:
         started = time.monotonic()
         status, comment = send(server.dicom_port, path)
         refused_in = time.monotonic() - started

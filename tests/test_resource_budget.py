@@ -18,7 +18,6 @@ from pathlib import Path
 import anyio
 import httpx
 import numpy as np
-import psutil
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -34,75 +33,11 @@ from gateway.imaging.codestream import check_frame
 from storage.part10 import dataset_bytes
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import associate, c_store_pdus
+from tests.service_watch import MIB, Watch
 from tests.synthetic import ct_slice, part10
 
-MIB = 1 << 20
 NATIVE = {"Accept": f'multipart/related; type="application/octet-stream"; '
                     f'transfer-syntax={ExplicitVRLittleEndian}'}
-
-
-class Watch:
-    """Peak RSS of the service and ``/health`` latency while the ``with`` block runs."""
-
-    def __init__(self, server: PasserelleProcess, what: str) -> None:
-        assert server.proc is not None
-        self.server = server
-        self.what = what
-        self.process = psutil.Process(server.proc.pid)
-        self.baseline = self.peak = 0
-        self.latencies: list[float] = []
-        self.health_failures: list[str] = []
-        self._done = threading.Event()
-        self._probed = threading.Event()  # one probe answered (or failed) since the start
-        self._threads = [threading.Thread(target=self._sample),
-                         threading.Thread(target=self._probe)]
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self._done.wait(0.02)
-
-    def _probe(self) -> None:
-        with httpx.Client(base_url=self.server.base_url, timeout=30) as client:
-            while not self._done.is_set():
-                start = time.monotonic()
-                try:
-                    status = client.get("/health").status_code
-                    if status != 200:
-                        self.health_failures.append(str(status))
-                except httpx.HTTPError as exc:
-                    self.health_failures.append(repr(exc))
-                self.latencies.append(time.monotonic() - start)
-                self._probed.set()
-                self._done.wait(0.05)
-
-    def __enter__(self) -> "Watch":
-        self.baseline = self.peak = self.process.memory_info().rss
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._probed.wait(60)  # a short attack: /health answers right after it
-        self._done.set()
-        for thread in self._threads:
-            thread.join()
-        latencies = sorted(self.latencies) or [0.0]
-        print(f"\n{self.what}: RSS {self.baseline / MIB:.0f} MiB before, peak "
-              f"{self.peak / MIB:.0f} MiB (+{self.growth / MIB:.0f} MiB); /health "
-              f"{len(self.latencies)} probes, median {latencies[len(latencies) // 2]:.3f} s,"
-              f" max {latencies[-1]:.3f} s")
-
-    @property
-    def growth(self) -> int:
-        """Peak RSS above the RSS before the attack."""
-        return self.peak - self.baseline
-
-    def check(self, bound: int) -> None:
-        """The RSS stayed within ``bound`` above its start, and /health answered."""
-        assert self.latencies, "no /health probe completed"
-        assert not self.health_failures, self.health_failures
-        assert self.growth < bound, f"RSS grew by {self.growth / MIB:.0f} MiB"
 
 
 def concurrently(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
