@@ -18,11 +18,23 @@ from tests.synthetic import NATIONAL_INS
 REPO = Path(__file__).resolve().parent.parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, and not one handed out before in this run.
+
+    The kernel may give the same ephemeral port to two binds in a row once the first socket
+    is closed, so a server asking for its DICOM and HTTP ports back to back could get one
+    port twice.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:
