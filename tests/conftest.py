@@ -15,6 +15,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from tests.inprocess import InProcessService
+from tests.postgres import PostgresCluster
 from tests.processes import PasserelleProcess
 from tests.scu import send
 from tests.synthetic import write_ct_study
@@ -33,6 +34,23 @@ def pytest_configure(config: pytest.Config) -> None:
                           ("dciodvfy", "dicom3tools"), ("dcentvfy", "dicom3tools")):
         if shutil.which(tool) is None:
             pytest.exit(f"{tool} not found: apt-get install {package} (done by .ci/run)", 2)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster (tests/postgres.py), started on first use."""
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty index database of each dialect: an SQLite file, a PostgreSQL
+    database of the session's cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    return request.getfixturevalue("postgres_cluster").new_database()
 
 
 @pytest.fixture
