@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
@@ -392,3 +393,53 @@ def test_a_database_url_of_another_kind_is_refused_at_start(tmp_path: Path, url:
     assert "database_url (PASSERELLE_DATABASE_URL)" in result.stderr
     assert "postgresql://user@host:port/database" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_index_query_on_each_dialect(tmp_path: Path, database_url: str) -> None:
+    """The Index API over one study of two series (CT, MR) on each dialect: the instances
+    of a study, a series, an instance, within a set of UIDs; the cached metadata (replaced
+    when cached again) and its size; paths; the study list; the patient module to read."""
+    store = Store(tmp_path / "data", database_url=database_url)
+    index = store.index
+    try:
+        study, ct, mr = generate_uid(), generate_uid(), generate_uid()
+        slices = [ct_slice(study, ct, 1, 2, size=4, patient_id="PID-7"),
+                  ct_slice(study, ct, 1, 1, size=4, patient_id="PID-7"),
+                  ct_slice(study, mr, 2, 1, size=4, patient_id="PID-7", Modality="MR")]
+        for ds in slices:
+            assert store.ingest(part10(ds), "test").outcome is Outcome.STORED
+        uids = [ds.SOPInstanceUID for ds in slices]
+        assert [i.sop_uid for i in index.instances(study)] == [uids[1], uids[0], uids[2]]
+        assert [i.sop_uid for i in index.instances(study, mr)] == [uids[2]]
+        assert [i.sop_uid for i in index.instances(study, ct, uids[0])] == [uids[0]]
+        within = frozenset({uids[0], uids[2], generate_uid()})
+        assert [i.sop_uid for i in index.instances(study, within=within)] == [uids[0], uids[2]]
+        assert index.instances(study, within=frozenset()) == []
+        index.cache_metadata([(uids[0], '{"a": 1}'), (uids[2], "{}")])
+        index.cache_metadata([(uids[0], '{"a": 12}')])
+        cached = {i.sop_uid: text for i, text in index.instances_with_metadata(study)}
+        assert cached == {uids[0]: '{"a": 12}', uids[1]: None, uids[2]: "{}"}
+        assert index.cached_metadata_size(study) == len('{"a": 12}{}')
+        assert index.cached_metadata_size(study, within=frozenset({uids[2]})) == 2
+        paths = index.study_paths(study)
+        assert len(paths) == 3 and all(index.has_path(path) for path in paths)
+        assert not index.has_path("studies/elsewhere.dcm")
+        assert index.patient_id_of(study) == "PID-7"
+        assert index.patient_id_of(generate_uid()) == ""
+        [summary] = index.list_studies(study)
+        assert (summary.modalities, summary.series_count, summary.instance_count) == (
+            ["CT", "MR"], 2, 3)
+        assert index.list_studies(generate_uid()) == []
+        stored = index.find_instance(uids[2])
+        assert (stored.series_uid, stored.frames) == (mr, 1)
+        assert stored.size == len(store.blobs.read(stored.path))
+        assert isinstance(stored.received_at, float)
+        with index.transaction() as db:  # as a study indexed before v8 is listed
+            db.execute(sqlalchemy.text("INSERT INTO patient_modules_to_read"
+                                       " SELECT pk FROM studies"))
+        assert index.patient_modules_to_read() == [
+            (study, [index.find_instance(uid).path for uid in uids])]
+        index.set_patient_module(study, None)
+        assert index.patient_modules_to_read() == []
+    finally:
+        store.close()
