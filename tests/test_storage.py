@@ -190,10 +190,14 @@ def test_fold_name() -> None:
     assert fold_name("") == "^"
 
 
-def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_url: str) -> None:
-    """Keep-first under a race: one object stored, the other refused as a conflict, and
-    the file on disk is the one the index describes."""
-    store = Store(tmp_path / "data", database_url=database_url)
+@pytest.mark.parametrize("stores", [1, 2])
+def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_url: str,
+                                                     stores: int) -> None:
+    """Keep-first under a race, of two threads of one Store or of two Stores on one data dir
+    and one database (as two processes or replicas): one object stored, the other refused
+    as a conflict, and the file on disk is the one the index describes."""
+    writers = [Store(tmp_path / "data", database_url=database_url) for _ in range(stores)]
+    writers *= 2 // stores
     barrier = threading.Barrier(2)
     for _ in range(40):
         sop_uid, study, series = generate_uid(), generate_uid(), generate_uid()
@@ -201,20 +205,25 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_ur
                                           PatientName=name))) for name in ("A^A", "B^B")]
         outcomes: list[Outcome] = []
 
-        def write(data: bytes) -> None:
+        def write(store: Store, data: bytes) -> None:
             barrier.wait()
             outcomes.append(store.ingest(data, "race").outcome)  # noqa: B023
 
-        threads = [threading.Thread(target=write, args=(data,)) for data in versions]
+        threads = [threading.Thread(target=write, args=pair)
+                   for pair in zip(writers, versions, strict=True)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.REJECTED])
-        stored = store.blobs.read(store.index.find_instance(sop_uid).path)
-        assert stored in versions
-    assert list(store.blobs.tmp_dir.iterdir()) == []
-    store.close()
+        stored = writers[0].index.find_instance(sop_uid)
+        assert writers[0].blobs.read(stored.path) in versions
+        [summary] = writers[0].index.list_studies(study)
+        assert summary.patient_name == dcmread(writers[0].blobs.absolute(stored.path)
+                                               ).PatientName
+    assert list(writers[0].blobs.tmp_dir.iterdir()) == []
+    for store in set(writers):
+        store.close()
 
 
 def _deflated_part10(ds: Dataset) -> bytes:
