@@ -22,8 +22,8 @@ from sqlalchemy.exc import ArgumentError
 SQLITE_FILE = "index.sqlite"
 _BUSY_TIMEOUT_S = 30
 _IMMEDIATE = "passerelle_immediate"  # execution option: the next BEGIN is BEGIN IMMEDIATE
-# Database.lock: names hash to this many stripes on SQLite (a thread lock and a byte of the
-# lock file each); on PostgreSQL to advisory locks of this class (their first key).
+# Database.lock: names hash to this many stripes (a thread lock each, and on SQLite a file to
+# flock); on PostgreSQL to advisory locks of this class (their first key).
 _LOCK_STRIPES = 64
 _LOCK_CLASS = 0x5053  # "PS"
 

@@ -20,7 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore, InvalidUIDError
-from storage.database import Database
+from storage.database import Database, DatabaseURLError, masked
+from storage.database import database_url as url_of_index
 from storage.header import read_header
 from storage.index import Index
 from storage.migrations import head
@@ -452,3 +453,17 @@ def test_every_index_query_on_each_dialect(tmp_path: Path, database_url: str) ->
         assert index.patient_modules_to_read() == []
     finally:
         store.close()
+
+
+def test_database_urls_and_their_dialect(tmp_path: Path) -> None:
+    """Empty: the SQLite file of the data dir; postgresql:// (or postgres://,
+    postgresql+psycopg://) on psycopg 3; a password never shown."""
+    assert url_of_index("", tmp_path) == f"sqlite:///{(tmp_path / 'index.sqlite').resolve()}"
+    assert url_of_index("postgresql://u@h/db", tmp_path) == "postgresql://u@h/db"
+    for url in ("postgresql://u@h:5433/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"):
+        database = Database(url)  # no connection until used
+        assert (database.dialect, database.engine.driver) == ("postgresql", "psycopg")
+        database.close()
+    assert masked("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
+    with pytest.raises(DatabaseURLError, match="unsupported database URL 'mysql://u:\\*\\*\\*@h"):
+        Database("mysql://u:s3cret@h/db")
