@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -467,3 +468,26 @@ def test_database_urls_and_their_dialect(tmp_path: Path) -> None:
     assert masked("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
     with pytest.raises(DatabaseURLError, match="unsupported database URL 'mysql://u:\\*\\*\\*@h"):
         Database("mysql://u:s3cret@h/db")
+
+
+def test_many_concurrent_writers_never_run_out_of_connections(tmp_path: Path,
+                                                              database_url: str) -> None:
+    """More writers at once than the index pools connections (each holds its instance lock
+    while it takes others): every instance stored."""
+    store = Store(tmp_path / "data", database_url=database_url)
+    try:
+        study = generate_uid()
+        items = [bytes(part10(ct_slice(study, generate_uid(), 1, 1, size=8)))
+                 for _ in range(48)]
+        barrier = threading.Barrier(len(items))
+
+        def write(data: bytes) -> Outcome:
+            barrier.wait()
+            return store.ingest(data, "crowd").outcome
+
+        with ThreadPoolExecutor(len(items)) as pool:
+            outcomes = list(pool.map(write, items))
+        assert outcomes == [Outcome.STORED] * len(items)
+        assert store.index.list_studies(study)[0].instance_count == len(items)
+    finally:
+        store.close()
