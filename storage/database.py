@@ -27,6 +27,7 @@ _IMMEDIATE = "passerelle_immediate"  # execution option: the next BEGIN is BEGIN
 # class (their first key), each held on a connection of a pool of its own.
 _LOCK_STRIPES = 32
 _LOCK_CLASS = 0x5053  # "PS"
+_PG_CONNECT = {"application_name": "passerelle", "connect_timeout": 10}
 
 
 class DatabaseURLError(ValueError):
@@ -116,11 +117,16 @@ class Database:
             event.listen(self.engine, "connect", _on_sqlite_connect)
             event.listen(self.engine, "begin", _on_sqlite_begin)
         else:
-            self.engine = create_engine(parsed, pool_size=5, max_overflow=15,
-                                        pool_timeout=_BUSY_TIMEOUT_S, pool_pre_ping=True)
+            # Named in pg_stat_activity; an unreachable server is an error within seconds,
+            # not the minutes of TCP's timeout (the URL may set either otherwise).
+            arguments = {name: value for name, value in _PG_CONNECT.items()
+                         if name not in parsed.query}
+            self.engine = create_engine(parsed, connect_args=arguments, pool_size=5,
+                                        max_overflow=15, pool_timeout=_BUSY_TIMEOUT_S,
+                                        pool_pre_ping=True)
             # A holder of a lock then takes connections of self.engine: from the same pool,
             # holders could take every connection and wait for one forever.
-            self._locks_engine = create_engine(parsed, pool_size=2,
+            self._locks_engine = create_engine(parsed, connect_args=arguments, pool_size=2,
                                                max_overflow=_LOCK_STRIPES - 2,
                                                pool_pre_ping=True)
 

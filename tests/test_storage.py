@@ -360,8 +360,8 @@ def _passerelle(data_dir: Path, database_url: str, *args: str) -> subprocess.Com
 def test_serve_stores_in_the_postgresql_database_of_its_setting(
         tmp_path: Path, postgres_cluster: PostgresCluster) -> None:
     """PASSERELLE_DATABASE_URL=postgresql://...: a C-STORE is indexed in that database (no
-    SQLite file in the data dir), the CLI reads it there, and the log names the database
-    with its password masked."""
+    SQLite file in the data dir), the CLI reads it there, the log names the database with
+    its password masked, and its connections are named in pg_stat_activity."""
     url = postgres_cluster.new_database().replace("postgres@", "postgres:s3cret@")
     ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
     data = tmp_path / "data"
@@ -371,6 +371,9 @@ def test_serve_stores_in_the_postgresql_database_of_its_setting(
             assert assoc.send_c_store(ds).Status == 0x0000
         finally:
             assoc.release()
+        with psycopg.connect(url) as connection:  # its connections are named
+            assert connection.execute("SELECT count(*) FROM pg_stat_activity"
+                                      " WHERE application_name = 'passerelle'").fetchone()[0]
         log = server.log()
     with psycopg.connect(url) as connection:
         rows = connection.execute("SELECT sop_uid FROM instances").fetchall()
