@@ -82,7 +82,7 @@ def _on_sqlite_connect(connection: sqlite3.Connection, _record: object) -> None:
     # Imported here: storage.search builds its SQL with this module's fragments.
     from storage.search import fold_name, name_group
 
-    connection.isolation_level = None  # transactions are begun by _on_sqlite_begin
+    connection.isolation_level = None  # write transactions are begun by _on_sqlite_begin
     connection.execute("PRAGMA journal_mode = WAL")
     # NORMAL: a commit survives a process crash but not a power cut; the files, always
     # fsynced, are the truth, and Store.recover re-indexes them after an unclean stop.
@@ -93,8 +93,10 @@ def _on_sqlite_connect(connection: sqlite3.Connection, _record: object) -> None:
 
 
 def _on_sqlite_begin(connection: Connection) -> None:
-    immediate = connection.get_execution_options().get(_IMMEDIATE, False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # Reads run each statement on its own (SQLite's autocommit), as one BEGIN and ROLLBACK
+    # around them would add two statements to each.
+    if connection.get_execution_options().get(_IMMEDIATE, False):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:
