@@ -13,13 +13,14 @@ import enum
 import errno
 import io
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, TemporaryBlob
+from storage.database import Database
+from storage.database import database_url as url_of_index
 from storage.header import InstanceRecord, read_header
 from storage.index import IdentityConflict, IdentityConflictError, Index, StoredInstance
 from storage.part10 import is_part10, read_file_meta, with_preamble
@@ -33,7 +34,6 @@ from storage.structure import (
 
 log = logging.getLogger(__name__)
 
-_UID_LOCK_STRIPES = 64
 # Memory a process without the service's decode budget (``passerelle import``) may hold to
 # compare a re-sent instance with the stored one: the service's default decode_memory_bytes.
 _OWN_COMPARISON_BYTES = 512 << 20
@@ -184,19 +184,16 @@ class Store:
     def __init__(self, data_dir: Path,
                  duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST,
                  limits: IngestLimits | None = None,
-                 decode_memory: MemoryBudget | None = None) -> None:
+                 decode_memory: MemoryBudget | None = None, database_url: str = "") -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(data_dir)
-        self.index = Index(data_dir / "index.sqlite")
+        # The SQLite file of the data dir, or the database of PASSERELLE_DATABASE_URL.
+        self.index = Index(Database(url_of_index(database_url, data_dir)))
         self.duplicate_policy = duplicate_policy
         self.limits = limits or IngestLimits()
         # Where comparing a re-sent instance decoded takes its memory from (the service sets
         # its decode memory budget here).
         self.decode_memory: MemoryBudget = decode_memory or FixedBudget(_OWN_COMPARISON_BYTES)
-        # Held from the duplicate re-check to the index commit, so two associations sending
-        # the same SOP Instance UID at once cannot both write it. Striped by UID: writers of
-        # different instances fsync in parallel instead of queueing on one lock.
-        self._uid_locks = tuple(threading.Lock() for _ in range(_UID_LOCK_STRIPES))
         self._read_patient_modules()
 
     def _read_patient_modules(self) -> None:
@@ -351,7 +348,11 @@ class Store:
     def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:
         received = blob if isinstance(blob, bytes) else blob.path
-        with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
+        # Held from the duplicate re-check to the index commit, so two associations sending
+        # the same SOP Instance UID at once, to this process or to another process or
+        # replica on this database, cannot both write it. Striped by UID: writers of
+        # different instances fsync in parallel instead of queueing on one lock.
+        with self.index.database.lock(f"instance {record.sop_uid}"):
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
                 return self._compare_with_stored(record, received, existing)
