@@ -162,17 +162,14 @@ class PduGuard:
 
 
 def _receive_all(sock: socket.socket, size: int) -> bytearray:
-    """``size`` bytes, fewer if the peer closes first (its length is checked: at most the
-    PDU limit)."""
-    data = bytearray(size)
-    received = 0
-    with memoryview(data) as view:
-        while received < size:
-            count = sock.recv_into(view[received:], min(size - received, _RECEIVE_BYTES))
-            if not count:
-                break
-            received += count
-    del data[received:]
+    """``size`` bytes, fewer if the peer closes first. Memory grows with what arrives, not
+    with what the header announced."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), _RECEIVE_BYTES))
+        if not chunk:
+            break
+        data += chunk
     return data
 
 
