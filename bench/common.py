@@ -1,10 +1,13 @@
-"""Shared pieces of the benchmarks: timing, tables, the synthetic CT study."""
+"""Shared pieces of the benchmarks: timing, tables, the synthetic CT study, the Debian
+packages of the peers."""
 
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,11 +36,36 @@ def median_seconds(run: Callable[[], None], repeat: int) -> float:
     return statistics.median(times)
 
 
-def run_checked(command: list[str]) -> None:
-    """Run a command, raising with its output if it fails."""
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+def run_checked(command: list[str], env: Mapping[str, str] | None = None) -> None:
+    """Run a command (in ``env``, else this environment), raising with its output if it
+    fails."""
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env=None if env is None else dict(env))
     if result.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+
+
+# Debian package -> a file it installs: the peers and tools the benchmarks run.
+BENCH_PACKAGES = {"orthanc": "/usr/sbin/Orthanc",
+                  "orthanc-dicomweb": "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                  "dcmtk": "/usr/bin/storescu", "curl": "/usr/bin/curl"}
+
+
+def install_bench_packages() -> None:
+    """apt-get install the packages of ``BENCH_PACKAGES`` that are missing (as root, or
+    through sudo); nothing when all are there. Orthanc's own service is not used: each
+    benchmark starts Orthanc on its own ports (bench/orthanc.py)."""
+    missing = [name for name, path in BENCH_PACKAGES.items() if not Path(path).exists()]
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    if sudo and shutil.which("sudo") is None:
+        raise RuntimeError(f"missing Debian packages: apt-get install {' '.join(missing)}")
+    print(f"installing {', '.join(missing)} with apt-get...", file=sys.stderr)
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run_checked([*sudo, "apt-get", "update", "-qq"], apt_env)
+    run_checked([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                 *missing], apt_env)
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -188,13 +188,12 @@ def use_dimse(assoc: Association, dimse: StreamingDimse) -> None:
     assoc.dimse = dimse
 
 
-def guard_receive(assoc: Association,
-                  guard: Callable[[Callable[[int], bytearray]], Callable[[int], bytearray]],
+def guard_receive(assoc: Association, receive: Callable[[int], bytearray],
                   artim_seconds: float) -> None:
-    """Replace the receive function of ``assoc``'s socket with ``guard(original)``, and
-    make ``artim_seconds`` its ARTIM time."""
+    """Make ``receive`` the receive function of ``assoc``'s socket (``recv(nr_bytes)``: that
+    many bytes, fewer when the peer closes), and ``artim_seconds`` its ARTIM time."""
     connection = assoc.dul.socket
-    connection.recv = guard(connection.recv)  # type: ignore[method-assign]
+    connection.recv = receive  # type: ignore[method-assign]
     assoc.dul.artim_timer.timeout = artim_seconds
 
 

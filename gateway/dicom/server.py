@@ -15,6 +15,10 @@ internals this takes are all in ``pynetdicom_adapter``).
   pynetdicom's timer only runs between PDUs. A connection's slots are free again the moment
   it closes, and in any case when its association thread ends (pynetdicom reports no close
   when its reader thread dies of an error).
+- Each accepted socket has TCP_NODELAY, and TCP_QUICKACK (Linux) again before each PDU is
+  read: a sender that keeps Nagle's algorithm on (dcmtk's default) holds its next small
+  segment until the last one is acknowledged, and a receiver that has just answered delays
+  that acknowledgement (40 ms or more), once per instance.
 - Each PDU header is checked as it arrives (PS3.8 9.3.1): an unknown PDU type or a length
   over ``max_pdu_bytes`` closes the connection at once. pynetdicom would buffer whatever
   length the peer announces (up to 4 GiB), and after garbage it keeps reading, logging an
@@ -74,6 +78,8 @@ _COURTESY_REJECTIONS = 16
 _COMMAND_BYTES = 64 << 10
 _OTHER_DATASET_BYTES = 1 << 20
 _FLOOD_LOG_SECONDS = 10
+_RECEIVE_BYTES = 1 << 20  # at most this per recv() call
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,21 +100,28 @@ class RefusedPduError(OSError):
 class PduGuard:
     """Replaces an association socket's ``recv``: the DUL reads each PDU as its 6-byte header,
     then the announced length in one call, alternately; every header is checked, and the
-    first PDU (the A-ASSOCIATE-RQ) must be complete by ``deadline``."""
+    first PDU (the A-ASSOCIATE-RQ) must be complete by ``deadline``. Reads up to
+    ``_RECEIVE_BYTES`` a call (pynetdicom's own ``recv`` reads 4 KiB), and asks for quick
+    acknowledgements before each PDU (``quick_ack``)."""
 
-    def __init__(self, receive: Callable[[int], bytearray], connection: AssociationSocket,
-                 limit: int, peer: str, deadline: float) -> None:
+    def __init__(self, connection: AssociationSocket, limit: int, peer: str,
+                 deadline: float) -> None:
         self.connection = connection
-        self.receive = receive
         self.limit = limit
         self.peer = peer
         self.deadline: float | None = deadline  # None once the first PDU is in
         self._header_next = True
 
     def __call__(self, nr_bytes: int) -> bytearray:
-        """Read ``nr_bytes``; RefusedPduError for a header that must not be followed."""
-        data = (self.receive(nr_bytes) if self.deadline is None
-                else self._by_deadline(nr_bytes, self.deadline))
+        """Read ``nr_bytes`` (fewer if the peer closes); RefusedPduError for a header that
+        must not be followed."""
+        sock = cast(socket.socket, self.connection.socket)  # set: the DUL is reading
+        if self._header_next:
+            # The DUL reads once data is there: its ACK, delayed since our last answer,
+            # leaves now, and so do those of the PDU's segments still to come.
+            quick_ack(sock)
+        data = (_receive_all(sock, nr_bytes) if self.deadline is None
+                else self._by_deadline(sock, nr_bytes, self.deadline))
         if not self._header_next:
             self._header_next = True
             self.deadline = None
@@ -123,10 +136,10 @@ class PduGuard:
                                       f"most {self.limit} accepted")
         return data
 
-    def _by_deadline(self, nr_bytes: int, deadline: float) -> bytearray:
+    def _by_deadline(self, sock: socket.socket, nr_bytes: int,
+                     deadline: float) -> bytearray:
         """``nr_bytes`` (fewer if the peer closes); TimeoutError at ``deadline``, however
         slowly the peer trickles them."""
-        sock = cast(socket.socket, self.connection.socket)  # set: the DUL is reading
         timeout = sock.gettimeout()
         data = bytearray()
         try:
@@ -146,6 +159,34 @@ class PduGuard:
         finally:
             sock.settimeout(timeout)
         return data
+
+
+def _receive_all(sock: socket.socket, size: int) -> bytearray:
+    """``size`` bytes, fewer if the peer closes first. Memory grows with what arrives, not
+    with what the header announced."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), _RECEIVE_BYTES))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def low_latency(sock: socket.socket) -> None:
+    """TCP_NODELAY on an accepted socket (each of our PDUs leaves in one send; none waits
+    for an acknowledgement), and TCP_QUICKACK."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    quick_ack(sock)
+
+
+def quick_ack(sock: socket.socket) -> None:
+    """Acknowledge received segments at once rather than after Linux's delayed-ACK time.
+    Not sticky: the kernel goes back to delaying once this side sends (it expects to carry
+    the ACK on an answer), so it is set again before each PDU. Nothing where the option
+    does not exist."""
+    if _QUICKACK is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
 
 class ReceivedDataset:
@@ -283,8 +324,8 @@ class GuardedRequestHandler(AdaptedRequestHandler):
         limits = server.limits
         deadline = time.monotonic() + limits.artim_seconds
         connection = assoc.dul.socket
-        guard_receive(assoc, lambda receive: PduGuard(
-            receive, connection, limits.max_pdu_bytes, host, deadline), limits.artim_seconds)
+        guard_receive(assoc, PduGuard(connection, limits.max_pdu_bytes, host, deadline),
+                      limits.artim_seconds)
 
         def open_dataset(sop_class: str, sop_instance: str,
                          transfer_syntax: str) -> ReceivedDataset:
@@ -388,6 +429,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; a TLS handshake is left to the association's thread."""
         client, address = self.socket.accept()
+        with contextlib.suppress(OSError):  # reset already: its reads will tell
+            low_latency(client)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)

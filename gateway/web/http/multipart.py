@@ -1,7 +1,7 @@
 """multipart/related framing (RFC 2046 5.1, RFC 2387) for DICOMweb responses."""
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol, TypeVar
 
 
@@ -25,6 +25,15 @@ def part_head(boundary: str, content_type: str, length: int | None, first: bool,
 def closing(boundary: str) -> bytes:
     """The close delimiter that ends the multipart body."""
     return f"\r\n--{boundary}--\r\n".encode("ascii")
+
+
+def body_length(boundary: str, parts: Iterable[tuple[str, int]]) -> int:
+    """The exact length of a multipart body of ``parts`` (content type, length), each framed
+    by ``part_head`` with its length, then ``closing``."""
+    total = len(closing(boundary))
+    for index, (content_type, length) in enumerate(parts):
+        total += len(part_head(boundary, content_type, length, index == 0)) + length
+    return total
 
 
 class MultipartError(ValueError):
