@@ -27,9 +27,11 @@ from gateway.publication.confidentiality import (
     Confidentiality,
 )
 from gateway.security.audit import read_events
+from storage.database import DatabaseUnavailableError
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
 from storage.recovery import DataDirBusyError, ServiceLock
+from storage.schema import NewerSchemaError
 from storage.store import Store
 
 
@@ -58,7 +60,8 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     # Creates a missing data dir: importing an archive into a new data dir, then serving
     # it, is a legitimate first step.
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits())
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits(),
+                  database_url=settings.database_url)
     try:
         summary = import_paths(store, args.paths, jobs=args.jobs,
                                progress=not args.quiet and sys.stderr.isatty())
@@ -75,7 +78,8 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy,
+                  database_url=settings.database_url)
     try:
         studies = store.index.list_studies()
     finally:
@@ -94,7 +98,8 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy,
+                  database_url=settings.database_url)
     try:
         outbox = Outbox(store.index)
         rows = outbox.listing() if args.all else outbox.listing(
@@ -155,7 +160,8 @@ def _through_service(settings: Settings, path: str, body: dict[str, Any] | None,
 def _queue_here(settings: Settings, here: Callable[[Outbox], Publication],
                 done: Callable[[int], str]) -> int:
     """Queue in the data dir itself: no service answers on its control socket."""
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy,
+                  database_url=settings.database_url)
     try:
         row = here(Outbox(store.index))
     except (LookupError, NotFailedError) as exc:
@@ -395,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.handler(settings, args)
         sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+    except (DatabaseUnavailableError, NewerSchemaError) as exc:
+        print(f"passerelle: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader is gone (`passerelle studies | head -1`). Python's recipe: stdout to
         # devnull, so that the flush at exit does not fail again, and a non-zero exit.

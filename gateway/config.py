@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from gateway.publication.confidentiality import Confidentiality
+from storage.database import check_database_url
 from storage.store import DuplicatePolicy
 from storage.structure import IngestLimits
 from storage.uids import oid_of, uid_from_digest
@@ -311,7 +312,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "producer": ProducerSettings, "auth": AuthSettings, "tls": TlsSettings,
     "audit": AuditSettings,
 }
-_TOP_LEVEL = ("data_dir", "log_level")
+_TOP_LEVEL = ("data_dir", "database_url", "log_level")
 # flat name -> (section, field)
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     (info.alias or name): (section, name)
@@ -382,6 +383,8 @@ class Settings(BaseSettings):
     sections: ClassVar[dict[str, type[_Section]]] = _SECTIONS
 
     data_dir: Path = Path("data")
+    # The index's database: "" for the SQLite file of the data dir, or postgresql://...
+    database_url: str = ""
     log_level: str = "INFO"
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
@@ -393,6 +396,14 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()
     audit: AuditSettings = AuditSettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            check_database_url(value)
+        return value
 
     @field_validator("log_level")
     @classmethod

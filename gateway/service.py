@@ -34,6 +34,7 @@ from gateway.security.tls import client_context, server_context
 from gateway.web.app import create_app
 from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
 from gateway.web.services import Services
+from storage.database import masked
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
 from storage.store import Store
@@ -123,8 +124,10 @@ def serve(settings: Settings) -> None:
     with contextlib.ExitStack() as stop:
         stop.callback(log.info, "stopped")
         stop.callback(lock.release)
-        store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits())
+        store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits(),
+                      database_url=settings.database_url)
         stop.callback(store.close)
+        log.info("index database: %s", masked(store.index.database.url))
         # Only the lock holder may purge: an import running beside the service has its own
         # temporary files in flight.
         removed = store.blobs.purge_temporary()

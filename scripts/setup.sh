@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what Passerelle needs on Debian: system packages (with --test, the DICOM tools the
-# tests drive) and a virtual environment in .venv with the package installed in it (editable).
+# tests drive and the PostgreSQL server whose throwaway clusters they start) and a virtual
+# environment in .venv with the package installed in it (editable).
 #
 # Idempotent and quick when nothing changed: apt runs only for a missing package, pip only
 # when .venv is new or pyproject.toml changed since the last successful install, or when
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 packages=(python3 python3-venv python3-pip)
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(dcmtk dicom3tools)
+    packages+=(dcmtk dicom3tools postgresql)  # the tests start a PostgreSQL cluster of their own
     extras="test"
 else
     extras=""

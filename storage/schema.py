@@ -1,15 +1,14 @@
-"""The index's schema and its history: one migration per version, applied in order at
-start (PRAGMA user_version), and what an upgrade reports."""
+"""The index's schema history before Alembic: the SQLite migrations of versions 1 to 11
+(PRAGMA user_version), which bring an index left by those versions to the schema of the
+Alembic baseline (storage/migrations), and what that upgrade reports."""
 
 import logging
 import sqlite3
 
-log = logging.getLogger(__name__)
+from storage.identifiers import encode
+from storage.search import request_items
 
-# The oldest SQLite the statements here run on: RETURNING and ALTER TABLE DROP COLUMN
-# (3.35.0), UPDATE ... FROM (3.33.0), window functions (3.25.0), JSON functions built in.
-# Debian 12 has 3.40.1, Debian 13 3.46.1.
-MIN_SQLITE = (3, 35, 0)
+log = logging.getLogger(__name__)
 
 # Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -184,16 +183,27 @@ MIGRATIONS: tuple[str, ...] = (
     WHERE request_attributes != '';
     """,
 )
+LEGACY_VERSION = len(MIGRATIONS)  # the schema of the Alembic baseline
 # An upgrade from before the path index (v10) reports the rows whose path and study disagree,
 # as versions before v8 could file them.
 PATH_INDEX_VERSION = 10
 
 
-def migrate(db: sqlite3.Connection) -> None:
-    """Bring the schema of ``db`` (inside a write transaction) to the last version."""
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise RuntimeError(f"index schema v{version} is newer than this program")
+class NewerSchemaError(ValueError):
+    """The index was left by a newer program than this one."""
+
+
+def request_items_text(text: str) -> str:
+    """A Request Attributes column (a JSON list of items) as its distinct items, bounded."""
+    return encode(request_items([text]))
+
+
+def migrate_legacy(db: sqlite3.Connection, version: int) -> None:
+    """Bring ``db`` (inside a write transaction, with the index's SQL functions), at
+    ``version``, to LEGACY_VERSION."""
+    if version > LEGACY_VERSION:
+        raise NewerSchemaError(f"index schema v{version} is newer than this program")
+    db.create_function("request_items_text", 1, request_items_text, deterministic=True)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         for statement in script.split(";"):
             if statement.strip():

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage.blobs import BlobStore, BlobTooLargeError, InvalidUIDError, TemporaryBlob
+from storage.database import Database
+from storage.database import database_url as url_of_index
 from storage.header import InstanceRecord, read_header
 from storage.index import IdentityConflict, IdentityConflictError, Index, StoredInstance
 from storage.part10 import is_part10, read_file_meta, with_preamble
@@ -184,10 +186,11 @@ class Store:
     def __init__(self, data_dir: Path,
                  duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST,
                  limits: IngestLimits | None = None,
-                 decode_memory: MemoryBudget | None = None) -> None:
+                 decode_memory: MemoryBudget | None = None, database_url: str = "") -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(data_dir)
-        self.index = Index(data_dir / "index.sqlite")
+        # The SQLite file of the data dir, or the database of PASSERELLE_DATABASE_URL.
+        self.index = Index(Database(url_of_index(database_url, data_dir)))
         self.duplicate_policy = duplicate_policy
         self.limits = limits or IngestLimits()
         # Where comparing a re-sent instance decoded takes its memory from (the service sets

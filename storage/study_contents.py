@@ -74,13 +74,13 @@ _STUDY = """
            st.accession_number, st.accession_issuer, st.study_id, st.study_description,
            st.referring_physician, st.requested_procedure_ids, st.placer_order_numbers,
            st.first_received_at, st.last_received_at, st.character_set
-    FROM studies st JOIN patients p ON st.patient_pk = p.pk WHERE st.study_uid = ?
+    FROM studies st JOIN patients p ON st.patient_pk = p.pk WHERE st.study_uid = :study_uid
 """
 _INSTANCES = """
     SELECT se.series_uid, se.modality, se.body_part, se.series_number, se.series_date,
            se.series_time, se.requests, i.sop_class_uid, i.sop_uid
     FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
-    WHERE st.study_uid = ? ORDER BY se.series_number, se.pk, i.instance_number, i.pk
+    WHERE st.study_uid = :study_uid ORDER BY se.series_number, se.pk, i.instance_number, i.pk
 """
 _DECODERS = {"patient_id_qualifiers": decode_issuer, "other_patient_ids": decode_other_ids,
              "accession_issuer": decode_issuer,
@@ -115,14 +115,14 @@ def load_study_contents(index: Index, study_uid: str) -> StudyContents | None:
     without stored requests (indexed before v7, or whose instances named none) is given
     those of the study row (``_indexed_before_v7``), each as a series states it if one does
     (with its description and filler order)."""
-    rows = index.fetch(_STUDY, (study_uid,))
+    rows = index.fetch(_STUDY, {"study_uid": study_uid})
     if not rows:
         return None
     names = [f.name for f in fields(StudyContents) if f.name != "series"]
     values = {name: _DECODERS[name](value) if name in _DECODERS else value
               for name, value in zip(names, rows[0], strict=True)}
     series: dict[str, SeriesContents] = {}
-    for *columns, sop_class, sop_uid in index.fetch(_INSTANCES, (study_uid,)):
+    for *columns, sop_class, sop_uid in index.fetch(_INSTANCES, {"study_uid": study_uid}):
         if columns[0] not in series:
             series[columns[0]] = SeriesContents(*columns[:-1], decode_requests(columns[-1]))
         series[columns[0]].instances.append((sop_class, sop_uid))

@@ -70,7 +70,8 @@ class InProcessService:
         self.ae_title = self.settings.dicom.ae_title
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # As gateway.service.serve composes them (minus the lock, the DICOM side and syslog).
-        self.store = Store(self.data_dir, self.settings.ingest.duplicate_policy)
+        self.store = Store(self.data_dir, self.settings.ingest.duplicate_policy,
+                           database_url=self.settings.database_url)
         self.audit = AuditTrail(self.data_dir / "audit", self.settings.dicom.ae_title,
                                 self.store.index.patient_id_of, self.settings.audit)
         self.services = http_services(self.settings, self.store, self.audit,

@@ -1,22 +1,28 @@
-"""The storage package on real files and a real SQLite database."""
+"""The storage package on real files and a real index database (SQLite and PostgreSQL)."""
 
 import dataclasses
 import io
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import tracemalloc
 from pathlib import Path
 
+import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore, InvalidUIDError
+from storage.database import Database
 from storage.header import read_header
 from storage.index import Index
+from storage.migrations import head
 from storage.part10 import dataset_offset, read_file_meta
 from storage.recovery import recover
 from storage.schema import MIGRATIONS
@@ -24,6 +30,9 @@ from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Rejection, Store
 from storage.structure import IngestLimits
 from storage.uids import is_valid_uid
+from tests.postgres import PostgresCluster
+from tests.processes import REPO, PasserelleProcess, free_port
+from tests.scu import associate
 from tests.synthetic import ct_slice, part10
 
 
@@ -88,17 +97,17 @@ def test_dataset_offset_with_and_without_group_length(tmp_path: Path) -> None:
     assert dataset_offset(without) == with_length - 12
 
 
-def test_index_schema_is_created_then_reopened(tmp_path: Path) -> None:
-    index = Index(tmp_path / "index.sqlite")
-    assert index.schema_version == len(MIGRATIONS)
+def test_index_schema_is_created_then_reopened(database_url: str) -> None:
+    index = Index(Database(database_url))
+    assert index.schema_version == head()
     index.close()
-    reopened = Index(tmp_path / "index.sqlite")
-    assert reopened.schema_version == len(MIGRATIONS)
+    reopened = Index(Database(database_url))
+    assert reopened.schema_version == head()
     reopened.close()
 
 
-def test_store_indexes_every_level(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_store_indexes_every_level(tmp_path: Path, database_url: str) -> None:
+    store = Store(tmp_path, database_url=database_url)
     study, series = generate_uid(), generate_uid()
     for number in (1, 2):
         ds = ct_slice(study, series, 1, number, size=4)
@@ -167,7 +176,7 @@ def test_migration_from_v1_folds_existing_names(tmp_path: Path) -> None:
     db.commit()
     db.close()
     index = Index(tmp_path / "index.sqlite")
-    assert index.schema_version == len(MIGRATIONS) >= 2
+    assert index.schema_version == head()
     rows = index.search(Level.STUDY, [Match("PatientName", "helene")], ["PatientID"],
                         fuzzy=True, limit=10, offset=0)
     assert rows == [{"PatientID": "P1"}]  # folded in v2, the study's own since v8
@@ -180,10 +189,10 @@ def test_fold_name() -> None:
     assert fold_name("") == "^"
 
 
-def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path) -> None:
+def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_url: str) -> None:
     """Keep-first under a race: one object stored, the other refused as a conflict, and
     the file on disk is the one the index describes."""
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url=database_url)
     barrier = threading.Barrier(2)
     for _ in range(40):
         sop_uid, study, series = generate_uid(), generate_uid(), generate_uid()
@@ -287,6 +296,7 @@ def test_recovery_leaves_a_file_indexed_under_another_study_alone(
                (sent.SOPInstanceUID, sent.SOPClassUID, sent.file_meta.TransferSyntaxUID,
                 relative, misfiled.stat().st_size))
     db.execute("DROP INDEX IF EXISTS instances_path")
+    db.execute("DROP TABLE alembic_version")
     db.execute("PRAGMA user_version = 9")  # before the path index
     db.commit()
     db.close()
@@ -304,10 +314,11 @@ def test_recovery_leaves_a_file_indexed_under_another_study_alone(
         store.close()
 
 
-def test_quarantined_files_of_one_sop_instance_uid_are_all_kept(tmp_path: Path) -> None:
+def test_quarantined_files_of_one_sop_instance_uid_are_all_kept(tmp_path: Path,
+                                                               database_url: str) -> None:
     """Files of an identity conflict share their SOP Instance UID, hence their name: each
     is kept in quarantine/, none overwrites another."""
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url=database_url)
     try:
         study, series, sop = generate_uid(), generate_uid(), generate_uid()
         assert store.ingest(part10(ct_slice(study, series, 1, 1, size=4, patient_id="P1")),
@@ -323,3 +334,61 @@ def test_quarantined_files_of_one_sop_instance_uid_are_all_kept(tmp_path: Path) 
             path.parent.name for path in dropped}
     finally:
         store.close()
+
+
+# --- the index's database, as `passerelle` commands are given it ----------------------------
+
+def _passerelle(data_dir: Path, database_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PASSERELLE_DATA_DIR": str(data_dir),
+           "PASSERELLE_DATABASE_URL": database_url}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_serve_stores_in_the_postgresql_database_of_its_setting(
+        tmp_path: Path, postgres_cluster: PostgresCluster) -> None:
+    """PASSERELLE_DATABASE_URL=postgresql://...: a C-STORE is indexed in that database (no
+    SQLite file in the data dir), the CLI reads it there, and the log names the database
+    with its password masked."""
+    url = postgres_cluster.new_database().replace("postgres@", "postgres:s3cret@")
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
+    data = tmp_path / "data"
+    with PasserelleProcess(data, database_url=url) as server:
+        assoc = associate(server.dicom_port, [ds])
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+        log = server.log()
+    with psycopg.connect(url) as connection:
+        rows = connection.execute("SELECT sop_uid FROM instances").fetchall()
+    assert rows == [(ds.SOPInstanceUID,)]
+    assert not (data / "index.sqlite").exists()
+    assert "index database: postgresql://postgres:***@127.0.0.1:" in log
+    assert "s3cret" not in log
+    listed = _passerelle(data, url, "studies", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [study["study_uid"] for study in json.loads(listed.stdout)] == [ds.StudyInstanceUID]
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    """No server at the URL: each command says it cannot open the index database (password
+    masked), no traceback."""
+    url = f"postgresql://passerelle:s3cret@127.0.0.1:{free_port()}/passerelle"
+    (tmp_path / "data").mkdir()
+    for command in (("studies",), ("serve",)):
+        result = _passerelle(tmp_path / "data", url, *command)
+        assert result.returncode == 1, command
+        assert "cannot open the index database postgresql://passerelle:***@127.0.0.1:" in \
+            result.stderr, command
+        assert "Traceback" not in result.stderr
+        assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql://user@host/db", "not a url", "sqlite://"])
+def test_a_database_url_of_another_kind_is_refused_at_start(tmp_path: Path, url: str) -> None:
+    result = _passerelle(tmp_path / "data", url, "studies")
+    assert result.returncode == 2
+    assert "database_url (PASSERELLE_DATABASE_URL)" in result.stderr
+    assert "postgresql://user@host:port/database" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,145 @@
+"""The index's database: SQLite (the file ``index.sqlite`` of the data dir, the default) or
+PostgreSQL (``postgresql://user@host:port/db``, psycopg 3), through one SQLAlchemy engine.
+
+Writers go through ``Database.transaction``: on SQLite ``BEGIN IMMEDIATE`` (one writer at a
+time, waiting up to the busy timeout), on PostgreSQL a READ COMMITTED transaction. Readers
+take a pooled connection of their own (SQLite WAL: readers never wait for the writer). The
+few SQL fragments the two dialects spell differently are the small functions at the end.
+"""
+
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import URL, Connection, Engine, Row, create_engine, event, make_url, text
+from sqlalchemy.exc import ArgumentError
+
+SQLITE_FILE = "index.sqlite"
+_BUSY_TIMEOUT_S = 30
+_IMMEDIATE = "passerelle_immediate"  # execution option: the next BEGIN is BEGIN IMMEDIATE
+
+
+class DatabaseURLError(ValueError):
+    """A database URL this program cannot use."""
+
+
+class DatabaseUnavailableError(ConnectionError):
+    """The database cannot be reached (or refuses this program's login)."""
+
+
+def sqlite_url(path: Path) -> str:
+    """The URL of the SQLite file at ``path``."""
+    return f"sqlite:///{path.resolve()}"
+
+
+def database_url(setting: str, data_dir: Path) -> str:
+    """The URL of the index: ``setting`` when given, else the SQLite file of ``data_dir``."""
+    return setting or sqlite_url(data_dir / SQLITE_FILE)
+
+
+def _parsed(url: str) -> URL:
+    """``url`` with its driver: psycopg 3 for PostgreSQL, the standard sqlite3 for SQLite."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # the URL is not repeated: it may hold a password
+        raise DatabaseURLError("not a database URL (expected postgresql://"
+                               "user@host:port/database or sqlite:////path/index.sqlite)"
+                               ) from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in ("", "pysqlite") and parsed.database:
+        return parsed.set(drivername="sqlite+pysqlite")
+    raise DatabaseURLError(f"unsupported database URL {parsed.render_as_string()!r}: use"
+                           " postgresql://user@host:port/database or sqlite:////path/file")
+
+
+def check_database_url(url: str) -> None:
+    """DatabaseURLError (a ValueError) when ``url`` is not one the index can use."""
+    _parsed(url)
+
+
+def masked(url: str) -> str:
+    """``url`` fit for a log: its password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
+def _on_sqlite_connect(connection: sqlite3.Connection, _record: object) -> None:
+    # Imported here: storage.search builds its SQL with this module's fragments.
+    from storage.search import fold_name, name_group
+
+    connection.isolation_level = None  # transactions are begun by _on_sqlite_begin
+    connection.execute("PRAGMA journal_mode = WAL")
+    # NORMAL: a commit survives a process crash but not a power cut; the files, always
+    # fsynced, are the truth, and Store.recover re-indexes them after an unclean stop.
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.create_function("fold_name", 1, fold_name, deterministic=True)
+    connection.create_function("name_group", 2, name_group, deterministic=True)
+
+
+def _on_sqlite_begin(connection: Connection) -> None:
+    immediate = connection.get_execution_options().get(_IMMEDIATE, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """The index's database: an SQLAlchemy engine on SQLite or PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        parsed = _parsed(url)
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine: Engine = create_engine(
+                parsed, connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False},
+                pool_size=8, max_overflow=24, pool_timeout=_BUSY_TIMEOUT_S)
+            event.listen(self.engine, "connect", _on_sqlite_connect)
+            event.listen(self.engine, "begin", _on_sqlite_begin)
+        else:
+            self.engine = create_engine(parsed, pool_size=5, max_overflow=15,
+                                        pool_timeout=_BUSY_TIMEOUT_S, pool_pre_ping=True)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction: committed on exit, rolled back on any exception."""
+        with self.engine.connect() as connection:
+            if self.dialect == "sqlite":
+                connection.execution_options(**{_IMMEDIATE: True})
+            with connection.begin():
+                yield connection
+
+    def fetch(self, sql: str, params: Mapping[str, object] | None = None) -> list[Row]:
+        """Rows of one read-only statement, on a pooled connection."""
+        with self.engine.connect() as connection:
+            return list(connection.execute(text(sql), dict(params or {})))
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def json_values(dialect: str, param: str) -> str:
+    """A one-column subquery of the strings of the JSON list bound as ``:param``."""
+    if dialect == "postgresql":
+        return f"SELECT jsonb_array_elements_text(CAST(:{param} AS jsonb))"
+    return f"SELECT value FROM json_each(:{param})"
+
+
+def group_concat(dialect: str, expr: str, distinct: bool = False) -> str:
+    """The values of ``expr`` in a group, comma separated (NULL for none)."""
+    unique = "DISTINCT " if distinct else ""
+    if dialect == "postgresql":
+        return f"string_agg({unique}CAST({expr} AS TEXT), ',')"
+    return f"group_concat({unique}{expr})"
+
+
+def json_array_agg(dialect: str, expr: str) -> str:
+    """The values of ``expr`` in a group as the text of a JSON list (in the group's order)."""
+    if dialect == "postgresql":
+        return f"CAST(COALESCE(json_agg({expr}), '[]') AS TEXT)"
+    return f"json_group_array({expr})"

@@ -1,0 +1,118 @@
+"""The index's schema at the head of its migrations (storage/migrations), as SQLAlchemy Core
+tables: patients, studies, series, instances, their cached DICOM JSON, and the publication
+outbox. Any schema change is a migration and a change here (tests/test_migrations.py checks
+they agree, on SQLite and PostgreSQL)."""
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# PostgreSQL's own names for constraints, on both dialects: a migration can name what it alters.
+NAMING = {"pk": "%(table_name)s_pkey", "uq": "%(table_name)s_%(column_0_N_name)s_key",
+          "fk": "%(table_name)s_%(column_0_N_name)s_fkey"}
+metadata = MetaData(naming_convention=NAMING)
+
+# BIGINT on PostgreSQL; on SQLite INTEGER PRIMARY KEY, the rowid (BIGINT would not be).
+Key = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _pk() -> Column:
+    return Column("pk", Key, Identity(), primary_key=True)
+
+
+def _text(name: str, default: bool = False) -> Column:
+    """A NOT NULL text column; ``default``: '' when not given (the columns added to a table
+    after its creation got that default)."""
+    return Column(name, Text, nullable=False, server_default="" if default else None)
+
+
+patients = Table(
+    "patients", metadata, _pk(),
+    _text("patient_id"), _text("issuer_of_patient_id"),
+    UniqueConstraint("patient_id", "issuer_of_patient_id"),
+    Index("patients_id", "patient_id"),
+)
+
+studies = Table(
+    "studies", metadata, _pk(),
+    Column("study_uid", Text, nullable=False, unique=True),
+    Column("patient_pk", Key, ForeignKey("patients.pk"), nullable=False),
+    _text("study_date"), _text("study_time"), _text("accession_number"),
+    _text("accession_issuer"), _text("study_id"), _text("study_description"),
+    _text("referring_physician"), _text("requested_procedure_ids"),
+    _text("placer_order_numbers"),
+    Column("first_received_at", Double, nullable=False),  # seconds since the epoch
+    Column("last_received_at", Double, nullable=False),
+    _text("referring_physician_folded", default=True),
+    Column("queued_through", Double),  # last_received_at when queued for publication
+    _text("character_set", default=True),
+    _text("other_patient_ids", default=True), _text("patient_name", default=True),
+    _text("patient_name_folded", default=True), _text("patient_birth_date", default=True),
+    _text("patient_sex", default=True), _text("patient_id_qualifiers", default=True),
+    Index("studies_patient", "patient_pk"),
+    Index("studies_date", "study_date"),
+    Index("studies_accession", "accession_number"),
+)
+
+series = Table(
+    "series", metadata, _pk(),
+    Column("series_uid", Text, nullable=False, unique=True),
+    Column("study_pk", Key, ForeignKey("studies.pk"), nullable=False),
+    _text("modality"), Column("series_number", Integer), _text("series_description"),
+    _text("body_part"), _text("series_date"), _text("series_time"),
+    _text("requests", default=True),
+    Index("series_study", "study_pk"),
+)
+
+instances = Table(
+    "instances", metadata, _pk(),
+    Column("sop_uid", Text, nullable=False, unique=True),
+    Column("series_pk", Key, ForeignKey("series.pk"), nullable=False),
+    _text("sop_class_uid"), Column("instance_number", Integer), _text("transfer_syntax"),
+    Column("rows", Integer), Column("columns", Integer), Column("frames", Integer),
+    _text("path"), Column("size", BigInteger, nullable=False), _text("source"),
+    Column("received_at", Double, nullable=False),
+    _text("timezone_offset", default=True), Column("bits_allocated", Integer),
+    _text("pps_start_date", default=True), _text("pps_start_time", default=True),
+    _text("request_attributes", default=True),
+    Index("instances_series", "series_pk"),
+    Index("instances_path", "path"),
+)
+
+instance_metadata = Table(
+    "instance_metadata", metadata,
+    Column("instance_pk", Key, ForeignKey("instances.pk", ondelete="CASCADE"),
+           primary_key=True, autoincrement=False),
+    _text("json"),
+)
+
+publications = Table(
+    "publications", metadata, _pk(),
+    _text("study_uid"), _text("action"), _text("kos_uid"),
+    _text("replaces_kos_uid", default=True), _text("state"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Double, nullable=False),
+    _text("last_error", default=True), _text("response", default=True),
+    _text("document_id", default=True),
+    Column("created_at", Double, nullable=False), Column("updated_at", Double, nullable=False),
+    _text("payload", default=True),
+    Index("publications_state", "state", "next_attempt_at"),
+    Index("publications_study", "study_uid"),
+    Index("publications_kos", "kos_uid"),
+)
+
+# The studies indexed before v8 whose patient module Store reads again from their files.
+patient_modules_to_read = Table(
+    "patient_modules_to_read", metadata,
+    Column("study_pk", Key, ForeignKey("studies.pk"), primary_key=True, autoincrement=False),
+)
