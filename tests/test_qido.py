@@ -1,8 +1,9 @@
 """QIDO-RS (PS3.18 10.6): matching, paging and validation in-process (raw HTTP on the
-application), and dicomweb-client against a running service over a socket."""
+application), and dicomweb-client against a running service over a socket; each on an
+SQLite and on a PostgreSQL index."""
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from dicomweb_client.api import DICOMwebClient
@@ -38,17 +39,21 @@ def _datasets() -> Iterator[Dataset]:
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+def indexed(tmp_path_factory: pytest.TempPathFactory,
+            module_new_database_url: Callable[[], str]) -> Iterator[InProcessService]:
     """The application in-process, holding the studies of STUDIES."""
-    with InProcessService(tmp_path_factory.mktemp("qido") / "data") as service:
+    with InProcessService(tmp_path_factory.mktemp("qido") / "data",
+                          database_url=module_new_database_url()) as service:
         service.ingest_all(_datasets())
         yield service
 
 
 @pytest.fixture(scope="module")
-def qido(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DICOMwebClient]:
+def qido(tmp_path_factory: pytest.TempPathFactory,
+         module_new_database_url: Callable[[], str]) -> Iterator[DICOMwebClient]:
     """A dicomweb-client session on a running service that received STUDIES over DICOM."""
-    with PasserelleProcess(tmp_path_factory.mktemp("qido-e2e") / "data") as server:
+    with PasserelleProcess(tmp_path_factory.mktemp("qido-e2e") / "data",
+                           database_url=module_new_database_url()) as server:
         for ds in _datasets():
             assert send(server.dicom_port, ds)[0] == 0x0000
         yield DICOMwebClient(url=f"{server.base_url}/dicom-web")
@@ -126,10 +131,12 @@ NAMES = {"JP": "Yamada^Tarou=山田^太郎=やまだ^たろう", "LATIN": "Yamad
 
 
 @pytest.fixture(scope="module")
-def named(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+def named(tmp_path_factory: pytest.TempPathFactory,
+          module_new_database_url: Callable[[], str]) -> Iterator[InProcessService]:
     """One study per name of NAMES (accession = its key), received by STOW-RS, the name also
     as Referring Physician's Name."""
-    with InProcessService(tmp_path_factory.mktemp("qido-pn") / "data") as service:
+    with InProcessService(tmp_path_factory.mktemp("qido-pn") / "data",
+                          database_url=module_new_database_url()) as service:
         parts = [ct_slice(generate_uid(), generate_uid(), 1, 1, size=4, patient_id=key,
                           accession=key, PatientName=name, ReferringPhysicianName=name,
                           SpecificCharacterSet="ISO_IR 192")
