@@ -17,7 +17,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Row, bindparam, text
+from sqlalchemy import Connection, bindparam, text
 
 from storage.database import group_concat, json_values
 from storage.numbers import INT32_MAX, NumberError, parse_int
@@ -390,13 +390,15 @@ def _with(dialect: str, sql: str, within: frozenset[str] | None) -> str:
 
 @dataclass(frozen=True)
 class _Group:
-    """A query computing values of the studies (key 0) or series (key 1) of a page, one row
-    per pk of those given (:pks), with {values}, and {within} when confined."""
+    """A query computing values of the studies (key 0) or series (key 1) of a page (:pks),
+    with {values}, and {within} when confined: one row per pk, or with ``lines`` one row per
+    distinct value of a pk, joined one a line."""
 
     key: int
     sql: str
     within: str
     keywords: frozenset[str]
+    lines: bool = False
 
     def values(self, conn: Connection, keywords: list[str], pks: list[int],
                within: frozenset[str] | None) -> dict[int, list[object]]:
@@ -404,17 +406,17 @@ class _Group:
         dialect = conn.dialect.name
         sql = self.sql.format(values=", ".join(_grouped(dialect, k) for k in keywords),
                               within=self.within if within is not None else "")
-        params: dict[str, object] = {"pks": pks, "lines": MAX_REQUEST_LINES}
+        params: dict[str, object] = {"pks": pks}
+        if self.lines:
+            params["lines"] = MAX_REQUEST_LINES
         if within is not None:
             params["within"] = json.dumps(sorted(within))
         statement = text(_with(dialect, sql, within)).bindparams(
             bindparam("pks", expanding=True))
-        return self._found(conn.execute(statement, params).all())
-
-    def _found(self, rows: list[Row]) -> dict[int, list[object]]:
-        if self is not _SERIES_REQUESTS:
+        rows = conn.execute(statement, params).all()
+        if not self.lines:
             return {pk: values for pk, *values in rows}
-        lines: dict[int, list[str]] = {}  # one row per distinct value, in order received
+        lines: dict[int, list[str]] = {}
         for pk, line in rows:
             lines.setdefault(pk, []).append(line)
         return {pk: ["\n".join(values)] for pk, values in lines.items()}
@@ -436,12 +438,12 @@ _SERIES_INSTANCES = _Group(
 # The Request Attributes of a series: the distinct values (JSON lists) of its instances, the
 # first MAX_REQUEST_LINES received, a row each (joined one a line, merged by request_items).
 _SERIES_REQUESTS = _Group(
-    1, "SELECT series_pk, request_attributes FROM (SELECT x.series_pk, x.request_attributes,"
+    1, "SELECT series_pk, {values} FROM (SELECT x.series_pk, x.request_attributes,"
        " row_number() OVER (PARTITION BY x.series_pk ORDER BY min(x.pk)) AS n FROM instances x"
        " WHERE x.series_pk IN :pks AND x.request_attributes != ''{within}"
        " GROUP BY x.series_pk, x.request_attributes) AS r"
        " WHERE n <= :lines ORDER BY series_pk, n",
-    f" AND x.sop_uid {_IN_WITHIN}", frozenset({"RequestAttributesSequence"}))
+    f" AND x.sop_uid {_IN_WITHIN}", frozenset({"RequestAttributesSequence"}), lines=True)
 
 
 def _groups(level: Level, columns: list[str]) -> list[tuple[_Group, list[str]]]:
@@ -463,6 +465,8 @@ def _groups(level: Level, columns: list[str]) -> list[tuple[_Group, list[str]]]:
 
 def _grouped(dialect: str, keyword: str) -> str:
     """The SQL of ``keyword`` in its grouped query."""
+    if keyword == "RequestAttributesSequence":
+        return "request_attributes"  # a row per distinct value (_SERIES_REQUESTS)
     if keyword == "ModalitiesInStudy":
         return group_concat(dialect, ATTRIBUTES[keyword].sql, distinct=True)
     if keyword not in _FROM_INSTANCES:
