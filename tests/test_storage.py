@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
@@ -189,10 +190,14 @@ def test_fold_name() -> None:
     assert fold_name("") == "^"
 
 
-def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_url: str) -> None:
-    """Keep-first under a race: one object stored, the other refused as a conflict, and
-    the file on disk is the one the index describes."""
-    store = Store(tmp_path / "data", database_url=database_url)
+@pytest.mark.parametrize("stores", [1, 2])
+def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_url: str,
+                                                     stores: int) -> None:
+    """Keep-first under a race, of two threads of one Store or of two Stores on one data dir
+    and one database (as two processes or replicas): one object stored, the other refused
+    as a conflict, and the file on disk is the one the index describes."""
+    writers = [Store(tmp_path / "data", database_url=database_url) for _ in range(stores)]
+    writers *= 2 // stores
     barrier = threading.Barrier(2)
     for _ in range(40):
         sop_uid, study, series = generate_uid(), generate_uid(), generate_uid()
@@ -200,20 +205,25 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_ur
                                           PatientName=name))) for name in ("A^A", "B^B")]
         outcomes: list[Outcome] = []
 
-        def write(data: bytes) -> None:
+        def write(store: Store, data: bytes) -> None:
             barrier.wait()
             outcomes.append(store.ingest(data, "race").outcome)  # noqa: B023
 
-        threads = [threading.Thread(target=write, args=(data,)) for data in versions]
+        threads = [threading.Thread(target=write, args=pair)
+                   for pair in zip(writers, versions, strict=True)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.REJECTED])
-        stored = store.blobs.read(store.index.find_instance(sop_uid).path)
-        assert stored in versions
-    assert list(store.blobs.tmp_dir.iterdir()) == []
-    store.close()
+        stored = writers[0].index.find_instance(sop_uid)
+        assert writers[0].blobs.read(stored.path) in versions
+        [summary] = writers[0].index.list_studies(study)
+        assert summary.patient_name == dcmread(writers[0].blobs.absolute(stored.path)
+                                               ).PatientName
+    assert list(writers[0].blobs.tmp_dir.iterdir()) == []
+    for store in set(writers):
+        store.close()
 
 
 def _deflated_part10(ds: Dataset) -> bytes:
@@ -392,3 +402,53 @@ def test_a_database_url_of_another_kind_is_refused_at_start(tmp_path: Path, url:
     assert "database_url (PASSERELLE_DATABASE_URL)" in result.stderr
     assert "postgresql://user@host:port/database" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_index_query_on_each_dialect(tmp_path: Path, database_url: str) -> None:
+    """The Index API over one study of two series (CT, MR) on each dialect: the instances
+    of a study, a series, an instance, within a set of UIDs; the cached metadata (replaced
+    when cached again) and its size; paths; the study list; the patient module to read."""
+    store = Store(tmp_path / "data", database_url=database_url)
+    index = store.index
+    try:
+        study, ct, mr = generate_uid(), generate_uid(), generate_uid()
+        slices = [ct_slice(study, ct, 1, 2, size=4, patient_id="PID-7"),
+                  ct_slice(study, ct, 1, 1, size=4, patient_id="PID-7"),
+                  ct_slice(study, mr, 2, 1, size=4, patient_id="PID-7", Modality="MR")]
+        for ds in slices:
+            assert store.ingest(part10(ds), "test").outcome is Outcome.STORED
+        uids = [ds.SOPInstanceUID for ds in slices]
+        assert [i.sop_uid for i in index.instances(study)] == [uids[1], uids[0], uids[2]]
+        assert [i.sop_uid for i in index.instances(study, mr)] == [uids[2]]
+        assert [i.sop_uid for i in index.instances(study, ct, uids[0])] == [uids[0]]
+        within = frozenset({uids[0], uids[2], generate_uid()})
+        assert [i.sop_uid for i in index.instances(study, within=within)] == [uids[0], uids[2]]
+        assert index.instances(study, within=frozenset()) == []
+        index.cache_metadata([(uids[0], '{"a": 1}'), (uids[2], "{}")])
+        index.cache_metadata([(uids[0], '{"a": 12}')])
+        cached = {i.sop_uid: text for i, text in index.instances_with_metadata(study)}
+        assert cached == {uids[0]: '{"a": 12}', uids[1]: None, uids[2]: "{}"}
+        assert index.cached_metadata_size(study) == len('{"a": 12}{}')
+        assert index.cached_metadata_size(study, within=frozenset({uids[2]})) == 2
+        paths = index.study_paths(study)
+        assert len(paths) == 3 and all(index.has_path(path) for path in paths)
+        assert not index.has_path("studies/elsewhere.dcm")
+        assert index.patient_id_of(study) == "PID-7"
+        assert index.patient_id_of(generate_uid()) == ""
+        [summary] = index.list_studies(study)
+        assert (summary.modalities, summary.series_count, summary.instance_count) == (
+            ["CT", "MR"], 2, 3)
+        assert index.list_studies(generate_uid()) == []
+        stored = index.find_instance(uids[2])
+        assert (stored.series_uid, stored.frames) == (mr, 1)
+        assert stored.size == len(store.blobs.read(stored.path))
+        assert isinstance(stored.received_at, float)
+        with index.transaction() as db:  # as a study indexed before v8 is listed
+            db.execute(sqlalchemy.text("INSERT INTO patient_modules_to_read"
+                                       " SELECT pk FROM studies"))
+        assert index.patient_modules_to_read() == [
+            (study, [index.find_instance(uid).path for uid in uids])]
+        index.set_patient_module(study, None)
+        assert index.patient_modules_to_read() == []
+    finally:
+        store.close()
