@@ -10,13 +10,15 @@ where the publisher writes it and recorded as acknowledged in the outbox, as if 
 registry had accepted it (nothing is sent anywhere). The last two rows call
 ``Index.search`` (the default page of 1 000 instances) and ``Index.count`` (the Warning's
 total) directly, within the manifest's instances. Each row is the median of ``--runs``.
+``--dialect postgresql`` puts the index in a throwaway PostgreSQL cluster (tests/postgres.py)
+instead of the data dir's SQLite file.
 
 It also runs against another checkout (its ``gateway``, ``storage`` and ``tests.synthetic``):
 ``PYTHONPATH=<checkout> python bench/qido_large_study.py`` (the checkout on PYTHONPATH comes
 before this repository).
 
 Usage: python bench/qido_large_study.py [--series 10] [--instances 1000] [--runs 3] [--size 4]
-                                         [--quick]
+                                         [--dialect sqlite|postgresql] [--quick]
 """
 
 import argparse
@@ -47,6 +49,7 @@ from storage.outbox import Action, Outbox  # noqa: E402
 from storage.search import Level  # noqa: E402
 from storage.store import Store  # noqa: E402
 from storage.study_contents import load_study_contents  # noqa: E402
+from tests.postgres import PostgresCluster  # noqa: E402
 from tests.synthetic import ct_slice, part10  # noqa: E402
 
 BASE_URL = "http://passerelle.bench"  # no such host: nothing leaves the process
@@ -117,10 +120,13 @@ def thousands(number: int) -> str:
     return f"{number:,}".replace(",", " ")
 
 
-async def measure(data_dir: Path, args: argparse.Namespace) -> list[list[str]]:
-    """Build the data set in ``data_dir`` and time every row; the table's rows."""
-    settings = Settings(data_dir=data_dir, public_url=BASE_URL)
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+async def measure(data_dir: Path, database_url: str, args: argparse.Namespace
+                  ) -> list[list[str]]:
+    """Build the data set in ``data_dir`` (its index at ``database_url``, "" for the SQLite
+    file) and time every row; the table's rows."""
+    settings = Settings(data_dir=data_dir, public_url=BASE_URL, database_url=database_url)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy,
+                  database_url=settings.database_url)
     audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                        store.index.patient_id_of, settings.audit)
     try:
@@ -191,6 +197,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1000, help="per series")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=4, help="rows and columns of a slice")
+    parser.add_argument("--dialect", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="where the index is")
     parser.add_argument("--quick", action="store_true",
                         help="smoke size: 2 series x 50 instances, 1 run")
     args = parser.parse_args()
@@ -198,13 +206,17 @@ def main() -> None:
         args.series, args.instances, args.runs = 2, 50, 1
 
     work = Path(tempfile.mkdtemp(prefix="passerelle-bench-qido-"))
+    cluster = PostgresCluster() if args.dialect == "postgresql" else None
     try:
-        rows = asyncio.run(measure(work / "data", args))
+        rows = asyncio.run(measure(work / "data", cluster.new_database() if cluster else "",
+                                   args))
     finally:
+        if cluster:
+            cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     code = Path(gateway.__file__).resolve().parent.parent
-    print(f"1 study x {args.series} series x {args.instances} instances, in-process, "
-          f"median of {args.runs}, code at {code}:")
+    print(f"1 study x {args.series} series x {args.instances} instances, {args.dialect} index,"
+          f" in-process, median of {args.runs}, code at {code}:")
     print("| query | time |")
     print("|---|---|")
     for label, value in rows:
