@@ -385,7 +385,8 @@ def _with(dialect: str, sql: str, within: frozenset[str] | None) -> str:
     """``sql`` with the CTE ``within`` of the instances it is confined to, when it is."""
     if within is None:
         return sql
-    return f"WITH within(sop_uid) AS ({json_values(dialect, 'within')}) {sql}"
+    # MATERIALIZED: the list read once, not again for each row a nested loop would try.
+    return f"WITH within(sop_uid) AS MATERIALIZED ({json_values(dialect, 'within')}) {sql}"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from storage.database import Database
 from storage.index import Index
-from storage.migrations import BASELINE, head
+from storage.migrations import head
 from storage.schema import LEGACY_VERSION, NewerSchemaError
 from storage.search import name_group
 from storage.tables import metadata
