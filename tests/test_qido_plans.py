@@ -7,6 +7,7 @@ no index to search: the plans do not depend on the few rows a test holds."""
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import event
@@ -117,3 +118,25 @@ def test_the_most_recent_studies_are_read_in_order_from_the_index(
               if "ORDER BY" in statement]
     assert any("studies_date_time" in step for step in page), page
     assert "USE TEMP B-TREE FOR ORDER BY" not in page, page
+
+
+def test_the_statements_of_a_search_run_outside_any_transaction(
+        held: InProcessService) -> None:
+    """Each statement of a search is a read on its own: no BEGIN before nor ROLLBACK after
+    them (two round trips to PostgreSQL for each connection taken, where READ COMMITTED
+    gives each statement its own snapshot anyway)."""
+    engine = held.store.index.database.engine
+    states: list[bool] = []
+
+    def executed(conn: Any, *_: object) -> None:
+        driver = conn.connection.driver_connection
+        states.append(driver.in_transaction if engine.dialect.name == "sqlite" else
+                      driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
+
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        response = held.get("/dicom-web/studies?PatientID=PID1*&limit=1", headers=JSON)
+        assert response.status_code == 200, response.text
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+    assert states == [False] * 4  # the page, its series' and instances' values, the count
