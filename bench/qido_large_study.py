@@ -10,13 +10,15 @@ where the publisher writes it and recorded as acknowledged in the outbox, as if 
 registry had accepted it (nothing is sent anywhere). The last two rows call
 ``Index.search`` (the default page of 1 000 instances) and ``Index.count`` (the Warning's
 total) directly, within the manifest's instances. Each row is the median of ``--runs``.
+``--postgresql`` puts the index in a throwaway PostgreSQL cluster (tests/postgres.py);
+otherwise it is that of PASSERELLE_DATABASE_URL when set, else the data dir's SQLite file.
 
 It also runs against another checkout (its ``gateway``, ``storage`` and ``tests.synthetic``):
 ``PYTHONPATH=<checkout> python bench/qido_large_study.py`` (the checkout on PYTHONPATH comes
 before this repository).
 
 Usage: python bench/qido_large_study.py [--series 10] [--instances 1000] [--runs 3] [--size 4]
-                                         [--quick]
+                                         [--postgresql] [--quick]
 """
 
 import argparse
@@ -47,6 +49,7 @@ from storage.outbox import Action, Outbox  # noqa: E402
 from storage.search import Level  # noqa: E402
 from storage.store import Store  # noqa: E402
 from storage.study_contents import load_study_contents  # noqa: E402
+from tests.postgres import PostgresCluster  # noqa: E402
 from tests.synthetic import ct_slice, part10  # noqa: E402
 
 BASE_URL = "http://passerelle.bench"  # no such host: nothing leaves the process
@@ -117,11 +120,15 @@ def thousands(number: int) -> str:
     return f"{number:,}".replace(",", " ")
 
 
-async def measure(data_dir: Path, args: argparse.Namespace) -> list[list[str]]:
-    """Build the data set in ``data_dir`` and time every row; the table's rows."""
-    settings = Settings(data_dir=data_dir, public_url=BASE_URL)
+async def measure(data_dir: Path, database_url: str, args: argparse.Namespace
+                  ) -> tuple[str, list[list[str]]]:
+    """Build the data set in ``data_dir`` (its index at ``database_url``; "": that of
+    PASSERELLE_DATABASE_URL, else the SQLite file) and time every row; the index's dialect
+    and the table's rows."""
+    given = {"database_url": database_url} if database_url else {}
+    settings = Settings(data_dir=data_dir, public_url=BASE_URL, **given)
     store = Store(settings.data_dir, settings.ingest.duplicate_policy,
-                  database_url=settings.database_url)  # PASSERELLE_DATABASE_URL
+                  database_url=settings.database_url)
     audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                        store.index.patient_id_of, settings.audit)
     try:
@@ -179,7 +186,7 @@ async def measure(data_dir: Path, args: argparse.Namespace) -> list[list[str]]:
                      fmt(await median_ms(search, args.runs))])
         rows.append(["KOS scope: `Index.count` for the Warning",
                      fmt(await median_ms(count, args.runs))])
-        return rows
+        return store.index.dialect, rows
     finally:
         audit.close()
         store.close()
@@ -192,6 +199,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1000, help="per series")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=4, help="rows and columns of a slice")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="the index in a throwaway PostgreSQL cluster")
     parser.add_argument("--quick", action="store_true",
                         help="smoke size: 2 series x 50 instances, 1 run")
     args = parser.parse_args()
@@ -199,13 +208,17 @@ def main() -> None:
         args.series, args.instances, args.runs = 2, 50, 1
 
     work = Path(tempfile.mkdtemp(prefix="passerelle-bench-qido-"))
+    cluster = PostgresCluster() if args.postgresql else None
     try:
-        rows = asyncio.run(measure(work / "data", args))
+        dialect, rows = asyncio.run(measure(work / "data",
+                                            cluster.new_database() if cluster else "", args))
     finally:
+        if cluster:
+            cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     code = Path(gateway.__file__).resolve().parent.parent
-    print(f"1 study x {args.series} series x {args.instances} instances, in-process, "
-          f"median of {args.runs}, code at {code}:")
+    print(f"1 study x {args.series} series x {args.instances} instances, {dialect} index,"
+          f" in-process, median of {args.runs}, code at {code}:")
     print("| query | time |")
     print("|---|---|")
     for label, value in rows:

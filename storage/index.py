@@ -10,8 +10,8 @@ are checked again before anything commits.
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -467,15 +467,25 @@ class Index:
                limit: int, offset: int, within: frozenset[str] | None = None
                ) -> list[dict[str, object]]:
         """QIDO matching, see ``storage.search.search``."""
-        with self.database.engine.connect() as connection:
+        with self._reading() as connection:
             rows = search(connection, level, matches, returned, fuzzy, limit, offset, within)
         return with_request_items(rows)  # JSON decoding, once the connection is returned
 
     def count(self, level: Level, matches: list[Match], fuzzy: bool,
               within: frozenset[str] | None = None) -> int:
         """How many results a QIDO search has in all, see ``storage.search.count``."""
-        with self.database.engine.connect() as connection:
+        with self._reading() as connection:
             return count(connection, level, matches, fuzzy, within)
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A pooled connection for reads; on PostgreSQL without BEGIN and ROLLBACK around
+        them (two round trips: READ COMMITTED gives each statement its own snapshot anyway).
+        """
+        with self.database.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+            yield connection
 
     def patient_id_of(self, study_uid: str) -> str:
         """The Patient ID of a study ("" when the study is unknown)."""

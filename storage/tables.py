@@ -30,15 +30,22 @@ def _pk() -> Column:
     return Column("pk", Key, Identity(), primary_key=True)
 
 
-def _text(name: str, default: bool = False) -> Column:
+# Compared code point by code point on PostgreSQL too, as on SQLite, whatever the database's
+# collation: the values QIDO matches by range (dates, times) or by a wildcard prefix through an
+# index (Patient ID, Accession Number; LIKE 'prefix%' uses a btree only in "C").
+Exact = Text().with_variant(Text(collation="C"), "postgresql")
+
+
+def _text(name: str, default: bool = False, exact: bool = False) -> Column:
     """A NOT NULL text column; ``default``: '' when not given (the columns added to a table
-    after its creation got that default)."""
-    return Column(name, Text, nullable=False, server_default="" if default else None)
+    after its creation got that default); ``exact``: of type Exact."""
+    return Column(name, Exact if exact else Text, nullable=False,
+                  server_default="" if default else None)
 
 
 patients = Table(
     "patients", metadata, _pk(),
-    _text("patient_id"), _text("issuer_of_patient_id"),
+    _text("patient_id", exact=True), _text("issuer_of_patient_id"),
     UniqueConstraint("patient_id", "issuer_of_patient_id"),
     Index("patients_id", "patient_id"),
 )
@@ -47,7 +54,8 @@ studies = Table(
     "studies", metadata, _pk(),
     Column("study_uid", Text, nullable=False, unique=True),
     Column("patient_pk", Key, ForeignKey("patients.pk"), nullable=False),
-    _text("study_date"), _text("study_time"), _text("accession_number"),
+    _text("study_date", exact=True), _text("study_time", exact=True),
+    _text("accession_number", exact=True),
     _text("accession_issuer"), _text("study_id"), _text("study_description"),
     _text("referring_physician"), _text("requested_procedure_ids"),
     _text("placer_order_numbers"),
@@ -57,10 +65,11 @@ studies = Table(
     Column("queued_through", Double),  # last_received_at when queued for publication
     _text("character_set", default=True),
     _text("other_patient_ids", default=True), _text("patient_name", default=True),
-    _text("patient_name_folded", default=True), _text("patient_birth_date", default=True),
+    _text("patient_name_folded", default=True),
+    _text("patient_birth_date", default=True, exact=True),
     _text("patient_sex", default=True), _text("patient_id_qualifiers", default=True),
     Index("studies_patient", "patient_pk"),
-    Index("studies_date", "study_date"),
+    Index("studies_date_time", "study_date", "study_time"),  # the order of a study search
     Index("studies_accession", "accession_number"),
 )
 
@@ -69,7 +78,7 @@ series = Table(
     Column("series_uid", Text, nullable=False, unique=True),
     Column("study_pk", Key, ForeignKey("studies.pk"), nullable=False),
     _text("modality"), Column("series_number", Integer), _text("series_description"),
-    _text("body_part"), _text("series_date"), _text("series_time"),
+    _text("body_part"), _text("series_date", exact=True), _text("series_time", exact=True),
     _text("requests", default=True),
     Index("series_study", "study_pk"),
 )

@@ -73,6 +73,15 @@ def module_database_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("postgres_cluster").new_database()
 
 
+@pytest.fixture(scope="module", params=DIALECTS)
+def module_new_database_url(request: pytest.FixtureRequest) -> Callable[[], str]:
+    """``module_new_database_url()`` for each of a module's services, an index of its own:
+    "" (the SQLite file of its data dir) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return lambda: ""
+    return request.getfixturevalue("postgres_cluster").new_database
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[PasserelleProcess]:
     """A running service on a fresh data dir, stopped (SIGTERM) after the test."""

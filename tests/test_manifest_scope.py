@@ -1,6 +1,6 @@
 """Access through a manifest: with ``KOS-SOPInstanceUID`` a consumer reaches what that
 published, non-withdrawn KOS references, and nothing else. End to end with a real
-publication; the refusals that need none, in-process."""
+publication; the refusals that need none, in-process. On an SQLite and a PostgreSQL index."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +9,7 @@ import httpx
 from pydicom.uid import generate_uid
 
 from gateway.security.audit import read_events
+from storage.database import Database
 from storage.index import Index
 from storage.outbox import Outbox, State
 from tests.inprocess import InProcessService
@@ -19,9 +20,9 @@ from tests.synthetic import national_ct_slice
 DICOM = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
 
 
-def _published(data_dir: Path, count: int) -> list[str]:
+def _published(database_url: str, count: int) -> list[str]:
     """KOS UIDs of the acknowledged publications, once there are ``count``."""
-    index = Index(data_dir / "index.sqlite")
+    index = Index(Database(database_url))
     try:
         outbox = Outbox(index)
         wait_for(lambda: sum(r.state is State.ACKNOWLEDGED for r in outbox.listing()) >= count,
@@ -37,17 +38,18 @@ def _trail(data_dir: Path, detail: str) -> list[dict]:
             if detail in m["EventIdentification"].get("EventOutcomeDescription", "")]
 
 
-def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) -> None:
+def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path,
+                                                               database_url: str) -> None:
     study, series, other_study = generate_uid(), generate_uid(), generate_uid()
     late = generate_uid()
     with RegistryProcess(tmp_path / "registry") as registry, PasserelleProcess(
             tmp_path / "data", registry_url=registry.fhir_url, stable_seconds="3600",
-            order_issuer_oid="1.2.250.1.999.1.1.3") as server:
+            order_issuer_oid="1.2.250.1.999.1.1.3", database_url=database_url) as server:
         first = national_ct_slice(study, series, 1, 1)
         for ds in (first, national_ct_slice(other_study, generate_uid(), 1, 1)):
             assert send(server.dicom_port, ds)[0] == 0
         assert server.cli("publish", study).returncode == 0
-        [kos] = _published(tmp_path / "data", 1)
+        [kos] = _published(database_url, 1)
         assert send(server.dicom_port, national_ct_slice(study, series, 1, 2, sop_uid=late)
                     )[0] == 0  # arrives after the publication: not in the manifest
 
@@ -70,15 +72,15 @@ def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) ->
                 [0]["EventOutcomeIndicator"]) == "0"
 
         assert server.cli("unpublish", study).returncode == 0
-        _published(tmp_path / "data", 2)
+        _published(database_url, 2)
         assert get(f"{base}/series/{series}") == 403  # withdrawn
 
         assert server.cli("publish", study).returncode == 0  # published again: a new KOS
-        [*_, republished] = _published(tmp_path / "data", 3)
+        [*_, republished] = _published(database_url, 3)
 
     with RegistryProcess(tmp_path / "registry") as registry, PasserelleProcess(
-            tmp_path / "data", registry_url=registry.fhir_url, require_kos_reference="true"
-    ) as server:
+            tmp_path / "data", registry_url=registry.fhir_url, require_kos_reference="true",
+            database_url=database_url) as server:
         url = (f"{server.base_url}/dicom-web/studies/{study}/series/{series}/instances/"
                f"{first.SOPInstanceUID}")
         for headers, status in (({}, 403), ({"KOS-SOPInstanceUID": kos}, 403),
@@ -88,11 +90,12 @@ def test_a_manifest_opens_what_it_references_and_nothing_else(tmp_path: Path) ->
         assert "header is required" in httpx.get(url, headers=DICOM).text
 
 
-def test_refusals_that_need_no_publication(make_web: Callable[..., InProcessService]) -> None:
+def test_refusals_that_need_no_publication(make_web: Callable[..., InProcessService],
+                                           database_url: str) -> None:
     """A manifest never published here, a UID that is not one, a listing that names no
     study: refused without any publication; no header at all, when none is required: served.
     """
-    web = make_web()
+    web = make_web(database_url=database_url)
     study, series, late = generate_uid(), generate_uid(), generate_uid()
     assert web.ingest(national_ct_slice(study, series, 1, 1, sop_uid=late)).accepted
     denied = web.metric("passerelle_manifest_access_total", result="denied")

@@ -1,14 +1,18 @@
 """QIDO-RS (PS3.18 10.6): matching, paging and validation in-process (raw HTTP on the
-application), and dicomweb-client against a running service over a socket."""
+application), and dicomweb-client against a running service over a socket; each on an
+SQLite and on a PostgreSQL index."""
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import psycopg
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import make_url
 
+from storage.search import Level, Match
 from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
 from tests.scu import send
@@ -38,17 +42,21 @@ def _datasets() -> Iterator[Dataset]:
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+def indexed(tmp_path_factory: pytest.TempPathFactory,
+            module_new_database_url: Callable[[], str]) -> Iterator[InProcessService]:
     """The application in-process, holding the studies of STUDIES."""
-    with InProcessService(tmp_path_factory.mktemp("qido") / "data") as service:
+    with InProcessService(tmp_path_factory.mktemp("qido") / "data",
+                          database_url=module_new_database_url()) as service:
         service.ingest_all(_datasets())
         yield service
 
 
 @pytest.fixture(scope="module")
-def qido(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DICOMwebClient]:
+def qido(tmp_path_factory: pytest.TempPathFactory,
+         module_new_database_url: Callable[[], str]) -> Iterator[DICOMwebClient]:
     """A dicomweb-client session on a running service that received STUDIES over DICOM."""
-    with PasserelleProcess(tmp_path_factory.mktemp("qido-e2e") / "data") as server:
+    with PasserelleProcess(tmp_path_factory.mktemp("qido-e2e") / "data",
+                           database_url=module_new_database_url()) as server:
         for ds in _datasets():
             assert send(server.dicom_port, ds)[0] == 0x0000
         yield DICOMwebClient(url=f"{server.base_url}/dicom-web")
@@ -126,10 +134,12 @@ NAMES = {"JP": "Yamada^Tarou=山田^太郎=やまだ^たろう", "LATIN": "Yamad
 
 
 @pytest.fixture(scope="module")
-def named(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+def named(tmp_path_factory: pytest.TempPathFactory,
+          module_new_database_url: Callable[[], str]) -> Iterator[InProcessService]:
     """One study per name of NAMES (accession = its key), received by STOW-RS, the name also
     as Referring Physician's Name."""
-    with InProcessService(tmp_path_factory.mktemp("qido-pn") / "data") as service:
+    with InProcessService(tmp_path_factory.mktemp("qido-pn") / "data",
+                          database_url=module_new_database_url()) as service:
         parts = [ct_slice(generate_uid(), generate_uid(), 1, 1, size=4, patient_id=key,
                           accession=key, PatientName=name, ReferringPhysicianName=name,
                           SpecificCharacterSet="ISO_IR 192")
@@ -267,3 +277,109 @@ def test_numeric_keys_are_numbers(indexed: InProcessService) -> None:
     assert response.status_code == 400
     assert "SeriesNumber must be a number" in response.text
     assert len(indexed.get("/dicom-web/series?SeriesNumber=2").json()) == 3
+
+
+# Values holding what SQL patterns treat specially (LIKE's % and _, GLOB's [ ]), in both cases,
+# and study times of every precision: (Patient ID, Study Description, Study Time, name).
+LITERAL = [
+    ("P%1", "100% DOSE", "101500", "D%AZ^ANA"),
+    ("P_1", "CT_HEAD", "101559.999", "D_AZ^ANA"),
+    ("PX1", "CTXHEAD", "1016", "DIAZ^ANA"),
+    ("P[1]", "[CT] HEAD", "0930", "D[A]Z^ANA"),
+    ("P1", "CT HEAD", "1015", "DAZ^ANA"),
+    ("p%1", "ct_head", "235959", "d%az^ana"),
+]
+
+
+def _english_database(url: str) -> str:
+    """A new database beside the PostgreSQL database of ``url`` whose collation is not code
+    point order: glibc's en_US.UTF-8 where the system has it (punctuation and U+FFFF weigh
+    nothing there at first), else ICU's root (upper and lower case interleaved)."""
+    server = make_url(url)
+    name = f"{server.database}_en"
+    with psycopg.connect(server.set(drivername="postgresql", database="postgres")
+                         .render_as_string(hide_password=False), autocommit=True) as db:
+        english = db.execute("SELECT 1 FROM pg_collation WHERE collname = 'en_US.utf8'"
+                             ).fetchone()
+        locale = ("LOCALE 'en_US.utf8'" if english else
+                  "LOCALE_PROVIDER icu ICU_LOCALE 'und' LOCALE 'C.UTF-8'")
+        db.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' {locale}")
+    return server.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="module")
+def literal(tmp_path_factory: pytest.TempPathFactory,
+            module_new_database_url: Callable[[], str]) -> Iterator[InProcessService]:
+    """The studies of LITERAL, on an SQLite index or a PostgreSQL one in a collation that is
+    not code point order."""
+    url = module_new_database_url()
+    with InProcessService(tmp_path_factory.mktemp("qido-literal") / "data",
+                          database_url=_english_database(url) if url else "") as service:
+        service.ingest_all(ct_slice(generate_uid(), generate_uid(), 1, 1, size=4,
+                                    patient_id=patient, accession=f"L{n}",
+                                    StudyDescription=description, StudyTime=time,
+                                    PatientName=name)
+                           for n, (patient, description, time, name) in enumerate(LITERAL))
+        yield service
+
+
+@pytest.mark.parametrize("filters, patients", [
+    ({"PatientID": "P%1"}, {"P%1"}),
+    ({"PatientID": "P%*"}, {"P%1"}),  # % is a character like any other
+    ({"PatientID": "P_*"}, {"P_1"}),  # and so is _
+    ({"PatientID": "P?1"}, {"P%1", "P_1", "PX1"}),
+    ({"PatientID": "P[1]"}, {"P[1]"}),
+    ({"PatientID": "P[1]*"}, {"P[1]"}),  # no character class: P1 is not [1]
+    ({"PatientID": "P[*"}, {"P[1]"}),
+    ({"PatientID": "P\\%*"}, set()),  # a backslash is itself, not an escape of %
+    ({"PatientID": "p*"}, {"p%1"}),  # case-sensitive
+    ({"PatientID": "P*"}, {"P%1", "P_1", "PX1", "P[1]", "P1"}),
+    ({"PatientID": "*1"}, {"P%1", "P_1", "PX1", "P1", "p%1"}),
+    ({"StudyDescription": "100%*"}, {"P%1"}),
+    ({"StudyDescription": "CT_*"}, {"P_1"}),
+    ({"StudyDescription": "CT?HEAD"}, {"P_1", "PX1", "P1"}),
+    ({"StudyDescription": "[CT]*"}, {"P[1]"}),
+    ({"StudyDescription": "*HEAD"}, {"P_1", "PX1", "P[1]", "P1"}),
+    ({"StudyDescription": "ct*"}, {"p%1"}),
+    ({"PatientName": "D%*"}, {"P%1"}),
+    ({"PatientName": "D_AZ^ANA"}, {"P_1"}),
+    ({"PatientName": "D?AZ*"}, {"P%1", "P_1", "PX1"}),
+    ({"PatientName": "D[A]Z^ANA"}, {"P[1]"}),
+    ({"PatientName": "d%az^ana"}, {"p%1"}),
+    ({"PatientName": "d%az", "fuzzymatching": "true"}, {"P%1", "p%1"}),
+    ({"PatientName": "d_az", "fuzzymatching": "true"}, {"P_1"}),
+    # A time bound "1015" holds every time of that minute (101559.999), however precise.
+    ({"StudyTime": "-1015"}, {"P%1", "P_1", "P[1]", "P1"}),
+    ({"StudyTime": "1015-1015"}, {"P%1", "P_1", "P1"}),
+    ({"StudyTime": "1016-"}, {"PX1", "p%1"}),
+    ({"StudyTime": "101559.9-"}, {"P_1", "PX1", "p%1"}),
+    ({"StudyTime": "0930"}, {"P[1]"}),
+])
+def test_wildcards_case_and_time_ranges_match_alike_on_each_index(
+        literal: InProcessService, filters: dict, patients: set) -> None:
+    """Only * and ? are wildcards (PS3.4 C.2.2.2.4), every other character is itself,
+    upper and lower case differ, times compare as the values they are (C.2.2.2.5): the same
+    on SQLite (GLOB) and on PostgreSQL (LIKE, whatever the database's collation)."""
+    assert set(values(search(literal, **filters), "00100020")) == patients
+
+
+def test_a_search_within_thousands_of_instances(literal: InProcessService) -> None:
+    """A manifest's scope of thousands of SOP Instance UIDs (one bound parameter, a JSON
+    list), most of them unknown here: rows, counts and Modalities in Study are those of the
+    instances within, on both dialects."""
+    index = literal.store.index
+    everything = index.search(Level.INSTANCE, [], ["SOPInstanceUID", "PatientID"], False,
+                              100, 0)
+    known = {str(row["SOPInstanceUID"]) for row in everything if row["PatientID"] in
+             ("P%1", "P1")}
+    within = frozenset({*known, *(generate_uid() for _ in range(5000))})
+    found = index.search(Level.INSTANCE, [], ["SOPInstanceUID"], False, 100, 0, within)
+    assert {row["SOPInstanceUID"] for row in found} == known
+    assert index.count(Level.INSTANCE, [], False, within) == 2
+    studies = index.search(Level.STUDY, [Match("ModalitiesInStudy", "CT")],
+                           ["PatientID", "ModalitiesInStudy", "NumberOfStudyRelatedInstances"],
+                           False, 100, 0, within)
+    assert sorted((r["PatientID"], r["ModalitiesInStudy"], r["NumberOfStudyRelatedInstances"])
+                  for r in studies) == [("P%1", "CT", 1), ("P1", "CT", 1)]
+    assert index.count(Level.STUDY, [Match("PatientID", "P*")], False, within) == 2
+    assert index.search(Level.STUDY, [], ["PatientID"], False, 100, 0, frozenset()) == []

@@ -1,9 +1,9 @@
 """QIDO-RS return sets against the standard's own tables (PS3.18 10.6.3.3, Tables 10.6.3-3,
 -4 and -5, copied below as data), and paging past the server's maximum (PS3.18 8.3.4.4.1),
-through the application in-process."""
+through the application in-process, on an SQLite and on a PostgreSQL index."""
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import event
 
 import storage.index
 from storage.header import read_header
@@ -127,8 +128,10 @@ class Held:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Held]:
-    with InProcessService(tmp_path_factory.mktemp("qido-sets") / "data") as service:
+def web(tmp_path_factory: pytest.TempPathFactory,
+        module_new_database_url: Callable[[], str]) -> Iterator[Held]:
+    with InProcessService(tmp_path_factory.mktemp("qido-sets") / "data",
+                          database_url=module_new_database_url()) as service:
         held = Held(service, generate_uid(), generate_uid(), generate_uid())
         for series in (generate_uid(), generate_uid()):
             service.ingest_all(_known(held.study_k, series, n) for n in (1, 2))
@@ -269,9 +272,11 @@ def test_a_page_that_is_not_the_last_says_how_many_remain(web: Held) -> None:
 
 
 @pytest.fixture(scope="module")
-def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+def crowded(tmp_path_factory: pytest.TempPathFactory,
+            module_new_database_url: Callable[[], str]) -> Iterator[InProcessService]:
     """One series of 1 002 instances: more than the server's default page of 1 000."""
-    with InProcessService(tmp_path_factory.mktemp("qido-max") / "data") as service:
+    with InProcessService(tmp_path_factory.mktemp("qido-max") / "data",
+                          database_url=module_new_database_url()) as service:
         study, series = generate_uid(), generate_uid()
         service.ingest_all(ct_slice(study, series, 1, n, size=2) for n in range(1, 1003))
         yield service
@@ -375,12 +380,12 @@ def test_request_items_an_earlier_index_kept_unbounded_are_bounded_on_migration(
 
 
 def test_a_series_of_thousands_of_request_items_answers_a_bounded_summary(
-        tmp_path: Path) -> None:
+        tmp_path: Path, database_url: str) -> None:
     """Two instances of 5 000 distinct Request Attributes items each (the structure limits
     allow far more): the series and each instance answer the first MAX_REQUEST_ITEMS
     distinct items received, and the index serves other queries (the merge is linear and
     bounded, where it was quadratic under the index lock)."""
-    with InProcessService(tmp_path / "data") as web:
+    with InProcessService(tmp_path / "data", database_url=database_url) as web:
         study, series = generate_uid(), generate_uid()
         for k in (1, 2):
             result = web.ingest(ct_slice(
@@ -400,23 +405,46 @@ def test_a_series_of_thousands_of_request_items_answers_a_bounded_summary(
         assert len(_results(web, f"/studies/{other}/series")) == 1
 
 
-def _vm_steps(web: InProcessService, path: str, params: dict, headers: dict) -> int:
-    """SQLite virtual machine steps (in thousands) the index runs to answer ``path``: a
-    deterministic measure of the work a query does, not a time."""
+def _work(web: InProcessService, path: str, params: dict, headers: dict) -> int:
+    """The work the index does to answer ``path``, a deterministic measure, not a time:
+    SQLite virtual machine steps (in thousands), PostgreSQL buffers hit or read (each
+    statement the request ran, run again under EXPLAIN ANALYZE)."""
+    engine = web.store.index.database.engine
     steps = 0
+    statements: list[tuple[str, object]] = []
+    connections = []
 
     def step() -> int:
         nonlocal steps
         steps += 1
         return 0
 
-    db = web.store.index._db  # the index's own connection, where the search runs
-    db.set_progress_handler(step, 1000)
+    def checkout(dbapi_connection: object, *_: object) -> None:
+        connections.append(dbapi_connection)
+        dbapi_connection.set_progress_handler(step, 1000)  # type: ignore[attr-defined]
+
+    def executed(_conn: object, _cursor: object, statement: str, parameters: object,
+                 *_: object) -> None:
+        statements.append((statement, parameters))
+
+    sqlite = engine.dialect.name == "sqlite"
+    listener = ("checkout", checkout) if sqlite else ("before_cursor_execute", executed)
+    event.listen(engine, *listener)
     try:
         response = web.get(f"/dicom-web{path}", params=params, headers=headers)
         assert response.status_code == 200, response.text
     finally:
-        db.set_progress_handler(None, 0)
+        event.remove(engine, *listener)
+        for connection in connections:
+            connection.set_progress_handler(None, 0)
+    if sqlite:
+        return steps
+    with engine.connect() as connection:
+        cursor = connection.connection.cursor()
+        for statement, parameters in statements:
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, parameters)
+            [[[plan]]] = cursor.fetchall()
+            steps += plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
     return steps
 
 
@@ -431,8 +459,8 @@ def test_series_values_are_computed_once_per_series_not_once_per_row(
     scoped = {**JSON, "KOS-SOPInstanceUID": publish(crowded, study_uid)}
     for headers in (JSON, scoped):
         path = f"/studies/{study_uid}/instances"
-        one = _vm_steps(crowded, path, {"limit": 1}, headers)
-        page = _vm_steps(crowded, path, {"limit": 200}, headers)
+        one = _work(crowded, path, {"limit": 1}, headers)
+        page = _work(crowded, path, {"limit": 200}, headers)
         assert page < 20 * max(one, 1), (headers, one, page)
         [first] = crowded.get(f"/dicom-web{path}", params={"limit": 1},
                               headers=headers).json()
