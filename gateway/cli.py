@@ -33,10 +33,14 @@ from storage.recovery import DataDirBusyError, ServiceLock
 from storage.store import Store
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str, with_process: bool = False) -> None:
+    """Log records at ``level`` and above to stderr, one line each; ``with_process``: each
+    names its process (role and pid), as the processes of ``passerelle serve`` do."""
     # One line per record whatever a peer sent: control characters escaped (gateway.logs).
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    process = "%(processName)s[%(process)d] " if with_process else ""
+    handler.setFormatter(EscapingFormatter(
+        f"%(asctime)s %(levelname)s {process}%(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
@@ -45,11 +49,11 @@ def _configure_logging(level: str) -> None:
 
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.service import serve
+    from gateway.supervisor import ChildFailedError, serve
 
     try:
         serve(settings)
-    except (DataDirBusyError, OSError, ValueError) as exc:
+    except (DataDirBusyError, ChildFailedError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
         return 1
     return 0
@@ -330,8 +334,10 @@ def _parser() -> argparse.ArgumentParser:
     queued = (*reads_data, "registry_url")
     command("serve", "run the DICOM SCP and the HTTP server", _cmd_serve,
             (*reads_data, *Settings.sections), existing_data_dir=False,
-            notes="Creates the data dir on first start. Serves the admin API, without token, "
-                  "to local commands\non <data_dir>/control.sock (mode 0600).")
+            notes="Creates the data dir on first start. Runs the DICOM receiver, http_workers "
+                  "HTTP workers and\nthe background worker (stable studies, publisher) as "
+                  "processes, each started again\nif it dies. Serves the admin API, without "
+                  "token, to local commands\non <data_dir>/control.sock (mode 0600).")
     importer = command("import", "import Part 10 files or folders", _cmd_import,
                        (*reads_data, "duplicate_policy"), existing_data_dir=False,
                        notes="Creates the data dir when it does not exist.")
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"passerelle: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     if args.existing_data_dir and not settings.data_dir.is_dir():
         print(f"passerelle: the data dir {settings.data_dir.absolute()} does not exist "
               f"(setting data_dir, {ENV_PREFIX}DATA_DIR): point it at the service's data dir; "

@@ -73,8 +73,7 @@ class InProcessService:
         self.store = Store(self.data_dir, self.settings.ingest.duplicate_policy)
         self.audit = AuditTrail(self.data_dir / "audit", self.settings.dicom.ae_title,
                                 self.store.index.patient_id_of, self.settings.audit)
-        self.services = http_services(self.settings, self.store, self.audit,
-                                      dicom_serving=lambda: True)
+        self.services = http_services(self.settings, self.store, self.audit)
         self.app = create_app(self.services, self.settings.http, self.settings.auth)
         self._portal_context: AbstractContextManager[BlockingPortal] | None = \
             start_blocking_portal("asyncio")
