@@ -26,7 +26,6 @@ from gateway.publication.confidentiality import (
     MASKING_CODES,
     Confidentiality,
 )
-from gateway.security.audit import read_events
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
 from storage.recovery import DataDirBusyError, ServiceLock
@@ -41,7 +40,7 @@ def configure_logging(level: str, with_process: bool = False) -> None:
     process = "%(processName)s[%(process)d] " if with_process else ""
     handler.setFormatter(EscapingFormatter(
         f"%(asctime)s %(levelname)s {process}%(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # httpx logs every request at INFO; a command reports the outcome of its own.
@@ -49,10 +48,20 @@ def configure_logging(level: str, with_process: bool = False) -> None:
 
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    # Every process of the service counts its metrics in files of one directory
+    # (prometheus_client's multiprocess mode, read when prometheus_client is first
+    # imported: before the supervisor, whose children inherit it; gateway.metrics).
+    metrics_dir = settings.data_dir / "run" / "metrics"
+    try:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        logging.getLogger("passerelle").error("cannot serve: %s", exc)
+        return 1
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from gateway.supervisor import ChildFailedError, serve
 
     try:
-        serve(settings)
+        serve(settings, metrics_dir)
     except (DataDirBusyError, ChildFailedError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
         return 1
@@ -208,6 +217,8 @@ def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     """Who did what with a study (or everything), from the audit trail."""
+    from gateway.security.audit import read_events  # (imports the metrics: see _cmd_serve)
+
     rows = []
     for message in read_events(settings.data_dir / "audit"):
         objects = message.get("ParticipantObjectIdentification", [])

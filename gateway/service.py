@@ -64,7 +64,7 @@ def request_shutdown(signum: int, frame: FrameType | None) -> None:
 
 @dataclass(frozen=True)
 class ProcessContext:
-    """What the supervisor gives one of its processes (pickled to it)."""
+    """What the supervisor gives one of its processes."""
 
     settings: Settings
     slot: int  # its place on the board and in the budget tallies
