@@ -54,6 +54,10 @@ class Board:
         self.slots[slot].pid = os.getpid()
         self.slots[slot].beat = time.monotonic()
 
+    def has_beaten(self, slot: int, pid: int) -> bool:
+        """True when process ``pid`` has beaten in ``slot`` since it was last cleared."""
+        return self.slots[slot].pid == pid and self.slots[slot].beat > 0
+
     def clear(self, slot: int) -> None:
         """Forget the process of ``slot`` (it is gone)."""
         self.slots[slot].pid = 0

@@ -37,6 +37,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import service
 from gateway.config import HttpSettings, Settings
+from gateway.imaging.deidentify import load_or_create_key
 from gateway.liveness import BACKGROUND, DICOM, HTTP, Board
 from gateway.service import ProcessContext, http_tls, registry_tls
 from gateway.shared_tally import clear_slot, create_tally
@@ -85,8 +86,8 @@ def _child_main(role: str, context: ProcessContext, parent: int) -> None:
     configure_logging(context.settings.log_level, with_process=True)
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _ignore_further_signals)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one pending is raised here
         _ROLES[role](context)
     except service.ShutdownRequestedError:
         pass  # signalled while starting: nothing served yet, nothing to drain
@@ -111,7 +112,6 @@ class _Child:
     started: float = 0.0
     quick_deaths: int = 0  # deaths in a row of a process that ran less than _STEADY_SECONDS
     restart_at: float = 0.0
-    served: bool = False  # the current process has beaten on the board
     generation: int = 0
 
 
@@ -167,7 +167,8 @@ class Supervisor:
         self._stop_requested = signal.Signals(signum).name
 
     def _check_data_dir(self, clean: bool) -> dict[str, int]:
-        """Purge interrupted writes; after an unclean stop, recover (what it found)."""
+        """Purge interrupted writes, create the index and the de-identification key if
+        new; after an unclean stop, recover (what it found)."""
         store = Store(self.settings.data_dir, self.settings.ingest.duplicate_policy,
                       self.settings.ingest.limits())
         try:
@@ -177,6 +178,7 @@ class Supervisor:
             if removed:
                 log.warning("removed %d temporary file(s) left by an interrupted write",
                             removed)
+            load_or_create_key(self.settings.data_dir)  # here, or HTTP workers would race
             if clean:
                 return {}
             log.warning("previous run did not stop cleanly: checking the index against "
@@ -206,7 +208,7 @@ class Supervisor:
         if child.generation:
             self.board.count_restart(child.role)
             log.info("%s process started again as pid %d", child.role, process.pid)
-        child.process, child.started, child.served = process, time.monotonic(), False
+        child.process, child.started = process, time.monotonic()
         child.generation += 1
 
     def _supervise(self, contexts: dict[int, ProcessContext]) -> None:
@@ -218,15 +220,12 @@ class Supervisor:
             if self._stop_requested:  # a child that stopped on the same signal is not dead
                 break
             now = time.monotonic()
-            serving = self.board.serving()
             for child in self._children:
                 if child.process is None:
                     if now >= child.restart_at and not self._stop_requested:
                         self._start(child, contexts[child.slot])
                 elif not child.process.is_alive():
                     self._died(child, now)
-                elif not child.served and child.process.pid in serving[child.role]:
-                    child.served = True
         log.info("%s received: stopping every process", self._stop_requested)
 
     def _forget(self, child: _Child) -> int:
@@ -246,7 +245,8 @@ class Supervisor:
         assert child.process is not None
         code = child.process.exitcode
         assert code is not None
-        served, first = child.served, child.generation == 1
+        first = child.generation == 1
+        served = self.board.has_beaten(child.slot, child.process.pid or 0)
         pid = self._forget(child)
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
             f"exited with code {code}"

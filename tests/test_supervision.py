@@ -101,6 +101,24 @@ def test_each_killed_process_is_started_again_and_nothing_acknowledged_is_lost(
         assert server.stop() == 0
 
 
+def test_health_names_a_role_whose_process_stops_serving(tmp_path: Path) -> None:
+    """A process that hangs (here: stopped) stops beating: /health says 503 and names its
+    role once its last beat is STALE_SECONDS old, and 200 again once it serves."""
+    with PasserelleProcess(tmp_path / "data", http_workers="1") as server:
+        [dicom] = _processes(server)["dicom"]
+        os.kill(dicom, signal.SIGSTOP)
+        try:
+            wait_for(lambda: httpx.get(f"{server.base_url}/health").status_code == 503, 30,
+                     "/health to see the DICOM receiver hang")
+            body = httpx.get(f"{server.base_url}/health").json()
+            assert body["unavailable"] == ["dicom"] and body["dicom"] is False
+            assert body["processes"]["dicom"] == [] and body["background"] is True
+        finally:
+            os.kill(dicom, signal.SIGCONT)
+        wait_for(server.healthy, 30, "the DICOM receiver serving again")
+        assert _processes(server)["dicom"] == [dicom]  # the same process: it only hung
+
+
 def test_sigterm_drains_a_response_in_flight_then_exits_zero_with_no_child_left(
         tmp_path: Path) -> None:
     study = generate_uid()
