@@ -99,6 +99,21 @@ def test_each_killed_process_is_started_again_and_nothing_acknowledged_is_lost(
         listed = httpx.get(f"{server.base_url}/dicom-web/studies/{study}/instances").json()
         assert sorted(item["00080018"]["Value"][0] for item in listed) == sorted(stored)
         assert server.stop() == 0
+    # A process died during the run: the next start checks the index against the files.
+    assert (tmp_path / "data" / "serve.lock").read_text() == "running"
+
+
+def test_a_process_dying_again_and_again_waits_longer_each_time(tmp_path: Path) -> None:
+    with PasserelleProcess(tmp_path / "data", http_workers="1") as server:
+        for delay in ("0.5", "1.0", "2.0"):
+            [victim] = _processes(server)["dicom"]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda victim=victim: server.healthy()
+                     and _processes(server)["dicom"] not in ([], [victim]), 30,
+                     "the DICOM receiver started again")
+            assert (f"dicom process (pid {victim}) was killed by SIGKILL: starting it again "
+                    f"in {delay} s") in server.log()
+        assert server.metric("passerelle_process_restarts_total", role="dicom") == 3
 
 
 def test_health_names_a_role_whose_process_stops_serving(tmp_path: Path) -> None:
@@ -142,6 +157,7 @@ def test_sigterm_drains_a_response_in_flight_then_exits_zero_with_no_child_left(
     _gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
     assert "HTTP worker drained" in server.log()
+    assert (tmp_path / "data" / "serve.lock").read_text() == "stopped"
 
 
 def test_a_killed_supervisor_leaves_no_process_behind(tmp_path: Path) -> None:
