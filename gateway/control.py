@@ -81,7 +81,7 @@ def create_control_app(services: Services) -> Starlette:
     return app
 
 
-class _Ticking(uvicorn.Server):
+class TickingServer(uvicorn.Server):
     """A uvicorn server calling ``tick`` from its event loop about ten times a second."""
 
     def __init__(self, config: uvicorn.Config, tick: Callable[[], None]) -> None:
@@ -150,7 +150,7 @@ class ControlChannel:
             while True:  # until the signal handler raises
                 tick()
                 time.sleep(0.1)
-        server = _Ticking(uvicorn.Config(
+        server = TickingServer(uvicorn.Config(
             create_control_app(services), log_config=None, access_log=False,
             server_header=False, lifespan="off", timeout_graceful_shutdown=_STOP_SECONDS),
             tick)

@@ -2,7 +2,7 @@
 
 The supervisor makes one board in shared memory before it starts its children: one slot per
 child (the DICOM receiver, the background worker, each HTTP worker), in which the child
-writes its pid and, every second while its role serves, the time (``CLOCK_MONOTONIC``, one
+writes its pid and, at least every second while its role serves, the time (``CLOCK_MONOTONIC``, one
 clock for the whole machine). The supervisor clears a slot as soon as its process is gone,
 so a crashed process stops counting at once, and a wedged one once its last beat is older
 than ``STALE_SECONDS``. HTTP workers read the board for ``/health`` and ``/metrics``.

@@ -26,7 +26,7 @@ from gateway.config import (
     Settings,
     TlsSettings,
 )
-from gateway.control import ControlChannel
+from gateway.control import ControlChannel, TickingServer
 from gateway.dicom.scp import DicomService
 from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.deidentify import load_or_create_key
@@ -88,7 +88,7 @@ def _optional_path(name: str) -> Path | None:
     return Path(name) if name else None
 
 
-def http_tls(settings: Settings) -> ssl.SSLContext | None:
+def server_tls(settings: Settings) -> ssl.SSLContext | None:
     """The server context of HTTPS (and DICOM TLS), when a certificate is configured."""
     if not settings.tls.cert_file:
         return None
@@ -174,7 +174,7 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         registry_url=settings.publication.registry_url, metrics=metrics)
 
 
-def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> threading.Thread:
+def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> None:
     """A thread beating for this process every BEAT_SECONDS while ``serving()``."""
 
     def beat() -> None:
@@ -183,9 +183,7 @@ def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> threadi
                 context.beat()
             time.sleep(BEAT_SECONDS)
 
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 def run_dicom_role(context: ProcessContext) -> None:
@@ -199,7 +197,7 @@ def run_dicom_role(context: ProcessContext) -> None:
         stop.callback(audit.close)
         budget = resource_budget(settings, store, context)
         dicom = DicomService(settings.dicom, store, audit, budget.ingest,
-                             http_tls(settings) if settings.dicom.tls else None)
+                             server_tls(settings) if settings.dicom.tls else None)
         stop.callback(dicom.stop)
         dicom.start()
         _beat_while(context, dicom.is_serving)
@@ -208,23 +206,6 @@ def run_dicom_role(context: ProcessContext) -> None:
                 signal.pause()  # until the handler raises
         except ShutdownRequestedError as exc:
             log.info("%s received: stopping the DICOM SCP", exc)
-
-
-class _BeatingServer(uvicorn.Server):
-    """uvicorn, beating for the worker from its event loop (a wedged loop stops beating)."""
-
-    def __init__(self, config: uvicorn.Config, context: ProcessContext) -> None:
-        super().__init__(config)
-        self.context = context
-        self._next_beat = 0.0
-
-    async def on_tick(self, counter: int) -> bool:
-        """Beat every BEAT_SECONDS, then uvicorn's own housekeeping."""
-        now = time.monotonic()
-        if now >= self._next_beat:
-            self.context.beat()
-            self._next_beat = now + BEAT_SECONDS
-        return await super().on_tick(counter)
 
 
 def _waker(connection: Connection | None) -> Callable[[], None]:
@@ -269,10 +250,11 @@ def run_http_role(context: ProcessContext) -> None:
             ssl_keyfile=settings.tls.key_file or None,
             http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
         config.load()
-        config.ssl = http_tls(settings)  # ours: TLS >= 1.2 and client certificates
+        config.ssl = server_tls(settings)  # ours: TLS >= 1.2 and client certificates
         try:
             # uvicorn handles SIGTERM/SIGINT while it runs and raises it again once drained.
-            _BeatingServer(config, context).run(sockets=[context.http_socket])
+            # It beats from its event loop: a wedged loop stops beating.
+            TickingServer(config, context.beat).run(sockets=[context.http_socket])
         except ShutdownRequestedError as exc:
             log.info("%s received: HTTP worker drained", exc)
 
@@ -325,8 +307,10 @@ def run_background_role(context: ProcessContext) -> None:
             if all(worker.alive for worker in workers):
                 context.beat()
 
+        # The admin routes of the control channel neither decode nor render.
         services = http_services(settings, store, audit, context.board.serving, wake,
-                                 resource_budget(settings, store, context))
+                                 resource_budget(settings, store, context),
+                                 render_cache_bytes=0)
         try:
             control.serve(services, beat_while_working)
         except ShutdownRequestedError as exc:

@@ -39,7 +39,7 @@ from gateway import service
 from gateway.config import HttpSettings, Settings
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.liveness import BACKGROUND, DICOM, HTTP, Board
-from gateway.service import ProcessContext, http_tls, registry_tls
+from gateway.service import ProcessContext, registry_tls, server_tls
 from gateway.shared_tally import clear_slot, create_tally
 from storage.recovery import ServiceLock, recover
 from storage.store import Store
@@ -136,7 +136,7 @@ class Supervisor:
         OSError, ValueError or ChildFailedError when the service cannot start."""
         settings = self.settings
         settings.check_http_exposure()
-        http_tls(settings)  # unusable TLS files are refused before anything starts
+        server_tls(settings)  # unusable TLS files are refused before anything starts
         registry_tls(settings.publication)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         lock = ServiceLock(settings.data_dir)
