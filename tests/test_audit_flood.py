@@ -138,9 +138,10 @@ def test_many_source_addresses_share_one_bucket_past_the_bound(tmp_path: Path) -
     addresses = [f"127.0.0.{n}" for n in range(2, 22)]
     tracked, each = 4, 25
     audit = tmp_path / "data" / "audit"
+    # One HTTP worker: each worker counts the failures it refuses (and its own clients).
     with LocalIssuer() as issuer, PasserelleProcess(
             tmp_path / "data", **issuer.settings(), audit_failure_clients=str(tracked),
-            audit_failure_period_seconds="600") as server:
+            audit_failure_period_seconds="600", http_workers="1") as server:
         rss_before = server.rss()
         for address in addresses:
             _refused(server.base_url, each, address)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from pydicom.uid import generate_uid
 
 from gateway.liveness import Board
@@ -158,6 +159,21 @@ def test_sigterm_drains_a_response_in_flight_then_exits_zero_with_no_child_left(
     assert not alive
     assert "HTTP worker drained" in server.log()
     assert (tmp_path / "data" / "serve.lock").read_text() == "stopped"
+
+
+@pytest.mark.slow  # waits out the bound of a stop: 30 s
+def test_a_process_that_does_not_stop_is_killed_then_the_supervisor_exits_zero(
+        tmp_path: Path) -> None:
+    with PasserelleProcess(tmp_path / "data", http_workers="1",
+                           shutdown_grace_seconds="0") as server:
+        [dicom] = _processes(server)["dicom"]
+        children = [psutil.Process(pid) for pid in _children(server)]
+        os.kill(dicom, signal.SIGSTOP)  # a SIGTERM stays pending: it never drains
+        assert server.stop(timeout=60) == 0
+    _gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    assert f"dicom process (pid {dicom}) did not stop within 30 s: killed" in server.log()
+    assert (tmp_path / "data" / "serve.lock").read_text() == "running"
 
 
 def test_a_killed_supervisor_leaves_no_process_behind(tmp_path: Path) -> None:
