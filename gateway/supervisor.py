@@ -6,7 +6,7 @@ child starts. It binds the HTTP listening socket, which every HTTP worker then a
 (no SO_REUSEPORT: no other process can bind the port beside them), and forks the DICOM
 receiver, ``http.workers`` HTTP workers and the background worker (gateway.service). It
 runs no thread and holds no open index when it forks, so each child starts from a clean
-copy with every module already imported (a start takes milliseconds, not an import).
+copy with every module already imported (no import at each start or restart).
 
 A child that dies is logged (role, pid, exit code or signal) and started again after a
 delay that doubles with each quick death (``_RESTART_FIRST`` to ``_RESTART_MAX`` seconds);
