@@ -132,7 +132,7 @@ async def measure(data_dir: Path, database_url: str, args: argparse.Namespace
     audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                        store.index.patient_id_of, settings.audit)
     try:
-        services = http_services(settings, store, audit, dicom_serving=lambda: True)
+        services = http_services(settings, store, audit)
         app = create_app(services, settings.http, settings.auth)
         start = time.perf_counter()
         study = build_study(store, args.series, args.instances, args.size)

@@ -26,7 +26,6 @@ from gateway.publication.confidentiality import (
     MASKING_CODES,
     Confidentiality,
 )
-from gateway.security.audit import read_events
 from storage.database import DatabaseUnavailableError
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
@@ -35,11 +34,15 @@ from storage.schema import NewerSchemaError
 from storage.store import Store
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str, with_process: bool = False) -> None:
+    """Log records at ``level`` and above to stderr, one line each; ``with_process``: each
+    names its process (role and pid), as the processes of ``passerelle serve`` do."""
     # One line per record whatever a peer sent: control characters escaped (gateway.logs).
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    process = "%(processName)s[%(process)d] " if with_process else ""
+    handler.setFormatter(EscapingFormatter(
+        f"%(asctime)s %(levelname)s {process}%(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # httpx logs every request at INFO; a command reports the outcome of its own.
@@ -47,11 +50,21 @@ def _configure_logging(level: str) -> None:
 
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.service import serve
+    # Every process of the service counts its metrics in files of one directory
+    # (prometheus_client's multiprocess mode, read when prometheus_client is first
+    # imported: before the supervisor, whose children inherit it; gateway.metrics).
+    metrics_dir = settings.data_dir / "run" / "metrics"
+    try:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        logging.getLogger("passerelle").error("cannot serve: %s", exc)
+        return 1
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    from gateway.supervisor import ChildFailedError, serve
 
     try:
-        serve(settings)
-    except (DataDirBusyError, OSError, ValueError) as exc:
+        serve(settings, metrics_dir)
+    except (DataDirBusyError, ChildFailedError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
         return 1
     return 0
@@ -210,6 +223,8 @@ def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     """Who did what with a study (or everything), from the audit trail."""
+    from gateway.security.audit import read_events  # (imports the metrics: see _cmd_serve)
+
     rows = []
     for message in read_events(settings.data_dir / "audit"):
         objects = message.get("ParticipantObjectIdentification", [])
@@ -336,8 +351,10 @@ def _parser() -> argparse.ArgumentParser:
     queued = (*reads_data, "registry_url")
     command("serve", "run the DICOM SCP and the HTTP server", _cmd_serve,
             (*reads_data, *Settings.sections), existing_data_dir=False,
-            notes="Creates the data dir on first start. Serves the admin API, without token, "
-                  "to local commands\non <data_dir>/control.sock (mode 0600).")
+            notes="Creates the data dir on first start. Runs the DICOM receiver, http_workers "
+                  "HTTP workers and\nthe background worker (stable studies, publisher) as "
+                  "processes, each started again\nif it dies. Serves the admin API, without "
+                  "token, to local commands\non <data_dir>/control.sock (mode 0600).")
     importer = command("import", "import Part 10 files or folders", _cmd_import,
                        (*reads_data, "duplicate_policy"), existing_data_dir=False,
                        notes="Creates the data dir when it does not exist.")
@@ -392,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"passerelle: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     if args.existing_data_dir and not settings.data_dir.is_dir():
         print(f"passerelle: the data dir {settings.data_dir.absolute()} does not exist "
               f"(setting data_dir, {ENV_PREFIX}DATA_DIR): point it at the service's data dir; "

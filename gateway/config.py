@@ -123,8 +123,14 @@ class HttpSettings(_Section):
     head_timeout_seconds: float = Field(10, gt=0, alias="http_head_timeout_seconds")
     body_timeout_seconds: float = Field(60, gt=0, alias="http_body_timeout_seconds")
     keep_alive_seconds: float = Field(30, gt=0, alias="http_keep_alive_seconds")
+    # Processes serving HTTP, each its own interpreter (gateway.supervisor); 0: one per CPU.
+    workers: int = Field(0, ge=0, le=256, alias="http_workers")
 
     _split = field_validator("cors_allow_origins", mode="before")(_words)
+
+    def worker_count(self) -> int:
+        """How many HTTP worker processes to run: ``workers``, or the CPU count when 0."""
+        return self.workers or os.cpu_count() or 1
 
 
 class IngestSettings(_Section):

@@ -6,19 +6,17 @@ The socket is mode 0600: whoever can open it (the service's user, or root) can a
 and write the data dir, so a request over it acts as the local operator, with every admin
 right and no token. The TCP listener and its authentication are not involved.
 
-It is served by a second uvicorn server in the event loop of the HTTP one. Only the HTTP
-server handles SIGTERM and SIGINT (uvicorn installs its handlers process-wide and raises the
-signal again when it is done); the control server leaves the signals alone and is told to
-exit once the HTTP server has stopped.
+It is served by the background worker of ``passerelle serve`` (gateway.service), beside the
+publisher it wakes, with uvicorn: on SIGTERM or SIGINT it stops taking requests, gives those
+in progress ``_STOP_SECONDS``, and raises the signal again for the worker to stop the rest.
 """
 
-import asyncio
-import contextlib
 import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -83,13 +81,17 @@ def create_control_app(services: Services) -> Starlette:
     return app
 
 
-class _SignalsLeftAlone(uvicorn.Server):
-    """A uvicorn server that does not touch the signal handlers."""
+class TickingServer(uvicorn.Server):
+    """A uvicorn server calling ``tick`` from its event loop about ten times a second."""
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """Nothing: the main server captures the signals."""
-        yield
+    def __init__(self, config: uvicorn.Config, tick: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.tick = tick
+
+    async def on_tick(self, counter: int) -> bool:
+        """``tick``, then uvicorn's own housekeeping (True: time to stop)."""
+        self.tick()
+        return await super().on_tick(counter)
 
 
 class ControlChannel:
@@ -140,27 +142,19 @@ class ControlChannel:
             raise DataDirBusyError(f"a service already answers on {self.path}")
         self.path.unlink()
 
-    def serve_beside(self, main: uvicorn.Server, services: Services) -> None:
-        """Run ``main`` and the control API in one event loop until ``main`` stops (on
-        SIGTERM or SIGINT, raised again once it has stopped); the control API stops then."""
-        if self._socket is None:  # no control socket could be made (see open)
-            main.run()
-            return
-        control = _SignalsLeftAlone(uvicorn.Config(
+    def serve(self, services: Services, tick: Callable[[], None]) -> None:
+        """Answer control requests until SIGTERM or SIGINT, which is raised again once the
+        requests in progress are done; ``tick`` is called about ten times a second from the
+        server's loop. Without a socket (see ``open``), only wait for the signal."""
+        if self._socket is None:
+            while True:  # until the signal handler raises
+                tick()
+                time.sleep(0.1)
+        server = TickingServer(uvicorn.Config(
             create_control_app(services), log_config=None, access_log=False,
-            server_header=False, lifespan="off", timeout_graceful_shutdown=_STOP_SECONDS))
-        sockets = [self._socket]
-
-        async def both() -> None:
-            served = asyncio.create_task(control.serve(sockets=sockets))
-            try:
-                await main.serve()
-            finally:
-                control.should_exit = True
-                await served
-
-        with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:
-            runner.run(both())
+            server_header=False, lifespan="off", timeout_graceful_shutdown=_STOP_SECONDS),
+            tick)
+        server.run(sockets=[self._socket])
 
     def close(self) -> None:
         """Stop listening and remove the socket."""

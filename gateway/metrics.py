@@ -1,9 +1,18 @@
-"""Prometheus metrics of the service (exposed at ``GET /metrics``)."""
+"""Prometheus metrics of the service (exposed at ``GET /metrics``).
 
-from collections.abc import Iterator
+Under ``passerelle serve`` every process counts in its own files of one directory
+(prometheus_client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor
+before its children start) and an HTTP worker answers a scrape with the sum over every
+process (``scrape_registry``). Counters add up; each gauge says how it adds up
+(``multiprocess_mode``). What is read at scrape time (the outbox states, the restarts and the
+recovery of ``passerelle serve``) is collected by the scraping worker itself.
+"""
 
-from prometheus_client import REGISTRY, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from storage.outbox import Outbox
@@ -24,15 +33,11 @@ DUPLICATES = Counter(
     " set; conflict: different data set, replaced under duplicate_policy overwrite; refused"
     " ones count as ingest failures, reason sop-instance-conflict)", ["kind"])
 ASSOCIATIONS_OPEN = Gauge(
-    "passerelle_dicom_associations_open", "DICOM connections (associations) currently open")
+    "passerelle_dicom_associations_open", "DICOM connections (associations) currently open",
+    multiprocess_mode="livesum")
 ASSOCIATIONS = Counter(
     "passerelle_dicom_associations_total",
     "DICOM associations by how they ended (released, aborted, rejected)", ["outcome"])
-RECOVERY = Gauge(
-    "passerelle_recovery_files",
-    "What the check of the index against the files found at start after an unclean stop"
-    " (reindexed: file without index row; quarantined: unreadable file moved aside;"
-    " missing: indexed instance without its file)", ["kind"])
 HTTP_CONNECTIONS_CLOSED = Counter(
     "passerelle_http_connections_closed_total",
     "HTTP connections closed by the server before a request, by reason (per_client_limit:"
@@ -69,7 +74,8 @@ BUDGET_REFUSALS = Counter(
     " output_pixels, frames, parts: a request bound)", ["reason"])
 BUDGET_IN_USE = Gauge(
     "passerelle_budget_bytes_in_use",
-    "Bytes reserved right now, by budget (decode_memory, ingest_bytes)", ["budget"])
+    "Bytes reserved right now, by budget (decode_memory, ingest_bytes)", ["budget"],
+    multiprocess_mode="livesum")
 AUDIT_SYSLOG_DROPPED = Counter(
     "passerelle_audit_syslog_dropped_total",
     "Audit messages never copied to the syslog collector (backlog full)")
@@ -116,7 +122,7 @@ class OutboxCollector(Collector):
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         """One sample per state (pending, sent, acknowledged, failed)."""
         family = GaugeMetricFamily("passerelle_publications",
                                    "Publication outbox rows by state", labels=["state"])
@@ -125,6 +131,42 @@ class OutboxCollector(Collector):
         yield family
 
 
-def watch_outbox(outbox: Outbox) -> None:
-    """Expose the outbox states in ``/metrics``."""
-    REGISTRY.register(OutboxCollector(outbox))
+class ServiceCollector(Collector):
+    """What the supervisor knows, read at each scrape: ``passerelle_process_restarts_total``
+    from ``restarts()`` (by role) and ``passerelle_recovery_files`` (by kind), what the check
+    of the index against the files found at start, when it ran."""
+
+    def __init__(self, restarts: Callable[[], dict[str, int]],
+                 recovery: dict[str, int]) -> None:
+        self.restarts = restarts
+        self.recovery = recovery
+
+    def collect(self) -> Iterator[Metric]:
+        """The restarts by role, and the recovery counts when there was a recovery."""
+        restarts = CounterMetricFamily(
+            "passerelle_process_restarts",
+            "Processes of passerelle serve started again after they died, by role (dicom,"
+            " background, http)", labels=["role"])
+        for role, count in self.restarts().items():
+            restarts.add_metric([role], count)
+        yield restarts
+        if self.recovery:
+            recovery = GaugeMetricFamily(
+                "passerelle_recovery_files",
+                "What the check of the index against the files found at start after an"
+                " unclean stop (reindexed: file without index row; quarantined: unreadable"
+                " file moved aside; missing: indexed instance without its file)",
+                labels=["kind"])
+            for kind, count in self.recovery.items():
+                recovery.add_metric([kind], count)
+            yield recovery
+
+
+def scrape_registry(*collectors: Collector) -> CollectorRegistry:
+    """What ``/metrics`` shows in a process of ``passerelle serve``: the metrics of every
+    process (multiprocess mode) and ``collectors``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    for collector in collectors:
+        registry.register(collector)
+    return registry

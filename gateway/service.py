@@ -1,28 +1,38 @@
-"""``passerelle serve``: the DICOM SCP and the HTTP server in one process."""
+"""The composition of each process of ``passerelle serve`` (started by gateway.supervisor):
+the DICOM receiver, an HTTP worker, the background worker (stable studies, publisher,
+control channel). Each opens its own index and audit trail on the data dir and runs until
+SIGTERM or SIGINT, then stops cleanly."""
 
 import contextlib
 import logging
+import os
 import signal
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway import metrics
 from gateway.config import (
     AuditSettings,
     PublicationSettings,
     Settings,
     TlsSettings,
 )
-from gateway.control import ControlChannel
+from gateway.control import ControlChannel, TickingServer
 from gateway.dicom.scp import DicomService
 from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.imaging.render_cache import RenderCache
-from gateway.metrics import watch_outbox
+from gateway.liveness import BEAT_SECONDS, ROLES, Board
+from gateway.metrics import OutboxCollector, ServiceCollector, scrape_registry
 from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin
 from gateway.publication.publisher import Publisher
@@ -31,30 +41,62 @@ from gateway.publication.stable import StableStudyWatcher
 from gateway.security.audit import AuditTrail
 from gateway.security.syslog_export import TlsSyslog, UdpSyslog
 from gateway.security.tls import client_context, server_context
+from gateway.shared_tally import SharedTally
 from gateway.web.app import create_app
 from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
 from gateway.web.services import Services
-from storage.database import masked
 from storage.outbox import Outbox
-from storage.recovery import ServiceLock, recover
 from storage.store import Store
 
 log = logging.getLogger(__name__)
+
+BUDGET_TALLIES = ("decode_memory", "ingest_bytes")  # shared by every process (ResourceBudget)
 
 
 class ShutdownRequestedError(Exception):
     """SIGTERM or SIGINT was received."""
 
 
-def _request_shutdown(signum: int, frame: FrameType | None) -> None:
+def request_shutdown(signum: int, frame: FrameType | None) -> None:
+    """Signal handler: SIGTERM and SIGINT become ShutdownRequestedError."""
     raise ShutdownRequestedError(signal.Signals(signum).name)
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """What the supervisor gives one of its processes."""
+
+    settings: Settings
+    slot: int  # its place on the board and in the budget tallies
+    board: Board
+    run_dir: Path  # the tallies of the shared budget
+    recovery: dict[str, int] = field(default_factory=dict)  # found at start (metrics)
+    http_socket: socket.socket | None = None  # HTTP workers: the listening socket
+    wake: Connection | None = None  # HTTP: write end; background: read end
+
+    def beat(self) -> None:
+        """Say on the board that this process serves."""
+        self.board.beat(self.slot)
+
+
+def tally_path(run_dir: Path, budget: str) -> Path:
+    """The file of the tally of ``budget`` (one of BUDGET_TALLIES)."""
+    return run_dir / f"{budget}.tally"
 
 
 def _optional_path(name: str) -> Path | None:
     return Path(name) if name else None
 
 
-def _registry_tls(publication: PublicationSettings) -> ssl.SSLContext | None:
+def server_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The server context of HTTPS (and DICOM TLS), when a certificate is configured."""
+    if not settings.tls.cert_file:
+        return None
+    return server_context(Path(settings.tls.cert_file), Path(settings.tls.key_file),
+                          _optional_path(settings.tls.client_ca_file))
+
+
+def registry_tls(publication: PublicationSettings) -> ssl.SSLContext | None:
     """The client context towards the registry, when a CA or a certificate is configured."""
     if not (publication.registry_ca_file or publication.registry_client_cert_file):
         return None
@@ -76,113 +118,202 @@ def _audit_syslog(audit: AuditSettings, tls: TlsSettings) -> UdpSyslog | TlsSysl
         _optional_path(tls.key_file)))
 
 
-def resource_budget(settings: Settings, store: Store) -> ResourceBudget:
-    """The process's one resource budget, shared by HTTP and DICOM (and by ``store``, which
-    compares a re-sent instance with the stored one within its decode memory)."""
-    budget = ResourceBudget(**settings.budget.model_dump(), scratch=store.blobs.scratch)
+def resource_budget(settings: Settings, store: Store,
+                    context: ProcessContext | None = None) -> ResourceBudget:
+    """The process's resource budget, shared by its HTTP and DICOM work (and by ``store``,
+    which compares a re-sent instance with the stored one within its decode memory).
+
+    Under the supervisor (``context``), the decode memory and the ingest bytes in flight
+    are tallies shared with every other process: their settings bound the machine. The
+    decode workers are threads of each process that decodes (HTTP workers).
+    """
+    def tally(name: str) -> SharedTally | None:
+        return None if context is None else SharedTally(tally_path(context.run_dir, name),
+                                                        context.slot)
+
+    budget = ResourceBudget(**settings.budget.model_dump(), scratch=store.blobs.scratch,
+                            memory_tally=tally("decode_memory"),
+                            ingest_tally=tally("ingest_bytes"))
     store.decode_memory = budget.memory
     return budget
 
 
+def open_store(settings: Settings) -> Store:
+    """The store of ``settings``: files under the data dir, the index in its database."""
+    return Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits(),
+                 database_url=settings.database_url)
+
+
+def _audit_trail(settings: Settings, store: Store) -> AuditTrail:
+    return AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
+                      store.index.patient_id_of, settings.audit,
+                      _audit_syslog(settings.audit, settings.tls))
+
+
+def _every_role_here() -> dict[str, list[int]]:
+    return {role: [os.getpid()] for role in ROLES}
+
+
 def http_services(settings: Settings, store: Store, audit: AuditTrail,
-                  dicom_serving: Callable[[], bool],
+                  serving: Callable[[], dict[str, list[int]]] = _every_role_here,
                   wake_publisher: Callable[[], None] = lambda: None,
-                  budget: ResourceBudget | None = None) -> Services:
-    """What the HTTP side works with, over ``store`` and the data dir of ``settings``."""
+                  budget: ResourceBudget | None = None,
+                  metrics: CollectorRegistry = REGISTRY,
+                  render_cache_bytes: int | None = None) -> Services:
+    """What the HTTP side works with, over ``store`` and the data dir of ``settings``
+    (``serving`` defaults to every role in this process, as in tests)."""
     return Services(
         store=store, outbox=Outbox(store.index), audit=audit,
         render_cache=RenderCache(settings.data_dir / "cache" / "rendered",
-                                 settings.imaging.render_cache_bytes),
+                                 settings.imaging.render_cache_bytes
+                                 if render_cache_bytes is None else render_cache_bytes),
         budget=budget or resource_budget(settings, store),
         deidentify_key=load_or_create_key(settings.data_dir),
         public_url=settings.http.public_url,
         max_instance_bytes=settings.ingest.max_instance_bytes,
         body_timeout_seconds=settings.http.body_timeout_seconds,
-        dicom_serving=dicom_serving, wake_publisher=wake_publisher,
-        registry_url=settings.publication.registry_url)
+        serving=serving, wake_publisher=wake_publisher,
+        registry_url=settings.publication.registry_url, metrics=metrics)
 
 
-def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, then stop HTTP, then DICOM, cleanly."""
-    # uvicorn handles the signal while it runs and raises it again once HTTP has drained;
-    # these handlers turn that into an exception so the DICOM side is stopped below instead
-    # of the process dying on the default SIGTERM action.
-    settings.check_http_exposure()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _request_shutdown)
-    publication = settings.publication
-    event_codes = load_event_codes(_optional_path(publication.event_codes_file))
-    tls = server_context(Path(settings.tls.cert_file), Path(settings.tls.key_file),
-                         _optional_path(settings.tls.client_ca_file)
-                         ) if settings.tls.cert_file else None
-    registry_tls = _registry_tls(publication)
-    syslog = _audit_syslog(settings.audit, settings.tls)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = ServiceLock(settings.data_dir)
-    lock.acquire()
-    # Each step of the stop runs even if an earlier one fails (last registered, first run).
+def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> None:
+    """A thread beating for this process every BEAT_SECONDS while ``serving()``."""
+
+    def beat() -> None:
+        while True:
+            if serving():
+                context.beat()
+            time.sleep(BEAT_SECONDS)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def run_dicom_role(context: ProcessContext) -> None:
+    """The DICOM receiver (C-ECHO, C-STORE SCP) until SIGTERM; associations in progress
+    then finish within the grace period (DicomService.stop)."""
+    settings = context.settings
     with contextlib.ExitStack() as stop:
-        stop.callback(log.info, "stopped")
-        stop.callback(lock.release)
-        store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits(),
-                      database_url=settings.database_url)
+        store = open_store(settings)
         stop.callback(store.close)
-        log.info("index database: %s", masked(store.index.database.url))
-        # Only the lock holder may purge: an import running beside the service has its own
-        # temporary files in flight.
-        removed = store.blobs.purge_temporary()
-        if removed:
-            log.warning("removed %d temporary file(s) left by an interrupted write", removed)
-        if not lock.previous_stop_was_clean:
-            log.warning("previous run did not stop cleanly: checking the index against the files")
-            for kind, found in recover(store.blobs, store.index).counts().items():
-                metrics.RECOVERY.labels(kind).set(found)
-        audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
-                           store.index.patient_id_of, settings.audit, syslog)
+        audit = _audit_trail(settings, store)
         stop.callback(audit.close)
-        budget = resource_budget(settings, store)
+        budget = resource_budget(settings, store, context)
         dicom = DicomService(settings.dicom, store, audit, budget.ingest,
-                             tls if settings.dicom.tls else None)
-        outbox = Outbox(store.index)
-        watch_outbox(outbox)
-        watcher = StableStudyWatcher(outbox, publication.stable_seconds)
+                             server_tls(settings) if settings.dicom.tls else None)
+        stop.callback(dicom.stop)
+        dicom.start()
+        _beat_while(context, dicom.is_serving)
+        try:
+            while True:
+                signal.pause()  # until the handler raises
+        except ShutdownRequestedError as exc:
+            log.info("%s received: stopping the DICOM SCP", exc)
+
+
+def _waker(connection: Connection | None) -> Callable[[], None]:
+    """Poke the background worker's publisher through the write end of its pipe; a full
+    pipe already holds a poke."""
+    if connection is None:
+        return lambda: None
+    fd = connection.fileno()
+    os.set_blocking(fd, False)
+
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(fd, b"\0")
+
+    return wake
+
+
+def run_http_role(context: ProcessContext) -> None:
+    """One HTTP worker on the supervisor's listening socket, until SIGTERM: then it stops
+    accepting and finishes the requests in progress."""
+    settings, http = context.settings, context.settings.http
+    assert context.http_socket is not None
+    with contextlib.ExitStack() as stop:
+        store = open_store(settings)
+        stop.callback(store.close)
+        audit = _audit_trail(settings, store)
+        stop.callback(audit.close)
+        services = http_services(
+            settings, store, audit, context.board.serving, _waker(context.wake),
+            resource_budget(settings, store, context),
+            scrape_registry(OutboxCollector(Outbox(store.index)),
+                            ServiceCollector(context.board.restart_counts, context.recovery)),
+            # Each worker bounds what it writes; together they stay within the setting.
+            settings.imaging.render_cache_bytes // http.worker_count())
+        config = uvicorn.Config(
+            create_app(services, http, settings.auth), log_config=None,
+            access_log=False, server_header=False, lifespan="off",
+            limit_concurrency=http.max_connections,
+            timeout_keep_alive=http.keep_alive_seconds,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            ssl_certfile=settings.tls.cert_file or None,
+            ssl_keyfile=settings.tls.key_file or None,
+            http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
+        config.load()
+        config.ssl = server_tls(settings)  # ours: TLS >= 1.2 and client certificates
+        try:
+            # uvicorn handles SIGTERM/SIGINT while it runs and raises it again once drained.
+            # It beats from its event loop: a wedged loop stops beating.
+            TickingServer(config, context.beat).run(sockets=[context.http_socket])
+        except ShutdownRequestedError as exc:
+            log.info("%s received: HTTP worker drained", exc)
+
+
+def _wake_on_pokes(connection: Connection, wake: Callable[[], None]) -> None:
+    """A thread waking the publisher at each poke the HTTP workers write to the pipe."""
+
+    def read() -> None:
+        while os.read(connection.fileno(), 512):
+            wake()
+
+    threading.Thread(target=read, name="publisher-wake", daemon=True).start()
+
+
+def run_background_role(context: ProcessContext) -> None:
+    """The stable-study watcher, the publisher and the control channel, until SIGTERM;
+    then the publisher stops after the row in progress."""
+    settings, publication = context.settings, context.settings.publication
+    with contextlib.ExitStack() as stop:
+        store = open_store(settings)
+        stop.callback(store.close)
+        audit = _audit_trail(settings, store)
+        stop.callback(audit.close)
+        watcher = StableStudyWatcher(Outbox(store.index), publication.stable_seconds)
         publisher = None
         if publication.registry_url:
             origin = RetrieveOrigin(settings.http.public_url, settings.producer.gateway_oid,
                                     settings.producer.organization_name)
-            publisher = Publisher(store, RegistryClient(publication.registry_url,
-                                                        publication.registry_timeout, registry_tls),
-                                  event_codes, audit, settings.producer, origin, publication)
+            publisher = Publisher(
+                store, RegistryClient(publication.registry_url, publication.registry_timeout,
+                                      registry_tls(publication)),
+                load_event_codes(_optional_path(publication.event_codes_file)), audit,
+                settings.producer, origin, publication)
             stop.callback(publisher.stop)
         else:
             log.warning("registry_url is not set: manifests are queued, not sent")
         stop.callback(watcher.stop)
-        stop.callback(dicom.stop)
-        stop.callback(log.info, "shutting down the DICOM SCP")
-        http = settings.http
+        wake = publisher.wake if publisher is not None else lambda: None
+        if context.wake is not None:
+            _wake_on_pokes(context.wake, wake)
         control = ControlChannel(settings.data_dir)
         stop.callback(control.close)
+        control.open()
+        watcher.start()
+        if publisher is not None:
+            publisher.start()
+        workers = [worker for worker in (watcher, publisher) if worker is not None]
+
+        def beat_while_working() -> None:
+            if all(worker.alive for worker in workers):
+                context.beat()
+
+        # The admin routes of the control channel neither decode nor render.
+        services = http_services(settings, store, audit, context.board.serving, wake,
+                                 resource_budget(settings, store, context),
+                                 render_cache_bytes=0)
         try:
-            control.open()
-            dicom.start()
-            watcher.start()
-            if publisher is not None:
-                publisher.start()
-            services = http_services(settings, store, audit, dicom.is_serving,
-                                     publisher.wake if publisher is not None else lambda: None,
-                                     budget)
-            app = create_app(services, http, settings.auth)
-            config = uvicorn.Config(
-                app, host=http.host, port=http.port, log_config=None,
-                access_log=False, server_header=False, lifespan="off",
-                limit_concurrency=http.max_connections,
-                timeout_keep_alive=http.keep_alive_seconds,
-                h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-                ssl_certfile=settings.tls.cert_file or None,
-                ssl_keyfile=settings.tls.key_file or None,
-                http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
-            config.load()
-            config.ssl = tls  # ours: TLS >= 1.2 and client certificates, which uvicorn's lacks
-            control.serve_beside(uvicorn.Server(config), services)
+            control.serve(services, beat_while_working)
         except ShutdownRequestedError as exc:
-            log.info("%s received", exc)
+            log.info("%s received: stopping the publisher", exc)

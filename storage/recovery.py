@@ -138,10 +138,12 @@ class ServiceLock:
             os.close(fd)  # also drops the shared lock just taken
         return False
 
-    def release(self) -> None:
-        """Record a clean stop and release the lock."""
+    def release(self, clean: bool = True) -> None:
+        """Record the stop (``clean``: the next claim need not check the index against the
+        files) and release the lock."""
         if self._fd is not None:
-            self._write(b"stopped")
+            if clean:
+                self._write(b"stopped")
             os.close(self._fd)
             self._fd = None
 

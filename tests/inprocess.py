@@ -1,11 +1,11 @@
 """The HTTP side of ``passerelle serve`` inside the test process: no subprocess, no socket.
 
-``InProcessService`` builds the application exactly as ``gateway.service.serve`` does (the
-same ``Settings``, ``Store``, ``AuditTrail``, ``http_services`` and ``create_app``) and answers
-requests through ``httpx.ASGITransport``. The tests stay synchronous: an anyio blocking portal
-runs the event loop in a thread of its own, and each request is a call into it, so requests
-from several test threads at once are concurrent in the application as they would be in
-uvicorn.
+``InProcessService`` builds the application exactly as an HTTP worker of ``passerelle serve``
+does (the same ``Settings``, ``Store``, ``AuditTrail``, ``http_services`` and ``create_app``)
+and answers requests through ``httpx.ASGITransport``. The tests stay synchronous: an anyio
+blocking portal runs the event loop in a thread of its own, and each request is a call into
+it, so requests from several test threads at once are concurrent in the application as they
+would be in uvicorn.
 
 What this layer does not have, by construction: the DICOM listener, uvicorn's HTTP parser and
 connection guards (head deadline, per-client connections, ``Transfer-Encoding: chunked``),
@@ -69,13 +69,12 @@ class InProcessService:
         self.base_url = BASE_URL  # what requests go to; public_url may add a path prefix
         self.ae_title = self.settings.dicom.ae_title
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # As gateway.service.serve composes them (minus the lock, the DICOM side and syslog).
+        # As gateway.service.run_http_role composes them (minus the other processes and syslog).
         self.store = Store(self.data_dir, self.settings.ingest.duplicate_policy,
                            database_url=self.settings.database_url)
         self.audit = AuditTrail(self.data_dir / "audit", self.settings.dicom.ae_title,
                                 self.store.index.patient_id_of, self.settings.audit)
-        self.services = http_services(self.settings, self.store, self.audit,
-                                      dicom_serving=lambda: True)
+        self.services = http_services(self.settings, self.store, self.audit)
         self.app = create_app(self.services, self.settings.http, self.settings.auth)
         self._portal_context: AbstractContextManager[BlockingPortal] | None = \
             start_blocking_portal("asyncio")

@@ -1,5 +1,6 @@
 """Start and stop real service processes on loopback ports (tests and benchmarks)."""
 
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.conformance.registry import registry_problems
 from tests.synthetic import NATIONAL_INS
@@ -122,6 +124,27 @@ class PasserelleProcess(_Process):
                **{f"PASSERELLE_{k.upper()}": str(v) for k, v in settings.items()}}
         super().__init__(["serve"], env, http_port,
                          data_dir.parent / f"{data_dir.name}-serve.log", tls)
+
+    def processes(self) -> list[psutil.Process]:
+        """The supervisor and every process under it."""
+        assert self.proc is not None
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def _rss_each(self) -> list[int]:
+        sizes = []
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):  # a child that just ended
+                sizes.append(process.memory_info().rss)
+        return sizes
+
+    def rss(self) -> int:
+        """Resident memory of the whole service (every process added up): for growth."""
+        return sum(self._rss_each())
+
+    def largest_rss(self) -> int:
+        """Resident memory of its largest process: for a bound on what one may hold."""
+        return max(self._rss_each())
 
     def metric(self, name: str, **labels: str) -> float:
         """Current value of a Prometheus sample of ``/metrics`` (0 when absent)."""

@@ -5,7 +5,6 @@ import threading
 import time
 
 import httpx
-import psutil
 
 from tests.processes import PasserelleProcess
 
@@ -13,22 +12,22 @@ MIB = 1 << 20
 
 
 class PeakRss:
-    """The service's RSS sampled every 20 ms in a thread, from its value at entry."""
+    """The service's RSS (its supervisor and every process under it, added up) sampled
+    every 20 ms in a thread, from its value at entry."""
 
     def __init__(self, server: PasserelleProcess) -> None:
-        assert server.proc is not None
-        self.process = psutil.Process(server.proc.pid)
+        self.server = server
         self.start = self.peak = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample)
 
     def _sample(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, self.server.rss())
             self._done.wait(0.02)
 
     def __enter__(self) -> "PeakRss":
-        self.start = self.peak = self.process.memory_info().rss
+        self.start = self.peak = self.server.rss()
         self._thread.start()
         return self
 

@@ -155,7 +155,9 @@ def test_syslog_over_tls_catches_up_after_the_collector_was_down(tmp_path: Path)
                 "audit_syslog_ca_file": str(pki.ca), "tls_cert_file": str(pki.server_cert),
                 "tls_key_file": str(pki.server_key)}
     https = ssl.create_default_context(cafile=pki.ca)
-    with PasserelleProcess(tmp_path / "data", tls=https, **settings) as server:
+    # One HTTP worker: each has its own backlog, and the order checked is one process's.
+    with PasserelleProcess(tmp_path / "data", tls=https, http_workers="1",
+                           **settings) as server:
         studies = f"{server.base_url}/dicom-web/studies"
         for n in range(3):  # the collector is down: kept for later
             httpx.get(studies, params={"AccessionNumber": f"DOWN{n}"}, verify=https)

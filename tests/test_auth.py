@@ -29,7 +29,9 @@ def issuer() -> Iterator[LocalIssuer]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory,
            issuer: LocalIssuer) -> Iterator[PasserelleProcess]:
-    with PasserelleProcess(tmp_path_factory.mktemp("auth") / "data",
+    # One HTTP worker: each worker fetches and caches the JWKS itself, and the fetches
+    # counted here are one verifier's.
+    with PasserelleProcess(tmp_path_factory.mktemp("auth") / "data", http_workers="1",
                            **issuer.settings()) as process:
         yield process
 

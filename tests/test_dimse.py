@@ -299,7 +299,10 @@ def test_sigterm_with_an_open_association(tmp_path: Path, ct_study: list[Path]) 
 def test_health_and_metrics(server: PasserelleProcess) -> None:
     health = httpx.get(f"{server.base_url}/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "dicom": True, "http": True}
+    body = health.json()
+    assert {key: body[key] for key in ("status", "unavailable", "dicom", "background", "http")
+            } == {"status": "ok", "unavailable": [], "dicom": True, "background": True,
+                  "http": True}
     assoc = associate(server.dicom_port)
     assert assoc.is_established
     assert server.metric("passerelle_dicom_associations_open") == 1

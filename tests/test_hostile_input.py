@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import Association
@@ -53,7 +52,7 @@ def _still_serving(server: PasserelleProcess) -> None:
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
     assert httpx.get(f"{server.base_url}/health").status_code == 200
-    assert psutil.Process(server.proc.pid).memory_info().rss < MAX_RSS
+    assert server.largest_rss() < MAX_RSS
     assert "Exception in ASGI application" not in server.log()  # no HTTP 500 at all
     assert "Fatal error: protocol" not in server.log()  # no HTTP connection handler crashed
 
@@ -103,7 +102,7 @@ def test_truncated_pdu(target: PasserelleProcess) -> None:
 
 
 def test_oversized_pdu_is_refused_at_its_header(target: PasserelleProcess) -> None:
-    rss_before = psutil.Process(target.proc.pid).memory_info().rss
+    rss_before = target.rss()
     with _raw(target) as sock:
         sock.sendall(b"\x01\x00" + struct.pack(">L", 0xFFFFFFF0))
         sent = 0
@@ -115,7 +114,7 @@ def test_oversized_pdu_is_refused_at_its_header(target: PasserelleProcess) -> No
             pass
         assert sent < 64, "the server kept reading a PDU announced as 4 GiB"
         assert _closed_by_server(sock)
-    assert psutil.Process(target.proc.pid).memory_info().rss - rss_before < 32 << 20
+    assert target.rss() - rss_before < 32 << 20
     assert "PDU of 4294967280 bytes announced" in target.log()
     assert echo(target)
 

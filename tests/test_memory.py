@@ -5,7 +5,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 from pydicom.uid import generate_uid
 
 from tests.processes import PasserelleProcess
@@ -30,14 +29,13 @@ def test_study_retrieve_streams_with_bounded_rss(tmp_path: Path) -> None:
     assert imported.returncode == 0, imported.stdout
     server.start()
     try:
-        process = psutil.Process(server.proc.pid)
-        peak = process.memory_info().rss
+        peak = server.largest_rss()
         done = threading.Event()
 
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, process.memory_info().rss)
+                peak = max(peak, server.largest_rss())
                 done.wait(0.02)
 
         sampler = threading.Thread(target=sample)

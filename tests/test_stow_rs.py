@@ -12,7 +12,6 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
@@ -175,15 +174,14 @@ def test_a_part_is_spooled_to_disk_never_held_in_memory(tmp_path: Path) -> None:
     with PasserelleProcess(tmp_path / "data", decode_memory_bytes=str(32 << 20),
                            ingest_bytes_in_flight=str(80 << 20)) as server:
         assert server.proc is not None
-        process = psutil.Process(server.proc.pid)
-        before = peak = process.memory_info().rss
+        before = peak = server.rss()
         with httpx.Client(base_url=server.base_url, timeout=120) as client:
             with ThreadPoolExecutor(1) as pool:
                 posted = pool.submit(client.post, "/dicom-web/studies", content=body(),
                                      headers={"Content-Type": 'multipart/related; type='
                                               f'"application/dicom"; boundary={boundary}'})
                 while not posted.done():
-                    peak = max(peak, process.memory_info().rss)
+                    peak = max(peak, server.rss())
                     time.sleep(0.02)
             response = posted.result()
             started = time.monotonic()

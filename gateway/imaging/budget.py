@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from gateway import metrics
+from gateway.shared_tally import SharedTally
 from storage.part10 import read_file_meta
 from storage.structure import (
     DEFER_SIZE,
@@ -63,6 +64,7 @@ OUTPUT_BYTES_PER_PIXEL = 8
 # bytes (decoded, then inlined in the JSON); binary values once, or as BulkDataURI.
 HEADER_BYTES_PER_ELEMENT, HEADER_BYTES_PER_ITEM, HEADER_BYTES_PER_VALUE = 800, 700, 560
 HEADER_TEXT_FACTOR, HEADER_BINARY_FACTOR = 8, 2
+_SHARED_POLL = 0.02  # seconds between two looks at a budget shared with other processes
 
 
 class OverBudget(Exception):  # noqa: N818 (a refusal, not a bug: named as the API says)
@@ -94,7 +96,8 @@ class ByteBudget:
     """
 
     def __init__(self, name: str, setting: str, capacity: int,
-                 wait_seconds: float = 0.0, min_bytes_per_minute: int = 0) -> None:
+                 wait_seconds: float = 0.0, min_bytes_per_minute: int = 0,
+                 shared: SharedTally | None = None) -> None:
         self.name = name
         self.setting = setting  # named in refusals, so an operator knows what to raise
         self.capacity = capacity
@@ -102,14 +105,27 @@ class ByteBudget:
         # A reservation that grows by less in a minute is refused (408): a reception that
         # trickles a byte now and then would hold its bytes for as long as it likes.
         self.min_bytes_per_minute = min_bytes_per_minute
-        self._used = 0
+        # Set: the capacity is shared with the other processes of the service, each holding
+        # its own count in the tally (gateway.shared_tally).
+        self.shared = shared
+        self._used = 0  # by this process
         self._room = threading.Condition()
-        metrics.BUDGET_IN_USE.labels(name).set_function(lambda: self._used)
+        self._gauge = metrics.BUDGET_IN_USE.labels(name)
+        self._gauge.set(0)
 
     @property
     def in_use(self) -> int:
-        """Bytes reserved right now."""
+        """Bytes reserved right now by this process."""
         return self._used
+
+    def _fits(self, size: int) -> bool:
+        """True (and, when shared, the tally updated) when ``size`` more bytes fit now."""
+        if self.shared is None:
+            return self._used + size <= self.capacity
+        return self.shared.try_hold(self._used + size, self.capacity)
+
+    def _in_use_everywhere(self) -> int:
+        return self._used if self.shared is None else self.shared.total()
 
     def reserve(self, size: int, what: str = "this request") -> "Reservation":
         """Reserve ``size`` bytes for ``what`` (a context manager that releases them);
@@ -128,20 +144,25 @@ class ByteBudget:
         # deadline: a request waits decode_wait_seconds in all, never twice that.
         deadline = min(deadline, getattr(_JOB, "deadline", deadline))
         with self._room:
-            while self._used + size > self.capacity:
+            while not self._fits(size):
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._room.wait(left):
-                    if self._used + size <= self.capacity:
-                        break
+                if left <= 0:
                     raise refuse(503, f"{self.name}_busy",
-                                 f"the service is busy ({self.name}: {_mib(self._used)} of "
+                                 f"the service is busy ({self.name}: "
+                                 f"{_mib(self._in_use_everywhere())} of "
                                  f"{_mib(self.capacity)} in use); retry shortly",
                                  retry_after=1)
+                # Room given back by another process is not notified here: look again soon.
+                self._room.wait(left if self.shared is None else min(left, _SHARED_POLL))
             self._used += size
+            self._gauge.set(self._used)
 
     def _give_back(self, size: int) -> None:
         with self._room:
             self._used -= size
+            if self.shared is not None:
+                self.shared.try_hold(self._used, self.capacity)
+            self._gauge.set(self._used)
             self._room.notify_all()
 
 
@@ -243,22 +264,27 @@ def _job(deadline: float, function: Callable[..., T], *args: object) -> T:
 
 
 class ResourceBudget:
-    """The process's budget: decode pool and memory, ingest bytes, per-request bounds."""
+    """The process's budget: decode pool and memory, ingest bytes, per-request bounds. With
+    tallies, the decode memory and the ingest bytes are shared with the other processes of
+    the service (each tally's capacity holds for all of them together)."""
 
     def __init__(self, decode_workers: int, decode_memory_bytes: int,
                  decode_wait_seconds: float, max_output_pixels: int,
                  ingest_bytes_in_flight: int, max_parts_per_request: int,
                  part_overhead_bytes: int, reception_min_bytes_per_minute: int,
-                 scratch: Callable[[], BinaryIO] | None = None) -> None:
+                 scratch: Callable[[], BinaryIO] | None = None,
+                 memory_tally: SharedTally | None = None,
+                 ingest_tally: SharedTally | None = None) -> None:
         self.scratch = scratch  # where a deflated data set is inflated to be walked
         self.decode = DecodePool(decode_workers, decode_wait_seconds)
         self.memory = ByteBudget("decode_memory", "decode_memory_bytes", decode_memory_bytes,
-                                 decode_wait_seconds)
+                                 decode_wait_seconds, shared=memory_tally)
         # Receptions never wait for room: the event loop (STOW-RS) and the DICOM threads
         # refuse at once, and the sender retries.
         self.ingest = ByteBudget("ingest_bytes", "ingest_bytes_in_flight",
                                  ingest_bytes_in_flight,
-                                 min_bytes_per_minute=reception_min_bytes_per_minute)
+                                 min_bytes_per_minute=reception_min_bytes_per_minute,
+                                 shared=ingest_tally)
         self.max_output_pixels = max_output_pixels
         self.max_parts_per_request = max_parts_per_request
         self.part_overhead_bytes = part_overhead_bytes

@@ -24,6 +24,11 @@ class PeriodicWorker:
         """True once ``stop`` was called: a long pass should end early."""
         return self._stopping.is_set()
 
+    @property
+    def alive(self) -> bool:
+        """True while the thread runs."""
+        return self._thread.is_alive()
+
     def start(self) -> None:
         """Start the thread."""
         self._thread.start()

@@ -3,6 +3,7 @@ metrics."""
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -11,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway.config import AuthSettings, HttpSettings
+from gateway.liveness import ROLES, unavailable
 from gateway.urls import DICOMWEB_PATH
 from gateway.web import admin
 from gateway.web.dicomweb.bulkdata import bulkdata
@@ -40,12 +42,16 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
     control of ``auth``."""
 
     async def health(request: Request) -> JSONResponse:
-        dicom_up = services.dicom_serving()
-        body = {"status": "ok" if dicom_up else "unavailable", "dicom": dicom_up, "http": True}
-        return JSONResponse(body, status_code=200 if dicom_up else 503)
+        # 200 when every role has a process serving; 503 naming the roles that have none.
+        serving = services.serving()
+        down = unavailable(serving)
+        body = {"status": "unavailable" if down else "ok", "unavailable": down,
+                **{role: bool(serving[role]) for role in ROLES}, "processes": serving}
+        return JSONResponse(body, status_code=503 if down else 200)
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        text = await run_in_threadpool(generate_latest, services.metrics)  # reads files
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     dicomweb = [
         Route("/studies", search_studies, methods=["GET"]),

@@ -4,6 +4,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
 from gateway.imaging.budget import ResourceBudget
@@ -27,9 +28,11 @@ class Services:
     public_url: str  # base URL consumers reach us by, without a trailing slash
     max_instance_bytes: int  # largest STOW-RS part
     body_timeout_seconds: float  # longest silence of a STOW-RS body
-    dicom_serving: Callable[[], bool]  # is the DICOM listener up (health)
+    # The pids serving now, by role (gateway.liveness): /health.
+    serving: Callable[[], dict[str, list[int]]]
     wake_publisher: Callable[[], None]  # something was queued: send it now
     registry_url: str  # where queued publications are sent; empty: they stay queued
+    metrics: CollectorRegistry  # what /metrics shows
 
     @property
     def dicomweb_root(self) -> str:

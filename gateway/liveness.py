@@ -1,0 +1,87 @@
+"""Which processes of ``passerelle serve`` serve right now, as every process sees it.
+
+The supervisor makes one board in shared memory before it starts its children: one slot per
+child (the DICOM receiver, the background worker, each HTTP worker), in which the child
+writes its pid and, at least every second while its role serves, the time (``CLOCK_MONOTONIC``, one
+clock for the whole machine). The supervisor clears a slot as soon as its process is gone,
+so a crashed process stops counting at once, and a wedged one once its last beat is older
+than ``STALE_SECONDS``. HTTP workers read the board for ``/health`` and ``/metrics``.
+"""
+
+import ctypes
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+DICOM, BACKGROUND, HTTP = "dicom", "background", "http"
+ROLES = (DICOM, BACKGROUND, HTTP)
+BEAT_SECONDS = 1.0
+STALE_SECONDS = 10.0
+
+
+class _Slot(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_int64), ("beat", ctypes.c_double)]
+
+
+@dataclass(frozen=True)
+class Board:
+    """The slots: 0 the DICOM receiver, 1 the background worker, 2... the HTTP workers."""
+
+    slots: Any  # multiprocessing RawArray of _Slot, written without a lock (see beat)
+    restarts: Any  # RawArray of c_int64, one per role of ROLES
+
+    @classmethod
+    def create(cls, http_workers: int) -> "Board":
+        """A board for one DICOM receiver, one background worker and ``http_workers``."""
+        return cls(multiprocessing.RawArray(_Slot, 2 + http_workers),
+                   multiprocessing.RawArray(ctypes.c_int64, len(ROLES)))
+
+    @property
+    def size(self) -> int:
+        """How many slots (children) there are."""
+        return len(self.slots)
+
+    @staticmethod
+    def role_of(slot: int) -> str:
+        """The role of the process in ``slot``."""
+        return ROLES[min(slot, 2)]
+
+    def beat(self, slot: int) -> None:
+        """Say that the calling process serves, now. Only that process writes its slot (a
+        torn read shows it dead for one look, never alive when it is not)."""
+        self.slots[slot].pid = os.getpid()
+        self.slots[slot].beat = time.monotonic()
+
+    def has_beaten(self, slot: int, pid: int) -> bool:
+        """True when process ``pid`` has beaten in ``slot`` since it was last cleared."""
+        return self.slots[slot].pid == pid and self.slots[slot].beat > 0
+
+    def clear(self, slot: int) -> None:
+        """Forget the process of ``slot`` (it is gone)."""
+        self.slots[slot].pid = 0
+        self.slots[slot].beat = 0.0
+
+    def count_restart(self, role: str) -> None:
+        """One more restart of a process of ``role``."""
+        self.restarts[ROLES.index(role)] += 1
+
+    def restart_counts(self) -> dict[str, int]:
+        """Restarts so far, by role."""
+        return {role: int(self.restarts[n]) for n, role in enumerate(ROLES)}
+
+    def serving(self) -> dict[str, list[int]]:
+        """The pids of the processes that serve now, by role (an empty list: none)."""
+        now = time.monotonic()
+        pids: dict[str, list[int]] = {role: [] for role in ROLES}
+        for slot in range(self.size):
+            pid, beat = self.slots[slot].pid, self.slots[slot].beat
+            if pid and now - beat < STALE_SECONDS:
+                pids[self.role_of(slot)].append(int(pid))
+        return pids
+
+
+def unavailable(serving: dict[str, list[int]]) -> list[str]:
+    """The roles of ``serving`` without any process serving."""
+    return [role for role in ROLES if not serving.get(role)]
