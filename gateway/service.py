@@ -34,7 +34,7 @@ from gateway.security.tls import client_context, server_context
 from gateway.web.app import create_app
 from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
 from gateway.web.services import Services
-from storage.database import masked
+from storage.database import database_url, dialect_of, masked
 from storage.outbox import Outbox
 from storage.recovery import ServiceLock, recover
 from storage.store import Store
@@ -118,7 +118,9 @@ def serve(settings: Settings) -> None:
     registry_tls = _registry_tls(publication)
     syslog = _audit_syslog(settings.audit, settings.tls)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = ServiceLock(settings.data_dir)
+    # Replicas (an index on PostgreSQL) share the data dir; a service on SQLite has it alone.
+    replica = dialect_of(database_url(settings.database_url, settings.data_dir)) == "postgresql"
+    lock = ServiceLock(settings.data_dir, replica)
     lock.acquire()
     # Each step of the stop runs even if an earlier one fails (last registered, first run).
     with contextlib.ExitStack() as stop:
@@ -128,9 +130,7 @@ def serve(settings: Settings) -> None:
                       database_url=settings.database_url)
         stop.callback(store.close)
         log.info("index database: %s", masked(store.index.database.url))
-        # Only the lock holder may purge: an import running beside the service has its own
-        # temporary files in flight.
-        removed = store.blobs.purge_temporary()
+        removed = lock.purge_temporary(store.blobs)
         if removed:
             log.warning("removed %d temporary file(s) left by an interrupted write", removed)
         if not lock.previous_stop_was_clean:
@@ -160,7 +160,7 @@ def serve(settings: Settings) -> None:
         stop.callback(dicom.stop)
         stop.callback(log.info, "shutting down the DICOM SCP")
         http = settings.http
-        control = ControlChannel(settings.data_dir)
+        control = ControlChannel(settings.data_dir, replica)
         stop.callback(control.close)
         try:
             control.open()
