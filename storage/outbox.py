@@ -184,6 +184,19 @@ class Outbox:
         if not renewed:
             raise LeaseLostError(f"publication {row.id}: lease of {row.leased_by} lost")
 
+    def lease_holders(self) -> list[str]:
+        """The replicas holding a lease now or when they stopped."""
+        return [row[0] for row in self.index.fetch(
+            "SELECT DISTINCT leased_by FROM publications WHERE leased_by != ''")]
+
+    def release_leases(self, replica: str) -> int:
+        """End every lease of ``replica`` (known dead: its rows need not wait for their
+        leases to expire); how many rows it held."""
+        with self.index.transaction() as db:
+            return db.execute(text(
+                """UPDATE publications SET leased_by = '', lease_expires_at = 0
+                   WHERE leased_by = :replica"""), {"replica": replica}).rowcount
+
     def listing(self, states: tuple[State, ...] = tuple(State),
                 study_uid: str | None = None) -> list[Publication]:
         """Rows in the given states (of one study, if given), oldest first."""

@@ -5,8 +5,10 @@ killed while it holds a publication's lease leaves the other to finish it; the d
 lock tells replicas from a second service with its own SQLite index."""
 
 import contextlib
+import fcntl
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -21,7 +23,7 @@ from storage.blobs import BlobStore
 from storage.database import Database
 from storage.index import Index
 from storage.outbox import Outbox, Publication, State
-from storage.recovery import DataDirBusyError, ServiceLock
+from storage.recovery import DataDirBusyError, ServiceLock, recover
 from tests.faulty_proxy import FaultyProxy
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for
@@ -163,6 +165,9 @@ def test_the_replica_holding_a_lease_is_killed_and_the_other_finishes_the_row(
         [document] = registry.documents(study)
         assert row.document_id == f"DocumentReference/{document['id']}"
         assert b.healthy()
+    # A's lock file is left: the next replica to start checks the files A may have left.
+    restarted = replicas.start(**FAST)
+    assert "previous run did not stop cleanly" in restarted.log()
 
 
 def test_a_service_with_its_own_sqlite_index_cannot_join_replicas_nor_they_it(
@@ -217,6 +222,20 @@ def test_a_dead_replica_is_checked_for_by_one_replica(tmp_path: Path) -> None:
     after.acquire()
     assert after.previous_stop_was_clean
     after.release()
+
+
+def test_replicas_recover_one_after_the_other(tmp_path: Path) -> None:
+    blobs, index = BlobStore(tmp_path), Index(tmp_path / "index.sqlite")
+    fd = os.open(tmp_path / "recovery.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another replica recovering
+    second = threading.Thread(target=recover, args=(blobs, index))
+    second.start()
+    second.join(1)
+    assert second.is_alive()  # waits for the first
+    os.close(fd)
+    second.join(30)
+    assert not second.is_alive()
+    index.close()
 
 
 def test_a_replica_purges_only_the_temporary_files_no_write_touches(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ lease while an attempt runs and gives the row up when it finds its lease taken o
 
 import json
 import logging
+import os
+import socket
 import threading
 from urllib.parse import urlsplit
 
@@ -56,6 +58,17 @@ def issuers_from_settings(settings: ProducerSettings) -> Issuers:
     """The assigning authorities the settings give to manifests."""
     return Issuers(settings.patient_id_issuer_oid, settings.accession_issuer_oid,
                    settings.order_issuer_oid)
+
+
+def _alive(pid: int) -> bool:
+    """True when a process ``pid`` runs on this host (perhaps another one, reusing it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 class _KeptLease:
@@ -107,6 +120,18 @@ class Publisher(PeriodicWorker):
         self.retry_max_seconds = publication.publish_retry_max_seconds
         self.lease_seconds = publication.lease_seconds
         self.replica = replica_id()
+
+    def start(self) -> None:
+        """Release the leases of this host's dead processes (a restart after a crash need
+        not wait for them to expire), then start the thread."""
+        for holder in self.outbox.lease_holders():
+            host, _, rest = holder.partition(":")  # replica_id(): host:pid:random
+            pid = rest.partition(":")[0]
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                released = self.outbox.release_leases(holder)
+                log.warning("released the lease(s) of %d publication(s) held by %s, a process "
+                            "of this host that is gone", released, holder)
+        super().start()
 
     def stop(self) -> None:
         """Stop after the row in progress."""
