@@ -159,10 +159,11 @@ class Outbox:
         # PostgreSQL: rows another replica is claiming right now are skipped, not waited for.
         # SQLite: the write transaction (BEGIN IMMEDIATE) already runs alone.
         skip_locked = " FOR UPDATE SKIP LOCKED" if self.index.dialect == "postgresql" else ""
+        candidate = f"SELECT pk {_DUE} AND lease_expires_at <= :now ORDER BY pk LIMIT 1"
+        if not self.index.fetch(candidate, {"now": now}):
+            return None  # nothing to do: no write transaction (the idle publisher's case)
         with self.index.transaction() as db:
-            pk = db.execute(text(
-                f"SELECT pk {_DUE} AND lease_expires_at <= :now ORDER BY pk LIMIT 1"
-                f"{skip_locked}"), {"now": now}).scalar()
+            pk = db.execute(text(candidate + skip_locked), {"now": now}).scalar()
             if pk is None:
                 return None
             row = db.execute(text(
