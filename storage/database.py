@@ -7,7 +7,11 @@ take a pooled connection of their own (SQLite WAL: readers never wait for the wr
 few SQL fragments the two dialects spell differently are the small functions at the end.
 """
 
+import fcntl
+import os
 import sqlite3
+import threading
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +22,10 @@ from sqlalchemy.exc import ArgumentError
 SQLITE_FILE = "index.sqlite"
 _BUSY_TIMEOUT_S = 30
 _IMMEDIATE = "passerelle_immediate"  # execution option: the next BEGIN is BEGIN IMMEDIATE
+# Database.lock: names hash to this many stripes on SQLite (a thread lock and a byte of the
+# lock file each); on PostgreSQL to advisory locks of this class (their first key).
+_LOCK_STRIPES = 64
+_LOCK_CLASS = 0x5053  # "PS"
 
 
 class DatabaseURLError(ValueError):
@@ -99,6 +107,12 @@ class Database:
         parsed = _parsed(url)
         self.url = url
         self.dialect = parsed.get_backend_name()
+        # SQLite's (see ``lock``): index-locks/ beside index.sqlite.
+        database = Path(parsed.database or "")
+        self._lock_dir = database.with_name(f"{database.stem}-locks")
+        self._lock_files: dict[int, int] = {}
+        self._stripes = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
+        self._opening = threading.Lock()
         if self.dialect == "sqlite":
             self.engine: Engine = create_engine(
                 parsed, connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False},
@@ -123,9 +137,49 @@ class Database:
         with self.engine.connect() as connection:
             return list(connection.execute(text(sql), dict(params or {})))
 
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Held by one holder of ``name`` at a time among the threads and processes using
+        this database, and the replicas sharing it (PostgreSQL: an advisory lock on a
+        connection of its own; SQLite: a thread lock and flock on one of the files of the
+        directory beside the database). Distinct names may share a lock."""
+        key = zlib.crc32(name.encode())
+        stripe = key % _LOCK_STRIPES
+        with self._stripes[stripe]:
+            if self.dialect == "sqlite":
+                fd = self._stripe_file(stripe)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            keys = {"classid": _LOCK_CLASS, "objid": key - (1 << 32) if key >> 31 else key}
+            with self.engine.connect() as connection:
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+                connection.execute(text("SELECT pg_advisory_lock(:classid, :objid)"), keys)
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:classid, :objid)"),
+                                       keys)
+
+    def _stripe_file(self, stripe: int) -> int:
+        """The open file of lock stripe ``stripe`` (flock is per open file: one each)."""
+        with self._opening:
+            if stripe not in self._lock_files:
+                self._lock_dir.mkdir(mode=0o750, exist_ok=True)
+                self._lock_files[stripe] = os.open(self._lock_dir / f"{stripe:02d}",
+                                                   os.O_RDWR | os.O_CREAT, 0o640)
+            return self._lock_files[stripe]
+
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (and the lock files)."""
         self.engine.dispose()
+        with self._opening:
+            for fd in self._lock_files.values():
+                os.close(fd)
+            self._lock_files.clear()
 
 
 def json_values(dialect: str, param: str) -> str:

@@ -295,11 +295,6 @@ class UnsupportedSQLiteError(ValueError):
     """The SQLite library Python runs with is older than MIN_SQLITE."""
 
 
-def _request_items_text(text: str) -> str:
-    """A Request Attributes column (a JSON list of items) as its distinct items, bounded."""
-    return encode(request_items([text]))
-
-
 class Index:
     """The SQL index. Safe to share between threads."""
 
@@ -406,7 +401,8 @@ class Index:
         study's."""
         params = _record_params(record)
         params.update(path=path, size=size, source=source, now=time.time(),
-                      request_attributes=_request_items_text(record.request_attributes))
+                      # its distinct items, bounded
+                      request_attributes=encode(request_items([record.request_attributes])))
         with self.transaction() as db:
             conflict = _identity_conflict(db, record)
             if conflict:

@@ -1,10 +1,10 @@
 """Recovery after an unclean stop: bring the index back in line with the files.
 
-Files are written atomically and fsynced before acknowledgement, the index commit is not
-fsynced (see ``storage.index``); after a power cut the index may therefore miss the last
-instances. Every file that is not indexed is re-indexed from its header; a file that cannot
-be parsed (it cannot have been acknowledged) is moved to ``quarantine/``. Indexed instances
-whose file is gone are reported.
+Files are written atomically and fsynced before acknowledgement, the index commit on SQLite
+is not fsynced (synchronous=NORMAL, see ``storage.database``); after a power cut the index
+may therefore miss the last instances. Every file that is not indexed is re-indexed from its
+header; a file that cannot be parsed (it cannot have been acknowledged) is moved to
+``quarantine/``. Indexed instances whose file is gone are reported.
 """
 
 import fcntl

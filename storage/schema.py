@@ -193,7 +193,7 @@ class NewerSchemaError(ValueError):
     """The index was left by a newer program than this one."""
 
 
-def _request_items_text(text: str) -> str:
+def request_items_text(text: str) -> str:
     """A Request Attributes column (a JSON list of items) as its distinct items, bounded."""
     return encode(request_items([text]))
 
@@ -203,7 +203,7 @@ def migrate_legacy(db: sqlite3.Connection, version: int) -> None:
     ``version``, to LEGACY_VERSION."""
     if version > LEGACY_VERSION:
         raise NewerSchemaError(f"index schema v{version} is newer than this program")
-    db.create_function("request_items_text", 1, _request_items_text, deterministic=True)
+    db.create_function("request_items_text", 1, request_items_text, deterministic=True)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         for statement in script.split(";"):
             if statement.strip():

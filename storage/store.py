@@ -13,7 +13,6 @@ import enum
 import errno
 import io
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,6 @@ from storage.structure import (
 
 log = logging.getLogger(__name__)
 
-_UID_LOCK_STRIPES = 64
 # Memory a process without the service's decode budget (``passerelle import``) may hold to
 # compare a re-sent instance with the stored one: the service's default decode_memory_bytes.
 _OWN_COMPARISON_BYTES = 512 << 20
@@ -196,10 +194,6 @@ class Store:
         # Where comparing a re-sent instance decoded takes its memory from (the service sets
         # its decode memory budget here).
         self.decode_memory: MemoryBudget = decode_memory or FixedBudget(_OWN_COMPARISON_BYTES)
-        # Held from the duplicate re-check to the index commit, so two associations sending
-        # the same SOP Instance UID at once cannot both write it. Striped by UID: writers of
-        # different instances fsync in parallel instead of queueing on one lock.
-        self._uid_locks = tuple(threading.Lock() for _ in range(_UID_LOCK_STRIPES))
         self._read_patient_modules()
 
     def _read_patient_modules(self) -> None:
@@ -354,7 +348,11 @@ class Store:
     def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:
         received = blob if isinstance(blob, bytes) else blob.path
-        with self._uid_locks[hash(record.sop_uid) % _UID_LOCK_STRIPES]:
+        # Held from the duplicate re-check to the index commit, so two associations sending
+        # the same SOP Instance UID at once, to this process or to another process or
+        # replica on this database, cannot both write it. Striped by UID: writers of
+        # different instances fsync in parallel instead of queueing on one lock.
+        with self.index.database.lock(f"instance {record.sop_uid}"):
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
                 return self._compare_with_stored(record, received, existing)

@@ -1,6 +1,7 @@
 """Fixtures: a real ``passerelle serve`` process, the same HTTP application in-process
 (tests/inprocess.py), DICOM test files, SCU helpers."""
 
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -44,12 +45,31 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     cluster.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty index database of each dialect: an SQLite file, a PostgreSQL
-    database of the session's cluster."""
+DIALECTS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=DIALECTS)
+def new_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
+    """``new_database_url()``: the URL of a fresh, empty index database, of each dialect in
+    turn (an SQLite file in tmp_path, a database of the session's PostgreSQL cluster)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+        names = itertools.count(1)
+        return lambda: f"sqlite:///{tmp_path / f'index-{next(names)}.sqlite'}"
+    return request.getfixturevalue("postgres_cluster").new_database
+
+
+@pytest.fixture
+def database_url(new_database_url: Callable[[], str]) -> str:
+    """The URL of a fresh, empty index database, of each dialect in turn."""
+    return new_database_url()
+
+
+@pytest.fixture(scope="module", params=DIALECTS)
+def module_database_url(request: pytest.FixtureRequest) -> str:
+    """``database_url`` for a module's shared service: "" (the SQLite file of its data dir)
+    or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return ""
     return request.getfixturevalue("postgres_cluster").new_database()
 
 

@@ -3,7 +3,7 @@
 import sqlite3
 from pathlib import Path
 
-from storage.schema import MIGRATIONS
+from storage.schema import MIGRATIONS, request_items_text
 from storage.search import fold_name
 
 
@@ -13,6 +13,7 @@ def index_at_version(path: Path, version: int) -> sqlite3.Connection:
     inserts its rows and sets ``PRAGMA user_version``)."""
     db = sqlite3.connect(path)
     db.create_function("fold_name", 1, fold_name)
+    db.create_function("request_items_text", 1, request_items_text)
     for script in MIGRATIONS[:version]:
         for statement in filter(str.strip, script.split(";")):
             db.execute(statement)

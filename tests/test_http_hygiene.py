@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import RLELossless, generate_uid
+from sqlalchemy import text
 
 from gateway.web.dicomweb.frames import choose_frame_encoding
 from gateway.web.http.accept import dicom_transfer_syntaxes, parse_accept
@@ -108,7 +109,7 @@ def _received_long_ago(web: InProcessService, when: float) -> None:
     """Every stored instance as if received at ``when`` (an hour ago, say): a Last-Modified
     is only sent once the second it names is settled."""
     with web.store.index.transaction() as db:
-        db.execute("UPDATE instances SET received_at = ?", (when,))
+        db.execute(text("UPDATE instances SET received_at = :when"), {"when": when})
 
 
 def test_last_modified_and_if_modified_since_on_every_retrieve(web: InProcessService) -> None:

@@ -6,9 +6,14 @@ running service (pynetdicom) and STOW-RS to the application in-process (httpx).
   Instance UID stored with another data set or elsewhere: refused, under both duplicate
   policies, with a failure status; the stored objects stay as they were;
 - an identical re-send stays a success whose RetrieveURL serves that object.
+
+Each runs on SQLite and on PostgreSQL (the ``web``, ``make_web`` and ``scp`` services of this
+module take a database of each dialect), where writers of one study race for real: the index
+re-checks the rows its upserts meet.
 """
 
 import copy
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -26,7 +31,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
+import storage.index
 from storage.blobs import BlobStore
+from storage.database import Database
+from storage.header import InstanceRecord, read_header
+from storage.index import IdentityConflictError, Index
 from storage.sameness import FixedBudget
 from storage.store import Outcome, Rejection, Store
 from storage.study_contents import load_study_contents
@@ -74,10 +83,35 @@ def stored_sop_uids(data_dir: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasserelleProcess]:
+def scp(tmp_path_factory: pytest.TempPathFactory, module_database_url: str
+        ) -> Iterator[PasserelleProcess]:
     """A running service with the default duplicate policy (keep-first)."""
-    with PasserelleProcess(tmp_path_factory.mktemp("integrity") / "data") as process:
+    with PasserelleProcess(tmp_path_factory.mktemp("integrity") / "data",
+                           database_url=module_database_url) as process:
         yield process
+
+
+@pytest.fixture
+def web(tmp_path: Path, database_url: str) -> Iterator[InProcessService]:
+    """The application in-process on a fresh data dir and a fresh database of each dialect."""
+    with InProcessService(tmp_path / "data", database_url=database_url) as service:
+        yield service
+
+
+@pytest.fixture
+def make_web(tmp_path: Path, new_database_url: Callable[[], str]
+             ) -> Iterator[Callable[..., InProcessService]]:
+    """``make_web(name, **settings)`` (conftest's), each service on a database of its own."""
+    made: list[InProcessService] = []
+
+    def make(name: str = "data", **settings: object) -> InProcessService:
+        made.append(InProcessService(tmp_path / name, database_url=new_database_url(),
+                                     **settings))
+        return made[-1]
+
+    yield make
+    for service in reversed(made):
+        service.close()
 
 
 # --- 1. the patient module of a study is its own ------------------------------------------
@@ -311,8 +345,10 @@ def test_a_stored_uid_in_another_study_is_refused_under_either_policy(
         assert web.get(f"/dicom-web/studies/{other.StudyInstanceUID}/series").json() == []
 
 
-def test_overwrite_replaces_within_the_same_series_only(tmp_path: Path) -> None:
-    with PasserelleProcess(tmp_path / "data", duplicate_policy="overwrite") as server:
+def test_overwrite_replaces_within_the_same_series_only(tmp_path: Path, database_url: str
+                                                        ) -> None:
+    with PasserelleProcess(tmp_path / "data", duplicate_policy="overwrite",
+                           database_url=database_url) as server:
         ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
         assert c_store(server, ds).Status == 0x0000
         moved = ct_slice(ds.StudyInstanceUID, generate_uid(), 2, 1, size=4,
@@ -424,10 +460,11 @@ def test_a_lossy_or_undecodable_re_encoding_is_never_already_stored(web: InProce
                                        "test").message, syntax
 
 
-def test_a_comparison_over_the_decode_budget_is_refused(tmp_path: Path) -> None:
+def test_a_comparison_over_the_decode_budget_is_refused(tmp_path: Path, database_url: str
+                                                        ) -> None:
     """Decoding is reserved before it is done: past the budget, refused (not stored, not
     called stored)."""
-    store = Store(tmp_path / "data", decode_memory=FixedBudget(1000))
+    store = Store(tmp_path / "data", decode_memory=FixedBudget(1000), database_url=database_url)
     try:
         ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=32)
         assert store.ingest(part10(ds), "test").outcome is Outcome.STORED
@@ -514,3 +551,74 @@ def test_an_index_of_v5_reads_the_patient_module_from_the_next_readable_instance
         assert first(result, "00100010") == {"Alphabetic": "NOIR^MARCELLE"}
         assert first(result, "00100040") == "F"
         assert service.store.index.patient_modules_to_read() == []
+
+
+# --- writers racing on one study, on each dialect -------------------------------------------
+
+def _record(ds: Dataset) -> InstanceRecord:
+    return read_header(bytes(part10(ds)))
+
+
+def _add(index: Index, ds: Dataset) -> None:
+    index.add_instance(_record(ds), f"{ds.SOPInstanceUID}.dcm", 1, "test")
+
+
+def test_the_rows_an_upsert_meets_are_checked_again(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What another transaction committed between the identity check and the upserts (on
+    PostgreSQL, READ COMMITTED, both may pass the check): the study under another patient,
+    the series in another study, the instance in another series are refused by the upserts
+    themselves, and nothing of the refused instance is written."""
+    index = Index(Database(database_url))
+    try:
+        study, series, sop = generate_uid(), generate_uid(), generate_uid()
+        _add(index, ct_slice(study, series, 1, 1, size=4, patient_id="FIRST", sop_uid=sop))
+        monkeypatch.setattr(storage.index, "_identity_conflict", lambda db, record: None)
+        intruders = {
+            "PatientID": ct_slice(study, generate_uid(), 1, 1, size=4, patient_id="SECOND"),
+            "SeriesInstanceUID": ct_slice(generate_uid(), series, 1, 2, size=4,
+                                          patient_id="FIRST"),
+            "SOPInstanceUID": ct_slice(study, generate_uid(), 1, 1, size=4,
+                                       patient_id="FIRST", sop_uid=sop),
+        }
+        for keyword, intruder in intruders.items():
+            with pytest.raises(IdentityConflictError) as refused:
+                _add(index, intruder)
+            assert refused.value.conflict.keyword == keyword
+        counts = index.fetch("SELECT (SELECT count(*) FROM patients),"
+                             " (SELECT count(*) FROM studies), (SELECT count(*) FROM series),"
+                             " (SELECT count(*) FROM instances)")
+        assert tuple(counts[0]) == (1, 1, 1, 1)
+        assert index.find_instance(sop).series_uid == series
+    finally:
+        index.close()
+
+
+def test_two_replicas_adding_one_new_study_for_two_patients_keep_one(database_url: str
+                                                                      ) -> None:
+    """Two indexes on one database (two replicas' connections), each adding the first
+    instance of one new study under another Patient ID at the same moment: one is stored,
+    the other refused, every time."""
+    indexes = [Index(Database(database_url)) for _ in range(2)]
+    barrier = threading.Barrier(2)
+
+    def add(index: Index, ds: Dataset) -> str:
+        barrier.wait()
+        try:
+            _add(index, ds)
+        except IdentityConflictError as exc:
+            return exc.conflict.keyword
+        return "stored"
+
+    try:
+        for _ in range(20):
+            study = generate_uid()
+            firsts = [ct_slice(study, generate_uid(), 1, 1, size=4, patient_id=patient)
+                      for patient in ("A", "B")]
+            with ThreadPoolExecutor(2) as pool:
+                outcomes = sorted(pool.map(add, indexes, firsts))
+            assert outcomes == ["PatientID", "stored"]
+            assert len(indexes[0].instances(study)) == 1
+    finally:
+        for index in indexes:
+            index.close()

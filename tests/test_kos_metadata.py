@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
+from sqlalchemy import text
 
 from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.event_codes import load_event_codes
@@ -73,7 +74,8 @@ def _verified(store: Store, study: StudyContents, tmp_path: Path,
     path.write_bytes(manifest.data)
     instances = [str(store.blobs.absolute(row[0])) for row in store.index.fetch(
         "SELECT i.path FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st"
-        " ON se.study_pk = st.pk WHERE st.study_uid = ?", (study.study_uid,))]
+        " ON se.study_pk = st.pk WHERE st.study_uid = :study_uid",
+        {"study_uid": study.study_uid})]
     assert _errors(["dciodvfy", str(path)]) == []
     assert _errors(["dcentvfy", str(path), *instances]) == []
     return manifest, dcmread(BytesIO(manifest.data))
@@ -372,7 +374,7 @@ def test_series_indexed_before_v7_take_the_requests_the_study_row_kept(store: St
     _stored(store, [_plain_slice(study_uid, generate_uid(), 1, RequestAttributesSequence=Sequence(
         [_requested("RP-1", "CMD-1"), _requested("RP-2", "CMD-1")]))])
     with store.index.transaction() as db:  # what the v7 migration leaves
-        db.execute("UPDATE series SET requests = ''")
+        db.execute(text("UPDATE series SET requests = ''"))
     study = load_study_contents(store.index, study_uid)
     assert study is not None
     kos = dcmread(BytesIO(build_manifest(study, ORIGIN, CONFIGURED).data))
@@ -400,9 +402,10 @@ def test_an_index_of_v8_reads_the_patient_id_authority_of_its_studies_again(
                                          IssuerOfPatientIDQualifiersSequence=_qualifier(
                                              "1.2.250.1.555.1"))])
     with store.index.transaction() as db:  # the index as v8 left it
-        db.execute("ALTER TABLE studies DROP COLUMN patient_id_qualifiers")
-        db.execute("DROP INDEX instances_path")  # v10, after
-        db.execute("PRAGMA user_version = 8")
+        db.exec_driver_sql("ALTER TABLE studies DROP COLUMN patient_id_qualifiers")
+        db.exec_driver_sql("DROP INDEX instances_path")  # v10, after
+        db.exec_driver_sql("DROP TABLE alembic_version")  # Alembic came after v11
+        db.exec_driver_sql("PRAGMA user_version = 8")
     store.close()
     store = Store(tmp_path / "data")
     upgraded = load_study_contents(store.index, study.study_uid)

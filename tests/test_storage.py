@@ -1,20 +1,26 @@
-"""The storage package on real files and a real SQLite database."""
+"""The storage package on real files and a real index database (SQLite and PostgreSQL)."""
 
 import dataclasses
 import io
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import tracemalloc
 from pathlib import Path
 
+import psycopg
 import pytest
+import sqlalchemy
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore, InvalidUIDError
+from storage.database import Database
 from storage.header import read_header
 from storage.index import Index
 from storage.migrations import head
@@ -25,6 +31,9 @@ from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Rejection, Store
 from storage.structure import IngestLimits
 from storage.uids import is_valid_uid
+from tests.postgres import PostgresCluster
+from tests.processes import REPO, PasserelleProcess, free_port
+from tests.scu import associate
 from tests.synthetic import ct_slice, part10
 
 
@@ -89,17 +98,17 @@ def test_dataset_offset_with_and_without_group_length(tmp_path: Path) -> None:
     assert dataset_offset(without) == with_length - 12
 
 
-def test_index_schema_is_created_then_reopened(tmp_path: Path) -> None:
-    index = Index(tmp_path / "index.sqlite")
+def test_index_schema_is_created_then_reopened(database_url: str) -> None:
+    index = Index(Database(database_url))
     assert index.schema_version == head()
     index.close()
-    reopened = Index(tmp_path / "index.sqlite")
+    reopened = Index(Database(database_url))
     assert reopened.schema_version == head()
     reopened.close()
 
 
-def test_store_indexes_every_level(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_store_indexes_every_level(tmp_path: Path, database_url: str) -> None:
+    store = Store(tmp_path, database_url=database_url)
     study, series = generate_uid(), generate_uid()
     for number in (1, 2):
         ds = ct_slice(study, series, 1, number, size=4)
@@ -181,10 +190,14 @@ def test_fold_name() -> None:
     assert fold_name("") == "^"
 
 
-def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path) -> None:
-    """Keep-first under a race: one object stored, the other refused as a conflict, and
-    the file on disk is the one the index describes."""
-    store = Store(tmp_path / "data")
+@pytest.mark.parametrize("stores", [1, 2])
+def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_url: str,
+                                                     stores: int) -> None:
+    """Keep-first under a race, of two threads of one Store or of two Stores on one data dir
+    and one database (as two processes or replicas): one object stored, the other refused
+    as a conflict, and the file on disk is the one the index describes."""
+    writers = [Store(tmp_path / "data", database_url=database_url) for _ in range(stores)]
+    writers *= 2 // stores
     barrier = threading.Barrier(2)
     for _ in range(40):
         sop_uid, study, series = generate_uid(), generate_uid(), generate_uid()
@@ -192,20 +205,25 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path) -> None:
                                           PatientName=name))) for name in ("A^A", "B^B")]
         outcomes: list[Outcome] = []
 
-        def write(data: bytes) -> None:
+        def write(store: Store, data: bytes) -> None:
             barrier.wait()
             outcomes.append(store.ingest(data, "race").outcome)  # noqa: B023
 
-        threads = [threading.Thread(target=write, args=(data,)) for data in versions]
+        threads = [threading.Thread(target=write, args=pair)
+                   for pair in zip(writers, versions, strict=True)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.REJECTED])
-        stored = store.blobs.read(store.index.find_instance(sop_uid).path)
-        assert stored in versions
-    assert list(store.blobs.tmp_dir.iterdir()) == []
-    store.close()
+        stored = writers[0].index.find_instance(sop_uid)
+        assert writers[0].blobs.read(stored.path) in versions
+        [summary] = writers[0].index.list_studies(study)
+        assert summary.patient_name == dcmread(writers[0].blobs.absolute(stored.path)
+                                               ).PatientName
+    assert list(writers[0].blobs.tmp_dir.iterdir()) == []
+    for store in set(writers):
+        store.close()
 
 
 def _deflated_part10(ds: Dataset) -> bytes:
@@ -288,6 +306,7 @@ def test_recovery_leaves_a_file_indexed_under_another_study_alone(
                (sent.SOPInstanceUID, sent.SOPClassUID, sent.file_meta.TransferSyntaxUID,
                 relative, misfiled.stat().st_size))
     db.execute("DROP INDEX IF EXISTS instances_path")
+    db.execute("DROP TABLE alembic_version")
     db.execute("PRAGMA user_version = 9")  # before the path index
     db.commit()
     db.close()
@@ -305,10 +324,11 @@ def test_recovery_leaves_a_file_indexed_under_another_study_alone(
         store.close()
 
 
-def test_quarantined_files_of_one_sop_instance_uid_are_all_kept(tmp_path: Path) -> None:
+def test_quarantined_files_of_one_sop_instance_uid_are_all_kept(tmp_path: Path,
+                                                               database_url: str) -> None:
     """Files of an identity conflict share their SOP Instance UID, hence their name: each
     is kept in quarantine/, none overwrites another."""
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url=database_url)
     try:
         study, series, sop = generate_uid(), generate_uid(), generate_uid()
         assert store.ingest(part10(ct_slice(study, series, 1, 1, size=4, patient_id="P1")),
@@ -322,5 +342,113 @@ def test_quarantined_files_of_one_sop_instance_uid_are_all_kept(tmp_path: Path) 
         assert [path.name for path in kept] == [f"{sop}.1.dcm", f"{sop}.2.dcm", f"{sop}.dcm"]
         assert {dcmread(path).SeriesDescription for path in kept} == {
             path.parent.name for path in dropped}
+    finally:
+        store.close()
+
+
+# --- the index's database, as `passerelle` commands are given it ----------------------------
+
+def _passerelle(data_dir: Path, database_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PASSERELLE_DATA_DIR": str(data_dir),
+           "PASSERELLE_DATABASE_URL": database_url}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_serve_stores_in_the_postgresql_database_of_its_setting(
+        tmp_path: Path, postgres_cluster: PostgresCluster) -> None:
+    """PASSERELLE_DATABASE_URL=postgresql://...: a C-STORE is indexed in that database (no
+    SQLite file in the data dir), the CLI reads it there, and the log names the database
+    with its password masked."""
+    url = postgres_cluster.new_database().replace("postgres@", "postgres:s3cret@")
+    ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
+    data = tmp_path / "data"
+    with PasserelleProcess(data, database_url=url) as server:
+        assoc = associate(server.dicom_port, [ds])
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+        log = server.log()
+    with psycopg.connect(url) as connection:
+        rows = connection.execute("SELECT sop_uid FROM instances").fetchall()
+    assert rows == [(ds.SOPInstanceUID,)]
+    assert not (data / "index.sqlite").exists()
+    assert "index database: postgresql://postgres:***@127.0.0.1:" in log
+    assert "s3cret" not in log
+    listed = _passerelle(data, url, "studies", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [study["study_uid"] for study in json.loads(listed.stdout)] == [ds.StudyInstanceUID]
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    """No server at the URL: each command says it cannot open the index database (password
+    masked), no traceback."""
+    url = f"postgresql://passerelle:s3cret@127.0.0.1:{free_port()}/passerelle"
+    (tmp_path / "data").mkdir()
+    for command in (("studies",), ("serve",)):
+        result = _passerelle(tmp_path / "data", url, *command)
+        assert result.returncode == 1, command
+        assert "cannot open the index database postgresql://passerelle:***@127.0.0.1:" in \
+            result.stderr, command
+        assert "Traceback" not in result.stderr
+        assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql://user@host/db", "not a url", "sqlite://"])
+def test_a_database_url_of_another_kind_is_refused_at_start(tmp_path: Path, url: str) -> None:
+    result = _passerelle(tmp_path / "data", url, "studies")
+    assert result.returncode == 2
+    assert "database_url (PASSERELLE_DATABASE_URL)" in result.stderr
+    assert "postgresql://user@host:port/database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_index_query_on_each_dialect(tmp_path: Path, database_url: str) -> None:
+    """The Index API over one study of two series (CT, MR) on each dialect: the instances
+    of a study, a series, an instance, within a set of UIDs; the cached metadata (replaced
+    when cached again) and its size; paths; the study list; the patient module to read."""
+    store = Store(tmp_path / "data", database_url=database_url)
+    index = store.index
+    try:
+        study, ct, mr = generate_uid(), generate_uid(), generate_uid()
+        slices = [ct_slice(study, ct, 1, 2, size=4, patient_id="PID-7"),
+                  ct_slice(study, ct, 1, 1, size=4, patient_id="PID-7"),
+                  ct_slice(study, mr, 2, 1, size=4, patient_id="PID-7", Modality="MR")]
+        for ds in slices:
+            assert store.ingest(part10(ds), "test").outcome is Outcome.STORED
+        uids = [ds.SOPInstanceUID for ds in slices]
+        assert [i.sop_uid for i in index.instances(study)] == [uids[1], uids[0], uids[2]]
+        assert [i.sop_uid for i in index.instances(study, mr)] == [uids[2]]
+        assert [i.sop_uid for i in index.instances(study, ct, uids[0])] == [uids[0]]
+        within = frozenset({uids[0], uids[2], generate_uid()})
+        assert [i.sop_uid for i in index.instances(study, within=within)] == [uids[0], uids[2]]
+        assert index.instances(study, within=frozenset()) == []
+        index.cache_metadata([(uids[0], '{"a": 1}'), (uids[2], "{}")])
+        index.cache_metadata([(uids[0], '{"a": 12}')])
+        cached = {i.sop_uid: text for i, text in index.instances_with_metadata(study)}
+        assert cached == {uids[0]: '{"a": 12}', uids[1]: None, uids[2]: "{}"}
+        assert index.cached_metadata_size(study) == len('{"a": 12}{}')
+        assert index.cached_metadata_size(study, within=frozenset({uids[2]})) == 2
+        paths = index.study_paths(study)
+        assert len(paths) == 3 and all(index.has_path(path) for path in paths)
+        assert not index.has_path("studies/elsewhere.dcm")
+        assert index.patient_id_of(study) == "PID-7"
+        assert index.patient_id_of(generate_uid()) == ""
+        [summary] = index.list_studies(study)
+        assert (summary.modalities, summary.series_count, summary.instance_count) == (
+            ["CT", "MR"], 2, 3)
+        assert index.list_studies(generate_uid()) == []
+        stored = index.find_instance(uids[2])
+        assert (stored.series_uid, stored.frames) == (mr, 1)
+        assert stored.size == len(store.blobs.read(stored.path))
+        assert isinstance(stored.received_at, float)
+        with index.transaction() as db:  # as a study indexed before v8 is listed
+            db.execute(sqlalchemy.text("INSERT INTO patient_modules_to_read"
+                                       " SELECT pk FROM studies"))
+        assert index.patient_modules_to_read() == [
+            (study, [index.find_instance(uid).path for uid in uids])]
+        index.set_patient_module(study, None)
+        assert index.patient_modules_to_read() == []
     finally:
         store.close()

@@ -17,6 +17,9 @@ from storage.database import Database
 from storage.schema import NewerSchemaError, migrate_legacy
 
 log = logging.getLogger(__name__)
+# Alembic's INFO lines (context, each revision run) would reach the stderr of every command
+# that opens a new index; the upgrade from an existing schema is logged here, once.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 BASELINE = "0001_baseline"  # the schema of storage.schema.LEGACY_VERSION
 _LOCK_KEY = 0x7061_7373_6572  # pg_advisory_xact_lock key of the migrations ("passer")
@@ -54,11 +57,13 @@ def upgrade(database: Database) -> None:
             if legacy:
                 migrate_legacy(connection.connection.driver_connection, legacy)
                 command.stamp(config, BASELINE)
+                log.info("index schema: v%d, of a version before Alembic, migrated to %s",
+                         legacy, BASELINE)
         current = current_revision(connection)
         if current and current not in {script.revision for script in _scripts().walk_revisions()}:
             raise NewerSchemaError(f"index schema revision {current} is newer than this"
                                    " program (left by a later version)")
         if current != head():
-            log.info("index schema: migrating from %s to %s", current or "an empty database",
-                     head())
+            if current:
+                log.info("index schema: migrating from %s to %s", current, head())
             command.upgrade(config, "head")

@@ -1,0 +1,1 @@
+"""The revisions of the index schema, one module each (Alembic)."""
