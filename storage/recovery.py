@@ -201,14 +201,16 @@ class ServiceLock:
             os.close(fd)  # also drops the lock just taken
         return False
 
-    def release(self) -> None:
-        """Record a clean stop and release the lock."""
-        for path, fd in self._own:  # removed while locked: no replica takes it for dead
-            path.unlink(missing_ok=True)
+    def release(self, clean: bool = True) -> None:
+        """Record the stop (``clean``: the next claim need not check the index against the
+        files) and release the lock."""
+        for path, fd in self._own:
+            if clean:  # removed while locked: no replica takes it for a dead one
+                path.unlink(missing_ok=True)
             os.close(fd)
         self._own = []
         if self._fd is not None:
-            if not self.replica:
+            if clean and not self.replica:
                 self._write(b"stopped")
             os.close(self._fd)
             self._fd = None

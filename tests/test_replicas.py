@@ -221,7 +221,11 @@ def test_a_dead_replica_is_checked_for_by_one_replica(tmp_path: Path) -> None:
     after = ServiceLock(tmp_path, replica=True)
     after.acquire()
     assert after.previous_stop_was_clean
-    after.release()
+    after.release(clean=False)  # a stop that did not drain: the next replica checks
+    last = ServiceLock(tmp_path, replica=True)
+    last.acquire()
+    assert not last.previous_stop_was_clean
+    last.release()
 
 
 def test_replicas_recover_one_after_the_other(tmp_path: Path) -> None:
