@@ -106,6 +106,14 @@ def _free_name(folder: Path, name: str) -> Path:
     return target
 
 
+def _still_named(path: Path, fd: int) -> bool:
+    """True when ``path`` is still the name of the file open as ``fd``."""
+    try:
+        return path.stat().st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 class DataDirBusyError(RuntimeError):
     """Another ``passerelle serve`` holds the data directory."""
 
@@ -170,6 +178,9 @@ class ServiceLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a live replica, or one being taken over by another
+                os.close(fd)
+                continue
+            if not _still_named(path, fd):  # removed by a clean stop since it was opened
                 os.close(fd)
                 continue
             self._own.append((path, fd))

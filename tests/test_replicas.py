@@ -23,7 +23,7 @@ from storage.blobs import BlobStore
 from storage.database import Database
 from storage.index import Index
 from storage.outbox import Outbox, Publication, State
-from storage.recovery import DataDirBusyError, ServiceLock, recover
+from storage.recovery import DataDirBusyError, ServiceLock, _still_named, recover
 from tests.faulty_proxy import FaultyProxy
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for
@@ -226,6 +226,21 @@ def test_a_dead_replica_is_checked_for_by_one_replica(tmp_path: Path) -> None:
     last.acquire()
     assert not last.previous_stop_was_clean
     last.release()
+
+
+def test_a_lock_file_removed_by_a_clean_stop_is_not_taken_for_a_dead_replica(
+        tmp_path: Path) -> None:
+    """A file opened just before its replica removed it at a clean stop (then locked once
+    that replica closed it) is told from a dead replica's: its name is gone or another's."""
+    path = tmp_path / "host-1-a.lock"
+    path.touch()
+    fd = os.open(path, os.O_RDWR)
+    assert _still_named(path, fd)
+    path.unlink()
+    assert not _still_named(path, fd)
+    path.touch()  # the name taken again by a new replica's file
+    assert not _still_named(path, fd)
+    os.close(fd)
 
 
 def test_replicas_recover_one_after_the_other(tmp_path: Path) -> None:
