@@ -120,7 +120,8 @@ def thousands(number: int) -> str:
 async def measure(data_dir: Path, args: argparse.Namespace) -> list[list[str]]:
     """Build the data set in ``data_dir`` and time every row; the table's rows."""
     settings = Settings(data_dir=data_dir, public_url=BASE_URL)
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy)
+    store = Store(settings.data_dir, settings.ingest.duplicate_policy,
+                  database_url=settings.database_url)  # PASSERELLE_DATABASE_URL
     audit = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                        store.index.patient_id_of, settings.audit)
     try:

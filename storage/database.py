@@ -22,10 +22,12 @@ from sqlalchemy.exc import ArgumentError
 SQLITE_FILE = "index.sqlite"
 _BUSY_TIMEOUT_S = 30
 _IMMEDIATE = "passerelle_immediate"  # execution option: the next BEGIN is BEGIN IMMEDIATE
-# Database.lock: names hash to this many stripes on SQLite (a thread lock and a byte of the
-# lock file each); on PostgreSQL to advisory locks of this class (their first key).
-_LOCK_STRIPES = 64
+# Database.lock: names hash to this many stripes (a thread lock each, and on SQLite a file to
+# flock), so at most this many holders per process; on PostgreSQL to advisory locks of this
+# class (their first key), each held on a connection of a pool of its own.
+_LOCK_STRIPES = 32
 _LOCK_CLASS = 0x5053  # "PS"
+_PG_CONNECT = {"application_name": "passerelle", "connect_timeout": 10}
 
 
 class DatabaseURLError(ValueError):
@@ -85,7 +87,7 @@ def _on_sqlite_connect(connection: sqlite3.Connection, _record: object) -> None:
     # Imported here: storage.search builds its SQL with this module's fragments.
     from storage.search import fold_name, name_group
 
-    connection.isolation_level = None  # transactions are begun by _on_sqlite_begin
+    connection.isolation_level = None  # write transactions are begun by _on_sqlite_begin
     connection.execute("PRAGMA journal_mode = WAL")
     # NORMAL: a commit survives a process crash but not a power cut; the files, always
     # fsynced, are the truth, and Store.recover re-indexes them after an unclean stop.
@@ -96,8 +98,10 @@ def _on_sqlite_connect(connection: sqlite3.Connection, _record: object) -> None:
 
 
 def _on_sqlite_begin(connection: Connection) -> None:
-    immediate = connection.get_execution_options().get(_IMMEDIATE, False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # Reads run each statement on its own (SQLite's autocommit), as one BEGIN and ROLLBACK
+    # around them would add two statements to each.
+    if connection.get_execution_options().get(_IMMEDIATE, False):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:
@@ -120,8 +124,18 @@ class Database:
             event.listen(self.engine, "connect", _on_sqlite_connect)
             event.listen(self.engine, "begin", _on_sqlite_begin)
         else:
-            self.engine = create_engine(parsed, pool_size=5, max_overflow=15,
-                                        pool_timeout=_BUSY_TIMEOUT_S, pool_pre_ping=True)
+            # Named in pg_stat_activity; an unreachable server is an error within seconds,
+            # not the minutes of TCP's timeout (the URL may set either otherwise).
+            arguments = {name: value for name, value in _PG_CONNECT.items()
+                         if name not in parsed.query}
+            self.engine = create_engine(parsed, connect_args=arguments, pool_size=5,
+                                        max_overflow=15, pool_timeout=_BUSY_TIMEOUT_S,
+                                        pool_pre_ping=True)
+            # A holder of a lock then takes connections of self.engine: from the same pool,
+            # holders could take every connection and wait for one forever.
+            self._locks_engine = create_engine(parsed, connect_args=arguments, pool_size=2,
+                                               max_overflow=_LOCK_STRIPES - 2,
+                                               pool_pre_ping=True)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -141,8 +155,9 @@ class Database:
     def lock(self, name: str) -> Iterator[None]:
         """Held by one holder of ``name`` at a time among the threads and processes using
         this database, and the replicas sharing it (PostgreSQL: an advisory lock on a
-        connection of its own; SQLite: a thread lock and flock on one of the files of the
-        directory beside the database). Distinct names may share a lock."""
+        connection of the locks' own pool; SQLite: a thread lock and flock on one of the
+        files of the directory beside the database). Distinct names may share a lock. A
+        holder may use the database, but must not take another lock."""
         key = zlib.crc32(name.encode())
         stripe = key % _LOCK_STRIPES
         with self._stripes[stripe]:
@@ -155,7 +170,7 @@ class Database:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 return
             keys = {"classid": _LOCK_CLASS, "objid": key - (1 << 32) if key >> 31 else key}
-            with self.engine.connect() as connection:
+            with self._locks_engine.connect() as connection:
                 connection.execution_options(isolation_level="AUTOCOMMIT")
                 connection.execute(text("SELECT pg_advisory_lock(:classid, :objid)"), keys)
                 try:
@@ -176,6 +191,8 @@ class Database:
     def close(self) -> None:
         """Close every pooled connection (and the lock files)."""
         self.engine.dispose()
+        if self.dialect == "postgresql":
+            self._locks_engine.dispose()
         with self._opening:
             for fd in self._lock_files.values():
                 os.close(fd)

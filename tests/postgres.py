@@ -46,8 +46,9 @@ class PostgresCluster:
                   "-o", options, "start")
 
     def _run(self, program: str, *arguments: str) -> None:
+        # cwd: the postgres user may not read the directory the tests run in.
         subprocess.run(["runuser", "-u", _USER, "--", str(BIN / program), *arguments],
-                       check=True, capture_output=True, timeout=120)
+                       cwd=self.root, check=True, capture_output=True, timeout=120)
 
     def url(self, dbname: str) -> str:
         """The URL of database ``dbname`` of the cluster."""

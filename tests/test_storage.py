@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -20,7 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from storage.blobs import BlobStore, InvalidUIDError
-from storage.database import Database
+from storage.database import Database, DatabaseURLError, masked
+from storage.database import database_url as url_of_index
 from storage.header import read_header
 from storage.index import Index
 from storage.migrations import head
@@ -196,8 +198,9 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_ur
     """Keep-first under a race, of two threads of one Store or of two Stores on one data dir
     and one database (as two processes or replicas): one object stored, the other refused
     as a conflict, and the file on disk is the one the index describes."""
-    writers = [Store(tmp_path / "data", database_url=database_url) for _ in range(stores)]
-    writers *= 2 // stores
+    first = Store(tmp_path / "data", database_url=database_url)
+    writers = [first, first if stores == 1 else Store(tmp_path / "data",
+                                                      database_url=database_url)]
     barrier = threading.Barrier(2)
     for _ in range(40):
         sop_uid, study, series = generate_uid(), generate_uid(), generate_uid()
@@ -216,12 +219,11 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_ur
         for thread in threads:
             thread.join()
         assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.REJECTED])
-        stored = writers[0].index.find_instance(sop_uid)
-        assert writers[0].blobs.read(stored.path) in versions
-        [summary] = writers[0].index.list_studies(study)
-        assert summary.patient_name == dcmread(writers[0].blobs.absolute(stored.path)
-                                               ).PatientName
-    assert list(writers[0].blobs.tmp_dir.iterdir()) == []
+        stored = first.index.find_instance(sop_uid)
+        assert first.blobs.read(stored.path) in versions
+        [summary] = first.index.list_studies(study)
+        assert summary.patient_name == dcmread(first.blobs.absolute(stored.path)).PatientName
+    assert list(first.blobs.tmp_dir.iterdir()) == []
     for store in set(writers):
         store.close()
 
@@ -358,8 +360,8 @@ def _passerelle(data_dir: Path, database_url: str, *args: str) -> subprocess.Com
 def test_serve_stores_in_the_postgresql_database_of_its_setting(
         tmp_path: Path, postgres_cluster: PostgresCluster) -> None:
     """PASSERELLE_DATABASE_URL=postgresql://...: a C-STORE is indexed in that database (no
-    SQLite file in the data dir), the CLI reads it there, and the log names the database
-    with its password masked."""
+    SQLite file in the data dir), the CLI reads it there, the log names the database with
+    its password masked, and its connections are named in pg_stat_activity."""
     url = postgres_cluster.new_database().replace("postgres@", "postgres:s3cret@")
     ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
     data = tmp_path / "data"
@@ -369,6 +371,9 @@ def test_serve_stores_in_the_postgresql_database_of_its_setting(
             assert assoc.send_c_store(ds).Status == 0x0000
         finally:
             assoc.release()
+        with psycopg.connect(url) as connection:  # its connections are named
+            assert connection.execute("SELECT count(*) FROM pg_stat_activity"
+                                      " WHERE application_name = 'passerelle'").fetchone()[0]
         log = server.log()
     with psycopg.connect(url) as connection:
         rows = connection.execute("SELECT sop_uid FROM instances").fetchall()
@@ -450,5 +455,42 @@ def test_every_index_query_on_each_dialect(tmp_path: Path, database_url: str) ->
             (study, [index.find_instance(uid).path for uid in uids])]
         index.set_patient_module(study, None)
         assert index.patient_modules_to_read() == []
+    finally:
+        store.close()
+
+
+def test_database_urls_and_their_dialect(tmp_path: Path) -> None:
+    """Empty: the SQLite file of the data dir; postgresql:// (or postgres://,
+    postgresql+psycopg://) on psycopg 3; a password never shown."""
+    assert url_of_index("", tmp_path) == f"sqlite:///{(tmp_path / 'index.sqlite').resolve()}"
+    assert url_of_index("postgresql://u@h/db", tmp_path) == "postgresql://u@h/db"
+    for url in ("postgresql://u@h:5433/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"):
+        database = Database(url)  # no connection until used
+        assert (database.dialect, database.engine.driver) == ("postgresql", "psycopg")
+        database.close()
+    assert masked("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
+    with pytest.raises(DatabaseURLError, match="unsupported database URL 'mysql://u:\\*\\*\\*@h"):
+        Database("mysql://u:s3cret@h/db")
+
+
+def test_many_concurrent_writers_never_run_out_of_connections(tmp_path: Path,
+                                                              database_url: str) -> None:
+    """More writers at once than the index pools connections (each holds its instance lock
+    while it takes others): every instance stored."""
+    store = Store(tmp_path / "data", database_url=database_url)
+    try:
+        study = generate_uid()
+        items = [bytes(part10(ct_slice(study, generate_uid(), 1, 1, size=8)))
+                 for _ in range(48)]
+        barrier = threading.Barrier(len(items))
+
+        def write(data: bytes) -> Outcome:
+            barrier.wait()
+            return store.ingest(data, "crowd").outcome
+
+        with ThreadPoolExecutor(len(items)) as pool:
+            outcomes = list(pool.map(write, items))
+        assert outcomes == [Outcome.STORED] * len(items)
+        assert store.index.list_studies(study)[0].instance_count == len(items)
     finally:
         store.close()

@@ -4,6 +4,7 @@ together on an empty database migrate it once, the others wait and find it at he
 SQLite index of a version before Alembic (PRAGMA user_version 1 to 11) is brought to v11 by
 the legacy migrations of storage.schema and stamped with the baseline."""
 
+import functools
 import logging
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def _config(connection: Connection) -> Config:
     return config
 
 
+@functools.cache
 def _scripts() -> ScriptDirectory:
     return ScriptDirectory(str(Path(__file__).parent))
 
