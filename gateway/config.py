@@ -182,6 +182,7 @@ class PublicationSettings(_Section):
     publish_retry_seconds: float = Field(10, gt=0)
     publish_retry_max_seconds: float = Field(3600, gt=0)
     event_codes_file: str = ""
+    lease_seconds: float = Field(60, gt=0)
 
     @model_validator(mode="after")
     def _check_pairs(self) -> "PublicationSettings":

@@ -1,6 +1,9 @@
 """The control channel: the admin API (``gateway.web.admin``) of a running ``passerelle
 serve`` on a Unix domain socket in its data dir, ``<data_dir>/control.sock``, so that the
-commands run beside the service (``publish``, ``outbox retry``...) act through it.
+commands run beside the service (``publish``, ``outbox retry``...) act through it. Replicas
+sharing a data dir (on a network file system, where a socket is reachable from its own host
+only) each listen on ``<data_dir>/replicas/<host>.sock``: the commands reach the replica of
+their host.
 
 The socket is mode 0600: whoever can open it (the service's user, or root) can already read
 and write the data dir, so a request over it acts as the local operator, with every admin
@@ -37,9 +40,11 @@ _PROBE_SECONDS = 2
 _STOP_SECONDS = 5  # an admin request still running when the service stops gets this long
 
 
-def socket_path(data_dir: Path) -> Path:
-    """Where the service on ``data_dir`` listens for control requests."""
-    return data_dir / SOCKET_NAME
+def socket_path(data_dir: Path, replica: bool = False) -> Path:
+    """Where the service on ``data_dir`` (a replica of this host, if ``replica``) listens
+    for control requests."""
+    return data_dir / "replicas" / f"{socket.gethostname()}.sock" if replica \
+        else data_dir / SOCKET_NAME
 
 
 def _address(path: Path) -> str:
@@ -64,13 +69,14 @@ def is_listening(path: Path) -> bool:
 
 
 def client(data_dir: Path, timeout: float = 30) -> httpx.Client | None:
-    """An HTTP client of the control API of the service running on ``data_dir``; None when
-    no service runs there."""
-    path = socket_path(data_dir)
-    if len(os.fsencode(path)) > _MAX_ADDRESS_BYTES or not is_listening(path):
-        return None  # (a path too long for a socket: the service could not listen there)
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)),
-                        base_url="http://passerelle", timeout=timeout)
+    """An HTTP client of the control API of the service running on ``data_dir`` (or of
+    this host's replica); None when no service runs there."""
+    for path in (socket_path(data_dir), socket_path(data_dir, replica=True)):
+        # (a path too long for a socket: the service could not listen there)
+        if len(os.fsencode(path)) <= _MAX_ADDRESS_BYTES and is_listening(path):
+            return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)),
+                                base_url="http://passerelle", timeout=timeout)
+    return None
 
 
 def create_control_app(services: Services) -> Starlette:
@@ -97,16 +103,26 @@ class TickingServer(uvicorn.Server):
 class ControlChannel:
     """The listening socket of the control API, from ``open`` to ``close``."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = socket_path(data_dir)
+    def __init__(self, data_dir: Path, replica: bool = False) -> None:
+        self.path = socket_path(data_dir, replica)
+        self.replica = replica
         self._socket: socket.socket | None = None
 
     def open(self) -> None:
         """Create the socket (mode 0600) and listen; one left by a service that died is
         replaced, a live one is refused (DataDirBusyError). Where no socket can be made (a
         data dir path too long for a socket address, a file system without sockets), the
-        service runs without: commands then queue in the data dir and say so."""
-        self._remove_stale()
+        service runs without: commands then queue in the data dir and say so. A replica
+        finding another replica of its host there runs without too (commands reach that one,
+        and every replica reads the outbox)."""
+        try:
+            self._remove_stale()
+        except DataDirBusyError:
+            if not self.replica:
+                raise
+            log.warning("another replica of this host answers on %s: this one runs without "
+                        "a control socket", self.path)
+            return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The socket file is born 0600 (umask 0177 around bind): there is no moment when
         # another user could connect. Called at start-up, before other threads create files.

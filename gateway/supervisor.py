@@ -152,12 +152,12 @@ class Supervisor:
         registry_tls(settings.publication)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         _raise_open_file_limit()
-        lock = ServiceLock(settings.data_dir)
+        lock = ServiceLock(settings.data_dir, service.is_replica(settings))
         lock.acquire()
         with contextlib.ExitStack() as stop:
             stop.callback(lambda: lock.release(clean=self._clean))
             stop.callback(log.info, "stopped")
-            recovery = self._check_data_dir(lock.previous_stop_was_clean)
+            recovery = self._check_data_dir(lock)
             self._prepare_run_dir()
             listener = _listen(settings.http)
             stop.callback(listener.close)
@@ -179,7 +179,7 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requested = signal.Signals(signum).name
 
-    def _check_data_dir(self, clean: bool) -> dict[str, int]:
+    def _check_data_dir(self, lock: ServiceLock) -> dict[str, int]:
         """Purge interrupted writes, create the index and the de-identification key if
         new; after an unclean stop, recover (what it found)."""
         store = service.open_store(self.settings)
@@ -187,12 +187,12 @@ class Supervisor:
         try:
             # Only the lock holder may purge: an import running beside the service has its
             # own temporary files in flight.
-            removed = store.blobs.purge_temporary()
+            removed = lock.purge_temporary(store.blobs)
             if removed:
                 log.warning("removed %d temporary file(s) left by an interrupted write",
                             removed)
             load_or_create_key(self.settings.data_dir)  # here, or HTTP workers would race
-            if clean:
+            if lock.previous_stop_was_clean:
                 return {}
             log.warning("previous run did not stop cleanly: checking the index against "
                         "the files")

@@ -11,6 +11,7 @@ import contextlib
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -161,12 +162,16 @@ class BlobStore:
             target.unlink()
             _fsync_dir(target.parent)
 
-    def purge_temporary(self) -> int:
-        """Delete temp files left by an interrupted write; returns how many were removed."""
-        removed = 0
+    def purge_temporary(self, untouched_for: float = 0) -> int:
+        """Delete temp files left by an interrupted write, only those not written to for
+        ``untouched_for`` seconds when given; returns how many were removed."""
+        removed, cutoff = 0, time.time() - untouched_for
         for leftover in self.tmp_dir.glob("*.part"):
-            leftover.unlink(missing_ok=True)
-            removed += 1
+            with contextlib.suppress(FileNotFoundError):
+                if untouched_for and leftover.stat().st_mtime > cutoff:
+                    continue
+                leftover.unlink()
+                removed += 1
         return removed
 
     def _make_dir_durable(self, directory: Path) -> None:

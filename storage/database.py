@@ -70,6 +70,11 @@ def check_database_url(url: str) -> None:
     _parsed(url)
 
 
+def dialect_of(url: str) -> str:
+    """The dialect of a database URL: "sqlite" or "postgresql" (DatabaseURLError if none)."""
+    return _parsed(url).get_backend_name()
+
+
 def masked(url: str) -> str:
     """``url`` fit for a log: its password replaced by ***."""
     try:

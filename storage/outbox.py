@@ -3,12 +3,24 @@
 
 A row is created in the same transaction that marks its study as queued, so a crash can
 neither lose a publication nor queue one twice; the sender works from these rows only.
+
+Replicas (several services on one PostgreSQL index) share the outbox: a sender works on a
+row only while it holds the row's lease (``claim``), renews it while the attempt runs and
+releases it with the attempt's outcome. A replica that dies keeps its lease until it
+expires; another replica then claims the row, and a row left ``sent`` is looked up in the
+registry before it is sent again. Every change a sender makes to a row is conditional on
+its lease (LeaseLostError otherwise), so a replica that lost a lease cannot overwrite the
+work of the one that took the row over.
 """
 
 import enum
-import sqlite3
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
 
 from storage.index import Index
 
@@ -30,6 +42,10 @@ class NotFailedError(Exception):
     """Only a failed publication can be retried."""
 
 
+class LeaseLostError(Exception):
+    """The row's lease is no longer the one its writer holds: another replica took it."""
+
+
 class Action(enum.StrEnum):
     """What a publication asks of the registry."""
 
@@ -40,7 +56,7 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """One outbox row."""
+    """One outbox row; ``leased_by`` is the replica working on it ("" when none)."""
 
     id: int
     study_uid: str
@@ -56,10 +72,25 @@ class Publication:
     created_at: float
     updated_at: float
     payload: str
+    leased_by: str
+    lease_expires_at: float
 
 
 _COLUMNS = """pk, study_uid, action, kos_uid, replaces_kos_uid, state, attempts, next_attempt_at,
-    last_error, response, document_id, created_at, updated_at, payload"""
+    last_error, response, document_id, created_at, updated_at, payload, leased_by,
+    lease_expires_at"""
+
+# Rows a sender may take: due, not leased (or the lease expired), and no older row of their
+# study unfinished, so a study's changes reach the registry in the order they were asked for.
+_DUE = """FROM publications p WHERE state IN ('pending', 'sent') AND next_attempt_at <= :now
+    AND NOT EXISTS (SELECT 1 FROM publications older WHERE older.study_uid = p.study_uid
+                    AND older.pk < p.pk AND older.state IN ('pending', 'sent'))"""
+
+
+def replica_id() -> str:
+    """A name for this process among the replicas: host, process id and a random part (a
+    restarted process with a recycled pid is another replica)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _publication(row: tuple) -> Publication:
@@ -76,132 +107,178 @@ class Outbox:
 
     def queue_stable_studies(self, stable_seconds: float, now: float | None = None) -> list[str]:
         """Queue a publication for each study quiet for ``stable_seconds`` and changed since it
-        was last queued; the study UIDs queued."""
+        was last queued; the study UIDs queued. Replicas may run this at the same moment: the
+        one UPDATE marks each study queued and returns it to one of them only (on PostgreSQL
+        the other waits for the row lock, then finds the study queued already)."""
         now = time.time() if now is None else now
         with self.index.transaction() as db:
-            studies = [row[0] for row in db.execute(
-                """SELECT study_uid FROM studies WHERE last_received_at <= ?
-                   AND (queued_through IS NULL OR queued_through < last_received_at)""",
-                (now - stable_seconds,))]
+            studies = sorted(row[0] for row in db.execute(text(
+                """UPDATE studies SET queued_through = last_received_at
+                   WHERE last_received_at <= :cutoff
+                   AND (queued_through IS NULL OR queued_through < last_received_at)
+                   RETURNING study_uid"""), {"cutoff": now - stable_seconds}))
             for study_uid in studies:
-                self._queue(db, study_uid, Action.PUBLISH, now)
+                self._insert(db, study_uid, Action.PUBLISH, now)
         return studies
 
     def queue(self, study_uid: str, action: Action, payload: str = "") -> Publication:
         """Queue ``action`` for a study now (manual publish, unpublish, confidentiality)."""
         now = time.time()
         with self.index.transaction() as db:
-            if db.execute("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)).fetchone() \
-                    is None:
+            if db.execute(text("SELECT 1 FROM studies WHERE study_uid = :study_uid"),
+                          {"study_uid": study_uid}).first() is None:
                 raise LookupError(f"no such study {study_uid}")
-            pk = self._queue(db, study_uid, action, now, payload)
+            if action is Action.PUBLISH:
+                db.execute(text("UPDATE studies SET queued_through = last_received_at "
+                                "WHERE study_uid = :study_uid"), {"study_uid": study_uid})
+            pk = self._insert(db, study_uid, action, now, payload)
         return self.get(pk)  # type: ignore[return-value]
 
     @staticmethod
-    def _queue(db: sqlite3.Connection, study_uid: str, action: Action, now: float,
-               payload: str = "") -> int:
-        if action is Action.PUBLISH:
-            db.execute("UPDATE studies SET queued_through = last_received_at "
-                       "WHERE study_uid = ?", (study_uid,))
-        return db.execute(
+    def _insert(db: Connection, study_uid: str, action: Action, now: float,
+                payload: str = "") -> int:
+        return db.execute(text(
             """INSERT INTO publications (study_uid, action, kos_uid, state, next_attempt_at,
                                          created_at, updated_at, payload)
-               VALUES (?, ?, '', ?, ?, ?, ?, ?) RETURNING pk""",
-            (study_uid, action.value, State.PENDING.value, now, now, now, payload)
-        ).fetchone()[0]
+               VALUES (:study_uid, :action, '', :state, :now, :now, :now, :payload)
+               RETURNING pk"""),
+            {"study_uid": study_uid, "action": action.value, "state": State.PENDING.value,
+             "now": now, "payload": payload}).scalar_one()
 
     def get(self, pk: int) -> Publication | None:
         """One row by id."""
-        rows = self.index.fetch(f"SELECT {_COLUMNS} FROM publications WHERE pk = ?", (pk,))
+        rows = self.index.fetch(f"SELECT {_COLUMNS} FROM publications WHERE pk = :pk",
+                                {"pk": pk})
         return _publication(rows[0]) if rows else None
 
-    def due(self, now: float | None = None) -> list[Publication]:
-        """Rows to work on now, oldest first (rows left ``sent`` by a crash included); a row
-        waits while an older row of its study is unfinished, so a study's changes reach the
-        registry in the order they were asked for."""
+    def claim(self, replica: str, lease_seconds: float,
+              now: float | None = None) -> Publication | None:
+        """Lease the oldest due row no replica holds to ``replica`` for ``lease_seconds``;
+        the row as leased, or None when there is none. An expired lease is taken over."""
         now = time.time() if now is None else now
-        return [_publication(row) for row in self.index.fetch(
-            f"""SELECT {_COLUMNS} FROM publications p WHERE state IN ('pending', 'sent')
-                AND next_attempt_at <= ? AND NOT EXISTS (
-                    SELECT 1 FROM publications older WHERE older.study_uid = p.study_uid
-                    AND older.pk < p.pk AND older.state IN ('pending', 'sent'))
-                ORDER BY pk""", (now,))]
+        # PostgreSQL: rows another replica is claiming right now are skipped, not waited for.
+        # SQLite: the write transaction (BEGIN IMMEDIATE) already runs alone.
+        skip_locked = " FOR UPDATE SKIP LOCKED" if self.index.dialect == "postgresql" else ""
+        candidate = f"SELECT pk {_DUE} AND lease_expires_at <= :now ORDER BY pk LIMIT 1"
+        if not self.index.fetch(candidate, {"now": now}):
+            return None  # nothing to do: no write transaction (the idle publisher's case)
+        with self.index.transaction() as db:
+            pk = db.execute(text(candidate + skip_locked), {"now": now}).scalar()
+            if pk is None:
+                return None
+            row = db.execute(text(
+                f"""UPDATE publications SET leased_by = :replica, lease_expires_at = :until
+                    WHERE pk = :pk AND lease_expires_at <= :now RETURNING {_COLUMNS}"""),
+                {"replica": replica, "until": now + lease_seconds, "pk": pk, "now": now}
+            ).first()
+        return None if row is None else _publication(row)
+
+    def renew(self, row: Publication, lease_seconds: float) -> None:
+        """Extend the lease of ``row`` (claimed) by ``lease_seconds`` from now;
+        LeaseLostError when another replica holds it."""
+        with self.index.transaction() as db:
+            renewed = db.execute(text(
+                """UPDATE publications SET lease_expires_at = :until
+                   WHERE pk = :pk AND leased_by = :replica"""),
+                {"until": time.time() + lease_seconds, "pk": row.id,
+                 "replica": row.leased_by}).rowcount
+        if not renewed:
+            raise LeaseLostError(f"publication {row.id}: lease of {row.leased_by} lost")
+
+    def lease_holders(self) -> list[str]:
+        """The replicas holding a lease now or when they stopped."""
+        return [row[0] for row in self.index.fetch(
+            "SELECT DISTINCT leased_by FROM publications WHERE leased_by != ''")]
+
+    def release_leases(self, replica: str) -> int:
+        """End every lease of ``replica`` (known dead: its rows need not wait for their
+        leases to expire); how many rows it held."""
+        with self.index.transaction() as db:
+            return db.execute(text(
+                """UPDATE publications SET leased_by = '', lease_expires_at = 0
+                   WHERE leased_by = :replica"""), {"replica": replica}).rowcount
 
     def listing(self, states: tuple[State, ...] = tuple(State),
                 study_uid: str | None = None) -> list[Publication]:
         """Rows in the given states (of one study, if given), oldest first."""
-        marks = ",".join("?" * len(states))
-        of_study = " AND study_uid = ?" if study_uid else ""
+        names = {f"state{n}": state.value for n, state in enumerate(states)}
+        of_study = " AND study_uid = :study_uid" if study_uid else ""
         return [_publication(row) for row in self.index.fetch(
-            f"SELECT {_COLUMNS} FROM publications WHERE state IN ({marks}){of_study} "
-            "ORDER BY pk", [s.value for s in states] + ([study_uid] if study_uid else []))]
+            f"SELECT {_COLUMNS} FROM publications WHERE state IN "
+            f"({', '.join(':' + name for name in names)}){of_study} ORDER BY pk",
+            {**names, "study_uid": study_uid})]
 
     def published_document(self, study_uid: str) -> Publication | None:
         """The acknowledged publication whose manifest is the study's current document in
         the registry; None when nothing is published or the last one was withdrawn."""
         rows = self.index.fetch(
-            f"""SELECT {_COLUMNS} FROM publications WHERE study_uid = ? AND state = 'acknowledged'
-                AND action IN ('publish', 'unpublish') ORDER BY pk DESC LIMIT 1""", (study_uid,))
+            f"""SELECT {_COLUMNS} FROM publications WHERE study_uid = :study_uid
+                AND state = 'acknowledged' AND action IN ('publish', 'unpublish')
+                ORDER BY pk DESC LIMIT 1""", {"study_uid": study_uid})
         latest = _publication(rows[0]) if rows else None
         return latest if latest is not None and latest.action is Action.PUBLISH else None
 
     def manifest_publication(self, kos_uid: str) -> Publication | None:
         """The acknowledged publication that registered the manifest ``kos_uid``."""
         rows = self.index.fetch(
-            f"""SELECT {_COLUMNS} FROM publications WHERE kos_uid = ? AND action = 'publish'
-                AND state = 'acknowledged' ORDER BY pk LIMIT 1""", (kos_uid,))
+            f"""SELECT {_COLUMNS} FROM publications WHERE kos_uid = :kos_uid
+                AND action = 'publish' AND state = 'acknowledged' ORDER BY pk LIMIT 1""",
+            {"kos_uid": kos_uid})
         return _publication(rows[0]) if rows else None
 
     def was_withdrawn(self, kos_uid: str) -> bool:
         """True when a withdrawal of the manifest ``kos_uid`` was acknowledged."""
         return bool(self.index.fetch(
-            """SELECT 1 FROM publications WHERE kos_uid = ? AND action = 'unpublish'
-               AND state = 'acknowledged' LIMIT 1""", (kos_uid,)))
+            """SELECT 1 FROM publications WHERE kos_uid = :kos_uid AND action = 'unpublish'
+               AND state = 'acknowledged' LIMIT 1""", {"kos_uid": kos_uid}))
 
     def withdrawals(self, study_uid: str) -> int:
         """How many times the study's manifest was withdrawn (acknowledged unpublish rows)."""
         return self.index.fetch(
-            """SELECT count(*) FROM publications WHERE study_uid = ? AND action = 'unpublish'
-               AND state = 'acknowledged'""", (study_uid,))[0][0]
+            """SELECT count(*) FROM publications WHERE study_uid = :study_uid
+               AND action = 'unpublish' AND state = 'acknowledged'""",
+            {"study_uid": study_uid})[0][0]
 
     def confidentiality(self, study_uid: str) -> str:
         """Payload of the study's latest confidentiality update not refused; "" if none."""
         rows = self.index.fetch(
-            """SELECT payload FROM publications WHERE study_uid = ? AND action = ?
-               AND state != 'failed' ORDER BY pk DESC LIMIT 1""",
-            (study_uid, Action.CONFIDENTIALITY.value))
+            """SELECT payload FROM publications WHERE study_uid = :study_uid
+               AND action = :action AND state != 'failed' ORDER BY pk DESC LIMIT 1""",
+            {"study_uid": study_uid, "action": Action.CONFIDENTIALITY.value})
         return rows[0][0] if rows else ""
 
     def begin_attempt(self, row: Publication) -> Publication:
         """Count one more attempt at ``row`` (the one place attempts are counted); the row as
         it stands now."""
-        self._set(row.id, attempts=row.attempts + 1)
+        self._set(row, attempts=row.attempts + 1)
         return self.get(row.id)  # type: ignore[return-value]
 
     def mark_sent(self, row: Publication, kos_uid: str, replaces_kos_uid: str = "") -> None:
         """The row's request is about to leave: from now on, a crash or a lost answer means
         "maybe delivered", and the registry is asked before anything is sent again."""
-        self._set(row.id, state=State.SENT, kos_uid=kos_uid, replaces_kos_uid=replaces_kos_uid)
+        self._set(row, state=State.SENT, kos_uid=kos_uid, replaces_kos_uid=replaces_kos_uid)
 
     def acknowledge(self, row: Publication, document_id: str, response: str,
                     kos_uid: str | None = None) -> None:
         """The registry holds what the row asked for (``document_id``: its
-        DocumentReference)."""
+        DocumentReference); the lease is released."""
         fields: dict[str, object] = {} if kos_uid is None else {"kos_uid": kos_uid}
-        self._set(row.id, state=State.ACKNOWLEDGED, document_id=document_id, response=response,
-                  last_error="", **fields)
+        self._set(row, state=State.ACKNOWLEDGED, document_id=document_id, response=response,
+                  last_error="", release=True, **fields)
 
     def fail(self, row: Publication, reason: str, response: str) -> None:
-        """Refused for good: the row waits for a person (``retry``)."""
-        self._set(row.id, state=State.FAILED, last_error=reason, response=response)
+        """Refused for good: the row waits for a person (``retry``); the lease is released."""
+        self._set(row, state=State.FAILED, last_error=reason, response=response, release=True)
 
     def reschedule(self, row: Publication, reason: str, delay: float,
                    maybe_delivered: bool) -> None:
-        """A transient failure: try again in ``delay`` seconds. ``row`` is the row as the
-        attempt began: one that may have reached the registry (now, or in an earlier
-        attempt) stays ``sent``, to be looked up before it is sent again."""
+        """A transient failure: try again in ``delay`` seconds (the lease is released).
+        ``row`` is the row as the attempt began: one that may have reached the registry
+        (now, or in an earlier attempt) stays ``sent``, to be looked up before it is sent
+        again."""
         state = State.SENT if maybe_delivered or row.state is State.SENT else State.PENDING
-        self._set(row.id, state=state, last_error=reason, next_attempt_at=time.time() + delay)
+        self._set(row, state=state, last_error=reason, next_attempt_at=time.time() + delay,
+                  release=True)
 
     def retry(self, pk: int) -> Publication:
         """Put a failed row back to pending, to send now; the row as it is now. LookupError
@@ -212,21 +289,29 @@ class Outbox:
         if row.state is not State.FAILED:
             raise NotFailedError(f"publication {pk} is {row.state}, not failed: nothing to "
                                  "retry")
-        self._set(pk, state=State.PENDING, next_attempt_at=time.time(), attempts=0)
+        self._set(row, state=State.PENDING, next_attempt_at=time.time(), attempts=0)
         return self.get(pk)  # type: ignore[return-value]  # rows are never deleted
 
-    def _set(self, pk: int, **fields: object) -> None:
-        """Set columns of a row (``state`` as a State), stamping ``updated_at``."""
-        fields = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()}
-        fields["updated_at"] = time.time()
-        assignments = ", ".join(f"{name} = ?" for name in fields)
+    def _set(self, row: Publication, release: bool = False, **fields: object) -> None:
+        """Set columns of ``row`` (``state`` as a State), stamping ``updated_at``, if the
+        row's lease is still the one ``row`` carries (LeaseLostError otherwise); ``release``
+        ends the lease."""
+        values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()}
+        values["updated_at"] = time.time()
+        if release:
+            values.update(leased_by="", lease_expires_at=0.0)
+        assignments = ", ".join(f"{name} = :{name}" for name in values)
         with self.index.transaction() as db:
-            db.execute(f"UPDATE publications SET {assignments} WHERE pk = ?",
-                       [*fields.values(), pk])
+            changed = db.execute(text(
+                f"UPDATE publications SET {assignments} WHERE pk = :pk AND leased_by = :lease"),
+                {**values, "pk": row.id, "lease": row.leased_by}).rowcount
+        if not changed:
+            raise LeaseLostError(f"publication {row.id} is no longer leased by "
+                                 f"{row.leased_by or 'nobody'}")
 
     def counts(self) -> dict[str, int]:
         """Number of rows per state."""
         counts = {state.value: 0 for state in State}
-        counts.update(dict(self.index.fetch(
-            "SELECT state, count(*) FROM publications GROUP BY state")))
+        counts.update({state: n for state, n in self.index.fetch(
+            "SELECT state, count(*) FROM publications GROUP BY state")})
         return counts

@@ -10,6 +10,8 @@ header; a file that cannot be parsed (it cannot have been acknowledged) is moved
 import fcntl
 import logging
 import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,17 @@ class RecoveryReport:
 
 
 def recover(blobs: BlobStore, index: Index) -> RecoveryReport:
-    """Re-index unindexed files, quarantine unreadable ones, report missing files."""
+    """Re-index unindexed files, quarantine unreadable ones, report missing files. Replicas
+    on one data dir recover one after the other (``recovery.lock``)."""
+    fd = os.open(blobs.root / "recovery.lock", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _recover(blobs, index)
+    finally:
+        os.close(fd)
+
+
+def _recover(blobs: BlobStore, index: Index) -> RecoveryReport:
     report = RecoveryReport()
     for study_dir in sorted(p for p in blobs.studies_dir.iterdir() if p.is_dir()):
         indexed = index.study_paths(study_dir.name)
@@ -86,7 +98,7 @@ def _quarantine(blobs: BlobStore, relative: str, why: str, report: RecoveryRepor
 def _free_name(folder: Path, name: str) -> Path:
     """``folder / name``, or with a numbered suffix when taken: the files of an identity
     conflict share their SOP Instance UID, hence their name, and none may overwrite another.
-    Recovery runs alone (under the service lock), so a free name stays free."""
+    Recovery runs alone (``recovery.lock``), so a free name stays free."""
     target, number = folder / name, 0
     while target.exists():
         number += 1
@@ -94,55 +106,122 @@ def _free_name(folder: Path, name: str) -> Path:
     return target
 
 
+def _still_named(path: Path, fd: int) -> bool:
+    """True when ``path`` is still the name of the file open as ``fd``."""
+    try:
+        return path.stat().st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 class DataDirBusyError(RuntimeError):
     """Another ``passerelle serve`` holds the data directory."""
 
 
-class ServiceLock:
-    """Exclusive claim of a data directory by one service process.
+_LOCK_FILE = "serve.lock"
+_REPLICAS_DIR = "replicas"
+# A replica purges only the temporary files no write touched for this long: younger ones
+# may be another replica's receptions in flight (their silence timeouts are far shorter).
+_REPLICA_TEMPORARY_AGE_S = 3600
 
-    The lock file says ``running`` while a service holds it and ``stopped`` after a clean
-    stop, so the next claim knows whether the previous run ended uncleanly.
+
+class ServiceLock:
+    """A service process's claim of its data directory.
+
+    Alone (its index the SQLite file of the data dir): an exclusive lock of ``serve.lock``,
+    which says ``running`` while held and ``stopped`` after a clean stop, so the next claim
+    knows whether the previous run ended uncleanly.
+
+    A replica (an index shared with other services, on PostgreSQL): a shared lock of
+    ``serve.lock`` (replicas run side by side, a service with its own SQLite index cannot
+    join them, nor they it) and an exclusive lock of a file of its own,
+    ``replicas/<host>-<pid>-<random>.lock``, removed at a clean stop. A file left there
+    and no longer locked is a replica that died: the replica that locks it next checks the
+    files (``previous_stop_was_clean`` False) and removes it at its own clean stop. Two
+    replicas starting at once never take the same one; were both to recover anyway, the
+    index writes of recovery are idempotent (one row per SOP Instance UID).
     """
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "serve.lock"
+    def __init__(self, data_dir: Path, replica: bool = False) -> None:
+        self.path = data_dir / _LOCK_FILE
+        self.replica = replica
         self._fd: int | None = None
+        self._own: list[tuple[Path, int]] = []  # replica: its file, then dead ones taken over
         self.previous_stop_was_clean = True
 
     def acquire(self) -> None:
         """Take the lock or raise DataDirBusyError; read how the previous run ended."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.replica else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DataDirBusyError(f"{self.path.parent} is used by another passerelle serve"
-                                   ) from None
-        self.previous_stop_was_clean = os.pread(fd, 16, 0) in (b"", b"stopped")
+            raise DataDirBusyError(
+                f"{self.path.parent} is used by another passerelle serve"
+                + (" with its own SQLite index: replicas share a PostgreSQL database_url"
+                   if self.replica else "")) from None
         self._fd = fd
-        self._write(b"running")
+        if self.replica:
+            self._join_replicas()
+        else:
+            self.previous_stop_was_clean = os.pread(fd, 16, 0) in (b"", b"stopped")
+            self._write(b"running")
+
+    def _join_replicas(self) -> None:
+        folder = self.path.parent / _REPLICAS_DIR
+        folder.mkdir(exist_ok=True)
+        for path in sorted(folder.glob("*.lock")):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:  # removed by the replica that stopped cleanly
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live replica, or one being taken over by another
+                os.close(fd)
+                continue
+            if not _still_named(path, fd):  # removed by a clean stop since it was opened
+                os.close(fd)
+                continue
+            self._own.append((path, fd))
+            self.previous_stop_was_clean = False
+        mine = folder / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.lock"
+        fd = os.open(mine, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._own.insert(0, (mine, fd))
+
+    def purge_temporary(self, blobs: BlobStore) -> int:
+        """Delete the temporary files of interrupted writes (only the lock holder may: an
+        import beside the service has its own in flight); a replica only those untouched
+        for an hour. How many were removed."""
+        return blobs.purge_temporary(_REPLICA_TEMPORARY_AGE_S if self.replica else 0)
 
     @staticmethod
     def is_held(data_dir: Path) -> bool:
-        """True when a service holds the lock of ``data_dir`` now (nothing is written)."""
+        """True when a service holds the lock of ``data_dir`` now, alone or as a replica
+        (nothing is written)."""
         try:
-            fd = os.open(data_dir / "serve.lock", os.O_RDONLY)
+            fd = os.open(data_dir / _LOCK_FILE, os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         finally:
-            os.close(fd)  # also drops the shared lock just taken
+            os.close(fd)  # also drops the lock just taken
         return False
 
     def release(self, clean: bool = True) -> None:
         """Record the stop (``clean``: the next claim need not check the index against the
         files) and release the lock."""
+        for path, fd in self._own:
+            if clean:  # removed while locked: no replica takes it for a dead one
+                path.unlink(missing_ok=True)
+            os.close(fd)
+        self._own = []
         if self._fd is not None:
-            if clean:
+            if clean and not self.replica:
                 self._write(b"stopped")
             os.close(self._fd)
             self._fd = None

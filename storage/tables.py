@@ -115,6 +115,9 @@ publications = Table(
     _text("document_id", default=True),
     Column("created_at", Double, nullable=False), Column("updated_at", Double, nullable=False),
     _text("payload", default=True),
+    # The replica working on the row ("" for none) and until when (0 for none): outbox.claim.
+    _text("leased_by", default=True),
+    Column("lease_expires_at", Double, nullable=False, server_default="0"),
     Index("publications_state", "state", "next_attempt_at"),
     Index("publications_study", "study_uid"),
     Index("publications_kos", "kos_uid"),

@@ -3,6 +3,11 @@
 import sqlite3
 from pathlib import Path
 
+from alembic import command
+from alembic.config import Config
+
+import storage.migrations
+from storage.database import Database, sqlite_url
 from storage.schema import MIGRATIONS, request_items_text
 from storage.search import fold_name
 
@@ -18,3 +23,18 @@ def index_at_version(path: Path, version: int) -> sqlite3.Connection:
         for statement in filter(str.strip, script.split(";")):
             db.execute(statement)
     return db
+
+
+def downgrade_to_baseline(path: Path) -> None:
+    """Undo the Alembic revisions after the baseline (v11) of the SQLite index at ``path``,
+    so that dropping its alembic_version leaves the index a version before Alembic left."""
+    database = Database(sqlite_url(path))
+    try:
+        with database.transaction() as connection:
+            config = Config()
+            config.set_main_option("script_location",
+                                   str(Path(storage.migrations.__file__).parent))
+            config.attributes["connection"] = connection
+            command.downgrade(config, storage.migrations.BASELINE)
+    finally:
+        database.close()

@@ -9,6 +9,7 @@ FHIR R4B models."""
 
 import dataclasses
 import shutil
+import sqlite3
 import subprocess
 from io import BytesIO
 from pathlib import Path
@@ -34,6 +35,7 @@ from gateway.publication.mhd import (
 from gateway.registry.validate import check_provide_bundle
 from storage.store import DuplicatePolicy, Outcome, Store
 from storage.study_contents import StudyContents, load_study_contents
+from tests.old_index import downgrade_to_baseline
 from tests.synthetic import ct_slice, national_ct_slice, part10
 
 ORIGIN = RetrieveOrigin("https://imagerie.example.org", "1.2.250.1.999.1.1.9")
@@ -401,12 +403,15 @@ def test_an_index_of_v8_reads_the_patient_id_authority_of_its_studies_again(
     study = _stored(store, [_plain_slice(generate_uid(), generate_uid(), 1,
                                          IssuerOfPatientIDQualifiersSequence=_qualifier(
                                              "1.2.250.1.555.1"))])
-    with store.index.transaction() as db:  # the index as v8 left it
-        db.exec_driver_sql("ALTER TABLE studies DROP COLUMN patient_id_qualifiers")
-        db.exec_driver_sql("DROP INDEX instances_path")  # v10, after
-        db.exec_driver_sql("DROP TABLE alembic_version")  # Alembic came after v11
-        db.exec_driver_sql("PRAGMA user_version = 8")
     store.close()
+    downgrade_to_baseline(tmp_path / "data" / "index.sqlite")
+    db = sqlite3.connect(tmp_path / "data" / "index.sqlite")  # the index as v8 left it
+    db.execute("ALTER TABLE studies DROP COLUMN patient_id_qualifiers")
+    db.execute("DROP INDEX instances_path")  # v10, after
+    db.execute("DROP TABLE alembic_version")  # Alembic came after v11
+    db.execute("PRAGMA user_version = 8")
+    db.commit()
+    db.close()
     store = Store(tmp_path / "data")
     upgraded = load_study_contents(store.index, study.study_uid)
     assert upgraded is not None

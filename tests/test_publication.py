@@ -11,6 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from storage.database import Database
 from storage.index import Index
 from storage.outbox import Outbox, Publication, State
 from tests.faulty_proxy import FaultyProxy
@@ -36,11 +37,13 @@ def registry(tmp_path: Path) -> Iterator[RegistryProcess]:
 
 
 class _Rows:
-    """The outbox of a service's data dir, read as the service writes it."""
+    """The outbox of a service's index, read as the service writes it; ``fast``: the
+    service settings of these tests, on that index."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.index = Index(data_dir / "index.sqlite")
+    def __init__(self, data_dir: Path, database_url: str) -> None:
+        self.index = Index(Database(database_url) if database_url else data_dir / "index.sqlite")
         self.outbox = Outbox(self.index)
+        self.fast = {**FAST, "database_url": database_url}
 
     def all(self) -> list[Publication]:
         return self.outbox.listing()
@@ -51,9 +54,10 @@ class _Rows:
 
 
 @pytest.fixture
-def rows(tmp_path: Path) -> Iterator[_Rows]:
+def rows(tmp_path: Path, database_url: str) -> Iterator[_Rows]:
+    """On SQLite the default index (the data dir's file), else the PostgreSQL database."""
     (tmp_path / "data").mkdir()
-    reader = _Rows(tmp_path / "data")
+    reader = _Rows(tmp_path / "data", "" if database_url.startswith("sqlite") else database_url)
     yield reader
     reader.index.close()
 
@@ -66,7 +70,7 @@ def test_outages_then_recovery_publish_exactly_once(tmp_path: Path, rows: _Rows)
     registry_port = free_port()
     proxy = FaultyProxy(upstream=registry_port)
     study = generate_uid()
-    with PasserelleProcess(tmp_path / "data", registry_url=proxy.url, **FAST) as server:
+    with PasserelleProcess(tmp_path / "data", registry_url=proxy.url, **rows.fast) as server:
         _send(server, study, generate_uid(), 1)
         # 1. Nothing listens: connection refused, never delivered, the row stays pending.
         # (Between attempts: during one the row is `sent` for the time of the request.)
@@ -96,7 +100,8 @@ def test_outages_then_recovery_publish_exactly_once(tmp_path: Path, rows: _Rows)
 def test_a_refusal_fails_for_good_with_the_registry_reason(tmp_path: Path, rows: _Rows,
                                                           registry: RegistryProcess) -> None:
     study = generate_uid()
-    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url, **FAST) as server:
+    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url,
+                           **rows.fast) as server:
         _send(server, study, generate_uid(), 1, Modality="OT")  # no acquisition modality
         [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "a refusal")
         assert row.last_error.startswith("HTTP 422: ImagingModalityCode")
@@ -131,7 +136,8 @@ def test_what_the_registry_cannot_index_is_refused_before_sending(
             delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url, **FAST) as server:
+    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url,
+                           **rows.fast) as server:
         assert send(server.dicom_port, ds)[0] == 0x0000
         [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "a refusal")
         assert row.last_error.startswith(reason), row.last_error
@@ -155,13 +161,14 @@ def test_a_refusal_fixed_in_the_settings_is_published_on_retry(
     if setting == "accession_issuer_oid":
         del ds.IssuerOfAccessionNumberSequence
     manifests = tmp_path / "data" / "manifests"
-    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url, **FAST) as server:
+    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url,
+                           **rows.fast) as server:
         assert send(server.dicom_port, ds)[0] == 0x0000
         [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "the refusal")
         assert row.last_error.endswith(f"set {setting}"), row.last_error
     assert list(manifests.rglob("*.dcm")) == []
     with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url,
-                           **{**FAST, setting: oid}) as server:
+                           **{**rows.fast, setting: oid}) as server:
         assert server.cli("outbox", "retry", str(row.id)).returncode == 0
         [row] = rows.wait(_acknowledged(1), "the publication after the fix")
     [kept] = manifests.rglob("*.dcm")
@@ -173,7 +180,7 @@ def test_a_400_fails_until_retried_after_the_fix(tmp_path: Path, rows: _Rows,
                                                  registry: RegistryProcess) -> None:
     study = generate_uid()
     with FaultyProxy(upstream=registry.http_port) as proxy, PasserelleProcess(
-            tmp_path / "data", registry_url=proxy.url, **FAST) as server:
+            tmp_path / "data", registry_url=proxy.url, **rows.fast) as server:
         proxy.mode = "400"
         _send(server, study, generate_uid(), 1)
         [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "the refusal")
@@ -191,14 +198,14 @@ def test_a_kill_between_send_and_acknowledgement_makes_no_duplicate(
     with FaultyProxy(upstream=registry.http_port) as proxy:
         proxy.mode = "lose-answer"
         server = PasserelleProcess(tmp_path / "data", registry_url=proxy.url,
-                                   **{**FAST, "registry_timeout": "30"}).start()
+                                   **{**rows.fast, "registry_timeout": "30"}).start()
         _send(server, study, generate_uid(), 1)
         wait_for(lambda: len(registry.documents(study)) == 1, 30, "the registered document")
         assert rows.all()[0].state is State.SENT
         server.stop(9)  # SIGKILL while waiting for the answer
         proxy.mode = "forward"
         posts = proxy.requests.count("POST /fhir")
-        with PasserelleProcess(tmp_path / "data", registry_url=proxy.url, **FAST):
+        with PasserelleProcess(tmp_path / "data", registry_url=proxy.url, **rows.fast):
             [row] = rows.wait(_acknowledged(1), "the acknowledgement after restart")
         assert proxy.requests.count("POST /fhir") == posts == 1
         [document] = registry.documents(study)
@@ -209,7 +216,8 @@ def test_a_kill_between_send_and_acknowledgement_makes_no_duplicate(
 def test_replacement_confidentiality_withdrawal_and_republication(
         tmp_path: Path, rows: _Rows, registry: RegistryProcess) -> None:
     study, series = generate_uid(), generate_uid()
-    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url, **FAST) as server:
+    with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url,
+                           **rows.fast) as server:
         _send(server, study, series, 1)
         [first] = rows.wait(_acknowledged(1), "the first publication")
         _send(server, study, series, 2)  # a late instance
@@ -262,7 +270,7 @@ def test_unpublishing_what_was_never_published_fails_clearly(tmp_path: Path, row
                                                             registry: RegistryProcess) -> None:
     study = generate_uid()
     with PasserelleProcess(tmp_path / "data", registry_url=registry.fhir_url,
-                           **{**FAST, "stable_seconds": "3600"}) as server:
+                           **{**rows.fast, "stable_seconds": "3600"}) as server:
         _send(server, study, generate_uid(), 1)
         assert server.cli("unpublish", study).returncode == 0
         [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "the refusal")

@@ -33,6 +33,7 @@ from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Rejection, Store
 from storage.structure import IngestLimits
 from storage.uids import is_valid_uid
+from tests.old_index import downgrade_to_baseline
 from tests.postgres import PostgresCluster
 from tests.processes import REPO, PasserelleProcess, free_port
 from tests.scu import associate
@@ -302,6 +303,7 @@ def test_recovery_leaves_a_file_indexed_under_another_study_alone(
     misfiled = _drop(store, sent)
     relative = str(misfiled.relative_to(data))
     store.close()
+    downgrade_to_baseline(data / "index.sqlite")
     db = sqlite3.connect(data / "index.sqlite")  # as the version before v8 left it
     db.execute("INSERT INTO instances (sop_uid, series_pk, sop_class_uid, transfer_syntax,"
                " path, size, source, received_at) VALUES (?, 1, ?, ?, ?, ?, 'old', 0)",

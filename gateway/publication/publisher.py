@@ -4,10 +4,16 @@ Guarantees: a row reaches ``acknowledged`` once the registry holds what it asked
 manifest is never registered twice. A row is marked ``sent`` before the request leaves; a row
 found ``sent`` (after a timeout, a 5xx or a crash) is first looked up in the registry by its
 uniqueId (ITI-67) and only sent again when the registry does not have it.
+
+Replicas: each publisher works only on the rows it leased (``Outbox.claim``), renews the
+lease while an attempt runs and gives the row up when it finds its lease taken over.
 """
 
 import json
 import logging
+import os
+import socket
+import threading
 from urllib.parse import urlsplit
 
 from gateway.config import ProducerSettings, PublicationSettings
@@ -28,7 +34,7 @@ from gateway.publication.periodic import PeriodicWorker
 from gateway.publication.registry_client import RegistryClient, RejectedError, TransientError
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
 from gateway.security.audit import Outcome as AuditOutcome
-from storage.outbox import Action, Outbox, Publication, State
+from storage.outbox import Action, LeaseLostError, Outbox, Publication, State, replica_id
 from storage.store import Store
 from storage.study_contents import StudyContents, load_study_contents
 
@@ -54,6 +60,46 @@ def issuers_from_settings(settings: ProducerSettings) -> Issuers:
                    settings.order_issuer_oid)
 
 
+def _alive(pid: int) -> bool:
+    """True when a process ``pid`` runs on this host (perhaps another one, reusing it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+class _KeptLease:
+    """Renews the lease of a claimed row every third of ``seconds`` until the block ends."""
+
+    def __init__(self, outbox: Outbox, row: Publication, seconds: float) -> None:
+        self.outbox = outbox
+        self.row = row
+        self.seconds = seconds
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{row.id}", daemon=True)
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.seconds / 3):
+            try:
+                self.outbox.renew(self.row, self.seconds)
+            except LeaseLostError:
+                log.warning("publication %d: lease taken over by another replica",
+                            self.row.id)
+                return
+            except Exception:  # the index unreachable for a moment: try again
+                log.exception("publication %d: lease renewal failed", self.row.id)
+
+
 class Publisher(PeriodicWorker):
     """A thread working through the outbox of ``store`` until stopped."""
 
@@ -72,6 +118,20 @@ class Publisher(PeriodicWorker):
         self.default_confidentiality = producer.default_confidentiality()
         self.retry_seconds = publication.publish_retry_seconds
         self.retry_max_seconds = publication.publish_retry_max_seconds
+        self.lease_seconds = publication.lease_seconds
+        self.replica = replica_id()
+
+    def start(self) -> None:
+        """Release the leases of this host's dead processes (a restart after a crash need
+        not wait for them to expire), then start the thread."""
+        for holder in self.outbox.lease_holders():
+            host, _, rest = holder.partition(":")  # replica_id(): host:pid:random
+            pid = rest.partition(":")[0]
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                released = self.outbox.release_leases(holder)
+                log.warning("released the lease(s) of %d publication(s) held by %s, a process "
+                            "of this host that is gone", released, holder)
+        super().start()
 
     def stop(self) -> None:
         """Stop after the row in progress."""
@@ -79,11 +139,16 @@ class Publisher(PeriodicWorker):
         self.client.close()
 
     def work(self) -> None:
-        """Work on every due row once."""
-        for row in self.outbox.due():
-            if self.stopping:
+        """Work on due rows, one leased at a time, until none is left to lease."""
+        while not self.stopping:
+            row = self.outbox.claim(self.replica, self.lease_seconds)
+            if row is None:
                 break
-            self._process(row)
+            with _KeptLease(self.outbox, row, self.lease_seconds):
+                try:
+                    self._process(row)
+                except LeaseLostError as exc:
+                    log.warning("%s: left to the replica that holds it now", exc)
 
     def _process(self, row: Publication) -> None:
         row = self.outbox.begin_attempt(row)
@@ -97,6 +162,8 @@ class Publisher(PeriodicWorker):
             self._fail(row, str(exc), exc.body)
         except _RefusedError as exc:
             self._fail(row, str(exc), exc.body)
+        except LeaseLostError:
+            raise
         except Exception as exc:  # a bug must leave the row retryable, not kill the worker
             log.exception("publication %d: unexpected error", row.id)
             self._retry(row, f"internal error: {exc!r}", maybe_delivered=True)

@@ -1,5 +1,6 @@
 """Stable-study detection: a study that received nothing for ``stable_seconds`` is queued
-for publication in the outbox (the queue state is in the index, so it survives restarts)."""
+for publication in the outbox (the queue state is in the index, so it survives restarts).
+Every replica runs a watcher; the outbox queues each study once however many run at once."""
 
 import logging
 
