@@ -26,6 +26,7 @@ from gateway.publication.confidentiality import (
     MASKING_CODES,
     Confidentiality,
 )
+from gateway.run_dir import run_dir_of
 from storage.database import DatabaseUnavailableError
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
@@ -53,17 +54,17 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # Every process of the service counts its metrics in files of one directory
     # (prometheus_client's multiprocess mode, read when prometheus_client is first
     # imported: before the supervisor, whose children inherit it; gateway.metrics).
-    metrics_dir = settings.data_dir / "run" / "metrics"
+    run_dir = run_dir_of(settings)
     try:
-        metrics_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
         return 1
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
     from gateway.supervisor import ChildFailedError, serve
 
     try:
-        serve(settings, metrics_dir)
+        serve(settings, run_dir)
     except (DataDirBusyError, ChildFailedError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
         return 1

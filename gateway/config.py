@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 
 from gateway.publication.confidentiality import Confidentiality
-from storage.database import check_database_url
+from storage.database import check_database_url, database_url, dialect_of
 from storage.store import DuplicatePolicy
 from storage.structure import IngestLimits
 from storage.uids import oid_of, uid_from_digest
@@ -436,6 +436,11 @@ class Settings(BaseSettings):
                 f"passerelle-gateway\n{self.http.public_url}".encode()).digest()
             self.producer.gateway_oid = uid_from_digest(digest)
         return self
+
+    def is_replica(self) -> bool:
+        """True when the index is on PostgreSQL: replicas may share the data dir (a service
+        on SQLite has it alone)."""
+        return dialect_of(database_url(self.database_url, self.data_dir)) == "postgresql"
 
     def check_http_exposure(self) -> None:
         """Raise ValueError when HTTP would serve other machines without authentication

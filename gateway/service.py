@@ -45,7 +45,6 @@ from gateway.shared_tally import SharedTally
 from gateway.web.app import create_app
 from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
 from gateway.web.services import Services
-from storage.database import database_url, dialect_of
 from storage.outbox import Outbox
 from storage.store import Store
 
@@ -137,12 +136,6 @@ def resource_budget(settings: Settings, store: Store,
                             ingest_tally=tally("ingest_bytes"))
     store.decode_memory = budget.memory
     return budget
-
-
-def is_replica(settings: Settings) -> bool:
-    """True when the index is on PostgreSQL: replicas may share the data dir (a service on
-    SQLite has it alone)."""
-    return dialect_of(database_url(settings.database_url, settings.data_dir)) == "postgresql"
 
 
 def open_store(settings: Settings) -> Store:
@@ -304,7 +297,7 @@ def run_background_role(context: ProcessContext) -> None:
         wake = publisher.wake if publisher is not None else lambda: None
         if context.wake is not None:
             _wake_on_pokes(context.wake, wake)
-        control = ControlChannel(settings.data_dir, is_replica(settings))
+        control = ControlChannel(settings.data_dir, settings.is_replica())
         stop.callback(control.close)
         control.open()
         watcher.start()

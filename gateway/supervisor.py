@@ -40,6 +40,7 @@ from gateway import service
 from gateway.config import HttpSettings, Settings
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.liveness import BACKGROUND, DICOM, HTTP, Board
+from gateway.run_dir import remove_stale_run_dirs
 from gateway.service import ProcessContext, registry_tls, server_tls
 from gateway.shared_tally import clear_slot, create_tally
 from storage.database import masked
@@ -130,10 +131,10 @@ class _Child:
 class Supervisor:
     """Runs the processes of the service on ``settings`` until SIGTERM or SIGINT."""
 
-    def __init__(self, settings: Settings, metrics_dir: Path) -> None:
+    def __init__(self, settings: Settings, run_dir: Path) -> None:
         self.settings = settings
-        self.run_dir = settings.data_dir / "run"
-        self.metrics_dir = metrics_dir  # PROMETHEUS_MULTIPROC_DIR (gateway.cli)
+        self.run_dir = run_dir  # this service's alone, even on a data dir replicas share
+        self.metrics_dir = run_dir / "metrics"  # PROMETHEUS_MULTIPROC_DIR (gateway.cli)
         self.workers = settings.http.worker_count()
         self.board = Board.create(self.workers)
         self._context = multiprocessing.get_context("fork")
@@ -152,7 +153,7 @@ class Supervisor:
         registry_tls(settings.publication)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         _raise_open_file_limit()
-        lock = ServiceLock(settings.data_dir, service.is_replica(settings))
+        lock = ServiceLock(settings.data_dir, settings.is_replica())
         lock.acquire()
         with contextlib.ExitStack() as stop:
             stop.callback(lambda: lock.release(clean=self._clean))
@@ -201,7 +202,10 @@ class Supervisor:
             store.close()
 
     def _prepare_run_dir(self) -> None:
-        """An empty metrics directory for this run and zeroed budget tallies."""
+        """An empty metrics directory for this run and zeroed budget tallies; as a replica,
+        the run dirs that replicas of this host no longer running left are removed."""
+        if self.settings.is_replica():
+            remove_stale_run_dirs(self.run_dir)
         for left in self.metrics_dir.iterdir():  # by an earlier run
             left.unlink()
         for name in service.BUDGET_TALLIES:
@@ -304,7 +308,8 @@ class Supervisor:
             self._forget(child)
 
 
-def serve(settings: Settings, metrics_dir: Path) -> None:
-    """Run ``passerelle serve`` until SIGINT/SIGTERM (see the module); ``metrics_dir`` is
-    the PROMETHEUS_MULTIPROC_DIR prometheus_client was imported with."""
-    Supervisor(settings, metrics_dir).run()
+def serve(settings: Settings, run_dir: Path) -> None:
+    """Run ``passerelle serve`` until SIGINT/SIGTERM (see the module); ``run_dir``
+    (``run_dir_of``) holds the PROMETHEUS_MULTIPROC_DIR prometheus_client was imported
+    with."""
+    Supervisor(settings, run_dir).run()

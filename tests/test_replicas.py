@@ -112,6 +112,22 @@ def test_an_instance_stored_through_one_replica_is_retrieved_through_the_other(
     assert [row.study_uid for row in replicas.rows()] == [study]
 
 
+def test_each_replica_counts_its_own_metrics_in_a_run_dir_of_its_own(
+        replicas: _Replicas) -> None:
+    a, b = replicas.start(), replicas.start()
+    study, series = generate_uid(), generate_uid()
+    for number in (1, 2):
+        assert send(a.dicom_port, ct_slice(study, series, number, number, size=8))[0] == 0
+    assert send(b.dicom_port, ct_slice(study, series, 3, 3, size=8))[0] == 0
+    # A replica starting beside the other neither empties its metrics nor shares its
+    # budget tallies: the counts are each replica's own.
+    c = replicas.start()
+    assert a.metric("passerelle_instances_received_total", protocol="dimse") == 2
+    assert b.metric("passerelle_instances_received_total", protocol="dimse") == 1
+    assert c.metric("passerelle_instances_received_total", protocol="dimse") == 0
+    assert len(list((replicas.data_dir / "run").iterdir())) == 3
+
+
 def test_a_study_received_through_both_replicas_is_published_once_as_one_kos(
         replicas: _Replicas, registry: RegistryProcess) -> None:
     settings = {**FAST, "registry_url": registry.fhir_url, "stable_seconds": "4"}
