@@ -39,6 +39,7 @@ from gateway.publication.publisher import Publisher
 from gateway.publication.registry_client import RegistryClient
 from gateway.publication.stable import StableStudyWatcher
 from gateway.security.audit import AuditTrail
+from gateway.security.client_counts import ClientTable, SharedClientCounts
 from gateway.security.syslog_export import TlsSyslog, UdpSyslog
 from gateway.security.tls import client_context, server_context
 from gateway.shared_tally import SharedTally
@@ -73,6 +74,10 @@ class ProcessContext:
     recovery: dict[str, int] = field(default_factory=dict)  # found at start (metrics)
     http_socket: socket.socket | None = None  # HTTP workers: the listening socket
     wake: Connection | None = None  # HTTP: write end; background: read end
+    # HTTP workers: the connections and the requests in progress of each client address,
+    # counted by every worker (a row each, at its slot), limited over all of them.
+    connections: ClientTable | None = None
+    requests: ClientTable | None = None
 
     def beat(self) -> None:
         """Say on the board that this process serves."""
@@ -230,6 +235,7 @@ def run_http_role(context: ProcessContext) -> None:
     accepting and finishes the requests in progress."""
     settings, http = context.settings, context.settings.http
     assert context.http_socket is not None
+    assert context.connections is not None and context.requests is not None
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
         stop.callback(store.close)
@@ -243,14 +249,17 @@ def run_http_role(context: ProcessContext) -> None:
             # Each worker bounds what it writes; together they stay within the setting.
             settings.imaging.render_cache_bytes // http.worker_count())
         config = uvicorn.Config(
-            create_app(services, http, settings.auth), log_config=None,
+            create_app(services, http, settings.auth, SharedClientCounts(
+                http.max_requests_per_client, context.requests, context.slot)),
+            log_config=None,
             access_log=False, server_header=False, lifespan="off",
             limit_concurrency=http.max_connections,
             timeout_keep_alive=http.keep_alive_seconds,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             ssl_certfile=settings.tls.cert_file or None,
             ssl_keyfile=settings.tls.key_file or None,
-            http=guarded_protocol(http.head_timeout_seconds, http.max_connections_per_client))
+            http=guarded_protocol(http.head_timeout_seconds, SharedClientCounts(
+                http.max_connections_per_client, context.connections, context.slot)))
         config.load()
         config.ssl = server_tls(settings)  # ours: TLS >= 1.2 and client certificates
         try:

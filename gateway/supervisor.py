@@ -41,6 +41,7 @@ from gateway.config import HttpSettings, Settings
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.liveness import BACKGROUND, DICOM, HTTP, Board
 from gateway.run_dir import remove_stale_run_dirs
+from gateway.security.client_counts import ClientTable
 from gateway.service import ProcessContext, registry_tls, server_tls
 from gateway.shared_tally import clear_slot, create_tally
 from storage.database import masked
@@ -137,6 +138,8 @@ class Supervisor:
         self.metrics_dir = run_dir / "metrics"  # PROMETHEUS_MULTIPROC_DIR (gateway.cli)
         self.workers = settings.http.worker_count()
         self.board = Board.create(self.workers)
+        # Per-client limits of HTTP, over every worker (a row per slot of the board).
+        self.client_tables = (ClientTable(self.board.size), ClientTable(self.board.size))
         self._context = multiprocessing.get_context("fork")
         self._stop_requested = ""
         self._stop_seconds = settings.dicom.shutdown_grace_seconds + _STOP_MARGIN
@@ -169,7 +172,8 @@ class Supervisor:
                 settings, child.slot, self.board, self.run_dir, recovery,
                 listener if child.role == HTTP else None,
                 writer if child.role == HTTP else reader if child.role == BACKGROUND
-                else None) for child in self._children}
+                else None, *(self.client_tables if child.role == HTTP else (None, None)))
+                for child in self._children}
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
             stop.callback(self._stop_children)
@@ -252,6 +256,8 @@ class Supervisor:
         assert pid is not None
         child.process.join()
         self.board.clear(child.slot)
+        for table in self.client_tables:  # its connections closed with it
+            table.clear(child.slot)
         for name in service.BUDGET_TALLIES:
             clear_slot(service.tally_path(self.run_dir, name), child.slot)
         mark_process_dead(pid, str(self.metrics_dir))

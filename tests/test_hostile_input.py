@@ -38,7 +38,9 @@ def target(tmp_path_factory: pytest.TempPathFactory,
                            http_max_requests_per_client=str(HTTP_PER_CLIENT),
                            http_max_connections_per_client=str(HTTP_CONNECTIONS_PER_CLIENT),
                            http_head_timeout_seconds=str(HEAD_TIMEOUT),
-                           max_instance_bytes="1000000") as server:
+                           max_instance_bytes="1000000",
+                           # The per-client limits hold over every HTTP worker together.
+                           http_workers="2") as server:
         for path in ct_study:
             assert send(server.dicom_port, path)[0] == 0x0000
         yield server

@@ -13,6 +13,7 @@ from starlette.routing import Mount, Route
 
 from gateway.config import AuthSettings, HttpSettings
 from gateway.liveness import ROLES, unavailable
+from gateway.security.client_counts import ClientCounts
 from gateway.urls import DICOMWEB_PATH
 from gateway.web import admin
 from gateway.web.dicomweb.bulkdata import bulkdata
@@ -37,9 +38,11 @@ _RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
                "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}")
 
 
-def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> Starlette:
+def create_app(services: Services, http: HttpSettings, auth: AuthSettings,
+               requests_in_progress: ClientCounts | None = None) -> Starlette:
     """The HTTP application over ``services``, with the limits of ``http`` and the access
-    control of ``auth``."""
+    control of ``auth``; ``requests_in_progress`` counts each client's requests (those of
+    this process alone when not given)."""
 
     async def health(request: Request) -> JSONResponse:
         # 200 when every role has a process serving; 503 naming the roles that have none.
@@ -78,7 +81,8 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings) -> St
         Route("/studies/{study}/series/{series}/instances/{instance}/metadata", metadata,
               methods=["GET"]),
     ]
-    middleware = [Middleware(ClientLimitMiddleware, limit=http.max_requests_per_client),
+    counts = requests_in_progress or ClientCounts(http.max_requests_per_client)
+    middleware = [Middleware(ClientLimitMiddleware, counts=counts),
                   Middleware(AccessAuditMiddleware, trail=services.audit)]
     if http.cors_allow_origins:
         middleware.append(Middleware(

@@ -137,8 +137,9 @@ class GuardedHttpProtocol(ClientCertificateProtocol):
             self.transport.close()
 
 
-def guarded_protocol(head_timeout: float, max_per_client: int
+def guarded_protocol(head_timeout: float, per_client: ClientCounts
                      ) -> Callable[..., GuardedHttpProtocol]:
-    """The protocol factory for ``uvicorn.Config(http=...)``: one per server."""
+    """The protocol factory for ``uvicorn.Config(http=...)``: one per server; ``per_client``
+    counts the open connections of each client address."""
     return functools.partial(GuardedHttpProtocol, head_timeout=head_timeout,
-                             per_client=ClientCounts(max_per_client))
+                             per_client=per_client)

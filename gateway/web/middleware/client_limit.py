@@ -17,9 +17,9 @@ _UNLIMITED_PATHS = ("/health", "/metrics")  # probes must get through a busy cli
 class ClientLimitMiddleware:
     """429 Too Many Requests (RFC 6585) with ``Retry-After`` past ``limit`` per address."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, counts: ClientCounts) -> None:
         self.app = app
-        self._in_progress = ClientCounts(limit)
+        self._in_progress = counts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _UNLIMITED_PATHS:
