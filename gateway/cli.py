@@ -30,7 +30,7 @@ from gateway.run_dir import run_dir_of
 from storage.database import DatabaseUnavailableError
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
-from storage.recovery import DataDirBusyError, ServiceLock
+from storage.recovery import DataDirBusyError, ServiceLock, service_name
 from storage.schema import NewerSchemaError
 from storage.store import Store
 
@@ -54,7 +54,8 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # Every process of the service counts its metrics in files of one directory
     # (prometheus_client's multiprocess mode, read when prometheus_client is first
     # imported: before the supervisor, whose children inherit it; gateway.metrics).
-    run_dir = run_dir_of(settings)
+    service = service_name()
+    run_dir = run_dir_of(settings, service)
     try:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -64,7 +65,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.supervisor import ChildFailedError, serve
 
     try:
-        serve(settings, run_dir)
+        serve(settings, service, run_dir)
     except (DataDirBusyError, ChildFailedError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
         return 1

@@ -5,35 +5,22 @@ Imported by ``gateway.cli`` before prometheus_client, which reads PROMETHEUS_MUL
 once, at its first import: this module imports neither it nor the service.
 """
 
-import os
 import shutil
-import socket
 from pathlib import Path
 
 from gateway.config import Settings
 
 
-def run_dir_of(settings: Settings) -> Path:
+def run_dir_of(settings: Settings, service: str) -> Path:
     """``run/`` of the data dir; as a replica (which shares the data dir with others) a
-    folder of its own there, named after its host and this (the supervisor's) pid."""
+    folder of its own there, named after ``service`` (the name of its replica lock,
+    ``storage.recovery.ServiceLock``)."""
     run = settings.data_dir / "run"
-    return run / f"{socket.gethostname()}-{os.getpid()}" if settings.is_replica() else run
+    return run / service if settings.is_replica() else run
 
 
-def remove_stale_run_dirs(run_dir: Path) -> None:
-    """Remove the run dirs beside ``run_dir`` of replicas of this host no longer running
-    (those of other hosts are theirs to remove)."""
-    for left in run_dir.parent.glob(f"{socket.gethostname()}-*"):
-        if left != run_dir and not _running(left.name.rpartition("-")[2]):
-            shutil.rmtree(left, ignore_errors=True)
-
-
-def _running(pid: str) -> bool:
-    """True when a process of this host has the pid ``pid``."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+def remove_run_dirs(run_dir: Path, services: list[str]) -> None:
+    """Remove the run dirs beside ``run_dir`` of ``services`` (replicas that died, whose
+    locks this one took over: no process of theirs is left to use them)."""
+    for service in services:
+        shutil.rmtree(run_dir.parent / service, ignore_errors=True)

@@ -35,7 +35,7 @@ from gateway.liveness import BEAT_SECONDS, ROLES, Board
 from gateway.metrics import OutboxCollector, ServiceCollector, scrape_registry
 from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin
-from gateway.publication.publisher import Publisher
+from gateway.publication.publisher import Leases, Publisher
 from gateway.publication.registry_client import RegistryClient
 from gateway.publication.stable import StableStudyWatcher
 from gateway.security.audit import AuditTrail
@@ -78,6 +78,8 @@ class ProcessContext:
     # counted by every worker (a row each, at its slot), limited over all of them.
     connections: ClientTable | None = None
     requests: ClientTable | None = None
+    service: str = ""  # the name of this service (storage.recovery.ServiceLock)
+    gone: tuple[str, ...] = ()  # a replica: the dead replicas whose locks it took over
 
     def beat(self) -> None:
         """Say on the board that this process serves."""
@@ -298,7 +300,8 @@ def run_background_role(context: ProcessContext) -> None:
                 store, RegistryClient(publication.registry_url, publication.registry_timeout,
                                       registry_tls(publication)),
                 load_event_codes(_optional_path(publication.event_codes_file)), audit,
-                settings.producer, origin, publication)
+                settings.producer, origin, publication,
+                Leases(context.service, context.gone if settings.is_replica() else None))
             stop.callback(publisher.stop)
         else:
             log.warning("registry_url is not set: manifests are queued, not sent")

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -40,7 +41,7 @@ from gateway import service
 from gateway.config import HttpSettings, Settings
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.liveness import BACKGROUND, DICOM, HTTP, Board
-from gateway.run_dir import remove_stale_run_dirs
+from gateway.run_dir import remove_run_dirs
 from gateway.security.client_counts import ClientTable
 from gateway.service import ProcessContext, registry_tls, server_tls
 from gateway.shared_tally import clear_slot, create_tally
@@ -147,8 +148,9 @@ class _Child:
 class Supervisor:
     """Runs the processes of the service on ``settings`` until SIGTERM or SIGINT."""
 
-    def __init__(self, settings: Settings, run_dir: Path) -> None:
+    def __init__(self, settings: Settings, service: str, run_dir: Path) -> None:
         self.settings = settings
+        self.service = service
         self.run_dir = run_dir  # this service's alone, even on a data dir replicas share
         self.metrics_dir = run_dir / "metrics"  # PROMETHEUS_MULTIPROC_DIR (gateway.cli)
         self.workers = settings.http.worker_count()
@@ -171,13 +173,15 @@ class Supervisor:
         registry_tls(settings.publication)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         _raise_open_file_limit()
-        lock = ServiceLock(settings.data_dir, settings.is_replica())
+        lock = ServiceLock(settings.data_dir, settings.is_replica(), self.service)
         lock.acquire()
         with contextlib.ExitStack() as stop:
             stop.callback(lambda: lock.release(clean=self._clean))
             stop.callback(log.info, "stopped")
+            if settings.is_replica():  # its own, of no use once its processes are gone
+                stop.callback(shutil.rmtree, self.run_dir, ignore_errors=True)
             recovery = self._check_data_dir(lock)
-            self._prepare_run_dir()
+            self._prepare_run_dir(lock.gone)
             listener = listen(settings.http)
             stop.callback(listener.close)
             reader, writer = self._context.Pipe(duplex=False)
@@ -187,7 +191,8 @@ class Supervisor:
                 settings, child.slot, self.board, self.run_dir, recovery,
                 listener if child.role == HTTP else None,
                 writer if child.role == HTTP else reader if child.role == BACKGROUND
-                else None, *(self.client_tables if child.role == HTTP else (None, None)))
+                else None, *(self.client_tables if child.role == HTTP else (None, None)),
+                service=self.service, gone=tuple(lock.gone))
                 for child in self._children}
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
@@ -220,11 +225,10 @@ class Supervisor:
         finally:
             store.close()
 
-    def _prepare_run_dir(self) -> None:
-        """An empty metrics directory for this run and zeroed budget tallies; as a replica,
-        the run dirs that replicas of this host no longer running left are removed."""
-        if self.settings.is_replica():
-            remove_stale_run_dirs(self.run_dir)
+    def _prepare_run_dir(self, gone: list[str]) -> None:
+        """An empty metrics directory for this run and zeroed budget tallies; the run dirs of
+        the dead replicas ``gone`` are removed."""
+        remove_run_dirs(self.run_dir, gone)
         for left in self.metrics_dir.iterdir():  # by an earlier run
             left.unlink()
         for name in service.BUDGET_TALLIES:
@@ -329,8 +333,8 @@ class Supervisor:
             self._forget(child)
 
 
-def serve(settings: Settings, run_dir: Path) -> None:
-    """Run ``passerelle serve`` until SIGINT/SIGTERM (see the module); ``run_dir``
-    (``run_dir_of``) holds the PROMETHEUS_MULTIPROC_DIR prometheus_client was imported
-    with."""
-    Supervisor(settings, run_dir).run()
+def serve(settings: Settings, service: str, run_dir: Path) -> None:
+    """Run ``passerelle serve`` until SIGINT/SIGTERM (see the module) as ``service``
+    (``storage.recovery.service_name``); ``run_dir`` (``run_dir_of``) holds the
+    PROMETHEUS_MULTIPROC_DIR prometheus_client was imported with."""
+    Supervisor(settings, service, run_dir).run()

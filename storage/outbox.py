@@ -14,9 +14,6 @@ work of the one that took the row over.
 """
 
 import enum
-import os
-import secrets
-import socket
 import time
 from dataclasses import dataclass
 
@@ -85,12 +82,6 @@ _COLUMNS = """pk, study_uid, action, kos_uid, replaces_kos_uid, state, attempts,
 _DUE = """FROM publications p WHERE state IN ('pending', 'sent') AND next_attempt_at <= :now
     AND NOT EXISTS (SELECT 1 FROM publications older WHERE older.study_uid = p.study_uid
                     AND older.pk < p.pk AND older.state IN ('pending', 'sent'))"""
-
-
-def replica_id() -> str:
-    """A name for this process among the replicas: host, process id and a random part (a
-    restarted process with a recycled pid is another replica)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _publication(row: tuple) -> Publication:

@@ -23,6 +23,13 @@ from storage.structure import UnreadableDatasetError
 log = logging.getLogger(__name__)
 
 
+def service_name() -> str:
+    """A name for one run of a service, unique among replicas and runs: host, pid and a
+    random part (a restart with a recycled pid, or a container with the same host name and
+    pid, is another service)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 @dataclass
 class RecoveryReport:
     """What a recovery pass found."""
@@ -135,16 +142,20 @@ class ServiceLock:
     A replica (an index shared with other services, on PostgreSQL): a shared lock of
     ``serve.lock`` (replicas run side by side, a service with its own SQLite index cannot
     join them, nor they it) and an exclusive lock of a file of its own,
-    ``replicas/<host>-<pid>-<random>.lock``, removed at a clean stop. A file left there
-    and no longer locked is a replica that died: the replica that locks it next checks the
-    files (``previous_stop_was_clean`` False) and removes it at its own clean stop. Two
-    replicas starting at once never take the same one; were both to recover anyway, the
-    index writes of recovery are idempotent (one row per SOP Instance UID).
+    ``replicas/<name>.lock``, removed at a clean stop. A file left there and no longer
+    locked is a replica that died: the replica that locks it next checks the files
+    (``previous_stop_was_clean`` False), lists its name in ``gone`` and removes it at its
+    own clean stop. Two replicas starting at once never take the same one; were both to
+    recover anyway, the index writes of recovery are idempotent (one row per SOP Instance
+    UID). Which replicas are gone is known by their locks, never by a process id: replicas
+    in containers may share a host name and a pid.
     """
 
-    def __init__(self, data_dir: Path, replica: bool = False) -> None:
+    def __init__(self, data_dir: Path, replica: bool = False, name: str = "") -> None:
         self.path = data_dir / _LOCK_FILE
         self.replica = replica
+        self.name = name or service_name()  # this service among the replicas
+        self.gone: list[str] = []  # replica: the names of the dead replicas taken over
         self._fd: int | None = None
         self._own: list[tuple[Path, int]] = []  # replica: its file, then dead ones taken over
         self.previous_stop_was_clean = True
@@ -184,8 +195,9 @@ class ServiceLock:
                 os.close(fd)
                 continue
             self._own.append((path, fd))
+            self.gone.append(path.stem)
             self.previous_stop_was_clean = False
-        mine = folder / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.lock"
+        mine = folder / f"{self.name}.lock"
         fd = os.open(mine, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._own.insert(0, (mine, fd))

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from sqlalchemy import text
 
 from storage.blobs import BlobStore
 from storage.database import Database
@@ -149,7 +150,7 @@ def test_a_study_received_through_both_replicas_is_published_once_as_one_kos(
 
 
 def _pid_of(replica: str) -> int:
-    """The process id in a lease holder's name (host:pid:random)."""
+    """The process id in a lease holder's name (<service>:<pid>)."""
     return int(replica.split(":")[1])
 
 
@@ -184,6 +185,44 @@ def test_the_replica_holding_a_lease_is_killed_and_the_other_finishes_the_row(
     # A's lock file is left: the next replica to start checks the files A may have left.
     restarted = replicas.start(**FAST)
     assert "previous run did not stop cleanly" in restarted.log()
+
+
+def test_a_replica_ends_at_start_the_leases_of_dead_replicas_only(
+        replicas: _Replicas, registry: RegistryProcess) -> None:
+    """Which replicas are gone is told by their locks, never by a pid: a live replica whose
+    pid means nothing here (another container, the same host name) keeps its lease; a
+    dead one's lock, left unlocked, is taken over and its lease ended at once, long before
+    it would expire."""
+    quiet = {**FAST, "stable_seconds": "3600"}
+    a = replicas.start(**quiet)  # no registry: rows are queued, not sent
+    studies = [generate_uid(), generate_uid()]
+    for study in studies:
+        assert send(a.dicom_port, national_ct_slice(study, generate_uid(), 1, 1))[0] == 0
+        assert a.cli("publish", study).returncode == 0
+    a.stop()
+    live = ServiceLock(replicas.data_dir, replica=True)
+    live.acquire()
+    (replicas.data_dir / "replicas" / "elsewhere-7-0dead.lock").touch()
+    holders = {studies[0]: "elsewhere-7-0dead:7", studies[1]: f"{live.name}:{(1 << 22) + 1}"}
+    with replicas.index.transaction() as db:
+        for study, holder in holders.items():
+            db.execute(text("UPDATE publications SET leased_by = :holder, "
+                            "lease_expires_at = :until WHERE study_uid = :study"),
+                       {"holder": holder, "until": time.time() + 3600, "study": study})
+    try:
+        b = replicas.start(**{**quiet, "registry_url": registry.fhir_url})
+        replicas.wait(lambda rows: any(row.state is State.ACKNOWLEDGED for row in rows),
+                      "the dead replica's row published")
+        assert "released the lease(s) of 1 publication(s) held by elsewhere-7-0dead:7" \
+            in b.log()
+        by_study = {row.study_uid: row for row in replicas.rows()}
+        assert by_study[studies[0]].state is State.ACKNOWLEDGED
+        assert (by_study[studies[1]].state, by_study[studies[1]].leased_by) == \
+            (State.PENDING, holders[studies[1]])
+        assert len(registry.documents(studies[0])) == 1
+        assert registry.documents(studies[1]) == []
+    finally:
+        live.release()
 
 
 def test_a_service_with_its_own_sqlite_index_cannot_join_replicas_nor_they_it(

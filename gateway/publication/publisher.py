@@ -12,8 +12,8 @@ lease while an attempt runs and gives the row up when it finds its lease taken o
 import json
 import logging
 import os
-import socket
 import threading
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.config import ProducerSettings, PublicationSettings
@@ -34,7 +34,7 @@ from gateway.publication.periodic import PeriodicWorker
 from gateway.publication.registry_client import RegistryClient, RejectedError, TransientError
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
 from gateway.security.audit import Outcome as AuditOutcome
-from storage.outbox import Action, LeaseLostError, Outbox, Publication, State, replica_id
+from storage.outbox import Action, LeaseLostError, Outbox, Publication, State
 from storage.store import Store
 from storage.study_contents import StudyContents, load_study_contents
 
@@ -60,15 +60,27 @@ def issuers_from_settings(settings: ProducerSettings) -> Issuers:
                    settings.order_issuer_oid)
 
 
-def _alive(pid: int) -> bool:
-    """True when a process ``pid`` runs on this host (perhaps another one, reusing it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+@dataclass(frozen=True)
+class Leases:
+    """Whose leases a publisher holds and which it may end at start.
+
+    ``service`` names the service (``storage.recovery.ServiceLock``); the publisher leases
+    as ``<service>:<pid>``. ``gone`` names the dead replicas whose locks the service took
+    over, or is None for a service alone on its index, where every other holder is gone.
+    An earlier background process of the same service is gone too: the supervisor starts
+    the next one only once the last has exited."""
+
+    service: str
+    gone: tuple[str, ...] | None
+
+    def holder(self) -> str:
+        """The name this process leases rows as."""
+        return f"{self.service}:{os.getpid()}"
+
+    def is_gone(self, holder: str) -> bool:
+        """True when no process of ``holder`` can be running any more."""
+        service = holder.rpartition(":")[0]
+        return self.gone is None or service == self.service or service in self.gone
 
 
 class _KeptLease:
@@ -105,7 +117,8 @@ class Publisher(PeriodicWorker):
 
     def __init__(self, store: Store, client: RegistryClient, event_codes: EventCodeTable,
                  audit: AuditTrail, producer: ProducerSettings, origin: RetrieveOrigin,
-                 publication: PublicationSettings, interval: float = 1.0) -> None:
+                 publication: PublicationSettings, leases: Leases,
+                 interval: float = 1.0) -> None:
         super().__init__("publisher", interval)
         self.store = store
         self.audit = audit
@@ -119,18 +132,17 @@ class Publisher(PeriodicWorker):
         self.retry_seconds = publication.publish_retry_seconds
         self.retry_max_seconds = publication.publish_retry_max_seconds
         self.lease_seconds = publication.lease_seconds
-        self.replica = replica_id()
+        self.leases = leases
+        self.replica = leases.holder()
 
     def start(self) -> None:
-        """Release the leases of this host's dead processes (a restart after a crash need
-        not wait for them to expire), then start the thread."""
+        """Release the leases of the processes known to be gone (a restart after a crash
+        need not wait for them to expire), then start the thread."""
         for holder in self.outbox.lease_holders():
-            host, _, rest = holder.partition(":")  # replica_id(): host:pid:random
-            pid = rest.partition(":")[0]
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if holder != self.replica and self.leases.is_gone(holder):
                 released = self.outbox.release_leases(holder)
-                log.warning("released the lease(s) of %d publication(s) held by %s, a process "
-                            "of this host that is gone", released, holder)
+                log.warning("released the lease(s) of %d publication(s) held by %s, a "
+                            "process that is gone", released, holder)
         super().start()
 
     def stop(self) -> None:
