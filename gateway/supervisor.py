@@ -55,6 +55,7 @@ _RESTART_MAX = 30.0
 _STEADY_SECONDS = 60.0  # a child that ran this long died once, not in a loop
 _STOP_MARGIN = 30.0  # beyond the DICOM grace: in-flight HTTP responses
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_FD_SETSIZE = 1024  # select()'s bound on descriptors (sys/select.h)
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _ROLES: dict[str, Callable[[ProcessContext], None]] = {
     DICOM: service.run_dicom_role, BACKGROUND: service.run_background_role,
@@ -88,6 +89,8 @@ def _child_main(role: str, context: ProcessContext, parent: int) -> None:
     from gateway.cli import configure_logging
 
     configure_logging(context.settings.log_level, with_process=True)
+    if role != HTTP:
+        _keep_descriptors_selectable()
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _ignore_further_signals)
     try:
@@ -125,11 +128,21 @@ def _raise_open_file_limit() -> None:
     """The soft limit of open files up to the hard one, for the children to inherit: a
     WADO-RS retrieve holds its files open to send an exact Content-Length (at most a quarter
     of the soft limit, gateway.web.dicomweb.stored_files), and systemd's default soft limit
-    (1024) would send any study of more than 256 instances chunked."""
+    (1024) would send any study of more than 256 instances chunked. The processes that use
+    pynetdicom lower it again (``_keep_descriptors_selectable``)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _keep_descriptors_selectable() -> None:
+    """The soft limit of open files back to at most FD_SETSIZE (1024): pynetdicom waits on
+    its sockets with ``select()``, which cannot take a descriptor of 1024 or more; past the
+    limit an association is refused (EMFILE) instead of failing inside pynetdicom."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > _FD_SETSIZE:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_FD_SETSIZE, hard))
 
 
 @dataclass

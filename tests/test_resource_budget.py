@@ -30,6 +30,7 @@ from pydicom.uid import (
 
 from gateway.imaging.budget import ByteBudget, DecodePool, OverBudget
 from gateway.imaging.codestream import check_frame
+from gateway.shared_tally import SharedTally, create_tally
 from storage.part10 import dataset_bytes
 from tests.processes import PasserelleProcess, wait_for
 from tests.scu import associate, c_store_pdus
@@ -399,6 +400,32 @@ def test_byte_budget_rules() -> None:
     assert budget.in_use == 0
     budget.reserve(50)  # dropped at once
     assert budget.in_use == 0
+
+
+def test_a_reservation_collected_inside_the_budget_locks_waits_on_nothing(
+        tmp_path: Path) -> None:
+    """The garbage collector may drop a reservation in a thread that holds the lock of the
+    budget or of its shared tally (a collection inside ``try_hold``): giving the bytes back
+    there would wait on that thread itself. They are given back by the next call instead,
+    to the process and to the tally the other processes read."""
+    path = tmp_path / "bytes.tally"
+    create_tally(path, 2)
+    budget = ByteBudget("test_bytes", "test_setting", 100, shared=SharedTally(path, 0))
+    dropped = budget.reserve(60)
+    finished = threading.Event()
+
+    def collect_inside_the_locks() -> None:
+        with budget._room, budget.shared._threads:  # type: ignore[union-attr]
+            dropped.__del__()
+        finished.set()
+
+    threading.Thread(target=collect_inside_the_locks, daemon=True).start()
+    assert finished.wait(5), "the collected reservation waited on its own thread's lock"
+    assert SharedTally(path, 1).total() == 60  # until this process uses the budget again
+    assert budget.in_use == 0
+    assert SharedTally(path, 1).total() == 0
+    with budget.reserve(100):
+        pass
 
 
 def test_decode_pool_rules() -> None:

@@ -8,6 +8,9 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -115,6 +118,39 @@ def test_a_process_dying_again_and_again_waits_longer_each_time(tmp_path: Path) 
             assert (f"dicom process (pid {victim}) was killed by SIGKILL: starting it again "
                     f"in {delay} s") in server.log()
         assert server.metric("passerelle_process_restarts_total", role="dicom") == 3
+
+
+def test_http_workers_may_open_files_to_the_hard_limit_pynetdicom_stays_under_1024(
+        tmp_path: Path) -> None:
+    """The supervisor raises the soft limit of open files to the hard one (a WADO-RS study
+    retrieve holds its files open); the processes using pynetdicom, whose ``select()``
+    takes no descriptor of 1024 or more, keep theirs at 1024."""
+    hard = psutil.Process().rlimit(psutil.RLIMIT_NOFILE)[1]
+    if hard != psutil.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit of open files is {hard}: nothing to raise")
+    with PasserelleProcess(tmp_path / "data", http_workers="2") as server:
+        processes = _processes(server)
+        limits = {role: {psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)
+                         for pid in pids} for role, pids in processes.items()}
+    assert limits["http"] == {(hard, hard)}
+    assert limits["dicom"] == limits["background"] == {(1024, hard)}
+
+
+def test_the_descriptor_share_of_responses_is_read_once_the_limit_is_raised() -> None:
+    """gateway.web.dicomweb.stored_files is imported before the supervisor raises the
+    limit: its share of it is read at first use, not at import."""
+    program = textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 8192))
+        from gateway.web.dicomweb.stored_files import DESCRIPTORS
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+        print(DESCRIPTORS.capacity)
+    """)
+    if psutil.Process().rlimit(psutil.RLIMIT_NOFILE)[1] < 8192:
+        pytest.skip("the hard limit of open files is under 8192")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, check=True, cwd=Path(__file__).parent.parent)
+    assert done.stdout.strip() == str(8192 // 4)
 
 
 def test_health_names_a_role_whose_process_stops_serving(tmp_path: Path) -> None:

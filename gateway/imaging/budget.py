@@ -18,6 +18,7 @@ A refusal is an ``OverBudget``: status, reason (the metric label), a message for
 client, ``Retry-After`` when waiting may help; it is logged and counted when made.
 """
 
+import collections
 import functools
 import logging
 import threading
@@ -110,13 +111,29 @@ class ByteBudget:
         self.shared = shared
         self._used = 0  # by this process
         self._room = threading.Condition()
+        # Sizes of reservations the garbage collector dropped unreleased: given back by the
+        # next call that holds the locks (``__del__`` may run inside any of them).
+        self._dropped: collections.deque[int] = collections.deque()
         self._gauge = metrics.BUDGET_IN_USE.labels(name)
         self._gauge.set(0)
 
     @property
     def in_use(self) -> int:
         """Bytes reserved right now by this process."""
-        return self._used
+        with self._room:
+            self._reclaim_dropped()
+            return self._used
+
+    def _reclaim_dropped(self) -> None:
+        """Give back what dropped reservations held (call holding ``_room``)."""
+        if not self._dropped:
+            return
+        while self._dropped:
+            self._used -= self._dropped.popleft()
+        if self.shared is not None:
+            self.shared.try_hold(self._used, self.capacity)
+        self._gauge.set(self._used)
+        self._room.notify_all()
 
     def _fits(self, size: int) -> bool:
         """True (and, when shared, the tally updated) when ``size`` more bytes fit now."""
@@ -144,6 +161,7 @@ class ByteBudget:
         # deadline: a request waits decode_wait_seconds in all, never twice that.
         deadline = min(deadline, getattr(_JOB, "deadline", deadline))
         with self._room:
+            self._reclaim_dropped()
             while not self._fits(size):
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -154,11 +172,13 @@ class ByteBudget:
                                  retry_after=1)
                 # Room given back by another process is not notified here: look again soon.
                 self._room.wait(left if self.shared is None else min(left, _SHARED_POLL))
+                self._reclaim_dropped()
             self._used += size
             self._gauge.set(self._used)
 
     def _give_back(self, size: int) -> None:
         with self._room:
+            self._reclaim_dropped()
             self._used -= size
             if self.shared is not None:
                 self.shared.try_hold(self._used, self.capacity)
@@ -208,9 +228,11 @@ class Reservation:
 
     def __del__(self) -> None:
         # A reservation dropped unreleased (a streamed response that never started) must
-        # not shrink the budget for good.
+        # not shrink the budget for good. No lock here: the collector may run this in a
+        # thread holding the budget's or the tally's, which would then wait on itself.
         if self.size:
-            self.release()
+            self.budget._dropped.append(self.size)
+            self.size = 0
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:

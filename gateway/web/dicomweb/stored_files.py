@@ -8,6 +8,7 @@ that way, across the process, are bounded (``DescriptorBudget``); a response tha
 room opens each file as it comes and is sent chunked.
 """
 
+import functools
 import logging
 import os
 import threading
@@ -71,12 +72,20 @@ async def chunks(opened: OpenedFile) -> AsyncIterator[bytes]:
 
 
 class DescriptorBudget:
-    """How many descriptors responses may hold open at once, across the process."""
+    """How many descriptors responses may hold open at once, across the process: a share of
+    the open-file limit, read at first use (the supervisor raises the limit after this
+    module is imported), unless ``capacity`` is given."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int | None = None) -> None:
+        if capacity is not None:
+            self.capacity = capacity
         self._held = 0
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def capacity(self) -> int:
+        """How many may be held at once."""
+        return _capacity()
 
     def take(self, count: int) -> bool:
         """Hold ``count`` more, if there is room; False if not (nothing held)."""
@@ -102,7 +111,7 @@ def _capacity() -> int:
         else soft // _HELD_SHARE
 
 
-DESCRIPTORS = DescriptorBudget(_capacity())
+DESCRIPTORS = DescriptorBudget()
 
 
 class HeldFiles:
