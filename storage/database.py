@@ -11,13 +11,14 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import URL, Connection, Engine, Row, create_engine, event, make_url, text
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 SQLITE_FILE = "index.sqlite"
 _BUSY_TIMEOUT_S = 30
@@ -28,6 +29,8 @@ _IMMEDIATE = "passerelle_immediate"  # execution option: the next BEGIN is BEGIN
 _LOCK_STRIPES = 32
 _LOCK_CLASS = 0x5053  # "PS"
 _PG_CONNECT = {"application_name": "passerelle", "connect_timeout": 10}
+_PG_NOW = text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")
+_PG_LOCK_TIMEOUT = text(f"SET LOCAL lock_timeout = '{_BUSY_TIMEOUT_S}s'")
 
 
 class DatabaseURLError(ValueError):
@@ -36,6 +39,10 @@ class DatabaseURLError(ValueError):
 
 class DatabaseUnavailableError(ConnectionError):
     """The database cannot be reached (or refuses this program's login)."""
+
+
+class LockTimeoutError(DatabaseUnavailableError):
+    """A ``Database.lock`` not granted in time: its holder elsewhere takes too long."""
 
 
 def sqlite_url(path: Path) -> str:
@@ -146,6 +153,17 @@ class Database:
             with connection.begin():
                 yield connection
 
+    def now(self, connection: Connection | None = None) -> float:
+        """Seconds since the epoch by the one clock every writer shares: PostgreSQL's (the
+        replicas' own clocks may disagree), on ``connection`` when given; with SQLite this
+        host's, the only one writing."""
+        if self.dialect == "sqlite":
+            return time.time()
+        if connection is not None:
+            return connection.execute(_PG_NOW).scalar_one()
+        with self.engine.connect() as pooled:
+            return pooled.execute(_PG_NOW).scalar_one()
+
     def fetch(self, sql: str, params: Mapping[str, object] | None = None) -> list[Row]:
         """Rows of one read-only statement, on a pooled connection."""
         with self.engine.connect() as connection:
@@ -170,14 +188,17 @@ class Database:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 return
             keys = {"classid": _LOCK_CLASS, "objid": key - (1 << 32) if key >> 31 else key}
-            with self._locks_engine.connect() as connection:
-                connection.execution_options(isolation_level="AUTOCOMMIT")
-                connection.execute(text("SELECT pg_advisory_lock(:classid, :objid)"), keys)
+            # Held by a transaction of its own: ended with it, whatever ends it (its
+            # connection lost, returned to the pool), so it never outlives its holder.
+            with self._locks_engine.connect() as connection, connection.begin():
+                connection.execute(_PG_LOCK_TIMEOUT)
                 try:
-                    yield
-                finally:
-                    connection.execute(text("SELECT pg_advisory_unlock(:classid, :objid)"),
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:classid, :objid)"),
                                        keys)
+                except OperationalError as exc:
+                    raise LockTimeoutError(f"{name}: held elsewhere for more than "
+                                           f"{_BUSY_TIMEOUT_S:.0f} s") from exc
+                yield
 
     def _stripe_file(self, stripe: int) -> int:
         """The open file of lock stripe ``stripe`` (flock is per open file: one each)."""

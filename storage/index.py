@@ -9,7 +9,6 @@ are checked again before anything commits.
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
@@ -60,13 +59,15 @@ _STUDY_UPSERT = text("""
                          requested_procedure_ids, placer_order_numbers, first_received_at,
                          last_received_at, referring_physician_folded, character_set,
                          other_patient_ids, patient_name, patient_name_folded, patient_birth_date,
-                         patient_sex, patient_id_qualifiers)
+                         patient_sex, patient_id_qualifiers, changes)
     VALUES (:study_uid, :patient_pk, :study_date, :study_time, :accession_number,
             :accession_issuer, :study_id, :study_description, :referring_physician,
             :requested_procedure_ids, :placer_order_numbers, :now, :now,
             :referring_physician_folded, :character_set, :other_patient_ids, :patient_name,
-            :patient_name_folded, :patient_birth_date, :patient_sex, :patient_id_qualifiers)
-    ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at
+            :patient_name_folded, :patient_birth_date, :patient_sex, :patient_id_qualifiers, 1)
+    ON CONFLICT (study_uid) DO UPDATE SET changes = studies.changes + 1,
+        last_received_at = CASE WHEN excluded.last_received_at > studies.last_received_at
+                           THEN excluded.last_received_at ELSE studies.last_received_at END
     RETURNING pk, patient_pk
 """)
 _SET_PATIENT_MODULE = text("""
@@ -400,10 +401,11 @@ class Index:
         Returns the patient module attributes in which the instance differs from its
         study's."""
         params = _record_params(record)
-        params.update(path=path, size=size, source=source, now=time.time(),
+        params.update(path=path, size=size, source=source,
                       # its distinct items, bounded
                       request_attributes=encode(request_items([record.request_attributes])))
         with self.transaction() as db:
+            params["now"] = self.database.now(db)
             conflict = _identity_conflict(db, record)
             if conflict:
                 raise IdentityConflictError(conflict)

@@ -14,7 +14,6 @@ work of the one that took the row over.
 """
 
 import enum
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -101,12 +100,12 @@ class Outbox:
         was last queued; the study UIDs queued. Replicas may run this at the same moment: the
         one UPDATE marks each study queued and returns it to one of them only (on PostgreSQL
         the other waits for the row lock, then finds the study queued already)."""
-        now = time.time() if now is None else now
         with self.index.transaction() as db:
+            now = self.index.database.now(db) if now is None else now
             studies = sorted(row[0] for row in db.execute(text(
-                """UPDATE studies SET queued_through = last_received_at
+                """UPDATE studies SET queued_changes = changes
                    WHERE last_received_at <= :cutoff
-                   AND (queued_through IS NULL OR queued_through < last_received_at)
+                   AND (queued_changes IS NULL OR queued_changes < changes)
                    RETURNING study_uid"""), {"cutoff": now - stable_seconds}))
             for study_uid in studies:
                 self._insert(db, study_uid, Action.PUBLISH, now)
@@ -114,13 +113,13 @@ class Outbox:
 
     def queue(self, study_uid: str, action: Action, payload: str = "") -> Publication:
         """Queue ``action`` for a study now (manual publish, unpublish, confidentiality)."""
-        now = time.time()
         with self.index.transaction() as db:
+            now = self.index.database.now(db)
             if db.execute(text("SELECT 1 FROM studies WHERE study_uid = :study_uid"),
                           {"study_uid": study_uid}).first() is None:
                 raise LookupError(f"no such study {study_uid}")
             if action is Action.PUBLISH:
-                db.execute(text("UPDATE studies SET queued_through = last_received_at "
+                db.execute(text("UPDATE studies SET queued_changes = changes "
                                 "WHERE study_uid = :study_uid"), {"study_uid": study_uid})
             pk = self._insert(db, study_uid, action, now, payload)
         return self.get(pk)  # type: ignore[return-value]
@@ -146,7 +145,7 @@ class Outbox:
               now: float | None = None) -> Publication | None:
         """Lease the oldest due row no replica holds to ``replica`` for ``lease_seconds``;
         the row as leased, or None when there is none. An expired lease is taken over."""
-        now = time.time() if now is None else now
+        now = self.index.database.now() if now is None else now
         # PostgreSQL: rows another replica is claiming right now are skipped, not waited for.
         # SQLite: the write transaction (BEGIN IMMEDIATE) already runs alone.
         skip_locked = " FOR UPDATE SKIP LOCKED" if self.index.dialect == "postgresql" else ""
@@ -171,7 +170,7 @@ class Outbox:
             renewed = db.execute(text(
                 """UPDATE publications SET lease_expires_at = :until
                    WHERE pk = :pk AND leased_by = :replica"""),
-                {"until": time.time() + lease_seconds, "pk": row.id,
+                {"until": self.index.database.now(db) + lease_seconds, "pk": row.id,
                  "replica": row.leased_by}).rowcount
         if not renewed:
             raise LeaseLostError(f"publication {row.id}: lease of {row.leased_by} lost")
@@ -268,8 +267,8 @@ class Outbox:
         (now, or in an earlier attempt) stays ``sent``, to be looked up before it is sent
         again."""
         state = State.SENT if maybe_delivered or row.state is State.SENT else State.PENDING
-        self._set(row, state=state, last_error=reason, next_attempt_at=time.time() + delay,
-                  release=True)
+        self._set(row, state=state, last_error=reason,
+                  next_attempt_at=self.index.database.now() + delay, release=True)
 
     def retry(self, pk: int) -> Publication:
         """Put a failed row back to pending, to send now; the row as it is now. LookupError
@@ -280,7 +279,7 @@ class Outbox:
         if row.state is not State.FAILED:
             raise NotFailedError(f"publication {pk} is {row.state}, not failed: nothing to "
                                  "retry")
-        self._set(row, state=State.PENDING, next_attempt_at=time.time(), attempts=0)
+        self._set(row, state=State.PENDING, next_attempt_at=self.index.database.now(), attempts=0)
         return self.get(pk)  # type: ignore[return-value]  # rows are never deleted
 
     def _set(self, row: Publication, release: bool = False, **fields: object) -> None:
@@ -288,11 +287,11 @@ class Outbox:
         row's lease is still the one ``row`` carries (LeaseLostError otherwise); ``release``
         ends the lease."""
         values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()}
-        values["updated_at"] = time.time()
         if release:
             values.update(leased_by="", lease_expires_at=0.0)
-        assignments = ", ".join(f"{name} = :{name}" for name in values)
         with self.index.transaction() as db:
+            values["updated_at"] = self.index.database.now(db)
+            assignments = ", ".join(f"{name} = :{name}" for name in values)
             changed = db.execute(text(
                 f"UPDATE publications SET {assignments} WHERE pk = :pk AND leased_by = :lease"),
                 {**values, "pk": row.id, "lease": row.leased_by}).rowcount

@@ -62,7 +62,10 @@ studies = Table(
     Column("first_received_at", Double, nullable=False),  # seconds since the epoch
     Column("last_received_at", Double, nullable=False),
     _text("referring_physician_folded", default=True),
-    Column("queued_through", Double),  # last_received_at when queued for publication
+    # Instances written into the study, and that count when it was last queued for
+    # publication (storage.outbox; migration 0004 says why a count, not a time).
+    Column("changes", BigInteger, nullable=False, server_default="0"),
+    Column("queued_changes", BigInteger),
     _text("character_set", default=True),
     _text("other_patient_ids", default=True), _text("patient_name", default=True),
     _text("patient_name_folded", default=True),

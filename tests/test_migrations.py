@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from storage.database import Database
 from storage.index import Index
 from storage.migrations import head
+from storage.outbox import Outbox
 from storage.schema import LEGACY_VERSION, NewerSchemaError
 from storage.search import name_group
 from storage.tables import metadata
@@ -111,6 +112,28 @@ def test_an_sqlite_index_of_a_version_before_alembic_migrates_in_place(
             db.exec_driver_sql("INSERT INTO patient_modules_to_read VALUES (1)"
                                " ON CONFLICT DO NOTHING")
         assert index.patient_modules_to_read() == [(study, ["studies/x.dcm"])]
+    finally:
+        index.close()
+
+
+def test_a_study_queued_and_unchanged_stays_so_through_the_change_counts(
+        tmp_path: Path) -> None:
+    """Migration 0004: a study queued at its last instance's time is up to date; one
+    changed since it was queued, or never queued, is queued once quiet."""
+    path = tmp_path / "index.sqlite"
+    changed, _ = _legacy_index(path, LEGACY_VERSION)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE studies SET queued_through = 2.0")  # before its last, at 2.5
+    db.execute("INSERT INTO studies (pk, study_uid, patient_pk, study_date, study_time,"
+               " accession_number, accession_issuer, study_id, study_description,"
+               " referring_physician, requested_procedure_ids, placer_order_numbers,"
+               " first_received_at, last_received_at, queued_through) VALUES"
+               " (2, '1.2.3', 1, '', '', '', '', '', '', '', '', '', 1.5, 2.5, 2.5)")
+    db.commit()
+    db.close()
+    index = Index(path)
+    try:
+        assert Outbox(index).queue_stable_studies(0, now=10.0) == [changed]
     finally:
         index.close()
 

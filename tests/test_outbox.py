@@ -72,6 +72,29 @@ def test_a_late_instance_queues_the_study_again(store: Store) -> None:
     assert len(outbox.listing()) == 2
 
 
+def test_an_instance_stamped_earlier_than_the_queued_time_still_queues_the_study(
+        store: Store, tmp_path: Path, database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued, then an instance written by a replica whose clock is behind (or whose commit
+    came late): its time is earlier than the one already queued, yet the study changed and
+    is queued again; its quiet time never goes back."""
+    study = generate_uid()
+    _receive(store, study, 1)
+    outbox = Outbox(store.index)
+    [(queued_at,)] = store.index.fetch("SELECT last_received_at FROM studies")
+    assert outbox.queue_stable_studies(0, now=queued_at + 1) == [study]
+    behind = Store(tmp_path / "data", database_url=database_url)
+    try:
+        monkeypatch.setattr(behind.index.database, "now",
+                            lambda connection=None: queued_at - 600)
+        _receive(behind, study, 2)
+    finally:
+        behind.close()
+    assert store.index.fetch("SELECT last_received_at FROM studies")[0][0] == queued_at
+    assert outbox.queue_stable_studies(0, now=queued_at + 1) == [study]
+    assert outbox.queue_stable_studies(0, now=queued_at + 2) == []
+
+
 def test_queue_state_survives_reopening(tmp_path: Path, database_url: str) -> None:
     store = Store(tmp_path / "data", database_url=database_url)
     study = generate_uid()
