@@ -85,11 +85,16 @@ def _reindex(blobs: BlobStore, index: Index, relative: str, report: RecoveryRepo
     except (UnreadableDatasetError, ValueError) as exc:
         _quarantine(blobs, relative, str(exc), report)
         return
-    try:
-        index.add_instance(record, relative, len(data), source="recovery")
-    except IdentityConflictError as exc:  # never acknowledged: its ingest was refused
-        _quarantine(blobs, relative, str(exc), report)
-        return
+    # The lock of the instance's ingest (storage.store): a live replica may have renamed
+    # this file into place and not yet committed it; once it has, the file is indexed.
+    with index.database.lock(f"instance {record.sop_uid}"):
+        if index.has_path(relative):
+            return
+        try:
+            index.add_instance(record, relative, len(data), source="recovery")
+        except IdentityConflictError as exc:  # never acknowledged: its ingest was refused
+            _quarantine(blobs, relative, str(exc), report)
+            return
     report.reindexed += 1
 
 

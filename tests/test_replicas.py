@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from storage.blobs import BlobStore
 from storage.database import Database
+from storage.header import read_header
 from storage.index import Index
 from storage.outbox import Outbox, Publication, State
 from storage.recovery import DataDirBusyError, ServiceLock, _still_named, recover
@@ -29,7 +30,7 @@ from tests.faulty_proxy import FaultyProxy
 from tests.multipart import parts_of
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for
 from tests.scu import send
-from tests.synthetic import ct_slice, national_ct_slice
+from tests.synthetic import ct_slice, national_ct_slice, part10
 
 FAST = {"publish_retry_seconds": "0.2", "publish_retry_max_seconds": "1",
         "registry_timeout": "2", "order_issuer_oid": "1.2.250.1.999.1.1.3",
@@ -310,6 +311,33 @@ def test_replicas_recover_one_after_the_other(tmp_path: Path) -> None:
     second.join(30)
     assert not second.is_alive()
     index.close()
+
+
+def test_recovery_leaves_a_file_a_live_replica_is_indexing_to_that_replica(
+        tmp_path: Path) -> None:
+    """A live replica has renamed an instance's file into place and holds the instance's
+    lock until its index commit: recovery waits for that lock, then finds the file
+    indexed, and indexes nothing twice."""
+    blobs, index = BlobStore(tmp_path), Index(tmp_path / "index.sqlite")
+    try:
+        ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
+        data = part10(ds)
+        record = read_header(data)
+        relative = blobs.relative_path(record.study_uid, record.series_uid, record.sop_uid)
+        found: list[dict[str, int]] = []
+        with index.database.lock(f"instance {record.sop_uid}"):
+            blobs.put(relative, [data])
+            recovering = threading.Thread(
+                target=lambda: found.append(recover(blobs, index).counts()))
+            recovering.start()
+            recovering.join(1)
+            assert recovering.is_alive()  # waits for the writer's commit
+            index.add_instance(record, relative, len(data), source="replica")
+        recovering.join(30)
+        assert found == [{"reindexed": 0, "quarantined": 0, "missing": 0}]
+        assert index.find_instance(record.sop_uid).path == relative
+    finally:
+        index.close()
 
 
 def test_a_replica_purges_only_the_temporary_files_no_write_touches(tmp_path: Path) -> None:
