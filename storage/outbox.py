@@ -163,17 +163,23 @@ class Outbox:
             ).first()
         return None if row is None else _publication(row)
 
-    def renew(self, row: Publication, lease_seconds: float) -> None:
-        """Extend the lease of ``row`` (claimed) by ``lease_seconds`` from now;
-        LeaseLostError when another replica holds it."""
+    def renew(self, row: Publication, lease_seconds: float) -> bool:
+        """Extend the lease of ``row`` (claimed) by ``lease_seconds`` from now; False when
+        the lease has ended (the row finished: nothing to renew), LeaseLostError when
+        another replica holds it."""
         with self.index.transaction() as db:
-            renewed = db.execute(text(
-                """UPDATE publications SET lease_expires_at = :until
-                   WHERE pk = :pk AND leased_by = :replica"""),
+            holder = db.execute(text(
+                """UPDATE publications SET lease_expires_at = CASE WHEN leased_by = :replica
+                       THEN :until ELSE lease_expires_at END
+                   WHERE pk = :pk RETURNING leased_by"""),
                 {"until": self.index.database.now(db) + lease_seconds, "pk": row.id,
-                 "replica": row.leased_by}).rowcount
-        if not renewed:
-            raise LeaseLostError(f"publication {row.id}: lease of {row.leased_by} lost")
+                 "replica": row.leased_by}).scalar()
+        if holder == row.leased_by:
+            return True
+        if not holder:  # "" once ended
+            return False
+        raise LeaseLostError(f"publication {row.id}: lease of {row.leased_by} taken over by "
+                             f"{holder}")
 
     def lease_holders(self) -> list[str]:
         """The replicas holding a lease now or when they stopped."""

@@ -103,10 +103,10 @@ class _KeptLease:
     def _run(self) -> None:
         while not self._done.wait(self.seconds / 3):
             try:
-                self.outbox.renew(self.row, self.seconds)
-            except LeaseLostError:
-                log.warning("publication %d: lease taken over by another replica",
-                            self.row.id)
+                if not self.outbox.renew(self.row, self.seconds):
+                    return  # the row finished between two renewals
+            except LeaseLostError as exc:
+                log.warning("%s", exc)
                 return
             except Exception:  # the index unreachable for a moment: try again
                 log.exception("publication %d: lease renewal failed", self.row.id)
