@@ -107,7 +107,8 @@ def _study_rows(first: int, last: int, patients: int, now: float
                  "referring_physician": referring,
                  "referring_physician_folded": fold_name(referring),
                  "requested_procedure_ids": "[]", "placer_order_numbers": "[]",
-                 "first_received_at": now, "last_received_at": now, "changes": 1, "queued_changes": 1,
+                 "first_received_at": now, "last_received_at": now,
+                 "changes": 1, "queued_changes": 1,
                  "character_set": "ISO_IR 192", "other_patient_ids": "[]",
                  "patient_name": name, "patient_name_folded": fold_name(name),
                  "patient_birth_date": f"{1930 + patient % 90}{1 + patient % 12:02d}"
