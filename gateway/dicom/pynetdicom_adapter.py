@@ -28,12 +28,22 @@ pynetdicom release means reading each of them again:
 - ``ApplicationEntity._servers``: where ``AE.start_server`` registers a server, so that
   ``AE.shutdown`` stops it.
 - ``events.trigger``: to emit EVT_REJECTED and EVT_CONN_CLOSE as pynetdicom's code does.
+- ``DULServiceProvider._run_loop_delay``, ``._is_transport_event``, ``.event_queue`` and
+  ``.to_provider_queue``, ``AssociationSocket.socket``: ``wait_instead_of_polling`` (below).
+- ``Association._run_reactor`` calls ``dimse.get_msg(block=False)`` after a 1 ms sleep, in a
+  loop: ``StreamingDimse.get_msg`` waits there instead.
 
 Public API used as documented: ``AE.make_server(server_class=...)``, ``Association.kill``,
 ``Association.acse.send_reject``, ``Association.run`` (``threading.Thread.run``, wrapped).
 """
 
+import contextlib
 import logging
+import os
+import queue
+import select
+import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +56,10 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationServer, RequestHandler
 
 log = logging.getLogger(__name__)
+# How long an association's threads wait for work before they look at their timers and
+# flags (ARTIM, the idle timeout, a kill, a release): pynetdicom's own loops poll every
+# millisecond, which costs 4 % of a core per idle association.
+_IDLE_WAIT_SECONDS = 0.02
 
 
 class DatasetSink(Protocol):
@@ -125,6 +139,18 @@ class StreamingDimse(DIMSEServiceProvider):
             raise MessageRefusedError(f"the data set of a {type(message).__name__} over "
                                       f"{self._other_limit} bytes")
 
+    def get_msg(self, block: bool = False) -> tuple[Any, Any]:
+        """The next decoded message: as pynetdicom's, except that a call that would not
+        block waits up to _IDLE_WAIT_SECONDS for one (the association's reactor calls it
+        in a loop, after a 1 ms sleep: it then wakes when a message comes, not 1000
+        times a second)."""
+        if block:
+            return super().get_msg(block=True)
+        try:
+            return self.msg_queue.get(timeout=_IDLE_WAIT_SECONDS)
+        except queue.Empty:
+            return None, None
+
     def _open(self, message: C_STORE_RQ) -> DatasetSink:
         command = message.command_set
         sop_class = command.get("AffectedSOPClassUID")
@@ -181,6 +207,78 @@ class AdaptedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         self.configure(assoc)
         return assoc
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose every ``put`` (``put_nowait`` too) calls ``wake``."""
+
+    def __init__(self, items: "queue.Queue[Any]", wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+        while not items.empty():  # e.g. Evt5, put when the socket was made
+            super().put(items.get_nowait())
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _Waker:
+    """A pipe that ends a thread's wait in ``select``; closed by that thread alone, and
+    never written once closed (its descriptor number may then be another file's)."""
+
+    def __init__(self) -> None:
+        self.read_end, self._write_end = os.pipe()
+        os.set_blocking(self.read_end, False)
+        os.set_blocking(self._write_end, False)
+        self._lock = threading.Lock()
+        self._open = True
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._open:
+                with contextlib.suppress(BlockingIOError):  # full: woken already
+                    os.write(self._write_end, b"!")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.read_end, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+            os.close(self.read_end)
+            os.close(self._write_end)
+
+
+def wait_instead_of_polling(assoc: Association) -> None:
+    """Make the DUL thread of ``assoc`` wait on its socket, and on a pipe written whenever
+    an event or a primitive to send is queued, instead of sleeping 1 ms between polls."""
+    dul = assoc.dul
+    waker = _Waker()
+    dul.event_queue = _WakingQueue(dul.event_queue, waker.wake)
+    dul.to_provider_queue = _WakingQueue(dul.to_provider_queue, waker.wake)
+    dul._run_loop_delay = 0
+    is_transport_event, run = dul._is_transport_event, dul.run
+
+    def wait_then_look() -> bool:
+        connection = dul.socket.socket if dul.socket is not None else None
+        if connection is not None and dul.event_queue.empty() \
+                and dul.to_provider_queue.empty() \
+                and not (isinstance(connection, ssl.SSLSocket) and connection.pending()):
+            with contextlib.suppress(OSError, ValueError):  # closed: pynetdicom sees it
+                select.select([connection, waker.read_end], [], [], _IDLE_WAIT_SECONDS)
+            waker.drain()
+        return is_transport_event()
+
+    def run_then_close() -> None:
+        try:
+            run()
+        finally:
+            waker.close()
+
+    dul._is_transport_event = wait_then_look  # type: ignore[method-assign]
+    dul.run = run_then_close  # type: ignore[method-assign]
 
 
 def use_dimse(assoc: Association, dimse: StreamingDimse) -> None:

@@ -54,6 +54,7 @@ from gateway.dicom.pynetdicom_adapter import (
     guard_receive,
     reject_association,
     use_dimse,
+    wait_instead_of_polling,
     wake_if_negotiating,
 )
 from gateway.imaging.budget import ByteBudget, OverBudget
@@ -336,6 +337,7 @@ class GuardedRequestHandler(AdaptedRequestHandler):
 
         use_dimse(assoc, StreamingDimse(assoc, open_dataset, _COMMAND_BYTES,
                                         _OTHER_DATASET_BYTES))
+        wait_instead_of_polling(assoc)
         call_when_ended(assoc, server.association_ended)
         server.track(assoc, host)
         self._assoc = assoc
