@@ -2,6 +2,7 @@
 application), and dicomweb-client against a running service over a socket; each on an
 SQLite and on a PostgreSQL index."""
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 
@@ -12,6 +13,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import make_url
 
+from gateway.web.http.responses import json_bytes
 from storage.search import Level, Match
 from tests.inprocess import InProcessService
 from tests.processes import PasserelleProcess
@@ -383,3 +385,15 @@ def test_a_search_within_thousands_of_instances(literal: InProcessService) -> No
                   for r in studies) == [("P%1", "CT", 1), ("P1", "CT", 1)]
     assert index.count(Level.STUDY, [Match("PatientID", "P*")], False, within) == 2
     assert index.search(Level.STUDY, [], ["PatientID"], False, 100, 0, frozenset()) == []
+
+
+def test_dicom_json_is_encoded_as_json_would_even_past_64_bit_integers() -> None:
+    """The fast encoder (orjson) writes what json writes, compact and in UTF-8; an IS value
+    past 64 bits, which it refuses, is written by json instead of failing the answer."""
+    payload = [{"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Hélène=山田^太郎"}]},
+                "00200013": {"vr": "IS", "Value": [12]}, "00081030": {"vr": "LO"},
+                "0020000D": {"vr": "UI", "Value": ["1.2.3\n"]}}]
+    assert json_bytes(payload) == json.dumps(payload, ensure_ascii=False,
+                                             separators=(",", ":")).encode()
+    huge = [{"00200013": {"vr": "IS", "Value": [1 << 70]}}]
+    assert json.loads(json_bytes(huge)) == huge

@@ -119,6 +119,10 @@ def parse_query(items: list[tuple[str, str]], level: Level, scope: dict[str, str
     return matches, returned, fuzzy, limit, offset, named
 
 
+# The DICOM JSON key of each attribute QIDO-RS returns (looked up once, not per result).
+_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in ATTRIBUTES}
+
+
 def _json_value(vr: str, value: object) -> dict[str, object]:
     element: dict[str, object] = {"vr": vr}
     if value is None or value == "":
@@ -149,7 +153,7 @@ def dicom_json(row: dict[str, object], level: Level, dicomweb_root: str,
     and the response "shall contain" the attributes passed as match or includefield
     parameters (PS3.18 10.6.3.3.1, 10.6.3.3.2); an empty value is an element without
     "Value" (PS3.18 F.2.5)."""
-    result = {f"{tag_for_keyword(k):08X}": _json_value(ATTRIBUTES[k].vr, v)
+    result = {_TAGS[k]: _json_value(ATTRIBUTES[k].vr, v)
               for k, v in row.items()
               if not (k in _IF_KNOWN and k not in named and v in (None, ""))}
     url = retrieve_url(dicomweb_root, str(row["StudyInstanceUID"]),

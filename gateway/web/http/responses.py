@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -28,8 +29,17 @@ def over_budget(refusal: OverBudget) -> Response:
 
 def json_response(request: Request, payload: object) -> Response:
     """DICOM JSON of ``payload``, see ``json_bytes_response``."""
-    return json_bytes_response(
-        request, json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+    return json_bytes_response(request, json_bytes(payload))
+
+
+def json_bytes(payload: object) -> bytes:
+    """``payload`` as compact UTF-8 JSON: orjson's (several times faster than json's, the
+    bulk of a QIDO-RS answer's time), or json's for an integer past 64 bits, which orjson
+    refuses and an IS value may hold."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def entity_tag(*parts: object) -> str:
