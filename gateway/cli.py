@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import ssl
 import sys
 import textwrap
@@ -68,6 +69,8 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         serve(settings, service, run_dir)
     except (DataDirBusyError, ChildFailedError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
+        if settings.is_replica():  # its own, named by no lock file: nobody else removes it
+            shutil.rmtree(run_dir, ignore_errors=True)
         return 1
     return 0
 

@@ -12,9 +12,9 @@ A child that dies is logged (role, pid, exit code or signal) and started again a
 delay that doubles with each quick death (``_RESTART_FIRST`` to ``_RESTART_MAX`` seconds);
 one that dies before it ever served, at start, stops the service ("cannot serve"). SIGTERM
 or SIGINT is passed to every child as SIGTERM (each drains as ``passerelle serve`` always
-did); a child still running ``_stop_seconds`` later is killed, and logged. Children get
-SIGKILL from the kernel if the supervisor itself dies (PR_SET_PDEATHSIG), so none is left
-holding a port.
+did; further signals are ignored); a child still running ``_stop_seconds`` later is
+killed, and logged. Children get SIGKILL from the kernel if the supervisor itself dies
+(PR_SET_PDEATHSIG), so none is left holding a port.
 """
 
 import contextlib
@@ -45,7 +45,7 @@ from gateway.run_dir import remove_run_dirs
 from gateway.security.client_counts import ClientTable
 from gateway.service import ProcessContext, registry_tls, server_tls
 from gateway.shared_tally import clear_slot, create_tally
-from storage.database import masked
+from storage.database import database_url, masked, sqlite_file
 from storage.recovery import ServiceLock, recover
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,9 @@ class Supervisor:
         registry_tls(settings.publication)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         _raise_open_file_limit()
-        lock = ServiceLock(settings.data_dir, settings.is_replica(), self.service)
+        replica = settings.is_replica()
+        lock = ServiceLock(settings.data_dir, replica, self.service, None if replica else
+                           sqlite_file(database_url(settings.database_url, settings.data_dir)))
         lock.acquire()
         with contextlib.ExitStack() as stop:
             stop.callback(lambda: lock.release(clean=self._clean))
@@ -216,6 +218,11 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requested = signal.Signals(signum).name
+        # Once: a second signal must not cut the children's drain, nor kill this process
+        # as it exits (Python restores the default action of its handlers at exit, not
+        # of ignored signals).
+        for other in _STOP_SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
 
     def _check_data_dir(self, lock: ServiceLock) -> dict[str, int]:
         """Purge interrupted writes, create the index and the de-identification key if

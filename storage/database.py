@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from psycopg.errors import LockNotAvailable
 from sqlalchemy import URL, Connection, Engine, Row, create_engine, event, make_url, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 
@@ -31,6 +32,9 @@ _LOCK_CLASS = 0x5053  # "PS"
 _PG_CONNECT = {"application_name": "passerelle", "connect_timeout": 10}
 _PG_NOW = text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")
 _PG_LOCK_TIMEOUT = text(f"SET LOCAL lock_timeout = '{_BUSY_TIMEOUT_S}s'")
+# The lock's transaction idles while its holder works (an fsync, a rename): a server's
+# idle_in_transaction_session_timeout must not end it, and the lock with it, meanwhile.
+_PG_HOLD_IDLE = text("SET LOCAL idle_in_transaction_session_timeout = 0")
 
 
 class DatabaseURLError(ValueError):
@@ -70,6 +74,12 @@ def _parsed(url: str) -> URL:
         return parsed.set(drivername="sqlite+pysqlite")
     raise DatabaseURLError(f"unsupported database URL {parsed.render_as_string()!r}: use"
                            " postgresql://user@host:port/database or sqlite:////path/file")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The SQLite file of ``url``; None for PostgreSQL."""
+    parsed = _parsed(url)
+    return Path(parsed.database or "") if parsed.get_backend_name() == "sqlite" else None
 
 
 def check_database_url(url: str) -> None:
@@ -192,10 +202,13 @@ class Database:
             # connection lost, returned to the pool), so it never outlives its holder.
             with self._locks_engine.connect() as connection, connection.begin():
                 connection.execute(_PG_LOCK_TIMEOUT)
+                connection.execute(_PG_HOLD_IDLE)
                 try:
                     connection.execute(text("SELECT pg_advisory_xact_lock(:classid, :objid)"),
                                        keys)
                 except OperationalError as exc:
+                    if not isinstance(exc.orig, LockNotAvailable):
+                        raise
                     raise LockTimeoutError(f"{name}: held elsewhere for more than "
                                            f"{_BUSY_TIMEOUT_S:.0f} s") from exc
                 yield

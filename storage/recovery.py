@@ -76,7 +76,10 @@ def _recover(blobs: BlobStore, index: Index) -> RecoveryReport:
 
 def _reindex(blobs: BlobStore, index: Index, relative: str, report: RecoveryReport) -> None:
     path = blobs.absolute(relative)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # deleted by a live replica whose index write failed
+        return
     try:
         record = read_header(data)
         expected = blobs.relative_path(record.study_uid, record.series_uid, record.sop_uid)
@@ -86,9 +89,10 @@ def _reindex(blobs: BlobStore, index: Index, relative: str, report: RecoveryRepo
         _quarantine(blobs, relative, str(exc), report)
         return
     # The lock of the instance's ingest (storage.store): a live replica may have renamed
-    # this file into place and not yet committed it; once it has, the file is indexed.
+    # this file into place and not yet committed it; once it has, the file is indexed, or
+    # deleted when its index write failed.
     with index.database.lock(f"instance {record.sop_uid}"):
-        if index.has_path(relative):
+        if index.has_path(relative) or not path.exists():
             return
         try:
             index.add_instance(record, relative, len(data), source="recovery")
@@ -156,9 +160,15 @@ class ServiceLock:
     in containers may share a host name and a pid.
     """
 
-    def __init__(self, data_dir: Path, replica: bool = False, name: str = "") -> None:
+    def __init__(self, data_dir: Path, replica: bool = False, name: str = "",
+                 index_file: Path | None = None) -> None:
         self.path = data_dir / _LOCK_FILE
         self.replica = replica
+        # Alone on an SQLite file, which another data dir's service could name too: that
+        # file is claimed as well (``<file>.serve-lock``), or both would publish its rows.
+        self._index_lock = None if index_file is None else \
+            index_file.with_name(f"{index_file.name}.serve-lock")
+        self._index_fd: int | None = None
         self.name = name or service_name()  # this service among the replicas
         self.gone: list[str] = []  # replica: the names of the dead replicas taken over
         self._fd: int | None = None
@@ -177,11 +187,25 @@ class ServiceLock:
                 + (" with its own SQLite index: replicas share a PostgreSQL database_url"
                    if self.replica else "")) from None
         self._fd = fd
+        if self._index_lock is not None:
+            self._claim_index()
         if self.replica:
             self._join_replicas()
         else:
             self.previous_stop_was_clean = os.pread(fd, 16, 0) in (b"", b"stopped")
             self._write(b"running")
+
+    def _claim_index(self) -> None:
+        assert self._index_lock is not None
+        fd = os.open(self._index_lock, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self.release(clean=False)
+            raise DataDirBusyError(f"the index {self._index_lock.with_suffix('')} is used by "
+                                   "another passerelle serve") from None
+        self._index_fd = fd
 
     def _join_replicas(self) -> None:
         folder = self.path.parent / _REPLICAS_DIR
@@ -237,6 +261,9 @@ class ServiceLock:
                 path.unlink(missing_ok=True)
             os.close(fd)
         self._own = []
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
         if self._fd is not None:
             if clean and not self.replica:
                 self._write(b"stopped")

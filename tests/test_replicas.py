@@ -262,6 +262,24 @@ def test_replicas_share_the_data_dir_lock_a_lone_service_has_it_alone(tmp_path: 
     lone.release()
 
 
+def test_two_services_of_two_data_dirs_cannot_share_one_sqlite_index(tmp_path: Path) -> None:
+    """An SQLite index outside the data dir (database_url) could be named by a second
+    service with a data dir of its own: its file is claimed too, or both would publish
+    its rows and end each other's leases."""
+    index_file = tmp_path / "shared.sqlite"
+    first = ServiceLock(tmp_path / "a", index_file=index_file)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first.acquire()
+    second = ServiceLock(tmp_path / "b", index_file=index_file)
+    with pytest.raises(DataDirBusyError, match=r"shared\.sqlite is used by another"):
+        second.acquire()
+    assert not ServiceLock.is_held(tmp_path / "b")  # the data dir's lock given back
+    first.release()
+    second.acquire()
+    second.release()
+
+
 def test_a_dead_replica_is_checked_for_by_one_replica(tmp_path: Path) -> None:
     """The lock file of a replica that died (left, unlocked) makes the next replica recover;
     one replica takes it, and removes it at its clean stop."""
@@ -336,6 +354,31 @@ def test_recovery_leaves_a_file_a_live_replica_is_indexing_to_that_replica(
         recovering.join(30)
         assert found == [{"reindexed": 0, "quarantined": 0, "missing": 0}]
         assert index.find_instance(record.sop_uid).path == relative
+    finally:
+        index.close()
+
+
+def test_recovery_leaves_a_file_a_live_replica_deleted_after_a_failed_index_write(
+        tmp_path: Path) -> None:
+    """The live replica's index write failed: it deletes the file it had renamed into
+    place, under the instance's lock. Recovery, waiting for that lock, indexes nothing and
+    goes on."""
+    blobs, index = BlobStore(tmp_path), Index(tmp_path / "index.sqlite")
+    try:
+        data = part10(ct_slice(generate_uid(), generate_uid(), 1, 1, size=8))
+        record = read_header(data)
+        relative = blobs.relative_path(record.study_uid, record.series_uid, record.sop_uid)
+        found: list[dict[str, int]] = []
+        with index.database.lock(f"instance {record.sop_uid}"):
+            blobs.put(relative, [data])
+            recovering = threading.Thread(
+                target=lambda: found.append(recover(blobs, index).counts()))
+            recovering.start()
+            recovering.join(1)
+            blobs.delete(relative)
+        recovering.join(30)
+        assert found == [{"reindexed": 0, "quarantined": 0, "missing": 0}]
+        assert index.find_instance(record.sop_uid) is None
     finally:
         index.close()
 

@@ -198,6 +198,20 @@ def test_sigterm_drains_a_response_in_flight_then_exits_zero_with_no_child_left(
 
 
 @pytest.mark.slow  # waits out the bound of a stop: 30 s
+def test_a_stop_signal_repeated_until_the_service_is_gone_still_ends_it_cleanly(
+        tmp_path: Path) -> None:
+    """An impatient operator (or a supervisor of its own) sends SIGTERM again and again: the
+    first one stops the service, the others neither cut the drain nor kill the supervisor
+    as Python exits (it restores the default action of its signal handlers there)."""
+    server = PasserelleProcess(tmp_path / "data", http_workers="1").start()
+    assert server.proc is not None
+    while server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    assert server.proc.returncode == 0
+    assert "stopped" in server.log()
+
+
 def test_a_process_that_does_not_stop_is_killed_then_the_supervisor_exits_zero(
         tmp_path: Path) -> None:
     with PasserelleProcess(tmp_path / "data", http_workers="1",

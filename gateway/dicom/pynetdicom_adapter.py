@@ -224,15 +224,21 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class _Waker:
-    """A pipe that ends a thread's wait in ``select``; closed by that thread alone, and
-    never written once closed (its descriptor number may then be another file's)."""
+    """A pipe that ends a thread's wait in ``select``; opened and closed by that thread
+    alone (no descriptor is left should it never start), and never written once closed
+    (its descriptor number may then be another file's)."""
 
     def __init__(self) -> None:
-        self.read_end, self._write_end = os.pipe()
-        os.set_blocking(self.read_end, False)
-        os.set_blocking(self._write_end, False)
+        self.read_end = self._write_end = -1
         self._lock = threading.Lock()
-        self._open = True
+        self._open = False
+
+    def open(self) -> None:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        with self._lock:
+            self.read_end, self._write_end, self._open = read_end, write_end, True
 
     def wake(self) -> None:
         with self._lock:
@@ -272,6 +278,7 @@ def wait_instead_of_polling(assoc: Association) -> None:
         return is_transport_event()
 
     def run_then_close() -> None:
+        waker.open()  # what was queued before is seen: the wait looks at the queues first
         try:
             run()
         finally:
