@@ -69,9 +69,11 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         serve(settings, service, run_dir)
     except (DataDirBusyError, ChildFailedError, OSError, ValueError) as exc:
         logging.getLogger("passerelle").error("cannot serve: %s", exc)
-        if settings.is_replica():  # its own, named by no lock file: nobody else removes it
-            shutil.rmtree(run_dir, ignore_errors=True)
         return 1
+    finally:
+        # A replica's own, of no use once its processes are gone (or never started).
+        if settings.is_replica():
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

@@ -23,7 +23,6 @@ import logging
 import multiprocessing
 import os
 import resource
-import shutil
 import signal
 import socket
 import sys
@@ -193,8 +192,6 @@ class Supervisor:
         with contextlib.ExitStack() as stop:
             stop.callback(lambda: lock.release(clean=self._clean))
             stop.callback(log.info, "stopped")
-            if settings.is_replica():  # its own, of no use once its processes are gone
-                stop.callback(shutil.rmtree, self.run_dir, ignore_errors=True)
             recovery = self._check_data_dir(lock)
             self._prepare_run_dir(lock.gone)
             listener = listen(settings.http)

@@ -331,38 +331,12 @@ def test_replicas_recover_one_after_the_other(tmp_path: Path) -> None:
     index.close()
 
 
-def test_recovery_leaves_a_file_a_live_replica_is_indexing_to_that_replica(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize("outcome", ["indexed", "deleted"])
+def test_recovery_leaves_a_file_a_live_replica_is_writing_to_that_replica(
+        tmp_path: Path, outcome: str) -> None:
     """A live replica has renamed an instance's file into place and holds the instance's
-    lock until its index commit: recovery waits for that lock, then finds the file
-    indexed, and indexes nothing twice."""
-    blobs, index = BlobStore(tmp_path), Index(tmp_path / "index.sqlite")
-    try:
-        ds = ct_slice(generate_uid(), generate_uid(), 1, 1, size=8)
-        data = part10(ds)
-        record = read_header(data)
-        relative = blobs.relative_path(record.study_uid, record.series_uid, record.sop_uid)
-        found: list[dict[str, int]] = []
-        with index.database.lock(f"instance {record.sop_uid}"):
-            blobs.put(relative, [data])
-            recovering = threading.Thread(
-                target=lambda: found.append(recover(blobs, index).counts()))
-            recovering.start()
-            recovering.join(1)
-            assert recovering.is_alive()  # waits for the writer's commit
-            index.add_instance(record, relative, len(data), source="replica")
-        recovering.join(30)
-        assert found == [{"reindexed": 0, "quarantined": 0, "missing": 0}]
-        assert index.find_instance(record.sop_uid).path == relative
-    finally:
-        index.close()
-
-
-def test_recovery_leaves_a_file_a_live_replica_deleted_after_a_failed_index_write(
-        tmp_path: Path) -> None:
-    """The live replica's index write failed: it deletes the file it had renamed into
-    place, under the instance's lock. Recovery, waiting for that lock, indexes nothing and
-    goes on."""
+    lock until its index commit (``indexed``), or until it deletes the file after a failed
+    index write (``deleted``): recovery waits for that lock, then indexes nothing."""
     blobs, index = BlobStore(tmp_path), Index(tmp_path / "index.sqlite")
     try:
         data = part10(ct_slice(generate_uid(), generate_uid(), 1, 1, size=8))
@@ -375,10 +349,15 @@ def test_recovery_leaves_a_file_a_live_replica_deleted_after_a_failed_index_writ
                 target=lambda: found.append(recover(blobs, index).counts()))
             recovering.start()
             recovering.join(1)
-            blobs.delete(relative)
+            assert recovering.is_alive()  # waits for the writer
+            if outcome == "indexed":
+                index.add_instance(record, relative, len(data), source="replica")
+            else:
+                blobs.delete(relative)
         recovering.join(30)
         assert found == [{"reindexed": 0, "quarantined": 0, "missing": 0}]
-        assert index.find_instance(record.sop_uid) is None
+        stored = index.find_instance(record.sop_uid)
+        assert (stored and stored.path) == (relative if outcome == "indexed" else None)
     finally:
         index.close()
 
