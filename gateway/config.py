@@ -97,6 +97,11 @@ class DicomSettings(_Section):
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(120, gt=0)
     shutdown_grace_seconds: float = Field(10, ge=0)
+    # Processes receiving associations on the one port (gateway.supervisor); 0: one per CPU.
+    receivers: int = Field(0, ge=0, le=64, alias="dicom_receivers")
+    # The receivers' nice increment: storing yields the CPU to the HTTP requests a person
+    # waits on when both want it, and takes all of it when they do not.
+    nice: int = Field(10, ge=0, le=19, alias="dicom_nice")
 
     @field_validator("ae_title")
     @classmethod
@@ -108,6 +113,10 @@ class DicomSettings(_Section):
     def _split_aets(cls, value: object) -> object:
         value = _words(value)
         return [_ae_title(str(part)) for part in value] if isinstance(value, list) else value
+
+    def receiver_count(self) -> int:
+        """How many DICOM receiver processes to run: ``receivers``, or the CPU count when 0."""
+        return self.receivers or os.cpu_count() or 1
 
 
 class HttpSettings(_Section):

@@ -1,7 +1,7 @@
 """Which processes of ``passerelle serve`` serve right now, as every process sees it.
 
 The supervisor makes one board in shared memory before it starts its children: one slot per
-child (the DICOM receiver, the background worker, each HTTP worker), in which the child
+child (each DICOM receiver, the background worker, each HTTP worker), in which the child
 writes its pid and, at least every second while its role serves, the time (``CLOCK_MONOTONIC``, one
 clock for the whole machine). The supervisor clears a slot as soon as its process is gone,
 so a crashed process stops counting at once, and a wedged one once its last beat is older
@@ -12,6 +12,7 @@ import ctypes
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,16 @@ class _Slot(ctypes.Structure):
 
 @dataclass(frozen=True)
 class Board:
-    """The slots: 0 the DICOM receiver, 1 the background worker, 2... the HTTP workers."""
+    """The slots, one per process, whose ``roles`` say what each one does."""
 
+    roles: tuple[str, ...]  # of each slot, one of ROLES
     slots: Any  # multiprocessing RawArray of _Slot, written without a lock (see beat)
     restarts: Any  # RawArray of c_int64, one per role of ROLES
 
     @classmethod
-    def create(cls, http_workers: int) -> "Board":
-        """A board for one DICOM receiver, one background worker and ``http_workers``."""
-        return cls(multiprocessing.RawArray(_Slot, 2 + http_workers),
+    def create(cls, roles: Sequence[str]) -> "Board":
+        """A board of one slot per process, of the ``roles`` given."""
+        return cls(tuple(roles), multiprocessing.RawArray(_Slot, len(roles)),
                    multiprocessing.RawArray(ctypes.c_int64, len(ROLES)))
 
     @property
@@ -43,10 +45,18 @@ class Board:
         """How many slots (children) there are."""
         return len(self.slots)
 
-    @staticmethod
-    def role_of(slot: int) -> str:
+    def role_of(self, slot: int) -> str:
         """The role of the process in ``slot``."""
-        return ROLES[min(slot, 2)]
+        return self.roles[slot]
+
+    def slots_of(self, role: str) -> list[int]:
+        """The slots of the processes of ``role``."""
+        return [slot for slot, its in enumerate(self.roles) if its == role]
+
+    def serves(self, slot: int) -> bool:
+        """True while the process of ``slot`` serves (it beat within STALE_SECONDS)."""
+        return bool(self.slots[slot].pid) and \
+            time.monotonic() - self.slots[slot].beat < STALE_SECONDS
 
     def beat(self, slot: int) -> None:
         """Say that the calling process serves, now. Only that process writes its slot (a
@@ -76,7 +86,7 @@ class Board:
         now = time.monotonic()
         pids: dict[str, list[int]] = {role: [] for role in ROLES}
         for slot in range(self.size):
-            pid, beat = self.slots[slot].pid, self.slots[slot].beat
+            pid, beat = self.slots[slot].pid, self.slots[slot].beat  # read once: see beat
             if pid and now - beat < STALE_SECONDS:
                 pids[self.role_of(slot)].append(int(pid))
         return pids

@@ -1,5 +1,5 @@
 """The composition of each process of ``passerelle serve`` (started by gateway.supervisor):
-the DICOM receiver, an HTTP worker, the background worker (stable studies, publisher,
+a DICOM receiver, an HTTP worker, the background worker (stable studies, publisher,
 control channel). Each opens its own index and audit trail on the data dir and runs until
 SIGTERM or SIGINT, then stops cleanly."""
 
@@ -28,10 +28,11 @@ from gateway.config import (
 )
 from gateway.control import ControlChannel, TickingServer
 from gateway.dicom.scp import DicomService
+from gateway.dicom.slots import AssociationSlots
 from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.imaging.render_cache import RenderCache
-from gateway.liveness import BEAT_SECONDS, ROLES, Board
+from gateway.liveness import BEAT_SECONDS, DICOM, ROLES, Board
 from gateway.metrics import OutboxCollector, ServiceCollector, scrape_registry
 from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin
@@ -42,7 +43,7 @@ from gateway.security.audit import AuditTrail
 from gateway.security.client_counts import ClientTable, SharedClientCounts
 from gateway.security.syslog_export import TlsSyslog, UdpSyslog
 from gateway.security.tls import client_context, server_context
-from gateway.shared_tally import SharedTally
+from gateway.shared_tally import FileLock, SharedTally
 from gateway.web.app import create_app
 from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
 from gateway.web.services import Services
@@ -51,7 +52,9 @@ from storage.store import Store
 
 log = logging.getLogger(__name__)
 
-BUDGET_TALLIES = ("decode_memory", "ingest_bytes")  # shared by every process (ResourceBudget)
+# Counts every process holds against one capacity (gateway.shared_tally): the resource
+# budget's, and the connections and associations of the DICOM receivers.
+TALLIES = ("decode_memory", "ingest_bytes", "dicom_pending", "dicom_served")
 
 
 class ShutdownRequestedError(Exception):
@@ -72,12 +75,13 @@ class ProcessContext:
     board: Board
     run_dir: Path  # the tallies of the shared budget
     recovery: dict[str, int] = field(default_factory=dict)  # found at start (metrics)
-    http_socket: socket.socket | None = None  # HTTP workers: the listening socket
+    listener: socket.socket | None = None  # DICOM and HTTP: the socket to accept on
     wake: Connection | None = None  # HTTP: write end; background: read end
     # HTTP workers: the connections and the requests in progress of each client address,
     # counted by every worker (a row each, at its slot), limited over all of them.
     connections: ClientTable | None = None
     requests: ClientTable | None = None
+    associations: ClientTable | None = None  # DICOM: those of each client, the same way
     service: str = ""  # the name of this service (storage.recovery.ServiceLock)
     gone: tuple[str, ...] = ()  # a replica: the dead replicas whose locks it took over
 
@@ -87,7 +91,7 @@ class ProcessContext:
 
 
 def tally_path(run_dir: Path, budget: str) -> Path:
-    """The file of the tally of ``budget`` (one of BUDGET_TALLIES)."""
+    """The file of the tally of ``budget`` (one of TALLIES)."""
     return run_dir / f"{budget}.tally"
 
 
@@ -195,18 +199,37 @@ def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> None:
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
+def _shared_slots(context: ProcessContext) -> tuple[AssociationSlots, SharedClientCounts]:
+    """What a DICOM receiver counts with the others: connections, associations, and the
+    associations of each client."""
+    dicom, board, run_dir = context.settings.dicom, context.board, context.run_dir
+    assert context.associations is not None
+    peers = [slot for slot in board.slots_of(DICOM) if slot != context.slot]
+    slots = AssociationSlots(
+        dicom.max_pending_connections, dicom.max_associations,
+        SharedTally(tally_path(run_dir, "dicom_pending"), context.slot),
+        SharedTally(tally_path(run_dir, "dicom_served"), context.slot),
+        lambda: [slot for slot in peers if board.serves(slot)])
+    clients = SharedClientCounts(dicom.max_associations_per_client, context.associations,
+                                 context.slot, FileLock(run_dir / "dicom_clients.lock"))
+    return slots, clients
+
+
 def run_dicom_role(context: ProcessContext) -> None:
-    """The DICOM receiver (C-ECHO, C-STORE SCP) until SIGTERM; associations in progress
-    then finish within the grace period (DicomService.stop)."""
+    """A DICOM receiver (C-ECHO, C-STORE SCP) on the supervisor's socket until SIGTERM;
+    associations in progress then finish within the grace period (DicomService.stop)."""
     settings = context.settings
+    assert context.listener is not None
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
         stop.callback(store.close)
         audit = _audit_trail(settings, store)
         stop.callback(audit.close)
         budget = resource_budget(settings, store, context)
+        slots, clients = _shared_slots(context)
         dicom = DicomService(settings.dicom, store, audit, budget.ingest,
-                             server_tls(settings) if settings.dicom.tls else None)
+                             server_tls(settings) if settings.dicom.tls else None,
+                             context.listener, slots, clients)
         stop.callback(dicom.stop)
         dicom.start()
         _beat_while(context, dicom.is_serving)
@@ -236,7 +259,7 @@ def run_http_role(context: ProcessContext) -> None:
     """One HTTP worker on the supervisor's listening socket, until SIGTERM: then it stops
     accepting and finishes the requests in progress."""
     settings, http = context.settings, context.settings.http
-    assert context.http_socket is not None
+    assert context.listener is not None
     assert context.connections is not None and context.requests is not None
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
@@ -267,7 +290,7 @@ def run_http_role(context: ProcessContext) -> None:
         try:
             # uvicorn handles SIGTERM/SIGINT while it runs and raises it again once drained.
             # It beats from its event loop: a wedged loop stops beating.
-            TickingServer(config, context.beat).run(sockets=[context.http_socket])
+            TickingServer(config, context.beat).run(sockets=[context.listener])
         except ShutdownRequestedError as exc:
             log.info("%s received: HTTP worker drained", exc)
 

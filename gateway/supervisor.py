@@ -2,11 +2,14 @@
 
 The supervisor holds the data dir (ServiceLock), removes the temporary files of interrupted
 writes and, after an unclean stop, checks the index against the files, once, before any
-child starts. It binds the HTTP listening socket, which every HTTP worker then accepts on
-(no SO_REUSEPORT: no other process can bind the port beside them), and forks the DICOM
-receiver, ``http.workers`` HTTP workers and the background worker (gateway.service). It
-runs no thread and holds no open index when it forks, so each child starts from a clean
-copy with every module already imported (no import at each start or restart).
+child starts. It binds the DICOM and the HTTP listening sockets, which every DICOM
+receiver and every HTTP worker then accepts on (no SO_REUSEPORT: no other process can bind
+the ports beside them), and forks ``dicom.receivers`` DICOM receivers, ``http.workers``
+HTTP workers and the background worker (gateway.service). Receivers are processes, not
+threads of one: a C-STORE costs the interpreter milliseconds of CPU, and threads of one
+process share one at a time. It runs no thread and holds no open index when it forks, so
+each child starts from a clean copy with every module already imported (no import at each
+start or restart).
 
 A child that dies is logged (role, pid, exit code or signal) and started again after a
 delay that doubles with each quick death (``_RESTART_FIRST`` to ``_RESTART_MAX`` seconds);
@@ -37,7 +40,7 @@ from types import FrameType
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import service
-from gateway.config import HttpSettings, Settings
+from gateway.config import Settings
 from gateway.imaging.deidentify import load_or_create_key
 from gateway.liveness import BACKGROUND, DICOM, HTTP, Board
 from gateway.run_dir import remove_run_dirs
@@ -90,6 +93,8 @@ def _child_main(role: str, context: ProcessContext, parent: int) -> None:
     configure_logging(context.settings.log_level, with_process=True)
     if role != HTTP:
         _keep_descriptors_selectable()
+    if role == DICOM:
+        os.nice(context.settings.dicom.nice)
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _ignore_further_signals)
     try:
@@ -102,21 +107,21 @@ def _child_main(role: str, context: ProcessContext, parent: int) -> None:
         sys.exit(1)
 
 
-def listen(http: HttpSettings) -> socket.socket:
-    """The HTTP listening socket every worker accepts on.
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket every process of one role accepts on.
 
     Made with its protocol named (IPPROTO_TCP), unlike ``socket.create_server``'s: the
     sockets it accepts inherit it, and asyncio sets TCP_NODELAY only on a socket whose
-    protocol says TCP. Without it a response written in two sends (head, then body) waits
-    for the client's delayed ACK, 40 ms per request on a keep-alive connection."""
-    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
+    protocol says TCP. Without it an HTTP response written in two sends (head, then body)
+    waits for the client's delayed ACK, 40 ms per request on a keep-alive connection."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((http.host, http.port))
-        sock.listen(2048)
+        sock.bind((host, port))
+        sock.listen(backlog)
     except OSError:
         sock.close()
         raise
@@ -165,16 +170,19 @@ class Supervisor:
         self.service = service
         self.run_dir = run_dir  # this service's alone, even on a data dir replicas share
         self.metrics_dir = run_dir / "metrics"  # PROMETHEUS_MULTIPROC_DIR (gateway.cli)
+        self.receivers = settings.dicom.receiver_count()
         self.workers = settings.http.worker_count()
-        self.board = Board.create(self.workers)
-        # Per-client limits of HTTP, over every worker (a row per slot of the board).
+        self.board = Board.create([DICOM] * self.receivers + [BACKGROUND]
+                                  + [HTTP] * self.workers)
+        # Per-client limits of HTTP over every worker, of DICOM over every receiver (a row
+        # per slot of the board).
         self.client_tables = (ClientTable(self.board.size), ClientTable(self.board.size))
+        self.associations = ClientTable(self.board.size)
         self._context = multiprocessing.get_context("fork")
         self._stop_requested = ""
         self._stop_seconds = settings.dicom.shutdown_grace_seconds + _STOP_MARGIN
         self._clean = True  # no child died or had to be killed
-        self._children = [_Child(0, DICOM), _Child(1, BACKGROUND),
-                          *(_Child(2 + n, HTTP) for n in range(self.workers))]
+        self._children = [_Child(slot, role) for slot, role in enumerate(self.board.roles)]
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop every child. DataDirBusyError,
@@ -194,23 +202,28 @@ class Supervisor:
             stop.callback(log.info, "stopped")
             recovery = self._check_data_dir(lock)
             self._prepare_run_dir(lock.gone)
-            listener = listen(settings.http)
+            listener = listen(settings.http.host, settings.http.port, 2048)
             stop.callback(listener.close)
+            dicom = settings.dicom
+            dicom_listener = listen(dicom.host, dicom.port, dicom.max_pending_connections)
+            stop.callback(dicom_listener.close)
             reader, writer = self._context.Pipe(duplex=False)
             stop.callback(reader.close)
             stop.callback(writer.close)
+            listeners = {HTTP: listener, DICOM: dicom_listener}
+            wakes = {HTTP: writer, BACKGROUND: reader}
             contexts = {child.slot: ProcessContext(
                 settings, child.slot, self.board, self.run_dir, recovery,
-                listener if child.role == HTTP else None,
-                writer if child.role == HTTP else reader if child.role == BACKGROUND
-                else None, *(self.client_tables if child.role == HTTP else (None, None)),
+                listeners.get(child.role), wakes.get(child.role),
+                *(self.client_tables if child.role == HTTP else (None, None)),
+                self.associations if child.role == DICOM else None,
                 service=self.service, gone=tuple(lock.gone))
                 for child in self._children}
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
             stop.callback(self._stop_children)
-            log.info("starting the DICOM receiver, %d HTTP worker(s) and the background "
-                     "worker", self.workers)
+            log.info("starting %d DICOM receiver(s), %d HTTP worker(s) and the background "
+                     "worker", self.receivers, self.workers)
             self._supervise(contexts)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -248,13 +261,14 @@ class Supervisor:
         remove_run_dirs(self.run_dir, gone)
         for left in self.metrics_dir.iterdir():  # by an earlier run
             left.unlink()
-        for name in service.BUDGET_TALLIES:
+        for name in service.TALLIES:
             create_tally(service.tally_path(self.run_dir, name), self.board.size)
 
     def _start(self, child: _Child, context: ProcessContext) -> None:
+        peers = self.board.slots_of(child.role)
         process = self._context.Process(
             target=_child_main, args=(child.role, context, os.getpid()),
-            name=f"{child.role}-{child.slot - 1}" if child.role == HTTP else child.role)
+            name=child.role if len(peers) == 1 else f"{child.role}-{peers.index(child.slot) + 1}")
         # Blocked across the fork: a signal must reach the child's handlers, not the copy
         # of the supervisor's (the child unblocks them once its own are installed).
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -292,9 +306,9 @@ class Supervisor:
         assert pid is not None
         child.process.join()
         self.board.clear(child.slot)
-        for table in self.client_tables:  # its connections closed with it
+        for table in (*self.client_tables, self.associations):  # closed with it
             table.clear(child.slot)
-        for name in service.BUDGET_TALLIES:
+        for name in service.TALLIES:
             clear_slot(service.tally_path(self.run_dir, name), child.slot)
         mark_process_dead(pid, str(self.metrics_dir))
         child.process = None

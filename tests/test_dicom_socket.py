@@ -117,7 +117,7 @@ def test_open_associations_waiting_for_requests_cost_the_receiver_almost_no_cpu(
     """pynetdicom's threads poll every millisecond (two an association: 4 % of a core each
     while idle, 30 % for eight); the receiver's wait on the socket and on its queues
     instead. Eight associations open and silent for three seconds."""
-    with PasserelleProcess(tmp_path / "data") as server:
+    with PasserelleProcess(tmp_path / "data", dicom_receivers="1") as server:
         dicom = psutil.Process(
             httpx.get(f"{server.base_url}/health").json()["processes"]["dicom"][0])
         ae = AE()

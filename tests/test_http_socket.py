@@ -5,12 +5,11 @@ wait for the client's delayed ACK on a keep-alive connection."""
 import asyncio
 import socket
 
-from gateway.config import HttpSettings
 from gateway.supervisor import listen
 
 
 def test_connections_accepted_on_the_http_socket_have_tcp_nodelay() -> None:
-    listener = listen(HttpSettings(http_host="127.0.0.1", http_port=0))
+    listener = listen("127.0.0.1", 0, 16)
     port = listener.getsockname()[1]
     options: list[int] = []
 

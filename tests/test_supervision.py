@@ -58,10 +58,11 @@ def _serving_pid(port: int) -> int:
 
 
 def test_workers_share_the_port_and_metrics_count_every_process(tmp_path: Path) -> None:
-    with PasserelleProcess(tmp_path / "data", http_workers="3") as server:
+    with PasserelleProcess(tmp_path / "data", http_workers="3", dicom_receivers="2") as server:
         roles = _processes(server)
-        assert len(roles["http"]) == 3 and len(roles["dicom"]) == len(roles["background"]) == 1
-        assert len(_children(server)) == 5  # five distinct processes under the supervisor
+        assert len(roles["http"]) == 3 and len(roles["dicom"]) == 2
+        assert len(roles["background"]) == 1
+        assert len(_children(server)) == 6  # six distinct processes under the supervisor
         answering: set[int] = set()
         for _ in range(200):  # the kernel hands each connection to one worker
             answering.add(_serving_pid(server.http_port))
@@ -77,7 +78,7 @@ def test_workers_share_the_port_and_metrics_count_every_process(tmp_path: Path) 
                           headers={"Accept": DICOM_FILES})
         assert found.status_code == 200
         assert all(ds.SOPInstanceUID.encode() in found.content for ds in slices)
-        # Counted in the DICOM process, shown by whichever worker answers the scrape.
+        # Counted in the DICOM receivers, shown by whichever worker answers the scrape.
         for _ in range(6):
             assert server.metric("passerelle_instances_received_total",
                                  protocol="dimse") == 3
@@ -87,7 +88,7 @@ def test_each_killed_process_is_started_again_and_nothing_acknowledged_is_lost(
         tmp_path: Path) -> None:
     study = generate_uid()
     stored: list[str] = []
-    with PasserelleProcess(tmp_path / "data", http_workers="2") as server:
+    with PasserelleProcess(tmp_path / "data", http_workers="2", dicom_receivers="2") as server:
         for role in ("http", "dicom", "background"):
             ds = ct_slice(study, generate_uid(), 1, len(stored) + 1)
             assert send(server.dicom_port, ds)[0] == 0x0000
@@ -97,7 +98,8 @@ def test_each_killed_process_is_started_again_and_nothing_acknowledged_is_lost(
             wait_for(lambda role=role, victim=victim: server.healthy()
                      and _processes(server)[role]
                      and victim not in _processes(server)[role]
-                     and len(_processes(server)["http"]) == 2, 30, f"{role} restarted")
+                     and len(_processes(server)["http"]) == 2
+                     and len(_processes(server)["dicom"]) == 2, 30, f"{role} restarted")
             assert f"{role} process (pid {victim}) was killed by SIGKILL" in server.log()
             assert server.metric("passerelle_process_restarts_total", role=role) == 1
         listed = httpx.get(f"{server.base_url}/dicom-web/studies/{study}/instances").json()
@@ -108,7 +110,7 @@ def test_each_killed_process_is_started_again_and_nothing_acknowledged_is_lost(
 
 
 def test_a_process_dying_again_and_again_waits_longer_each_time(tmp_path: Path) -> None:
-    with PasserelleProcess(tmp_path / "data", http_workers="1") as server:
+    with PasserelleProcess(tmp_path / "data", http_workers="1", dicom_receivers="1") as server:
         for delay in ("0.5", "1.0", "2.0"):
             [victim] = _processes(server)["dicom"]
             os.kill(victim, signal.SIGKILL)
@@ -156,7 +158,7 @@ def test_the_descriptor_share_of_responses_is_read_once_the_limit_is_raised() ->
 def test_health_names_a_role_whose_process_stops_serving(tmp_path: Path) -> None:
     """A process that hangs (here: stopped) stops beating: /health says 503 and names its
     role once its last beat is STALE_SECONDS old, and 200 again once it serves."""
-    with PasserelleProcess(tmp_path / "data", http_workers="1") as server:
+    with PasserelleProcess(tmp_path / "data", http_workers="1", dicom_receivers="1") as server:
         [dicom] = _processes(server)["dicom"]
         os.kill(dicom, signal.SIGSTOP)
         try:
@@ -214,7 +216,7 @@ def test_a_stop_signal_repeated_until_the_service_is_gone_still_ends_it_cleanly(
 
 def test_a_process_that_does_not_stop_is_killed_then_the_supervisor_exits_zero(
         tmp_path: Path) -> None:
-    with PasserelleProcess(tmp_path / "data", http_workers="1",
+    with PasserelleProcess(tmp_path / "data", http_workers="1", dicom_receivers="1",
                            shutdown_grace_seconds="0") as server:
         [dicom] = _processes(server)["dicom"]
         children = [psutil.Process(pid) for pid in _children(server)]
@@ -310,7 +312,7 @@ def test_processes_appending_to_one_audit_trail_lose_and_mix_no_line(tmp_path: P
 
 
 def test_the_board_forgets_a_cleared_process() -> None:
-    board = Board.create(1)
+    board = Board.create(["dicom", "background", "http"])
     board.beat(2)
     assert board.serving()["http"] == [os.getpid()]
     board.clear(2)

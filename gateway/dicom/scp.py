@@ -7,6 +7,7 @@ are on stable storage.
 """
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -28,10 +29,12 @@ from gateway.dicom.server import (
     pdu_limit,
     received_dataset,
 )
+from gateway.dicom.slots import AssociationSlots
 from gateway.dicom.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
 from gateway.imaging.budget import ByteBudget
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
 from gateway.security.audit import Outcome as AuditOutcome
+from gateway.security.client_counts import ClientCounts
 from storage.store import Outcome, Store
 
 log = logging.getLogger(__name__)
@@ -62,11 +65,17 @@ def storage_sop_classes() -> list[str]:
 
 
 class DicomService:
-    """The C-ECHO / C-STORE SCP, run in background threads."""
+    """The C-ECHO / C-STORE SCP, run in background threads. One of several receiver
+    processes accepting on one ``listener`` counts its ``slots`` and ``clients`` with the
+    others (GuardedAssociationServer); alone, it binds its own."""
 
     def __init__(self, settings: DicomSettings, store: Store, audit: AuditTrail,
-                 ingest: ByteBudget, ssl_context: ssl.SSLContext | None = None) -> None:
+                 ingest: ByteBudget, ssl_context: ssl.SSLContext | None = None,
+                 listener: socket.socket | None = None,
+                 slots: AssociationSlots | None = None,
+                 clients: ClientCounts | None = None) -> None:
         self.settings = settings
+        self._shared = {"listener": listener, "slots": slots, "clients": clients}
         self.store = store
         self.audit = audit
         self.ingest = ingest  # bytes in flight, shared with STOW-RS
@@ -119,7 +128,7 @@ class DicomService:
                 pdu_limit(settings.max_pdu)),
             new_blob=self.store.blobs.temporary,
             max_instance_bytes=self.store.limits.max_instance_bytes, ingest=self.ingest,
-            on_refused=self._on_over_limit, on_flooded=self._on_flooded)
+            on_refused=self._on_over_limit, on_flooded=self._on_flooded, **self._shared)
         self._acceptor = threading.Thread(target=self._server.serve_forever,
                                           name="dicom-acceptor", daemon=True)
         self._acceptor.start()

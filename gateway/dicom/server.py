@@ -14,7 +14,12 @@ internals this takes are all in ``pynetdicom_adapter``).
   negotiating; each must send its whole A-ASSOCIATE-RQ within the ARTIM time (PS3.8 9.1.5),
   pynetdicom's timer only runs between PDUs. A connection's slots are free again the moment
   it closes, and in any case when its association thread ends (pynetdicom reports no close
-  when its reader thread dies of an error).
+  when its reader thread dies of an error). These limits, and the one per client, hold
+  over every receiver process of the service when they are shared (``slots``,
+  ``clients``).
+- Given a ``listener`` (the supervisor's, which every receiver process accepts on), the
+  server neither binds nor shuts it down, and leaves a waiting connection to a less busy
+  receiver for a moment (gateway.dicom.slots).
 - Each accepted socket has TCP_NODELAY, and TCP_QUICKACK (Linux) again before each PDU is
   read: a sender that keeps Nagle's algorithm on (dcmtk's default) holds its next small
   segment until the last one is acknowledged, and a receiver that has just answered delays
@@ -57,6 +62,7 @@ from gateway.dicom.pynetdicom_adapter import (
     wait_instead_of_polling,
     wake_if_negotiating,
 )
+from gateway.dicom.slots import AssociationSlots
 from gateway.imaging.budget import ByteBudget, OverBudget
 from gateway.security.client_counts import ClientCounts
 from storage.blobs import BlobTooLargeError, TemporaryBlob
@@ -81,6 +87,7 @@ _OTHER_DATASET_BYTES = 1 << 20
 _FLOOD_LOG_SECONDS = 10
 _RECEIVE_BYTES = 1 << 20  # at most this per recv() call
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+_DEFER_PAUSE_SECONDS = 0.002  # between two looks while a connection waits for a peer
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,14 +411,20 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     ``on_refused(host)`` is called for each association refused over the per-client limit,
     ``on_flooded()`` for each connection closed over ``max_pending``; C-STORE data sets go
     to blobs from ``new_blob(limit)``, ``max_instance_bytes`` of each at most, within the
-    ``ingest`` bytes in flight."""
+    ``ingest`` bytes in flight. ``slots`` and ``clients`` count what this server holds
+    (of this process alone when not given), ``listener`` is the socket to accept on
+    (bound here when not given)."""
 
     def __init__(self, *args: Any, limits: ConnectionLimits,
                  new_blob: Callable[[int], TemporaryBlob], max_instance_bytes: int,
                  ingest: ByteBudget, on_refused: Callable[[str], None],
-                 on_flooded: Callable[[], None], **kwargs: Any) -> None:
+                 on_flooded: Callable[[], None], slots: AssociationSlots | None = None,
+                 clients: ClientCounts | None = None,
+                 listener: socket.socket | None = None, **kwargs: Any) -> None:
         self.limits = limits
-        self.clients = ClientCounts(limits.per_client)
+        self.clients = clients or ClientCounts(limits.per_client)
+        self.slots = slots or AssociationSlots(limits.max_pending, limits.max_associations)
+        self._listener = listener
         self.courtesy = threading.BoundedSemaphore(_COURTESY_REJECTIONS)
         self.new_blob = new_blob
         self.max_instance_bytes = max_instance_bytes
@@ -419,8 +432,6 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.on_refused = on_refused
         self.on_flooded = on_flooded
         self._slots = threading.Lock()
-        self._pending = 0  # connections without an A-ASSOCIATE-RQ yet
-        self._served = 0  # associations counted against max_associations
         self._connections: dict[int, _Connection] = {}  # by id() of their association
         self._flood = 0  # connections closed over max_pending since the last log line
         self._flood_logged = 0.0
@@ -428,9 +439,41 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.bind(evt.EVT_REQUESTED, self._on_requested)
         self.bind(evt.EVT_CONN_CLOSE, self._on_close)
 
+    def server_bind(self) -> None:
+        """Bind the listening socket, or take the one given."""
+        if self._listener is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self._listener
+        # Every receiver waits on it: one that loses the race for a connection must not
+        # then block in accept() (its stop would wait for the next connection).
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Listen, unless the socket given listens already."""
+        if self._listener is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        """Close the listening socket: only this process's copy when it was given, whose
+        shutdown() would stop every receiver accepting on it."""
+        if self._listener is None:
+            super().server_close()
+        else:
+            self.socket.close()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept a connection; a TLS handshake is left to the association's thread."""
-        client, address = self.socket.accept()
+        """Accept a connection, unless a less busy receiver should (BlockingIOError: the
+        accept loop looks again); a TLS handshake is left to the association's thread."""
+        if self.slots.should_defer():
+            time.sleep(_DEFER_PAUSE_SECONDS)
+            raise BlockingIOError("left to a less busy receiver for a moment")
+        try:
+            client, address = self.socket.accept()
+        finally:  # taken, here or by another receiver
+            self.slots.stop_waiting()
         with contextlib.suppress(OSError):  # reset already: its reads will tell
             low_latency(client)
         if self.ssl_context:
@@ -441,8 +484,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Count the connection as pending, or close it (no thread) over max_pending."""
         with self._slots:
-            if self._pending < self.limits.max_pending:
-                self._pending += 1
+            if self.slots.pending.take():
                 return True
             self._flood += 1
             now = time.monotonic()
@@ -450,15 +492,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 # One line per period: a flood must not flood the log.
                 log.warning("%d connection(s) closed at once, the last from %s: %d still "
                             "negotiating (max_pending_connections)", self._flood,
-                            client_address[0], self._pending)
+                            client_address[0], self.slots.pending.total())
                 self._flood, self._flood_logged = 0, now
         self.on_flooded()
         return False
 
     def settle_unassociated(self) -> None:
         """A pending connection that will have no association (refused, or failed)."""
-        with self._slots:
-            self._pending -= 1
+        self.slots.pending.give()
 
     def track(self, assoc: Association, host: str) -> None:
         """``assoc`` holds the pending slot and the client count of its connection."""
@@ -471,8 +512,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             connection = self._connections.pop(id(assoc), None)
             if connection is None:
                 return False
-            self._pending -= connection.pending
-            self._served -= connection.served
+            self.slots.pending.give(connection.pending)
+            self.slots.served.give(connection.served)
         self.clients.release(connection.host)
         return True
 
@@ -492,12 +533,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         assoc = event.assoc
         with self._slots:
             connection = self._connections.get(id(assoc))
-            admitted = self._served < self.limits.max_associations
+            # A connection already closed (released) gets no slot.
+            admitted = connection is not None and self.slots.served.take()
             if connection is not None:
-                self._pending -= connection.pending
+                self.slots.pending.give(connection.pending)
                 connection.pending = False
                 connection.served = admitted
-                self._served += admitted
         if admitted:
             return
         log.warning("association from %s refused: %d associations served (max_associations)",

@@ -1,14 +1,17 @@
 """What each client address has open (connections, associations, requests in progress)
-under a limit per address: the bookkeeping of the DICOM server (one thread per
-association) and of the HTTP side (one event loop per worker; SharedClientCounts sums the
-workers' counts)."""
+under a limit per address: the bookkeeping of the DICOM receivers (one thread per
+association) and of the HTTP side (one event loop per worker); under ``passerelle serve``
+SharedClientCounts sums the counts of the processes of each."""
 
+import contextlib
 import ctypes
 import hashlib
 import multiprocessing
 import secrets
 import threading
 from collections import Counter
+
+from gateway.shared_tally import FileLock
 
 
 class ClientCounts:
@@ -37,7 +40,8 @@ class ClientCounts:
 
 
 class ClientTable:
-    """Counts per client address of every HTTP worker, in memory shared by the processes of
+    """Counts per client address of several processes (the HTTP workers, or the DICOM
+    receivers), in memory shared by the processes of
     the service (created by the supervisor before it forks them): one row per process, each
     written by its own process only, a client's count being the sum of its column.
 
@@ -72,20 +76,24 @@ class ClientTable:
 
 
 class SharedClientCounts(ClientCounts):
-    """ClientCounts whose limit holds over every HTTP worker: this process counts in its
+    """ClientCounts whose limit holds over several processes: this process counts in its
     own ``row`` of ``table`` and admits while the sum over the rows is under the limit.
-    Without a lock across processes two workers admitting one address at the same instant
-    may both pass: the limit is exceeded by fewer than the number of workers, never more."""
+    Without a ``lock`` across processes (the HTTP workers, whose event loops must not wait
+    on one) two processes admitting one address at the same instant may both pass: the
+    limit is exceeded by fewer than the number of processes, never more. With one (the DICOM
+    receivers, a thread per association) the limit is exact."""
 
-    def __init__(self, limit: int, table: ClientTable, row: int) -> None:
+    def __init__(self, limit: int, table: ClientTable, row: int,
+                 lock: FileLock | None = None) -> None:
         super().__init__(limit)
         self._table, self._row = table, row
+        self._across = lock
 
     def admit(self, address: str) -> bool:
         """Count one more for ``address`` in this process; False when every process
         together has ``limit``."""
         bucket = self._table.bucket(address)
-        with self._lock:
+        with self._lock, self._across.held() if self._across else contextlib.nullcontext():
             if self._table.total(bucket) >= self.limit:
                 return False
             self._table.add(self._row, bucket, 1)
