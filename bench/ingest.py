@@ -3,8 +3,9 @@
 1. One association of a 300-instance 512x512 16-bit CT study (``--instances``), to
    passerelle (fsync durability on), to Orthanc + DICOMweb plugin (Debian packages,
    installed by the bench when missing), to a bare pynetdicom SCP that only writes the
-   received bytes, and to a pynetdicom SCP that does nothing (the ceiling of any
-   pynetdicom-based receiver).
+   received bytes, to one that writes them durably (fsync of the file and its directory:
+   the floor of a receiver whose success means on disk), and to a pynetdicom SCP that does
+   nothing (the ceiling of any pynetdicom-based receiver).
 2. Four associations at once, each a quarter of the same study: the aggregate rate beside
    the one-association rate of the same server (target for passerelle: >= 1.5x).
 3. Small instances and Nagle's algorithm: 500 CT slices of 64x64 (``--small``), sent with
@@ -44,9 +45,9 @@ class BareScp:
 
     ae_title = "BARE"
 
-    def __init__(self, folder: Path, no_io: bool = False) -> None:
+    def __init__(self, folder: Path, option: str = "") -> None:
         self.folder = folder
-        self.options = ["--no-io"] if no_io else []
+        self.options = [option] if option else []
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -138,7 +139,8 @@ def main() -> None:
     peers: dict[str, MakePeer] = {
         **servers,
         "bare pynetdicom SCP": BareScp,
-        "pynetdicom SCP, no I/O": lambda d: BareScp(d, no_io=True),
+        "bare pynetdicom SCP, fsync": lambda d: BareScp(d, "--fsync"),
+        "pynetdicom SCP, no I/O": lambda d: BareScp(d, "--no-io"),
     }
     work = Path(tempfile.mkdtemp(prefix="passerelle-bench-", dir=REPO / "bench"))
     storage = work / "storage"
@@ -169,6 +171,7 @@ def main() -> None:
          for name, s in one.items()]))
     print(f"passerelle / orthanc: {one['orthanc'] / ours:.1f}x (target >= 10x)")
     print(f"passerelle / bare SCP: {one['bare pynetdicom SCP'] / ours:.2f}x; "
+          f"/ bare SCP with fsync: {one['bare pynetdicom SCP, fsync'] / ours:.2f}x; "
           f"/ SCP without I/O: {one['pynetdicom SCP, no I/O'] / ours:.2f}x")
 
     print(f"\nthe same study in {ASSOCIATIONS} associations at once "

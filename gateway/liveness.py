@@ -23,7 +23,8 @@ STALE_SECONDS = 10.0
 
 
 class _Slot(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_int64), ("beat", ctypes.c_double)]
+    # served: the process has beaten at least once (it stays set when it stops serving)
+    _fields_ = [("pid", ctypes.c_int64), ("beat", ctypes.c_double), ("served", ctypes.c_bool)]
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,30 @@ class Board:
 
     def serves(self, slot: int) -> bool:
         """True while the process of ``slot`` serves (it beat within STALE_SECONDS)."""
-        return bool(self.slots[slot].pid) and \
-            time.monotonic() - self.slots[slot].beat < STALE_SECONDS
+        beat = self.slots[slot].beat
+        return bool(self.slots[slot].pid) and beat > 0 and \
+            time.monotonic() - beat < STALE_SECONDS
 
     def beat(self, slot: int) -> None:
         """Say that the calling process serves, now. Only that process writes its slot (a
         torn read shows it dead for one look, never alive when it is not)."""
         self.slots[slot].pid = os.getpid()
         self.slots[slot].beat = time.monotonic()
+        self.slots[slot].served = True
 
     def has_beaten(self, slot: int, pid: int) -> bool:
         """True when process ``pid`` has beaten in ``slot`` since it was last cleared."""
-        return self.slots[slot].pid == pid and self.slots[slot].beat > 0
+        return self.slots[slot].pid == pid and self.slots[slot].served
+
+    def retire(self, slot: int) -> None:
+        """Say that the calling process, in ``slot``, no longer serves (it is stopping)."""
+        self.slots[slot].beat = 0.0
 
     def clear(self, slot: int) -> None:
         """Forget the process of ``slot`` (it is gone)."""
         self.slots[slot].pid = 0
         self.slots[slot].beat = 0.0
+        self.slots[slot].served = False
 
     def count_restart(self, role: str) -> None:
         """One more restart of a process of ``role``."""
@@ -87,7 +95,7 @@ class Board:
         pids: dict[str, list[int]] = {role: [] for role in ROLES}
         for slot in range(self.size):
             pid, beat = self.slots[slot].pid, self.slots[slot].beat  # read once: see beat
-            if pid and now - beat < STALE_SECONDS:
+            if pid and beat > 0 and now - beat < STALE_SECONDS:
                 pids[self.role_of(slot)].append(int(pid))
         return pids
 

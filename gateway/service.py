@@ -232,12 +232,19 @@ def run_dicom_role(context: ProcessContext) -> None:
                              context.listener, slots, clients)
         stop.callback(dicom.stop)
         dicom.start()
-        _beat_while(context, dicom.is_serving)
+        stopping = threading.Event()
+        _beat_while(context, lambda: dicom.is_serving() and not stopping.is_set())
         try:
             while True:
-                signal.pause()  # until the handler raises
+                # Not signal.pause(): a signal handled between its last check for one and
+                # its pause() would leave it waiting for the next signal.
+                time.sleep(1.0)  # until the handler raises
         except ShutdownRequestedError as exc:
             log.info("%s received: stopping the DICOM SCP", exc)
+            # Off the board at once: the other receivers stop leaving connections to this
+            # one, and /health stops counting it.
+            stopping.set()
+            context.board.retire(context.slot)
 
 
 def _waker(connection: Connection | None) -> Callable[[], None]:

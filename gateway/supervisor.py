@@ -85,9 +85,15 @@ def _ignore_further_signals(signum: int, frame: FrameType | None) -> None:
     service.request_shutdown(signum, frame)
 
 
-def _child_main(role: str, context: ProcessContext, parent: int) -> None:
-    """Entry point of a child process: run its role until asked to stop."""
+def _child_main(role: str, context: ProcessContext, parent: int,
+                others: list[socket.socket]) -> None:
+    """Entry point of a child process: run its role until asked to stop. Its copies of the
+    ``others`` listening sockets, which it does not serve, are closed at once: a socket
+    listens as long as one process holds it, and a stopping service must refuse
+    connections, not queue them for nobody."""
     _die_with_parent(parent)
+    for sock in others:
+        sock.close()
     from gateway.cli import configure_logging
 
     configure_logging(context.settings.log_level, with_process=True)
@@ -107,8 +113,10 @@ def _child_main(role: str, context: ProcessContext, parent: int) -> None:
         sys.exit(1)
 
 
-def listen(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening socket every process of one role accepts on.
+def listen(host: str, port: int, backlog: int, dual_stack: bool = False) -> socket.socket:
+    """A listening socket every process of one role accepts on; an IPv6 one takes IPv4
+    connections too only when ``dual_stack`` and the system allows it (``bindv6only``), as
+    pynetdicom's own socket did for DICOM (HTTP follows asyncio: IPv6 only).
 
     Made with its protocol named (IPPROTO_TCP), unlike ``socket.create_server``'s: the
     sockets it accepts inherit it, and asyncio sets TCP_NODELAY only on a socket whose
@@ -118,7 +126,7 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
+        if family == socket.AF_INET6 and not dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.listen(backlog)
@@ -183,6 +191,7 @@ class Supervisor:
         self._stop_seconds = settings.dicom.shutdown_grace_seconds + _STOP_MARGIN
         self._clean = True  # no child died or had to be killed
         self._children = [_Child(slot, role) for slot, role in enumerate(self.board.roles)]
+        self._listeners: dict[str, socket.socket] = {}  # by the role that accepts on it
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop every child. DataDirBusyError,
@@ -205,16 +214,17 @@ class Supervisor:
             listener = listen(settings.http.host, settings.http.port, 2048)
             stop.callback(listener.close)
             dicom = settings.dicom
-            dicom_listener = listen(dicom.host, dicom.port, dicom.max_pending_connections)
+            dicom_listener = listen(dicom.host, dicom.port, dicom.max_pending_connections,
+                                    dual_stack=True)
             stop.callback(dicom_listener.close)
+            self._listeners = {HTTP: listener, DICOM: dicom_listener}
             reader, writer = self._context.Pipe(duplex=False)
             stop.callback(reader.close)
             stop.callback(writer.close)
-            listeners = {HTTP: listener, DICOM: dicom_listener}
             wakes = {HTTP: writer, BACKGROUND: reader}
             contexts = {child.slot: ProcessContext(
                 settings, child.slot, self.board, self.run_dir, recovery,
-                listeners.get(child.role), wakes.get(child.role),
+                self._listeners.get(child.role), wakes.get(child.role),
                 *(self.client_tables if child.role == HTTP else (None, None)),
                 self.associations if child.role == DICOM else None,
                 service=self.service, gone=tuple(lock.gone))
@@ -266,8 +276,9 @@ class Supervisor:
 
     def _start(self, child: _Child, context: ProcessContext) -> None:
         peers = self.board.slots_of(child.role)
+        others = [sock for role, sock in self._listeners.items() if role != child.role]
         process = self._context.Process(
-            target=_child_main, args=(child.role, context, os.getpid()),
+            target=_child_main, args=(child.role, context, os.getpid(), others),
             name=child.role if len(peers) == 1 else f"{child.role}-{peers.index(child.slot) + 1}")
         # Blocked across the fork: a signal must reach the child's handlers, not the copy
         # of the supervisor's (the child unblocks them once its own are installed).
@@ -342,6 +353,10 @@ class Supervisor:
             assert child.process is not None
             with contextlib.suppress(ProcessLookupError):
                 child.process.terminate()
+        # Each listening socket closes once the processes serving it have closed theirs:
+        # from then on a connection is refused, not left waiting for nobody.
+        for sock in self._listeners.values():
+            sock.close()
         deadline = time.monotonic() + self._stop_seconds
         while running and time.monotonic() < deadline:
             wait([c.process.sentinel for c in running if c.process is not None],

@@ -5,6 +5,7 @@ and one receiver stopping or dying leaves the port to the others."""
 import contextlib
 import os
 import signal
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,11 @@ from tests.scu import associate, send
 from tests.synthetic import ct_slice
 
 
-def _receivers(server: PasserelleProcess) -> list[int]:
+def _receivers(server: PasserelleProcess, count: int = 0) -> list[int]:
+    """The pids of the receivers serving now; first, until ``count`` of them serve (at nice
+    10, a receiver can beat after the service already answers healthy)."""
+    if count:
+        wait_for(lambda: len(_receivers(server)) == count, 30, f"{count} receivers serving")
     return httpx.get(f"{server.base_url}/health").json()["processes"]["dicom"]
 
 
@@ -63,8 +68,7 @@ def _echo(port: int) -> bool:
 def test_associations_held_at_once_are_spread_over_the_receivers(tmp_path: Path) -> None:
     with PasserelleProcess(tmp_path / "data", dicom_receivers="2",
                            http_workers="1") as server:
-        receivers = _receivers(server)
-        assert len(receivers) == 2
+        receivers = _receivers(server, 2)
         with _held(server.dicom_port, 4) as held:
             assert all(assoc.is_established for assoc in held)
             holders = Counter(_holder(assoc) for assoc in held)
@@ -81,6 +85,7 @@ def test_associations_held_at_once_are_spread_over_the_receivers(tmp_path: Path)
 def test_the_association_limits_hold_over_every_receiver_together(tmp_path: Path) -> None:
     with PasserelleProcess(tmp_path / "data", dicom_receivers="2", http_workers="1",
                            max_associations="2", max_associations_per_client="8") as server:
+        _receivers(server, 2)
         with _held(server.dicom_port, 2) as held:
             assert all(assoc.is_established for assoc in held)
             assert len({_holder(assoc) for assoc in held}) == 2  # one in each: 1 < 2 there
@@ -105,18 +110,53 @@ def test_a_receiver_that_stops_or_dies_leaves_the_port_to_the_others(tmp_path: P
     association gives its slots back (max_associations 1 here)."""
     with PasserelleProcess(tmp_path / "data", dicom_receivers="2", http_workers="1",
                            max_associations="1") as server:
-        first, _ = _receivers(server)
+        first, _ = _receivers(server, 2)
         os.kill(first, signal.SIGTERM)
         wait_for(lambda: first not in _receivers(server), 30, "the receiver to stop")
         for _ in range(10):
             assert _echo(server.dicom_port)
-        wait_for(lambda: len(_receivers(server)) == 2, 30, "the receiver started again")
+        _receivers(server, 2)  # the one that stopped is started again
         with _held(server.dicom_port, 1) as held:
             victim = _holder(held[0])
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda: victim not in _receivers(server), 30, "the receiver to die")
             assert _echo(server.dicom_port)  # its association no longer counts
         assert f"dicom process (pid {victim}) was killed by SIGKILL" in server.log()
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_stopping_service_refuses_new_connections_while_it_drains(tmp_path: Path) -> None:
+    """Every process holds a copy of both listening sockets when it is forked: each closes
+    those it does not serve, and the supervisor its own once it has signalled the others, so
+    the ports refuse connections during the drain instead of queueing them for nobody."""
+    server = PasserelleProcess(tmp_path / "data", dicom_receivers="2", http_workers="2",
+                               shutdown_grace_seconds="60").start()
+    assert server.proc is not None
+    _receivers(server, 2)
+    with _held(server.dicom_port, 1) as held:
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refused(server.dicom_port) and _refused(server.http_port), 20,
+                 "both ports to refuse connections")
+        assert server.proc.poll() is None  # still draining the held association
+        assert held[0].send_c_echo().Status == 0  # which is still served
+    assert server.stop(timeout=60) == 0
+
+
+def test_dicom_on_the_ipv6_wildcard_takes_ipv4_senders_too(tmp_path: Path) -> None:
+    """As pynetdicom's own socket did: ``dicom_host = "::"`` is dual stack where the
+    system allows it (net.ipv6.bindv6only = 0, Linux's default)."""
+    if not socket.has_ipv6 or Path("/proc/sys/net/ipv6/bindv6only").read_text().strip() != "0":
+        pytest.skip("no dual-stack IPv6 sockets here")
+    with PasserelleProcess(tmp_path / "data", dicom_host="::", dicom_receivers="1",
+                           http_workers="1") as server:
+        assert _echo(server.dicom_port)  # to 127.0.0.1
 
 
 def _slots_in(tmp_path: Path, slot: int, peers: list[int]) -> AssociationSlots:
@@ -136,10 +176,17 @@ def test_a_busier_receiver_leaves_a_connection_to_an_idle_peer_for_a_moment(
     assert not busy.should_defer() and not idle.should_defer()  # both idle: either takes it
     assert busy.served.take()
     assert busy.should_defer() and not idle.should_defer()
-    now[0] += slots.DEFER_SECONDS + 0.001  # nobody took it: the busy one does
+    for _ in range(9):  # the accept loop looks again every 2 ms while it waits
+        now[0] += 0.002
+        assert busy.should_defer()
+    now[0] += 0.0021  # nobody took it in DEFER_SECONDS: the busy one does
     assert not busy.should_defer()
     busy.stop_waiting()
     assert busy.should_defer()  # the next connection waits afresh
+    now[0] += 5  # a peer took that one; another connection, much later
+    assert busy.should_defer()  # waits afresh too
+    now[0] += slots.DEFER_SECONDS / 4
+    assert busy.should_defer()  # still the same wait
     assert idle.pending.take()
     assert not busy.should_defer()  # as busy as each other now
     assert not _slots_in(tmp_path, 0, []).should_defer()  # no live peer: nobody to wait for

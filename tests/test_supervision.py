@@ -59,6 +59,9 @@ def _serving_pid(port: int) -> int:
 
 def test_workers_share_the_port_and_metrics_count_every_process(tmp_path: Path) -> None:
     with PasserelleProcess(tmp_path / "data", http_workers="3", dicom_receivers="2") as server:
+        # Healthy once each role serves; the others of a role may beat a moment later.
+        wait_for(lambda: [len(pids) for pids in _processes(server).values()] == [2, 1, 3], 30,
+                 "every process serving")
         roles = _processes(server)
         assert len(roles["http"]) == 3 and len(roles["dicom"]) == 2
         assert len(roles["background"]) == 1

@@ -37,6 +37,7 @@ internals this takes are all in ``pynetdicom_adapter``).
 
 import contextlib
 import errno
+import gc
 import logging
 import socket
 import struct
@@ -88,6 +89,7 @@ _FLOOD_LOG_SECONDS = 10
 _RECEIVE_BYTES = 1 << 20  # at most this per recv() call
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 _DEFER_PAUSE_SECONDS = 0.002  # between two looks while a connection waits for a peer
+_COLLECT_SECONDS = 30.0  # between two full garbage collections of the accept loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +427,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.clients = clients or ClientCounts(limits.per_client)
         self.slots = slots or AssociationSlots(limits.max_pending, limits.max_associations)
         self._listener = listener
+        self._collected = time.monotonic()
         self.courtesy = threading.BoundedSemaphore(_COURTESY_REJECTIONS)
         self.new_blob = new_blob
         self.max_instance_bytes = max_instance_bytes
@@ -463,6 +466,16 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             super().server_close()
         else:
             self.socket.close()
+
+    def service_actions(self) -> None:
+        """A full garbage collection every ``_COLLECT_SECONDS`` (pynetdicom collects ended
+        associations' cycles every 60 turns of the accept loop: with several receivers each
+        turns for every connection, and for each look while one waits, and a collection
+        holds the interpreter for tens of milliseconds)."""
+        now = time.monotonic()
+        if now - self._collected >= _COLLECT_SECONDS:
+            gc.collect()
+            self._collected = now
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection, unless a less busy receiver should (BlockingIOError: the

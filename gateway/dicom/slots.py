@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 from gateway.shared_tally import SharedTally
 
 DEFER_SECONDS = 0.02  # at most this long a connection waits for a less busy peer
+# A look this long after the last one is about another connection: the one waited for was
+# taken by a peer (the accept loop looks every few milliseconds while one waits).
+_NEW_WAIT_SECONDS = DEFER_SECONDS / 2
 
 
 class Count:
@@ -69,6 +72,7 @@ class AssociationSlots:
         self.served = Count(max_associations, served)
         self._peers = peers
         self._deferring_since: float | None = None
+        self._last_look = 0.0
 
     def should_defer(self) -> bool:
         """True when a live peer holds fewer connections than this process and the waiting
@@ -83,8 +87,9 @@ class AssociationSlots:
             self._deferring_since = None
             return False
         now = time.monotonic()
-        if self._deferring_since is None:
+        if self._deferring_since is None or now - self._last_look > _NEW_WAIT_SECONDS:
             self._deferring_since = now
+        self._last_look = now
         if now - self._deferring_since >= DEFER_SECONDS:
             self._deferring_since = None
             return False
