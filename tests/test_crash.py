@@ -49,10 +49,16 @@ def _check(server: PasserelleProcess, study: str, acknowledged: dict[str, bytes]
            unacknowledged: set[str]) -> None:
     """Every acknowledged instance is listed and byte-identical, everything listed is whole;
     ``unacknowledged`` collects what was stored but never acknowledged (in flight at a kill)."""
-    listed = httpx.get(f"{server.base_url}/dicom-web/studies/{study}/instances",
-                       headers={"Accept": "application/dicom+json"})
-    visible = {item["00080018"]["Value"][0] for item in listed.json()} \
-        if listed.status_code == 200 else set()
+    visible: set[str] = set()
+    while True:  # QIDO answers a page at a time (1000 by default)
+        listed = httpx.get(f"{server.base_url}/dicom-web/studies/{study}/instances",
+                           headers={"Accept": "application/dicom+json"},
+                           params={"offset": str(len(visible))})
+        page = {item["00080018"]["Value"][0] for item in listed.json()} \
+            if listed.status_code == 200 else set()
+        if not page - visible:
+            break
+        visible |= page
     assert set(acknowledged) <= visible, "an acknowledged instance is missing"
     # Since the last kill, at most the instance each sender had in flight may be stored
     # without its acknowledgement having arrived.

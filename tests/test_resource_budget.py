@@ -415,7 +415,7 @@ def test_a_reservation_collected_inside_the_budget_locks_waits_on_nothing(
     finished = threading.Event()
 
     def collect_inside_the_locks() -> None:
-        with budget._room, budget.shared._threads:  # type: ignore[union-attr]
+        with budget._room, budget.shared._lock.held():  # type: ignore[union-attr]
             dropped.__del__()
         finished.set()
 
