@@ -34,6 +34,7 @@ from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publicati
 from storage.recovery import DataDirBusyError, ServiceLock, service_name
 from storage.schema import NewerSchemaError
 from storage.store import Store
+from storage.summaries import study_summaries
 
 
 def configure_logging(level: str, with_process: bool = False) -> None:
@@ -101,7 +102,7 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
     store = Store(settings.data_dir, settings.ingest.duplicate_policy,
                   database_url=settings.database_url)
     try:
-        studies = store.index.list_studies()
+        studies = study_summaries(store.index)
     finally:
         store.close()
     if args.json:

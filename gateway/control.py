@@ -26,9 +26,11 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 
 from gateway.web import admin
 from gateway.web.http.errors import http_exception, internal_error
+from gateway.web.middleware.request_target import RequestTargetMiddleware
 from gateway.web.services import Services
 from storage.recovery import DataDirBusyError
 
@@ -82,7 +84,9 @@ def client(data_dir: Path, timeout: float = 30) -> httpx.Client | None:
 def create_control_app(services: Services) -> Starlette:
     """The admin routes over ``services``, without authentication (see the module)."""
     app = Starlette(routes=admin.ROUTES, exception_handlers={
-        HTTPException: http_exception, Exception: internal_error})
+        HTTPException: http_exception, Exception: internal_error},
+        # The handlers read the request as parsed once, as behind the HTTP listener.
+        middleware=[Middleware(RequestTargetMiddleware, routes=admin.ROUTES)])
     app.state.services = services
     return app
 

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 
 packages=(python3 python3-venv python3-pip)
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(dcmtk dicom3tools postgresql)  # the tests start a PostgreSQL cluster of their own
+    # The tests start a PostgreSQL cluster of their own, and drive a headless Chromium.
+    packages+=(dcmtk dicom3tools postgresql chromium chromium-driver)
     extras="test"
 else
     extras=""

@@ -20,7 +20,6 @@ from sqlalchemy.exc import OperationalError
 from storage.database import (
     Database,
     DatabaseUnavailableError,
-    group_concat,
     json_array_agg,
     json_values,
     masked,
@@ -162,20 +161,6 @@ def _instance_filter(dialect: str, study_uid: str, series_uid: str | None,
     return sql, params
 
 
-def _study_summary(dialect: str, where: str) -> str:
-    return f"""
-    SELECT st.study_uid, p.patient_id, p.issuer_of_patient_id, st.patient_name,
-           st.study_date, st.study_time, st.accession_number, st.study_description,
-           (SELECT {group_concat(dialect, "se.modality", distinct=True)} FROM series se
-             WHERE se.study_pk = st.pk AND se.modality != '') AS modalities,
-           (SELECT count(*) FROM series se WHERE se.study_pk = st.pk) AS series_count,
-           (SELECT count(*) FROM instances i JOIN series se ON i.series_pk = se.pk
-             WHERE se.study_pk = st.pk) AS instance_count
-    FROM studies st JOIN patients p ON st.patient_pk = p.pk {where}
-    ORDER BY st.study_date DESC, st.study_time DESC, st.pk DESC
-    """
-
-
 @dataclass(frozen=True, slots=True)
 class IdentityConflict:
     """Why an instance cannot be indexed where its data set puts it: the index knows
@@ -273,23 +258,6 @@ class StoredInstance:
     transfer_syntax: str
     frames: int | None
     received_at: float  # seconds since the epoch; changes when the object is replaced
-
-
-@dataclass(frozen=True, slots=True)
-class StudySummary:
-    """One line of the study list."""
-
-    study_uid: str
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_name: str
-    study_date: str
-    study_time: str
-    accession_number: str
-    study_description: str
-    modalities: list[str]
-    series_count: int
-    instance_count: int
 
 
 class UnsupportedSQLiteError(ValueError):
@@ -495,15 +463,3 @@ class Index:
                              ON st.patient_pk = p.pk WHERE st.study_uid = :study_uid""",
                           {"study_uid": study_uid})
         return rows[0][0] if rows else ""
-
-    def list_studies(self, study_uid: str | None = None) -> list[StudySummary]:
-        """Every stored study (or only ``study_uid``) with its counts, most recent study
-        date first."""
-        where, params = (("WHERE st.study_uid = :study_uid", {"study_uid": study_uid})
-                         if study_uid else ("", {}))
-        rows = self.fetch(_study_summary(self.dialect, where), params)
-        return [
-            StudySummary(*row[:8], modalities=sorted((row[8] or "").split(",")) if row[8] else [],
-                         series_count=row[9], instance_count=row[10])
-            for row in rows
-        ]

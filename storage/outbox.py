@@ -83,6 +83,18 @@ _DUE = """FROM publications p WHERE state IN ('pending', 'sent') AND next_attemp
                     AND older.pk < p.pk AND older.state IN ('pending', 'sent'))"""
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxActivity:
+    """The rows per state; when the oldest row still to send was queued, when the registry
+    last acknowledged one; the newest error of a row being tried again, and when."""
+
+    counts: dict[str, int]
+    oldest_waiting: float | None
+    last_acknowledged: float | None
+    last_error: str
+    last_error_at: float | None
+
+
 def _publication(row: tuple) -> Publication:
     values = list(row)
     values[2], values[5] = Action(values[2]), State(values[5])
@@ -204,6 +216,33 @@ class Outbox:
             f"({', '.join(':' + name for name in names)}){of_study} ORDER BY pk",
             {**names, "study_uid": study_uid})]
 
+    def page(self, states: tuple[State, ...], limit: int, offset: int,
+             study_uid: str | None = None) -> tuple[list[Publication], int]:
+        """One page of the rows in ``states`` (of one study, if given), failed first (a
+        person must act on them), then newest first; and how many there are in all."""
+        names = {f"state{n}": state.value for n, state in enumerate(states)}
+        where = f"state IN ({', '.join(':' + name for name in names)})" + (
+            " AND study_uid = :study_uid" if study_uid else "")
+        params = {**names, "study_uid": study_uid}
+        rows = self.index.fetch(
+            f"""SELECT {_COLUMNS} FROM publications WHERE {where}
+                ORDER BY CASE WHEN state = 'failed' THEN 0 ELSE 1 END, pk DESC
+                LIMIT :limit OFFSET :offset""", {**params, "limit": limit, "offset": offset})
+        total = self.index.fetch(f"SELECT count(*) FROM publications WHERE {where}", params)
+        return [_publication(row) for row in rows], int(total[0][0])
+
+    def latest_of(self, study_uids: list[str]) -> dict[str, Publication]:
+        """The newest row of each of ``study_uids`` that has one."""
+        params = {f"uid{n}": uid for n, uid in enumerate(study_uids)}
+        if not params:
+            return {}
+        rows = self.index.fetch(
+            f"""SELECT {_COLUMNS} FROM publications WHERE pk IN (
+                    SELECT max(pk) FROM publications
+                    WHERE study_uid IN ({', '.join(':' + name for name in params)})
+                    GROUP BY study_uid)""", params)
+        return {row.study_uid: row for row in map(_publication, rows)}
+
     def published_document(self, study_uid: str) -> Publication | None:
         """The acknowledged publication whose manifest is the study's current document in
         the registry; None when nothing is published or the last one was withdrawn."""
@@ -304,6 +343,19 @@ class Outbox:
         if not changed:
             raise LeaseLostError(f"publication {row.id} is no longer leased by "
                                  f"{row.leased_by or 'nobody'}")
+
+    def activity(self) -> "OutboxActivity":
+        """How the outbox stands, for a health page."""
+        waiting, acknowledged = self.index.fetch(
+            """SELECT (SELECT min(created_at) FROM publications
+                       WHERE state IN ('pending', 'sent')),
+                      (SELECT max(updated_at) FROM publications
+                       WHERE state = 'acknowledged')""")[0]
+        failing = self.index.fetch(
+            """SELECT last_error, updated_at FROM publications WHERE state IN ('pending', 'sent')
+               AND attempts > 0 AND last_error != '' ORDER BY updated_at DESC LIMIT 1""")
+        return OutboxActivity(self.counts(), waiting, acknowledged,
+                              *(tuple(failing[0]) if failing else ("", None)))
 
     def counts(self) -> dict[str, int]:
         """Number of rows per state."""

@@ -257,14 +257,15 @@ def test_tcp_admin_still_needs_a_token_the_socket_does_not(tmp_path: Path) -> No
         local = httpx.Client(transport=httpx.HTTPTransport(
             uds=str(tmp_path / "data" / "control.sock")), base_url="http://passerelle")
         with local:
-            [listed] = local.get("/admin/studies").json()
+            [listed] = local.get("/admin/studies").json()["studies"]
             assert listed["study_uid"] == study
             queued = local.post(f"/admin/studies/{study}/publish")
             assert queued.status_code == 202
             assert queued.json()["will_send"] is False
             one = local.get(f"/admin/studies/{study}").json()
             assert [p["id"] for p in one["publications"]] == [queued.json()["publication"]["id"]]
-            assert [p["state"] for p in local.get("/admin/outbox").json()] == ["pending"]
+            assert [p["state"] for p in local.get("/admin/outbox").json()["publications"]] \
+                == ["pending"]
 
 
 def test_a_running_service_whose_socket_is_gone_is_not_called_absent(tmp_path: Path) -> None:

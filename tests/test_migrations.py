@@ -19,6 +19,7 @@ from storage.migrations import head
 from storage.outbox import Outbox
 from storage.schema import LEGACY_VERSION, NewerSchemaError
 from storage.search import name_group
+from storage.summaries import study_summaries
 from storage.tables import metadata
 from tests.old_index import index_at_version
 from tests.postgres import PostgresCluster
@@ -99,7 +100,7 @@ def test_an_sqlite_index_of_a_version_before_alembic_migrates_in_place(
     index = Index(path)
     try:
         assert index.schema_version == head()
-        [summary] = index.list_studies()
+        [summary] = study_summaries(index)
         assert (summary.study_uid, summary.accession_number, summary.instance_count) == (
             study, "ACC1", 1)
         stored = index.find_instance(sop)

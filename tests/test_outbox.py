@@ -303,4 +303,5 @@ def test_admin_study_shows_that_study_and_its_publications_only(tmp_path: Path) 
         assert one["study"]["study_uid"] == second
         assert [p["study_uid"] for p in one["publications"]] == [second]
         assert service.get(f"/admin/studies/{generate_uid()}").status_code == 404
-        assert {s["study_uid"] for s in service.get("/admin/studies").json()} == {first, second}
+        assert {s["study_uid"] for s in service.get("/admin/studies").json()["studies"]} == {
+            first, second}

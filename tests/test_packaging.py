@@ -157,6 +157,10 @@ def test_the_installed_service_publishes_a_study(venv: Path, tmp_path: Path) -> 
                           for series in evidence.ReferencedSeriesSequence
                           for instance in series.ReferencedSOPSequence}
             assert referenced == {ds.SOPInstanceUID for ds in sent}
+            # The console's templates and static files are in the wheel.
+            page = httpx.get(f"{server.base_url}/ui/studies/{study}")
+            assert page.status_code == 200 and study in page.text
+            assert httpx.get(f"{server.base_url}/ui/static/console.js").status_code == 200
             assert server.stop() == 0, server.log()
         # uvicorn re-raises the SIGTERM it handled, once shut down.
         assert registry.stop() in (0, -signal.SIGTERM), registry.log()

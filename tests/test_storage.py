@@ -32,6 +32,7 @@ from storage.schema import MIGRATIONS
 from storage.search import Level, Match, fold_name
 from storage.store import Outcome, Rejection, Store
 from storage.structure import IngestLimits
+from storage.summaries import series_summaries, study_summaries
 from storage.uids import is_valid_uid
 from tests.old_index import downgrade_to_baseline
 from tests.postgres import PostgresCluster
@@ -134,7 +135,7 @@ def test_store_indexes_every_level(tmp_path: Path, database_url: str) -> None:
         ds.save_as(buffer, enforce_file_format=True)
         result = store.ingest(buffer.getvalue(), source="TEST")
         assert result.outcome is Outcome.STORED
-    [summary] = store.index.list_studies()
+    [summary] = study_summaries(store.index)
     assert (summary.series_count, summary.instance_count) == (1, 2)
     assert result.record is not None
     assert result.record.placer_order_numbers == '["ORDER42"]'
@@ -222,7 +223,7 @@ def test_two_writers_of_one_sop_instance_uid_at_once(tmp_path: Path, database_ur
         assert sorted(outcomes) == sorted([Outcome.STORED, Outcome.REJECTED])
         stored = first.index.find_instance(sop_uid)
         assert first.blobs.read(stored.path) in versions
-        [summary] = first.index.list_studies(study)
+        [summary] = study_summaries(first.index, [study])
         assert summary.patient_name == dcmread(first.blobs.absolute(stored.path)).PatientName
     assert list(first.blobs.tmp_dir.iterdir()) == []
     for store in set(writers):
@@ -442,10 +443,16 @@ def test_every_index_query_on_each_dialect(tmp_path: Path, database_url: str) ->
         assert not index.has_path("studies/elsewhere.dcm")
         assert index.patient_id_of(study) == "PID-7"
         assert index.patient_id_of(generate_uid()) == ""
-        [summary] = index.list_studies(study)
+        [summary] = study_summaries(index, [study])
         assert (summary.modalities, summary.series_count, summary.instance_count) == (
             ["CT", "MR"], 2, 3)
-        assert index.list_studies(generate_uid()) == []
+        assert study_summaries(index, [generate_uid()]) == []
+        assert study_summaries(index, []) == []
+        [series_ct, series_mr] = series_summaries(index, study)
+        assert (series_ct.series_uid, series_ct.instance_count, series_mr.modality) == (
+            ct, 2, "MR")
+        assert series_ct.size + series_mr.size == summary.size == sum(
+            len(store.blobs.read(path)) for path in paths)
         stored = index.find_instance(uids[2])
         assert (stored.series_uid, stored.frames) == (mr, 1)
         assert stored.size == len(store.blobs.read(stored.path))
@@ -493,6 +500,6 @@ def test_many_concurrent_writers_never_run_out_of_connections(tmp_path: Path,
         with ThreadPoolExecutor(len(items)) as pool:
             outcomes = list(pool.map(write, items))
         assert outcomes == [Outcome.STORED] * len(items)
-        assert store.index.list_studies(study)[0].instance_count == len(items)
+        assert study_summaries(store.index, [study])[0].instance_count == len(items)
     finally:
         store.close()

@@ -2,6 +2,13 @@
 actions that go through the outbox like the automatic publications (``POST``): publish,
 withdraw or change the confidentiality of a study, send a failed publication again.
 
+The lists are pages: ``limit`` (default 50, at most 1000) and ``offset``, answered as
+``{"total": <all matches>, "offset": ..., "limit": ..., "<items>": [...]}``. Studies are
+matched as QIDO-RS matches them at the study level (PS3.18 10.6.1: ``PatientName``,
+``PatientID``, ``AccessionNumber``, ``StudyDate`` ranges, ``ModalitiesInStudy``,
+``fuzzymatching``...), most recent study first; publications come failed first (a person must
+act on them), then newest first.
+
 A queued action answers 202 with what the service will do with it:
 ``{"publication": <row>, "registry": <registry URL or null>, "will_send": true|false}``.
 The same ``ROUTES`` serve the HTTP listener (behind its authentication) and the control
@@ -10,6 +17,7 @@ channel of the data dir (``gateway.control``).
 
 import json
 from dataclasses import asdict
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -17,10 +25,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.publication.confidentiality import Confidentiality
+from gateway.web.dicomweb.qido import BadQueryError, parse_query
 from gateway.web.http.errors import admin_error
+from gateway.web.http.request_target import target_of
 from gateway.web.services import Services, services_of
-from storage.numbers import INT64_MAX, NumberError, parse_int
+from storage.numbers import INT32_MAX, INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Publication, State
+from storage.search import Level, Match, QueryError
+from storage.summaries import series_summaries, study_summaries
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
             "confidentiality": Action.CONFIDENTIALITY}
@@ -33,7 +45,8 @@ class BodyTooLargeError(ValueError):
     """A request body over the limit of this endpoint (HTTP 413)."""
 
 
-async def _small_body(request: Request) -> bytes:
+async def small_body(request: Request) -> bytes:
+    """The request's body, BodyTooLargeError past ``_MAX_BODY_BYTES``."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -58,7 +71,7 @@ async def queue_study_action(request: Request) -> Response:
     payload = ""
     if action is Action.CONFIDENTIALITY:
         try:
-            body = json.loads(await _small_body(request) or b"{}")
+            body = json.loads(await small_body(request) or b"{}")
             payload = Confidentiality(str(body.get("level", "N")),
                                       tuple(body.get("masking", []))).payload()
         except BodyTooLargeError as exc:
@@ -93,28 +106,92 @@ async def retry_publication(request: Request) -> Response:
     return _queued(services, retried)
 
 
+_PAGE = 50  # rows of a list when the request does not say
+_MAX_PAGE = 1000
+
+
+def _page_of(request: Request) -> tuple[int, int]:
+    """``limit`` and ``offset`` of a list request; NumberError when out of range."""
+    target = target_of(request)
+    limit = parse_int(target.param("limit", str(_PAGE)), "limit", 1, _MAX_PAGE)
+    offset = parse_int(target.param("offset", "0"), "offset", 0, INT32_MAX)
+    return limit, offset
+
+
+def _paged(items: str, rows: list[dict[str, Any]], total: int, limit: int,
+           offset: int) -> JSONResponse:
+    return JSONResponse({"total": total, "offset": offset, "limit": limit, items: rows})
+
+
+def _states(request: Request) -> tuple[State, ...]:
+    """``state=failed,pending`` (default: the unfinished ones; ``all=true``: every one)."""
+    target = target_of(request)
+    if target.param("all").lower() in ("1", "true", "yes"):
+        return tuple(State)
+    names = [name for name in target.param("state").split(",") if name]
+    try:
+        return tuple(State(name) for name in names) or UNFINISHED
+    except ValueError:
+        raise ValueError(f"unknown state in {target.param('state')[:100]!r}: "
+                         f"{', '.join(State)}") from None
+
+
 async def list_outbox(request: Request) -> JSONResponse:
-    """The unfinished publications, oldest first; ``?all=true``: the acknowledged too."""
-    everything = request.query_params.get("all", "").lower() in ("1", "true", "yes")
-    rows = await run_in_threadpool(services_of(request).outbox.listing,
-                                   tuple(State) if everything else UNFINISHED)
-    return JSONResponse([asdict(row) for row in rows])
+    """A page of the publications in the states asked for."""
+    try:
+        states, (limit, offset) = _states(request), _page_of(request)
+    except ValueError as exc:  # NumberError too
+        return admin_error(400, str(exc))
+    rows, total = await run_in_threadpool(services_of(request).outbox.page, states, limit,
+                                          offset)
+    return _paged("publications", [asdict(row) for row in rows], total, limit, offset)
+
+
+def study_page(services: Services, matches: list[Match], fuzzy: bool, limit: int,
+               offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The summaries of one page of matching studies, each with its newest publication
+    (null if none), and how many match in all."""
+    index = services.store.index
+    uids = [str(row["StudyInstanceUID"]) for row in index.search(
+        Level.STUDY, matches, ["StudyInstanceUID"], fuzzy, limit, offset)]
+    latest = services.outbox.latest_of(uids)
+    rows = [{**asdict(summary), "publication": asdict(latest[summary.study_uid])
+             if summary.study_uid in latest else None}
+            for summary in study_summaries(index, uids)]
+    return rows, index.count(Level.STUDY, matches, fuzzy)
 
 
 async def list_studies(request: Request) -> JSONResponse:
-    """Every stored study with its counts."""
-    studies = await run_in_threadpool(services_of(request).store.index.list_studies)
-    return JSONResponse([asdict(study) for study in studies])
+    """A page of the stored studies matching the query, with their counts, reception
+    times, size and newest publication."""
+    try:
+        limit, offset = _page_of(request)
+        query = [(key, value) for key, value in target_of(request).query
+                 if key not in ("limit", "offset")]
+        matches, _, fuzzy, _, _, _ = parse_query(query, Level.STUDY, {})
+        rows, total = await run_in_threadpool(study_page, services_of(request), matches,
+                                              fuzzy, limit, offset)
+    except (NumberError, BadQueryError, QueryError) as exc:
+        return admin_error(400, str(exc))
+    return _paged("studies", rows, total, limit, offset)
 
 
 async def study(request: Request) -> Response:
-    """One study's summary and its publications."""
+    """One study: its summary, its series and a page of its publications (failed first)."""
     services, uid = services_of(request), request.path_params["study"]
-    found = await run_in_threadpool(services.store.index.list_studies, uid)
+    try:
+        limit, offset = _page_of(request)
+    except NumberError as exc:
+        return admin_error(400, str(exc))
+    found = await run_in_threadpool(study_summaries, services.store.index, [uid])
     if not found:
         return admin_error(404, f"no such study {uid}")
-    rows = await run_in_threadpool(services.outbox.listing, tuple(State), uid)
-    return JSONResponse({"study": asdict(found[0]), "publications": [asdict(r) for r in rows]})
+    series = await run_in_threadpool(series_summaries, services.store.index, uid)
+    rows, total = await run_in_threadpool(services.outbox.page, tuple(State), limit, offset,
+                                          uid)
+    return JSONResponse({"study": asdict(found[0]), "series": [asdict(s) for s in series],
+                         "publications": [asdict(r) for r in rows],
+                         "publication_total": total})
 
 
 ROUTES = [

@@ -16,6 +16,7 @@ from gateway.liveness import ROLES, unavailable
 from gateway.security.client_counts import ClientCounts
 from gateway.urls import DICOMWEB_PATH
 from gateway.web import admin
+from gateway.web.console import pages as console
 from gateway.web.dicomweb.bulkdata import bulkdata
 from gateway.web.dicomweb.frames import frames
 from gateway.web.dicomweb.metadata import metadata
@@ -99,6 +100,8 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings,
         Route("/metrics", metrics, methods=["GET"]),
         Route(WADO_URI_PATH, wado_uri, methods=["GET"]),
         *admin.ROUTES,
+        console.HOME,
+        *console.ROUTES,
         Mount(DICOMWEB_PATH, routes=dicomweb),
     ]
     # Inside the audit (which records what it parsed, refusals included), before every

@@ -130,7 +130,7 @@ def _resolve(routes: Sequence[BaseRoute], scope: Scope, prefix: str = ""
 
 
 def _operation(template: str, method: str) -> Operation:
-    if template.startswith("/admin"):
+    if template.startswith(("/admin", "/ui/")):  # the operator API and its console
         return Operation.ADMIN
     if template == WADO_URI_PATH:
         return Operation.TRANSFER

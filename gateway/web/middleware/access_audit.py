@@ -1,6 +1,6 @@
-"""One audit event per DICOMweb / WADO-URI request and per admin listing (a Query: it shows
-patients), with its outcome, and one per refused credential: the ASGI middleware around
-everything else (so it sees the 401s and 403s)."""
+"""One audit event per DICOMweb / WADO-URI request and per admin listing or console page (a
+Query: it shows patients), with its outcome, and one per refused credential: the ASGI
+middleware around everything else (so it sees the 401s and 403s)."""
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,8 +14,15 @@ _EVENTS = {Operation.SEARCH: (EventType.QUERY, "E"),
            Operation.STORE: (EventType.INSTANCES_TRANSFERRED, "C")}
 
 
+# Console requests that show no patient (its style sheet and script, the health panel) or
+# refresh one already shown and audited (a study's publication history, every 2 s).
+_UNAUDITED = {"/ui/static/{name}", "/ui/health", "/ui/studies/{study}/publications"}
+
+
 def _event(target: RequestTarget) -> tuple[EventType, str] | None:
     """(event type, action) of a request, None when it is not audited."""
+    if target.route in _UNAUDITED:
+        return None
     if target.operation is Operation.ADMIN:
         # Queueing is audited by the publisher (Export); a listing is a query of the index.
         return (EventType.QUERY, "E") if target.method in ("GET", "HEAD") else None

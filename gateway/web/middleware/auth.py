@@ -47,7 +47,7 @@ class Rights:
 
     def required(self, target: RequestTarget) -> str | None:
         """The scope a request needs, or None when it needs no token (HEAD: as GET)."""
-        if target.method == "OPTIONS" or target.route == "/health":
+        if target.method == "OPTIONS" or target.route in ("/health", "/"):  # "/": a redirect
             return None
         if target.route == "/metrics":
             return self.admin if self.metrics_require_auth else None

@@ -1,0 +1,260 @@
+"""The operator console at ``/ui/``: server-rendered pages (Jinja2) over the same read API
+and the same outbox as ``/admin`` and the CLI, readable without JavaScript; a few lines of
+script refresh the publication and health panels in place.
+
+- ``/ui/``: the studies, searched by patient name (accent- and case-insensitive prefix),
+  Patient ID, accession number, study date range and modality, a page at a time;
+- ``/ui/studies/{uid}``: a study, its series, its publication history (failed first, with
+  the registry's answer as text) and the actions on it, each confirmed on a page of its own;
+- ``/ui/health``: the processes, the outbox, the registry as the publisher last met it, the
+  free disk space.
+"""
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from importlib.resources import files
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from gateway.publication.confidentiality import Confidentiality
+from gateway.web.admin import BodyTooLargeError, small_body, study_page
+from gateway.web.console import csrf
+from gateway.web.console.language import negotiate, words
+from gateway.web.services import Services, services_of
+from storage.numbers import INT64_MAX, NumberError, parse_int
+from storage.outbox import Action, NotFailedError, State
+from storage.search import Match, QueryError
+from storage.summaries import series_summaries, study_summaries
+
+_PAGE = 25
+_HISTORY = 100  # publications shown on a study's page
+_ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
+            "confidentiality": Action.CONFIDENTIALITY}
+_LEVELS = ("N", "R", "V")
+_SEARCH_FIELDS = ("patient_name", "patient_id", "accession", "date_from", "date_to",
+                  "modality")
+
+_templates = Environment(loader=PackageLoader("gateway.web.console", "templates"),
+                         autoescape=select_autoescape(["html"]), trim_blocks=True,
+                         lstrip_blocks=True)
+
+
+def _size(size: int) -> str:
+    value, unit = float(size), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _when(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds)) if seconds else "—"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else \
+        f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def _date(study_date: str) -> str:
+    return f"{study_date[:4]}-{study_date[4:6]}-{study_date[6:8]}" if len(study_date) == 8 \
+        else study_date
+
+
+def answer_text(response: str, last_error: str) -> list[str]:
+    """The registry's answer as lines a person reads: each OperationOutcome issue's
+    severity, code, text and where; else the error recorded."""
+    try:
+        outcome = json.loads(response) if response else None
+    except ValueError:
+        outcome = None
+    lines = []
+    if isinstance(outcome, dict) and outcome.get("resourceType") == "OperationOutcome":
+        for issue in outcome.get("issue") or []:
+            if not isinstance(issue, dict):
+                continue
+            details = issue.get("details")
+            text = issue.get("diagnostics") or (
+                details.get("text") if isinstance(details, dict) else "") or ""
+            where = ", ".join(str(e) for e in issue.get("expression") or [])
+            lines.append(f"{issue.get('severity', '?')} {issue.get('code', '?')}: {text}"
+                         + (f" ({where})" if where else ""))
+    return lines or ([last_error] if last_error else [])
+
+
+def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+    language = negotiate(request.headers.get("accept-language", ""))
+    token = csrf.token_of(request)
+    html = _templates.get_template(template).render(
+        t=words(language), language=language, csrf_field=csrf.FIELD, csrf_token=token,
+        size=_size, when=_when, date=_date, **context)
+    response = HTMLResponse(html, status_code=status,
+                            headers={"Cache-Control": "no-store", "Vary": "Accept-Language"})
+    csrf.keep(response, request, token)
+    return response
+
+
+def _matches(form: dict[str, str]) -> list[Match]:
+    """QIDO matching keys of the search form; a patient name is a prefix of any of its
+    components (fuzzy matching)."""
+    matches = []
+    if form["patient_name"]:
+        matches.append(Match("PatientName", form["patient_name"].rstrip("*") + "*"))
+    for field, keyword in (("patient_id", "PatientID"), ("accession", "AccessionNumber"),
+                           ("modality", "ModalitiesInStudy")):
+        if form[field]:
+            matches.append(Match(keyword, form[field]))
+    low, high = (form[f].replace("-", "") for f in ("date_from", "date_to"))
+    if low or high:
+        matches.append(Match("StudyDate", f"{low}-{high}"))
+    return matches
+
+
+async def studies(request: Request) -> Response:
+    """The list of studies, searched and paged."""
+    form = {field: request.query_params.get(field, "").strip()[:64] for field in _SEARCH_FIELDS}
+    try:
+        page = parse_int(request.query_params.get("page", "1"), "page", 1, 1 << 20)
+        rows, total = await run_in_threadpool(study_page, services_of(request),
+                                              _matches(form), True, _PAGE, (page - 1) * _PAGE)
+        problem = ""
+    except (NumberError, QueryError) as exc:
+        page, rows, total, problem = 1, [], 0, str(exc)
+    pages = max(1, -(-total // _PAGE))
+    query = {k: v for k, v in form.items() if v}
+    return _render(request, "studies.html", status=400 if problem else 200, form=form,
+                   studies=rows, total=total, page=page, pages=pages, problem=problem,
+                   link=lambda n: "?" + urlencode({**query, "page": n}))
+
+
+def _publications(services: Services, uid: str) -> list[dict[str, Any]]:
+    rows, _ = services.outbox.page(tuple(State), _HISTORY, 0, uid)
+    return [{**asdict(row), "answer": answer_text(row.response, row.last_error)}
+            for row in rows]
+
+
+async def study(request: Request) -> Response:
+    """A study's page: summary, series, publication history, actions."""
+    services, uid = services_of(request), request.path_params["study"]
+    found = await run_in_threadpool(study_summaries, services.store.index, [uid])
+    if not found:
+        return _render(request, "message.html", status=404, message=("unknown_study", uid))
+    series = await run_in_threadpool(series_summaries, services.store.index, uid)
+    history = await run_in_threadpool(_publications, services, uid)
+    done = request.query_params.get("done", "")
+    return _render(request, "study.html", study=found[0], series=series,
+                   publications=history, done=done if done in (*_ACTIONS, "retry") else "",
+                   registry=services.registry_url)
+
+
+async def publications(request: Request) -> Response:
+    """The publication history of a study alone, for the page to refresh in place."""
+    services, uid = services_of(request), request.path_params["study"]
+    history = await run_in_threadpool(_publications, services, uid)
+    return _render(request, "publications.html", publications=history,
+                   study={"study_uid": uid})
+
+
+async def confirm(request: Request) -> Response:
+    """The confirmation page of an action (a form that posts it)."""
+    uid, action = request.path_params["study"], request.path_params["action"]
+    if action not in (*_ACTIONS, "retry"):
+        return _render(request, "message.html", status=404, message=("unknown_study", uid))
+    return _render(request, "confirm.html", study_uid=uid, action=action, levels=_LEVELS,
+                   publication=request.query_params.get("id", ""))
+
+
+def _refused(request: Request, why: str, status: int) -> Response:
+    return _render(request, "message.html", status=status, message=("refused", why))
+
+
+async def act(request: Request) -> Response:
+    """Do a confirmed action through the outbox, then back to the study's page."""
+    services, uid = services_of(request), request.path_params["study"]
+    action = request.path_params["action"]
+    try:
+        form = dict(parse_qsl((await small_body(request)).decode("utf-8", "replace"),
+                              max_num_fields=8))
+    except (BodyTooLargeError, ValueError) as exc:
+        return _refused(request, str(exc), 400)
+    forged = csrf.refusal(request, form.get(csrf.FIELD, ""), services.public_url)
+    if forged:
+        return _refused(request, forged, 403)
+    try:
+        if action == "retry":
+            pk = parse_int(form.get("publication", ""), "publication id", 1, INT64_MAX)
+            row = await run_in_threadpool(services.outbox.get, pk)
+            if row is None or row.study_uid != uid:
+                return _refused(request, f"no publication {pk} of this study", 404)
+            await run_in_threadpool(services.outbox.retry, pk)
+        elif action in _ACTIONS:
+            payload = ""
+            if action == "confidentiality":
+                level = form.get("level", "")
+                if level not in _LEVELS:
+                    return _refused(request, f"level must be one of {', '.join(_LEVELS)}", 400)
+                payload = Confidentiality(level, ()).payload()
+            await run_in_threadpool(services.outbox.queue, uid, _ACTIONS[action], payload)
+        else:
+            return _refused(request, f"unknown action {action[:40]!r}", 404)
+    except (NumberError, NotFailedError, LookupError) as exc:
+        return _refused(request, str(exc), 409 if isinstance(exc, NotFailedError) else 400)
+    services.wake_publisher()
+    return RedirectResponse(f"/ui/studies/{quote(uid, safe='')}?done={action}",
+                            status_code=303)
+
+
+def _health(services: Services) -> dict[str, Any]:
+    activity = services.outbox.activity()
+    disk = shutil.disk_usage(services.store.blobs.studies_dir)
+    return {"serving": services.serving(), "activity": activity, "now": time.time(),
+            "disk_free": disk.free, "disk_total": disk.total,
+            "registry": services.registry_url}
+
+
+async def health(request: Request) -> Response:
+    """The health page (``?panel=1``: its panel alone, for the page to refresh in place)."""
+    state = await run_in_threadpool(_health, services_of(request))
+    template = "health_panel.html" if request.query_params.get("panel") else "health.html"
+    return _render(request, template, age=_age, **state)
+
+
+_STATIC = {name: (files("gateway.web.console").joinpath("static", name).read_bytes(), kind)
+           for name, kind in (("console.css", "text/css; charset=utf-8"),
+                              ("console.js", "text/javascript; charset=utf-8"))}
+
+
+async def static_file(request: Request) -> Response:
+    """The console's style sheet and script (read once, at import)."""
+    found = _STATIC.get(request.path_params["name"])
+    if found is None:
+        return Response("no such file", status_code=404, media_type="text/plain")
+    return Response(found[0], media_type=found[1],
+                    headers={"Cache-Control": "public, max-age=3600"})
+
+
+async def home(request: Request) -> Response:
+    """``/``: the console."""
+    return RedirectResponse("/ui/", status_code=307)
+
+
+ROUTES = [
+    Route("/ui/", studies, methods=["GET"]),
+    Route("/ui/studies/{study}", study, methods=["GET"]),
+    Route("/ui/studies/{study}/publications", publications, methods=["GET"]),
+    Route("/ui/studies/{study}/{action}", confirm, methods=["GET"]),
+    Route("/ui/studies/{study}/{action}", act, methods=["POST"]),
+    Route("/ui/health", health, methods=["GET"]),
+    Route("/ui/static/{name}", static_file, methods=["GET"]),
+]
+HOME = Route("/", home, methods=["GET"])

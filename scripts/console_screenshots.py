@@ -1,0 +1,60 @@
+"""Screenshots of the console for the README: a service with the local registry, a few
+generated studies (one published, one refused by the registry), the pages in headless
+Chromium (``./scripts/test.sh`` installs it), saved as PNG files in ``docs/``.
+
+Usage: .venv/bin/python scripts/console_screenshots.py
+"""
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pydicom.uid import generate_uid  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+from tests.browser import chromium  # noqa: E402
+from tests.faulty_proxy import FaultyProxy  # noqa: E402
+from tests.processes import PasserelleProcess, RegistryProcess, wait_for  # noqa: E402
+from tests.scu import send  # noqa: E402
+from tests.synthetic import national_ct_slice  # noqa: E402
+
+
+def main() -> None:
+    """Make the screenshots."""
+    docs = REPO / "docs"
+    docs.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as work, RegistryProcess(
+            Path(work) / "registry") as registry, FaultyProxy(registry.http_port) as proxy, \
+            PasserelleProcess(Path(work) / "data", registry_url=proxy.url,
+                              stable_seconds="1", order_issuer_oid="1.2.250.1.999.1.1.3",
+                              http_workers="1", dicom_receivers="1") as server:
+        published, refused = generate_uid(), generate_uid()
+        for study, date, count in ((published, "20261130", 3), (refused, "20261201", 2)):
+            series = generate_uid()
+            for number in range(1, count + 1):
+                assert send(server.dicom_port, national_ct_slice(
+                    study, series, 1, number, StudyDate=date))[0] == 0
+            if study == published:
+                wait_for(lambda: registry.documents(published), 60, "the first manifest")
+                proxy.mode = "400"
+        time.sleep(4)  # the second study is queued and refused
+        with chromium("fr") as browser:
+            browser.get(f"{server.base_url}/ui/")
+            browser.save_screenshot(str(docs / "console-studies.png"))
+            browser.get(f"{server.base_url}/ui/studies/{refused}")
+            wait_for(lambda: browser.find_elements(By.CSS_SELECTOR,
+                                                   'tr.publication[data-state="failed"]'),
+                     60, "the refusal on the page")
+            browser.save_screenshot(str(docs / "console-study.png"))
+            browser.get(f"{server.base_url}/ui/health")
+            browser.save_screenshot(str(docs / "console-health.png"))
+        proxy.mode = "forward"
+    print(f"written: {', '.join(p.name for p in sorted(docs.glob('console-*.png')))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""A real headless Chromium for the tests (Debian ``chromium`` + ``chromium-driver``, driven
+by selenium; nothing downloaded at run time)."""
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@contextmanager
+def chromium(language: str = "fr", javascript: bool = True) -> Iterator[webdriver.Chrome]:
+    """A headless Chromium speaking ``language`` (its Accept-Language), 1280x900."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1280,900",
+                     f"--lang={language}"):
+        options.add_argument(argument)
+    options.add_experimental_option("prefs", {"intl.accept_languages": language,
+                                              "webkit.webprefs.javascript_enabled":
+                                              javascript})
+    driver = webdriver.Chrome(options=options, service=Service(
+        shutil.which("chromedriver") or CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
