@@ -126,6 +126,9 @@ class HttpSettings(_Section):
     port: int = Field(8080, ge=0, le=65535, alias="http_port")
     public_url: str = ""  # empty: derived from host, port and TLS (Settings)
     cors_allow_origins: list[str] = []
+    # Host names served without authentication besides this machine's and public_url's
+    # (gateway.web.middleware.allowed_hosts), e.g. the name a reverse proxy forwards.
+    allowed_hosts: list[str] = Field([], alias="http_allowed_hosts")
     max_requests_per_client: int = Field(64, ge=1, alias="http_max_requests_per_client")
     max_connections: int = Field(1024, ge=1, alias="http_max_connections")
     max_connections_per_client: int = Field(128, ge=1, alias="http_max_connections_per_client")
@@ -135,7 +138,7 @@ class HttpSettings(_Section):
     # Processes serving HTTP, each its own interpreter (gateway.supervisor); 0: one per CPU.
     workers: int = Field(0, ge=0, le=256, alias="http_workers")
 
-    _split = field_validator("cors_allow_origins", mode="before")(_words)
+    _split = field_validator("cors_allow_origins", "allowed_hosts", mode="before")(_words)
 
     def worker_count(self) -> int:
         """How many HTTP worker processes to run: ``workers``, or the CPU count when 0."""

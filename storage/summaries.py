@@ -87,7 +87,7 @@ def study_summaries(index: "Index", study_uids: Sequence[str] | None = None
 
 
 def series_summaries(index: "Index", study_uid: str) -> list[SeriesSummary]:
-    """The series of a study, by series number."""
+    """The series of a study, by series number (those without one last)."""
     rows = index.fetch("""
         SELECT se.series_uid, se.series_number, se.modality, se.series_description,
                count(i.pk), min(i.received_at), max(i.received_at), sum(i.size)
@@ -95,5 +95,6 @@ def series_summaries(index: "Index", study_uid: str) -> list[SeriesSummary]:
         JOIN instances i ON i.series_pk = se.pk
         WHERE st.study_uid = :study_uid
         GROUP BY se.pk, se.series_uid, se.series_number, se.modality, se.series_description
-        ORDER BY se.series_number, se.pk""", {"study_uid": study_uid})
+        ORDER BY se.series_number IS NULL, se.series_number, se.pk""",  # as on both dialects
+        {"study_uid": study_uid})
     return [SeriesSummary(*row[:7], size=int(row[7] or 0)) for row in rows]

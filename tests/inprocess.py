@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -64,6 +65,8 @@ class InProcessService:
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
         settings.setdefault("public_url", BASE_URL)
+        # Requests go to BASE_URL's host whatever public_url says.
+        settings.setdefault("http_allowed_hosts", urlsplit(BASE_URL).hostname)
         self.settings = Settings(data_dir=data_dir, **settings)
         self.data_dir = self.settings.data_dir
         self.base_url = BASE_URL  # what requests go to; public_url may add a path prefix

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from gateway.publication.confidentiality import Confidentiality
 from gateway.web.dicomweb.qido import BadQueryError, parse_query
 from gateway.web.http.errors import admin_error
+from gateway.web.http.origin import foreign_origin
 from gateway.web.http.request_target import target_of
 from gateway.web.services import Services, services_of
 from storage.numbers import INT32_MAX, INT64_MAX, NumberError, parse_int
@@ -62,8 +63,17 @@ def _queued(services: Services, row: Publication) -> JSONResponse:
                          "will_send": bool(services.registry_url)}, status_code=202)
 
 
+def _forged(request: Request) -> Response | None:
+    """403 for an action a page of another site made the browser send (without
+    authentication, or with a client certificate, nothing else tells it apart)."""
+    foreign = foreign_origin(request, services_of(request).public_url)
+    return admin_error(403, f"refused: {foreign}") if foreign else None
+
+
 async def queue_study_action(request: Request) -> Response:
     """Queue one action; the confidentiality body is ``{"level": "R", "masking": [...]}``."""
+    if forged := _forged(request):
+        return forged
     action = _ACTIONS.get(request.path_params["action"])
     if action is None:
         return admin_error(404, f"unknown action {request.path_params['action']!r}: "
@@ -92,6 +102,8 @@ async def queue_study_action(request: Request) -> Response:
 
 async def retry_publication(request: Request) -> Response:
     """Put a failed publication back in the queue (409 when it is not failed)."""
+    if forged := _forged(request):
+        return forged
     services = services_of(request)
     try:
         pk = parse_int(request.path_params["id"], "publication id", 1, INT64_MAX)

@@ -1,6 +1,8 @@
 """HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, health and
 metrics."""
 
+from urllib.parse import urlsplit
+
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +30,11 @@ from gateway.web.dicomweb.wado_uri import wado_uri
 from gateway.web.http.errors import http_exception, internal_error
 from gateway.web.http.request_target import WADO_URI_PATH
 from gateway.web.middleware.access_audit import AccessAuditMiddleware
+from gateway.web.middleware.allowed_hosts import (
+    LOOPBACK_NAMES,
+    AllowedHostsMiddleware,
+    host_name,
+)
 from gateway.web.middleware.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.middleware.client_limit import ClientLimitMiddleware
 from gateway.web.middleware.manifest_scope import ManifestAccess, ManifestScopeMiddleware
@@ -104,6 +111,10 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings,
         *console.ROUTES,
         Mount(DICOMWEB_PATH, routes=dicomweb),
     ]
+    if not (auth.enabled or auth.allow_unauthenticated):  # the loopback demo mode
+        middleware.insert(0, Middleware(AllowedHostsMiddleware, names=[
+            *LOOPBACK_NAMES, host_name(urlsplit(services.public_url).netloc),
+            host_name(http.host), *http.allowed_hosts]))
     # Inside the audit (which records what it parsed, refusals included), before every
     # access decision.
     middleware.append(Middleware(RequestTargetMiddleware, routes=routes))

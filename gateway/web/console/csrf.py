@@ -12,10 +12,11 @@ otherwise act on the gateway at 127.0.0.1.
 
 import hmac
 import secrets
-from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
+
+from gateway.web.http.origin import foreign_origin
 
 COOKIE = "passerelle_csrf"
 FIELD = "csrf"
@@ -24,7 +25,7 @@ FIELD = "csrf"
 def token_of(request: Request) -> str:
     """The request's token: the cookie's, or a new one (set it with ``keep``)."""
     token = request.cookies.get(COOKIE, "")
-    return token if 32 <= len(token) <= 64 else secrets.token_urlsafe(32)
+    return token if _valid(token) else secrets.token_urlsafe(32)
 
 
 def keep(response: Response, request: Request, token: str) -> None:
@@ -35,17 +36,14 @@ def keep(response: Response, request: Request, token: str) -> None:
 
 def refusal(request: Request, form_token: str, public_url: str) -> str:
     """Why an action request must be refused as a forgery; "" when it may be done."""
-    if request.headers.get("sec-fetch-site") == "cross-site":
-        return "cross-site request"
-    origin = request.headers.get("origin")
-    if origin is not None:
-        own = {f"{request.url.scheme}://{request.headers.get('host', '')}"}
-        public = urlsplit(public_url)
-        if public.scheme and public.netloc:
-            own.add(f"{public.scheme}://{public.netloc}")
-        if origin not in own:
-            return f"request from another origin ({origin[:100]})"
+    foreign = foreign_origin(request, public_url)
+    if foreign:
+        return foreign
     cookie = request.cookies.get(COOKIE, "")
-    if not cookie or not hmac.compare_digest(cookie.encode(), form_token.encode()):
+    if not (_valid(cookie) and hmac.compare_digest(cookie.encode(), form_token.encode())):
         return "missing or wrong form token: reload the page and try again"
     return ""
+
+
+def _valid(token: str) -> bool:
+    return 32 <= len(token) <= 64

@@ -80,13 +80,16 @@ def answer_text(response: str, last_error: str) -> list[str]:
         outcome = None
     lines = []
     if isinstance(outcome, dict) and outcome.get("resourceType") == "OperationOutcome":
-        for issue in outcome.get("issue") or []:
+        issues = outcome.get("issue")
+        for issue in issues if isinstance(issues, list) else []:
             if not isinstance(issue, dict):
                 continue
             details = issue.get("details")
             text = issue.get("diagnostics") or (
                 details.get("text") if isinstance(details, dict) else "") or ""
-            where = ", ".join(str(e) for e in issue.get("expression") or [])
+            expression = issue.get("expression")
+            where = ", ".join(str(e) for e in expression) if isinstance(expression, list) \
+                else ""
             lines.append(f"{issue.get('severity', '?')} {issue.get('code', '?')}: {text}"
                          + (f" ({where})" if where else ""))
     return lines or ([last_error] if last_error else [])
@@ -98,8 +101,11 @@ def _render(request: Request, template: str, status: int = 200, **context: Any) 
     html = _templates.get_template(template).render(
         t=words(language), language=language, csrf_field=csrf.FIELD, csrf_token=token,
         size=_size, when=_when, date=_date, **context)
-    response = HTMLResponse(html, status_code=status,
-                            headers={"Cache-Control": "no-store", "Vary": "Accept-Language"})
+    response = HTMLResponse(html, status_code=status, headers={
+        "Cache-Control": "no-store", "Vary": "Accept-Language",
+        # Its own style sheet and script only, and never inside another site's frame.
+        "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+        "X-Frame-Options": "DENY"})
     csrf.keep(response, request, token)
     return response
 
@@ -166,12 +172,15 @@ async def publications(request: Request) -> Response:
 
 
 async def confirm(request: Request) -> Response:
-    """The confirmation page of an action (a form that posts it)."""
-    uid, action = request.path_params["study"], request.path_params["action"]
-    if action not in (*_ACTIONS, "retry"):
+    """The confirmation page of an action on a stored study (a form that posts it)."""
+    services, uid = services_of(request), request.path_params["study"]
+    action = request.path_params["action"]
+    found = await run_in_threadpool(study_summaries, services.store.index, [uid])
+    if action not in (*_ACTIONS, "retry") or not found:
         return _render(request, "message.html", status=404, message=("unknown_study", uid))
-    return _render(request, "confirm.html", study_uid=uid, action=action, levels=_LEVELS,
-                   publication=request.query_params.get("id", ""))
+    return _render(request, "confirm.html", study_uid=uid, study_path=quote(uid, safe=""),
+                   action=action, levels=_LEVELS,
+                   publication=request.query_params.get("id", "")[:20])
 
 
 def _refused(request: Request, why: str, status: int) -> Response:

@@ -2,6 +2,8 @@
 Query: it shows patients), with its outcome, and one per refused credential: the ASGI
 middleware around everything else (so it sees the 401s and 403s)."""
 
+import time
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.security.audit import AuditEvent, AuditTrail, EventType, Outcome
@@ -14,9 +16,13 @@ _EVENTS = {Operation.SEARCH: (EventType.QUERY, "E"),
            Operation.STORE: (EventType.INSTANCES_TRANSFERRED, "C")}
 
 
-# Console requests that show no patient (its style sheet and script, the health panel) or
-# refresh one already shown and audited (a study's publication history, every 2 s).
-_UNAUDITED = {"/ui/static/{name}", "/ui/health", "/ui/studies/{study}/publications"}
+# Console requests that show no patient: its style sheet and script, the health panel.
+_UNAUDITED = {"/ui/static/{name}", "/ui/health"}
+# A study's publication history, which its page fetches again every 2 s: audited once per
+# client, study and period, not at each refresh.
+_REFRESHED = "/ui/studies/{study}/publications"
+_REFRESH_PERIOD = 300.0
+_REFRESH_MEMORY = 10_000  # (client, study) pairs remembered at most
 
 
 def _event(target: RequestTarget) -> tuple[EventType, str] | None:
@@ -41,6 +47,7 @@ class AccessAuditMiddleware:
     def __init__(self, app: ASGIApp, trail: AuditTrail) -> None:
         self.app = app
         self.trail = trail
+        self._refreshed: dict[tuple[str, str, str], float] = {}  # -> when last audited
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
@@ -74,6 +81,9 @@ class AccessAuditMiddleware:
         target = find_target(scope)
         if target is None or (kind := _event(target)) is None:
             return
+        if target.route == _REFRESHED and self._seen_lately(str(user), address,
+                                                              target.study or ""):
+            return
         # A method no route serves, a parameter repeated: refused before any credential or
         # data was read, an attempt on no study, so none (and no patient) is named.
         refused_early = not target.method_allowed or bool(target.problem)
@@ -85,3 +95,14 @@ class AccessAuditMiddleware:
             "" if refused_early else target.study or "",
             detail=f"{method} {path}{through} -> {status}",
             query=query if event is EventType.QUERY else ""))
+
+    def _seen_lately(self, user: str, address: str, study: str) -> bool:
+        """True when this client's refresh of ``study`` was audited within the period."""
+        now = time.monotonic()
+        key = (user, address, study)
+        if now - self._refreshed.get(key, -_REFRESH_PERIOD) < _REFRESH_PERIOD:
+            return True
+        if len(self._refreshed) >= _REFRESH_MEMORY:
+            self._refreshed.clear()  # audits more, never less
+        self._refreshed[key] = now
+        return False
