@@ -316,7 +316,7 @@ def test_deep_and_large_json(target: PasserelleProcess) -> None:
 def test_one_client_cannot_take_every_worker(target: PasserelleProcess) -> None:
     """Requests whose bodies never come hold their slot; past the limit a client gets 429
     and everything else still works."""
-    head = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW}\r\n"
+    head = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {STOW}\r\n"
             "Content-Length: 100000\r\n\r\n--XyZ\r\n").encode()
     stalled = [socket.create_connection(("127.0.0.1", target.http_port))
                for _ in range(HTTP_PER_CLIENT)]
@@ -339,7 +339,7 @@ def test_one_client_cannot_take_every_worker(target: PasserelleProcess) -> None:
 def test_a_request_head_sent_byte_by_byte_is_cut_off(target: PasserelleProcess) -> None:
     """Slowloris: a byte every half second keeps uvicorn's keep-alive timer from firing, but
     not the head deadline; meanwhile others are served."""
-    head = b"GET /dicom-web/studies HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    head = b"GET /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
     slow = socket.create_connection(("127.0.0.1", target.http_port))
     started = time.monotonic()
     try:

@@ -197,7 +197,7 @@ def test_well_formed_numbers_still_work(service: PasserelleProcess, instance: st
 
 def _head_answer(service: PasserelleProcess, size: int) -> bytes:
     """The status line answering a GET /health whose head is ``size`` bytes, sent at once."""
-    start, end = b"GET /health HTTP/1.1\r\nHost: passerelle\r\nX-Padding: ", b"\r\n\r\n"
+    start, end = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: ", b"\r\n\r\n"
     with socket.create_connection(("127.0.0.1", service.http_port), timeout=10) as sock:
         sock.sendall(start + b"a" * (size - len(start) - len(end)) + end)
         return sock.makefile("rb").readline().strip()

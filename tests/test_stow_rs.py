@@ -240,7 +240,7 @@ def test_a_stalled_body_is_408_and_gives_its_ingest_bytes_back(tmp_path: Path) -
                     + b"DICM" + bytes(2 << 20))
     with PasserelleProcess(tmp_path / "data", http_body_timeout_seconds="2") as server:
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as peer:
-            peer.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+            peer.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b'Content-Type: multipart/related; type="application/dicom"; '
                          b"boundary=x\r\nContent-Length: 50000000\r\n\r\n" + head_of_part)
             deadline = time.monotonic() + 10

@@ -48,7 +48,7 @@ def _serving_pid(port: int) -> int:
     """The pid of the HTTP worker that accepted a new connection (psutil sees who holds
     its server side), once a request on it is answered."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         client = sock.getsockname()
         for connection in psutil.net_connections("tcp"):
