@@ -1,5 +1,5 @@
 """The ``passerelle`` command: serve, import, studies, outbox, publish, unpublish,
-confidentiality, audit, registry."""
+confidentiality, audit, registry, install-viewer."""
 
 import argparse
 import json
@@ -28,6 +28,7 @@ from gateway.publication.confidentiality import (
     Confidentiality,
 )
 from gateway.run_dir import run_dir_of
+from gateway.web.viewer.install import ViewerPackageError, install_viewer, verify_integrity
 from storage.database import DatabaseUnavailableError
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Outbox, Publication
@@ -258,6 +259,18 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_install_viewer(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        if args.integrity:
+            verify_integrity(args.tarball, args.integrity)
+        version = install_viewer(args.tarball, settings.http.viewer_dir)
+    except (ViewerPackageError, OSError) as exc:
+        print(f"passerelle: the viewer was not installed: {exc}", file=sys.stderr)
+        return 1
+    print(f"OHIF {version} installed in {settings.http.viewer_dir}, served at /viewer/")
+    return 0
+
+
 def _cmd_registry(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -390,6 +403,13 @@ def _parser() -> argparse.ArgumentParser:
     audit = command("audit", "who accessed, sent or published what", _cmd_audit, reads_data)
     audit.add_argument("--study", help="only the events of this Study Instance UID")
     audit.add_argument("--json", action="store_true", help="the audit messages, as JSON")
+    viewer = command("install-viewer", "install the OHIF viewer served at /viewer/",
+                     _cmd_install_viewer, ("viewer_dir", "log_level"), existing_data_dir=False,
+                     notes="TARBALL is the npm package @ohif/app (npm pack @ohif/app@VERSION); "
+                           "scripts/setup.sh\nfetches the pinned version and runs this.")
+    viewer.add_argument("tarball", type=Path, metavar="TARBALL")
+    viewer.add_argument("--integrity", metavar="SHA512",
+                        help="refuse a tarball whose npm integrity (sha512-...) differs")
     registry = command("registry", "run the local MHD document registry", _cmd_registry,
                        ("log_level",), existing_data_dir=False)
     registry.add_argument("--host", default="127.0.0.1")

@@ -137,6 +137,9 @@ class HttpSettings(_Section):
     keep_alive_seconds: float = Field(30, gt=0, alias="http_keep_alive_seconds")
     # Processes serving HTTP, each its own interpreter (gateway.supervisor); 0: one per CPU.
     workers: int = Field(0, ge=0, le=256, alias="http_workers")
+    # Where `passerelle install-viewer` put OHIF, served at /viewer/ (relative: to the
+    # working directory, like data_dir).
+    viewer_dir: Path = Field(Path("viewer"), alias="viewer_dir")
 
     _split = field_validator("cors_allow_origins", "allowed_hosts", mode="before")(_words)
 

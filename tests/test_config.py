@@ -97,7 +97,8 @@ def test_every_flat_name_is_read_from_the_environment(monkeypatch: pytest.Monkey
                "auth_audience": ("passerelle", "passerelle"),
                "audit_syslog": ("siem.example:6514", "siem.example:6514"),
                "audit_syslog_transport": ("tls", "tls"),
-               "public_url": ("https://imaging.example/", "https://imaging.example")}
+               "public_url": ("https://imaging.example/", "https://imaging.example"),
+               "viewer_dir": ("/opt/ohif", Path("/opt/ohif"))}
     expected = {}
     for flat, (section, field) in FLAT_NAMES.items():
         annotation = Settings.sections[section].model_fields[field].annotation

@@ -1,5 +1,5 @@
-"""HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, health and
-metrics."""
+"""HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, the console,
+the viewer, health and metrics."""
 
 from urllib.parse import urlsplit
 
@@ -40,6 +40,7 @@ from gateway.web.middleware.client_limit import ClientLimitMiddleware
 from gateway.web.middleware.manifest_scope import ManifestAccess, ManifestScopeMiddleware
 from gateway.web.middleware.request_target import RequestTargetMiddleware
 from gateway.web.services import Services
+from gateway.web.viewer.routes import viewer_routes
 
 _RENDERABLE = ("/studies/{study}", "/studies/{study}/series/{series}",
                "/studies/{study}/series/{series}/instances/{instance}",
@@ -109,6 +110,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings,
         *admin.ROUTES,
         console.HOME,
         *console.ROUTES,
+        *viewer_routes(http.viewer_dir),
         Mount(DICOMWEB_PATH, routes=dicomweb),
     ]
     if not (auth.enabled or auth.allow_unauthenticated):  # the loopback demo mode

@@ -19,6 +19,7 @@ _WORDS: dict[str, dict[str, str]] = {
         "history": "Historique des publications", "action": "Action", "state": "État",
         "attempts": "Tentatives", "updated": "Mis à jour", "registry_answer":
         "Réponse du registre", "document": "DocumentReference", "actions": "Actions",
+        "images": "Images", "view": "Voir", "open_viewer": "Ouvrir dans le visualiseur",
         "publish": "Publier maintenant", "unpublish": "Retirer du DMP",
         "confidentiality": "Changer la confidentialité", "retry": "Relancer",
         "confirm": "Confirmer", "cancel": "Annuler",
@@ -52,6 +53,7 @@ _WORDS: dict[str, dict[str, str]] = {
         "Last received", "history": "Publication history", "action": "Action",
         "state": "State", "attempts": "Attempts", "updated": "Updated", "registry_answer":
         "Registry's answer", "document": "DocumentReference", "actions": "Actions",
+        "images": "Images", "view": "View", "open_viewer": "Open in the viewer",
         "publish": "Publish now", "unpublish": "Withdraw", "confidentiality":
         "Change confidentiality", "retry": "Retry", "confirm": "Confirm", "cancel": "Cancel",
         "confirm_publish": "Publish this study's manifest now?",

@@ -29,6 +29,7 @@ from gateway.web.admin import BodyTooLargeError, small_body, study_page
 from gateway.web.console import csrf
 from gateway.web.console.language import negotiate, words
 from gateway.web.services import Services, services_of
+from gateway.web.viewer.routes import study_link
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import Action, NotFailedError, State
 from storage.search import Match, QueryError
@@ -100,7 +101,7 @@ def _render(request: Request, template: str, status: int = 200, **context: Any) 
     token = csrf.token_of(request)
     html = _templates.get_template(template).render(
         t=words(language), language=language, csrf_field=csrf.FIELD, csrf_token=token,
-        size=_size, when=_when, date=_date, **context)
+        size=_size, when=_when, date=_date, viewer=study_link, **context)
     response = HTMLResponse(html, status_code=status, headers={
         "Cache-Control": "no-store", "Vary": "Accept-Language",
         # Its own style sheet and script only, and never inside another site's frame.

@@ -16,8 +16,9 @@ _EVENTS = {Operation.SEARCH: (EventType.QUERY, "E"),
            Operation.STORE: (EventType.INSTANCES_TRANSFERRED, "C")}
 
 
-# Console requests that show no patient: its style sheet and script, the health panel.
-_UNAUDITED = {"/ui/static/{name}", "/ui/health"}
+# Requests that show no patient: the console's style sheet, script and health panel, the
+# viewer's files (what it then reads of a study, through DICOMweb, is audited there).
+_UNAUDITED = {"/ui/static/{name}", "/ui/health", "/viewer", "/viewer/{path:path}"}
 # A study's publication history, which its page fetches again every 2 s: audited once per
 # client, study and period, not at each refresh.
 _REFRESHED = "/ui/studies/{study}/publications"
