@@ -13,14 +13,18 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @contextmanager
-def chromium(language: str = "fr", javascript: bool = True) -> Iterator[webdriver.Chrome]:
-    """A headless Chromium speaking ``language`` (its Accept-Language), 1280x900."""
+def chromium(language: str = "fr", javascript: bool = True, web_security: bool = True
+             ) -> Iterator[webdriver.Chrome]:
+    """A headless Chromium speaking ``language`` (its Accept-Language), 1280x900;
+    ``web_security`` off: pages may read any origin without CORS (benchmarks only)."""
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
                      "--disable-dev-shm-usage", "--window-size=1280,900",
                      f"--lang={language}"):
         options.add_argument(argument)
+    if not web_security:
+        options.add_argument("--disable-web-security")
     options.add_experimental_option("prefs", {"intl.accept_languages": language,
                                               "webkit.webprefs.javascript_enabled":
                                               javascript})
