@@ -1,6 +1,7 @@
-"""Screenshots of the console for the README: a service with the local registry, a few
-generated studies (one published, one refused by the registry), the pages in headless
-Chromium (``./scripts/test.sh`` installs it), saved as PNG files in ``docs/``.
+"""Screenshots of the console and the viewer for the README: a service with the local
+registry, a few generated studies (one published, one refused by the registry) and one of
+pydicom-data's ultrasound images, the pages in headless Chromium (``./scripts/test.sh``
+installs it), saved as PNG files in ``docs/``.
 
 Usage: .venv/bin/python scripts/console_screenshots.py
 """
@@ -13,10 +14,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 from tests.browser import chromium  # noqa: E402
+from tests.conftest import _local_test_files  # noqa: E402
 from tests.faulty_proxy import FaultyProxy  # noqa: E402
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for  # noqa: E402
 from tests.scu import send  # noqa: E402
@@ -31,7 +34,8 @@ def main() -> None:
             Path(work) / "registry") as registry, FaultyProxy(registry.http_port) as proxy, \
             PasserelleProcess(Path(work) / "data", registry_url=proxy.url,
                               stable_seconds="1", order_issuer_oid="1.2.250.1.999.1.1.3",
-                              http_workers="1", dicom_receivers="1") as server:
+                              http_workers="1", dicom_receivers="1",
+                              viewer_dir=str(REPO / "viewer")) as server:
         published, refused = generate_uid(), generate_uid()
         for study, date, count in ((published, "20261130", 3), (refused, "20261201", 2)):
             series = generate_uid()
@@ -52,8 +56,16 @@ def main() -> None:
             browser.save_screenshot(str(docs / "console-study.png"))
             browser.get(f"{server.base_url}/ui/health")
             browser.save_screenshot(str(docs / "console-health.png"))
+            ultrasound = next(p for p in _local_test_files() if p.name == "US1_J2KR.dcm")
+            assert send(server.dicom_port, ultrasound)[0] == 0
+            browser.get(f"{server.base_url}/ui/studies/"
+                        f"{dcmread(ultrasound, stop_before_pixels=True).StudyInstanceUID}")
+            browser.find_element(By.ID, "open-viewer").click()
+            time.sleep(8)  # the image, its thumbnail, the cine bar
+            browser.save_screenshot(str(docs / "viewer.png"))
         proxy.mode = "forward"
-    print(f"written: {', '.join(p.name for p in sorted(docs.glob('console-*.png')))}")
+    written = [*sorted(docs.glob("console-*.png")), docs / "viewer.png"]
+    print(f"written: {', '.join(path.name for path in written)}")
 
 
 if __name__ == "__main__":
