@@ -16,6 +16,13 @@ COPY gateway ./gateway
 COPY storage ./storage
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
+# The OHIF viewer: the npm tarball of the version pinned in scripts/ohif.pin.
+FROM node:22-bookworm-slim AS viewer
+COPY scripts/ohif.pin /ohif.pin
+RUN read -r version integrity </ohif.pin \
+    && npm pack --quiet --pack-destination /tmp "@ohif/app@$version" \
+    && mv "/tmp/ohif-app-$version.tgz" /tmp/ohif-app.tgz
+
 # Runtime: those wheels installed (no index, no source tree), run by the system user passerelle
 # (named by its uid, 10001, so that Kubernetes' runAsNonRoot can check it).
 FROM python:3.11-slim-bookworm
@@ -25,6 +32,12 @@ RUN useradd --system --user-group --uid 10001 --home-dir /var/lib/passerelle --c
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels passerelle
+# The viewer, checked against the pinned integrity, installed where /viewer/ serves it from.
+ENV PASSERELLE_VIEWER_DIR=/opt/passerelle/viewer
+RUN --mount=type=bind,from=viewer,source=/tmp,target=/ohif \
+    --mount=type=bind,source=scripts/ohif.pin,target=/ohif.pin \
+    read -r version integrity </ohif.pin \
+    && mkdir -p /opt/passerelle && passerelle install-viewer --integrity "$integrity" /ohif/ohif-app.tgz
 
 USER 10001:10001
 WORKDIR /var/lib/passerelle

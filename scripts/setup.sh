@@ -49,8 +49,8 @@ if ! [[ -x .venv/bin/python && "${stamped_digest:-}" == "$digest" \
     echo "$digest $extras" >"$stamp"
 fi
 
-ohif_version=3.13.2
-ohif_integrity=sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+# scripts/ohif.pin: the version of @ohif/app and its npm integrity (the Dockerfile reads it too).
+read -r ohif_version ohif_integrity <scripts/ohif.pin
 viewer_dir=${PASSERELLE_VIEWER_DIR:-viewer}
 if [[ "$(cat "$viewer_dir/VERSION" 2>/dev/null)" != "$ohif_version" ]]; then
     download=$(mktemp -d)
