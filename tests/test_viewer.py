@@ -227,11 +227,13 @@ def test_the_viewer_files_are_cached_by_their_hash_and_sent_gzipped(
 
 @pytest.mark.parametrize("path", ["/viewer/../pyproject.toml", "/viewer/%2e%2e/pyproject.toml",
                                   "/viewer/..%2fVERSION", "/viewer/VERSION/..%2f..%2fREADME.md",
-                                  "/viewer/missing.js", "/viewer/index.html.gz"])
+                                  "/viewer/missing.js", "/viewer/index.html.gz",
+                                  "/viewer/a%00b.js", "/viewer/%2fetc%2fpasswd"])
 def test_nothing_outside_the_viewer_folder_is_served(server: PasserelleProcess,
                                                      path: str) -> None:
     answer = httpx.get(f"{server.base_url}{path}")
     assert "[project]" not in answer.text and "# Passerelle" not in answer.text
+    assert "root:" not in answer.text
     assert answer.status_code in (200, 404)  # 200: the viewer's page, for its own routes
     if answer.status_code == 200:
         assert '<div id="root"' in answer.text

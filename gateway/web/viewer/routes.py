@@ -109,7 +109,7 @@ class Viewer:
 
     def _file(self, name: str) -> Path | None:
         """The file ``name`` names inside the folder, or None (never outside it)."""
-        if not name or name == "index.html" or name.endswith(".gz"):
+        if not name or name == "index.html" or name.endswith(".gz") or "\0" in name:
             return None
         root = self.folder.resolve()
         path = (root / name).resolve()
