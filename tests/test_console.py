@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom.uid import generate_uid
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -36,9 +37,24 @@ def _wait(driver: WebDriver, css: str, seconds: float = 30) -> None:
         lambda d: d.find_elements(By.CSS_SELECTOR, css), f"{css} on {driver.current_url}")
 
 
+def _in_history(driver: WebDriver, css: str, act: str) -> str:
+    """``act`` ("click" or "text") on the element of ``css`` in the publication history,
+    found again if the page's refresh replaced it meanwhile."""
+    def attempt(d: WebDriver) -> str | bool:
+        try:
+            element = d.find_element(By.CSS_SELECTOR, css)
+            return element.text if act == "text" else (element.click() or True)
+        except StaleElementReferenceException:
+            return False
+    return WebDriverWait(driver, 10, poll_frequency=0.1).until(attempt, css)
+
+
 def _publication_state(driver: WebDriver) -> list[str]:
-    return [row.get_attribute("data-state") or ""
-            for row in driver.find_elements(By.CSS_SELECTOR, "tr.publication")]
+    try:
+        return [row.get_attribute("data-state") or ""
+                for row in driver.find_elements(By.CSS_SELECTOR, "tr.publication")]
+    except StaleElementReferenceException:  # replaced by the page's refresh meanwhile
+        return []
 
 
 def test_a_study_sent_by_storescu_appears_and_is_acknowledged_without_reloading(
@@ -85,10 +101,10 @@ def test_a_registry_refusal_shows_its_reason_and_a_retry_after_the_fix_publishes
         assert "Demande enregistrée" in browser.find_element(By.CSS_SELECTOR, ".notice").text
         WebDriverWait(browser, 60, poll_frequency=0.5).until(
             lambda d: _publication_state(d) == ["failed"], "the refusal, in place")
-        answer = browser.find_element(By.CSS_SELECTOR, "tr.publication .answer").text
+        answer = _in_history(browser, "tr.publication .answer", "text")
         assert "unknown assigning authority" in answer and "invalid" in answer
         proxy.mode = "forward"  # the registry's side is fixed
-        browser.find_element(By.CSS_SELECTOR, "a.retry").click()
+        _in_history(browser, "a.retry", "click")
         browser.find_element(By.ID, "confirm").click()
         WebDriverWait(browser, 60, poll_frequency=0.5).until(
             lambda d: _publication_state(d) == ["acknowledged"], "acknowledged after retry")
