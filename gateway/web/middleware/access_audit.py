@@ -16,8 +16,9 @@ _EVENTS = {Operation.SEARCH: (EventType.QUERY, "E"),
            Operation.STORE: (EventType.INSTANCES_TRANSFERRED, "C")}
 
 
-# Console requests that show no patient: its style sheet and script, the health panel.
-_UNAUDITED = {"/ui/static/{name}", "/ui/health"}
+# Console requests that show no patient: its style sheet and script, the health panel; and
+# the sign-in, which audits itself (User Authentication, with who signed in).
+_UNAUDITED = {"/ui/static/{name}", "/ui/health", "/ui/login", "/ui/callback"}
 # A study's publication history, which its page fetches again every 2 s: audited once per
 # client, study and period, not at each refresh.
 _REFRESHED = "/ui/studies/{study}/publications"
