@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request speaks for: the subject of a verified token, or the name of a client
+    """Who a request speaks for: the subject of a verified token (a bearer token, or the
+    access token a browser's session was made from at sign-in), or the name of a client
     certificate known to the configuration; never one for the other, whatever the name."""
 
     kind: Literal["token", "certificate", "session"]
@@ -162,8 +163,6 @@ class AuthMiddleware:
     async def _authorise(self, scope: Scope, needed: str) -> None:
         kind, _, token = _header(scope, b"authorization").partition(" ")
         certificate = scope.get("extensions", {}).get("tls", {}).get("client_cert_name", "")
-        session = self.sessions.read(scope) if self.sessions is not None \
-            and session_accepted(scope["method"], scope["path"]) else None
         if kind.lower() == "bearer" and token.strip() and self.verifier is not None:
             claims = await self.verifier.claims(token.strip())
             scopes = frozenset(str(claims.get("scope", "")).split())
@@ -173,11 +172,13 @@ class AuthMiddleware:
             # TLS layer against tls_client_ca_file) gets the scopes configured for it.
             principal = Principal("certificate", certificate,
                                   scopes=self.rights.certificates[certificate])
-        elif session is not None:
-            principal = Principal("session", session.subject, session.name, session.scopes)
         elif self.sessions is not None and session_accepted(scope["method"], scope["path"]):
-            raise AuthError(401, "", "not signed in, or the session has ended: sign in",
-                            "missing")
+            session = self.sessions.read(scope)
+            if session is None:
+                raise AuthError(401, "", "not signed in, or the session has ended: sign in"
+                                if scope["path"].startswith(CONSOLE_PATH)
+                                else "a bearer token or a session is required", "missing")
+            principal = Principal("session", session.subject, session.name, session.scopes)
         else:
             raise AuthError(401, "", "a bearer token is required", "missing")
         scope["user"] = principal  # known from here on, refused or not (audit)
