@@ -178,6 +178,8 @@ def test_the_session_reads_dicomweb_and_never_stores_or_acts_through_it(
     assert status == 200 and study in text  # as the viewer will call it
     assert _fetch(browser, f"/wado?requestType=WADO&studyUID={study}")[0] != 401
     assert _fetch(browser, "/admin/studies")[0] == 200
+    # The viewer's files (not in this branch): past access control, no such file yet.
+    assert _fetch(browser, "/viewer/index.html", accept="text/html")[0] == 404
     # Unsafe requests outside the console need a bearer token, whatever the cookie says.
     stow = _fetch(browser, "/dicom-web/studies", "POST", "x")
     assert stow[0] == 401 and "bearer token" in stow[1]
@@ -240,7 +242,8 @@ def test_a_forged_post_from_another_site_or_origin_is_refused(
     threading.Thread(target=attacker.serve_forever, daemon=True).start()
     try:
         browser.get(f"http://{host}:{attacker.server_address[1]}/")
-        WebDriverWait(browser, 30).until(lambda d: d.current_url.startswith(server.base_url))
+        WebDriverWait(browser, 30).until(lambda d: d.current_url.startswith(
+            server.base_url) and d.find_elements(By.CSS_SELECTOR, ".error"))
         error = browser.find_element(By.CSS_SELECTOR, ".error").text
         assert "Refusé" in error
         assert ("not signed in" if host == "localhost" else "another origin") in error
@@ -257,6 +260,7 @@ def test_an_altered_ended_or_foreign_session_is_signed_out(
     payload, _, mac = value.partition(".")
     fields = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     own = Sealer((server.data_dir / KEY_FILE).read_bytes(), "session")
+    assert stat.S_IMODE((server.data_dir / KEY_FILE).stat().st_mode) == 0o600
     assert own.open(value) is not None
     admin_fields = {**fields["f"], "scp": ["dicomweb.read", "passerelle.admin"]}
     candidates = {
@@ -321,8 +325,8 @@ def test_signing_out_clears_the_session(server: PasserelleProcess, issuer: Local
     _sign_in(browser, server, "reader")
     old = _session_cookie(browser)
     browser.find_element(By.ID, "sign-out").click()
-    WebDriverWait(browser, 30).until(lambda d: "déconnecté" in d.find_element(
-        By.TAG_NAME, "main").text)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "p.notice"))
+    assert "déconnecté" in browser.find_element(By.CSS_SELECTOR, "p.notice").text
     assert browser.get_cookie("passerelle_session") is None
     assert not browser.find_elements(By.ID, "user")
     browser.get(f"{server.base_url}/ui/")
