@@ -16,6 +16,7 @@ import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -258,6 +259,15 @@ class AuthSettings(_Section):
     leeway_seconds: float = Field(30, ge=0, le=300, alias="auth_leeway_seconds")
     allowed_subjects: list[str] = Field([], alias="auth_allowed_subjects")
     client_certificates: list[str] = Field([], alias="auth_client_certificates")
+    # Sign-in of the console and the viewer (OpenID Connect, authorization code + PKCE):
+    # enabled by a client id; a confidential client also has a secret.
+    client_id: str = Field("", alias="auth_client_id")
+    client_secret: str = Field("", alias="auth_client_secret", repr=False)
+    discovery_url: str = Field("", alias="auth_discovery_url")  # "": {issuer}/.well-known/...
+    session_max_age_seconds: float = Field(8 * 3600, ge=60, le=24 * 3600,
+                                           alias="auth_session_max_age_seconds")
+    # "": a random key made once in the data dir (gateway.web.middleware.session).
+    session_secret: str = Field("", alias="auth_session_secret", repr=False)
     metrics_require_auth: bool = False
     allow_unauthenticated: bool = False
     require_kos_reference: bool = False
@@ -279,7 +289,19 @@ class AuthSettings(_Section):
     def _check_issuer(self) -> "AuthSettings":
         if self.issuer and not (self.jwks_url and self.audience):
             raise ValueError("auth_issuer is set: auth_jwks_url and auth_audience are required")
+        if self.client_id and not self.issuer:
+            raise ValueError("auth_client_id (sign-in) needs auth_issuer")
+        if self.session_secret and len(self.session_secret) < 32:
+            raise ValueError("auth_session_secret must be at least 32 characters")
+        if self.issuer and not self.discovery_url:
+            self.discovery_url = \
+                f"{self.issuer.rstrip('/')}/.well-known/openid-configuration"
         return self
+
+    @property
+    def sign_in(self) -> bool:
+        """True when browsers sign in (OpenID Connect) to the console and the viewer."""
+        return bool(self.client_id)
 
     @property
     def enabled(self) -> bool:
@@ -445,6 +467,11 @@ class Settings(BaseSettings):
             scheme = "https" if self.tls.cert_file else "http"
             self.http.public_url = f"{scheme}://{self.http.host}:{self.http.port}"
         self.http.public_url = self.http.public_url.rstrip("/")
+        public = urlsplit(self.http.public_url)
+        if self.auth.sign_in and public.scheme != "https" \
+                and not _is_loopback(public.hostname or ""):
+            # The session cookie is Secure: browsers keep it over https, or on loopback.
+            raise ValueError("auth_client_id (sign-in) needs an https public_url")
         if not self.producer.gateway_oid:
             # Stable for a given public URL; a real deployment sets its registered OID.
             digest = hashlib.sha256(

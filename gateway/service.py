@@ -46,6 +46,7 @@ from gateway.security.tls import client_context, server_context
 from gateway.shared_tally import FileLock, SharedTally
 from gateway.web.app import create_app
 from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
+from gateway.web.middleware.session import session_key
 from gateway.web.services import Services
 from storage.outbox import Outbox
 from storage.store import Store
@@ -180,6 +181,8 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
                                  if render_cache_bytes is None else render_cache_bytes),
         budget=budget or resource_budget(settings, store),
         deidentify_key=load_or_create_key(settings.data_dir),
+        session_key=session_key(settings.auth, settings.data_dir)
+        if settings.auth.sign_in else b"",
         public_url=settings.http.public_url,
         max_instance_bytes=settings.ingest.max_instance_bytes,
         body_timeout_seconds=settings.http.body_timeout_seconds,

@@ -47,6 +47,7 @@ from gateway.run_dir import remove_run_dirs
 from gateway.security.client_counts import ClientTable
 from gateway.service import ProcessContext, registry_tls, server_tls
 from gateway.shared_tally import clear_slot, create_tally
+from gateway.web.middleware.session import session_key
 from storage.database import database_url, masked, sqlite_file
 from storage.recovery import ServiceLock, recover
 
@@ -256,7 +257,10 @@ class Supervisor:
             if removed:
                 log.warning("removed %d temporary file(s) left by an interrupted write",
                             removed)
-            load_or_create_key(self.settings.data_dir)  # here, or HTTP workers would race
+            # The data dir's keys, made before any child starts (a failure stops the start).
+            load_or_create_key(self.settings.data_dir)
+            if self.settings.auth.sign_in:
+                session_key(self.settings.auth, self.settings.data_dir)
             if lock.previous_stop_was_clean:
                 return {}
             log.warning("previous run did not stop cleanly: checking the index against "

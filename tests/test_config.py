@@ -95,6 +95,8 @@ def test_every_flat_name_is_read_from_the_environment(monkeypatch: pytest.Monkey
                "auth_issuer": ("https://issuer.example", "https://issuer.example"),
                "auth_jwks_url": ("https://jwks.example", "https://jwks.example"),
                "auth_audience": ("passerelle", "passerelle"),
+               "auth_session_max_age_seconds": ("3600", 3600),
+               "auth_session_secret": ("s" * 32, "s" * 32),
                "audit_syslog": ("siem.example:6514", "siem.example:6514"),
                "audit_syslog_transport": ("tls", "tls"),
                "public_url": ("https://imaging.example/", "https://imaging.example"),

@@ -8,7 +8,6 @@ back to the originals.
 
 import hashlib
 import hmac
-import os
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from dicomanonymizer import anonymize_dataset, simpledicomanonymizer
 from pydicom import dcmread
 
+from gateway.security import key_file
 from storage.uids import uid_from_digest
 
 _KEY_FILE = "deidentify.key"
@@ -26,17 +26,7 @@ _LOCK = threading.Lock()
 
 def load_or_create_key(data_dir: Path) -> bytes:
     """The installation's secret (32 random bytes in ``data_dir``, created on first use)."""
-    path = data_dir / _KEY_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        key = os.urandom(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key)
-            out.flush()
-            os.fsync(out.fileno())
-        return key
+    return key_file.load_or_create(data_dir / _KEY_FILE)
 
 
 def derived_uid(key: bytes, uid: str) -> str:

@@ -74,7 +74,7 @@ class Principal(Protocol):
 
     @property
     def kind(self) -> str:
-        """``token`` or ``certificate``."""
+        """``token``, ``session`` (a browser signed in with a token) or ``certificate``."""
         ...
 
     @property

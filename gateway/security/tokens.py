@@ -10,16 +10,15 @@ for a fetch; while the issuer is unreachable, the keys of the last fetch stay in
 """
 
 import asyncio
-import json
 import logging
 import math
-import ssl
 import time
 
 import httpx
 import jwt
 
 from gateway.metrics import JWKS_FETCHES
+from gateway.security.issuer_http import fetch_json
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +54,10 @@ def _unavailable() -> AuthError:
 
 async def _download(url: str) -> object:
     """The JSON document at ``url`` (no redirects, at most ``_MAX_JWKS_BYTES``)."""
-    async with httpx.AsyncClient(verify=ssl.create_default_context(),
-                                 timeout=FETCH_SECONDS) as client, \
-            client.stream("GET", url, headers={"Accept": "application/json"}) as response:
-        response.raise_for_status()
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > _MAX_JWKS_BYTES:
-                raise ValueError(f"the JWKS is larger than {_MAX_JWKS_BYTES} bytes")
-    return json.loads(body)
+    status, document = await fetch_json(url, _MAX_JWKS_BYTES, FETCH_SECONDS)
+    if status != 200:
+        raise ValueError(f"the JWKS URL answered HTTP {status}")
+    return document
 
 
 def _signing_keys(document: object) -> dict[str, jwt.PyJWK]:
@@ -151,9 +144,10 @@ class TokenVerifier:
         self.leeway = leeway
         self._keys = IssuerKeys(jwks_url)
 
-    async def claims(self, token: str) -> dict:
-        """The token's claims; AuthError (401) when it is not valid now for us, whatever is
-        wrong with it (503 when the issuer's keys cannot be fetched)."""
+    async def claims(self, token: str, audience: str = "") -> dict:
+        """The token's claims; AuthError (401) when it is not valid now for us (for
+        ``audience``, when given: an ID token's is the client id), whatever is wrong with it
+        (503 when the issuer's keys cannot be fetched)."""
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError as exc:
@@ -164,7 +158,8 @@ class TokenVerifier:
         try:
             # A PyJWK verifies with its own algorithm only: a header naming another is refused.
             return jwt.decode(token, key=key, algorithms=_ALGORITHMS,
-                              audience=self.audience, issuer=self.issuer, leeway=self.leeway,
+                              audience=audience or self.audience, issuer=self.issuer,
+                              leeway=self.leeway,
                               options={"require": ["exp", "iss", "aud"]})
         except jwt.PyJWTError as exc:
             raise _invalid(str(exc) or type(exc).__name__, type(exc).__name__) from exc

@@ -1,5 +1,5 @@
-"""HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, the console,
-the viewer, health and metrics."""
+"""HTTP application (starlette): DICOMweb under /dicom-web, WADO-URI, admin, the console
+and its sign-in, the viewer, health and metrics."""
 
 from urllib.parse import urlsplit
 
@@ -16,9 +16,11 @@ from starlette.routing import Mount, Route
 from gateway.config import AuthSettings, HttpSettings
 from gateway.liveness import ROLES, unavailable
 from gateway.security.client_counts import ClientCounts
+from gateway.security.openid import RelyingParty
 from gateway.urls import DICOMWEB_PATH
 from gateway.web import admin
 from gateway.web.console import pages as console
+from gateway.web.console import sign_in as sign_in_pages
 from gateway.web.dicomweb.bulkdata import bulkdata
 from gateway.web.dicomweb.frames import frames
 from gateway.web.dicomweb.metadata import metadata
@@ -39,6 +41,7 @@ from gateway.web.middleware.auth import AuthMiddleware, Rights, TokenVerifier
 from gateway.web.middleware.client_limit import ClientLimitMiddleware
 from gateway.web.middleware.manifest_scope import ManifestAccess, ManifestScopeMiddleware
 from gateway.web.middleware.request_target import RequestTargetMiddleware
+from gateway.web.middleware.session import Sealer, Sessions
 from gateway.web.services import Services
 from gateway.web.viewer.routes import viewer_routes
 
@@ -103,6 +106,19 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings,
             expose_headers=["Content-Type", "Content-Length", "ETag", "Last-Modified",
                             "Warning", "WWW-Authenticate"],
             max_age=3600))
+    rights = Rights(auth.read_scope, auth.write_scope, auth.admin_scope,
+                    frozenset(auth.allowed_subjects), auth.metrics_require_auth,
+                    auth.certificate_scopes()) if auth.enabled else None
+    verifier = TokenVerifier(auth.issuer, auth.jwks_url, auth.audience,
+                             auth.leeway_seconds) if auth.issuer else None
+    sign_in = None
+    if auth.sign_in:
+        assert verifier is not None  # a client id needs an issuer (AuthSettings)
+        redirect_uri = f"{services.public_url}{sign_in_pages.CALLBACK_PATH}"
+        sign_in = sign_in_pages.SignIn(
+            RelyingParty(auth, redirect_uri, verifier),
+            Sessions(services.session_key, auth.session_max_age_seconds),
+            Sealer(services.session_key, "login"))
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -111,6 +127,7 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings,
         console.HOME,
         *console.ROUTES,
         *viewer_routes(http.viewer_dir),
+        *(sign_in_pages.ROUTES if sign_in else ()),
         Mount(DICOMWEB_PATH, routes=dicomweb),
     ]
     if not (auth.enabled or auth.allow_unauthenticated):  # the loopback demo mode
@@ -120,17 +137,15 @@ def create_app(services: Services, http: HttpSettings, auth: AuthSettings,
     # Inside the audit (which records what it parsed, refusals included), before every
     # access decision.
     middleware.append(Middleware(RequestTargetMiddleware, routes=routes))
-    if auth.enabled:
-        middleware.append(Middleware(
-            AuthMiddleware,
-            verifier=TokenVerifier(auth.issuer, auth.jwks_url, auth.audience,
-                                   auth.leeway_seconds) if auth.issuer else None,
-            rights=Rights(auth.read_scope, auth.write_scope, auth.admin_scope,
-                          frozenset(auth.allowed_subjects), auth.metrics_require_auth,
-                          auth.certificate_scopes())))
+    if rights is not None:
+        middleware.append(Middleware(AuthMiddleware, verifier=verifier, rights=rights,
+                                     sessions=sign_in.sessions if sign_in else None,
+                                     refusal_page=console.refusal_page))
     middleware.append(Middleware(ManifestScopeMiddleware, access=ManifestAccess(services.store),
                                  required=auth.require_kos_reference))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_exception, Exception: internal_error})
     app.state.services = services
+    app.state.rights = rights  # None: no authentication (the console's actions are open)
+    app.state.sign_in = sign_in
     return app

@@ -25,6 +25,7 @@ class Services:
     render_cache: RenderCache
     budget: ResourceBudget  # every decode and reception asks it first
     deidentify_key: bytes  # secret of WADO-URI anonymize=yes
+    session_key: bytes  # signs the sign-in's cookies (empty without sign-in)
     public_url: str  # base URL consumers reach us by, without a trailing slash
     max_instance_bytes: int  # largest STOW-RS part
     body_timeout_seconds: float  # longest silence of a STOW-RS body

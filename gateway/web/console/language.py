@@ -39,6 +39,9 @@ _WORDS: dict[str, dict[str, str]] = {
         "non configuré (les manifestes attendent)", "processes": "processus",
         "ago": "il y a {age}", "unknown_study": "Examen inconnu : {uid}",
         "refused": "Refusé : {why}",
+        "signed_in_as": "Connecté : {name}", "sign_out": "Se déconnecter",
+        "sign_in": "Se connecter", "signed_out": "Vous êtes déconnecté.",
+        "sign_in_failed": "Connexion impossible : {why}",
     },
     "en": {
         "console": "Passerelle console", "studies": "Studies", "outbox": "Publications",
@@ -72,6 +75,9 @@ _WORDS: dict[str, dict[str, str]] = {
         "not configured (manifests wait)", "processes": "process(es)",
         "ago": "{age} ago", "unknown_study": "Unknown study: {uid}",
         "refused": "Refused: {why}",
+        "signed_in_as": "Signed in: {name}", "sign_out": "Sign out",
+        "sign_in": "Sign in", "signed_out": "You are signed out.",
+        "sign_in_failed": "Sign-in failed: {why}",
     },
 }
 LANGUAGES = tuple(_WORDS)

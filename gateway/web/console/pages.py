@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from gateway.publication.confidentiality import Confidentiality
 from gateway.web.admin import BodyTooLargeError, small_body, study_page
@@ -96,12 +97,25 @@ def answer_text(response: str, last_error: str) -> list[str]:
     return lines or ([last_error] if last_error else [])
 
 
-def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+def may_act(request: Request) -> bool:
+    """Whether the request's user may do the console's actions: anyone without
+    authentication (the loopback demo mode), else who has the admin scope."""
+    rights = request.app.state.rights
+    return rights is None or rights.may_act(request.scope.get("user"))
+
+
+def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+    """A console page: ``template`` in the request's language, with its form token, the
+    user signed in and whether they may act."""
     language = negotiate(request.headers.get("accept-language", ""))
     token = csrf.token_of(request)
+    user = request.scope.get("user")
     html = _templates.get_template(template).render(
         t=words(language), language=language, csrf_field=csrf.FIELD, csrf_token=token,
-        size=_size, when=_when, date=_date, viewer=study_link, **context)
+        size=_size, when=_when, date=_date, viewer=study_link,
+        may_act=may_act(request),
+        user=user and (user.label or user.name), signed_in=bool(user and user.kind == "session"),
+        sign_in=request.app.state.sign_in is not None, **context)
     response = HTMLResponse(html, status_code=status, headers={
         "Cache-Control": "no-store", "Vary": "Accept-Language",
         # Its own style sheet and script only, and never inside another site's frame.
@@ -139,7 +153,7 @@ async def studies(request: Request) -> Response:
         page, rows, total, problem = 1, [], 0, str(exc)
     pages = max(1, -(-total // _PAGE))
     query = {k: v for k, v in form.items() if v}
-    return _render(request, "studies.html", status=400 if problem else 200, form=form,
+    return render(request, "studies.html", status=400 if problem else 200, form=form,
                    studies=rows, total=total, page=page, pages=pages, problem=problem,
                    link=lambda n: "?" + urlencode({**query, "page": n}))
 
@@ -155,11 +169,11 @@ async def study(request: Request) -> Response:
     services, uid = services_of(request), request.path_params["study"]
     found = await run_in_threadpool(study_summaries, services.store.index, [uid])
     if not found:
-        return _render(request, "message.html", status=404, message=("unknown_study", uid))
+        return render(request, "message.html", status=404, message=("unknown_study", uid))
     series = await run_in_threadpool(series_summaries, services.store.index, uid)
     history = await run_in_threadpool(_publications, services, uid)
     done = request.query_params.get("done", "")
-    return _render(request, "study.html", study=found[0], series=series,
+    return render(request, "study.html", study=found[0], series=series,
                    publications=history, done=done if done in (*_ACTIONS, "retry") else "",
                    registry=services.registry_url)
 
@@ -168,7 +182,7 @@ async def publications(request: Request) -> Response:
     """The publication history of a study alone, for the page to refresh in place."""
     services, uid = services_of(request), request.path_params["study"]
     history = await run_in_threadpool(_publications, services, uid)
-    return _render(request, "publications.html", publications=history,
+    return render(request, "publications.html", publications=history,
                    study={"study_uid": uid})
 
 
@@ -178,14 +192,20 @@ async def confirm(request: Request) -> Response:
     action = request.path_params["action"]
     found = await run_in_threadpool(study_summaries, services.store.index, [uid])
     if action not in (*_ACTIONS, "retry") or not found:
-        return _render(request, "message.html", status=404, message=("unknown_study", uid))
-    return _render(request, "confirm.html", study_uid=uid, study_path=quote(uid, safe=""),
+        return render(request, "message.html", status=404, message=("unknown_study", uid))
+    return render(request, "confirm.html", study_uid=uid, study_path=quote(uid, safe=""),
                    action=action, levels=_LEVELS,
                    publication=request.query_params.get("id", "")[:20])
 
 
-def _refused(request: Request, why: str, status: int) -> Response:
-    return _render(request, "message.html", status=status, message=("refused", why))
+def refused(request: Request, why: str, status: int) -> Response:
+    """A page saying the request was refused, and why."""
+    return render(request, "message.html", status=status, message=("refused", why))
+
+
+def refusal_page(scope: Scope, status: int, why: str) -> Response:
+    """The refusal of access control, as a page (gateway.web.middleware.auth)."""
+    return refused(Request(scope), why, status)
 
 
 async def act(request: Request) -> Response:
@@ -196,29 +216,29 @@ async def act(request: Request) -> Response:
         form = dict(parse_qsl((await small_body(request)).decode("utf-8", "replace"),
                               max_num_fields=8))
     except (BodyTooLargeError, ValueError) as exc:
-        return _refused(request, str(exc), 400)
+        return refused(request, str(exc), 400)
     forged = csrf.refusal(request, form.get(csrf.FIELD, ""), services.public_url)
     if forged:
-        return _refused(request, forged, 403)
+        return refused(request, forged, 403)
     try:
         if action == "retry":
             pk = parse_int(form.get("publication", ""), "publication id", 1, INT64_MAX)
             row = await run_in_threadpool(services.outbox.get, pk)
             if row is None or row.study_uid != uid:
-                return _refused(request, f"no publication {pk} of this study", 404)
+                return refused(request, f"no publication {pk} of this study", 404)
             await run_in_threadpool(services.outbox.retry, pk)
         elif action in _ACTIONS:
             payload = ""
             if action == "confidentiality":
                 level = form.get("level", "")
                 if level not in _LEVELS:
-                    return _refused(request, f"level must be one of {', '.join(_LEVELS)}", 400)
+                    return refused(request, f"level must be one of {', '.join(_LEVELS)}", 400)
                 payload = Confidentiality(level, ()).payload()
             await run_in_threadpool(services.outbox.queue, uid, _ACTIONS[action], payload)
         else:
-            return _refused(request, f"unknown action {action[:40]!r}", 404)
+            return refused(request, f"unknown action {action[:40]!r}", 404)
     except (NumberError, NotFailedError, LookupError) as exc:
-        return _refused(request, str(exc), 409 if isinstance(exc, NotFailedError) else 400)
+        return refused(request, str(exc), 409 if isinstance(exc, NotFailedError) else 400)
     services.wake_publisher()
     return RedirectResponse(f"/ui/studies/{quote(uid, safe='')}?done={action}",
                             status_code=303)
@@ -236,7 +256,7 @@ async def health(request: Request) -> Response:
     """The health page (``?panel=1``: its panel alone, for the page to refresh in place)."""
     state = await run_in_threadpool(_health, services_of(request))
     template = "health_panel.html" if request.query_params.get("panel") else "health.html"
-    return _render(request, template, age=_age, **state)
+    return render(request, template, age=_age, **state)
 
 
 _STATIC = {name: (files("gateway.web.console").joinpath("static", name).read_bytes(), kind)

@@ -17,8 +17,10 @@ _EVENTS = {Operation.SEARCH: (EventType.QUERY, "E"),
 
 
 # Requests that show no patient: the console's style sheet, script and health panel, the
-# viewer's files (what it then reads of a study, through DICOMweb, is audited there).
-_UNAUDITED = {"/ui/static/{name}", "/ui/health", "/viewer", "/viewer/{path:path}"}
+# viewer's files (what it then reads of a study, through DICOMweb, is audited there); and
+# the sign-in, which audits itself (User Authentication, with who signed in).
+_UNAUDITED = {"/ui/static/{name}", "/ui/health", "/ui/login", "/ui/callback", "/viewer",
+              "/viewer/{path:path}"}
 # A study's publication history, which its page fetches again every 2 s: audited once per
 # client, study and period, not at each refresh.
 _REFRESHED = "/ui/studies/{study}/publications"
