@@ -10,7 +10,6 @@ script refresh the publication and health panels in place.
   free disk space.
 """
 
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from gateway.publication.confidentiality import Confidentiality
+from gateway.publication.operation_outcome import outcome_issues
 from gateway.web.admin import BodyTooLargeError, small_body, study_page
 from gateway.web.console import csrf
 from gateway.web.console.language import negotiate, words
@@ -69,30 +69,6 @@ def _age(seconds: float) -> str:
 def _date(study_date: str) -> str:
     return f"{study_date[:4]}-{study_date[4:6]}-{study_date[6:8]}" if len(study_date) == 8 \
         else study_date
-
-
-def answer_text(response: str, last_error: str) -> list[str]:
-    """The registry's answer as lines a person reads: each OperationOutcome issue's
-    severity, code, text and where; else the error recorded."""
-    try:
-        outcome = json.loads(response) if response else None
-    except ValueError:
-        outcome = None
-    lines = []
-    if isinstance(outcome, dict) and outcome.get("resourceType") == "OperationOutcome":
-        issues = outcome.get("issue")
-        for issue in issues if isinstance(issues, list) else []:
-            if not isinstance(issue, dict):
-                continue
-            details = issue.get("details")
-            text = issue.get("diagnostics") or (
-                details.get("text") if isinstance(details, dict) else "") or ""
-            expression = issue.get("expression")
-            where = ", ".join(str(e) for e in expression) if isinstance(expression, list) \
-                else ""
-            lines.append(f"{issue.get('severity', '?')} {issue.get('code', '?')}: {text}"
-                         + (f" ({where})" if where else ""))
-    return lines or ([last_error] if last_error else [])
 
 
 def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
@@ -145,8 +121,9 @@ async def studies(request: Request) -> Response:
 
 def _publications(services: Services, uid: str) -> list[dict[str, Any]]:
     rows, _ = services.outbox.page(tuple(State), _HISTORY, 0, uid)
-    return [{**asdict(row), "answer": answer_text(row.response, row.last_error)}
-            for row in rows]
+    # The registry's answer as its issues, else the error recorded.
+    return [{**asdict(row), "answer": [issue.text for issue in outcome_issues(row.response)]
+             or ([row.last_error] if row.last_error else [])} for row in rows]
 
 
 async def study(request: Request) -> Response:
