@@ -49,6 +49,7 @@ from gateway.web.http.protocol import MAX_HEAD_BYTES, guarded_protocol
 from gateway.web.services import Services
 from storage.outbox import Outbox
 from storage.store import Store
+from storage.study_accesses import StudyAccesses
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def open_store(settings: Settings) -> Store:
 def _audit_trail(settings: Settings, store: Store) -> AuditTrail:
     return AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                       store.index.patient_id_of, settings.audit,
-                      _audit_syslog(settings.audit, settings.tls))
+                      _audit_syslog(settings.audit, settings.tls),
+                      StudyAccesses(store.index).add)
 
 
 def _every_role_here() -> dict[str, list[int]]:

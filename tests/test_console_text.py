@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
+from gateway.security.audit import ACCESS_KINDS
 from gateway.web.console import language
 from tests.inprocess import InProcessService
 from tests.synthetic import ct_slice
@@ -14,6 +15,7 @@ from tests.synthetic import ct_slice
 def test_every_word_exists_in_every_language() -> None:
     keys = {lang: set(language._WORDS[lang]) for lang in language.LANGUAGES}
     assert keys["fr"] == keys["en"]
+    assert {f"kind_{kind}" for kind in ACCESS_KINDS} <= keys["fr"]  # "Seen by"'s kinds
 
 
 @pytest.mark.parametrize(("header", "chosen"), [

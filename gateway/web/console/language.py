@@ -37,7 +37,13 @@ _WORDS: dict[str, dict[str, str]] = {
         "reachable": "joignable", "unreachable": "injoignable", "not_configured":
         "non configuré (les manifestes attendent)", "processes": "processus",
         "ago": "il y a {age}", "unknown_study": "Examen inconnu : {uid}",
-        "refused": "Refusé : {why}",
+        "refused": "Refusé : {why}", "seen_by": "Consulté par", "user": "Utilisateur",
+        "address": "Adresse", "accesses": "Accès", "first_access": "Premier accès",
+        "last_access": "Dernier accès", "last_kind": "Dernier type d'accès",
+        "refused_accesses": "Refusés ou en échec", "kind_query": "recherche",
+        "kind_retrieve": "récupération", "kind_access": "consultation",
+        "anonymous": "anonyme (sans authentification)", "no_access": "Aucun accès enregistré.",
+        "seen_by_json": "{shown} sur {total} (tous, en JSON)",
     },
     "en": {
         "console": "Passerelle console", "studies": "Studies", "outbox": "Publications",
@@ -69,7 +75,13 @@ _WORDS: dict[str, dict[str, str]] = {
         "reachable": "reachable", "unreachable": "unreachable", "not_configured":
         "not configured (manifests wait)", "processes": "process(es)",
         "ago": "{age} ago", "unknown_study": "Unknown study: {uid}",
-        "refused": "Refused: {why}",
+        "refused": "Refused: {why}", "seen_by": "Seen by", "user": "User",
+        "address": "Address", "accesses": "Accesses", "first_access": "First access",
+        "last_access": "Last access", "last_kind": "Last kind of access",
+        "refused_accesses": "Refused or failed", "kind_query": "query",
+        "kind_retrieve": "retrieve", "kind_access": "view",
+        "anonymous": "anonymous (no authentication)", "no_access": "No access recorded.",
+        "seen_by_json": "{shown} of {total} (all, as JSON)",
     },
 }
 LANGUAGES = tuple(_WORDS)

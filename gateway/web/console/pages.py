@@ -5,7 +5,8 @@ script refresh the publication and health panels in place.
 - ``/ui/``: the studies, searched by patient name (accent- and case-insensitive prefix),
   Patient ID, accession number, study date range and modality, a page at a time;
 - ``/ui/studies/{uid}``: a study, its series, its publication history (failed first, with
-  the registry's answer as text) and the actions on it, each confirmed on a page of its own;
+  the registry's answer as text), who saw it (from the audit trail, the 50 most recent
+  users and addresses) and the actions on it, each confirmed on a page of its own;
 - ``/ui/health``: the processes, the outbox, the registry as the publisher last met it, the
   free disk space.
 """
@@ -25,6 +26,7 @@ from starlette.routing import Route
 
 from gateway.publication.confidentiality import Confidentiality
 from gateway.publication.operation_outcome import outcome_issues
+from gateway.security.audit import ACCESS_KINDS, ANONYMOUS
 from gateway.web.admin import BodyTooLargeError, small_body, study_page
 from gateway.web.console import csrf
 from gateway.web.console.language import negotiate, words
@@ -32,10 +34,12 @@ from gateway.web.services import Services, services_of
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import Action, NotFailedError, State
 from storage.search import Match, QueryError
+from storage.study_accesses import StudyAccesses
 from storage.summaries import series_summaries, study_summaries
 
 _PAGE = 25
 _HISTORY = 100  # publications shown on a study's page
+_SEEN_BY = 50  # (user, address) rows of who saw a study shown on its page
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
             "confidentiality": Action.CONFIDENTIALITY}
 _LEVELS = ("N", "R", "V")
@@ -134,10 +138,13 @@ async def study(request: Request) -> Response:
         return _render(request, "message.html", status=404, message=("unknown_study", uid))
     series = await run_in_threadpool(series_summaries, services.store.index, uid)
     history = await run_in_threadpool(_publications, services, uid)
+    seen, seen_total = await run_in_threadpool(StudyAccesses(services.store.index).page, uid,
+                                               _SEEN_BY, 0) or ([], 0)
     done = request.query_params.get("done", "")
     return _render(request, "study.html", study=found[0], series=series,
                    publications=history, done=done if done in (*_ACTIONS, "retry") else "",
-                   registry=services.registry_url)
+                   registry=services.registry_url, seen=seen, seen_total=seen_total,
+                   kinds=ACCESS_KINDS, anonymous=ANONYMOUS)
 
 
 async def publications(request: Request) -> Response:
