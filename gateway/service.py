@@ -4,6 +4,7 @@ control channel). Each opens its own index and audit trail on the data dir and r
 SIGTERM or SIGINT, then stops cleanly."""
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin
 from gateway.publication.publisher import Leases, Publisher
 from gateway.publication.registry_client import RegistryClient
+from gateway.publication.registry_probe import RegistryProbe
 from gateway.publication.stable import StableStudyWatcher
 from gateway.security.audit import AuditTrail
 from gateway.security.client_counts import ClientTable, SharedClientCounts
@@ -186,7 +188,11 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         max_instance_bytes=settings.ingest.max_instance_bytes,
         body_timeout_seconds=settings.http.body_timeout_seconds,
         serving=serving, wake_publisher=wake_publisher,
-        registry_url=settings.publication.registry_url, metrics=metrics)
+        registry_url=settings.publication.registry_url,
+        registry_probe=RegistryProbe(settings.publication.registry_url,
+                                     functools.partial(registry_tls, settings.publication))
+        if settings.publication.registry_url else None,
+        metrics=metrics)
 
 
 def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> None:

@@ -44,6 +44,7 @@ _WORDS: dict[str, dict[str, str]] = {
         "kind_retrieve": "récupération", "kind_access": "consultation",
         "anonymous": "anonyme (sans authentification)", "no_access": "Aucun accès enregistré.",
         "seen_by_json": "{shown} sur {total} (tous, en JSON)",
+        "registry_probe": "Registre, sondé en direct", "checked": "vérifié le {when}",
     },
     "en": {
         "console": "Passerelle console", "studies": "Studies", "outbox": "Publications",
@@ -82,6 +83,7 @@ _WORDS: dict[str, dict[str, str]] = {
         "kind_retrieve": "retrieve", "kind_access": "view",
         "anonymous": "anonymous (no authentication)", "no_access": "No access recorded.",
         "seen_by_json": "{shown} of {total} (all, as JSON)",
+        "registry_probe": "Registry, probed live", "checked": "checked {when}",
     },
 }
 LANGUAGES = tuple(_WORDS)

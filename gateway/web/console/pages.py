@@ -7,8 +7,9 @@ script refresh the publication and health panels in place.
 - ``/ui/studies/{uid}``: a study, its series, its publication history (failed first, with
   the registry's answer as text), who saw it (from the audit trail, the 50 most recent
   users and addresses) and the actions on it, each confirmed on a page of its own;
-- ``/ui/health``: the processes, the outbox, the registry as the publisher last met it, the
-  free disk space.
+- ``/ui/health``: the processes, the outbox, the registry as the publisher last met it and
+  as a probe of this process meets it now (gateway.publication.registry_probe), the free
+  disk space.
 """
 
 import shutil
@@ -210,9 +211,10 @@ async def act(request: Request) -> Response:
 def _health(services: Services) -> dict[str, Any]:
     activity = services.outbox.activity()
     disk = shutil.disk_usage(services.store.blobs.studies_dir)
+    probe = services.registry_probe
     return {"serving": services.serving(), "activity": activity, "now": time.time(),
             "disk_free": disk.free, "disk_total": disk.total,
-            "registry": services.registry_url}
+            "registry": services.registry_url, "probe": probe.check() if probe else None}
 
 
 async def health(request: Request) -> Response:
