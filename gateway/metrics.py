@@ -93,6 +93,10 @@ AUDIT_FILES_REMOVED = Counter(
     "passerelle_audit_files_removed_total",
     "Rotated audit files removed, by reason (age: last written more than audit_max_age_days"
     " ago; size: past audit_backups)", ["reason"])
+STUDY_ACCESSES_UNINDEXED = Counter(
+    "passerelle_study_accesses_unindexed_total",
+    "Study accesses written to the audit trail but not counted in the index's table of who"
+    " saw each study (the database write of their batch failed; logged)")
 
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:

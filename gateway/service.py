@@ -4,6 +4,7 @@ control channel). Each opens its own index and audit trail on the data dir and r
 SIGTERM or SIGINT, then stops cleanly."""
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin
 from gateway.publication.publisher import Leases, Publisher
 from gateway.publication.registry_client import RegistryClient
+from gateway.publication.registry_probe import RegistryProbe
 from gateway.publication.stable import StableStudyWatcher
 from gateway.security.audit import AuditTrail
 from gateway.security.client_counts import ClientTable, SharedClientCounts
@@ -50,6 +52,7 @@ from gateway.web.middleware.session import session_key
 from gateway.web.services import Services
 from storage.outbox import Outbox
 from storage.store import Store
+from storage.study_accesses import StudyAccesses
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +162,8 @@ def open_store(settings: Settings) -> Store:
 def _audit_trail(settings: Settings, store: Store) -> AuditTrail:
     return AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                       store.index.patient_id_of, settings.audit,
-                      _audit_syslog(settings.audit, settings.tls))
+                      _audit_syslog(settings.audit, settings.tls),
+                      StudyAccesses(store.index).add)
 
 
 def _every_role_here() -> dict[str, list[int]]:
@@ -187,7 +191,11 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         max_instance_bytes=settings.ingest.max_instance_bytes,
         body_timeout_seconds=settings.http.body_timeout_seconds,
         serving=serving, wake_publisher=wake_publisher,
-        registry_url=settings.publication.registry_url, metrics=metrics)
+        registry_url=settings.publication.registry_url,
+        registry_probe=RegistryProbe(settings.publication.registry_url,
+                                     functools.partial(registry_tls, settings.publication))
+        if settings.publication.registry_url else None,
+        metrics=metrics)
 
 
 def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> None:

@@ -131,3 +131,16 @@ patient_modules_to_read = Table(
     "patient_modules_to_read", metadata,
     Column("study_pk", Key, ForeignKey("studies.pk"), primary_key=True, autoincrement=False),
 )
+
+# Who saw each stored study (storage.study_accesses): one row per study, user and client
+# address, whatever the number of accesses (a flood bumps its counters, adds no row).
+study_accesses = Table(
+    "study_accesses", metadata,
+    Column("study_pk", Key, ForeignKey("studies.pk", ondelete="CASCADE"), primary_key=True,
+           autoincrement=False),
+    Column("user_id", Text, primary_key=True), Column("address", Text, primary_key=True),
+    Column("accesses", BigInteger, nullable=False),
+    Column("refused", BigInteger, nullable=False),  # of those: refused or failed
+    Column("first_at", Double, nullable=False), Column("last_at", Double, nullable=False),
+    _text("last_kind"),
+)

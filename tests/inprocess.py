@@ -35,6 +35,7 @@ from gateway.service import http_services
 from gateway.web.app import create_app
 from storage.part10 import dataset_bytes, file_preamble_and_meta, with_preamble
 from storage.store import IngestResult, Store
+from storage.study_accesses import StudyAccesses
 from tests.synthetic import part10
 
 # Where the test client sends requests, and the public URL of an in-process service unless a
@@ -76,7 +77,8 @@ class InProcessService:
         self.store = Store(self.data_dir, self.settings.ingest.duplicate_policy,
                            database_url=self.settings.database_url)
         self.audit = AuditTrail(self.data_dir / "audit", self.settings.dicom.ae_title,
-                                self.store.index.patient_id_of, self.settings.audit)
+                                self.store.index.patient_id_of, self.settings.audit,
+                                count_accesses=StudyAccesses(self.store.index).add)
         self.services = http_services(self.settings, self.store, self.audit)
         self.app = create_app(self.services, self.settings.http, self.settings.auth)
         self._portal_context: AbstractContextManager[BlockingPortal] | None = \

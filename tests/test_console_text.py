@@ -1,14 +1,13 @@
 """What the console says, without a browser: both languages have every word, the language
-negotiation, and the registry's answer as text."""
+negotiation, odd requests."""
 
-import json
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 
+from gateway.security.audit import ACCESS_KINDS
 from gateway.web.console import language
-from gateway.web.console.pages import answer_text
 from tests.inprocess import InProcessService
 from tests.synthetic import ct_slice
 
@@ -16,6 +15,7 @@ from tests.synthetic import ct_slice
 def test_every_word_exists_in_every_language() -> None:
     keys = {lang: set(language._WORDS[lang]) for lang in language.LANGUAGES}
     assert keys["fr"] == keys["en"]
+    assert {f"kind_{kind}" for kind in ACCESS_KINDS} <= keys["fr"]  # "Seen by"'s kinds
 
 
 @pytest.mark.parametrize(("header", "chosen"), [
@@ -25,20 +25,6 @@ def test_every_word_exists_in_every_language() -> None:
 def test_the_language_is_the_one_the_browser_prefers_among_ours(header: str,
                                                                  chosen: str) -> None:
     assert language.negotiate(header) == chosen
-
-
-def test_the_registry_answer_reads_as_its_issues_or_as_the_error() -> None:
-    outcome = {"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "invalid", "diagnostics": "unknown assigning authority",
-         "expression": ["Bundle.entry[1].resource.subject"]},
-        {"severity": "warning", "code": "processing", "details": {"text": "late"}},
-        "not an issue"]}
-    assert answer_text(json.dumps(outcome), "HTTP 400") == [
-        "error invalid: unknown assigning authority (Bundle.entry[1].resource.subject)",
-        "warning processing: late"]
-    assert answer_text("<html>bad gateway</html>", "HTTP 502 from the registry") == [
-        "HTTP 502 from the registry"]
-    assert answer_text("", "") == []
 
 
 @pytest.mark.parametrize("path", [

@@ -104,7 +104,7 @@ def test_a_refusal_fails_for_good_with_the_registry_reason(tmp_path: Path, rows:
                            **rows.fast) as server:
         _send(server, study, generate_uid(), 1, Modality="OT")  # no acquisition modality
         [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "a refusal")
-        assert row.last_error.startswith("HTTP 422: ImagingModalityCode")
+        assert row.last_error.startswith("HTTP 422: error required ImagingModalityCode: ")
         assert json.loads(row.response)["resourceType"] == "OperationOutcome"
         listed = server.cli("outbox").stdout
         assert "failed" in listed and "ImagingModalityCode" in listed
@@ -184,7 +184,7 @@ def test_a_400_fails_until_retried_after_the_fix(tmp_path: Path, rows: _Rows,
         proxy.mode = "400"
         _send(server, study, generate_uid(), 1)
         [row] = rows.wait(lambda r: r and r[0].state is State.FAILED, "the refusal")
-        assert row.last_error == "HTTP 400: invalid: unknown assigning authority"
+        assert row.last_error == "HTTP 400: error invalid: unknown assigning authority"
         assert row.attempts == 1  # a refusal is not retried by itself
         proxy.mode = "forward"  # the registry side was fixed
         assert server.cli("outbox", "retry", str(row.id)).returncode == 0

@@ -8,6 +8,7 @@ import ssl
 import httpx
 
 from gateway.publication.mhd import kos_identifier
+from gateway.publication.operation_outcome import outcome_issues
 
 FHIR_JSON = "application/fhir+json"
 
@@ -32,17 +33,20 @@ class RejectedError(Exception):
 
 
 def _outcome(response: httpx.Response) -> tuple[str, list[str]]:
-    """A readable reason and the issue codes of an error response (OperationOutcome)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300] or response.reason_phrase, []
-    issues = body.get("issue", []) if isinstance(body, dict) else []
-    codes = [(i.get("details") or {}).get("text") or i.get("code", "") for i in issues]
-    reasons = [f"{code}: {i.get('diagnostics', '')}".strip(": ") +
-               (f" ({', '.join(i['expression'])})" if i.get("expression") else "")
-               for code, i in zip(codes, issues, strict=True)]
-    return "; ".join(reasons) or response.reason_phrase, codes
+    """A readable reason and the issue codes of an error response (its OperationOutcome's
+    issues, else the start of its body)."""
+    issues = outcome_issues(response.content)
+    reason = "; ".join(issue.text for issue in issues)
+    return reason or response.text[:300] or response.reason_phrase, [i.key for i in issues]
+
+
+def registry_http(timeout: float | httpx.Timeout, tls: ssl.SSLContext | None = None,
+                  transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """An HTTP client towards the registry as the publisher has it: ``tls`` replaces the
+    default certificate checks (own CA, client certificate), FHIR JSON asked for."""
+    return httpx.Client(timeout=timeout, transport=transport, verify=tls or True,
+                        headers={"Accept": FHIR_JSON,
+                                 "User-Agent": "Passerelle (DRIMbox Source)"})
 
 
 class RegistryClient:
@@ -53,9 +57,7 @@ class RegistryClient:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self._http = httpx.Client(timeout=timeout, transport=transport, verify=tls or True,
-                                  headers={"Accept": FHIR_JSON,
-                                           "User-Agent": "Passerelle (DRIMbox Source)"})
+        self._http = registry_http(timeout, tls, transport)
 
     def close(self) -> None:
         """Close the connection pool."""

@@ -4,7 +4,9 @@ ingest, publication and authentication failure, as JSON lines under ``data/audit
 Events are queued by the request paths and written by one thread, which appends each batch,
 fsyncs it, rotates the file past ``max_bytes`` and optionally copies each message to a
 syslog collector (``gateway.security.syslog_export``: UDP or TLS). The patient of an event is looked
-up there too, so auditing costs a request nothing but a queue put.
+up there too, so auditing costs a request nothing but a queue put. The same thread then counts
+the batch's accesses to studies in the index (``storage.study_accesses``: who saw a study),
+in one transaction.
 
 Repeated authentication failures are aggregated so that a flood of refused requests cannot
 rotate the trail away: per period, the first failure of each client address and reason is
@@ -35,8 +37,14 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from gateway.config import AuditSettings
-from gateway.metrics import AUDIT_FAILURES_AGGREGATED, AUDIT_FILES_REMOVED, AUDIT_SECURITY_ALERTS
+from gateway.metrics import (
+    AUDIT_FAILURES_AGGREGATED,
+    AUDIT_FILES_REMOVED,
+    AUDIT_SECURITY_ALERTS,
+    STUDY_ACCESSES_UNINDEXED,
+)
 from gateway.security.syslog_export import TlsSyslog, UdpSyslog, syslog_message
+from storage.study_accesses import Access
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,23 @@ class AuditEvent:
         """What was wrong, without what was asked: the detail's last ``: `` part (``GET
         /path: no valid token`` is ``no valid token``)."""
         return self.detail.rpartition(": ")[2][:64]
+
+
+# The events that show a study to whoever asked (a store, an export do not): the kind of
+# access each is counted as in the index (storage.study_accesses).
+_SEEING = {EventType.QUERY: "query", EventType.INSTANCES_TRANSFERRED: "retrieve",
+           EventType.INSTANCES_ACCESSED: "access"}
+ACCESS_KINDS = frozenset(_SEEING.values())
+
+
+def study_access(event: AuditEvent) -> Access | None:
+    """The access to a study ``event`` records, refused or failed ones included; None when
+    it names no study or shows none (a store, an export, an authentication)."""
+    kind = _SEEING.get(event.event)
+    if kind is None or not event.study_uid or event.action == "C":
+        return None
+    return Access(event.study_uid, user_id(event.user), event.address, kind,
+                  event.outcome is not Outcome.SUCCESS, event.at)
 
 
 def _code(code: str, meaning: str) -> dict:
@@ -325,7 +350,8 @@ class AuditTrail:
     """The audit log of one service: ``record`` queues, a thread writes durably."""
 
     def __init__(self, directory: Path, source_id: str, patient_of: Callable[[str], str],
-                 settings: AuditSettings, syslog: UdpSyslog | TlsSyslog | None = None) -> None:
+                 settings: AuditSettings, syslog: UdpSyslog | TlsSyslog | None = None,
+                 count_accesses: Callable[[list[Access]], None] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / AUDIT_FILE
         self.source_id = source_id
@@ -334,6 +360,7 @@ class AuditTrail:
         self.backups = settings.backups
         self.max_age_seconds = settings.max_age_days * 86400
         self.syslog = syslog
+        self.count_accesses = count_accesses  # the index's per-study counts, each batch
         self._failures = FailureAggregator(settings.failure_period_seconds,
                                            settings.failure_clients)
         self._next_sweep = 0.0  # monotonic time of the next check of the files' ages
@@ -382,6 +409,20 @@ class AuditTrail:
             except Exception:
                 log.exception("could not write %d audit event(s) and %d client(s)' failures",
                               len(events), len(counted))
+            self._count_accesses(events)
+
+    def _count_accesses(self, events: list[AuditEvent]) -> None:
+        """Count the batch's accesses to studies in the index, after (and whatever became
+        of) the file's write: a failure is logged and counted, the trail keeps them."""
+        accesses = [access for event in events if (access := study_access(event))]
+        if self.count_accesses is None or not accesses:
+            return
+        try:
+            self.count_accesses(accesses)
+        except Exception:
+            STUDY_ACCESSES_UNINDEXED.inc(len(accesses))
+            log.exception("could not count %d study access(es) in the index (the audit "
+                          "trail has them)", len(accesses))
 
     def _write(self, events: list[AuditEvent], counted: list[tuple[str, ClientFailures]]
                ) -> None:

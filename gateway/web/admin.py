@@ -1,13 +1,14 @@
-"""Operator API under ``/admin``: the stored studies and the outbox (``GET``), and the
-actions that go through the outbox like the automatic publications (``POST``): publish,
-withdraw or change the confidentiality of a study, send a failed publication again.
+"""Operator API under ``/admin``: the stored studies, who saw each (counted from the audit
+trail per user and client address) and the outbox (``GET``), and the actions that go through
+the outbox like the automatic publications (``POST``): publish, withdraw or change the
+confidentiality of a study, send a failed publication again.
 
 The lists are pages: ``limit`` (default 50, at most 1000) and ``offset``, answered as
 ``{"total": <all matches>, "offset": ..., "limit": ..., "<items>": [...]}``. Studies are
 matched as QIDO-RS matches them at the study level (PS3.18 10.6.1: ``PatientName``,
 ``PatientID``, ``AccessionNumber``, ``StudyDate`` ranges, ``ModalitiesInStudy``,
 ``fuzzymatching``...), most recent study first; publications come failed first (a person must
-act on them), then newest first.
+act on them), then newest first; who saw a study, the most recent access first.
 
 A queued action answers 202 with what the service will do with it:
 ``{"publication": <row>, "registry": <registry URL or null>, "will_send": true|false}``.
@@ -33,6 +34,7 @@ from gateway.web.services import Services, services_of
 from storage.numbers import INT32_MAX, INT64_MAX, NumberError, parse_int
 from storage.outbox import UNFINISHED, Action, NotFailedError, Publication, State
 from storage.search import Level, Match, QueryError
+from storage.study_accesses import StudyAccesses
 from storage.summaries import series_summaries, study_summaries
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
@@ -206,9 +208,27 @@ async def study(request: Request) -> Response:
                          "publication_total": total})
 
 
+async def study_access(request: Request) -> Response:
+    """Who saw a study, a page: each user and client address with its count of accesses,
+    how many of them were refused or failed, the first and last time and the last one's
+    kind, the most recent first."""
+    services, uid = services_of(request), request.path_params["study"]
+    try:
+        limit, offset = _page_of(request)
+    except NumberError as exc:
+        return admin_error(400, str(exc))
+    found = await run_in_threadpool(StudyAccesses(services.store.index).page, uid, limit,
+                                    offset)
+    if found is None:
+        return admin_error(404, f"no such study {uid}")
+    rows, total = found
+    return _paged("access", [asdict(row) for row in rows], total, limit, offset)
+
+
 ROUTES = [
     Route("/admin/studies", list_studies, methods=["GET"]),
     Route("/admin/studies/{study}", study, methods=["GET"]),
+    Route("/admin/studies/{study}/access", study_access, methods=["GET"]),
     Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
     Route("/admin/outbox", list_outbox, methods=["GET"]),
     Route("/admin/outbox/{id}/retry", retry_publication, methods=["POST"]),

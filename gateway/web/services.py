@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.render_cache import RenderCache
+from gateway.publication.registry_probe import RegistryProbe
 from gateway.security.audit import AuditTrail
 from gateway.urls import dicomweb_root
 from storage.outbox import Outbox
@@ -33,6 +34,7 @@ class Services:
     serving: Callable[[], dict[str, list[int]]]
     wake_publisher: Callable[[], None]  # something was queued: send it now
     registry_url: str  # where queued publications are sent; empty: they stay queued
+    registry_probe: RegistryProbe | None  # whether it answers now (None: no registry_url)
     metrics: CollectorRegistry  # what /metrics shows
 
     @property

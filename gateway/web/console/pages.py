@@ -5,12 +5,13 @@ script refresh the publication and health panels in place.
 - ``/ui/``: the studies, searched by patient name (accent- and case-insensitive prefix),
   Patient ID, accession number, study date range and modality, a page at a time;
 - ``/ui/studies/{uid}``: a study, its series, its publication history (failed first, with
-  the registry's answer as text) and the actions on it, each confirmed on a page of its own;
-- ``/ui/health``: the processes, the outbox, the registry as the publisher last met it, the
-  free disk space.
+  the registry's answer as text), who saw it (from the audit trail, the 50 most recent
+  users and addresses) and the actions on it, each confirmed on a page of its own;
+- ``/ui/health``: the processes, the outbox, the registry as the publisher last met it and
+  as a probe of this process meets it now (gateway.publication.registry_probe), the free
+  disk space.
 """
 
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -26,6 +27,8 @@ from starlette.routing import Route
 from starlette.types import Scope
 
 from gateway.publication.confidentiality import Confidentiality
+from gateway.publication.operation_outcome import outcome_issues
+from gateway.security.audit import ACCESS_KINDS, ANONYMOUS
 from gateway.web.admin import BodyTooLargeError, small_body, study_page
 from gateway.web.console import csrf
 from gateway.web.console.language import negotiate, words
@@ -34,10 +37,12 @@ from gateway.web.viewer.routes import study_link
 from storage.numbers import INT64_MAX, NumberError, parse_int
 from storage.outbox import Action, NotFailedError, State
 from storage.search import Match, QueryError
+from storage.study_accesses import StudyAccesses
 from storage.summaries import series_summaries, study_summaries
 
 _PAGE = 25
 _HISTORY = 100  # publications shown on a study's page
+_SEEN_BY = 50  # (user, address) rows of who saw a study shown on its page
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
             "confidentiality": Action.CONFIDENTIALITY}
 _LEVELS = ("N", "R", "V")
@@ -71,30 +76,6 @@ def _age(seconds: float) -> str:
 def _date(study_date: str) -> str:
     return f"{study_date[:4]}-{study_date[4:6]}-{study_date[6:8]}" if len(study_date) == 8 \
         else study_date
-
-
-def answer_text(response: str, last_error: str) -> list[str]:
-    """The registry's answer as lines a person reads: each OperationOutcome issue's
-    severity, code, text and where; else the error recorded."""
-    try:
-        outcome = json.loads(response) if response else None
-    except ValueError:
-        outcome = None
-    lines = []
-    if isinstance(outcome, dict) and outcome.get("resourceType") == "OperationOutcome":
-        issues = outcome.get("issue")
-        for issue in issues if isinstance(issues, list) else []:
-            if not isinstance(issue, dict):
-                continue
-            details = issue.get("details")
-            text = issue.get("diagnostics") or (
-                details.get("text") if isinstance(details, dict) else "") or ""
-            expression = issue.get("expression")
-            where = ", ".join(str(e) for e in expression) if isinstance(expression, list) \
-                else ""
-            lines.append(f"{issue.get('severity', '?')} {issue.get('code', '?')}: {text}"
-                         + (f" ({where})" if where else ""))
-    return lines or ([last_error] if last_error else [])
 
 
 def may_act(request: Request) -> bool:
@@ -160,8 +141,9 @@ async def studies(request: Request) -> Response:
 
 def _publications(services: Services, uid: str) -> list[dict[str, Any]]:
     rows, _ = services.outbox.page(tuple(State), _HISTORY, 0, uid)
-    return [{**asdict(row), "answer": answer_text(row.response, row.last_error)}
-            for row in rows]
+    # The registry's answer as its issues, else the error recorded.
+    return [{**asdict(row), "answer": [issue.text for issue in outcome_issues(row.response)]
+             or ([row.last_error] if row.last_error else [])} for row in rows]
 
 
 async def study(request: Request) -> Response:
@@ -172,10 +154,13 @@ async def study(request: Request) -> Response:
         return render(request, "message.html", status=404, message=("unknown_study", uid))
     series = await run_in_threadpool(series_summaries, services.store.index, uid)
     history = await run_in_threadpool(_publications, services, uid)
+    seen, seen_total = await run_in_threadpool(StudyAccesses(services.store.index).page, uid,
+                                               _SEEN_BY, 0) or ([], 0)
     done = request.query_params.get("done", "")
     return render(request, "study.html", study=found[0], series=series,
                    publications=history, done=done if done in (*_ACTIONS, "retry") else "",
-                   registry=services.registry_url)
+                   registry=services.registry_url, seen=seen, seen_total=seen_total,
+                   kinds=ACCESS_KINDS, anonymous=ANONYMOUS)
 
 
 async def publications(request: Request) -> Response:
@@ -247,9 +232,10 @@ async def act(request: Request) -> Response:
 def _health(services: Services) -> dict[str, Any]:
     activity = services.outbox.activity()
     disk = shutil.disk_usage(services.store.blobs.studies_dir)
+    probe = services.registry_probe
     return {"serving": services.serving(), "activity": activity, "now": time.time(),
             "disk_free": disk.free, "disk_total": disk.total,
-            "registry": services.registry_url}
+            "registry": services.registry_url, "probe": probe.check() if probe else None}
 
 
 async def health(request: Request) -> Response:
