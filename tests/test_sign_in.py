@@ -178,8 +178,9 @@ def test_the_session_reads_dicomweb_and_never_stores_or_acts_through_it(
     assert status == 200 and study in text  # as the viewer will call it
     assert _fetch(browser, f"/wado?requestType=WADO&studyUID={study}")[0] != 401
     assert _fetch(browser, "/admin/studies")[0] == 200
-    # The viewer's files (not in this branch): past access control, no such file yet.
-    assert _fetch(browser, "/viewer/index.html", accept="text/html")[0] == 404
+    # The viewer's page and files, with the session.
+    status, text = _fetch(browser, "/viewer/index.html", accept="text/html")
+    assert status == 200 and '<div id="root"' in text
     # Unsafe requests outside the console need a bearer token, whatever the cookie says.
     stow = _fetch(browser, "/dicom-web/studies", "POST", "x")
     assert stow[0] == 401 and "bearer token" in stow[1]
@@ -458,3 +459,23 @@ def test_the_discovery_document_defaults_to_the_issuers() -> None:
     assert auth.discovery_url == \
         "https://issuer.example/realms/h/.well-known/openid-configuration"
     assert auth.sign_in and "client_secret" not in repr(auth)
+
+
+def test_a_reader_signed_in_opens_a_study_in_the_viewer(
+        server: PasserelleProcess, browser: WebDriver) -> None:
+    """The viewer's page, files and DICOMweb calls all go with the session: the image is
+    drawn (the viewport's canvas is not blank) for a user with the read scope only."""
+    study = server.study  # type: ignore[attr-defined]
+    _sign_in(browser, server, "reader", f"/ui/studies/{study}")
+    browser.find_element(By.ID, "open-viewer").click()
+    WebDriverWait(browser, 60, poll_frequency=0.5).until(
+        lambda d: d.execute_script(_CANVAS_LIT), "an image drawn in the viewer")
+
+
+_CANVAS_LIT = """
+const canvas = document.querySelector('canvas.cornerstone-canvas');
+const context = canvas && canvas.width && canvas.getContext('2d');
+if (!context) return false;
+const {data} = context.getImageData(0, 0, canvas.width, canvas.height);
+return data.some((value, i) => i % 4 !== 3 && value > 16);
+"""

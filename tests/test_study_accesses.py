@@ -199,7 +199,7 @@ def test_a_running_service_lists_each_reader_and_their_refusals(tmp_path: Path) 
             assert httpx.get(base, headers=as_user("alice")).status_code == 200
         assert httpx.get(f"{base}/metadata", headers=as_user("bob")).status_code == 200
         assert httpx.get(base, headers=as_user("mallory", "openid")).status_code == 403
-        operator = as_user("operator", "passerelle.admin")
+        operator = as_user("operator", "dicomweb.read passerelle.admin")  # the console: read
 
         def listed() -> dict[str, dict]:
             page = httpx.get(f"{server.base_url}/admin/studies/{study}/access",

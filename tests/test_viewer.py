@@ -198,7 +198,8 @@ def test_the_viewer_reads_this_gateways_dicomweb(server: PasserelleProcess) -> N
 
 def test_the_viewer_routes_answer_its_page_with_a_content_security_policy(
         server: PasserelleProcess) -> None:
-    for path in ("/viewer/", "/viewer/viewer?StudyInstanceUIDs=1.2.3", "/viewer/localbasic"):
+    for path in ("/viewer/", "/viewer/viewer?StudyInstanceUIDs=1.2.3", "/viewer/localbasic",
+                 "/viewer/index.html"):
         page = httpx.get(f"{server.base_url}{path}")
         assert page.status_code == 200 and '<div id="root"' in page.text, path
         policy = page.headers["content-security-policy"]

@@ -96,7 +96,7 @@ class Viewer:
                             headers={"Cache-Control": "no-cache"})
         path = self._file(name)
         if path is None:
-            if "." in name.rsplit("/", 1)[-1]:  # a file that is not there
+            if name != "index.html" and "." in name.rsplit("/", 1)[-1]:  # no such file
                 return Response("no such file", status_code=404, media_type="text/plain")
             return self._index_page()
         headers = {"Cache-Control": _IMMUTABLE if _HASHED.search(path.name) else "no-cache",
