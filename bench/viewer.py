@@ -7,7 +7,9 @@ naming the DICOMweb root of the server measured (Chromium runs with web security
 neither server needs CORS), so the only difference is the DICOMweb server. Each run is a
 fresh browser (empty cache) opening ``/viewer/viewer?StudyInstanceUIDs=...``:
 
-- first image: navigation start until the viewport's canvas holds a non-blank image;
+- first image: navigation start until the viewport's canvas holds a non-blank image; and
+  the same from the viewer's first QIDO-RS request, once OHIF's own files are loaded (what
+  the DICOMweb server alone decides);
 - every slice: navigation start until the last of the study's frames has arrived
   (resource timing of the ``/frames/`` requests; OHIF's prefetcher fetches the whole
   series once the first image is up).
@@ -54,6 +56,10 @@ _FRAMES = """
 return performance.getEntriesByType('resource').filter(e => e.name.includes('/frames/'))
   .map(e => [e.name, e.responseEnd]);
 """
+_FIRST_QUERY = """
+return Math.min(...performance.getEntriesByType('resource')
+  .filter(e => e.name.includes('/studies')).map(e => e.startTime));
+"""
 
 
 def _static_server(root: str) -> tuple[ThreadingHTTPServer, int]:
@@ -87,19 +93,21 @@ def _static_server(root: str) -> tuple[ThreadingHTTPServer, int]:
     return server, port
 
 
-def _measure(url: str, instances: int) -> tuple[float, float]:
-    """(first image, every slice) in seconds, opening ``url`` in a fresh browser."""
+def _measure(url: str, instances: int) -> tuple[float, float, float]:
+    """(first image, first image after the viewer's first query, every slice) in seconds,
+    opening ``url`` in a fresh browser."""
     with chromium("en", web_security=False) as driver:
         driver.set_script_timeout(120)
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
             "source": "performance.setResourceTimingBufferSize(100000);"})
         driver.get(url)
-        return (driver.execute_async_script(_DRAWN) / 1000,
+        first = driver.execute_async_script(_DRAWN)
+        return (first / 1000, (first - driver.execute_script(_FIRST_QUERY)) / 1000,
                 _every_slice(driver, instances) / 1000)
 
 
 def _through_static_server(study_uid: str, origin: str, instances: int, repeat: int
-                           ) -> list[tuple[float, float]]:
+                           ) -> list[tuple[float, float, float]]:
     server, port = _static_server(origin)
     url = f"http://127.0.0.1:{port}/viewer/viewer?StudyInstanceUIDs={study_uid}"
     try:
@@ -133,7 +141,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="passerelle-bench-viewer-"))
     files = ct_study(REPO / "bench" / "results" / f"ct-{args.instances}", args.instances)
     study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[str, list[tuple[float, float, float]]] = {}
     for name in ("passerelle", "orthanc"):
         peer = (PasserelleProcess(work / "passerelle", http_workers="2")
                 if name == "passerelle" else OrthancProcess(work / "orthanc"))
@@ -151,7 +159,9 @@ def main() -> None:
         finally:
             peer.stop()
     rows = []
-    for index, label in enumerate(("first image (s)", "every slice loaded (s)")):
+    for index, label in enumerate(("first image (s)",
+                                   "first image, from the viewer's first query (s)",
+                                   "every slice loaded (s)")):
         ours, own, theirs = (statistics.median(run[index] for run in results[name])
                              for name in ("passerelle", "own", "orthanc"))
         rows.append([label, f"{ours:.2f}", f"{theirs:.2f}", f"{ours / theirs:.2f}x",
