@@ -110,7 +110,8 @@ def test_the_health_page_shows_the_local_registry_reachable_probed_once(
         assert proxy.requests == ["GET /fhir/metadata"]  # three refreshes, one probe
         proxy.mode = "503"  # another process probes now: its answer, as text
         with InProcessService(tmp_path / "other", registry_url=proxy.url) as other:
-            assert "HTTP 503 error transient: under maintenance" in _panel(other)
+            shown = _panel(other)
+            assert "répond en erreur</span>: HTTP 503 error transient: under maintenance" in shown
 
 
 def test_the_health_page_shows_a_closed_port_unreachable_with_the_reason(

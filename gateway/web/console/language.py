@@ -35,7 +35,8 @@ _WORDS: dict[str, dict[str, str]] = {
         "action_confidentiality": "confidentialité", "dicom": "Réception DICOM",
         "registry": "Registre", "queue": "File d'attente", "oldest": "Plus ancienne en attente",
         "disk": "Espace disque libre", "up": "en service", "down": "arrêté",
-        "reachable": "joignable", "unreachable": "injoignable", "not_configured":
+        "reachable": "joignable", "answers_error": "répond en erreur",
+        "unreachable": "injoignable", "not_configured":
         "non configuré (les manifestes attendent)", "processes": "processus",
         "ago": "il y a {age}", "unknown_study": "Examen inconnu : {uid}",
         "refused": "Refusé : {why}", "seen_by": "Consulté par", "user": "Utilisateur",
@@ -88,7 +89,8 @@ _WORDS: dict[str, dict[str, str]] = {
         "kind_retrieve": "retrieve", "kind_access": "view",
         "anonymous": "anonymous (no authentication)", "no_access": "No access recorded.",
         "seen_by_json": "{shown} of {total} (all, as JSON)",
-        "registry_probe": "Registry, probed live", "checked": "checked {when}",
+        "registry_probe": "Registry, probed live", "answers_error": "answers with an error",
+        "checked": "checked {when}",
         "signed_in_as": "Signed in: {name}", "sign_out": "Sign out",
         "sign_in": "Sign in", "signed_out": "You are signed out.",
         "sign_in_failed": "Sign-in failed: {why}",
