@@ -4,8 +4,6 @@ publication becomes acknowledged without reloading, a registry refusal shows the
 reason, a retry after the fix publishes, a forged cross-site POST is refused; French by
 default, English by Accept-Language."""
 
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.browser import chromium
 from tests.faulty_proxy import FaultyProxy
+from tests.forged_form import forged_form
 from tests.processes import PasserelleProcess, RegistryProcess
 from tests.scu import send
 from tests.synthetic import ct_slice, national_ct_slice
@@ -111,26 +110,6 @@ def test_a_registry_refusal_shows_its_reason_and_a_retry_after_the_fix_publishes
         assert len(registry.documents(study)) == 1
 
 
-class _Attacker(http.server.BaseHTTPRequestHandler):
-    """Another site's page that makes the visitor's browser post an action to the gateway."""
-
-    target = ""
-
-    def do_GET(self) -> None:
-        page = (f'<form id="f" method="post" action="{self.target}">'
-                '<input name="csrf" value="guessed"></form>'
-                '<script>document.getElementById("f").submit()</script>').encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(page)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_a_forged_cross_site_post_is_refused_and_queues_nothing(
         tmp_path: Path, browser: WebDriver) -> None:
     study = generate_uid()
@@ -138,19 +117,13 @@ def test_a_forged_cross_site_post_is_refused_and_queues_nothing(
                            stable_seconds="3600") as server:  # nothing queued by itself
         assert send(server.dicom_port, ct_slice(study, generate_uid(), 1, 1, size=8))[0] == 0
         browser.get(f"{server.base_url}/ui/studies/{study}")  # the operator has a session
-        _Attacker.target = f"{server.base_url}/ui/studies/{study}/publish"
-        attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Attacker)
-        threading.Thread(target=attacker.serve_forever, daemon=True).start()
-        try:
-            # localhost is another site than 127.0.0.1: the browser sends its Origin, and
-            # not the SameSite cookie.
-            browser.get(f"http://localhost:{attacker.server_address[1]}/")
+        # localhost is another site than 127.0.0.1: the browser sends its Origin, and not
+        # the SameSite cookie.
+        with forged_form(f"{server.base_url}/ui/studies/{study}/publish") as port:
+            browser.get(f"http://localhost:{port}/")
             WebDriverWait(browser, 30).until(lambda d: d.current_url.startswith(
                 server.base_url), "the forged form posted")
             assert "Refusé" in browser.find_element(By.CSS_SELECTOR, ".error").text
-        finally:
-            attacker.shutdown()
-            attacker.server_close()
         listed = httpx.get(f"{server.base_url}/admin/outbox?all=true").json()
         assert listed["total"] == 0
         # The same action from the console's own page is done.

@@ -7,12 +7,10 @@ client, replayed codes, a wrong nonce); bearer tokens on the console without sig
 
 import asyncio
 import base64
-import http.server
 import json
 import multiprocessing
 import re
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +31,7 @@ from gateway.security.tokens import TokenVerifier
 from gateway.web.console.sign_in import safe_next
 from gateway.web.middleware.session import KEY_FILE, Sealer
 from tests.browser import chromium
+from tests.forged_form import forged_form
 from tests.inprocess import InProcessService
 from tests.issuer import AUDIENCE, CLIENT_ID, LocalIssuer
 from tests.processes import PasserelleProcess, free_port, wait_for
@@ -209,26 +208,6 @@ def test_an_admin_acts_from_the_console(server: PasserelleProcess, issuer: Local
     assert [(row["study_uid"], row["action"]) for row in queued] == [(study, "publish")]
 
 
-class _Attacker(http.server.BaseHTTPRequestHandler):
-    """Another origin's page that makes the visitor's browser post an action."""
-
-    target = ""
-
-    def do_GET(self) -> None:
-        page = (f'<form id="f" method="post" action="{self.target}">'
-                '<input name="csrf" value="guessed-guessed-guessed-guessed-guessed">'
-                '</form><script>document.getElementById("f").submit()</script>').encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(page)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 def test_a_forged_post_from_another_site_or_origin_is_refused(
         server: PasserelleProcess, issuer: LocalIssuer, browser: WebDriver, host: str) -> None:
@@ -238,19 +217,13 @@ def test_a_forged_post_from_another_site_or_origin_is_refused(
     study = server.study  # type: ignore[attr-defined]
     _sign_in(browser, server, "admin", f"/ui/studies/{study}")
     before = len(_outbox(server, issuer))
-    _Attacker.target = f"{server.base_url}/ui/studies/{study}/unpublish"
-    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Attacker)
-    threading.Thread(target=attacker.serve_forever, daemon=True).start()
-    try:
-        browser.get(f"http://{host}:{attacker.server_address[1]}/")
+    with forged_form(f"{server.base_url}/ui/studies/{study}/unpublish") as port:
+        browser.get(f"http://{host}:{port}/")
         WebDriverWait(browser, 30).until(lambda d: d.current_url.startswith(
             server.base_url) and d.find_elements(By.CSS_SELECTOR, ".error"))
         error = browser.find_element(By.CSS_SELECTOR, ".error").text
         assert "Refusé" in error
         assert ("not signed in" if host == "localhost" else "another origin") in error
-    finally:
-        attacker.shutdown()
-        attacker.server_close()
     assert len(_outbox(server, issuer)) == before
 
 
