@@ -277,6 +277,32 @@ def test_without_a_session_pages_go_to_sign_in_and_api_clients_get_401(
     assert httpx.get(f"{server.base_url}/ui/static/console.css").status_code == 200
 
 
+def test_being_sent_to_sign_in_is_a_failed_authentication_never_an_access(
+        server: PasserelleProcess, issuer: LocalIssuer) -> None:
+    """Pages asked for without a session, or with a cookie that does not open, are audited
+    as refused authentications (aggregated per client: a flood cannot rotate the trail
+    away) and never as an anonymous access to the study."""
+    study = server.study  # type: ignore[attr-defined]
+    html = {"Accept": "text/html"}
+    altered = {**html, "Cookie": "passerelle_session=eyJmIjp7fX0.forged"}
+    for headers in [html] * 30 + [altered] * 30:
+        assert httpx.get(f"{server.base_url}/ui/studies/{study}",
+                         headers=headers).status_code == 303
+    assert server.metric("passerelle_auth_failures_total", reason="session") >= 30
+    audit = server.data_dir / "audit" / "audit.jsonl"
+    time.sleep(1)  # the writer's batch
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    naming = [line for line in lines
+              if study in json.dumps(line.get("ParticipantObjectIdentification"))
+              and "anonymous" in json.dumps(line)]
+    assert naming == []  # no study (nor patient) named for who was not let in
+    refused = [line for line in lines if "/ui/studies/" in json.dumps(line)
+               and "no valid token" in json.dumps(line)]
+    assert 1 <= len(refused) <= 4  # the first of each reason in full, the others counted
+    seen = _admin(server, issuer, f"/admin/studies/{study}/access").json()["access"]
+    assert "anonymous" not in {row["user"] for row in seen}
+
+
 @pytest.mark.parametrize(("asked", "kept"), [
     ("/ui/studies/1.2.3?done=publish", "/ui/studies/1.2.3?done=publish"),
     ("/viewer/?StudyInstanceUIDs=1.2", "/viewer/?StudyInstanceUIDs=1.2"),

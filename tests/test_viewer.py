@@ -221,6 +221,8 @@ def test_the_viewer_files_are_cached_by_their_hash_and_sent_gzipped(
     assert packed.headers["content-encoding"] == "gzip"
     assert packed.content == plain.content  # httpx decodes it
     assert int(packed.headers["content-length"]) < len(plain.content) / 2
+    assert plain.headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'self'" in plain.headers["content-security-policy"]
     wasm = next(VIEWER.glob("*.wasm")).name
     assert httpx.get(f"{server.base_url}/viewer/{wasm}").headers["content-type"] == \
         "application/wasm"
@@ -229,7 +231,9 @@ def test_the_viewer_files_are_cached_by_their_hash_and_sent_gzipped(
 @pytest.mark.parametrize("path", ["/viewer/../pyproject.toml", "/viewer/%2e%2e/pyproject.toml",
                                   "/viewer/..%2fVERSION", "/viewer/VERSION/..%2f..%2fREADME.md",
                                   "/viewer/missing.js", "/viewer/index.html.gz",
-                                  "/viewer/a%00b.js", "/viewer/%2fetc%2fpasswd"])
+                                  "/viewer/a%00b.js", "/viewer/%2fetc%2fpasswd",
+                                  "/viewer/silent-refresh.html",
+                                  "/viewer/customizations/index.html"])
 def test_nothing_outside_the_viewer_folder_is_served(server: PasserelleProcess,
                                                      path: str) -> None:
     answer = httpx.get(f"{server.base_url}{path}")

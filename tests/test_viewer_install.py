@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ def _package(path: Path, **extra: bytes) -> Path:
                            "package/dist/app.bundle.css": b"a{src:url(/f.woff2)}",
                            "package/dist/manifest.json": b'{"icons":[{"src":"/assets/i.png"}]}',
                            "package/dist/sw.js": b"self.x()",
+                           "package/dist/silent-refresh.html": b"<script src=https://cdn>",
+                           "package/dist/customizations/index.html": b"<html>",
                            "package/dist/app-config.js": b"window.config={}",
                            **{f"package/dist/{k}": v for k, v in extra.items()}})
 
@@ -65,6 +68,9 @@ def test_the_viewer_is_moved_to_its_path_and_stripped_of_what_is_not_served(
     assert "url(/viewer/f.woff2)" in (target / "app.bundle.css").read_text()
     assert '"/viewer/assets/i.png"' in (target / "manifest.json").read_text()
     assert not (target / "sw.js").exists() and not (target / "app-config.js").exists()
+    assert not (target / "silent-refresh.html").exists()
+    assert not (target / "customizations").exists()
+    assert bundle.stat().st_mtime > time.time() - 600  # dated at install, not by npm
 
 
 def test_an_install_that_fails_leaves_the_installed_viewer_as_it_was(tmp_path: Path) -> None:

@@ -151,6 +151,7 @@ class AuthMiddleware:
             try:
                 await self._authorise(scope, needed)
             except AuthError as exc:
+                self._note_refusal(scope, exc)
                 if exc.status == 401 and self.sessions is not None \
                         and scope["method"] in ("GET", "HEAD") and browser_page(scope):
                     response = self.sessions.sign_in_redirect(scope)
@@ -175,9 +176,12 @@ class AuthMiddleware:
         elif self.sessions is not None and session_accepted(scope["method"], scope["path"]):
             session = self.sessions.read(scope)
             if session is None:
+                # A cookie that does not open (altered, ended, another key's) is a failed
+                # authentication of its own kind in the metrics and the audit.
                 raise AuthError(401, "", "not signed in, or the session has ended: sign in"
                                 if scope["path"].startswith(CONSOLE_PATH)
-                                else "a bearer token or a session is required", "missing")
+                                else "a bearer token or a session is required",
+                                "session" if self.sessions.presented(scope) else "missing")
             principal = Principal("session", session.subject, session.name, session.scopes)
         else:
             raise AuthError(401, "", "a bearer token is required", "missing")
@@ -189,12 +193,18 @@ class AuthMiddleware:
             raise AuthError(403, "insufficient_scope", f"this request needs scope {needed}",
                             "scope")
 
-    def _refuse(self, scope: Scope, exc: AuthError, needed: str) -> Response:
+    @staticmethod
+    def _note_refusal(scope: Scope, exc: AuthError) -> None:
+        """Count and log a refusal; one where no credential was accepted (401, or 503: keys
+        unavailable) is audited as a failed authentication, aggregated per client, and never
+        as an access to what was asked for, also when the browser is sent to sign in."""
         AUTH_FAILURES.labels(exc.reason).inc()
-        if exc.status != 403:  # no credential accepted (401, or 503: keys unavailable)
+        if exc.status != 403:
             scope.setdefault("state", {})[CREDENTIALS_REFUSED] = exc.reason
         client = scope.get("client") or ("?", 0)
         log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client[0], exc)
+
+    def _refuse(self, scope: Scope, exc: AuthError, needed: str) -> Response:
         challenge = 'Bearer realm="passerelle"'
         if exc.error:
             challenge += f', error="{exc.error}"'

@@ -128,6 +128,11 @@ class Sessions:
             return None
         return Session(subject, name, frozenset(scopes), float(expires))
 
+    @staticmethod
+    def presented(scope: Scope) -> bool:
+        """Whether the request carries a session cookie at all (valid or not)."""
+        return COOKIE in HTTPConnection(scope).cookies
+
     def start(self, response: Response, session: Session, now: float | None = None) -> bool:
         """Set the session cookie, to end with ``session`` or after the maximum age,
         whichever first; False when that leaves no time or the cookie would be too large."""
@@ -154,6 +159,6 @@ class Sessions:
                                   if scope.get("query_string") else "")
         response = RedirectResponse(f"{LOGIN_PATH}?next={quote(wanted, safe='')}",
                                     status_code=303, headers={"Cache-Control": "no-store"})
-        if COOKIE in HTTPConnection(scope).cookies:
+        if Sessions.presented(scope):
             Sessions.end(response)
         return response

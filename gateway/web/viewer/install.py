@@ -5,8 +5,9 @@ manifest name files with absolute paths, and its bundles load their chunks from 
 path compiled in as ``"/"``. Installing copies ``dist`` and moves all of them to
 :data:`BASE` (``/viewer/``), as OHIF's own build does when given ``PUBLIC_URL``. It drops
 the files a gateway must not serve: the service worker (it would pull Workbox from a CDN),
-the demo deployments' redirect files, and the default ``app-config.js`` (the gateway writes
-its own). It keeps a gzip copy of each text or WebAssembly file beside it, for browsers that
+OHIF's own sign-in pages (one loads a script from a CDN), the demo deployments' redirect
+files and customization catalog, and the default ``app-config.js`` (the gateway writes its
+own). It keeps a gzip copy of each text or WebAssembly file beside it, for browsers that
 accept one. The tarball is checked against the npm integrity string first, and read within
 budgets (members, bytes).
 """
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 BASE = "/viewer/"
@@ -26,7 +28,11 @@ _MAX_MEMBERS = 5000
 _MAX_BYTES = 1 << 30  # unpacked
 _MAX_MANIFEST = 1 << 20  # package.json
 _DROPPED = {"sw.js", "init-service-worker.js", "_redirects", "_headers", "serve.json",
-            "app-config.js"}
+            "app-config.js",
+            # OHIF's own sign-in (this gateway signs users in) and Google Cloud helper; its
+            # silent-refresh page loads a script from a CDN.
+            "silent-refresh.html", "oidc-client.min.js", "google.js"}
+_DROPPED_FOLDERS = ("customizations/",)  # the demo catalog of ?customization= (off here)
 _COMPRESSED = (".js", ".css", ".wasm", ".json", ".html", ".svg", ".map")
 _PUBLIC_PATH = '__webpack_require__.p = "/";'
 
@@ -76,6 +82,11 @@ def _unpack(tarball: Path, staging: Path) -> str:
             members, version = _members(tarball, archive)
             # The "data" filter refuses absolute paths, "..", links and devices.
             archive.extractall(staging, members=members, filter="data")
+        # npm packs every file with one fixed time: dated now, a file's ETag (its time and
+        # size) changes when a new version replaces it.
+        now = time.time()
+        for path in staging.rglob("*"):
+            os.utime(path, (now, now))
     except tarfile.TarError as exc:
         raise ViewerPackageError(f"{tarball}: {exc}") from exc
     return version
@@ -84,8 +95,8 @@ def _unpack(tarball: Path, staging: Path) -> str:
 def _members(tarball: Path, archive: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str]:
     """The files of ``dist`` to install, named relative to it, and the package's version."""
     members, total, version = [], 0, ""
-    for member in archive:
-        if len(members) >= _MAX_MEMBERS:
+    for count, member in enumerate(archive):
+        if count >= _MAX_MEMBERS:
             raise ViewerPackageError(f"{tarball}: more than {_MAX_MEMBERS} files")
         total += max(member.size, 0)
         if total > _MAX_BYTES:
@@ -100,7 +111,8 @@ def _members(tarball: Path, archive: tarfile.TarFile) -> tuple[list[tarfile.TarI
                 raise ViewerPackageError(f"{tarball}: not the @ohif/app package")
             version = str(manifest.get("version", ""))
         elif member.name.startswith("package/dist/") and member.isfile() \
-                and Path(member.name).name not in _DROPPED:
+                and Path(member.name).name not in _DROPPED \
+                and not member.name.removeprefix("package/dist/").startswith(_DROPPED_FOLDERS):
             member.name = member.name.removeprefix("package/dist/")
             members.append(member)
     if not version or not any(member.name == "index.html" for member in members):

@@ -10,6 +10,7 @@ A gzip copy made at install is sent to a browser that accepts it.
 import base64
 import hashlib
 import json
+import mimetypes
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -90,26 +91,40 @@ class Viewer:
                 "installed: run <code>./scripts/setup.sh</code> (it fetches the pinned "
                 "<code>@ohif/app</code> and runs <code>passerelle install-viewer</code>).",
                 status_code=503, headers={"Retry-After": "3600"})
-        name = request.path_params["path"]
+        try:
+            response = self._response(request.path_params["path"],
+                                      request.headers.get("accept-encoding", ""))
+        except OSError:  # the folder changed under us (a new version being installed)
+            response = Response("the viewer is being installed: try again", status_code=503,
+                                media_type="text/plain", headers={"Retry-After": "5"})
+        # Whatever the file, the browser neither guesses its type nor runs it under other
+        # rules than the page's.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.setdefault("Content-Security-Policy", _policy(""))
+        return response
+
+    def _response(self, name: str, accepted_encodings: str) -> Response:
         if name == "app-config.js":
             return Response(self._config, media_type="text/javascript; charset=utf-8",
                             headers={"Cache-Control": "no-cache"})
         path = self._file(name)
         if path is None:
-            if name != "index.html" and "." in name.rsplit("/", 1)[-1]:  # no such file
+            if name != "index.html" and "." in name.rsplit("/", 1)[-1]:  # not a route
                 return Response("no such file", status_code=404, media_type="text/plain")
             return self._index_page()
         headers = {"Cache-Control": _IMMUTABLE if _HASHED.search(path.name) else "no-cache",
                    "Vary": "Accept-Encoding"}
+        media_type = _media_type(path)
         packed = path.with_name(path.name + ".gz")
-        if "gzip" in request.headers.get("accept-encoding", "") and packed.is_file():
-            return FileResponse(packed, headers={**headers, "Content-Encoding": "gzip"},
-                                media_type=_media_type(path))
-        return FileResponse(path, headers=headers, media_type=_media_type(path))
+        if "gzip" in accepted_encodings and packed.is_file():
+            path, headers["Content-Encoding"] = packed, "gzip"
+        return FileResponse(path, headers=headers, media_type=media_type,
+                            stat_result=path.stat())
 
     def _file(self, name: str) -> Path | None:
         """The file ``name`` names inside the folder, or None (never outside it)."""
-        if not name or name == "index.html" or name.endswith(".gz") or "\0" in name:
+        # One page only: the package's other HTML files are no part of the viewer.
+        if not name or name.endswith((".html", ".gz")) or "\0" in name:
             return None
         root = self.folder.resolve()
         path = (root / name).resolve()
@@ -126,8 +141,10 @@ class Viewer:
                                  "Content-Security-Policy": self._index[2]})
 
 
-def _media_type(path: Path) -> str | None:
-    return "application/wasm" if path.suffix == ".wasm" else None  # else: by its name
+def _media_type(path: Path) -> str:
+    if path.suffix == ".wasm":
+        return "application/wasm"
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
 def _policy(html: str) -> str:
