@@ -158,6 +158,8 @@ def test_a_reader_sees_no_action_and_is_refused_one_posted_anyway(
     for action in ("publish", "unpublish", "confidentiality"):
         assert not browser.find_elements(By.ID, f"action-{action}")
     assert not browser.find_elements(By.CSS_SELECTOR, ".actions, a.retry")
+    # Who saw the study (staff, addresses) is for the admin scope, as in /admin.
+    assert not browser.find_elements(By.CSS_SELECTOR, "#seen-by, #seen-by-json")
     # The form token of his own session (the sign-out form carries it): valid, and still
     # not enough.
     token = browser.find_element(By.CSS_SELECTOR, "input[name=csrf]").get_attribute("value")
@@ -201,6 +203,7 @@ def test_an_admin_acts_from_the_console(server: PasserelleProcess, issuer: Local
                                         browser: WebDriver) -> None:
     study = server.study  # type: ignore[attr-defined]
     _sign_in(browser, server, "admin", f"/ui/studies/{study}")
+    assert browser.find_element(By.ID, "seen-by-json")  # who saw it, for the admin
     browser.find_element(By.ID, "action-publish").click()
     browser.find_element(By.ID, "confirm").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".notice"))

@@ -154,12 +154,16 @@ async def study(request: Request) -> Response:
         return render(request, "message.html", status=404, message=("unknown_study", uid))
     series = await run_in_threadpool(series_summaries, services.store.index, uid)
     history = await run_in_threadpool(_publications, services, uid)
-    seen, seen_total = await run_in_threadpool(StudyAccesses(services.store.index).page, uid,
-                                               _SEEN_BY, 0) or ([], 0)
+    # Who saw a study names staff and their addresses: for those who may act (the admin
+    # scope, as /admin/studies/{uid}/access), not for every reader of the images.
+    seen, seen_total = (await run_in_threadpool(
+        StudyAccesses(services.store.index).page, uid, _SEEN_BY, 0) if may_act(request)
+        else None) or ([], 0)
     done = request.query_params.get("done", "")
     return render(request, "study.html", study=found[0], series=series,
                    publications=history, done=done if done in (*_ACTIONS, "retry") else "",
                    registry=services.registry_url, seen=seen, seen_total=seen_total,
+                   show_seen=may_act(request),
                    kinds=ACCESS_KINDS, anonymous=ANONYMOUS)
 
 
