@@ -2,16 +2,20 @@
 bounded, cached per process, with the publisher's TLS settings; against the local registry,
 through a proxy that counts the requests, over mutual TLS and against a closed port."""
 
+import contextlib
 import json
 import re
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from gateway.publication.registry_probe import MAX_ANSWER_BYTES, RegistryProbe
+from gateway.publication.registry_probe import MAX_ANSWER_BYTES, PROBE_DEADLINE, RegistryProbe
 from tests.certificates import make_pki
 from tests.faulty_proxy import FaultyProxy
 from tests.inprocess import InProcessService
@@ -144,3 +148,40 @@ def test_the_probe_uses_the_publisher_tls_settings(tmp_path: Path,
         assert "HTTP 200" in shown
     else:  # the registry closes the connection of a client without a certificate
         assert 'data-reachable="no"' in shown and "connection failed: " in shown, shown
+
+
+def _trickling_registry() -> tuple[socket.socket, threading.Event]:
+    """A registry that sends its answer's head one byte a second, until ``stop`` is set."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = server.accept()
+            with connection:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" * 100:
+                    if stop.wait(1):
+                        return
+                    connection.sendall(bytes([byte]))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, stop
+
+
+def test_a_registry_answering_a_byte_a_second_is_cut_at_the_deadline_and_holds_nobody(
+        ) -> None:
+    server, stop = _trickling_registry()
+    try:
+        probe = RegistryProbe(f"http://127.0.0.1:{server.getsockname()[1]}/fhir", every=0)
+        started = time.monotonic()
+        first = probe.check()
+        waited = time.monotonic() - started
+        assert waited < PROBE_DEADLINE + 1 and not first.reachable
+        assert f"no complete answer within {PROBE_DEADLINE:g} s" in first.error
+        # The probe is still under way: the next callers get the last result at once.
+        started = time.monotonic()
+        assert [probe.check() for _ in range(20)] == [first] * 20
+        assert time.monotonic() - started < 0.5
+    finally:
+        stop.set()
+        server.close()

@@ -1,7 +1,9 @@
 """Whether the registry answers now: a bounded ``GET [base]/metadata`` (its FHIR
 CapabilityStatement) with the publisher's HTTP client settings (CA, client certificate),
 for the health page. Its result is kept ``every`` seconds per process, so a page that
-refreshes itself never floods the registry: callers during a probe wait for its result.
+refreshes itself never floods the registry. One probe runs at a time, in a thread of its
+own; a caller waits for it at most ``PROBE_DEADLINE`` seconds, and only when there is no
+earlier result to give (others get that one at once), so a slow registry holds no request.
 """
 
 import functools
@@ -17,6 +19,7 @@ from gateway.publication.operation_outcome import outcome_issues
 from gateway.publication.registry_client import registry_http
 
 PROBE_TIMEOUT = 3.0  # seconds to connect, to get the answer's head, to read its reason
+PROBE_DEADLINE = 5.0  # seconds a probe may take in all (a head sent a byte at a time...)
 PROBE_EVERY = 30.0  # seconds a result is kept
 MAX_ANSWER_BYTES = 64 << 10  # read of a failure's answer at most (a success: its head)
 
@@ -70,18 +73,37 @@ class RegistryProbe:
         self.every = every
         self._tls = functools.cache(tls)  # an exception is not kept: tried again next time
         self._transport = transport
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for bookkeeping only, never during a probe
         self._last: Reachability | None = None
-        self._last_at = 0.0  # monotonic time of the last probe
+        self._last_at = 0.0  # monotonic time of the last result
+        self._running: threading.Thread | None = None
 
     def check(self) -> Reachability:
-        """The last result, probing again (blocking, up to a few seconds) when it is older
-        than ``every``; call it off the event loop."""
+        """The last result, probing again when it is older than ``every``; blocks (off the
+        event loop) up to ``PROBE_DEADLINE`` only when there is no earlier result."""
         with self._lock:
-            if self._last is None or time.monotonic() - self._last_at >= self.every:
-                self._last = self._probe()
+            if self._last is not None and time.monotonic() - self._last_at < self.every:
+                return self._last
+            if self._running is None or not self._running.is_alive():
+                self._running = threading.Thread(target=self._run, name="registry-probe",
+                                                 daemon=True)
+                self._running.start()
+            elif self._last is not None:
+                return self._last  # a probe is under way: its predecessor's result
+            running = self._running
+        running.join(PROBE_DEADLINE)
+        with self._lock:
+            if running.is_alive():  # it overran: said so, until it ends
+                self._last = Reachability(time.time(), error="no complete answer within "
+                                          f"{PROBE_DEADLINE:g} s")
                 self._last_at = time.monotonic()
+            assert self._last is not None
             return self._last
+
+    def _run(self) -> None:
+        result = self._probe()
+        with self._lock:
+            self._last, self._last_at = result, time.monotonic()
 
     def _probe(self) -> Reachability:
         checked_at = time.time()
