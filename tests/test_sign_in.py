@@ -26,7 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.config import AuthSettings, Settings
 from gateway.security import key_file
-from gateway.security.openid import LoginRequest, RelyingParty, SignInError
+from gateway.security.openid import LoginRequest, RelyingParty, SignInError, _endpoint
 from gateway.security.tokens import TokenVerifier
 from gateway.web.console.sign_in import safe_next
 from gateway.web.middleware.session import KEY_FILE, Sealer
@@ -278,6 +278,8 @@ def test_without_a_session_pages_go_to_sign_in_and_api_clients_get_401(
                           ("/dicom-web/studies", html), ("/viewer/", {})):
         assert httpx.get(f"{server.base_url}{path}", headers=headers).status_code == 401, path
     assert httpx.get(f"{server.base_url}/ui/static/console.css").status_code == 200
+    root = httpx.get(f"{server.base_url}/ui", headers=html)  # no slash: the console's root
+    assert (root.status_code, root.headers["location"]) == (307, "/ui/")
 
 
 def test_being_sent_to_sign_in_is_a_failed_authentication_never_an_access(
@@ -351,6 +353,7 @@ def test_a_user_without_the_read_scope_or_not_allowed_is_refused(
     browser.find_element(By.ID, "sign-in").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".error"))
     assert "dicomweb.read" in browser.find_element(By.CSS_SELECTOR, ".error").text
+    assert browser.get_cookie("passerelle_session") is None  # refused at the callback
     # A callback without its login state (another browser's, or replayed) is refused.
     replayed = httpx.get(f"{server.base_url}/ui/callback?code=x&state=y")
     assert replayed.status_code == 400 and "passerelle_session" not in \
@@ -481,3 +484,16 @@ if (!context) return false;
 const {data} = context.getImageData(0, 0, canvas.width, canvas.height);
 return data.some((value, i) => i % 4 !== 3 && value > 16);
 """
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "https://[::1/t", "http://issuer.example/a",
+                                 "https:///nohost", "ftp://127.0.0.1/a", 7, None])
+def test_an_unusable_endpoint_in_the_discovery_document_is_a_clear_refusal(
+        url: object) -> None:
+    with pytest.raises(SignInError, match="no usable https authorization_endpoint"):
+        _endpoint({"authorization_endpoint": url}, "authorization_endpoint")
+
+
+def test_a_loopback_or_https_endpoint_is_usable() -> None:
+    for url in ("https://issuer.example/auth", "http://127.0.0.1:8/auth", "http://[::1]:8/a"):
+        assert _endpoint({"token_endpoint": url}, "token_endpoint") == url

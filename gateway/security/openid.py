@@ -68,17 +68,19 @@ class Identity:
     expires: float  # the access token's exp
 
 
-def _is_loopback_url(url: str) -> bool:
-    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
-
-
 def _endpoint(document: dict, name: str) -> str:
+    """The URL of endpoint ``name``: https, or http on this machine (tests, demos)."""
     url = document.get(name)
-    if not isinstance(url, str) or not (url.startswith("https://")
-                                        or (url.startswith("http://")
-                                            and _is_loopback_url(url))):
-        raise SignInError(f"the issuer's discovery document gives no https {name}")
-    return url
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        host = parts.hostname if parts else None
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = host = None
+    if parts is None or not host or not (
+            parts.scheme == "https"
+            or (parts.scheme == "http" and host in ("127.0.0.1", "localhost", "::1"))):
+        raise SignInError(f"the issuer's discovery document gives no usable https {name}")
+    return str(url)
 
 
 class RelyingParty:
@@ -101,7 +103,7 @@ class RelyingParty:
         try:
             status, document = await fetch_json(self.auth.discovery_url,
                                                 _MAX_DISCOVERY_BYTES, TIMEOUT_SECONDS)
-        except (httpx.HTTPError, IssuerAnswerError, TimeoutError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, IssuerAnswerError, TimeoutError) as exc:
             log.error("cannot read the issuer's discovery document %s: %s",
                       self.auth.discovery_url, str(exc) or type(exc).__name__)
             raise SignInError("the sign-in service cannot be reached") from exc
@@ -109,8 +111,8 @@ class RelyingParty:
             raise SignInError(f"the issuer's discovery document answered HTTP {status}")
         if document.get("issuer") != self.auth.issuer:
             raise SignInError("the issuer's discovery document names another issuer")
-        methods = document.get("code_challenge_methods_supported")
-        if isinstance(methods, list) and "S256" not in methods:
+        methods = document.get("code_challenge_methods_supported")  # absent: not said
+        if methods is not None and not (isinstance(methods, list) and "S256" in methods):
             raise SignInError("the issuer does not support PKCE with S256")
         self._endpoints = (_endpoint(document, "authorization_endpoint"),
                            _endpoint(document, "token_endpoint"))
@@ -142,7 +144,7 @@ class RelyingParty:
         try:
             status, tokens = await fetch_json(token_url, _MAX_TOKEN_BYTES, TIMEOUT_SECONDS,
                                               body=body.encode(), headers=headers)
-        except (httpx.HTTPError, IssuerAnswerError, TimeoutError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, IssuerAnswerError, TimeoutError) as exc:
             log.error("token request to %s failed: %s", token_url,
                       str(exc) or type(exc).__name__)
             raise SignInError("the sign-in service cannot be reached") from exc

@@ -264,7 +264,7 @@ async def static_file(request: Request) -> Response:
 
 
 async def home(request: Request) -> Response:
-    """``/``: the console."""
+    """``/`` and ``/ui``: the console."""
     return RedirectResponse("/ui/", status_code=307)
 
 
@@ -278,3 +278,4 @@ ROUTES = [
     Route("/ui/static/{name}", static_file, methods=["GET"]),
 ]
 HOME = Route("/", home, methods=["GET"])
+CONSOLE_ROOT = Route("/ui", home, methods=["GET"])  # the same redirect, to /ui/

@@ -118,6 +118,9 @@ async def callback(request: Request) -> Response:
                           identity.scopes & {rights.read, rights.write, rights.admin})
     if not rights.admits(principal):
         return _failed(request, f"{identity.subject!r} is not allowed here", 403)
+    if rights.read not in principal.scopes:  # a session that could open no page
+        return _failed(request, f"{identity.subject!r} has no right here (scope "
+                       f"{rights.read} is needed to see the console and the images)", 403)
     response = RedirectResponse(asked.next, status_code=303)
     if not sign_in.sessions.start(response, Session(principal.name, principal.label,
                                                     principal.scopes, identity.expires)):

@@ -37,7 +37,7 @@ from gateway.web.middleware.session import Sessions
 CONSOLE_PATH = "/ui/"
 VIEWER_PATH = "/viewer"
 # Routes anyone may ask for: "/" is a redirect; the console's sign-in and its static files.
-_OPEN_ROUTES = frozenset({"/health", "/", "/ui/login", "/ui/callback", "/ui/logout",
+_OPEN_ROUTES = frozenset({"/health", "/", "/ui", "/ui/login", "/ui/callback", "/ui/logout",
                           "/ui/static/{name}"})
 # A console page that exists to confirm an action: it needs the right to act.
 _CONFIRM_ROUTE = "/ui/studies/{study}/{action}"
