@@ -244,6 +244,11 @@ def test_an_altered_ended_or_foreign_session_is_signed_out(
         "altered signature": f"{payload}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}",
         "altered payload": f"{payload[:-2]}x{payload[-1]}.{mac}",
         "ended": own.seal(admin_fields, time.time() - 1),
+        # Sealed by this service's key with a far end time, but begun past the maximum age.
+        "older than the maximum age": own.seal(
+            {**admin_fields, "iat": int(time.time()) - 9 * 3600}, time.time() + 86400),
+        "no start time": own.seal({k: v for k, v in admin_fields.items() if k != "iat"},
+                                  time.time() + 600),
         "another key": Sealer(b"k" * 32, "session").seal(admin_fields, time.time() + 600),
         "another purpose": Sealer((server.data_dir / KEY_FILE).read_bytes(), "login").seal(
             admin_fields, time.time() + 600),

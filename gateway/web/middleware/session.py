@@ -123,8 +123,14 @@ class Sessions:
             return None
         fields, expires = opened
         subject, name, scopes = fields.get("sub"), fields.get("name"), fields.get("scp")
+        started = fields.get("iat")
         if not (isinstance(subject, str) and subject and isinstance(name, str)
-                and isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)):
+                and isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)
+                and isinstance(started, int)):
+            return None
+        # The maximum age holds whatever end time a cookie was sealed with (one sealed
+        # before the setting was lowered, or with a key that leaked from a backup).
+        if time.time() - started > self.max_age_seconds:
             return None
         return Session(subject, name, frozenset(scopes), float(expires))
 
@@ -139,7 +145,7 @@ class Sessions:
         now = time.time() if now is None else now
         expires = min(session.expires, now + self.max_age_seconds)
         value = self._sealer.seal({"sub": session.subject, "name": session.name,
-                                   "scp": sorted(session.scopes)}, expires)
+                                   "scp": sorted(session.scopes), "iat": int(now)}, expires)
         if int(expires) - int(now) < 1 or len(value) > MAX_COOKIE_CHARS:
             return False
         response.set_cookie(COOKIE, value, max_age=int(expires) - int(now),
