@@ -190,7 +190,11 @@ def test_the_session_reads_dicomweb_and_never_stores_or_acts_through_it(
     # The same cookie, from a script: as the browser sends it (httpx does not send a
     # Secure cookie over http by itself).
     cookie = {"Cookie": f"passerelle_session={_session_cookie(browser)}"}
-    assert httpx.get(f"{server.base_url}/dicom-web/studies", headers=cookie).status_code == 200
+    answer = httpx.get(f"{server.base_url}/dicom-web/studies", headers=cookie)
+    assert answer.status_code == 200
+    # One person's answer: no shared cache keeps it (the cookie is no Authorization header).
+    assert answer.headers["cache-control"].startswith("private")
+    assert "Cookie" in answer.headers["vary"]
     for attempt in range(6):  # new connections, served by either HTTP worker
         with httpx.Client() as client:
             assert client.get(f"{server.base_url}/admin/outbox", headers=cookie
@@ -295,20 +299,24 @@ def test_being_sent_to_sign_in_is_a_failed_authentication_never_an_access(
     study = server.study  # type: ignore[attr-defined]
     html = {"Accept": "text/html"}
     altered = {**html, "Cookie": "passerelle_session=eyJmIjp7fX0.forged"}
+    audit = server.data_dir / "audit" / "audit.jsonl"
+    time.sleep(1)  # what earlier tests caused is written
+    before = len(audit.read_text().splitlines())
     for headers in [html] * 30 + [altered] * 30:
         assert httpx.get(f"{server.base_url}/ui/studies/{study}",
                          headers=headers).status_code == 303
     assert server.metric("passerelle_auth_failures_total", reason="session") >= 30
-    audit = server.data_dir / "audit" / "audit.jsonl"
     time.sleep(1)  # the writer's batch
-    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    lines = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
     naming = [line for line in lines
               if study in json.dumps(line.get("ParticipantObjectIdentification"))
               and "anonymous" in json.dumps(line)]
     assert naming == []  # no study (nor patient) named for who was not let in
     refused = [line for line in lines if "/ui/studies/" in json.dumps(line)
                and "no valid token" in json.dumps(line)]
-    assert 1 <= len(refused) <= 4  # the first of each reason in full, the others counted
+    # At most the first of each reason in full (this period's, if not written already);
+    # the others are counted, into one Security Alert at the period's end.
+    assert len(refused) <= 2
     seen = _admin(server, issuer, f"/admin/studies/{study}/access").json()["access"]
     assert "anonymous" not in {row["user"] for row in seen}
 

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.metrics import AUTH_FAILURES
 from gateway.security.tokens import AuthError, TokenVerifier, subject_of
@@ -123,6 +124,21 @@ def browser_page(scope: Scope) -> bool:
         and "text/html" in _header(scope, b"accept") and not _header(scope, b"authorization")
 
 
+def _private(send: Send) -> Send:
+    """``send`` marking the answer as one person's: a shared cache keeps no answer given
+    for a cookie (RFC 9111 3.5 covers an Authorization header only)."""
+    async def marked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            directives = [d.strip() for d in headers.get("cache-control", "").split(",")
+                          if d.strip() and d.strip() != "public"]
+            if "no-store" not in directives and "private" not in directives:
+                headers["Cache-Control"] = ", ".join(("private", *directives))
+            headers.add_vary_header("Cookie")
+        await send(message)
+    return marked
+
+
 # Key of the scope's state naming why no credential was accepted, for the audit.
 CREDENTIALS_REFUSED = "passerelle.credentials_refused"
 
@@ -159,6 +175,9 @@ class AuthMiddleware:
                     response = self._refuse(scope, exc, needed)
                 await response(scope, receive, send)
                 return
+        user = scope.get("user")
+        if isinstance(user, Principal) and user.kind == "session":
+            send = _private(send)
         await self.app(scope, receive, send)
 
     async def _authorise(self, scope: Scope, needed: str) -> None:
