@@ -96,7 +96,8 @@ AUDIT_FILES_REMOVED = Counter(
 STUDY_ACCESSES_UNINDEXED = Counter(
     "passerelle_study_accesses_unindexed_total",
     "Study accesses written to the audit trail but not counted in the index's table of who"
-    " saw each study (the database write of their batch failed; logged)")
+    " saw each study (the database write of their batch failed, or too many waited for it;"
+    " logged)")
 
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:

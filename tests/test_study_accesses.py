@@ -4,6 +4,7 @@ address on both index dialects, by the audit trail's writer off the request path
 demo mode and behind tokens against a running service."""
 
 import re
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from gateway.config import AuditSettings
+from gateway.security import audit
 from gateway.security.audit import AuditEvent, AuditTrail, EventType, Outcome, read_events
 from storage.study_accesses import Access, SeenBy, StudyAccesses
 from tests.inprocess import InProcessService
@@ -220,3 +222,109 @@ def test_a_running_service_lists_each_reader_and_their_refusals(tmp_path: Path) 
         assert '<span class="state failed">1</span>' in page  # the refusal stands out
         assert httpx.get(f"{server.base_url}/admin/studies/{study}/access",
                          headers=as_user("alice")).status_code == 403  # the admin scope
+
+
+def _named_studies(directory: Path) -> list[list[str]]:
+    """The studies each audit message of ``directory`` names, in order."""
+    return [[o["ParticipantObjectID"] for o in m["ParticipantObjectIdentification"]
+             if o["ParticipantObjectIDTypeCode"].get("csd-code") == "110180"]
+            for m in read_events(directory)]
+
+
+def test_a_locked_index_holds_back_the_counts_not_the_trail(tmp_path: Path) -> None:
+    """The trail's lines are written while another connection holds the index's write lock
+    (which a count waits for, up to SQLite's busy timeout); the counts follow its release."""
+    with InProcessService(tmp_path / "data") as service:
+        [study] = _studies(service, 1)
+        audit = service.data_dir / "audit"
+        before = len(_named_studies(audit))
+        lock = sqlite3.connect(service.data_dir / "index.sqlite", isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            for _ in range(3):
+                assert service.get(f"/dicom-web/studies/{study}").status_code == 200
+            wait_for(lambda: _named_studies(audit)[before:] == [[study]] * 3, 3,
+                     "the three retrieves in the trail, the index locked")
+            assert _page(service, study)[1] == 0  # not counted yet
+        finally:
+            lock.rollback()
+            lock.close()
+        wait_for(lambda: [row.count for row in _page(service, study)[0]] == [3], 10,
+                 "the retrieves counted once the lock is released")
+
+
+def test_a_failed_patient_lookup_still_writes_the_event(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def fail(study: str) -> str:
+        raise OSError("connection pool exhausted")
+
+    trail = AuditTrail(tmp_path, "PASSERELLE", fail, AuditSettings())
+    study = generate_uid()
+    trail.record(_event(EventType.INSTANCES_TRANSFERRED, "R", study))
+    trail.close()
+    [message] = read_events(tmp_path)
+    assert [o["ParticipantObjectID"] for o in message["ParticipantObjectIdentification"]] \
+        == [study]  # and no patient
+    assert f"could not look up the patient of study {study}" in caplog.text
+
+
+def test_a_full_counting_queue_drops_and_counts_the_accesses(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "_MAX_UNCOUNTED", 2)
+    release = threading.Event()
+    counted: list[Access] = []
+
+    def slow(accesses: list[Access]) -> None:
+        release.wait(10)
+        counted.extend(accesses)
+
+    metric = "passerelle_study_accesses_unindexed_total"
+    before = REGISTRY.get_sample_value(metric) or 0
+    trail = AuditTrail(tmp_path, "PASSERELLE", lambda study: "", AuditSettings(),
+                       count_accesses=slow)
+    study = generate_uid()
+    for _ in range(6):
+        trail.record(_event(EventType.QUERY, "E", study))
+    wait_for(lambda: len(list(read_events(tmp_path))) == 6, 3, "the six events written")
+    release.set()
+    trail.close()
+    dropped = REGISTRY.get_sample_value(metric) - before
+    assert dropped >= 1 and len(counted) + dropped == 6
+    assert "study access(es) not counted in the index" in caplog.text
+
+
+def test_a_search_by_study_uid_names_and_counts_its_study(tmp_path: Path) -> None:
+    with LocalIssuer() as issuer, InProcessService(tmp_path / "data",
+                                                   **issuer.settings()) as service:
+        study, other = _studies(service, 2)
+
+        def as_user(subject: str, scope: str = "dicomweb.read") -> dict[str, str]:
+            return {"Authorization": f"Bearer {issuer.token(scope, sub=subject)}"}
+
+        audit = service.data_dir / "audit"
+        before = len(_named_studies(audit))
+        for path in (f"/dicom-web/studies?StudyInstanceUID={study}&includefield=all",
+                     f"/dicom-web/series?StudyInstanceUID={study}",
+                     f"/dicom-web/instances?0020000d={study}"):
+            found = service.get(path, headers=as_user("alice"))
+            assert found.status_code == 200, path
+            assert {r["0020000D"]["Value"][0] for r in found.json()} == {study}
+        operator = as_user("operator", "dicomweb.read passerelle.admin")
+        assert service.get(f"/admin/studies?StudyInstanceUID={study}",
+                           headers=as_user("carol", "passerelle.admin")).status_code == 200
+        # A wildcard, a list: several studies (or none) read, so none named.
+        for query in (f"StudyInstanceUID={study[:-2]}*", f"StudyInstanceUID={study},{other}",
+                      f"StudyInstanceUID={study[:-1]}?", f"PatientID=*&StudyInstanceUID={study}"
+                      f"&0020000D={study}"):
+            service.get(f"/dicom-web/studies?{query}", headers=as_user("bob"))
+        wait_for(lambda: len(_named_studies(audit)) >= before + 8, 5, "the events")
+        assert _named_studies(audit)[before:] == [[study]] * 4 + [[]] * 4
+
+        def users() -> dict[str, tuple[int, str]]:
+            listed = service.get(f"/admin/studies/{study}/access", headers=operator).json()
+            return {row["user"]: (row["count"], row["last_kind"]) for row in listed["access"]}
+
+        wait_for(lambda: users().get("alice") == (3, "query"), 10, "alice's queries counted")
+        assert users()["carol"] == (1, "query") and "bob" not in users()
+        assert _page(service, other)[1] == 0

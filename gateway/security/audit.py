@@ -4,9 +4,10 @@ ingest, publication and authentication failure, as JSON lines under ``data/audit
 Events are queued by the request paths and written by one thread, which appends each batch,
 fsyncs it, rotates the file past ``max_bytes`` and optionally copies each message to a
 syslog collector (``gateway.security.syslog_export``: UDP or TLS). The patient of an event is looked
-up there too, so auditing costs a request nothing but a queue put. The same thread then counts
-the batch's accesses to studies in the index (``storage.study_accesses``: who saw a study),
-in one transaction.
+up there too (a failed lookup writes the event without it), so auditing costs a request nothing
+but a queue put. The written accesses to studies then go, through a bounded queue, to a thread of
+their own that counts them in the index (``storage.study_accesses``: who saw a study), so a slow
+or locked database never holds back the file's writes.
 
 Repeated authentication failures are aggregated so that a flood of refused requests cannot
 rotate the trail away: per period, the first failure of each client address and reason is
@@ -55,6 +56,8 @@ _MAX_REASONS = 8  # per client and period; further ones are counted as "other"
 _MAX_USERS = 8  # user names kept per client and period (a calling AE title is the peer's choice)
 _EARLY_ALERTS = frozenset(10 ** k for k in range(2, 13))  # counts that write an alert at once
 _SWEEP_SECONDS = 3600  # how often rotated files are checked for age on a quiet trail
+_MAX_UNCOUNTED = 10_000  # accesses waiting for the index; further ones are dropped (and counted)
+_DROP_LOG_SECONDS = 60.0  # at most one log line per period about dropped accesses
 
 
 class EventType(enum.Enum):
@@ -365,17 +368,27 @@ class AuditTrail:
                                            settings.failure_clients)
         self._next_sweep = 0.0  # monotonic time of the next check of the files' ages
         self._queue: queue.Queue[AuditEvent | None] = queue.Queue()
+        self._accesses: queue.Queue[Access | None] = queue.Queue(_MAX_UNCOUNTED)
+        self._dropped = 0  # accesses dropped since the last log line about them
+        self._drop_logged = -math.inf  # monotonic time of that line
         self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
+        self._counter = threading.Thread(target=self._count, name="audit-accesses",
+                                         daemon=True)
         self._thread.start()
+        if count_accesses is not None:
+            self._counter.start()
 
     def record(self, event: AuditEvent) -> None:
         """Queue one event (never blocks the caller)."""
         self._queue.put(event)
 
     def close(self) -> None:
-        """Write what is queued and counted, then stop."""
+        """Write what is queued and counted, count the accesses written, then stop."""
         self._queue.put(None)
         self._thread.join()
+        if self._counter.is_alive():
+            self._accesses.put(None)
+            self._counter.join()
         if self.syslog is not None:
             self.syslog.close()
 
@@ -409,20 +422,45 @@ class AuditTrail:
             except Exception:
                 log.exception("could not write %d audit event(s) and %d client(s)' failures",
                               len(events), len(counted))
-            self._count_accesses(events)
+            self._queue_accesses(events)
 
-    def _count_accesses(self, events: list[AuditEvent]) -> None:
-        """Count the batch's accesses to studies in the index, after (and whatever became
-        of) the file's write: a failure is logged and counted, the trail keeps them."""
-        accesses = [access for event in events if (access := study_access(event))]
-        if self.count_accesses is None or not accesses:
+    def _queue_accesses(self, events: list[AuditEvent]) -> None:
+        """Hand the batch's accesses to studies to the counting thread, after (and whatever
+        became of) the file's write, never waiting: when its queue is full, they are dropped,
+        counted in the metric and logged (at most once per ``_DROP_LOG_SECONDS``)."""
+        if self.count_accesses is None:
             return
-        try:
-            self.count_accesses(accesses)
-        except Exception:
-            STUDY_ACCESSES_UNINDEXED.inc(len(accesses))
-            log.exception("could not count %d study access(es) in the index (the audit "
-                          "trail has them)", len(accesses))
+        for event in events:
+            if access := study_access(event):
+                try:
+                    self._accesses.put_nowait(access)
+                except queue.Full:
+                    STUDY_ACCESSES_UNINDEXED.inc()
+                    self._dropped += 1
+        if self._dropped and time.monotonic() >= self._drop_logged + _DROP_LOG_SECONDS:
+            log.warning("dropped %d study access(es) not counted in the index: %d already wait"
+                        " for it (the audit trail has them)", self._dropped, _MAX_UNCOUNTED)
+            self._dropped, self._drop_logged = 0, time.monotonic()
+
+    def _count(self) -> None:
+        """The counting thread: what waits is counted in the index in one transaction, until
+        ``close``; a failure is logged and counted, the trail keeps the accesses."""
+        assert self.count_accesses is not None  # started only with the hook
+        running = True
+        while running:
+            batch = [self._accesses.get()]
+            while len(batch) < _MAX_UNCOUNTED and not self._accesses.empty():
+                batch.append(self._accesses.get_nowait())
+            running = None not in batch
+            accesses = [access for access in batch if access is not None]
+            if not accesses:
+                continue
+            try:
+                self.count_accesses(accesses)
+            except Exception:
+                STUDY_ACCESSES_UNINDEXED.inc(len(accesses))
+                log.exception("could not count %d study access(es) in the index (the audit "
+                              "trail has them)", len(accesses))
 
     def _write(self, events: list[AuditEvent], counted: list[tuple[str, ClientFailures]]
                ) -> None:
@@ -430,7 +468,7 @@ class AuditTrail:
         messages = []
         for event in events:
             if event.study_uid and event.study_uid not in patients:
-                patients[event.study_uid] = self.patient_of(event.study_uid)
+                patients[event.study_uid] = self._patient(event.study_uid)
             messages.append(audit_message(event, self.source_id,
                                           patients.get(event.study_uid, "")))
         messages += [failures_message(address, failures, self.source_id)
@@ -450,6 +488,16 @@ class AuditTrail:
             self._rotate()
         if self.syslog is not None:
             self.syslog.send([syslog_message(line, self.source_id) for line in lines])
+
+    def _patient(self, study_uid: str) -> str:
+        """The Patient ID of a study, "" (logged) when the lookup fails: the event is written
+        without it rather than not at all."""
+        try:
+            return self.patient_of(study_uid)
+        except Exception:
+            log.exception("could not look up the patient of study %s: its audit event(s) "
+                          "name none", study_uid[:64])
+            return ""
 
     def _rotate(self) -> None:
         with _rotation_lock(self.path.parent, fcntl.LOCK_EX):

@@ -8,7 +8,9 @@ The route is found by the application's own routes (``starlette.routing``), so t
 parameters are the ones the handler receives, and the methods a route serves are known
 before anything runs: HEAD is a GET (starlette answers it with the GET handler) and is
 checked as one; any other method is refused. A single-valued parameter given twice is
-refused, never read as its first or last value.
+refused, never read as its first or last value. The audit trail also names the study a
+search's ``StudyInstanceUID`` matching key names (``audited_study``), which no access decision
+reads.
 """
 
 import enum
@@ -21,6 +23,7 @@ from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import Scope
 
 from gateway.urls import DICOMWEB_PATH
+from storage.uids import is_valid_uid
 
 WADO_URI_PATH = "/wado"
 _MANIFEST_HEADER = b"kos-sopinstanceuid"
@@ -32,6 +35,8 @@ _ACCESSES = ("metadata", "rendered", "thumbnail", "frames", "bulkdata")
 # (PS3.18 8.3.3, 8.3.5), and every WADO-URI parameter (PS3.18 9: a list, where one is
 # allowed, is comma-separated inside the one value), is single-valued.
 _REPEATABLE = {"includefield"}
+_STUDY_KEYS = ("STUDYINSTANCEUID", "0020000D")  # the matching key, by keyword or tag (upper)
+_STUDY_LISTING = "/admin/studies"  # the admin API's search of studies
 
 
 class Operation(enum.Enum):
@@ -72,6 +77,18 @@ class RequestTarget:
         return not self.route or self.method in self.methods
 
     @property
+    def audited_study(self) -> str | None:
+        """The study the audit trail names (and counts the access to): the one the path
+        names, else, for a search or the admin study listing, the one its
+        ``StudyInstanceUID`` matching key names. Only the audit reads it: the access
+        decisions and the handlers go by ``study``, which a query never sets."""
+        if self.study is not None:
+            return self.study
+        if self.operation is Operation.SEARCH or self.route == _STUDY_LISTING:
+            return _matched_study(self.query)
+        return None
+
+    @property
     def level(self) -> str:
         """The level named: study, series or instance ("" when no study is named)."""
         if self.study is None:
@@ -82,6 +99,15 @@ class RequestTarget:
         """The value of a query parameter, ``default`` when absent (single-valued: checked
         at parsing)."""
         return next((value for key, value in self.query if key == name), default)
+
+
+def _matched_study(query: Iterable[tuple[str, str]]) -> str | None:
+    """The one study a ``StudyInstanceUID`` (or ``0020000D``) matching key, given once,
+    names: an exact valid UID. A wildcard (``*``, ``?``) names none; so does a list (comma
+    or backslash separated), which UID list matching (PS3.4 C.2.2.2.2) reads as several
+    UIDs: naming only one of them would say the others were not read."""
+    values = [value for key, value in query if key.upper() in _STUDY_KEYS]
+    return values[0] if len(values) == 1 and is_valid_uid(values[0]) else None
 
 
 def find_target(scope: Scope) -> RequestTarget | None:

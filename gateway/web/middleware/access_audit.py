@@ -95,7 +95,7 @@ class AccessAuditMiddleware:
         through = f" via KOS {target.manifest[:64]}" if target.manifest else ""
         self.trail.record(AuditEvent(
             event, action, _outcome(status), user, address,
-            "" if refused_early else target.study or "",
+            "" if refused_early else target.audited_study or "",
             detail=f"{method} {path}{through} -> {status}",
             query=query if event is EventType.QUERY else ""))
 
