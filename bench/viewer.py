@@ -33,7 +33,7 @@ from pydicom import dcmread
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from gateway.web.viewer.routes import app_config
-from tests.browser import chromium
+from tests.browser import chromium, ohif_notice_acknowledged
 from tests.processes import PasserelleProcess, free_port
 
 VIEWER = REPO / "viewer"
@@ -100,6 +100,7 @@ def _measure(url: str, instances: int) -> tuple[float, float, float]:
         driver.set_script_timeout(120)
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
             "source": "performance.setResourceTimingBufferSize(100000);"})
+        ohif_notice_acknowledged(driver)
         driver.get(url)
         first = driver.execute_async_script(_DRAWN)
         return (first / 1000, (first - driver.execute_script(_FIRST_QUERY)) / 1000,

@@ -18,7 +18,7 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from tests.browser import chromium  # noqa: E402
+from tests.browser import chromium, ohif_notice_acknowledged  # noqa: E402
 from tests.conftest import _local_test_files  # noqa: E402
 from tests.faulty_proxy import FaultyProxy  # noqa: E402
 from tests.processes import PasserelleProcess, RegistryProcess, wait_for  # noqa: E402
@@ -47,6 +47,7 @@ def main() -> None:
                 proxy.mode = "400"
         time.sleep(4)  # the second study is queued and refused
         with chromium("fr") as browser:
+            ohif_notice_acknowledged(browser)
             browser.get(f"{server.base_url}/ui/")
             browser.save_screenshot(str(docs / "console-studies.png"))
             browser.get(f"{server.base_url}/ui/studies/{refused}")

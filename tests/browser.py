@@ -34,3 +34,12 @@ def chromium(language: str = "fr", javascript: bool = True, web_security: bool =
         yield driver
     finally:
         driver.quit()
+
+
+def ohif_notice_acknowledged(driver: webdriver.Chrome) -> None:
+    """Have every page of ``driver`` start with OHIF's investigational-use notice already
+    acknowledged (as "Confirm and hide" leaves it in the browser's storage), so that what
+    is measured or read is the viewer, not the banner over it."""
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+        "localStorage.setItem('investigationalUseDialog',"
+        " JSON.stringify({expiryDate: '2100-01-01T00:00:00Z'}));")})

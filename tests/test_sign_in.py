@@ -30,7 +30,7 @@ from gateway.security.openid import LoginRequest, RelyingParty, SignInError, _en
 from gateway.security.tokens import TokenVerifier
 from gateway.web.console.sign_in import safe_next
 from gateway.web.middleware.session import KEY_FILE, Sealer
-from tests.browser import chromium
+from tests.browser import chromium, ohif_notice_acknowledged
 from tests.forged_form import forged_form
 from tests.inprocess import InProcessService
 from tests.issuer import AUDIENCE, CLIENT_ID, LocalIssuer
@@ -484,6 +484,7 @@ def test_a_reader_signed_in_opens_a_study_in_the_viewer(
     """The viewer's page, files and DICOMweb calls all go with the session: the image is
     drawn (the viewport's canvas is not blank) for a user with the read scope only."""
     study = server.study  # type: ignore[attr-defined]
+    ohif_notice_acknowledged(browser)
     _sign_in(browser, server, "reader", f"/ui/studies/{study}")
     browser.find_element(By.ID, "open-viewer").click()
     WebDriverWait(browser, 60, poll_frequency=0.5).until(

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.browser import chromium
+from tests.browser import chromium, ohif_notice_acknowledged
 from tests.conftest import _local_test_files
 from tests.processes import REPO, PasserelleProcess
 from tests.scu import send
@@ -112,7 +112,24 @@ def studies(server: PasserelleProcess, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
     with chromium("fr") as driver:
+        ohif_notice_acknowledged(driver)
         yield driver
+
+
+def test_the_viewer_says_once_it_is_for_investigational_use(
+        server: PasserelleProcess) -> None:
+    with chromium("en") as driver:
+        driver.get(f"{server.base_url}/viewer/")
+        confirm = "[data-cy='confirm-and-hide-button']"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not driver.find_elements(By.CSS_SELECTOR,
+                                                                       confirm):
+            time.sleep(0.2)
+        assert "investigational use" in driver.find_element(By.TAG_NAME, "body").text
+        driver.find_element(By.CSS_SELECTOR, confirm).click()
+        driver.refresh()
+        time.sleep(3)
+        assert not driver.find_elements(By.CSS_SELECTOR, confirm)  # remembered
 
 
 def _drawn(driver: WebDriver, seconds: float = 60) -> dict[str, float]:
@@ -222,7 +239,9 @@ def test_the_viewer_files_are_cached_by_their_hash_and_sent_gzipped(
     assert packed.content == plain.content  # httpx decodes it
     assert int(packed.headers["content-length"]) < len(plain.content) / 2
     assert plain.headers["x-content-type-options"] == "nosniff"
-    assert "default-src 'self'" in plain.headers["content-security-policy"]
+    svg = next(VIEWER.glob("*.svg")).name
+    assert httpx.get(f"{server.base_url}/viewer/{svg}").headers[
+        "content-security-policy"].startswith("default-src 'none'")
     wasm = next(VIEWER.glob("*.wasm")).name
     assert httpx.get(f"{server.base_url}/viewer/{wasm}").headers["content-type"] == \
         "application/wasm"

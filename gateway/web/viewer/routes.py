@@ -26,6 +26,7 @@ from gateway.web.viewer.install import BASE, VERSION_FILE
 _HASHED = re.compile(r"(^|\.)[0-9a-f]{16,}\.")  # 2493.bundle.c4af70e46357151f.js, 5130ccb….wasm
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
 _IMMUTABLE = "public, max-age=31536000, immutable"
+_SVG_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 # What the data source needs: the DICOMweb roots, and what this server implements
 # (includefield, fuzzy matching and wildcards in QIDO-RS; WADO-RS frames in their stored
 # transfer syntax; the /thumbnail resource).
@@ -43,11 +44,13 @@ _CONFIG = {
     "showStudyList": True, "maxNumberOfWebWorkers": 3,
     "showWarningMessageForCrossOrigin": False, "showCPUFallbackMessage": True,
     "showLoadingIndicator": True, "strictZSpacingForVolumeViewport": True,
-    "investigationalUseDialog": {"option": "never"},
     "maxNumRequests": {"interaction": 100, "thumbnail": 5, "prefetch": 25},
     "studyPrefetcher": {"enabled": True, "displaySetsCount": 2, "maxNumPrefetchRequests": 10,
                         "order": "closest"},
     "defaultDataSourceName": "passerelle",
+    # OHIF says once that it is for investigational use (not a certified medical device);
+    # the acknowledgement is remembered 30 days in the browser.
+    "investigationalUseDialog": {"option": "configure", "days": 30},
     "customizationService": [{"ohif.tours": {"$set": []}}],  # no guided tour at each start
 }
 
@@ -97,10 +100,12 @@ class Viewer:
         except OSError:  # the folder changed under us (a new version being installed)
             response = Response("the viewer is being installed: try again", status_code=503,
                                 media_type="text/plain", headers={"Retry-After": "5"})
-        # Whatever the file, the browser neither guesses its type nor runs it under other
-        # rules than the page's.
+        # The browser takes each file for what its type says; an SVG opened on its own runs
+        # nothing. (Scripts keep no policy of their own: a worker's would replace the
+        # page's, and the image decoders' workers need theirs.)
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers.setdefault("Content-Security-Policy", _policy(""))
+        if response.media_type == "image/svg+xml":
+            response.headers["Content-Security-Policy"] = _SVG_POLICY
         return response
 
     def _response(self, name: str, accepted_encodings: str) -> Response:
