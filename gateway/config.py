@@ -1,10 +1,11 @@
 """Settings: code defaults < config file (TOML) < ``PASSERELLE_*`` environment variables.
 
 Settings come in sections, one per component (``dicom``, ``http``, ``ingest``, ``imaging``,
-``budget``, ``publication``, ``producer``, ``auth``, ``tls``, ``audit``), and each component is
-given its own section. Every setting also has one flat name, the one documented since the start:
-``PASSERELLE_<FLAT NAME>`` sets it from the environment (``PASSERELLE_DICOM_PORT``), and a
-config file or a caller may use it instead of the section form.
+``budget``, ``publication``, ``pacs``, ``producer``, ``auth``, ``tls``, ``audit``), and each
+component is given its own section. Every setting also has one flat name, the one documented
+since the start: ``PASSERELLE_<FLAT NAME>`` sets it from the environment
+(``PASSERELLE_DICOM_PORT``), and a config file or a caller may use it instead of the section
+form.
 ``config/passerelle.toml`` documents every key with its default. The file is optional: it is
 read from ``--config`` or ``PASSERELLE_CONFIG`` when given.
 """
@@ -33,6 +34,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.dicom.peer import AE_TITLE, DicomPeer, parse_peer
 from gateway.publication.confidentiality import Confidentiality
 from storage.database import check_database_url, database_url, dialect_of
 from storage.store import DuplicatePolicy
@@ -43,13 +45,11 @@ ENV_PREFIX = "PASSERELLE_"
 # The file given to load_settings (``--config``), read instead of PASSERELLE_CONFIG.
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("config_file", default=None)
 
-# PS3.5 6.2: AE titles are up to 16 characters of the default repertoire, no backslash.
-_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 
 
 def _ae_title(value: str) -> str:
     value = value.strip()
-    if not _AE_TITLE.fullmatch(value):
+    if not AE_TITLE.fullmatch(value):
         raise ValueError(f"invalid AE title {value!r}: 1 to 16 printable ASCII characters")
     return value
 
@@ -208,6 +208,34 @@ class PublicationSettings(_Section):
         return self
 
 
+class PacsSettings(_Section):
+    """The PACS peers studies are fetched from and given back by, where C-MOVE may send, and
+    when local copies of what a PACS holds may go."""
+
+    # Peers as AE@host:port[/move|/get]; the first is asked first.
+    peers: list[DicomPeer] = Field([], alias="pacs")
+    # The only AEs a C-MOVE request to us may name as its destination.
+    move_destinations: list[DicomPeer] = []
+    # Seconds to wait for a PACS to answer one DIMSE request (C-FIND, C-MOVE, C-GET).
+    pacs_timeout: float = Field(60, gt=0)
+    # Remove the local copy of a study nobody read for this many days (when a PACS is
+    # confirmed to hold all of it); 0: never by age.
+    retention_days: float = Field(0, ge=0)
+    # Remove such copies, least recently read first, while the data dir's disk is fuller
+    # than this percentage.
+    retention_high_water_percent: float = Field(90, gt=0, le=100)
+    # How long an HTTP or DIMSE client waits for a study retrieved on demand before a 503.
+    retrieve_wait_seconds: float = Field(30, gt=0)
+
+    @field_validator("peers", "move_destinations", mode="before")
+    @classmethod
+    def _parse_peers(cls, value: object) -> object:
+        value = _words(value)
+        if isinstance(value, list):
+            return [parse_peer(part) if isinstance(part, str) else part for part in value]
+        return value
+
+
 class ProducerSettings(_Section):
     """Who publishes: the institution-level metadata of every manifest."""
 
@@ -352,7 +380,7 @@ class AuditSettings(_Section):
 _SECTIONS: dict[str, type[_Section]] = {
     "dicom": DicomSettings, "http": HttpSettings, "ingest": IngestSettings,
     "imaging": ImagingSettings, "budget": BudgetSettings,
-    "publication": PublicationSettings,
+    "publication": PublicationSettings, "pacs": PacsSettings,
     "producer": ProducerSettings, "auth": AuthSettings, "tls": TlsSettings,
     "audit": AuditSettings,
 }
@@ -436,6 +464,7 @@ class Settings(BaseSettings):
     imaging: ImagingSettings = ImagingSettings()
     budget: BudgetSettings = BudgetSettings()
     publication: PublicationSettings = PublicationSettings()
+    pacs: PacsSettings = PacsSettings()
     producer: ProducerSettings = ProducerSettings()
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()

@@ -1,7 +1,7 @@
 """The index's schema at the head of its migrations (storage/migrations), as SQLAlchemy Core
-tables: patients, studies, series, instances, their cached DICOM JSON, and the publication
-outbox. Any schema change is a migration and a change here (tests/test_migrations.py checks
-they agree, on SQLite and PostgreSQL)."""
+tables: patients, studies, series, instances, their cached DICOM JSON, the publication
+outbox, who saw each study, and rejected instances. Any schema change is a migration and a
+change here (tests/test_migrations.py checks they agree, on SQLite and PostgreSQL)."""
 
 from sqlalchemy import (
     BigInteger,
@@ -71,6 +71,9 @@ studies = Table(
     _text("patient_name_folded", default=True),
     _text("patient_birth_date", default=True, exact=True),
     _text("patient_sex", default=True), _text("patient_id_qualifiers", default=True),
+    # When the local files were removed, a PACS (copy_held_by) holding every instance
+    # (gateway.retention); NULL while they are here.
+    Column("copy_removed_at", Double), _text("copy_held_by", default=True),
     Index("studies_patient", "patient_pk"),
     Index("studies_date_time", "study_date", "study_time"),  # the order of a study search
     Index("studies_accession", "accession_number"),
@@ -143,4 +146,13 @@ study_accesses = Table(
     Column("refused", BigInteger, nullable=False),  # of those: refused or failed
     Column("first_at", Double, nullable=False), Column("last_at", Double, nullable=False),
     _text("last_kind"),
+)
+
+# Instances an IOCM rejection note removed (PS3.3 A.35.4 title codes 113001, 113037, 113038,
+# 113039): the same instance sent again is not shown again.
+rejected_instances = Table(
+    "rejected_instances", metadata,
+    Column("sop_uid", Text, primary_key=True), _text("study_uid"), _text("series_uid"),
+    _text("reason"), _text("note_uid"), Column("rejected_at", Double, nullable=False),
+    Index("rejected_instances_study", "study_uid"),
 )

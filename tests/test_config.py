@@ -7,8 +7,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.config import FLAT_NAMES, Settings
+from gateway.dicom.peer import DicomPeer, Retrieve
 from storage.store import DuplicatePolicy
 from tests.processes import REPO
 
@@ -100,7 +102,12 @@ def test_every_flat_name_is_read_from_the_environment(monkeypatch: pytest.Monkey
                "audit_syslog": ("siem.example:6514", "siem.example:6514"),
                "audit_syslog_transport": ("tls", "tls"),
                "public_url": ("https://imaging.example/", "https://imaging.example"),
-               "viewer_dir": ("/opt/ohif", Path("/opt/ohif"))}
+               "viewer_dir": ("/opt/ohif", Path("/opt/ohif")),
+               "pacs": ("PACS@pacs.example:104/get, P2@[::1]:11112",
+                        [DicomPeer("PACS", "pacs.example", 104, Retrieve.GET),
+                         DicomPeer("P2", "::1", 11112, Retrieve.MOVE)]),
+               "move_destinations": ("VIEWER@10.0.0.5:104",
+                                     [DicomPeer("VIEWER", "10.0.0.5", 104)])}
     expected = {}
     for flat, (section, field) in FLAT_NAMES.items():
         annotation = Settings.sections[section].model_fields[field].annotation
@@ -152,3 +159,11 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "config file not found" in result.stderr
+
+
+@pytest.mark.parametrize("text", ["PACS", "PACS@host", "@host:104", "PACS@host:0",
+                                  "PACS@host:70000", "PACS@host:104/find",
+                                  "A_TITLE_OF_17_CHARS@host:104", "P\\X@host:104"])
+def test_a_malformed_peer_is_refused_with_what_is_wrong(text: str) -> None:
+    with pytest.raises(ValidationError, match=r"AE|port|move nor get"):
+        Settings(pacs=[text])
