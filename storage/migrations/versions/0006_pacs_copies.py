@@ -21,10 +21,11 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("studies") as table:
-        table.add_column(sa.Column("copy_removed_at", sa.Double(), nullable=True))
-        table.add_column(sa.Column("copy_held_by", sa.Text(), nullable=False,
-                                   server_default=""))
+    # In place, as 0004 does: a batch copy of ``studies`` would drop the table the other
+    # tables' foreign keys reference.
+    op.add_column("studies", sa.Column("copy_removed_at", sa.Double(), nullable=True))
+    op.add_column("studies", sa.Column("copy_held_by", sa.Text(), nullable=False,
+                                       server_default=""))
     op.create_table(
         "rejected_instances",
         sa.Column("sop_uid", sa.Text(), primary_key=True),
@@ -39,6 +40,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("rejected_instances_study", "rejected_instances")
     op.drop_table("rejected_instances")
-    with op.batch_alter_table("studies") as table:
-        table.drop_column("copy_held_by")
-        table.drop_column("copy_removed_at")
+    op.drop_column("studies", "copy_held_by")
+    op.drop_column("studies", "copy_removed_at")
