@@ -54,7 +54,7 @@ BENCH_PACKAGES = {"orthanc": "/usr/sbin/Orthanc",
 def install_bench_packages() -> None:
     """apt-get install the packages of ``BENCH_PACKAGES`` that are missing (as root, or
     through sudo); nothing when all are there. Orthanc's own service is not used: each
-    benchmark starts Orthanc on its own ports (bench/orthanc.py)."""
+    benchmark starts Orthanc on its own ports (tests/orthanc.py)."""
     missing = [name for name, path in BENCH_PACKAGES.items() if not Path(path).exists()]
     if not missing:
         return

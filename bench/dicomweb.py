@@ -26,10 +26,10 @@ from pathlib import Path
 
 import httpx
 from common import REPO, ct_study, install_bench_packages, markdown_table, run_checked
-from orthanc import OrthancProcess
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from tests.orthanc import OrthancProcess
 from tests.processes import PasserelleProcess
 from tests.synthetic import ct_slice
 

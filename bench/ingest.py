@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import REPO, ct_study, install_bench_packages, markdown_table
-from orthanc import OrthancProcess
 
+from tests.orthanc import OrthancProcess
 from tests.processes import PasserelleProcess, free_port, wait_for
 
 MAX_PDU = 262144  # passerelle's default, used for the bare SCP too

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import psutil
 from common import REPO, markdown_table, run_checked
-from orthanc import OrthancProcess
 from pydicom import dcmread
 
 from tests.load import LoadReport, instance_count, run_load
+from tests.orthanc import OrthancProcess
 from tests.processes import PasserelleProcess
 from tests.synthetic import write_ct_study
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 from common import REPO, ct_study, markdown_table, run_checked
-from orthanc import OrthancProcess
 from pydicom import dcmread
 
+from tests.orthanc import OrthancProcess
 from tests.processes import PasserelleProcess
 
 

@@ -28,12 +28,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from common import REPO, ct_study, install_bench_packages, markdown_table, run_checked
-from orthanc import OrthancProcess
 from pydicom import dcmread
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from gateway.web.viewer.routes import app_config
 from tests.browser import chromium, ohif_notice_acknowledged
+from tests.orthanc import OrthancProcess
 from tests.processes import PasserelleProcess, free_port
 
 VIEWER = REPO / "viewer"

@@ -16,8 +16,9 @@ packages=(python3 python3-venv python3-pip)
 # npm fetches the viewer; Debian's package only where no Node.js has one already.
 command -v npm >/dev/null || packages+=(npm)
 if [[ "${1:-}" == "--test" ]]; then
-    # The tests start a PostgreSQL cluster of their own, and drive a headless Chromium.
-    packages+=(dcmtk dicom3tools postgresql chromium chromium-driver)
+    # The tests start a PostgreSQL cluster of their own, drive a headless Chromium, and run
+    # Orthanc as the PACS (its DICOMweb plugin for the benchmarks beside it).
+    packages+=(dcmtk dicom3tools postgresql chromium chromium-driver orthanc orthanc-dicomweb)
     extras="test"
 else
     extras=""

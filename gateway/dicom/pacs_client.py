@@ -1,0 +1,286 @@
+"""The SCU towards PACS peers (PS3.4 Annex C): which studies a peer holds (C-FIND, Study Root),
+which instances of one study (C-FIND at SERIES then IMAGE level), and retrieving a study
+(C-MOVE to our own AE title, or C-GET).
+
+Every call opens its own association, bounded by ``timeout`` for negotiation, each DIMSE
+message and network silence, and by ``limit`` for the matches it reads.
+"""
+
+import datetime
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, Association, build_role, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from gateway import metrics
+from gateway.dicom.peer import DicomPeer, Retrieve
+from gateway.dicom.statuses import SUCCESS, failure_status
+from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+PENDING = (0xFF00, 0xFF01)
+# The syntaxes a C-GET proposes for each storage SOP class, one presentation context each, so
+# that the PACS sends every instance as it holds it (no transcoding on its side) whatever the
+# syntax: a context with several would let it pick one and transcode the others.
+_GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
+                 JPEGExtended12Bit, JPEGLosslessSV1, JPEG2000Lossless, JPEG2000,
+                 JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+                 DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
+_MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1 to 255
+
+
+class PacsError(Exception):
+    """The peer could not be reached, refused the association, broke it off or answered
+    with a failure status; the message says which, for an operator."""
+
+
+@dataclass(frozen=True)
+class StudyMatch:
+    """One study a peer holds, as its STUDY-level C-FIND response describes it."""
+
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    study_date: str
+    modalities: tuple[str, ...]
+    instance_count: int | None
+
+
+@dataclass(frozen=True)
+class HeldInstance:
+    """One instance a peer holds, from its IMAGE-level C-FIND response."""
+
+    sop_uid: str
+    series_uid: str
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    """The final counts of a C-MOVE or C-GET (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+
+    completed: int
+    failed: int
+    warning: int
+    failed_uids: tuple[str, ...]
+
+
+def _ae(calling_ae: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    return ae
+
+
+@contextmanager
+def _association(ae: AE, peer: DicomPeer, **kwargs: object) -> Iterator[Association]:
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, **kwargs)
+    except OSError as exc:
+        raise PacsError(f"{peer.ae_title} at {peer.host}:{peer.port} unreachable: {exc}") from exc
+    if not assoc.is_established:
+        how = ("rejected the association" if assoc.is_rejected
+               else "could not be reached or did not answer")
+        raise PacsError(f"{peer.ae_title} at {peer.host}:{peer.port} {how}")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _find(assoc: Association, peer: DicomPeer, query: Dataset, limit: int) -> Iterator[Dataset]:
+    """The matches of one C-FIND; PacsError on a failure status, a broken association or more
+    than ``limit`` matches (the query is then cancelled)."""
+    responses = assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+    count = 0
+    for status, identifier in responses:
+        if not status:  # no response within the DIMSE timeout, or the association ended
+            raise PacsError(f"{peer.ae_title} did not complete the C-FIND")
+        code = int(status.Status)
+        if code in PENDING:
+            count += 1
+            if count > limit:
+                assoc.abort()
+                raise PacsError(f"{peer.ae_title} has more than {limit} matches: narrow the query")
+            if identifier is not None:
+                yield identifier
+        elif code != SUCCESS:
+            comment = status.get("ErrorComment", "")
+            raise PacsError(f"{peer.ae_title} answered C-FIND with 0x{code:04X} {comment}".strip())
+
+
+def _text(identifier: Dataset, keyword: str) -> str:
+    value = identifier.get(keyword)
+    return "" if value is None else str(value)
+
+
+def find_studies(peer: DicomPeer, calling_ae: str, *, study_uid: str | None = None,
+                 accession: str | None = None, patient_id: str | None = None,
+                 since: datetime.date | None = None, timeout: float = 60,
+                 limit: int = 1000) -> list[StudyMatch]:
+    """The studies ``peer`` holds matching every criterion given (Study Root, STUDY level;
+    ``since`` is a Study Date range open at its end, PS3.4 C.2.2.2.5)."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid or ""
+    query.AccessionNumber = accession or ""
+    query.PatientID = patient_id or ""
+    query.StudyDate = f"{since:%Y%m%d}-" if since else ""
+    query.PatientName = ""
+    query.ModalitiesInStudy = ""
+    query.NumberOfStudyRelatedInstances = ""
+    with _association(_find_ae(calling_ae, timeout), peer) as assoc:
+        matches = []
+        for found in _find(assoc, peer, query, limit):
+            count = found.get("NumberOfStudyRelatedInstances")
+            modalities = found.get("ModalitiesInStudy") or []
+            matches.append(StudyMatch(
+                _text(found, "StudyInstanceUID"), _text(found, "PatientID"),
+                _text(found, "PatientName"), _text(found, "AccessionNumber"),
+                _text(found, "StudyDate"),
+                tuple(modalities) if isinstance(modalities, list | tuple) else (str(modalities),),
+                int(count) if count not in (None, "") else None))
+    return [match for match in matches if match.study_uid]
+
+
+def _find_ae(calling_ae: str, timeout: float) -> AE:
+    ae = _ae(calling_ae, timeout)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    return ae
+
+
+def held_instances(peer: DicomPeer, calling_ae: str, study_uid: str, *, timeout: float = 60,
+                   limit: int = 100_000) -> list[HeldInstance]:
+    """Every instance of ``study_uid`` that ``peer`` holds: a SERIES-level C-FIND, then an
+    IMAGE-level one per series, since a hierarchical query names the unique key of every
+    level above its own (PS3.4 C.4.1.2.2.1) and a strict peer refuses one that does not."""
+    with _association(_find_ae(calling_ae, timeout), peer) as assoc:
+        series_query = Dataset()
+        series_query.QueryRetrieveLevel = "SERIES"
+        series_query.StudyInstanceUID = study_uid
+        series_query.SeriesInstanceUID = ""
+        series_uids = [_text(found, "SeriesInstanceUID")
+                       for found in _find(assoc, peer, series_query, limit)]
+        held: list[HeldInstance] = []
+        for series_uid in filter(None, series_uids):
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = study_uid
+            query.SeriesInstanceUID = series_uid
+            query.SOPInstanceUID = ""
+            query.SOPClassUID = ""
+            for found in _find(assoc, peer, query, limit - len(held)):
+                if sop_uid := _text(found, "SOPInstanceUID"):
+                    held.append(HeldInstance(sop_uid, series_uid, _text(found, "SOPClassUID")))
+    return held
+
+
+def retrieve_study(peer: DicomPeer, calling_ae: str, study_uid: str, store: Store, *,
+                   timeout: float = 60,
+                   on_progress: Callable[[int, int], None] | None = None) -> RetrieveResult:
+    """Have ``peer`` send every instance of ``study_uid`` into ``store``: by C-MOVE to
+    ``calling_ae`` (the running service's C-STORE SCP stores each before answering, so they
+    are indexed when this returns) or by C-GET on this association.
+    ``on_progress(done, total)`` follows the peer's pending responses."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    if peer.retrieve is Retrieve.MOVE:
+        ae = _ae(calling_ae, timeout)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        with _association(ae, peer) as assoc:
+            responses = assoc.send_c_move(identifier, calling_ae,
+                                          StudyRootQueryRetrieveInformationModelMove)
+            return _retrieved(peer, "C-MOVE", responses, on_progress)
+    sop_classes = sorted({held.sop_class_uid for held in
+                          held_instances(peer, calling_ae, study_uid, timeout=timeout)} - {""})
+    ae = _ae(calling_ae, timeout)
+    ae.requested_contexts = _get_contexts(sop_classes)
+    roles = [build_role(uid, scp_role=True) for uid in sop_classes]
+    handlers = [(evt.EVT_C_STORE, _store_sub_operation, [store, peer])]
+    with _association(ae, peer, ext_neg=roles, evt_handlers=handlers) as assoc:
+        responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+        return _retrieved(peer, "C-GET", responses, on_progress)
+
+
+def _get_contexts(sop_classes: list[str]) -> list[PresentationContext]:
+    """The C-GET context and, for each storage SOP class, one context per syntax; when that
+    is more than a PS3.8 association can carry, one context per class with every syntax."""
+    contexts = [(StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian,
+                                                            ImplicitVRLittleEndian])]
+    if 1 + len(sop_classes) * len(_GET_SYNTAXES) <= _MAX_CONTEXTS:
+        contexts += [(uid, [syntax]) for uid in sop_classes for syntax in _GET_SYNTAXES]
+    else:
+        contexts += [(uid, list(_GET_SYNTAXES)) for uid in sop_classes[:_MAX_CONTEXTS - 1]]
+    built = []
+    for number, (abstract, syntaxes) in enumerate(contexts):
+        context = PresentationContext()
+        context.context_id = 2 * number + 1
+        context.abstract_syntax = abstract
+        context.transfer_syntax = syntaxes
+        built.append(context)
+    return built
+
+
+def _store_sub_operation(event: evt.Event, store: Store, peer: DicomPeer) -> int:
+    """Store one instance a C-GET brings back, as it was encoded."""
+    data = event.encoded_dataset()
+    result = store.ingest(data, source=peer.ae_title, expected={
+        "SOPInstanceUID": str(event.request.AffectedSOPInstanceUID),
+        "SOPClassUID": str(event.request.AffectedSOPClassUID)})
+    metrics.record_ingest(result, "dimse", len(data))
+    if result.accepted:
+        return SUCCESS
+    log.warning("instance from %s by C-GET refused: %s", peer.ae_title, result.message)
+    return failure_status(result.reason)
+
+
+def _retrieved(peer: DicomPeer, service: str, responses: Iterator[tuple[Dataset, Dataset | None]],
+               on_progress: Callable[[int, int], None] | None) -> RetrieveResult:
+    """Read a C-MOVE or C-GET to its final response (PS3.4 Table C.4-2 / C.4-3)."""
+    for status, identifier in responses:
+        if not status:
+            raise PacsError(f"{peer.ae_title} did not complete the {service}")
+        code = int(status.Status)
+        counts = [int(status.get(f"NumberOf{kind}Suboperations", 0) or 0)
+                  for kind in ("Completed", "Failed", "Warning", "Remaining")]
+        if code in PENDING:
+            if on_progress is not None:
+                done = sum(counts[:3])
+                on_progress(done, done + counts[3])
+            continue
+        failed_uids: tuple[str, ...] = ()
+        if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+            listed = identifier.FailedSOPInstanceUIDList
+            failed_uids = tuple(listed) if isinstance(listed, list | tuple) else (str(listed),)
+        if code == SUCCESS or code == 0xB000:  # B000: some sub-operations failed
+            return RetrieveResult(counts[0], counts[1], counts[2], failed_uids)
+        comment = status.get("ErrorComment", "")
+        raise PacsError(f"{peer.ae_title} answered {service} with 0x{code:04X} {comment}"
+                        .strip() + (f" ({counts[0]} instances sent)" if counts[0] else ""))
+    raise PacsError(f"{peer.ae_title} ended the {service} without a final response")
