@@ -45,9 +45,9 @@ def destination(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
-    """Study A (PAT001, 20260110: 2 series of 3, Implicit VR Little Endian, which a C-GET
-    SCU proposing several native syntaxes is accepted in), study B (PAT002, 20250305, one
-    instance, Explicit VR Little Endian) and a big one (PAT003) of _BIG_STUDY tiny ones."""
+    """Study A (PAT001, 20260110: 2 series of 3, Implicit VR Little Endian), study B (PAT002,
+    20250305, one instance, Explicit VR Little Endian, which a C-GET SCU proposing several
+    native syntaxes is accepted in) and a big one (PAT003) of _BIG_STUDY tiny ones."""
     folder = tmp_path_factory.mktemp("qr")
     a = write_ct_study(folder / "a", series=2, per_series=3)
     for path in a:
@@ -203,25 +203,26 @@ def getscu(server: PasserelleProcess, study_uid: str, out: Path) -> dict[str, Da
 def test_getscu_retrieves_a_study_as_stored(qr: PasserelleProcess,
                                             studies: dict[str, list[Path]],
                                             tmp_path: Path) -> None:
+    # getscu proposes the native syntaxes; Explicit VR is accepted (scp.py): study B
+    # (Explicit VR) goes as stored, study A (Implicit VR) transcoded, the same data sets.
+    [(uid, got)] = getscu(qr, _uid(studies["b"], "StudyInstanceUID"), tmp_path / "b").items()
+    original = dcmread(studies["b"][0])
+    assert original.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert got == original and got.PixelData == original.PixelData
+    assert qr.metric("passerelle_dimse_retrieved_instances_total", service="get",
+                     result="sent") >= 1
     received = getscu(qr, _uid(studies["a"], "StudyInstanceUID"), tmp_path / "a")
     originals = {ds.SOPInstanceUID: ds for ds in map(dcmread, studies["a"])}
     assert received.keys() == originals.keys()
     for uid, original in originals.items():
         got = received[uid]
-        assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert original.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert got == original  # every element of the data set
         assert got.PixelData == original.PixelData
     assert qr.metric("passerelle_dimse_retrieved_instances_total", service="get",
-                     result="sent") >= len(originals)
-    # getscu accepts Implicit VR only, of the syntaxes it proposes, once pynetdicom chose:
-    # study B (Explicit VR) goes transcoded, the same data set.
-    [(uid, got)] = getscu(qr, _uid(studies["b"], "StudyInstanceUID"), tmp_path / "b").items()
-    original = dcmread(studies["b"][0])
-    assert original.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
-    assert got == original and got.PixelData == original.PixelData
-    assert qr.metric("passerelle_dimse_retrieved_instances_total", service="get",
-                     result="transcoded") == 1
+                     result="transcoded") == len(originals)
 
 
 def test_movescu_to_a_configured_destination(qr: PasserelleProcess,

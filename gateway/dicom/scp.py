@@ -16,7 +16,12 @@ from collections.abc import Sequence
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes, UID_dictionary
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UID_dictionary,
+)
 from pynetdicom import (
     AE,
     DEFAULT_TRANSFER_SYNTAXES,
@@ -108,9 +113,15 @@ class DicomService:
         self.ae.require_calling_aet = list(settings.allowed_calling_aets)
         self.ae.add_supported_context(Verification, AllTransferSyntaxes)
         # Both roles: a C-GET SCU proposes to be the storage SCP (PS3.4 C.4.3, PS3.7 D.3.3.4).
+        # pynetdicom accepts the first of these a context proposes: Explicit VR first and
+        # Implicit VR last, so that neither a C-STORE sender nor a C-GET is made to drop the
+        # value representations when it offered them.
+        preferred = [ExplicitVRLittleEndian,
+                     *(uid for uid in AllTransferSyntaxes
+                       if uid not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
+                     ImplicitVRLittleEndian]
         for uid in storage_sop_classes():
-            self.ae.add_supported_context(uid, AllTransferSyntaxes, scu_role=True,
-                                          scp_role=True)
+            self.ae.add_supported_context(uid, preferred, scu_role=True, scp_role=True)
         for uid in [*FIND_MODELS, *GET_MODELS, *MOVE_MODELS]:
             self.ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
         finder = FindService(store.index, audit, settings.ae_title, settings.max_find_matches)
