@@ -103,7 +103,9 @@ PACS_FETCHES = Counter(
     "passerelle_pacs_fetches_total",
     "Studies fetched from a PACS peer (passerelle fetch, POST /admin/fetch), by result"
     " (complete: every instance retrieved; incomplete: some sub-operations failed; failed:"
-    " the retrieval itself failed)", ["result"])
+    " the retrieval itself failed); refused: a fetch request refused before anything was"
+    " retrieved (bad query, no PACS, nothing matched, no C-FIND answer, too many)",
+    ["result"])
 PACS_FETCHED_INSTANCES = Counter(
     "passerelle_pacs_fetched_instances_total",
     "Instances of fetched studies by the peer's count (completed, failed, warning)",

@@ -435,14 +435,15 @@ class Index:
 
     def file_restored(self, sop_uid: str, size: int, transfer_syntax: str) -> None:
         """An instance's file written back (``Store``: its local copy had been removed):
-        its size and syntax as received again; its cached metadata is read again from it."""
+        its size and syntax as received again; in another syntax, its cached metadata is
+        read again from it."""
+        params = {"size": size, "syntax": transfer_syntax, "sop_uid": sop_uid}
         with self.transaction() as db:
+            db.execute(text("DELETE FROM instance_metadata WHERE instance_pk = (SELECT pk"
+                            " FROM instances WHERE sop_uid = :sop_uid"
+                            " AND transfer_syntax <> :syntax)"), params)
             db.execute(text("UPDATE instances SET size = :size, transfer_syntax = :syntax"
-                            " WHERE sop_uid = :sop_uid"),
-                       {"size": size, "syntax": transfer_syntax, "sop_uid": sop_uid})
-            db.execute(text("DELETE FROM instance_metadata WHERE instance_pk ="
-                            " (SELECT pk FROM instances WHERE sop_uid = :sop_uid)"),
-                       {"sop_uid": sop_uid})
+                            " WHERE sop_uid = :sop_uid"), params)
 
     def copy_state(self, study_uid: str) -> tuple[float | None, str]:
         """When the study's local copy was removed (None: it is here) and the AE title of

@@ -2,6 +2,7 @@
 C-MOVE (to our AE title, which Orthanc knows) or C-GET; what is fetched is published to the
 registry as a pushed study is."""
 
+import io
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from gateway.dicom.peer import DicomPeer, Retrieve
+from gateway.pacs.fetch_cli import FetchView
 from tests.inprocess import InProcessService
 from tests.orthanc import OrthancProcess
 from tests.processes import REPO, PasserelleProcess, RegistryProcess, free_port, wait_for
@@ -163,3 +165,24 @@ def test_without_a_service_fetch_by_c_get_runs_here(setup: _Setup, tmp_path: Pat
     assert "1 study found, 2 instance(s) retrieved, 0 failed" in done.stdout
     listed = _cli(env, "studies", "--json")
     assert [s["study_uid"] for s in json.loads(listed.stdout)] == [study]
+
+
+def test_progress_bars_on_a_terminal_lines_otherwise() -> None:
+    study = {"event": "study", "study_uid": "1.2.3", "peer": "PACS", "patient_id": "P",
+             "accession_number": "A", "study_date": "20250101", "expected": 3,
+             "completed": 3, "failed": 0, "warning": 0, "stored": 3, "error": ""}
+    events = [{"event": "found", "studies": [{}], "problems": []},
+              *({"event": "progress", "study_uid": "1.2.3", "done": n, "total": 3}
+                for n in (1, 2, 3)),
+              study, {"event": "summary", "found": 1, "retrieved": 3, "failed": 0,
+                      "studies": [study], "problems": [], "complete": True}]
+    for bars in (True, False):
+        out, err = io.StringIO(), io.StringIO()
+        view = FetchView(out, err, bars)
+        for event in events:
+            view.show(event)
+        assert view.exit_code() == 0
+        assert "1 study found, 3 instance(s) retrieved, 0 failed" in out.getvalue()
+        line = "study 1.2.3 from PACS: 3 retrieved, 0 failed, 3 stored"
+        assert ("3/3" in err.getvalue() and line not in err.getvalue()) if bars \
+            else line in err.getvalue()

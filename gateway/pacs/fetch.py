@@ -144,13 +144,11 @@ def find(restorer: Restorer, query: FetchQuery) -> Found:
         for match in found:
             matches.setdefault(match.study_uid, (peer, match))
     if not matches and problems:
-        metrics.PACS_FETCHES.labels("refused").inc()
         raise FetchRefusedError(502, "; ".join(problems))
     if not matches:
         raise FetchRefusedError(404, f"no study matches {query.describe()} on "
                                 f"{', '.join(p.ae_title for p in peers_of(restorer, query))}")
     if len(matches) > MAX_STUDIES:
-        metrics.PACS_FETCHES.labels("refused").inc()
         raise FetchRefusedError(400, f"{len(matches)} studies match {query.describe()}, more "
                                 f"than the {MAX_STUDIES} a fetch retrieves: narrow the query")
     return Found(list(matches.values()), problems)

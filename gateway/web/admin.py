@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway import metrics
 from gateway.pacs.fetch import FetchQuery, FetchRefusedError, find, retrieve
 from gateway.publication.confidentiality import Confidentiality
 from gateway.web.dicomweb.qido import BadQueryError, parse_query
@@ -140,6 +141,13 @@ _FETCHES = threading.BoundedSemaphore(2)
 _FETCH_RETRY_SECONDS = 30
 
 
+def _fetch_refused(status: int, message: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    log.warning("fetch refused (%d): %s", status, message)
+    metrics.PACS_FETCHES.labels("refused").inc()
+    return admin_error(status, message, headers)
+
+
 async def fetch_studies(request: Request) -> Response:
     """Retrieve studies from the PACS peers (see the module): the refusals as errors, then
     the fetch's events as NDJSON."""
@@ -147,25 +155,25 @@ async def fetch_studies(request: Request) -> Response:
         return forged
     services = services_of(request)
     if not services.restorer.enabled:
-        return admin_error(400, "no PACS peer is configured (setting pacs, PASSERELLE_PACS): "
-                                "there is nothing to fetch from")
+        return _fetch_refused(400, "no PACS peer is configured (setting pacs, "
+                                   "PASSERELLE_PACS): there is nothing to fetch from")
     try:
         query = FetchQuery.parse(json.loads(await small_body(request) or b"{}"))
     except BodyTooLargeError as exc:
-        return admin_error(413, str(exc))
+        return _fetch_refused(413, str(exc))
     except RecursionError:
-        return admin_error(400, "JSON nested too deeply")
+        return _fetch_refused(400, "JSON nested too deeply")
     except ValueError as exc:  # JSON errors too
-        return admin_error(400, f'expected {{"study": UID}}, {{"accession": NUMBER}} or '
-                                f'{{"patient": ID, "since": "YYYY-MM-DD"}}: {exc}')
+        return _fetch_refused(400, f'expected {{"study": UID}}, {{"accession": NUMBER}} or '
+                                   f'{{"patient": ID, "since": "YYYY-MM-DD"}}: {exc}')
     if not _FETCHES.acquire(blocking=False):
-        return admin_error(503, "other fetches are running: ask again later",
-                           {"Retry-After": str(_FETCH_RETRY_SECONDS)})
+        return _fetch_refused(503, "other fetches are running: ask again later",
+                              {"Retry-After": str(_FETCH_RETRY_SECONDS)})
     try:
         found = await run_in_threadpool(find, services.restorer, query)
     except FetchRefusedError as exc:
         _FETCHES.release()
-        return admin_error(exc.status, str(exc))
+        return _fetch_refused(exc.status, str(exc))
     except BaseException:
         _FETCHES.release()
         raise
