@@ -1,5 +1,5 @@
 """The ``passerelle`` command: serve, import, studies, outbox, publish, unpublish,
-confidentiality, audit, registry, install-viewer."""
+confidentiality, audit, fetch, registry, install-viewer."""
 
 import argparse
 import json
@@ -259,6 +259,22 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(settings: Settings, args: argparse.Namespace) -> int:
+    """Retrieve studies from the PACS peers into the gateway (gateway.pacs.fetch_cli)."""
+    # (imports the metrics: see _cmd_serve)
+    from gateway.pacs.fetch import FetchQuery
+    from gateway.pacs.fetch_cli import run_fetch
+
+    try:
+        query = FetchQuery.parse({"study": args.study, "accession": args.accession,
+                                  "patient": args.patient, "since": args.since,
+                                  "peer": args.peer})
+    except ValueError as exc:
+        print(f"passerelle: {exc}", file=sys.stderr)
+        return 2
+    return run_fetch(settings, query)
+
+
 def _cmd_install_viewer(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.integrity:
@@ -403,6 +419,23 @@ def _parser() -> argparse.ArgumentParser:
     audit = command("audit", "who accessed, sent or published what", _cmd_audit, reads_data)
     audit.add_argument("--study", help="only the events of this Study Instance UID")
     audit.add_argument("--json", action="store_true", help="the audit messages, as JSON")
+    fetch = command("fetch", "retrieve studies from the PACS peers into the gateway",
+                    _cmd_fetch, (*reads_data, "pacs", "ae_title"),
+                    notes="C-FIND on the PACS peers (or the one --peer names), then C-MOVE to "
+                          "our AE title\nor C-GET of each study found (at most 100); they "
+                          "are ingested and published\nas pushed studies are. Goes through "
+                          "the service running on the data dir (its\ncontrol socket); when "
+                          "none runs, fetches here from peers retrieved by C-GET.\nExit "
+                          "code 0 when every instance was retrieved, 1 otherwise, 2 for a "
+                          "query\nrefused or no PACS configured.")
+    wanted = fetch.add_mutually_exclusive_group(required=True)
+    wanted.add_argument("--study", metavar="UID", help="the study of this Study Instance UID")
+    wanted.add_argument("--accession", metavar="NUMBER", help="the studies of this "
+                        "Accession Number")
+    wanted.add_argument("--patient", metavar="ID", help="the studies of this Patient ID")
+    fetch.add_argument("--since", metavar="DATE",
+                       help="with --patient: studies of this date (YYYY-MM-DD) or later")
+    fetch.add_argument("--peer", metavar="AE", help="ask only the PACS peer of this AE title")
     viewer = command("install-viewer", "install the OHIF viewer served at /viewer/",
                      _cmd_install_viewer, ("viewer_dir", "log_level"), existing_data_dir=False,
                      notes="TARBALL is the npm package @ohif/app (npm pack @ohif/app@VERSION); "

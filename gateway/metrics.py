@@ -116,6 +116,28 @@ STUDY_ACCESSES_UNINDEXED = Counter(
     " saw each study (the database write of their batch failed, or too many waited for it;"
     " logged)")
 
+PACS_FETCHES = Counter(
+    "passerelle_pacs_fetches_total",
+    "Studies fetched from a PACS peer (passerelle fetch, POST /admin/fetch), by result"
+    " (complete: every instance retrieved; incomplete: some sub-operations failed; failed:"
+    " the retrieval itself failed); refused: a fetch request refused before anything was"
+    " retrieved (bad query, no PACS, nothing matched, no C-FIND answer, too many)",
+    ["result"])
+PACS_FETCHED_INSTANCES = Counter(
+    "passerelle_pacs_fetched_instances_total",
+    "Instances of fetched studies by the peer's count (completed, failed, warning)",
+    ["result"])
+RESTORES = Counter(
+    "passerelle_pacs_restores_total",
+    "On-demand retrievals of a study whose local copy was gone, by result (restored;"
+    " already_local: another process had just given it back; failed: no PACS peer gave all"
+    " of it back)", ["result"])
+RESTORE_WAITS = Counter(
+    "passerelle_pacs_restore_waits_total",
+    "Requests (HTTP or DIMSE) that found their study's local copy gone, by what they got"
+    " (served: after its retrieval; timeout: not back within retrieve_wait_seconds;"
+    " unavailable: its retrieval failed)", ["result"])
+
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
     """Count one ingest outcome (shared by C-STORE and STOW-RS)."""

@@ -35,6 +35,8 @@ from gateway.imaging.deidentify import load_or_create_key
 from gateway.imaging.render_cache import RenderCache
 from gateway.liveness import BEAT_SECONDS, DICOM, ROLES, Board
 from gateway.metrics import OutboxCollector, ServiceCollector, scrape_registry
+from gateway.pacs import PacsConfig
+from gateway.pacs.restore import Restorer
 from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin
 from gateway.publication.publisher import Leases, Publisher
@@ -195,7 +197,7 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         registry_probe=RegistryProbe(settings.publication.registry_url,
                                      functools.partial(registry_tls, settings.publication))
         if settings.publication.registry_url else None,
-        metrics=metrics)
+        metrics=metrics, restorer=Restorer(PacsConfig.of(settings), store))
 
 
 def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> None:

@@ -433,6 +433,31 @@ class Index:
                              WHERE st.study_uid = :study_uid""", {"study_uid": study_uid})
         return {row[0] for row in rows}
 
+    def file_restored(self, sop_uid: str, size: int, transfer_syntax: str) -> None:
+        """An instance's file written back (``Store``: its local copy had been removed):
+        its size and syntax as received again; in another syntax, its cached metadata is
+        read again from it."""
+        params = {"size": size, "syntax": transfer_syntax, "sop_uid": sop_uid}
+        with self.transaction() as db:
+            db.execute(text("DELETE FROM instance_metadata WHERE instance_pk = (SELECT pk"
+                            " FROM instances WHERE sop_uid = :sop_uid"
+                            " AND transfer_syntax <> :syntax)"), params)
+            db.execute(text("UPDATE instances SET size = :size, transfer_syntax = :syntax"
+                            " WHERE sop_uid = :sop_uid"), params)
+
+    def copy_state(self, study_uid: str) -> tuple[float | None, str]:
+        """When the study's local copy was removed (None: it is here) and the AE title of
+        the PACS confirmed to hold it ("" when none is)."""
+        rows = self.fetch("SELECT copy_removed_at, copy_held_by FROM studies"
+                          " WHERE study_uid = :study_uid", {"study_uid": study_uid})
+        return (rows[0][0], rows[0][1]) if rows else (None, "")
+
+    def copy_restored(self, study_uid: str) -> None:
+        """Every file of the study is here again: its local copy is no longer removed."""
+        with self.transaction() as db:
+            db.execute(text("UPDATE studies SET copy_removed_at = NULL"
+                            " WHERE study_uid = :study_uid"), {"study_uid": study_uid})
+
     def search(self, level: Level, matches: list[Match], returned: list[str], fuzzy: bool,
                limit: int, offset: int, within: frozenset[str] | None = None
                ) -> list[dict[str, object]]:

@@ -310,9 +310,11 @@ class Store:
             return _rejected(Rejection.INVALID_UID, str(exc), record)
 
         existing = self.index.find_instance(record.sop_uid)
-        if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
-            return self._compare_with_stored(record, received, existing)
         try:
+            if existing and not self.blobs.absolute(existing.path).is_file():
+                return self._restore(record, blob, existing)
+            if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
+                return self._compare_with_stored(record, received, existing)
             return self._write(record, relative, blob, source)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
@@ -344,6 +346,27 @@ class Store:
                          "SOP Instance UID already stored with another data set (kept,"
                          f" duplicate_policy keep-first): {record.sop_uid}",
                          record, "SOPInstanceUID")
+
+    def _restore(self, record: InstanceRecord, blob: bytes | TemporaryBlob,
+                 stored: StoredInstance) -> IngestResult:
+        """An indexed instance whose file is gone (its local copy removed while a PACS holds
+        it, or lost) received again: the file written back where the index has it, the
+        index row kept (the study does not change: nothing is published again)."""
+        with self.index.database.lock(f"instance {record.sop_uid}"):
+            if self.blobs.absolute(stored.path).is_file():  # written back meanwhile
+                return self._compare_with_stored(
+                    record, blob if isinstance(blob, bytes) else blob.path, stored)
+            conflict = self.index.identity_conflict(record)
+            if conflict:
+                return _refused(conflict, record)
+            size = _size(blob if isinstance(blob, bytes) else blob.path)
+            if isinstance(blob, bytes):
+                self.blobs.put(stored.path, [blob])
+            else:
+                self.blobs.adopt(blob, stored.path)
+            self.index.file_restored(record.sop_uid, size, record.transfer_syntax)
+        return IngestResult(Outcome.STORED, "stored again (its local copy had been removed)",
+                            record=record)
 
     def _write(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
                source: str) -> IngestResult:

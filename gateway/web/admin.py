@@ -12,19 +12,33 @@ act on them), then newest first; who saw a study, the most recent access first.
 
 A queued action answers 202 with what the service will do with it:
 ``{"publication": <row>, "registry": <registry URL or null>, "will_send": true|false}``.
+
+``POST /admin/fetch`` (``{"study": UID}``, ``{"accession": NUMBER}`` or ``{"patient": ID,
+"since": "YYYY-MM-DD"}``, optionally ``"peer": AE``) retrieves studies from the PACS peers
+(gateway.pacs.fetch) synchronously, its size bounded (at most ``MAX_STUDIES`` studies,
+matched before anything is retrieved): refusals come first as JSON errors (400 no PACS or a
+bad query, 404 nothing matched, 502 no peer answered the C-FIND, 503 too many fetches at
+once); then a 200 streams its course as ``application/x-ndjson``, one JSON event a line,
+the last ``{"event": "summary", ...}``. A client that goes away does not stop it.
 The same ``ROUTES`` serve the HTTP listener (behind its authentication) and the control
 channel of the data dir (``gateway.control``).
 """
 
 import json
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway import metrics
+from gateway.pacs.fetch import FetchQuery, FetchRefusedError, find, retrieve
 from gateway.publication.confidentiality import Confidentiality
 from gateway.web.dicomweb.qido import BadQueryError, parse_query
 from gateway.web.http.errors import admin_error
@@ -36,6 +50,8 @@ from storage.outbox import UNFINISHED, Action, NotFailedError, Publication, Stat
 from storage.search import Level, Match, QueryError
 from storage.study_accesses import StudyAccesses
 from storage.summaries import series_summaries, study_summaries
+
+log = logging.getLogger(__name__)
 
 _ACTIONS = {"publish": Action.PUBLISH, "unpublish": Action.UNPUBLISH,
             "confidentiality": Action.CONFIDENTIALITY}
@@ -118,6 +134,68 @@ async def retry_publication(request: Request) -> Response:
     except LookupError as exc:
         return admin_error(404, str(exc))
     return _queued(services, retried)
+
+
+# Fetches running at once in one process, each a thread waiting on a PACS.
+_FETCHES = threading.BoundedSemaphore(2)
+_FETCH_RETRY_SECONDS = 30
+
+
+def _fetch_refused(status: int, message: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    log.warning("fetch refused (%d): %s", status, message)
+    metrics.PACS_FETCHES.labels("refused").inc()
+    return admin_error(status, message, headers)
+
+
+async def fetch_studies(request: Request) -> Response:
+    """Retrieve studies from the PACS peers (see the module): the refusals as errors, then
+    the fetch's events as NDJSON."""
+    if forged := _forged(request):
+        return forged
+    services = services_of(request)
+    if not services.restorer.enabled:
+        return _fetch_refused(400, "no PACS peer is configured (setting pacs, "
+                                   "PASSERELLE_PACS): there is nothing to fetch from")
+    try:
+        query = FetchQuery.parse(json.loads(await small_body(request) or b"{}"))
+    except BodyTooLargeError as exc:
+        return _fetch_refused(413, str(exc))
+    except RecursionError:
+        return _fetch_refused(400, "JSON nested too deeply")
+    except ValueError as exc:  # JSON errors too
+        return _fetch_refused(400, f'expected {{"study": UID}}, {{"accession": NUMBER}} or '
+                                   f'{{"patient": ID, "since": "YYYY-MM-DD"}}: {exc}')
+    if not _FETCHES.acquire(blocking=False):
+        return _fetch_refused(503, "other fetches are running: ask again later",
+                              {"Retry-After": str(_FETCH_RETRY_SECONDS)})
+    try:
+        found = await run_in_threadpool(find, services.restorer, query)
+    except FetchRefusedError as exc:
+        _FETCHES.release()
+        return _fetch_refused(exc.status, str(exc))
+    except BaseException:
+        _FETCHES.release()
+        raise
+    events: queue.SimpleQueue[dict[str, object] | None] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            retrieve(services.restorer, found, events.put)
+        except Exception:  # a bug: the client still gets an end
+            log.exception("fetch of %s", query.describe())
+            events.put({"event": "error", "error": "internal error; the service log has details"})
+        finally:
+            _FETCHES.release()
+            events.put(None)
+
+    threading.Thread(target=run, name="fetch", daemon=True).start()
+
+    async def lines() -> AsyncIterator[bytes]:
+        while (event := await run_in_threadpool(events.get)) is not None:
+            yield json.dumps(event, ensure_ascii=False).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 _PAGE = 50  # rows of a list when the request does not say
@@ -232,4 +310,5 @@ ROUTES = [
     Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
     Route("/admin/outbox", list_outbox, methods=["GET"]),
     Route("/admin/outbox/{id}/retry", retry_publication, methods=["POST"]),
+    Route("/admin/fetch", fetch_studies, methods=["POST"]),
 ]

@@ -6,17 +6,28 @@ deleted while the response is computed or sent. A file opened before the length 
 keeps the bytes measured: an open file outlives its rename or unlink. The descriptors held
 that way, across the process, are bounded (``DescriptorBudget``); a response that finds no
 room opens each file as it comes and is sent chunked.
+
+A file the index lists but which is not here (a local copy removed while a PACS holds it)
+is retrieved again before the response is computed (``ensure_local``, gateway.pacs.restore).
 """
 
 import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from gateway.pacs.restore import RestoreUnavailableError
+from gateway.web.services import services_of
+from storage.index import StoredInstance
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +36,7 @@ READ_CHUNK = 1 << 20
 # rest is for sockets, the index, the received files).
 _HELD_SHARE = 4
 _WITHOUT_RLIMIT = 256  # where the resource module does not exist
+_RESTORE_POLL_SECONDS = 0.05
 
 
 class FileChangedError(OSError):
@@ -151,3 +163,26 @@ def hold_files(paths: dict[str, Path], budget: DescriptorBudget = DESCRIPTORS
         held.close()
         raise
     return held
+
+
+async def ensure_local(request: Request, instances: list[StoredInstance]) -> bool:
+    """Whether files of ``instances`` were missing and have been retrieved from a PACS (the
+    caller reads their rows again: the syntax may be another); HTTPException 503 with
+    Retry-After when they are not back within retrieve_wait_seconds. The wait polls the
+    retrieval's job: a waiting request holds no worker thread."""
+    restorer = services_of(request).restorer
+    if not instances or not restorer.enabled:
+        return False
+    missing = await run_in_threadpool(restorer.missing, instances)
+    for study_uid in sorted({instance.study_uid for instance in missing}):
+        job = restorer.start(study_uid)
+        deadline = time.monotonic() + restorer.config.wait_seconds
+        while not job.done.is_set() and time.monotonic() < deadline:
+            await anyio.sleep(_RESTORE_POLL_SECONDS)
+        try:
+            restorer.outcome(job, job.done.is_set())
+        except RestoreUnavailableError as exc:
+            log.warning("%s %s: 503, %s", request.method, request.url.path, exc)
+            raise HTTPException(503, str(exc),
+                                headers={"Retry-After": str(exc.retry_after)}) from None
+    return bool(missing)

@@ -22,6 +22,7 @@ from gateway.web.dicomweb.stored_files import (
     HeldFiles,
     OpenedFile,
     chunks,
+    ensure_local,
     hold_files,
     open_file,
 )
@@ -53,12 +54,17 @@ def check_uids(request: Request) -> Response | None:
 
 async def addressed_instances(request: Request) -> list[StoredInstance]:
     """The instances the request's target names (study, series or instance), only those its
-    manifest references when one scopes it."""
+    manifest references when one scopes it, their files retrieved from a PACS first when
+    they are not here (HTTPException 503 if that fails: ``ensure_local``)."""
     target = target_of(request)
     if target.study is None:  # not one of the routes this serves, which all name a study
         return []
-    return await run_in_threadpool(services_of(request).store.index.instances, target.study,
-                                   target.series, target.instance, scoped_instances(request))
+    query = (services_of(request).store.index.instances, target.study, target.series,
+             target.instance, scoped_instances(request))
+    found = await run_in_threadpool(*query)
+    if await ensure_local(request, found):  # given back by a PACS: read as stored again
+        found = await run_in_threadpool(*query)
+    return found
 
 
 def slices(data: bytes | bytearray) -> Iterator[memoryview]:

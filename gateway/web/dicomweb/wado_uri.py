@@ -31,6 +31,7 @@ from gateway.web.dicomweb.render_params import (
     uri_params,
 )
 from gateway.web.dicomweb.rendered import respond
+from gateway.web.dicomweb.stored_files import ensure_local
 from gateway.web.http.accept import NotAcceptableError
 from gateway.web.http.request_target import target_of
 from gateway.web.http.responses import error, over_budget
@@ -60,6 +61,9 @@ async def wado_uri(request: Request) -> Response:
                                     target.instance, scoped_instances(request))
     if not found:
         return error(404, "no such object")
+    if await ensure_local(request, found[:1]):  # given back by a PACS: read as stored again
+        found = await run_in_threadpool(store.index.instances, target.study, target.series,
+                                        target.instance, scoped_instances(request))
     instance = found[0]
     if rendering is not None:
         return await _rendered(request, query, instance, rendering)
@@ -137,6 +141,7 @@ async def _presentation_state(request: Request, image: StoredInstance,
     if not found:
         return error(404, f"no presentation state {sop_uid} in series {series_uid} of "
                      "this study")
+    await ensure_local(request, found[:1])
     budget: ResourceBudget = services_of(request).budget
     try:
         return await budget.decode.run(read_presentation_state,
