@@ -242,7 +242,8 @@ def run_dicom_role(context: ProcessContext) -> None:
         slots, clients = _shared_slots(context)
         dicom = DicomService(settings.dicom, store, audit, budget,
                              server_tls(settings) if settings.dicom.tls else None,
-                             context.listener, slots, clients, settings.pacs.move_destinations)
+                             context.listener, slots, clients, settings.pacs.move_destinations,
+                             Restorer(PacsConfig.of(settings), store))
         stop.callback(dicom.stop)
         dicom.start()
         stopping = threading.Event()

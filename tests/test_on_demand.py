@@ -6,6 +6,7 @@ as it was stored; with the PACS frozen or down the client gets a 503 with Retry-
 import io
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -174,6 +175,26 @@ def test_wado_uri_restores_the_object(setup: _Setup) -> None:
     assert setup.removed_at() is None
 
 
+def _getscu(setup: _Setup, folder: Path) -> subprocess.CompletedProcess[str]:
+    folder.mkdir()
+    return subprocess.run(["getscu", "-S", "-aet", "VIEWER", "-aec", "PASSERELLE", "-od",
+                           str(folder), "-k", "QueryRetrieveLevel=STUDY", "-k",
+                           f"StudyInstanceUID={setup.study}", "127.0.0.1",
+                           str(setup.server.dicom_port)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_a_c_get_restores_the_study_first(setup: _Setup, tmp_path: Path) -> None:
+    setup.purge()
+    run = _getscu(setup, tmp_path / "got")
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = {ds.SOPInstanceUID: ds for ds in map(dcmread, (tmp_path / "got").iterdir())}
+    assert got.keys() == setup.originals.keys()
+    for sop_uid, original in setup.originals.items():
+        assert got[sop_uid] == dcmread(io.BytesIO(original))  # every element
+    assert setup.removed_at() is None
+
+
 def test_a_frozen_pacs_gives_503_then_the_retrieval_completes(setup: _Setup) -> None:
     setup.purge()
     assert setup.orthanc.proc is not None
@@ -203,3 +224,7 @@ def test_a_pacs_down_gives_503_with_retry_after(setup: _Setup) -> None:
     assert setup.removed_at() is not None
     assert setup.server.metric("passerelle_pacs_restore_waits_total",
                                result="unavailable") == failed + 1
+    # The DIMSE side: the C-GET is refused, A702 with the reason, nothing sent.
+    run = _getscu(setup, setup.data_dir.parent / "refused")
+    assert "Refused: OutOfResourcesSubOperations" in run.stderr, run.stdout + run.stderr
+    assert not list((setup.data_dir.parent / "refused").iterdir())

@@ -46,9 +46,11 @@ from gateway.dicom.statuses import (
     PENDING,
     UNABLE_TO_COUNT_MATCHES,
     UNABLE_TO_PROCESS,
+    UNABLE_TO_SUBOPERATE,
 )
 from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget
 from gateway.imaging.transcode import choose_syntax, transcode_file
+from gateway.pacs.restore import Restorer, RestoreUnavailableError
 from gateway.security.audit import AuditEvent, AuditTrail, EventType, Outcome
 from storage.index import StoredInstance
 from storage.search import Level, Match, QueryError
@@ -120,6 +122,7 @@ class RetrieveService:
     budget: ResourceBudget
     destinations: list[DicomPeer]
     max_pdu: int
+    restorer: Restorer | None = None  # gives back studies whose local copy is gone
 
     def on_get(self, event: evt.Event) -> Iterator[object]:
         """Yield the number of sub-operations, then (status, data set) for each."""
@@ -190,6 +193,23 @@ class RetrieveService:
         log.info("C-%s from %s: %d instances at the %s level%s", retrieve.service.upper(),
                  event.assoc.requestor.ae_title, len(found), LEVEL_NAMES[query.level],
                  f" to {retrieve.destination}" if retrieve.destination else "")
+        return self._restored(retrieve, found)
+
+    def _restored(self, retrieve: _Retrieve, found: list[StoredInstance]
+                  ) -> list[StoredInstance] | Dataset:
+        """``found``, once every study of it whose local copy is gone is back from the PACS
+        (within ``retrieve_wait_seconds``); else A702 with the reason, and nothing sent."""
+        if self.restorer is None or not self.restorer.enabled:
+            return found
+        for study_uid in dict.fromkeys(i.study_uid for i in self.restorer.missing(found)):
+            try:
+                self.restorer.ensure_local(study_uid)
+            except RestoreUnavailableError as exc:
+                retrieve.result = "refused"
+                self._log_refusal(retrieve, UNABLE_TO_SUBOPERATE, str(exc))
+                # The log has the study and the PACS's answer; the comment fits in an LO.
+                return status(UNABLE_TO_SUBOPERATE, "not stored here, not back from the"
+                              f" PACS: retry in {exc.retry_after} s")
         return found
 
     def _log_refusal(self, retrieve: _Retrieve, code: int, message: str) -> None:

@@ -49,6 +49,7 @@ from gateway.dicom.server import (
 from gateway.dicom.slots import AssociationSlots
 from gateway.dicom.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
 from gateway.imaging.budget import ResourceBudget
+from gateway.pacs.restore import Restorer
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
 from gateway.security.audit import Outcome as AuditOutcome
 from gateway.security.client_counts import ClientCounts
@@ -91,7 +92,8 @@ class DicomService:
                  listener: socket.socket | None = None,
                  slots: AssociationSlots | None = None,
                  clients: ClientCounts | None = None,
-                 move_destinations: Sequence[DicomPeer] = ()) -> None:
+                 move_destinations: Sequence[DicomPeer] = (),
+                 restorer: Restorer | None = None) -> None:
         self.settings = settings
         self._shared = {"listener": listener, "slots": slots, "clients": clients}
         self.store = store
@@ -126,7 +128,7 @@ class DicomService:
             self.ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
         finder = FindService(store.index, audit, settings.ae_title, settings.max_find_matches)
         retriever = RetrieveService(store, audit, budget, list(move_destinations),
-                                    settings.max_pdu)
+                                    settings.max_pdu, restorer)
         self._server: ThreadedAssociationServer | None = None
         self._acceptor: threading.Thread | None = None
         self._handlers = [

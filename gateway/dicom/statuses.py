@@ -27,6 +27,7 @@ IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class
 UNABLE_TO_PROCESS = 0xC000  # Cxxx: Unable to process
 TOO_MANY_MATCHES = OUT_OF_RESOURCES  # C-FIND A700: Refused, out of resources
 UNABLE_TO_COUNT_MATCHES = 0xA701  # C-GET/C-MOVE: out of resources, number of matches
+UNABLE_TO_SUBOPERATE = 0xA702  # C-GET/C-MOVE: out of resources, sub-operations
 MOVE_DESTINATION_UNKNOWN = 0xA801
 
 _BY_REJECTION = {
