@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.render_cache import RenderCache
+from gateway.pacs.retention import Retention
 from gateway.publication.registry_probe import RegistryProbe
 from gateway.security.audit import AuditTrail
 from gateway.urls import dicomweb_root
@@ -36,6 +37,7 @@ class Services:
     registry_url: str  # where queued publications are sent; empty: they stay queued
     registry_probe: RegistryProbe | None  # whether it answers now (None: no registry_url)
     metrics: CollectorRegistry  # what /metrics shows
+    retention: Retention | None = None  # purge and retention passes (admin_retention)
 
     @property
     def dicomweb_root(self) -> str:

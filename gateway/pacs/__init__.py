@@ -1,0 +1,1 @@
+"""Towards PACS peers: studies fetched, retrieved again on demand, local copies retained."""
