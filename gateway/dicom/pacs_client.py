@@ -27,7 +27,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, Association, build_role, evt
+from pynetdicom import AE, Association, StoragePresentationContexts, build_role, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -77,7 +77,7 @@ class HeldInstance:
 
     sop_uid: str
     series_uid: str
-    sop_class_uid: str
+    sop_class_uid: str  # "" when the peer does not return it
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,12 @@ def retrieve_study(peer: DicomPeer, calling_ae: str, study_uid: str, store: Stor
             responses = assoc.send_c_move(identifier, calling_ae,
                                           StudyRootQueryRetrieveInformationModelMove)
             return _retrieved(peer, "C-MOVE", responses, on_progress)
-    sop_classes = sorted({held.sop_class_uid for held in
-                          held_instances(peer, calling_ae, study_uid, timeout=timeout)} - {""})
+    held = {item.sop_class_uid for item in
+            held_instances(peer, calling_ae, study_uid, timeout=timeout)}
+    sop_classes = sorted(held - {""})
+    if "" in held:  # a peer that does not return SOP Class UID (e.g. dcmqrscp)
+        sop_classes += [context.abstract_syntax for context in StoragePresentationContexts
+                        if context.abstract_syntax not in held]
     ae = _ae(calling_ae, timeout)
     ae.requested_contexts = _get_contexts(sop_classes)
     roles = [build_role(uid, scp_role=True) for uid in sop_classes]
