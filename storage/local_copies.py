@@ -77,6 +77,12 @@ class StudyChangedError(Exception):
     """The study changed since its copy was confirmed: nothing was removed."""
 
 
+def copy_removed(index: Index, study_uid: str) -> bool:
+    """True when the study's local copy was removed (its missing files are expected)."""
+    return bool(index.fetch("SELECT 1 FROM studies WHERE study_uid = :study_uid"
+                            " AND copy_removed_at IS NOT NULL", {"study_uid": study_uid}))
+
+
 def _copy(row: tuple) -> StudyCopy:
     (study_uid, received, accessed, changes, queued_changes, removed_at, held_by, count,
      size, unfinished) = row

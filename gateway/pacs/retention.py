@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _DAY = 86400.0
 _MISSING_SHOWN = 3  # missing SOP Instance UIDs a refusal names
+_ABOUT_THE_PACS = ("not_held", "pacs_unreachable")
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,10 @@ class Retention:
         refusal, reason = checked
         if not dry_run:
             metrics.RETENTION_REFUSALS.labels(refusal).inc()
-            log.warning("local copy of study %s kept (%s): %s", copy.study_uid, why, reason)
+            # What an operator must look at: the PACS lacks, or does not answer for, a copy
+            # the policy wants gone. The rest clears by itself (reception, publication).
+            level = logging.WARNING if refusal in _ABOUT_THE_PACS else logging.INFO
+            log.log(level, "local copy of study %s kept (%s): %s", copy.study_uid, why, reason)
             if trigger == "purge":
                 self._audit(copy.study_uid, Outcome.MINOR_FAILURE, user, address,
                             f"local copy kept: {reason}")
@@ -193,9 +197,12 @@ class Retention:
         if not self.pacs.peers:
             return "no_peer", "no PACS peer configured (pacs, PASSERELLE_PACS)"
         quiet = self.now() - copy.last_received_at
-        if quiet < self.stable_seconds or not copy.queued:
+        if quiet < self.stable_seconds:
             return "receiving", (f"still receiving: last instance {quiet:.0f} s ago, stable"
                                  f" after {self.stable_seconds:g} s")
+        if not copy.queued:
+            return "receiving", ("changed since it was last queued for publication (a"
+                                 " running service queues it once stable)")
         if copy.unfinished:
             return "publication", (f"a publication of it is {copy.unfinished} in the outbox"
                                    " (`passerelle outbox`)")
