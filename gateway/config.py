@@ -98,6 +98,9 @@ class DicomSettings(_Section):
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(120, gt=0)
     shutdown_grace_seconds: float = Field(10, ge=0)
+    # Matches one C-FIND answers at most (as QIDO-RS's maxResults); past them it fails with
+    # A700 (out of resources) after the first ones.
+    max_find_matches: int = Field(10000, ge=1)
     # Processes receiving associations on the one port (gateway.supervisor); 0: one per CPU.
     receivers: int = Field(0, ge=0, le=64, alias="dicom_receivers")
     # The receivers' nice increment: storing yields the CPU to the HTTP requests a person

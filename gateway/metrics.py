@@ -44,6 +44,23 @@ HTTP_CONNECTIONS_CLOSED = Counter(
     " too many open from one address; head_timeout: request line and headers too slow;"
     " head_too_large: request line and headers over 16 KiB)",
     ["reason"])
+DIMSE_QUERIES = Counter(
+    "passerelle_dimse_queries_total",
+    "C-FIND requests answered, by query level and result (success; cancel; refused: an"
+    " identifier the information model does not allow, or more than max_find_matches"
+    " matches; failed: the index could not answer)", ["level", "result"])
+DIMSE_QUERY_MATCHES = Counter(
+    "passerelle_dimse_query_matches_total", "C-FIND matches sent, by query level", ["level"])
+DIMSE_RETRIEVES = Counter(
+    "passerelle_dimse_retrieves_total",
+    "C-GET and C-MOVE requests answered, by service (get, move) and result (success;"
+    " partial: some sub-operations failed; failed; cancel; refused: unknown destination or"
+    " identifier the information model does not allow)", ["service", "result"])
+DIMSE_RETRIEVED_INSTANCES = Counter(
+    "passerelle_dimse_retrieved_instances_total",
+    "C-STORE sub-operations of C-GET and C-MOVE, by service and result (sent: stored by the"
+    " peer, warnings included; transcoded: of those, sent in another transfer syntax than"
+    " stored; failed)", ["service", "result"])
 RENDER_CACHE = Counter(
     "passerelle_render_cache_total",
     "Rendered image requests by cache result (hit; miss: rendered; shared: waited for the"

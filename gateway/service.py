@@ -257,9 +257,9 @@ def run_dicom_role(context: ProcessContext) -> None:
         stop.callback(audit.close)
         budget = resource_budget(settings, store, context)
         slots, clients = _shared_slots(context)
-        dicom = DicomService(settings.dicom, store, audit, budget.ingest,
+        dicom = DicomService(settings.dicom, store, audit, budget,
                              server_tls(settings) if settings.dicom.tls else None,
-                             context.listener, slots, clients)
+                             context.listener, slots, clients, settings.pacs.move_destinations)
         stop.callback(dicom.stop)
         dicom.start()
         stopping = threading.Event()

@@ -1,4 +1,5 @@
-"""DICOM upper-layer service: C-ECHO and C-STORE SCP (PS3.4 Annex A and B, PS3.7 9.1.1).
+"""DICOM upper-layer service: C-ECHO, C-STORE, C-FIND, C-GET and C-MOVE SCP (PS3.4 Annexes
+A, B and C, PS3.7 9.1); the query/retrieve services are in ``query`` and ``retrieve``.
 
 Received data sets are stored exactly as encoded by the peer (no transcoding), through
 ``storage.Store``: each is written to a temporary file as it arrives (``server``), which
@@ -11,18 +12,34 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes, UID_dictionary
-from pynetdicom import AE, AllStoragePresentationContexts, Association, evt, sop_class
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UID_dictionary,
+)
+from pynetdicom import (
+    AE,
+    DEFAULT_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    Association,
+    evt,
+    sop_class,
+)
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import metrics
 from gateway.config import DicomSettings
+from gateway.dicom.peer import DicomPeer
 from gateway.dicom.pynetdicom_adapter import register_server
+from gateway.dicom.query import FIND_MODELS, GET_MODELS, MOVE_MODELS, FindService
+from gateway.dicom.retrieve import RetrieveService
 from gateway.dicom.server import (
     ConnectionLimits,
     GuardedAssociationServer,
@@ -31,7 +48,7 @@ from gateway.dicom.server import (
 )
 from gateway.dicom.slots import AssociationSlots
 from gateway.dicom.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
-from gateway.imaging.budget import ByteBudget
+from gateway.imaging.budget import ResourceBudget
 from gateway.security.audit import AuditEvent, AuditTrail, EventType
 from gateway.security.audit import Outcome as AuditOutcome
 from gateway.security.client_counts import ClientCounts
@@ -65,20 +82,21 @@ def storage_sop_classes() -> list[str]:
 
 
 class DicomService:
-    """The C-ECHO / C-STORE SCP, run in background threads. One of several receiver
+    """The DICOM SCP, run in background threads. One of several receiver
     processes accepting on one ``listener`` counts its ``slots`` and ``clients`` with the
     others (GuardedAssociationServer); alone, it binds its own."""
 
     def __init__(self, settings: DicomSettings, store: Store, audit: AuditTrail,
-                 ingest: ByteBudget, ssl_context: ssl.SSLContext | None = None,
+                 budget: ResourceBudget, ssl_context: ssl.SSLContext | None = None,
                  listener: socket.socket | None = None,
                  slots: AssociationSlots | None = None,
-                 clients: ClientCounts | None = None) -> None:
+                 clients: ClientCounts | None = None,
+                 move_destinations: Sequence[DicomPeer] = ()) -> None:
         self.settings = settings
         self._shared = {"listener": listener, "slots": slots, "clients": clients}
         self.store = store
         self.audit = audit
-        self.ingest = ingest  # bytes in flight, shared with STOW-RS
+        self.ingest = budget.ingest  # bytes in flight, shared with STOW-RS
         # Per association: study UID -> [instances stored, instances refused], audited when
         # the association ends (one event per study, not per instance).
         self._received: dict[int, dict[str, list[int]]] = {}
@@ -94,12 +112,28 @@ class DicomService:
         self.ae.network_timeout = settings.network_timeout
         self.ae.require_calling_aet = list(settings.allowed_calling_aets)
         self.ae.add_supported_context(Verification, AllTransferSyntaxes)
+        # Both roles: a C-GET SCU proposes to be the storage SCP (PS3.4 C.4.3, PS3.7 D.3.3.4).
+        # pynetdicom accepts the first of these a context proposes: Explicit VR first and
+        # Implicit VR last, so that neither a C-STORE sender nor a C-GET is made to drop the
+        # value representations when it offered them.
+        preferred = [ExplicitVRLittleEndian,
+                     *(uid for uid in AllTransferSyntaxes
+                       if uid not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
+                     ImplicitVRLittleEndian]
         for uid in storage_sop_classes():
-            self.ae.add_supported_context(uid, AllTransferSyntaxes)
+            self.ae.add_supported_context(uid, preferred, scu_role=True, scp_role=True)
+        for uid in [*FIND_MODELS, *GET_MODELS, *MOVE_MODELS]:
+            self.ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
+        finder = FindService(store.index, audit, settings.ae_title, settings.max_find_matches)
+        retriever = RetrieveService(store, audit, budget, list(move_destinations),
+                                    settings.max_pdu)
         self._server: ThreadedAssociationServer | None = None
         self._acceptor: threading.Thread | None = None
         self._handlers = [
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, finder.on_find),
+            (evt.EVT_C_GET, retriever.on_get),
+            (evt.EVT_C_MOVE, retriever.on_move),
             (evt.EVT_CONN_OPEN, self._on_connection, [1]),
             (evt.EVT_CONN_CLOSE, self._on_connection, [-1]),
             (evt.EVT_ACCEPTED, self._on_accepted),

@@ -1,5 +1,6 @@
-"""Storage status codes (PS3.4 Table B.2-1), shared by C-STORE and STOW-RS (whose
-FailureReason uses the same codes, PS3.18 10.5.3)."""
+"""DIMSE status codes: storage (PS3.4 Table B.2-1), shared by C-STORE and STOW-RS (whose
+FailureReason uses the same codes, PS3.18 10.5.3), and query/retrieve (PS3.4 Tables C.4-1,
+C.4-2, C.4-3)."""
 
 from storage.store import Rejection
 
@@ -17,6 +18,16 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 # Element and Error Comment; PS3.18 I.2.2 lets the FailureReason use them too).
 STUDY_OF_OTHER_PATIENT = 0xC510  # the study is indexed under another Patient ID or issuer
 SERIES_OF_OTHER_STUDY = 0xC511  # the series is indexed in another study
+
+# Query/Retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).
+PENDING = 0xFF00  # a match (C-FIND), or sub-operations continuing (C-GET, C-MOVE)
+PENDING_UNSUPPORTED_KEYS = 0xFF01  # a match; an optional key was not used for matching
+CANCEL = 0xFE00
+IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class
+UNABLE_TO_PROCESS = 0xC000  # Cxxx: Unable to process
+TOO_MANY_MATCHES = OUT_OF_RESOURCES  # C-FIND A700: Refused, out of resources
+UNABLE_TO_COUNT_MATCHES = 0xA701  # C-GET/C-MOVE: out of resources, number of matches
+MOVE_DESTINATION_UNKNOWN = 0xA801
 
 _BY_REJECTION = {
     Rejection.NOT_PART10: CANNOT_UNDERSTAND,
