@@ -1,5 +1,5 @@
 """The ``passerelle`` command: serve, import, studies, outbox, publish, unpublish,
-confidentiality, audit, fetch, registry, install-viewer."""
+confidentiality, audit, fetch, purge, retention, registry, install-viewer."""
 
 import argparse
 import json
@@ -275,6 +275,119 @@ def _cmd_fetch(settings: Settings, args: argparse.Namespace) -> int:
     return run_fetch(settings, query)
 
 
+# --- Retention of local copies (gateway.pacs.retention): purge, retention ---------------
+
+# How long a command waits for the service's answer: a pass asks the PACS about each study
+# the policy wants gone, pacs_timeout at most per message.
+_RETENTION_WAIT_SECONDS = 3600
+
+
+def _retention_answer(settings: Settings, path: str,
+                      here: Callable[[Any], Any]) -> tuple[int, dict[str, Any]] | None:
+    """(HTTP status, JSON answer) of ``POST path`` to the service running on the data dir,
+    as the admin API answers (gateway.web.admin_retention), or, when none answers, of
+    ``here(retention)`` run in this process over the data dir; None, the problem printed,
+    when the service cannot be asked. (The imports pull in the metrics: see _cmd_serve.)"""
+    from gateway import control
+    from gateway.service import standalone_retention
+
+    try:
+        service = control.client(settings.data_dir, timeout=_RETENTION_WAIT_SECONDS)
+    except OSError as exc:
+        print(f"passerelle: cannot reach the service on {settings.data_dir}: {exc}",
+              file=sys.stderr)
+        return None
+    if service is None:
+        with standalone_retention(settings) as retention:
+            try:
+                found = here(retention)
+            except LookupError as exc:
+                return 404, {"error": str(exc)}
+        if isinstance(found, list):
+            return 200, {"decisions": [asdict(decision) for decision in found]}
+        return (409 if found.action == "keep" else 200), {"decision": asdict(found)}
+    try:
+        with service:
+            response = service.post(path)
+        answer = response.json()
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except httpx.HTTPError as exc:
+        print(f"passerelle: the service on {settings.data_dir} did not answer ({exc})",
+              file=sys.stderr)
+        return None
+    except ValueError:
+        print(f"passerelle: unexpected answer from the service on {settings.data_dir}: "
+              f"HTTP {response.status_code}", file=sys.stderr)
+        return None
+    return response.status_code, answer
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
+
+
+def _cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    """Remove one study's local copy, under the guarantee that a PACS holds all of it."""
+    from gateway.web.admin_retention import LOCAL_OPERATOR
+
+    study_uid = args.study
+    got = _retention_answer(settings, f"/admin/studies/{quote(study_uid, safe='')}/purge",
+                            lambda retention: retention.purge(study_uid, LOCAL_OPERATOR))
+    if got is None:
+        return 1
+    status, answer = got
+    decision = answer.get("decision")
+    if status != 200 or not isinstance(decision, dict):
+        reason = decision.get("reason") if isinstance(decision, dict) else None
+        print(f"passerelle: local copy of study {study_uid} kept: {reason}" if reason else
+              f"passerelle: {answer.get('error', f'HTTP {status}')}", file=sys.stderr)
+        return 1
+    if decision["action"] == "gone":
+        print(f"study {study_uid}: {decision['reason']}")
+    else:
+        print(f"local copy of study {study_uid} removed: {decision['instances']} instances,"
+              f" {_size_text(decision['bytes'])} freed; held by {decision['held_by']}")
+    return 0
+
+
+def _cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
+    """One pass of the retention policy, or (--dry-run) what it would do."""
+    from gateway.web.admin_retention import LOCAL_OPERATOR
+
+    dry_run = bool(args.dry_run)
+    got = _retention_answer(settings, "/admin/retention" + ("?dry_run=true" if dry_run else ""),
+                            lambda retention: retention.run(dry_run, LOCAL_OPERATOR))
+    if got is None:
+        return 1
+    status, answer = got
+    decisions = answer.get("decisions")
+    if status != 200 or not isinstance(decisions, list):
+        print(f"passerelle: {answer.get('error', f'HTTP {status}')}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(decisions, ensure_ascii=False, indent=2))
+        return 0
+    if not decisions:
+        print("no local copy of any study here")
+        return 0
+    print(_table(("ACTION", "STUDY UID", "INSTANCES", "SIZE", "LAST READ (UTC)", "WHY"),
+                 [(d["action"], d["study_uid"], str(d["instances"]), _size_text(d["bytes"]),
+                   _utc(d["last_access"]), d["reason"]) for d in decisions]))
+    going = [d for d in decisions if d["action"] in ("remove", "removed")]
+    freed = _size_text(sum(d["bytes"] for d in going))
+    print(f"{'dry run: ' if dry_run else ''}{len(going)} of {len(decisions)} local copies"
+          f" {'would go' if dry_run else 'removed'} ({freed}), {len(decisions) - len(going)}"
+          " kept")
+    return 0
+
+
+def _utc(at: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M")
+
+
 def _cmd_install_viewer(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.integrity:
@@ -351,6 +464,15 @@ When a `passerelle serve` runs on the data dir, this goes through it, over its c
 <data_dir>/control.sock: the service queues it and sends it as its own settings say. When none
 runs, this command queues it in the data dir, and the service sends it once started; the
 registry_url read here only tells where that would be."""
+
+
+_RETENTION_NOTES = """\
+A local copy goes only when one PACS peer answers C-FIND with every instance of the study
+(the index stays: the study is still published, retrieved again from that PACS on demand);
+never without a PACS peer, while the study is still receiving, or while a publication of it
+is not acknowledged. Exits 1 when a purge is refused, saying why. When a `passerelle serve`
+runs on the data dir, this goes through it, over its control socket (its settings apply);
+when none runs, this command does it over the data dir with the settings read here."""
 
 
 def _version() -> str:
@@ -436,6 +558,15 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--since", metavar="DATE",
                        help="with --patient: studies of this date (YYYY-MM-DD) or later")
     fetch.add_argument("--peer", metavar="AE", help="ask only the PACS peer of this AE title")
+    retention_reads = (*reads_data, "pacs", "stable_seconds", "ae_title")
+    purge = command("purge", "remove one study's local copy, if a PACS holds all of it",
+                    _cmd_purge, retention_reads, notes=_RETENTION_NOTES)
+    purge.add_argument("--study", required=True, metavar="UID", help="its Study Instance UID")
+    retention = command("retention", "remove the local copies the retention policy lets go",
+                        _cmd_retention, retention_reads, notes=_RETENTION_NOTES)
+    retention.add_argument("--dry-run", action="store_true",
+                           help="only list what would go and what stays, and why")
+    retention.add_argument("--json", action="store_true", help="JSON output for scripts")
     viewer = command("install-viewer", "install the OHIF viewer served at /viewer/",
                      _cmd_install_viewer, ("viewer_dir", "log_level"), existing_data_dir=False,
                      notes="TARBALL is the npm package @ohif/app (npm pack @ohif/app@VERSION); "

@@ -227,6 +227,8 @@ class PacsSettings(_Section):
     # Remove such copies, least recently read first, while the data dir's disk is fuller
     # than this percentage.
     retention_high_water_percent: float = Field(90, gt=0, le=100)
+    # Seconds between two passes of the retention policy in the background worker.
+    retention_interval_seconds: float = Field(3600, gt=0)
     # How long an HTTP or DIMSE client waits for a study retrieved on demand before a 503.
     retrieve_wait_seconds: float = Field(30, gt=0)
 

@@ -214,3 +214,23 @@ def scrape_registry(*collectors: Collector) -> CollectorRegistry:
     for collector in collectors:
         registry.register(collector)
     return registry
+
+
+# Retention of local copies (gateway.pacs.retention).
+LOCAL_COPIES_REMOVED = Counter(
+    "passerelle_local_copies_removed_total",
+    "Studies whose local copy was removed, a PACS peer confirmed to hold every instance, by"
+    " trigger (age: retention_days; disk: above the high-water mark; purge: asked for)",
+    ["trigger"])
+LOCAL_INSTANCES_REMOVED = Counter(
+    "passerelle_local_instances_removed_total",
+    "Instance files deleted with the local copies removed")
+LOCAL_COPY_BYTES_FREED = Counter(
+    "passerelle_local_copy_bytes_freed_total",
+    "Bytes of the instance files deleted with the local copies removed")
+RETENTION_REFUSALS = Counter(
+    "passerelle_retention_refusals_total",
+    "Local copies the retention policy or a purge wanted gone but kept, by reason (no_peer;"
+    " receiving: not yet stable; publication: one not acknowledged in the outbox; not_held:"
+    " no peer holds every instance; pacs_unreachable: no peer answered; changed: an instance"
+    " arrived meanwhile; no_instance: nothing to remove)", ["reason"])

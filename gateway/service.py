@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -37,6 +37,7 @@ from gateway.liveness import BEAT_SECONDS, DICOM, ROLES, Board
 from gateway.metrics import OutboxCollector, ServiceCollector, scrape_registry
 from gateway.pacs import PacsConfig
 from gateway.pacs.restore import Restorer
+from gateway.pacs.retention import Retention, RetentionWorker
 from gateway.publication.event_codes import load_event_codes
 from gateway.publication.kos import RetrieveOrigin
 from gateway.publication.publisher import Leases, Publisher
@@ -168,6 +169,24 @@ def _audit_trail(settings: Settings, store: Store) -> AuditTrail:
                       StudyAccesses(store.index).add)
 
 
+def retention_of(settings: Settings, store: Store, audit: AuditTrail) -> Retention:
+    """The retention policy of ``settings`` over ``store``, auditing in ``audit``."""
+    return Retention(settings.pacs, settings.dicom.ae_title,
+                     settings.publication.stable_seconds, store, audit, settings.data_dir)
+
+
+@contextlib.contextmanager
+def standalone_retention(settings: Settings) -> Iterator[Retention]:
+    """The retention of the data dir of ``settings`` for a command that no service
+    answers: over a store and an audit trail of its own."""
+    with contextlib.ExitStack() as stop:
+        store = open_store(settings)
+        stop.callback(store.close)
+        audit = _audit_trail(settings, store)
+        stop.callback(audit.close)
+        yield retention_of(settings, store, audit)
+
+
 def _every_role_here() -> dict[str, list[int]]:
     return {role: [os.getpid()] for role in ROLES}
 
@@ -197,7 +216,8 @@ def http_services(settings: Settings, store: Store, audit: AuditTrail,
         registry_probe=RegistryProbe(settings.publication.registry_url,
                                      functools.partial(registry_tls, settings.publication))
         if settings.publication.registry_url else None,
-        metrics=metrics, restorer=Restorer(PacsConfig.of(settings), store))
+        metrics=metrics, restorer=Restorer(PacsConfig.of(settings), store),
+        retention=retention_of(settings, store, audit))
 
 
 def _beat_while(context: ProcessContext, serving: Callable[[], bool]) -> None:
@@ -327,8 +347,9 @@ def _wake_on_pokes(connection: Connection, wake: Callable[[], None]) -> None:
 
 
 def run_background_role(context: ProcessContext) -> None:
-    """The stable-study watcher, the publisher and the control channel, until SIGTERM;
-    then the publisher stops after the row in progress."""
+    """The stable-study watcher, the publisher, the retention pass (with a PACS peer) and
+    the control channel, until SIGTERM; then the publisher stops after the row in
+    progress, the retention pass after the study in progress."""
     settings, publication = context.settings, context.settings.publication
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
@@ -356,19 +377,25 @@ def run_background_role(context: ProcessContext) -> None:
         control = ControlChannel(settings.data_dir, settings.is_replica())
         stop.callback(control.close)
         control.open()
-        watcher.start()
-        if publisher is not None:
-            publisher.start()
-        workers = [worker for worker in (watcher, publisher) if worker is not None]
-
-        def beat_while_working() -> None:
-            if all(worker.alive for worker in workers):
-                context.beat()
-
         # The admin routes of the control channel neither decode nor render.
         services = http_services(settings, store, audit, context.board.serving, wake,
                                  resource_budget(settings, store, context),
                                  render_cache_bytes=0)
+        # Without a PACS peer nothing is ever removed: no pass to run.
+        retention = RetentionWorker(services.retention) \
+            if services.retention is not None and settings.pacs.peers else None
+        if retention is not None:
+            stop.callback(retention.stop)
+        watcher.start()
+        if publisher is not None:
+            publisher.start()
+        if retention is not None:
+            retention.start()
+        workers = [worker for worker in (watcher, publisher, retention) if worker is not None]
+
+        def beat_while_working() -> None:
+            if all(worker.alive for worker in workers):
+                context.beat()
         try:
             control.serve(services, beat_while_working)
         except ShutdownRequestedError as exc:

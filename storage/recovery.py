@@ -4,7 +4,8 @@ Files are written atomically and fsynced before acknowledgement, the index commi
 is not fsynced (synchronous=NORMAL, see ``storage.database``); after a power cut the index
 may therefore miss the last instances. Every file that is not indexed is re-indexed from its
 header; a file that cannot be parsed (it cannot have been acknowledged) is moved to
-``quarantine/``. Indexed instances whose file is gone are reported.
+``quarantine/``. Indexed instances whose file is gone are reported, but for the studies
+whose local copy retention removed.
 """
 
 import fcntl
@@ -18,6 +19,7 @@ from pathlib import Path
 from storage.blobs import BlobStore
 from storage.header import read_header
 from storage.index import IdentityConflictError, Index
+from storage.local_copies import copy_removed
 from storage.structure import UnreadableDatasetError
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,8 @@ def _recover(blobs: BlobStore, index: Index) -> RecoveryReport:
             # before v8 (reported by the index upgrade), not a file the index lost.
             if not index.has_path(relative):
                 _reindex(blobs, index, relative, report)
-        report.missing += sorted(p for p in indexed if not (blobs.root / p).exists())
+        if not copy_removed(index, study_dir.name):  # its files are in a PACS (retention)
+            report.missing += sorted(p for p in indexed if not (blobs.root / p).exists())
     for relative in report.missing:
         log.error("indexed instance has no file: %s", relative)
     if report.reindexed or report.quarantined:

@@ -147,9 +147,10 @@ ACCESS_KINDS = frozenset(_SEEING.values())
 
 def study_access(event: AuditEvent) -> Access | None:
     """The access to a study ``event`` records, refused or failed ones included; None when
-    it names no study or shows none (a store, an export, an authentication)."""
+    it names no study or shows none (a store, a local copy removed, an export, an
+    authentication)."""
     kind = _SEEING.get(event.event)
-    if kind is None or not event.study_uid or event.action == "C":
+    if kind is None or not event.study_uid or event.action in ("C", "D"):
         return None
     return Access(event.study_uid, user_id(event.user), event.address, kind,
                   event.outcome is not Outcome.SUCCESS, event.at)

@@ -40,6 +40,7 @@ from starlette.routing import Route
 from gateway import metrics
 from gateway.pacs.fetch import FetchQuery, FetchRefusedError, find, retrieve
 from gateway.publication.confidentiality import Confidentiality
+from gateway.web import admin_retention
 from gateway.web.dicomweb.qido import BadQueryError, parse_query
 from gateway.web.http.errors import admin_error
 from gateway.web.http.origin import foreign_origin
@@ -307,6 +308,7 @@ ROUTES = [
     Route("/admin/studies", list_studies, methods=["GET"]),
     Route("/admin/studies/{study}", study, methods=["GET"]),
     Route("/admin/studies/{study}/access", study_access, methods=["GET"]),
+    *admin_retention.ROUTES,
     Route("/admin/studies/{study}/{action}", queue_study_action, methods=["POST"]),
     Route("/admin/outbox", list_outbox, methods=["GET"]),
     Route("/admin/outbox/{id}/retry", retry_publication, methods=["POST"]),

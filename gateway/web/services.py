@@ -10,6 +10,7 @@ from starlette.requests import Request
 from gateway.imaging.budget import ResourceBudget
 from gateway.imaging.render_cache import RenderCache
 from gateway.pacs.restore import Restorer
+from gateway.pacs.retention import Retention
 from gateway.publication.registry_probe import RegistryProbe
 from gateway.security.audit import AuditTrail
 from gateway.urls import dicomweb_root
@@ -38,6 +39,7 @@ class Services:
     registry_probe: RegistryProbe | None  # whether it answers now (None: no registry_url)
     metrics: CollectorRegistry  # what /metrics shows
     restorer: Restorer  # the PACS peers: fetches, local copies given back on demand
+    retention: Retention | None = None  # purge and retention passes (admin_retention)
 
     @property
     def dicomweb_root(self) -> str:
