@@ -99,6 +99,13 @@ STUDY_ACCESSES_UNINDEXED = Counter(
     " saw each study (the database write of their batch failed, or too many waited for it;"
     " logged)")
 
+REJECTED_INSTANCES = Counter(
+    "passerelle_rejected_instances_total",
+    "Instances taken out of use by IHE IOCM rejection notes, by reason (the note's title"
+    " code: 113001, 113037, 113038, 113039) and action (removed: file and index rows deleted;"
+    " hidden: out of the index, file kept under rejected/; not_stored: referenced but not"
+    " stored here, refused if sent later)", ["reason", "action"])
+
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:
     """Count one ingest outcome (shared by C-STORE and STOW-RS)."""
