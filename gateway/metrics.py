@@ -137,6 +137,12 @@ RESTORE_WAITS = Counter(
     "Requests (HTTP or DIMSE) that found their study's local copy gone, by what they got"
     " (served: after its retrieval; timeout: not back within retrieve_wait_seconds;"
     " unavailable: its retrieval failed)", ["result"])
+REJECTED_INSTANCES = Counter(
+    "passerelle_rejected_instances_total",
+    "Instances taken out of use by IHE IOCM rejection notes, by reason (the note's title"
+    " code: 113001, 113037, 113038, 113039) and action (removed: file and index rows deleted;"
+    " hidden: out of the index, file kept under rejected/; not_stored: referenced but not"
+    " stored here, refused if sent later)", ["reason", "action"])
 
 
 def record_ingest(result: IngestResult, protocol: str, size: int) -> None:

@@ -43,6 +43,7 @@ from gateway.publication.kos import RetrieveOrigin
 from gateway.publication.publisher import Leases, Publisher
 from gateway.publication.registry_client import RegistryClient
 from gateway.publication.registry_probe import RegistryProbe
+from gateway.publication.rejection import audit_rejections
 from gateway.publication.stable import StableStudyWatcher
 from gateway.security.audit import AuditTrail
 from gateway.security.client_counts import ClientTable, SharedClientCounts
@@ -163,10 +164,13 @@ def open_store(settings: Settings) -> Store:
 
 
 def _audit_trail(settings: Settings, store: Store) -> AuditTrail:
-    return AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
-                      store.index.patient_id_of, settings.audit,
-                      _audit_syslog(settings.audit, settings.tls),
-                      StudyAccesses(store.index).add)
+    """The process's audit trail, which also audits the rejection notes ``store`` applies."""
+    trail = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
+                       store.index.patient_id_of, settings.audit,
+                       _audit_syslog(settings.audit, settings.tls),
+                       StudyAccesses(store.index).add)
+    audit_rejections(store, trail)
+    return trail
 
 
 def retention_of(settings: Settings, store: Store, audit: AuditTrail) -> Retention:

@@ -126,15 +126,20 @@ class Outbox:
     def queue(self, study_uid: str, action: Action, payload: str = "") -> Publication:
         """Queue ``action`` for a study now (manual publish, unpublish, confidentiality)."""
         with self.index.transaction() as db:
-            now = self.index.database.now(db)
-            if db.execute(text("SELECT 1 FROM studies WHERE study_uid = :study_uid"),
-                          {"study_uid": study_uid}).first() is None:
-                raise LookupError(f"no such study {study_uid}")
-            if action is Action.PUBLISH:
-                db.execute(text("UPDATE studies SET queued_changes = changes "
-                                "WHERE study_uid = :study_uid"), {"study_uid": study_uid})
-            pk = self._insert(db, study_uid, action, now, payload)
+            pk = self.queue_in(db, study_uid, action, payload)
         return self.get(pk)  # type: ignore[return-value]
+
+    def queue_in(self, db: Connection, study_uid: str, action: Action,
+                 payload: str = "") -> int:
+        """``queue`` within the caller's write transaction ``db``; the new row's id."""
+        now = self.index.database.now(db)
+        if db.execute(text("SELECT 1 FROM studies WHERE study_uid = :study_uid"),
+                      {"study_uid": study_uid}).first() is None:
+            raise LookupError(f"no such study {study_uid}")
+        if action is Action.PUBLISH:
+            db.execute(text("UPDATE studies SET queued_changes = changes "
+                            "WHERE study_uid = :study_uid"), {"study_uid": study_uid})
+        return self._insert(db, study_uid, action, now, payload)
 
     @staticmethod
     def _insert(db: Connection, study_uid: str, action: Action, now: float,

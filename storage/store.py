@@ -13,7 +13,7 @@ import enum
 import errno
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +24,7 @@ from storage.database import database_url as url_of_index
 from storage.header import InstanceRecord, read_header
 from storage.index import IdentityConflict, IdentityConflictError, Index, StoredInstance
 from storage.part10 import is_part10, read_file_meta, with_preamble
+from storage.rejections import AppliedRejection, Rejections
 from storage.sameness import FixedBudget, MemoryBudget, NotComparableError, same_instance
 from storage.structure import (
     DatasetTooComplexError,
@@ -74,6 +75,11 @@ class Rejection(enum.StrEnum):
     SOP_INSTANCE_CONFLICT = "sop-instance-conflict"
     STUDY_OF_OTHER_PATIENT = "study-of-other-patient"  # another Patient ID or issuer
     SERIES_OF_OTHER_STUDY = "series-of-other-study"
+    # IHE IOCM (storage.rejections): an instance a rejection note took out of use, sent
+    # again; a rejection note naming what is not of its study, or nothing it can reject.
+    PREVIOUSLY_REJECTED = "previously-rejected"
+    REJECTION_NOTE_OUTSIDE_STUDY = "rejection-note-outside-study"
+    REJECTION_NOTE_INVALID = "rejection-note-invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +201,10 @@ class Store:
         # its decode memory budget here).
         self.decode_memory: MemoryBudget = decode_memory or FixedBudget(_OWN_COMPARISON_BYTES)
         self._read_patient_modules()
+        self.rejections = Rejections(self.index, self.blobs, self.limits)
+        self.rejections.settle()
+        # Told of each rejection note applied (the service audits and counts them).
+        self.on_rejection: Callable[[AppliedRejection], None] | None = None
 
     def _read_patient_modules(self) -> None:
         """Once after the v8 migration: the patient module of each study read again from
@@ -308,7 +318,21 @@ class Store:
                                                 record.sop_uid)
         except InvalidUIDError as exc:
             return _rejected(Rejection.INVALID_UID, str(exc), record)
+        # IHE IOCM: a rejection note is checked before it is stored, applied once it is.
+        note, refusal = self.rejections.screen(record, received)
+        if refusal:
+            return _rejected(Rejection(refusal.reason), refusal.message, record,
+                             refusal.offending)
+        result = self._store(record, relative, blob, source)
+        if note is not None and result.accepted:
+            applied = self.rejections.apply(note, source)
+            if self.on_rejection is not None:
+                self.on_rejection(applied)
+        return result
 
+    def _store(self, record: InstanceRecord, relative: str, blob: bytes | TemporaryBlob,
+               source: str) -> IngestResult:
+        received = blob if isinstance(blob, bytes) else blob.path
         existing = self.index.find_instance(record.sop_uid)
         try:
             if existing and not self.blobs.absolute(existing.path).is_file():
@@ -379,6 +403,10 @@ class Store:
             existing = self.index.find_instance(record.sop_uid)
             if existing and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
                 return self._compare_with_stored(record, received, existing)
+            refusal = None if existing else self.rejections.admission(record.sop_uid)
+            if refusal:
+                return _rejected(Rejection(refusal.reason), refusal.message, record,
+                                 refusal.offending)
             # Before a byte is written: a replacement must not move the instance, nor
             # overwrite the file of the one it would have replaced.
             conflict = self.index.identity_conflict(record)

@@ -1,5 +1,7 @@
 """Everything the index knows of one study, in the shape a manifest needs: patient, study,
-request identifiers, and every series with its instances."""
+request identifiers, and every series with its instances: those published, not the IOCM
+rejection notes (storage.rejections records each in rejected_instances; the instances they
+reject are out of the index already)."""
 
 from dataclasses import dataclass, field, fields
 
@@ -80,7 +82,9 @@ _INSTANCES = """
     SELECT se.series_uid, se.modality, se.body_part, se.series_number, se.series_date,
            se.series_time, se.requests, i.sop_class_uid, i.sop_uid
     FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
-    WHERE st.study_uid = :study_uid ORDER BY se.series_number, se.pk, i.instance_number, i.pk
+    WHERE st.study_uid = :study_uid
+    AND NOT EXISTS (SELECT 1 FROM rejected_instances r WHERE r.sop_uid = i.sop_uid)
+    ORDER BY se.series_number, se.pk, i.instance_number, i.pk
 """
 _DECODERS = {"patient_id_qualifiers": decode_issuer, "other_patient_ids": decode_other_ids,
              "accession_issuer": decode_issuer,

@@ -149,7 +149,8 @@ study_accesses = Table(
 )
 
 # Instances an IOCM rejection note removed (PS3.3 A.35.4 title codes 113001, 113037, 113038,
-# 113039): the same instance sent again is not shown again.
+# 113039): the same instance sent again is not shown again. Each note has a row of its own
+# (note_uid = sop_uid): stored, never published (storage.rejections).
 rejected_instances = Table(
     "rejected_instances", metadata,
     Column("sop_uid", Text, primary_key=True), _text("study_uid"), _text("series_uid"),

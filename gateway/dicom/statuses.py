@@ -18,6 +18,8 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 # Element and Error Comment; PS3.18 I.2.2 lets the FailureReason use them too).
 STUDY_OF_OTHER_PATIENT = 0xC510  # the study is indexed under another Patient ID or issuer
 SERIES_OF_OTHER_STUDY = 0xC511  # the series is indexed in another study
+PREVIOUSLY_REJECTED = 0xC512  # an IHE IOCM rejection note took this instance out of use
+REJECTION_NOTE_OUTSIDE_STUDY = 0xC513  # a rejection note naming what is not of its study
 
 # Query/Retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).
 PENDING = 0xFF00  # a match (C-FIND), or sub-operations continuing (C-GET, C-MOVE)
@@ -43,6 +45,10 @@ _BY_REJECTION = {
     Rejection.SOP_INSTANCE_CONFLICT: DUPLICATE_SOP_INSTANCE,
     Rejection.STUDY_OF_OTHER_PATIENT: STUDY_OF_OTHER_PATIENT,
     Rejection.SERIES_OF_OTHER_STUDY: SERIES_OF_OTHER_STUDY,
+    Rejection.PREVIOUSLY_REJECTED: PREVIOUSLY_REJECTED,
+    Rejection.REJECTION_NOTE_OUTSIDE_STUDY: REJECTION_NOTE_OUTSIDE_STUDY,
+    # Current Requested Procedure Evidence Sequence missing, empty or invalid (PS3.3 C.17.6.2)
+    Rejection.REJECTION_NOTE_INVALID: DATASET_MISMATCH,
 }
 
 

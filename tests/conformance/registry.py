@@ -78,6 +78,10 @@ def registry_problems(data_dir: Path) -> list[str]:
                                 f"{data_dir} stores: its instances cannot be checked")
                 continue
             instances, missing = found
+            if resource.get("status") == "superseded":
+                # Replaced or withdrawn: what it named may have been corrected or rejected
+                # since (IHE IOCM), so the KOS is checked by itself, not against them.
+                instances, missing = [], []
             problems += [f"{name}: profile: {p}" for p in profile_problems(resource,
                                                                            DOCUMENT_PROFILE)]
             if name in lists:
