@@ -80,14 +80,17 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.service import audit_trail, open_store  # (imports the metrics: _cmd_serve)
+
     # Creates a missing data dir: importing an archive into a new data dir, then serving
     # it, is a legitimate first step.
-    store = Store(settings.data_dir, settings.ingest.duplicate_policy, settings.ingest.limits(),
-                  database_url=settings.database_url)
+    store = open_store(settings)
+    audit = audit_trail(settings, store)  # IOCM rejection notes imported are audited
     try:
         summary = import_paths(store, args.paths, jobs=args.jobs,
                                progress=not args.quiet and sys.stderr.isatty())
     finally:
+        audit.close()
         store.close()
     print(summary.report())
     return 1 if summary.rejected else 0
@@ -515,8 +518,8 @@ def _parser() -> argparse.ArgumentParser:
                   "processes, each started again\nif it dies. Serves the admin API, without "
                   "token, to local commands\non <data_dir>/control.sock (mode 0600).")
     importer = command("import", "import Part 10 files or folders", _cmd_import,
-                       (*reads_data, "duplicate_policy"), existing_data_dir=False,
-                       notes="Creates the data dir when it does not exist.")
+                       (*reads_data, "duplicate_policy", "ae_title", "audit"),
+                       existing_data_dir=False, notes="Creates the data dir when it does not exist.")
     importer.add_argument("paths", nargs="+", type=Path)
     importer.add_argument("--jobs", type=int, default=4, help="parallel writers (default 4)")
     importer.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -163,7 +163,7 @@ def open_store(settings: Settings) -> Store:
                  database_url=settings.database_url)
 
 
-def _audit_trail(settings: Settings, store: Store) -> AuditTrail:
+def audit_trail(settings: Settings, store: Store) -> AuditTrail:
     """The process's audit trail, which also audits the rejection notes ``store`` applies."""
     trail = AuditTrail(settings.data_dir / "audit", settings.dicom.ae_title,
                        store.index.patient_id_of, settings.audit,
@@ -186,7 +186,7 @@ def standalone_retention(settings: Settings) -> Iterator[Retention]:
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
         stop.callback(store.close)
-        audit = _audit_trail(settings, store)
+        audit = audit_trail(settings, store)
         stop.callback(audit.close)
         yield retention_of(settings, store, audit)
 
@@ -260,7 +260,7 @@ def run_dicom_role(context: ProcessContext) -> None:
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
         stop.callback(store.close)
-        audit = _audit_trail(settings, store)
+        audit = audit_trail(settings, store)
         stop.callback(audit.close)
         budget = resource_budget(settings, store, context)
         slots, clients = _shared_slots(context)
@@ -309,7 +309,7 @@ def run_http_role(context: ProcessContext) -> None:
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
         stop.callback(store.close)
-        audit = _audit_trail(settings, store)
+        audit = audit_trail(settings, store)
         stop.callback(audit.close)
         services = http_services(
             settings, store, audit, context.board.serving, _waker(context.wake),
@@ -358,7 +358,7 @@ def run_background_role(context: ProcessContext) -> None:
     with contextlib.ExitStack() as stop:
         store = open_store(settings)
         stop.callback(store.close)
-        audit = _audit_trail(settings, store)
+        audit = audit_trail(settings, store)
         stop.callback(audit.close)
         watcher = StableStudyWatcher(Outbox(store.index), publication.stable_seconds)
         publisher = None

@@ -12,17 +12,18 @@ rejection, not titles) and what each does here (IHE RAD TF RAD-66, 4.66.4.x Expe
 - 113037 Rejected for Patient Safety Reasons, 113038 Incorrect Modality Worklist Entry:
   removed (file deleted, index rows gone). "The Image Manager / Archive shall not accept
   subsequent occurrence of instances that have been hidden" (4.66.4.2.3.1, 4.66.4.3.3).
-- 113039 Data Retention Policy Expired: removed. Sent again, an instance is stored: the
-  archive "may choose to decide that the Data Retention Policy Expired rejection is no
-  longer in force" (4.66.4.4.3), and does.
+- 113039 Data Retention Policy Expired: removed. The archive "may choose to decide that the
+  Data Retention Policy Expired rejection is no longer in force" (4.66.4.4.3); this one does
+  not: a PACS that still holds the instance would otherwise bring it back unasked, when a
+  study whose local copy retention removed is retrieved again on demand (gateway.pacs).
 
-An instance rejected for any other reason and sent again is refused (``admission``), 113001
+An instance rejected for any reason and sent again is refused (``admission``), 113001
 included: a hidden instance would otherwise be shown again. Each rejected instance has a row
 in ``rejected_instances``; so has each note, under its own UID (note_uid = sop_uid): it is
 stored and stays queryable and retrievable (the evidence of the change) but is never a study
 instance of the published manifest (storage.study_contents leaves out every UID of the table).
 Instances a note references that are not stored here are recorded too: they are refused if
-they arrive later (113039 aside).
+they arrive later.
 
 A note applies within its own study: one referencing another study's instances (another
 patient's, say), or naming a stored instance or series under another series or study than
@@ -67,7 +68,6 @@ REASONS = {"113001": "Rejected for Quality Reasons",
            "113038": "Incorrect Modality Worklist Entry",
            "113039": "Data Retention Policy Expired"}
 HIDING = frozenset({"113001"})  # kept under rejected/; the others are deleted
-READMITTED = frozenset({"113039"})  # sent again: stored, the rejection no longer in force
 
 _NOTE_TAGS = [keyword_dict[keyword] for keyword in (
     "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ConceptNameCodeSequence",
@@ -301,20 +301,13 @@ class Rejections:
 
     def admission(self, sop_uid: str) -> Refusal | None:
         """Why an instance sent again must be refused (None: it may be stored); called under
-        its ingest lock. One rejected for retention expiry is readmitted: its row goes."""
+        its ingest lock."""
         rows = self.index.fetch("SELECT reason, note_uid FROM rejected_instances"
                                 " WHERE sop_uid = :sop_uid AND note_uid != sop_uid",
                                 {"sop_uid": sop_uid})
         if not rows:
             return None
         reason, note_uid = rows[0]
-        if reason in READMITTED:
-            with self.index.transaction() as db:
-                db.execute(text("DELETE FROM rejected_instances WHERE sop_uid = :sop_uid"),
-                           {"sop_uid": sop_uid})
-            log.info("%s, removed by rejection note %s (%s %s), sent again: accepted, that"
-                     " rejection no longer in force", sop_uid, note_uid, reason, REASONS[reason])
-            return None
         return Refusal("previously-rejected",
                        f"rejected ({reason}, {REASONS[reason]}) by IOCM rejection note"
                        f" {note_uid}, not accepted again: {sop_uid}", "SOPInstanceUID")

@@ -251,9 +251,11 @@ def test_rejections_replace_then_withdraw_the_manifest(
         wait_for(lambda: _rejection_events(server, expiry), 10, "the audit event")
         assert "withdrawal" in json.dumps(_rejection_events(server, expiry))
 
-        # Retention expiry no longer in force for an instance sent again (4.66.4.4.3).
-        assert send(server.dicom_port, kept[0]) == (0x0000, "")
-        assert kept[0].SOPInstanceUID in _listed(server, study)
+        # Retention expiry stays in force for an instance sent again (4.66.4.4.3 lets the
+        # archive lift it; this one does not: a PACS retrieval would bring it back unasked).
+        status, comment = send(server.dicom_port, kept[0])
+        assert status == 0xC512 and comment.startswith("rejected (113039")
+        assert kept[0].SOPInstanceUID not in _listed(server, study)
 
 
 def test_quality_rejection_hides_and_misplaced_notes_are_refused(tmp_path: Path,
