@@ -519,7 +519,8 @@ def _parser() -> argparse.ArgumentParser:
                   "token, to local commands\non <data_dir>/control.sock (mode 0600).")
     importer = command("import", "import Part 10 files or folders", _cmd_import,
                        (*reads_data, "duplicate_policy", "ae_title", "audit"),
-                       existing_data_dir=False, notes="Creates the data dir when it does not exist.")
+                       existing_data_dir=False,
+                       notes="Creates the data dir when it does not exist.")
     importer.add_argument("paths", nargs="+", type=Path)
     importer.add_argument("--jobs", type=int, default=4, help="parallel writers (default 4)")
     importer.add_argument("--quiet", action="store_true", help="no progress bar")
