@@ -175,6 +175,17 @@ def test_wado_uri_restores_the_object(setup: _Setup) -> None:
     assert setup.removed_at() is None
 
 
+def test_metadata_not_cached_yet_restores_the_study(setup: _Setup) -> None:
+    setup.purge()
+    with setup.index.transaction() as db:  # as for instances stored but never asked for
+        db.execute(text("DELETE FROM instance_metadata"))
+    answer = setup.get(f"/dicom-web/studies/{setup.study}/metadata",
+                       accept="application/dicom+json")
+    assert answer.status_code == 200, answer.text
+    assert {item["00080018"]["Value"][0] for item in answer.json()} == setup.originals.keys()
+    assert setup.removed_at() is None
+
+
 def _getscu(setup: _Setup, folder: Path) -> subprocess.CompletedProcess[str]:
     folder.mkdir()
     return subprocess.run(["getscu", "-S", "-aet", "VIEWER", "-aec", "PASSERELLE", "-od",

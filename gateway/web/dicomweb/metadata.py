@@ -23,6 +23,7 @@ from gateway.imaging.budget import OverBudget, Reservation, ResourceBudget
 from gateway.urls import ItemStep, bulkdata_url, retrieve_url
 from gateway.web.dicomweb.bulkdata import PIXEL_DATA
 from gateway.web.dicomweb.native_xml import native_xml
+from gateway.web.dicomweb.stored_files import ensure_local
 from gateway.web.dicomweb.validators import VARY, conditional, validator_headers
 from gateway.web.dicomweb.wado import check_uids
 from gateway.web.http.accept import BadAcceptError, MediaRange, parse_accept
@@ -164,6 +165,10 @@ async def metadata(request: Request) -> Response:
             held.release()
             return error(404, f"no such {target.level}")
         missing = [instance for instance, text in rows if text is None or _STALE in text]
+        # Cached texts need no file; one to compute does, given back by a PACS if gone.
+        if await ensure_local(request, missing):
+            rows = await run_in_threadpool(store.index.instances_with_metadata, *scope)
+            missing = [instance for instance, text in rows if text is None or _STALE in text]
         computed: dict[str, str] = {}
         # In batches, so that a large study does not hold a decode worker for long.
         for start in range(0, len(missing), _BATCH):
