@@ -2,10 +2,12 @@
 
 The peer is a pynetdicom Study Root C-FIND / C-GET SCP on a loopback port (``HostilePacs``):
 it lists the instances of the study asked for, then its C-GET sends what the test says,
-instances of another study, or more instances than it listed."""
+instances of another study, or more instances than it listed, or is slow to."""
 
 import json
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,19 +19,25 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from tests.processes import PasserelleProcess, free_port
+from gateway.pacs.restore import MAX_RESTORES
+from tests.processes import PasserelleProcess, free_port, wait_for
 from tests.synthetic import ct_slice
 
 PACS_AE = "HOSTILE"
 
 
 class HostilePacs:
-    """A C-FIND / C-GET SCP whose C-FIND answers ``listed``, whose C-GET sends ``sent``."""
+    """A C-FIND / C-GET SCP whose C-FIND answers ``listed``, whose C-GET sends ``sent``
+    (None: the listed instances of the study asked for) once ``gate`` is open."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.listed: list[Dataset] = []
-        self.sent: list[Dataset] = []
+        self.sent: list[Dataset] | None = None
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_flight = self.most_in_flight = 0
+        self._counting = threading.Lock()
         ae = AE(ae_title=PACS_AE)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
@@ -68,12 +76,23 @@ class HostilePacs:
                 yield 0xFF00, answer
 
     def _get(self, event: evt.Event) -> Iterator[object]:
-        yield len(self.sent)
-        for ds in self.sent:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield 0xFF00, ds
+        with self._counting:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self.gate.wait(30)
+            study_uid = event.identifier.StudyInstanceUID
+            sent = self.sent if self.sent is not None else [
+                ds for ds in self.listed if ds.StudyInstanceUID == study_uid]
+            yield len(sent)
+            for ds in sent:
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                yield 0xFF00, ds
+        finally:
+            with self._counting:
+                self.in_flight -= 1
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +156,35 @@ def test_a_c_get_sending_more_than_the_peer_listed_is_cut_short(
                                                          for ds in asked[:2]}
     [outcome] = summary["studies"]
     assert "more instances than the 2 it listed" in outcome["error"]
+
+
+def test_on_demand_retrievals_at_once_are_bounded(tmp_path: Path, pacs: HostilePacs) -> None:
+    server = PasserelleProcess(tmp_path / "data", pacs=f"{PACS_AE}@127.0.0.1:{pacs.port}/get",
+                               pacs_timeout="20", http_workers="1",
+                               retrieve_wait_seconds="1").start()
+    try:
+        studies = [_study(1) for _ in range(MAX_RESTORES + 1)]
+        pacs.listed, pacs.sent = [ds for study in studies for ds in study], None
+        for [ds] in studies:
+            assert _fetch(server, ds.StudyInstanceUID)["complete"]
+            for path in (server.data_dir / "studies" / ds.StudyInstanceUID).glob("*/*.dcm"):
+                path.unlink()  # the local copy gone, as retention removes it
+        pacs.gate.clear()  # the PACS is slow: every retrieval outlasts its client's wait
+        answers = [httpx.get(f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}",
+                             headers={"Accept": 'multipart/related; type="application/dicom"'},
+                             timeout=30) for [ds] in studies]
+        assert [a.status_code for a in answers] == [503] * len(studies)
+        assert all("not back within 1 s" in a.text for a in answers[:-1])
+        assert f"{MAX_RESTORES} other studies are being retrieved" in answers[-1].text
+        assert answers[-1].headers["Retry-After"] == "1"
+        assert pacs.most_in_flight == MAX_RESTORES
+        assert server.metric("passerelle_pacs_restore_waits_total", result="busy") == 1
+        pacs.gate.set()
+        [last] = studies[-1]
+        wait_for(lambda: httpx.get(
+            f"{server.base_url}/dicom-web/studies/{last.StudyInstanceUID}",
+            headers={"Accept": 'multipart/related; type="application/dicom"'},
+            timeout=30).status_code == 200, 30, "the last study given back")
+    finally:
+        pacs.gate.set()
+        server.stop()

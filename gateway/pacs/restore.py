@@ -10,6 +10,9 @@ lock held waits for it, then finds the files back and retrieves nothing; a holde
 loses the lock with its descriptors, and the next waiter retrieves. Within a process, the
 requests for one study share one job. The job runs in a thread of its own: a client that
 stops waiting (``wait_seconds``) leaves it to finish, and a later request finds the files.
+At most ``MAX_RESTORES`` studies are retrieved at once in a process: a request for another
+one is answered at once as unavailable (clients asking for many studies would otherwise
+start a thread and a PACS association each, and outlast their waits).
 """
 
 import fcntl
@@ -29,6 +32,8 @@ from storage.store import Store
 from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
+
+MAX_RESTORES = 4  # studies retrieved on demand at once in one process
 
 
 class RestoreUnavailableError(Exception):
@@ -80,9 +85,15 @@ class Restorer:
         return [i for i in instances if not self.store.blobs.absolute(i.path).is_file()]
 
     def start(self, study_uid: str) -> RestoreJob:
-        """The job giving back ``study_uid``, started unless one runs in this process."""
+        """The job giving back ``study_uid``, started unless one runs in this process;
+        RestoreUnavailableError when ``MAX_RESTORES`` others run."""
         with self._jobs_lock:
             job = self._jobs.get(study_uid)
+            if job is None and len(self._jobs) >= MAX_RESTORES:
+                metrics.RESTORE_WAITS.labels("busy").inc()
+                raise RestoreUnavailableError(
+                    f"study {study_uid} is not stored here and {MAX_RESTORES} other studies"
+                    " are being retrieved from the PACS: ask again later", self.retry_after)
             if job is None:
                 job = self._jobs[study_uid] = RestoreJob(study_uid)
                 threading.Thread(target=self._run, args=(job,), daemon=True,
