@@ -20,8 +20,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from gateway.pacs.restore import MAX_RESTORES
-from tests.processes import PasserelleProcess, free_port, wait_for
-from tests.synthetic import ct_slice
+from tests.processes import PasserelleProcess, RegistryProcess, free_port, wait_for
+from tests.scu import send
+from tests.synthetic import ct_slice, national_ct_slice
+from tests.test_iocm import rejection_note
 
 PACS_AE = "HOSTILE"
 
@@ -188,3 +190,60 @@ def test_on_demand_retrievals_at_once_are_bounded(tmp_path: Path, pacs: HostileP
     finally:
         pacs.gate.set()
         server.stop()
+
+
+def test_a_purged_study_with_a_rejection_note_is_not_purged_again(
+        tmp_path: Path, pacs: HostilePacs) -> None:
+    """The note's own file stays (it is no instance a PACS must hold): the study is still
+    gone, not removed again at every pass, audited and counted each time."""
+    fast = {"stable_seconds": "1", "publish_retry_seconds": "0.2",
+            "publish_retry_max_seconds": "1", "registry_timeout": "5",
+            "order_issuer_oid": "1.2.250.1.999.1.1.3", "http_workers": "1",
+            "retention_high_water_percent": "100", "retention_interval_seconds": "86400"}
+    with RegistryProcess(tmp_path / "registry") as registry, PasserelleProcess(
+            tmp_path / "data", pacs=f"{PACS_AE}@127.0.0.1:{pacs.port}/get",
+            registry_url=registry.fhir_url, **fast) as server:
+        study, series = generate_uid(), generate_uid()
+        slices = [national_ct_slice(study, series, 1, i) for i in (1, 2, 3)]
+        # Beside the registry, for its checks of what a manifest references (the service's
+        # copy goes): tests.conformance.registry.
+        sent = tmp_path / "0-sent" / "studies" / study / series
+        sent.mkdir(parents=True)
+        for ds in slices:
+            ds.save_as(sent / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        for ds in [*slices, rejection_note(slices[0], "113037", [slices[0]])]:
+            assert send(server.dicom_port, ds)[0] == 0x0000
+        pacs.listed, pacs.sent = slices[1:], None
+        purge = f"{server.base_url}/admin/studies/{study}/purge"
+
+        def purged() -> bool:
+            answer = httpx.post(purge, timeout=30)
+            assert answer.status_code in (200, 409), answer.text
+            return answer.status_code == 200
+
+        wait_for(purged, 60, "the study purged once published")
+        removed = server.metric("passerelle_local_copies_removed_total", trigger="purge")
+
+        again = httpx.post(purge, timeout=30).json()["decision"]
+
+        assert again["action"] == "gone", again
+        assert server.metric("passerelle_local_copies_removed_total",
+                             trigger="purge") == removed
+        decisions = {d["study_uid"]: d for d in httpx.post(
+            f"{server.base_url}/admin/retention", timeout=30).json()["decisions"]}
+        assert study not in decisions  # no local copy left to decide about
+
+
+def test_a_study_uid_from_the_pacs_is_checked_before_use(server: PasserelleProcess,
+                                                         pacs: HostilePacs) -> None:
+    """A C-FIND response naming a Study Instance UID that is no UID (a path, here) is
+    left out: the study's lock file is named after it."""
+    [ds] = _study(1)
+    ds.AccessionNumber = "ACC-ESCAPE"
+    ds.StudyInstanceUID = "../../escaped/x"
+    pacs.listed, pacs.sent = [ds], [ds]
+    answer = httpx.post(f"{server.base_url}/admin/fetch", json={"accession": "ACC-ESCAPE"},
+                        timeout=60)
+    assert answer.status_code == 404, answer.text
+    assert not (server.data_dir.parent / "escaped").exists()
+    assert "invalid Study Instance UID" in server.log()

@@ -39,6 +39,7 @@ from gateway import metrics
 from gateway.dicom.peer import DicomPeer, Retrieve
 from gateway.dicom.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
 from storage.store import Store
+from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,15 @@ def find_studies(peer: DicomPeer, calling_ae: str, *, study_uid: str | None = No
                 _text(found, "StudyDate"),
                 tuple(modalities) if isinstance(modalities, list | tuple) else (str(modalities),),
                 int(count) if count not in (None, "") else None))
-    return [match for match in matches if match.study_uid]
+    valid = []
+    for match in matches:
+        # The UID names files (the study's lock, its folder): never a path from a peer.
+        if is_valid_uid(match.study_uid):
+            valid.append(match)
+        else:
+            log.warning("C-FIND on %s: a match with an invalid Study Instance UID %r left"
+                        " out", peer.ae_title, match.study_uid[:80])
+    return valid
 
 
 def _find_ae(calling_ae: str, timeout: float) -> AE:
