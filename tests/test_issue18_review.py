@@ -2,7 +2,8 @@
 
 The peer is a pynetdicom Study Root C-FIND / C-GET SCP on a loopback port (``HostilePacs``):
 it lists the instances of the study asked for, then its C-GET sends what the test says,
-instances of another study, or more instances than it listed, or is slow to."""
+instances of another study, or more instances than it listed, or is slow to; its C-MOVE
+answers with pending responses without end."""
 
 import json
 import threading
@@ -13,10 +14,11 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from gateway.pacs.restore import MAX_RESTORES
@@ -26,11 +28,13 @@ from tests.synthetic import ct_slice, national_ct_slice
 from tests.test_iocm import rejection_note
 
 PACS_AE = "HOSTILE"
+MOVING_AE = "HOSTILEMOVE"  # the same peer, by C-MOVE
 
 
 class HostilePacs:
     """A C-FIND / C-GET SCP whose C-FIND answers ``listed``, whose C-GET sends ``sent``
-    (None: the listed instances of the study asked for) once ``gate`` is open."""
+    (None: the listed instances of the study asked for) once ``gate`` is open; whose C-MOVE
+    to ``destination`` sends pending responses until the association ends."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -38,16 +42,20 @@ class HostilePacs:
         self.sent: list[Dataset] | None = None
         self.gate = threading.Event()
         self.gate.set()
+        self.destination = ("127.0.0.1", 0)
+        self.move_pending, self.moving = 0, False
         self.in_flight = self.most_in_flight = 0
         self._counting = threading.Lock()
         ae = AE(ae_title=PACS_AE)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian, scu_role=True,
                                  scp_role=True)
         self.ae = ae
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_C_FIND, self._find), (evt.EVT_C_GET, self._get)])
+            (evt.EVT_C_FIND, self._find), (evt.EVT_C_GET, self._get),
+            (evt.EVT_C_MOVE, self._move)])
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -97,6 +105,18 @@ class HostilePacs:
                 self.in_flight -= 1
 
 
+    def _move(self, event: evt.Event) -> Iterator[object]:
+        yield (*self.destination, {"contexts": [build_context(CTImageStorage)]})
+        yield 3
+        self.move_pending, self.moving = 0, True
+        try:
+            while event.assoc.is_established and self.move_pending < 100_000:
+                self.move_pending += 1
+                yield 0xFF00, "no data set"  # pynetdicom: a pending response, no C-STORE
+        finally:
+            self.moving = False
+
+
 @pytest.fixture(scope="module")
 def pacs() -> Iterator[HostilePacs]:
     peer = HostilePacs()
@@ -108,8 +128,10 @@ def pacs() -> Iterator[HostilePacs]:
 def server(tmp_path_factory: pytest.TempPathFactory, pacs: HostilePacs
            ) -> Iterator[PasserelleProcess]:
     process = PasserelleProcess(tmp_path_factory.mktemp("review") / "data",
-                                pacs=f"{PACS_AE}@127.0.0.1:{pacs.port}/get",
+                                pacs=f"{PACS_AE}@127.0.0.1:{pacs.port}/get,"
+                                     f"{MOVING_AE}@127.0.0.1:{pacs.port}/move",
                                 pacs_timeout="10").start()
+    pacs.destination = ("127.0.0.1", process.dicom_port)
     yield process
     process.stop()
 
@@ -120,9 +142,9 @@ def _study(count: int, patient_id: str = "PAT001") -> list[Dataset]:
             for i in range(1, count + 1)]
 
 
-def _fetch(server: PasserelleProcess, study_uid: str) -> dict:
+def _fetch(server: PasserelleProcess, study_uid: str, peer: str = PACS_AE) -> dict:
     with httpx.stream("POST", f"{server.base_url}/admin/fetch", timeout=60,
-                      json={"study": study_uid}) as response:
+                      json={"study": study_uid, "peer": peer}) as response:
         assert response.status_code == 200, response.read()
         events = [json.loads(line) for line in response.iter_lines() if line]
     assert events[-1]["event"] == "summary"
@@ -158,6 +180,18 @@ def test_a_c_get_sending_more_than_the_peer_listed_is_cut_short(
                                                          for ds in asked[:2]}
     [outcome] = summary["studies"]
     assert "more instances than the 2 it listed" in outcome["error"]
+
+
+def test_a_c_move_answered_with_pending_responses_without_end_is_aborted(
+        server: PasserelleProcess, pacs: HostilePacs) -> None:
+    asked = _study(3)
+    pacs.listed, pacs.sent = asked, None
+    summary = _fetch(server, asked[0].StudyInstanceUID, MOVING_AE)
+    [outcome] = summary["studies"]
+    assert "pending C-MOVE responses for" in outcome["error"], outcome
+    assert not summary["complete"]
+    wait_for(lambda: not pacs.moving, 30, "the C-MOVE's association ended")
+    assert pacs.move_pending < 100_000  # ended by the abort, not by the peer
 
 
 def test_on_demand_retrievals_at_once_are_bounded(tmp_path: Path, pacs: HostilePacs) -> None:

@@ -52,7 +52,9 @@ _GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bi
                  JPEGLSLossless, JPEGLSNearLossless, RLELossless,
                  DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1 to 255
-_MAX_SURPLUS = 16  # C-GET sub-operations refused past those listed before the abort
+# C-GET sub-operations refused past those listed, or C-MOVE / C-GET pending responses past
+# those announced, before the retrieval is aborted.
+_MAX_SURPLUS = 16
 
 
 class PacsError(Exception):
@@ -226,7 +228,11 @@ def retrieve_study(peer: DicomPeer, calling_ae: str, study_uid: str, store: Stor
         with _association(ae, peer) as assoc:
             responses = assoc.send_c_move(identifier, calling_ae,
                                           StudyRootQueryRetrieveInformationModelMove)
-            return _retrieved(peer, "C-MOVE", responses, on_progress)
+            try:
+                return _retrieved(peer, "C-MOVE", responses, on_progress)
+            except _RunawayError:
+                assoc.abort()
+                raise
     listed = held_instances(peer, calling_ae, study_uid, timeout=timeout)
     held = {item.sop_class_uid for item in listed}
     sop_classes = sorted(held - {""})
@@ -242,9 +248,8 @@ def retrieve_study(peer: DicomPeer, calling_ae: str, study_uid: str, store: Stor
         responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
         try:
             return _retrieved(peer, "C-GET", responses, on_progress, sub_operations.overflow)
-        except PacsError:
-            if sub_operations.overflow():
-                assoc.abort()
+        except _RunawayError:
+            assoc.abort()
             raise
 
 
@@ -312,20 +317,34 @@ class _GetSubOperations:
         return failure_status(result.reason)
 
 
+class _RunawayError(PacsError):
+    """A peer that would not end its C-MOVE or C-GET: the association is to be aborted."""
+
+
 def _retrieved(peer: DicomPeer, service: str, responses: Iterator[tuple[Dataset, Dataset | None]],
                on_progress: Callable[[int, int], None] | None,
                stop: Callable[[], str] | None = None) -> RetrieveResult:
-    """Read a C-MOVE or C-GET to its final response (PS3.4 Table C.4-2 / C.4-3); PacsError
-    with its reason as soon as ``stop`` gives one."""
+    """Read a C-MOVE or C-GET to its final response (PS3.4 Table C.4-2 / C.4-3).
+
+    A pending response comes at most once per sub-operation (PS3.4 C.4.2.1.5, C.4.3.1.4:
+    each carries the counts), so a peer sending more than the first one announced, or
+    ``stop`` giving a reason, is a runaway (_RunawayError): a peer answering without end
+    would hold the retrieval, and the study's lock, for ever."""
+    pending, announced = 0, 0
     for status, identifier in responses:
         if stop is not None and (reason := stop()):
-            raise PacsError(reason)
+            raise _RunawayError(reason)
         if not status:
             raise PacsError(f"{peer.ae_title} did not complete the {service}")
         code = int(status.Status)
         counts = [int(status.get(f"NumberOf{kind}Suboperations", 0) or 0)
                   for kind in ("Completed", "Failed", "Warning", "Remaining")]
         if code in PENDING:
+            pending += 1
+            announced = announced or sum(counts)
+            if pending > announced + _MAX_SURPLUS:
+                raise _RunawayError(f"{peer.ae_title} sent {pending} pending {service}"
+                                    f" responses for {announced} sub-operations: aborted")
             if on_progress is not None:
                 done = sum(counts[:3])
                 on_progress(done, done + counts[3])
