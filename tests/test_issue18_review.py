@@ -44,6 +44,7 @@ class HostilePacs:
         self.gate.set()
         self.destination = ("127.0.0.1", 0)
         self.move_pending, self.moving = 0, False
+        self.gets = 0
         self.in_flight = self.most_in_flight = 0
         self._counting = threading.Lock()
         ae = AE(ae_title=PACS_AE)
@@ -88,6 +89,7 @@ class HostilePacs:
     def _get(self, event: evt.Event) -> Iterator[object]:
         with self._counting:
             self.in_flight += 1
+            self.gets += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             self.gate.wait(30)
@@ -130,7 +132,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pacs: HostilePacs
     process = PasserelleProcess(tmp_path_factory.mktemp("review") / "data",
                                 pacs=f"{PACS_AE}@127.0.0.1:{pacs.port}/get,"
                                      f"{MOVING_AE}@127.0.0.1:{pacs.port}/move",
-                                pacs_timeout="10").start()
+                                pacs_timeout="10", http_workers="2").start()
     pacs.destination = ("127.0.0.1", process.dicom_port)
     yield process
     process.stop()
@@ -281,3 +283,25 @@ def test_a_study_uid_from_the_pacs_is_checked_before_use(server: PasserelleProce
     assert answer.status_code == 404, answer.text
     assert not (server.data_dir.parent / "escaped").exists()
     assert "invalid Study Instance UID" in server.log()
+
+
+def test_a_study_the_pacs_cannot_give_back_whole_is_not_retrieved_at_every_request(
+        server: PasserelleProcess, pacs: HostilePacs) -> None:
+    asked = _study(2)
+    pacs.listed, pacs.sent = asked, None
+    assert _fetch(server, asked[0].StudyInstanceUID)["complete"]
+    for path in (server.data_dir / "studies" / asked[0].StudyInstanceUID).glob("*/*.dcm"):
+        path.unlink()  # the local copy gone, as retention removes it
+    pacs.sent = asked[:1]  # the PACS lost one instance since
+    url = f"{server.base_url}/dicom-web/studies/{asked[0].StudyInstanceUID}"
+    accept = {"Accept": 'multipart/related; type="application/dicom"'}
+    gets = pacs.gets
+
+    answers = [httpx.get(url, headers=accept, timeout=60) for _ in range(6)]
+
+    assert [a.status_code for a in answers] == [503] * 6
+    assert "1 still missing" in answers[0].text, answers[0].text
+    assert all("could not be retrieved from the PACS" in a.text for a in answers)
+    assert all(a.headers["Retry-After"] == "30" for a in answers)
+    # One retrieval in each HTTP worker (2), not one a request, until the Retry-After.
+    assert pacs.gets - gets <= 2
