@@ -305,3 +305,13 @@ def test_a_study_the_pacs_cannot_give_back_whole_is_not_retrieved_at_every_reque
     assert all(a.headers["Retry-After"] == "30" for a in answers)
     # One retrieval in each HTTP worker (2), not one a request, until the Retry-After.
     assert pacs.gets - gets <= 2
+
+
+def test_passerelle_fetch_prints_what_a_pacs_answered_escaped(server: PasserelleProcess,
+                                                              pacs: HostilePacs) -> None:
+    [ds] = _study(1, patient_id="PAT\x1b[2J\x1b[1A")  # clear the screen, cursor up
+    ds.AccessionNumber = "ACC-TERMINAL"
+    pacs.listed, pacs.sent = [ds], [ds]
+    done = server.cli("fetch", "--accession", "ACC-TERMINAL", "--peer", PACS_AE)
+    assert "\x1b" not in done.stdout + done.stderr
+    assert "PAT\\x1b[2J\\x1b[1A" in done.stdout, done.stdout
