@@ -45,6 +45,7 @@ class HostilePacs:
         self.destination = ("127.0.0.1", 0)
         self.move_pending, self.moving = 0, False
         self.gets = 0
+        self.find_failure = ""  # an Error Comment: the C-FIND fails (C000) with it
         self.in_flight = self.most_in_flight = 0
         self._counting = threading.Lock()
         ae = AE(ae_title=PACS_AE)
@@ -61,7 +62,12 @@ class HostilePacs:
     def stop(self) -> None:
         self.server.shutdown()
 
-    def _find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def _find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        if self.find_failure:
+            failure = Dataset()
+            failure.Status, failure.ErrorComment = 0xC000, self.find_failure
+            yield failure, None
+            return
         asked = event.identifier
         level = asked.QueryRetrieveLevel
         seen: set[str] = set()
@@ -228,25 +234,34 @@ def test_on_demand_retrievals_at_once_are_bounded(tmp_path: Path, pacs: HostileP
         server.stop()
 
 
+PUBLISHING = {"stable_seconds": "1", "publish_retry_seconds": "0.2",
+              "publish_retry_max_seconds": "1", "registry_timeout": "5",
+              "order_issuer_oid": "1.2.250.1.999.1.1.3", "http_workers": "1",
+              "retention_high_water_percent": "100", "retention_interval_seconds": "86400"}
+
+
+def _sent_beside(tmp_path: Path, count: int) -> list[Dataset]:
+    """A study to send to a service publishing to the registry of ``tmp_path``, its files
+    written beside the registry for its checks of what a manifest references (the
+    service's copy may go): tests.conformance.registry."""
+    study, series = generate_uid(), generate_uid()
+    slices = [national_ct_slice(study, series, 1, i) for i in range(1, count + 1)]
+    folder = tmp_path / "0-sent" / "studies" / study / series
+    folder.mkdir(parents=True)
+    for ds in slices:
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    return slices
+
+
 def test_a_purged_study_with_a_rejection_note_is_not_purged_again(
         tmp_path: Path, pacs: HostilePacs) -> None:
     """The note's own file stays (it is no instance a PACS must hold): the study is still
     gone, not removed again at every pass, audited and counted each time."""
-    fast = {"stable_seconds": "1", "publish_retry_seconds": "0.2",
-            "publish_retry_max_seconds": "1", "registry_timeout": "5",
-            "order_issuer_oid": "1.2.250.1.999.1.1.3", "http_workers": "1",
-            "retention_high_water_percent": "100", "retention_interval_seconds": "86400"}
     with RegistryProcess(tmp_path / "registry") as registry, PasserelleProcess(
             tmp_path / "data", pacs=f"{PACS_AE}@127.0.0.1:{pacs.port}/get",
-            registry_url=registry.fhir_url, **fast) as server:
-        study, series = generate_uid(), generate_uid()
-        slices = [national_ct_slice(study, series, 1, i) for i in (1, 2, 3)]
-        # Beside the registry, for its checks of what a manifest references (the service's
-        # copy goes): tests.conformance.registry.
-        sent = tmp_path / "0-sent" / "studies" / study / series
-        sent.mkdir(parents=True)
-        for ds in slices:
-            ds.save_as(sent / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            registry_url=registry.fhir_url, **PUBLISHING) as server:
+        slices = _sent_beside(tmp_path, 3)
+        study = slices[0].StudyInstanceUID
         for ds in [*slices, rejection_note(slices[0], "113037", [slices[0]])]:
             assert send(server.dicom_port, ds)[0] == 0x0000
         pacs.listed, pacs.sent = slices[1:], None
@@ -315,3 +330,22 @@ def test_passerelle_fetch_prints_what_a_pacs_answered_escaped(server: Passerelle
     done = server.cli("fetch", "--accession", "ACC-TERMINAL", "--peer", PACS_AE)
     assert "\x1b" not in done.stdout + done.stderr
     assert "PAT\\x1b[2J\\x1b[1A" in done.stdout, done.stdout
+
+
+def test_an_error_comment_from_the_pacs_is_escaped(tmp_path: Path, pacs: HostilePacs) -> None:
+    with RegistryProcess(tmp_path / "registry") as registry, PasserelleProcess(
+            tmp_path / "data", pacs=f"{PACS_AE}@127.0.0.1:{pacs.port}/get",
+            registry_url=registry.fhir_url, **PUBLISHING) as server:
+        slices = _sent_beside(tmp_path, 1)
+        assert send(server.dicom_port, slices[0])[0] == 0x0000
+        pacs.find_failure = "no\x1b[2J\nPURGED"
+        try:
+            purge = f"{server.base_url}/admin/studies/{slices[0].StudyInstanceUID}/purge"
+            wait_for(lambda: "answered C-FIND" in httpx.post(purge, timeout=30).text, 60,
+                     "the purge refused for what the PACS answered")
+            done = server.cli("purge", "--study", slices[0].StudyInstanceUID)
+        finally:
+            pacs.find_failure = ""
+        assert done.returncode == 1
+        assert "answered C-FIND with 0xC000 no\\x1b[2J\\nPURGED" in done.stderr, done.stderr
+        assert "\x1b" not in done.stderr

@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from gateway import metrics
 from gateway.dicom.peer import DicomPeer, Retrieve
 from gateway.dicom.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
+from gateway.logs import escape_controls
 from storage.store import Store
 from storage.uids import is_valid_uid
 
@@ -55,6 +56,7 @@ _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1
 # C-GET sub-operations refused past those listed, or C-MOVE / C-GET pending responses past
 # those announced, before the retrieval is aborted.
 _MAX_SURPLUS = 16
+_MAX_COMMENT = 64  # characters of an Error Comment kept (its LO length)
 
 
 class PacsError(Exception):
@@ -134,8 +136,14 @@ def _find(assoc: Association, peer: DicomPeer, query: Dataset, limit: int) -> It
             if identifier is not None:
                 yield identifier
         elif code != SUCCESS:
-            comment = status.get("ErrorComment", "")
+            comment = _comment(status)
             raise PacsError(f"{peer.ae_title} answered C-FIND with 0x{code:04X} {comment}".strip())
+
+
+def _comment(status: Dataset) -> str:
+    """The Error Comment of a status (LO, PS3.7 C.4), its control characters escaped: it is
+    shown on a terminal, in a log line and an HTTP answer."""
+    return escape_controls(str(status.get("ErrorComment", "") or "")[:_MAX_COMMENT])
 
 
 def _text(identifier: Dataset, keyword: str) -> str:
@@ -355,7 +363,7 @@ def _retrieved(peer: DicomPeer, service: str, responses: Iterator[tuple[Dataset,
             failed_uids = tuple(listed) if isinstance(listed, list | tuple) else (str(listed),)
         if code == SUCCESS or code == 0xB000:  # B000: some sub-operations failed
             return RetrieveResult(counts[0], counts[1], counts[2], failed_uids)
-        comment = status.get("ErrorComment", "")
+        comment = _comment(status)
         raise PacsError(f"{peer.ae_title} answered {service} with 0x{code:04X} {comment}"
                         .strip() + (f" ({counts[0]} instances sent)" if counts[0] else ""))
     raise PacsError(f"{peer.ae_title} ended the {service} without a final response")
