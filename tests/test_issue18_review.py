@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -349,3 +350,27 @@ def test_an_error_comment_from_the_pacs_is_escaped(tmp_path: Path, pacs: Hostile
         assert done.returncode == 1
         assert "answered C-FIND with 0xC000 no\\x1b[2J\\nPURGED" in done.stderr, done.stderr
         assert "\x1b" not in done.stderr
+
+
+def test_patient_counts_are_of_that_patient_only(server: PasserelleProcess) -> None:
+    """NumberOfPatientRelated* of a patient whose ID is empty, or holds a wild card
+    character, count that patient's studies, not every study that would match it."""
+    for patient_id in ("", "", "WILD*", "WILDCARD"):
+        [ds] = _study(1, patient_id=patient_id)
+        assert send(server.dicom_port, ds)[0] == 0x0000
+    ae = AE("REVIEWSCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel = "PATIENT"
+        query.PatientID = ""
+        query.NumberOfPatientRelatedStudies = ""
+        counts = {str(found.PatientID or ""): int(found.NumberOfPatientRelatedStudies)
+                  for status, found in assoc.send_c_find(
+                      query, PatientRootQueryRetrieveInformationModelFind)
+                  if status and status.Status in (0xFF00, 0xFF01)}
+    finally:
+        assoc.release()
+    assert (counts[""], counts["WILD*"], counts["WILDCARD"]) == (2, 1, 1), counts
