@@ -136,7 +136,8 @@ RESTORE_WAITS = Counter(
     "passerelle_pacs_restore_waits_total",
     "Requests (HTTP or DIMSE) that found their study's local copy gone, by what they got"
     " (served: after its retrieval; timeout: not back within retrieve_wait_seconds;"
-    " unavailable: its retrieval failed)", ["result"])
+    " unavailable: its retrieval failed; busy: too many other studies being retrieved)",
+    ["result"])
 REJECTED_INSTANCES = Counter(
     "passerelle_rejected_instances_total",
     "Instances taken out of use by IHE IOCM rejection notes, by reason (the note's title"

@@ -110,12 +110,14 @@ class LocalCopies:
         return _copy(rows[0]) if rows else None
 
     def has_files(self, copy: StudyCopy) -> bool:
-        """True when some file of the study is here: it was never removed, or a removal
-        was interrupted, or instances were retrieved or received again since."""
+        """True when some file a removal deletes is here: it was never removed, or a
+        removal was interrupted, or instances were retrieved or received again since. The
+        files of what ``instances`` leaves out (a rejection note's own) never count: they
+        would have the study removed again at every pass."""
         if copy.copy_removed_at is None:
             return True
-        folder = self.blobs.studies_dir / copy.study_uid
-        return any(folder.glob("*/*.dcm"))
+        return any(self.blobs.absolute(instance.path).is_file()
+                   for instance in self.instances(copy.study_uid))
 
     def instances(self, study_uid: str) -> list[LocalInstance]:
         """The instances of a study a PACS must hold before its copy goes: every indexed

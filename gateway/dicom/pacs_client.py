@@ -37,8 +37,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from gateway import metrics
 from gateway.dicom.peer import DicomPeer, Retrieve
-from gateway.dicom.statuses import SUCCESS, failure_status
+from gateway.dicom.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
+from gateway.logs import escape_controls
 from storage.store import Store
+from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ _GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bi
                  JPEGLSLossless, JPEGLSNearLossless, RLELossless,
                  DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1 to 255
+# C-GET sub-operations refused past those listed, or C-MOVE / C-GET pending responses past
+# those announced, before the retrieval is aborted.
+_MAX_SURPLUS = 16
+_MAX_COMMENT = 64  # characters of an Error Comment kept (its LO length)
 
 
 class PacsError(Exception):
@@ -130,8 +136,14 @@ def _find(assoc: Association, peer: DicomPeer, query: Dataset, limit: int) -> It
             if identifier is not None:
                 yield identifier
         elif code != SUCCESS:
-            comment = status.get("ErrorComment", "")
+            comment = _comment(status)
             raise PacsError(f"{peer.ae_title} answered C-FIND with 0x{code:04X} {comment}".strip())
+
+
+def _comment(status: Dataset) -> str:
+    """The Error Comment of a status (LO, PS3.7 C.4), its control characters escaped: it is
+    shown on a terminal, in a log line and an HTTP answer."""
+    return escape_controls(str(status.get("ErrorComment", "") or "")[:_MAX_COMMENT])
 
 
 def _text(identifier: Dataset, keyword: str) -> str:
@@ -165,7 +177,15 @@ def find_studies(peer: DicomPeer, calling_ae: str, *, study_uid: str | None = No
                 _text(found, "StudyDate"),
                 tuple(modalities) if isinstance(modalities, list | tuple) else (str(modalities),),
                 int(count) if count not in (None, "") else None))
-    return [match for match in matches if match.study_uid]
+    valid = []
+    for match in matches:
+        # The UID names files (the study's lock, its folder): never a path from a peer.
+        if is_valid_uid(match.study_uid):
+            valid.append(match)
+        else:
+            log.warning("C-FIND on %s: a match with an invalid Study Instance UID %r left"
+                        " out", peer.ae_title, match.study_uid[:80])
+    return valid
 
 
 def _find_ae(calling_ae: str, timeout: float) -> AE:
@@ -216,9 +236,13 @@ def retrieve_study(peer: DicomPeer, calling_ae: str, study_uid: str, store: Stor
         with _association(ae, peer) as assoc:
             responses = assoc.send_c_move(identifier, calling_ae,
                                           StudyRootQueryRetrieveInformationModelMove)
-            return _retrieved(peer, "C-MOVE", responses, on_progress)
-    held = {item.sop_class_uid for item in
-            held_instances(peer, calling_ae, study_uid, timeout=timeout)}
+            try:
+                return _retrieved(peer, "C-MOVE", responses, on_progress)
+            except _RunawayError:
+                assoc.abort()
+                raise
+    listed = held_instances(peer, calling_ae, study_uid, timeout=timeout)
+    held = {item.sop_class_uid for item in listed}
     sop_classes = sorted(held - {""})
     if "" in held:  # a peer that does not return SOP Class UID (e.g. dcmqrscp)
         sop_classes += [context.abstract_syntax for context in StoragePresentationContexts
@@ -226,10 +250,15 @@ def retrieve_study(peer: DicomPeer, calling_ae: str, study_uid: str, store: Stor
     ae = _ae(calling_ae, timeout)
     ae.requested_contexts = _get_contexts(sop_classes)
     roles = [build_role(uid, scp_role=True) for uid in sop_classes]
-    handlers = [(evt.EVT_C_STORE, _store_sub_operation, [store, peer])]
+    sub_operations = _GetSubOperations(store, peer, study_uid, len(listed))
+    handlers = [(evt.EVT_C_STORE, sub_operations.on_store)]
     with _association(ae, peer, ext_neg=roles, evt_handlers=handlers) as assoc:
         responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
-        return _retrieved(peer, "C-GET", responses, on_progress)
+        try:
+            return _retrieved(peer, "C-GET", responses, on_progress, sub_operations.overflow)
+        except _RunawayError:
+            assoc.abort()
+            raise
 
 
 def _get_contexts(sop_classes: list[str]) -> list[PresentationContext]:
@@ -251,29 +280,79 @@ def _get_contexts(sop_classes: list[str]) -> list[PresentationContext]:
     return built
 
 
-def _store_sub_operation(event: evt.Event, store: Store, peer: DicomPeer) -> int:
-    """Store one instance a C-GET brings back, as it was encoded."""
-    data = event.encoded_dataset()
-    result = store.ingest(data, source=peer.ae_title, expected={
-        "SOPInstanceUID": str(event.request.AffectedSOPInstanceUID),
-        "SOPClassUID": str(event.request.AffectedSOPClassUID)})
-    metrics.record_ingest(result, "dimse", len(data))
-    if result.accepted:
-        return SUCCESS
-    log.warning("instance from %s by C-GET refused: %s", peer.ae_title, result.message)
-    return failure_status(result.reason)
+class _GetSubOperations:
+    """The C-STORE sub-operations of one C-GET (PS3.4 C.4.3.3), stored as encoded: each must
+    be an instance of the study asked for (another study, another patient's maybe, is
+    refused: A900), and there may be no more of them than the instances the peer's C-FIND
+    listed: past them each is refused (A700) and the C-GET aborted at the peer's next
+    response, or at once ``_MAX_SURPLUS`` sub-operations later (a peer sending without end
+    would otherwise fill the disk or never finish)."""
+
+    def __init__(self, store: Store, peer: DicomPeer, study_uid: str, listed: int) -> None:
+        self.store = store
+        self.peer = peer
+        self.study_uid = study_uid
+        self.listed = listed
+        self.received = 0
+
+    def overflow(self) -> str:
+        """Why the C-GET must stop ("" while it may go on)."""
+        if self.received <= self.listed:
+            return ""
+        return (f"{self.peer.ae_title} sent more instances than the {self.listed} it listed"
+                f" for study {self.study_uid}: C-GET aborted")
+
+    def on_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE: store one instance, or refuse it."""
+        self.received += 1
+        if self.received > self.listed:
+            if self.received == self.listed + 1:
+                log.warning("C-GET from %s: more instances than the %d it listed for study"
+                            " %s", self.peer.ae_title, self.listed, self.study_uid)
+            elif self.received > self.listed + _MAX_SURPLUS:
+                event.assoc.abort(block=False)
+            return OUT_OF_RESOURCES
+        data = event.encoded_dataset()
+        result = self.store.ingest(data, source=self.peer.ae_title, expected={
+            "StudyInstanceUID": self.study_uid,
+            "SOPInstanceUID": str(event.request.AffectedSOPInstanceUID),
+            "SOPClassUID": str(event.request.AffectedSOPClassUID)})
+        metrics.record_ingest(result, "dimse", len(data))
+        if result.accepted:
+            return SUCCESS
+        log.warning("instance from %s by C-GET refused: %s", self.peer.ae_title,
+                    result.message)
+        return failure_status(result.reason)
+
+
+class _RunawayError(PacsError):
+    """A peer that would not end its C-MOVE or C-GET: the association is to be aborted."""
 
 
 def _retrieved(peer: DicomPeer, service: str, responses: Iterator[tuple[Dataset, Dataset | None]],
-               on_progress: Callable[[int, int], None] | None) -> RetrieveResult:
-    """Read a C-MOVE or C-GET to its final response (PS3.4 Table C.4-2 / C.4-3)."""
+               on_progress: Callable[[int, int], None] | None,
+               stop: Callable[[], str] | None = None) -> RetrieveResult:
+    """Read a C-MOVE or C-GET to its final response (PS3.4 Table C.4-2 / C.4-3).
+
+    A pending response comes at most once per sub-operation (PS3.4 C.4.2.1.5, C.4.3.1.4:
+    each carries the counts), so a peer sending more than the first one announced, or
+    ``stop`` giving a reason, is a runaway (_RunawayError): a peer answering without end
+    would hold the retrieval, and the study's lock, for ever."""
+    pending, announced = 0, 0
     for status, identifier in responses:
+        if stop is not None and (reason := stop()):
+            raise _RunawayError(reason)
         if not status:
             raise PacsError(f"{peer.ae_title} did not complete the {service}")
         code = int(status.Status)
         counts = [int(status.get(f"NumberOf{kind}Suboperations", 0) or 0)
                   for kind in ("Completed", "Failed", "Warning", "Remaining")]
         if code in PENDING:
+            pending += 1
+            announced = announced or sum(counts)
+            if pending > announced + _MAX_SURPLUS:
+                raise _RunawayError(f"{peer.ae_title} sent {pending} pending {service}"
+                                    f" responses for {announced} sub-operations: aborted")
             if on_progress is not None:
                 done = sum(counts[:3])
                 on_progress(done, done + counts[3])
@@ -284,7 +363,7 @@ def _retrieved(peer: DicomPeer, service: str, responses: Iterator[tuple[Dataset,
             failed_uids = tuple(listed) if isinstance(listed, list | tuple) else (str(listed),)
         if code == SUCCESS or code == 0xB000:  # B000: some sub-operations failed
             return RetrieveResult(counts[0], counts[1], counts[2], failed_uids)
-        comment = status.get("ErrorComment", "")
+        comment = _comment(status)
         raise PacsError(f"{peer.ae_title} answered {service} with 0x{code:04X} {comment}"
                         .strip() + (f" ({counts[0]} instances sent)" if counts[0] else ""))
     raise PacsError(f"{peer.ae_title} ended the {service} without a final response")

@@ -314,10 +314,12 @@ def _add_counts(index: Index, query: Query, row: dict[str, object], ae_title: st
         return
     patient_id, issuer = row["PatientID"], row["IssuerOfPatientID"]
     studies = series = instances = 0
-    counted = ["IssuerOfPatientID", "NumberOfStudyRelatedSeries",
+    counted = ["PatientID", "IssuerOfPatientID", "NumberOfStudyRelatedSeries",
                "NumberOfStudyRelatedInstances"]
     for study in _rows(index, Level.STUDY, [Match("PatientID", str(patient_id))], counted):
-        if study["IssuerOfPatientID"] == issuer:  # "" matches any issuer in a query
+        # As keys, "" matches every ID and "*" or "?" any characters, "" any issuer: the
+        # patient's own studies are those with the same values.
+        if (study["PatientID"], study["IssuerOfPatientID"]) == (patient_id, issuer):
             studies += 1
             series += int(study["NumberOfStudyRelatedSeries"] or 0)  # type: ignore[call-overload]
             instances += int(study["NumberOfStudyRelatedInstances"] or 0)  # type: ignore[call-overload]

@@ -2,7 +2,8 @@
 on its control socket: its C-STORE SCP receives what a C-MOVE sends, its worker publishes
 what arrives), or, when none runs, in this process for peers retrieved by C-GET (published
 once the service starts). A progress bar per study on a terminal, a line per study
-otherwise, then the summary on stdout."""
+otherwise, then the summary on stdout; what a PACS answered is printed with its control
+characters escaped (a terminal would obey its escape sequences)."""
 
 import json
 import sys
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from gateway import control
 from gateway.config import Settings
 from gateway.dicom.peer import Retrieve
+from gateway.logs import escape_controls
 from gateway.pacs import PacsConfig
 from gateway.pacs.fetch import FetchQuery, FetchRefusedError, find, peers_of, retrieve
 from gateway.pacs.restore import Restorer
@@ -38,7 +40,8 @@ class FetchView:
         if kind == "found":
             studies = event["studies"]
             print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} found"
-                  + "".join(f"\nwarning: {problem}" for problem in event["problems"]),
+                  + "".join(f"\nwarning: {escape_controls(problem)}"
+                            for problem in event["problems"]),
                   file=self.err, flush=True)
         elif kind == "progress" and self.bars:
             bar = self._bars.get(event["study_uid"])
@@ -59,10 +62,10 @@ class FetchView:
             self._print_summary(event)
         elif kind == "error":
             self.error = str(event.get("error", ""))
-            print(f"passerelle: {self.error}", file=self.err)
+            print(f"passerelle: {escape_controls(self.error)}", file=self.err)
 
     def _print_summary(self, summary: dict[str, Any]) -> None:
-        rows = [tuple(str(value) if value is not None else "?" for value in (
+        rows = [tuple(escape_controls(str(value)) if value is not None else "?" for value in (
             s["study_uid"], s["peer"], s["patient_id"], s["accession_number"], s["study_date"],
             s["expected"], s["completed"], s["failed"], s["stored"], s["error"]))
             for s in summary["studies"]]
@@ -82,7 +85,7 @@ class FetchView:
 def _study_line(event: dict[str, Any]) -> str:
     line = (f"study {event['study_uid']} from {event['peer']}: {event['completed']} "
             f"retrieved, {event['failed']} failed, {event['stored']} stored")
-    return line + (f": {event['error']}" if event["error"] else "")
+    return escape_controls(line + (f": {event['error']}" if event["error"] else ""))
 
 
 def run_fetch(settings: Settings, query: FetchQuery) -> int:

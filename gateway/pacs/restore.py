@@ -10,6 +10,11 @@ lock held waits for it, then finds the files back and retrieves nothing; a holde
 loses the lock with its descriptors, and the next waiter retrieves. Within a process, the
 requests for one study share one job. The job runs in a thread of its own: a client that
 stops waiting (``wait_seconds``) leaves it to finish, and a later request finds the files.
+At most ``MAX_RESTORES`` studies are retrieved at once in a process: a request for another
+one is answered at once as unavailable (clients asking for many studies would otherwise
+start a thread and a PACS association each, and outlast their waits). A study whose
+retrieval failed is not asked for again before the Retry-After its clients were given: each
+request for a study the PACS cannot give back whole would otherwise retrieve all of it again.
 """
 
 import fcntl
@@ -17,6 +22,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,8 @@ from storage.store import Store
 from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
+
+MAX_RESTORES = 4  # studies retrieved on demand at once in one process
 
 
 class RestoreUnavailableError(Exception):
@@ -64,6 +72,7 @@ class Restorer:
         self.lock_dir = config.data_dir / "restore-locks"
         self._jobs: dict[str, RestoreJob] = {}
         self._jobs_lock = threading.Lock()
+        self._failed: dict[str, tuple[float, str]] = {}  # study -> (until, why), monotonic
 
     @property
     def enabled(self) -> bool:
@@ -80,9 +89,22 @@ class Restorer:
         return [i for i in instances if not self.store.blobs.absolute(i.path).is_file()]
 
     def start(self, study_uid: str) -> RestoreJob:
-        """The job giving back ``study_uid``, started unless one runs in this process."""
+        """The job giving back ``study_uid``, started unless one runs in this process;
+        RestoreUnavailableError when ``MAX_RESTORES`` others run, or when its retrieval
+        failed less than ``retry_after`` seconds ago."""
         with self._jobs_lock:
+            until, why = self._failed.get(study_uid, (0.0, ""))
+            if time.monotonic() < until:
+                metrics.RESTORE_WAITS.labels("unavailable").inc()
+                raise RestoreUnavailableError(
+                    f"study {study_uid} is not stored here and could not be retrieved from"
+                    f" the PACS just now: {printable(why)}", self.retry_after)
             job = self._jobs.get(study_uid)
+            if job is None and len(self._jobs) >= MAX_RESTORES:
+                metrics.RESTORE_WAITS.labels("busy").inc()
+                raise RestoreUnavailableError(
+                    f"study {study_uid} is not stored here and {MAX_RESTORES} other studies"
+                    " are being retrieved from the PACS: ask again later", self.retry_after)
             if job is None:
                 job = self._jobs[study_uid] = RestoreJob(study_uid)
                 threading.Thread(target=self._run, args=(job,), daemon=True,
@@ -133,6 +155,11 @@ class Restorer:
         finally:
             with self._jobs_lock:
                 self._jobs.pop(job.study_uid, None)
+                now = time.monotonic()
+                self._failed = {uid: failed for uid, failed in self._failed.items()
+                                if failed[0] > now and uid != job.study_uid}
+                if job.error:
+                    self._failed[job.study_uid] = (now + self.retry_after, job.error)
             job.done.set()
 
     def study_lock(self, study_uid: str) -> "StudyLock":

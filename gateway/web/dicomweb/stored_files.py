@@ -175,11 +175,11 @@ async def ensure_local(request: Request, instances: list[StoredInstance]) -> boo
         return False
     missing = await run_in_threadpool(restorer.missing, instances)
     for study_uid in sorted({instance.study_uid for instance in missing}):
-        job = restorer.start(study_uid)
-        deadline = time.monotonic() + restorer.config.wait_seconds
-        while not job.done.is_set() and time.monotonic() < deadline:
-            await anyio.sleep(_RESTORE_POLL_SECONDS)
         try:
+            job = restorer.start(study_uid)
+            deadline = time.monotonic() + restorer.config.wait_seconds
+            while not job.done.is_set() and time.monotonic() < deadline:
+                await anyio.sleep(_RESTORE_POLL_SECONDS)
             restorer.outcome(job, job.done.is_set())
         except RestoreUnavailableError as exc:
             log.warning("%s %s: 503, %s", request.method, request.url.path, exc)
