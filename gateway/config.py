@@ -122,6 +122,12 @@ class DicomSettings(_Section):
         """How many DICOM receiver processes to run: ``receivers``, or the CPU count when 0."""
         return self.receivers or os.cpu_count() or 1
 
+    @property
+    def serves_query_retrieve(self) -> bool:
+        """Whether C-FIND, C-GET and C-MOVE are offered: they give every patient's data to
+        whoever asks, so beyond loopback only with a calling-AE allowlist or over TLS."""
+        return bool(self.allowed_calling_aets) or self.tls or _is_loopback(self.host)
+
 
 class HttpSettings(_Section):
     """The HTTP listener and its limits."""

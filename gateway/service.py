@@ -363,8 +363,10 @@ def run_background_role(context: ProcessContext) -> None:
         watcher = StableStudyWatcher(Outbox(store.index), publication.stable_seconds)
         publisher = None
         if publication.registry_url:
+            dicom = settings.dicom
             origin = RetrieveOrigin(settings.http.public_url, settings.producer.gateway_oid,
-                                    settings.producer.organization_name)
+                                    settings.producer.organization_name,
+                                    dicom.ae_title if dicom.serves_query_retrieve else "")
             publisher = Publisher(
                 store, RegistryClient(publication.registry_url, publication.registry_timeout,
                                       registry_tls(publication)),

@@ -26,7 +26,8 @@ class InvalidUIDError(ValueError):
     """A UID that must not be used as a path component."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a file created, renamed or deleted in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -149,7 +150,7 @@ class BlobStore:
             blob.discard()
             raise
         blob.adopted = True
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def read(self, relative: str) -> bytes:
         """Whole content of a stored file."""
@@ -160,7 +161,7 @@ class BlobStore:
         target = self.root / relative
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
 
     def purge_temporary(self, untouched_for: float = 0) -> int:
         """Delete temp files left by an interrupted write, only those not written to for
@@ -187,7 +188,7 @@ class BlobStore:
             for new_dir in reversed(missing):
                 with contextlib.suppress(FileExistsError):
                     new_dir.mkdir()
-                _fsync_dir(new_dir.parent)
+                fsync_dir(new_dir.parent)
             if len(self._known_dirs) >= _KNOWN_DIRS_LIMIT:
                 self._known_dirs.clear()
             self._known_dirs.add(directory)

@@ -40,7 +40,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, text
 
-from storage.blobs import BlobStore
+from storage.blobs import BlobStore, fsync_dir
 from storage.database import json_values
 from storage.header import InstanceRecord
 from storage.index import Index
@@ -233,13 +232,6 @@ def read_note(source: bytes | Path, limits: IngestLimits | None = None,
                          tuple(r for r in references if r.sop_uid != note_uid))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class Rejections:
     """The rejection notes of a store's index and files."""
@@ -404,8 +396,8 @@ class Rejections:
             source.replace(target)
         except FileNotFoundError:
             return
-        _fsync_dir(target.parent)
-        _fsync_dir(source.parent)
+        fsync_dir(target.parent)
+        fsync_dir(source.parent)
 
     def listing(self, study_uid: str | None = None) -> list[RejectedInstance]:
         """The instances rejected (of one study, if given), notes left out, oldest first."""

@@ -12,7 +12,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from gateway.security.audit import read_events
@@ -296,3 +298,25 @@ def test_find_cancel(qr: PasserelleProcess, studies: dict[str, list[Path]]) -> N
     assert statuses[0] == 0xFF00 and statuses[-1] == 0xFE00
     assert len(statuses) < _BIG_STUDY + 1  # the matches stopped coming
     assert qr.metric("passerelle_dimse_queries_total", level="image", result="cancel") == 1
+
+
+def test_beyond_loopback_query_retrieve_needs_an_allowlist_or_tls(tmp_path: Path) -> None:
+    """C-FIND, C-GET and C-MOVE give every patient's data to whoever asks: on a listener
+    beyond loopback they are offered only with allowed_calling_aets (or DICOM TLS); C-STORE
+    and C-ECHO stay as they were."""
+    models = [StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
+              StudyRootQueryRetrieveInformationModelMove]
+    for name, settings, offered in (("open", {}, False),
+                                    ("listed", {"allowed_calling_aets": "GUARD"}, True)):
+        with PasserelleProcess(tmp_path / name, dicom_host="0.0.0.0", **settings) as server:
+            ae = AE(ae_title="GUARD")
+            ae.add_requested_context(Verification)
+            for model in models:
+                ae.add_requested_context(model)
+            assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="PASSERELLE")
+            assert assoc.is_established
+            accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
+            assoc.release()
+            assert accepted - {Verification} == (set(models) if offered else set()), name
+            if not offered:
+                assert "query/retrieve (C-FIND, C-GET, C-MOVE) not offered" in server.log()

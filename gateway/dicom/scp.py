@@ -124,8 +124,9 @@ class DicomService:
                      ImplicitVRLittleEndian]
         for uid in storage_sop_classes():
             self.ae.add_supported_context(uid, preferred, scu_role=True, scp_role=True)
-        for uid in [*FIND_MODELS, *GET_MODELS, *MOVE_MODELS]:
-            self.ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
+        if settings.serves_query_retrieve:
+            for uid in [*FIND_MODELS, *GET_MODELS, *MOVE_MODELS]:
+                self.ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
         finder = FindService(store.index, audit, settings.ae_title, settings.max_find_matches)
         retriever = RetrieveService(store, audit, budget, list(move_destinations),
                                     settings.max_pdu, restorer)
@@ -169,6 +170,10 @@ class DicomService:
                                           name="dicom-acceptor", daemon=True)
         self._acceptor.start()
         register_server(self.ae, self._server)
+        if not settings.serves_query_retrieve:
+            log.warning("query/retrieve (C-FIND, C-GET, C-MOVE) not offered: dicom_host %s is"
+                        " not loopback, and neither allowed_calling_aets nor dicom_tls is set",
+                        settings.host)
         log.info("DICOM SCP %s listening on %s:%d%s", self.settings.ae_title, address[0],
                  self.port, " (TLS)" if self.ssl_context else "")
 

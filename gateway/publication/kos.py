@@ -30,11 +30,12 @@ _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 @dataclass(frozen=True)
 class RetrieveOrigin:
     """Where consumers retrieve the referenced instances (XDS-I.b, RAD TF-3 4.68.4.1.2.3):
-    DICOMweb only; no Retrieve AE Title, as no C-MOVE / C-GET is served to name it for."""
+    DICOMweb, and the AE title of our C-MOVE / C-GET SCP when it is offered."""
 
     public_url: str  # base URL of this gateway; DICOMweb lives under /dicom-web
     location_uid: str  # Retrieve Location UID: this gateway as an imaging source
     institution_name: str = ""
+    ae_title: str = ""  # Retrieve AE Title (PS3.3 C.17.2.1); "": Q/R not offered
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ def _evidence(study: StudyContents, origin: RetrieveOrigin) -> Sequence:
         item.RetrieveURL = retrieve_url(dicomweb_root(origin.public_url), study.study_uid,
                                         series.series_uid)
         item.RetrieveLocationUID = origin.location_uid
+        if origin.ae_title:
+            item.RetrieveAETitle = origin.ae_title
         item.ReferencedSOPSequence = Sequence(
             [_reference(sop_class, sop_uid) for sop_class, sop_uid in series.instances])
         series_items.append(item)
