@@ -97,6 +97,12 @@ def _reindex(blobs: BlobStore, index: Index, relative: str, report: RecoveryRepo
     with index.database.lock(f"instance {record.sop_uid}"):
         if index.has_path(relative) or not path.exists():
             return
+        if index.fetch("SELECT 1 FROM rejected_instances WHERE sop_uid = :sop_uid"
+                       " AND note_uid != sop_uid", {"sop_uid": record.sop_uid}):
+            # Rejected by an IOCM note (storage.rejections) while this file was written
+            # back: never shown again.
+            _quarantine(blobs, relative, "rejected by an IOCM rejection note", report)
+            return
         try:
             index.add_instance(record, relative, len(data), source="recovery")
         except IdentityConflictError as exc:  # never acknowledged: its ingest was refused

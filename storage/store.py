@@ -380,6 +380,12 @@ class Store:
             if self.blobs.absolute(stored.path).is_file():  # written back meanwhile
                 return self._compare_with_stored(
                     record, blob if isinstance(blob, bytes) else blob.path, stored)
+            # A rejection note being applied records the instance before it takes this lock
+            # to delete the file and rows: nothing to write back then.
+            refusal = self.rejections.admission(record.sop_uid)
+            if refusal:
+                return _rejected(Rejection(refusal.reason), refusal.message, record,
+                                 refusal.offending)
             conflict = self.index.identity_conflict(record)
             if conflict:
                 return _refused(conflict, record)

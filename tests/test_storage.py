@@ -503,3 +503,24 @@ def test_many_concurrent_writers_never_run_out_of_connections(tmp_path: Path,
         assert study_summaries(store.index, [study])[0].instance_count == len(items)
     finally:
         store.close()
+
+
+def test_recovery_quarantines_a_file_of_a_rejected_instance(tmp_path: Path) -> None:
+    """A file written back for an instance an IOCM note has rejected meanwhile is not
+    re-indexed after an unclean stop: it is never shown again."""
+    store = Store(tmp_path / "data")
+    try:
+        rejected = ct_slice(generate_uid(), generate_uid(), 1, 1, size=4)
+        with store.index.transaction() as db:
+            db.execute(sqlalchemy.text(
+                "INSERT INTO rejected_instances (sop_uid, study_uid, series_uid, reason,"
+                " note_uid, rejected_at) VALUES (:sop, :study, :series, '113037', :note, 0)"),
+                {"sop": rejected.SOPInstanceUID, "study": rejected.StudyInstanceUID,
+                 "series": rejected.SeriesInstanceUID, "note": generate_uid()})
+        path = _drop(store, rejected)
+        report = recover(store.blobs, store.index)
+        assert report.counts()["reindexed"] == 0 and len(report.quarantined) == 1
+        assert not path.exists()
+        assert store.index.find_instance(rejected.SOPInstanceUID) is None
+    finally:
+        store.close()
