@@ -541,6 +541,10 @@ def test_connections_past_max_pending_are_closed_at_once(tmp_path: Path) -> None
     with PasserelleProcess(tmp_path / "data", max_pending_connections="4") as server:
         flood = _flood(server.dicom_port, 4)
         try:
+            # Each receiver process accepts from the one socket: the surplus must come once
+            # the four hold their slots, not race one of them for the last.
+            wait_for(lambda: server.metric("passerelle_dicom_associations_open") == 4, 10,
+                     "the four connections to be taken in")
             with _connect_from("127.0.0.4", server.dicom_port) as surplus:
                 assert _closed_by_server(surplus, within=10)
         finally:
